@@ -1,0 +1,320 @@
+"""The flow spec: one YAML file, validated by pydantic.
+
+Unknown keys and bad values are errors that name the file, the field path and the YAML line::
+
+    flows/select.yaml:23: select[1].budget: Input should be greater than 0
+
+Relative paths resolve against ``base_dir``, which is itself relative to the flow file's folder
+(``base_dir: ..`` in ``flows/select.yaml`` makes paths relative to the project root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from curate.errors import ConfigError
+from curate.records import canonical_json, sha256_hex
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(Strict):
+    """One input: a file, a glob, a saved HF dataset dir, or a hub dataset id."""
+
+    path: str | None = Field(None, description="File, glob or saved HF dataset dir, relative to base_dir.")
+    hub: str | None = Field(None, description="A Hugging Face hub dataset id (needs network).")
+    split: str = "train"
+    revision: str | None = None
+    name: str | None = Field(None, description="Source name in provenance columns; default: the file stem.")
+    format: Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"] = "auto"
+    fields: dict[str, str] = Field(default_factory=dict, description="Canonical field -> source column.")
+    json_field: str | None = Field(None, description="For a JSON object file: the key that holds the records.")
+    task: str | None = Field(None, description="A constant task label for every row of this input.")
+    task_field: str | None = Field(None, description="Column that holds each row's task label.")
+    limit: int | None = Field(None, gt=0, description="Read only the first N rows (per file).")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of 'path' or 'hub'")
+        return self
+
+
+class IngestSpec(Strict):
+    shard_size: int = Field(10_000, gt=0, description="Rows per shard: the unit of work and of resume.")
+    max_chars: int | None = Field(None, gt=0, description="Quarantine conversations longer than this.")
+    dedup: bool = Field(True, description="Filter exact duplicates (same sample_id), keeping the first row.")
+
+
+class StepSpec(BaseModel):
+    """A scorer or selection step: ``method`` picks the class, the other keys are its parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    name: str | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+
+class EmbedSpec(Strict):
+    model: str = Field("all-MiniLM-L6-v2", description="Model id, local dir, or a bundled short name.")
+    revision: str | None = None
+    text: Literal["conversation", "prompt", "response"] = "conversation"
+    batch_size: int = Field(64, gt=0)
+    max_seq_length: int | None = Field(None, gt=0, description="Default: the model's own (MiniLM: 256).")
+    normalize: bool = True
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+
+
+class ExportSpec(Strict):
+    dir: str = Field("export", description="Relative to output_dir.")
+    name: str = Field("curated", pattern=r"^[A-Za-z0-9_.-]+$")
+    layouts: list[Literal["messages", "prompt_completion", "alpaca", "sharegpt"]] = Field(
+        default_factory=lambda: ["messages", "alpaca", "sharegpt"]
+    )
+    file_types: list[Literal["jsonl", "parquet"]] = Field(default_factory=lambda: ["jsonl", "parquet"])
+    extra_columns: bool = Field(True, description="Add provenance and score columns to the training files.")
+    max_length: int = Field(2048, gt=0, description="Sequence length written into the trainer configs.")
+
+
+class ReportSpec(Strict):
+    enabled: bool = True
+    plots: bool = True
+    max_points: int = Field(5000, gt=0, description="Points drawn in the embedding map.")
+
+
+class RuntimeSpec(Strict):
+    prefect: bool = Field(True, description="Run as a Prefect flow (false: the same stages, in-process).")
+    workers: int = Field(1, gt=0, description="Prefect thread-pool size; model stages run one at a time.")
+    torch_threads: int | None = Field(None, gt=0, description="Default: min(2, CPU count).")
+    progress: bool | None = Field(None, description="Progress bars; default: on in a terminal, off under CI.")
+    max_error_rate: float = Field(0.01, ge=0, le=1, description="A stage fails above this fraction of failed rows.")
+
+
+class FlowSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$", description="Lowercase letters, digits and dashes.")
+    description: str = ""
+    base_dir: str = Field(".", description="Relative paths resolve against this, itself relative to the flow file.")
+    output_dir: str = Field("out/{name}", description="Where the run writes its files ({name} = flow name).")
+    store_dir: str = Field(".curate/store", description="The content-addressed score and embedding store.")
+    seed: int = 0
+    inputs: list[InputSpec] = Field(min_length=1)
+    ingest: IngestSpec = Field(default_factory=IngestSpec)
+    score: list[StepSpec] = Field(default_factory=list)
+    embed: EmbedSpec | None = None
+    select: list[StepSpec] = Field(default_factory=list)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    # Set by load_flow, not by the YAML.
+    flow_path: str | None = Field(None, exclude=True)
+
+    @field_validator("score")
+    @classmethod
+    def _unique_scorer_names(cls, v: list[StepSpec]):
+        seen = set()
+        for s in v:
+            if s.label in seen:
+                raise ValueError(f"two scorers are named '{s.label}': give one a distinct 'name'")
+            seen.add(s.label)
+        return v
+
+    # -- resolved paths ---------------------------------------------------------------------------
+    @property
+    def base(self) -> Path:
+        root = Path(self.flow_path).parent if self.flow_path else Path.cwd()
+        return (root / self.base_dir).resolve()
+
+    def resolve(self, path: str) -> Path:
+        p = Path(os.path.expanduser(path.format(name=self.name)))
+        return p if p.is_absolute() else (self.base / p).resolve()
+
+    @property
+    def out(self) -> Path:
+        return self.resolve(self.output_dir)
+
+    @property
+    def store(self) -> Path:
+        return self.resolve(self.store_dir)
+
+    def fingerprint(self) -> str:
+        """Hash of the validated spec (what the run does), used to name and cache the run."""
+        return sha256_hex(canonical_json(self.model_dump(mode="json", exclude={"flow_path"})))
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """``select.0.budget=50`` -> (["select", 0, "budget"], 50); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set select.0.budget=50")
+    key, raw = item.split("=", 1)
+    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_override(data: dict, parts: list[str | int], value: Any, item: str) -> None:
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(part, int):
+            if not isinstance(node, list) or part >= len(node):
+                raise ConfigError(f"--set {item}: no list item {part} at '{'.'.join(map(str, parts[:i + 1]))}'")
+            node = node[part]
+        else:
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{'.'.join(map(str, parts[:i]))}' is not a mapping")
+            if part not in node or node[part] is None:
+                node[part] = [] if isinstance(nxt, int) else {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last >= len(node):
+            raise ConfigError(f"--set {item}: no list item {last}")
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item}: the parent of '{last}' is not a mapping")
+        node[last] = value
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map each field path in a YAML document to its 1-based line number."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node, path):
+        lines[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                lines[path + (k.value,)] = k.start_mark.line + 1
+                walk(v, path + (k.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> str:
+    msgs = []
+    for err in exc.errors():
+        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        line = None
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        where = f"{source}:{line}" if line else source
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `curate run --help` lists the sections)"
+        msgs.append(f"{where}: {_fmt_loc(loc)}: {msg}")
+    return "\n".join(msgs)
+
+
+def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> FlowSpec:
+    """Read, override and validate a flow YAML. Raises ConfigError with file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such flow file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a flow file must be a YAML mapping (name:, inputs:, …)")
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        apply_override(data, parts, value, item)
+    lines = _yaml_lines(text)
+    try:
+        spec = FlowSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), lines)) from None
+    spec.flow_path = str(path.resolve())
+    _validate_steps(spec, str(path), lines)
+    return spec
+
+
+def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> None:
+    """Check each scorer/selector's parameters against its class (unknown methods, bad params)."""
+    from curate.scorers import SCORERS, scorer_class
+    from curate.select import SELECTORS, selector_class
+
+    errors = []
+    for section, registry, get in (("score", SCORERS, scorer_class), ("select", SELECTORS, selector_class)):
+        for i, step in enumerate(getattr(spec, section)):
+            loc = (section, i)
+            if step.method not in registry:
+                line = lines.get(loc + ("method",))
+                where = f"{source}:{line}" if line else source
+                errors.append(f"{where}: {section}[{i}].method: unknown method '{step.method}' (known: {', '.join(sorted(registry))})")
+                continue
+            cls = get(step.method)
+            try:
+                cls.Params.model_validate(step.params)
+            except ValidationError as exc:
+                errors.append(format_validation_error(exc, source, lines, loc))
+    score_names = {s.label for s in spec.score}
+    for i, step in enumerate(spec.select):
+        if step.method not in SELECTORS:
+            continue
+        cls = selector_class(step.method)
+        params = cls.Params.model_validate(step.params)
+        if getattr(cls, "needs_embeddings", False) and spec.embed is None:
+            errors.append(f"{source}: select[{i}] ({step.method}) needs embeddings: add an 'embed:' section")
+        score = getattr(params, "score", None)
+        if score:
+            scorer = score.split(".", 1)[0]
+            if scorer not in score_names:
+                errors.append(
+                    f"{source}: select[{i}].score: '{score}' names no scorer of this flow "
+                    f"(scorers: {', '.join(sorted(score_names)) or 'none'}; write <scorer>.<output>)"
+                )
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def slug(text: str) -> str:
+    """Lowercase letters, digits and dashes (Prefect artifact keys)."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "run"

@@ -1,0 +1,39 @@
+"""The Prefect flow: one flow run per ``curate run``, one task run per (stage × shard).
+
+Parameters stay small (the flow file's path, the ``--set`` overrides and the config hash); the flow
+re-reads and validates the file itself. Without ``PREFECT_API_URL`` Prefect starts a temporary local
+server for the run (ephemeral mode); with it, runs appear in that server's UI.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# Ephemeral server start-up on a cold, busy machine can exceed Prefect's 20 s default.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+from prefect import flow  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
+
+from curate.config import FlowSpec, load_flow  # noqa: E402
+from curate.executors import PrefectExecutor  # noqa: E402
+from curate.pipeline import execute  # noqa: E402
+
+
+@flow(name="curate", flow_run_name="curate-{name}", persist_result=False, validate_parameters=True)
+def curate_flow(config_path: str, overrides: list[str] | None = None, name: str = "", config_hash: str = "") -> dict[str, Any]:
+    """Run a curate flow file: ingest → embed/score → select → export → report."""
+    spec = load_flow(config_path, overrides or [])
+    if config_hash and spec.fingerprint() != config_hash:
+        raise RuntimeError(f"{config_path} changed since the run was requested (hash {config_hash[:12]} → {spec.fingerprint()[:12]})")
+    return execute(spec, PrefectExecutor(spec.store / "prefect-results"))
+
+
+def run_prefect(spec: FlowSpec, overrides: list[str]) -> dict[str, Any]:
+    if not spec.flow_path:
+        raise ValueError("a Prefect run needs a flow file (spec.flow_path); use runtime.prefect=false for in-memory specs")
+    runner = ThreadPoolTaskRunner(max_workers=spec.runtime.workers)
+    return curate_flow.with_options(task_runner=runner)(
+        config_path=spec.flow_path, overrides=overrides, name=spec.name, config_hash=spec.fingerprint()
+    )

@@ -1,0 +1,248 @@
+"""The pipeline: ingest → embed/score → select → export → report, on any executor.
+
+:func:`execute` is the whole run, written once; :func:`run` picks the executor (Prefect flow by
+default, in-process with ``runtime.prefect: false``). :func:`plan` is the dry run behind
+``curate plan``. Stages never reach back: each takes the manifests of the stages before it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from curate import __version__, progress
+from curate.config import FlowSpec
+from curate.errors import StageError
+from curate.executors import LocalExecutor
+from curate.io import write_json
+from curate.manifests import DatasetRef, WorkRef
+from curate.scorers import ScorerContext
+from curate.stages.embed import embed_shard
+from curate.stages.export import export_finalize, export_layout
+from curate.stages.ingest import build_dataset, read_input
+from curate.stages.score import build_scorer, score_shard
+from curate.stages.select import select_stage
+from curate.store import Store
+
+
+def torch_threads(spec: FlowSpec) -> int:
+    return spec.runtime.torch_threads or min(2, os.cpu_count() or 1)
+
+
+def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, dict[str, dict]]:
+    """Store keys of every scorer and of the embedder, computed without loading any model."""
+    from curate.embed import SentenceTransformerEmbedder
+
+    ctx = ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed)
+    scorers, fingerprints = {}, {}
+    for step in spec.score:
+        scorer = build_scorer(step, ctx)
+        scorers[step.label] = (step, scorer.key)
+        fingerprints[f"score:{step.label}"] = {"key": scorer.key, **scorer.fingerprint()}
+    embed_key = None
+    if spec.embed is not None:
+        embedder = SentenceTransformerEmbedder(spec.embed, torch_threads(spec))
+        embed_key = embedder.key
+        fingerprints["embed"] = {"key": embed_key, **embedder.fingerprint()}
+    return scorers, embed_key, fingerprints
+
+
+def _check_error_budget(stage: str, refs: list[WorkRef], max_rate: float) -> None:
+    n = sum(r.n_rows for r in refs)
+    failed = sum(v for r in refs for k, v in r.statuses.items() if k == "error" or k.startswith("error:"))
+    if n and failed / n > max_rate:
+        raise StageError(
+            f"{stage}: {failed} of {n} rows failed ({failed / n:.1%}), over runtime.max_error_rate={max_rate:.1%}; "
+            "the failed rows' errors are in the store (status, error_class, message)"
+        )
+
+
+def _work_summary(stage: str, refs: list[WorkRef], seconds: float) -> dict[str, Any]:
+    statuses: dict[str, int] = {}
+    for r in refs:
+        for k, v in r.statuses.items():
+            statuses[k] = statuses.get(k, 0) + v
+    return {"stage": stage, "tasks": len(refs), "rows": sum(r.n_rows for r in refs), "computed_rows": sum(r.computed_rows for r in refs),
+            "computed_shards": sum(1 for r in refs if r.computed_rows), "statuses": statuses, "seconds": seconds}
+
+
+def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, Any]:
+    """Run the whole flow with ``executor``; returns the run summary (also written to run.json)."""
+    executor = executor or LocalExecutor()
+    t_start = time.perf_counter()
+    progress.configure(spec.runtime.progress)
+    out = spec.out
+    out.mkdir(parents=True, exist_ok=True)
+    store_dir = str(spec.store)
+    threads = torch_threads(spec)
+    stages: list[dict[str, Any]] = []
+
+    def timed(stage, fn, calls):
+        t0 = time.perf_counter()
+        res = executor.map(stage, fn, calls)
+        return res, time.perf_counter() - t0
+
+    # ingest
+    ingest_dir = str(out / "ingest")
+    refs, secs = timed("ingest", read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=ingest_dir, ingest=spec.ingest)
+                                              for i, inp in enumerate(spec.inputs)])
+    stages.append({"stage": "ingest", "tasks": len(refs), "rows": sum(r.n_rows for r in refs), "seconds": secs})
+    (dataset,), secs = timed("shard", build_dataset, [dict(inputs=refs, out_dir=ingest_dir, ingest=spec.ingest)])
+    stages.append({"stage": "shard", "tasks": 1, "rows": dataset.n_valid, "seconds": secs})
+
+    scorers, embed_key, fingerprints = model_keys(spec)
+
+    # embed
+    if spec.embed is not None:
+        Store(store_dir).embeddings(embed_key).describe({k: v for k, v in fingerprints["embed"].items() if k != "key"})
+        work, secs = timed("embed", embed_shard, [dict(shard=s, spec=spec.embed, key=embed_key, store_dir=store_dir, torch_threads=threads)
+                                                  for s in dataset.shards])
+        _check_error_budget("embed", work, spec.runtime.max_error_rate)
+        stages.append(_work_summary("embed", work, secs))
+
+    # score
+    ctx = ScorerContext(torch_threads=threads, seed=spec.seed)
+    for label, (step, key) in scorers.items():
+        work, secs = timed("score", score_shard, [dict(shard=s, step=step, key=key, store_dir=store_dir, context=ctx) for s in dataset.shards])
+        _check_error_budget(f"score:{label}", work, spec.runtime.max_error_rate)
+        stages.append(_work_summary(f"score:{label}", work, secs))
+
+    # select
+    (selection,), secs = timed("select", select_stage, [dict(dataset=dataset, steps=spec.select, scorers=scorers, embed_key=embed_key,
+                                                            store_dir=store_dir, out_dir=str(out), seed=spec.seed)])
+    stages.append({"stage": "select", "tasks": 1, "rows": selection.n_selected, "seconds": secs})
+
+    # export
+    keys = {"config_hash": spec.fingerprint(), **{k: v["key"] for k, v in fingerprints.items()}}
+    files, secs = timed("export", export_layout, [dict(selection=selection, dataset=dataset, spec=spec.export, layout=layout, out_dir=str(out))
+                                                  for layout in spec.export.layouts])
+    files = [f for group in files for f in group]
+    (export,), secs2 = timed("export-configs", export_finalize, [dict(selection=selection, dataset=dataset, spec=spec.export, files=files,
+                                                                     out_dir=str(out), keys=keys)])
+    stages.append({"stage": "export", "tasks": len(spec.export.layouts) + 1, "rows": selection.n_selected, "seconds": secs + secs2})
+
+    summary = {
+        "flow": spec.name,
+        "description": spec.description,
+        "flow_path": spec.flow_path,
+        "config_hash": spec.fingerprint(),
+        "seed": spec.seed,
+        "output_dir": str(out),
+        "store_dir": store_dir,
+        "executor": executor.name,
+        "curate_version": __version__,
+        "n_input": dataset.n_input,
+        "counts": selection.counts,
+        "reconciled": sum(selection.counts.values()) == dataset.n_input,
+        "inputs": [r.model_dump(include={"source", "format", "files", "n_rows", "n_valid", "n_quarantined"}) for r in dataset.sources],
+        "n_duplicates": dataset.n_duplicates,
+        "stages": stages,
+        "steps": selection.steps,
+        "keys": keys,
+        "fingerprints": fingerprints,
+        "export": export.model_dump(),
+        "seconds": time.perf_counter() - t_start,
+    }
+    if spec.report.enabled:
+        (report_path,), secs = timed("report", make_report, [dict(summary=summary, selection_path=selection.path, ledger_path=selection.ledger_path,
+                                                                  embed_key=embed_key, store_dir=store_dir, out_dir=str(out),
+                                                                  plots=spec.report.plots, max_points=spec.report.max_points, seed=spec.seed)])
+        stages.append({"stage": "report", "tasks": 1, "seconds": secs})
+        summary["report"] = report_path
+    summary["seconds"] = time.perf_counter() - t_start
+    summary["finished_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    write_json(out / "run.json", summary)
+
+    from curate.report.report import summary_markdown
+
+    executor.publish(summary, summary_markdown(summary), counts_table(summary, dataset))
+    return summary
+
+
+def make_report(summary: dict, selection_path: str, ledger_path: str, embed_key: str | None, store_dir: str, out_dir: str,
+                plots: bool, max_points: int, seed: int) -> str:
+    import pyarrow.parquet as pq
+
+    from curate.report import write_report
+    from curate.stages.embed import load_embeddings
+
+    embeddings = None
+    if embed_key is not None and plots:
+        ids = pq.read_table(selection_path, columns=["sample_id"]).column(0).to_pylist()
+        if ids:
+            embeddings, statuses = load_embeddings(store_dir, embed_key, ids)
+    return write_report(summary, selection_path, ledger_path, out_dir, embeddings, plots, max_points, seed)
+
+
+def counts_table(summary: dict[str, Any], dataset: DatasetRef) -> list[dict[str, Any]]:
+    """Rows in and out of every stage (the Prefect table artifact)."""
+    c = summary["counts"]
+    rows = [{"stage": "ingest", "in": dataset.n_input, "out": dataset.n_valid + dataset.n_duplicates, "note": f"{dataset.n_quarantined} quarantined"},
+            {"stage": "dedup", "in": dataset.n_valid + dataset.n_duplicates, "out": dataset.n_valid, "note": f"{dataset.n_duplicates} exact duplicates"}]
+    for s in summary["stages"]:
+        if s["stage"].startswith(("score:", "embed")):
+            rows.append({"stage": s["stage"], "in": s["rows"], "out": s["rows"], "note": f"computed {s['computed_rows']}; statuses {s['statuses']}"})
+    for s in summary["steps"]:
+        rows.append({"stage": f"select:{s['step']}:{s['name']}", "in": s["in"], "out": s["kept"], "note": f"dropped rows are {s['outcome_of_dropped']}"})
+    rows.append({"stage": "selected", "in": summary["n_input"], "out": c["selected"],
+                 "note": f"not_selected {c['not_selected']}, filtered {c['filtered']}, quarantined {c['quarantined']}"})
+    return rows
+
+
+def run(spec: FlowSpec, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run a validated flow: as a Prefect flow when ``runtime.prefect`` (the default), else in-process."""
+    if not spec.runtime.prefect:
+        return execute(spec, LocalExecutor())
+    from curate.flow import run_prefect
+
+    return run_prefect(spec, overrides or [])
+
+
+def plan(spec: FlowSpec) -> dict[str, Any]:
+    """Dry run: read the inputs (into a temp dir), count rows and tokens, list stages and what the
+    store already holds. Writes nothing under the output dir; loads no model."""
+    import pyarrow.compute as pc
+
+    from curate.scorers.heuristic import _TOKEN
+    from curate.stages.ingest import read_shard
+
+    with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
+        refs = [read_input(inp, i, str(spec.base), tmp, spec.ingest) for i, inp in enumerate(spec.inputs)]
+        dataset = build_dataset(refs, tmp, spec.ingest)
+        ids: list[str] = []
+        n_tokens = 0
+        for shard in dataset.shards:
+            t = read_shard(shard, ["sample_id", "messages"])
+            ids += t.column("sample_id").to_pylist()
+            contents = pc.list_flatten(t.column("messages")).combine_chunks().field("content").to_pylist()
+            n_tokens += sum(len(_TOKEN.findall(c or "")) for c in contents)
+        scorers, embed_key, fingerprints = model_keys(spec)
+        wanted = set(ids)
+        stages = []
+        if spec.embed is not None:
+            have = len(wanted & Store(spec.store).embeddings(embed_key).ids())
+            stages.append({"stage": "embed", "what": spec.embed.model, "key": embed_key[:12], "shards": len(dataset.shards), "cached_rows": have, "to_compute": len(wanted) - have})
+        for label, (step, key) in scorers.items():
+            have = len(wanted & Store(spec.store).scores(key).ids())
+            stages.append({"stage": f"score:{label}", "what": step.method, "key": key[:12], "shards": len(dataset.shards), "cached_rows": have, "to_compute": len(wanted) - have})
+        for i, step in enumerate(spec.select):
+            stages.append({"stage": f"select:{i}:{step.label}", "what": json.dumps(step.params, sort_keys=True)})
+        stages.append({"stage": "export", "what": ", ".join(f"{l}/{t}" for l in spec.export.layouts for t in spec.export.file_types)})
+        return {
+            "flow": spec.name,
+            "output_dir": str(spec.out),
+            "store_dir": str(spec.store),
+            "inputs": [r.model_dump(include={"source", "format", "files", "n_rows", "n_valid", "n_quarantined"}) for r in refs],
+            "n_input": dataset.n_input,
+            "n_valid": dataset.n_valid,
+            "n_quarantined": dataset.n_quarantined,
+            "n_duplicates": dataset.n_duplicates,
+            "n_shards": len(dataset.shards),
+            "tokens": n_tokens,
+            "stages": stages,
+        }

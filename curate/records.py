@@ -1,0 +1,122 @@
+"""The canonical record every stage works on.
+
+A *record* is one instruction/response sample in chat form::
+
+    {"sample_id": "9f2c…",                 # sha256 of the normalised messages (+ tools)
+     "row": 17,                            # global input row index (ingest order over all inputs)
+     "source": "alpaca_gpt4", "source_index": 16, "source_file": "data/…", "source_line": 18,
+     "task": None, "format": "alpaca",
+     "messages": [{"role": "user", "content": "…", "tool_calls": None},
+                  {"role": "assistant", "content": "…", "tool_calls": None}],
+     "tools": None,                        # JSON string of tool schemas, or None
+     "original": "{…}"}                    # the original record as JSON: nothing is lost on export
+
+Roles are ``system``, ``user``, ``assistant`` and ``tool``. An assistant message that calls tools
+keeps the calls as a JSON string in ``tool_calls``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import unicodedata
+from typing import Any
+
+import pyarrow as pa
+
+ROLES = ("system", "user", "assistant", "tool")
+
+MESSAGE_TYPE = pa.struct(
+    [("role", pa.string()), ("content", pa.string()), ("tool_calls", pa.string())]
+)
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("row", pa.int64()),
+        ("source", pa.string()),
+        ("source_index", pa.int64()),
+        ("source_file", pa.string()),
+        ("source_line", pa.int64()),
+        ("task", pa.string()),
+        ("format", pa.string()),
+        ("messages", pa.list_(MESSAGE_TYPE)),
+        ("tools", pa.string()),
+        ("original", pa.string()),
+    ]
+)
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys, UTF-8 text and no insignificant whitespace (the hashing form)."""
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def sha256_hex(*parts: str | bytes) -> str:
+    """sha256 over the parts, each length-prefixed so that ("ab", "c") != ("a", "bc")."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def normalise_text(text: str) -> str:
+    """Unicode NFC, ``\\r\\n`` → ``\\n``, outer whitespace stripped."""
+    return unicodedata.normalize("NFC", text.replace("\r\n", "\n").replace("\r", "\n")).strip()
+
+
+def message(role: str, content: str, tool_calls: str | None = None) -> dict[str, Any]:
+    return {"role": role, "content": content, "tool_calls": tool_calls}
+
+
+def sample_id(messages: list[dict[str, Any]], tools: str | None = None) -> str:
+    """Stable content id: sha256 of the canonical JSON of roles, contents, tool calls and tools.
+
+    Position-independent: the same conversation gets the same id in any file, at any row.
+    """
+    msgs = []
+    for m in messages:
+        item = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls"):
+            item["tool_calls"] = m["tool_calls"]
+        msgs.append(item)
+    payload: dict[str, Any] = {"messages": msgs}
+    if tools:
+        payload["tools"] = tools
+    return hashlib.sha256(canonical_json(payload).encode("utf-8")).hexdigest()
+
+
+def turns(messages: list[dict[str, Any]]) -> list[tuple[list[dict], dict]]:
+    """Split a conversation into turns: (context messages before the assistant reply, the reply).
+
+    Each assistant message closes a turn; its context is everything before it.
+    """
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            out.append((messages[:i], m))
+    return out
+
+
+def prompt_text(messages: list[dict[str, Any]]) -> str:
+    """All non-assistant text (system, user, tool), joined by blank lines."""
+    return "\n\n".join(m["content"] for m in messages if m["role"] != "assistant" and m["content"])
+
+
+def response_text(messages: list[dict[str, Any]]) -> str:
+    """All assistant text, joined by blank lines."""
+    return "\n\n".join(m["content"] for m in messages if m["role"] == "assistant" and m["content"])
+
+
+ROLE_LABEL = {"system": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+def conversation_text(messages: list[dict[str, Any]]) -> str:
+    """Role-prefixed concatenation (``User: …\\nAssistant: …``), the text embedders see."""
+    parts = []
+    for m in messages:
+        content = m["content"] or (m.get("tool_calls") or "")
+        parts.append(f"{ROLE_LABEL[m['role']]}: {content}")
+    return "\n".join(parts)

@@ -1,0 +1,79 @@
+"""PNG plots for the report (matplotlib, Agg backend, no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from curate.io import atomic_path
+
+COLORS = {"selected": "#1b7837", "not_selected": "#9e9e9e", "filtered": "#e08214", "quarantined": "#b2182b"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    _plt().close(fig)
+    return path
+
+
+def outcomes_bar(counts: dict[str, int], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    names = list(counts)
+    ax.barh(names, [counts[n] for n in names], color=[COLORS.get(n, "#4393c3") for n in names])
+    for i, n in enumerate(names):
+        ax.text(counts[n], i, f" {counts[n]}", va="center")
+    ax.invert_yaxis()
+    ax.set_xlabel("input rows")
+    ax.set_title("Where every input row ended")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def score_histogram(name: str, values: np.ndarray, selected: np.ndarray, path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3))
+    finite = ~np.isnan(values)
+    v = values[finite]
+    bins = np.histogram_bin_edges(v, bins=40) if len(v) and np.ptp(v) > 0 else 10
+    ax.hist(v, bins=bins, color=COLORS["not_selected"], label=f"candidates ({finite.sum()})")
+    ax.hist(values[finite & selected], bins=bins, color=COLORS["selected"], alpha=0.85, label=f"selected ({(finite & selected).sum()})")
+    ax.set_title(name)
+    ax.set_ylabel("rows")
+    ax.legend(frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
+def pca_2d(X: np.ndarray) -> np.ndarray:
+    """Project rows onto the first two principal components (deterministic sign)."""
+    Xc = X - X.mean(axis=0, keepdims=True)
+    _, _, vt = np.linalg.svd(Xc, full_matrices=False)
+    comps = vt[:2]
+    comps *= np.sign(comps[:, [int(np.argmax(np.abs(c))) for c in comps]].diagonal())[:, None]
+    return Xc @ comps.T
+
+
+def embedding_map(X: np.ndarray, selected: np.ndarray, path: Path, title: str) -> Path:
+    plt = _plt()
+    xy = pca_2d(X.astype(np.float64))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.scatter(xy[~selected, 0], xy[~selected, 1], s=6, c=COLORS["not_selected"], alpha=0.5, label=f"not selected ({(~selected).sum()})", linewidths=0)
+    ax.scatter(xy[selected, 0], xy[selected, 1], s=12, c=COLORS["selected"], label=f"selected ({selected.sum()})", linewidths=0)
+    ax.set_title(title)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(frameon=False, loc="best")
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)

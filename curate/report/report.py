@@ -1,0 +1,115 @@
+"""Build the run report (markdown + PNG plots) from the run's own files."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from curate.io import write_text
+from curate.report import plots
+
+SKIP_HIST = {"degenerate", "turns"}
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in r) + " |")
+    return "\n".join(out)
+
+
+def _q(v: np.ndarray) -> list[str]:
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return ["–"] * 5
+    return [f"{x:.4g}" for x in np.quantile(v, [0, 0.25, 0.5, 0.75, 1])]
+
+
+def reason_rows(ledger_path: str, limit: int = 25) -> list[list[Any]]:
+    t = pq.read_table(ledger_path, columns=["outcome", "stage", "reason"]).to_pydict()
+    c = Counter(zip(t["outcome"], t["stage"], t["reason"]))
+    return [[o, s, r or "", n] for (o, s, r), n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run summary as markdown (used for the report and the Prefect artifact)."""
+    counts = summary["counts"]
+    lines = [
+        f"# curate run: {summary['flow']}",
+        "",
+        summary.get("description") or "",
+        "",
+        f"- flow file: `{summary['flow_path']}` (config hash `{summary['config_hash'][:12]}`), seed {summary['seed']}",
+        f"- output: `{summary['output_dir']}`",
+        f"- {summary['n_input']} input rows → **{counts['selected']} selected**, {counts['not_selected']} not selected, "
+        f"{counts['filtered']} filtered, {counts['quarantined']} quarantined (reconciled: {summary['reconciled']})",
+        f"- wall time {summary['seconds']:.1f} s",
+        "",
+        "## Stages",
+        "",
+        _table(["stage", "tasks", "rows", "computed rows", "seconds"],
+               [[s["stage"], s["tasks"], s.get("rows", ""), s.get("computed_rows", ""), f"{s['seconds']:.2f}"] for s in summary["stages"]]),
+        "",
+        "## Inputs",
+        "",
+        _table(["source", "format", "files", "rows", "valid", "quarantined"],
+               [[s["source"], s["format"], ", ".join(s["files"]), s["n_rows"], s["n_valid"], s["n_quarantined"]] for s in summary["inputs"]]),
+        "",
+        "## Selection steps",
+        "",
+    ]
+    if summary["steps"]:
+        lines.append(_table(["#", "method", "in", "kept", "dropped as", "details"],
+                            [[s["step"], s["name"], s["in"], s["kept"], s["outcome_of_dropped"],
+                              ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("step", "method", "name", "in", "kept", "outcome_of_dropped", "radius_curve"))]
+                             for s in summary["steps"]]))
+    else:
+        lines.append("No selection steps: every valid row is selected.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, out_dir: str,
+                 embeddings: np.ndarray | None = None, plots_on: bool = True, max_points: int = 5000, seed: int = 0) -> str:
+    out = Path(out_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    md = [summary_markdown(summary)]
+    md += ["## Outcomes", "", _table(["outcome", "stage", "reason", "rows"], reason_rows(ledger_path)), ""]
+
+    table = pq.read_table(scores_path)
+    cols = table.to_pydict()
+    selected = np.asarray(cols["selected"], dtype=bool) if table.num_rows else np.zeros(0, bool)
+    score_names = [c for c in table.column_names if "." in c and not c.endswith(".status")]
+    if score_names:
+        md += ["## Scores (candidates | selected)", "",
+               _table(["score", "min", "p25", "median", "p75", "max", "selected median"],
+                      [[n, *_q(np.asarray(cols[n], float)), _q(np.asarray(cols[n], float)[selected])[2]] for n in score_names]), ""]
+    if plots_on:
+        md += ["## Plots", ""]
+        plots.outcomes_bar(summary["counts"], out / "outcomes.png")
+        md += ["![outcomes](outcomes.png)", ""]
+        for n in score_names:
+            if n.split(".", 1)[1] in SKIP_HIST:
+                continue
+            fname = f"hist-{n.replace('.', '-')}.png"
+            plots.score_histogram(n, np.asarray(cols[n], float), selected, out / fname)
+            md += [f"![{n}]({fname})", ""]
+        if embeddings is not None and len(embeddings) >= 3:
+            idx = np.arange(len(embeddings))
+            if len(idx) > max_points:  # keep every selected row, sample the rest (seeded)
+                rng = np.random.default_rng(seed)
+                rest = rng.choice(np.flatnonzero(~selected), size=max(0, max_points - int(selected.sum())), replace=False)
+                idx = np.sort(np.concatenate([np.flatnonzero(selected), rest]))
+            plots.embedding_map(embeddings[idx], selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
+            md += ["![embedding map](embedding-map.png)", ""]
+    exp = summary.get("export")
+    if exp:
+        md += ["## Exports", "", _table(["file", "layout", "rows", "sha256"],
+                                        [[f["path"], f["layout"], f["n_rows"], f["sha256"][:16]] for f in exp["files"]]), "",
+               f"Trainer configs in `{exp['dir']}`: dataset_info.json (LLaMA-Factory), axolotl_datasets.yaml, trl_load.py.", ""]
+    path = out / "report.md"
+    write_text(path, "\n".join(md))
+    return str(path)

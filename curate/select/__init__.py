@@ -1,0 +1,30 @@
+"""Selection steps: one file each, one line each in ``SELECTORS`` (imported lazily).
+
+Named ``curate.select`` (never a top-level ``selectors`` package, which would shadow the standard
+library module that asyncio needs). The YAML presets live in the top-level ``selectors/`` folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from curate.select.base import Pool, Selector, StepResult
+
+SELECTORS: dict[str, str] = {
+    "threshold": "curate.select.threshold:ThresholdFilter",
+    "top_k": "curate.select.topk:TopK",
+    "random": "curate.select.random:RandomSample",
+    "kcenter": "curate.select.kcenter:KCenter",
+}
+
+
+def selector_class(method: str) -> type[Selector]:
+    try:
+        target = SELECTORS[method]
+    except KeyError:
+        raise KeyError(f"unknown selection method '{method}' (known: {', '.join(sorted(SELECTORS))})") from None
+    module, cls = target.split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+__all__ = ["SELECTORS", "Pool", "Selector", "StepResult", "selector_class"]

@@ -1,0 +1,132 @@
+"""The selection contract (methods.md B0).
+
+A selection step takes a :class:`Pool` (the candidate rows, their scores and embeddings) and returns
+a :class:`StepResult`: which rows it keeps, their rank, and for every row it drops the outcome
+(``filtered`` for rules, ``not_selected`` for budgets) with a reason code and a sentence for the
+ledger. Steps compose: each one sees only the rows the previous step kept (filter → score-first →
+diversity → budget). Each step is one file in ``curate/select/`` plus a line in the registry.
+
+Ties and order follow methods.md E2: stable sorts on (score in its better direction, input row
+ascending); NaN never ties with a number and is never selected by a score-based step unless
+``include_unscored`` is set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from curate.records import sha256_hex
+
+
+@dataclass
+class Pool:
+    """Candidate rows of one step, in input-row order.
+
+    ``rows``: (n,) int64 global input rows; ``ids``: n sample_ids; ``scores``: name -> (n,) float64
+    (NaN = no score); ``orientation``: name -> ``higher_is_better`` | ``lower_is_better`` | …;
+    ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: rows that entered selection.
+    """
+
+    rows: np.ndarray
+    ids: list[str]
+    scores: dict[str, np.ndarray]
+    orientation: dict[str, str]
+    embeddings: np.ndarray | None
+    n_input: int
+    seed: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, mask: np.ndarray) -> Pool:
+        idx = np.flatnonzero(mask)
+        return Pool(
+            rows=self.rows[idx],
+            ids=[self.ids[i] for i in idx],
+            scores={k: v[idx] for k, v in self.scores.items()},
+            orientation=self.orientation,
+            embeddings=None if self.embeddings is None else self.embeddings[idx],
+            n_input=self.n_input,
+            seed=self.seed,
+        )
+
+    def score(self, name: str) -> np.ndarray:
+        if name not in self.scores:
+            raise KeyError(f"no score '{name}' (available: {', '.join(sorted(self.scores)) or 'none'})")
+        return self.scores[name]
+
+
+@dataclass
+class StepResult:
+    """``keep``: (n,) bool; ``rank``: (n,) int64 order among kept rows (-1 when dropped);
+    ``outcome``: what a dropped row becomes; ``reason``/``detail``: per row, None when kept."""
+
+    keep: np.ndarray
+    rank: np.ndarray
+    outcome: Literal["filtered", "not_selected"]
+    reason: list[str | None]
+    detail: list[str | None]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Selector:
+    method: ClassVar[str]
+    needs_embeddings: ClassVar[bool] = False
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, params: dict[str, Any] | BaseModel | None = None, step_index: int = 0):
+        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+        self.step_index = step_index
+
+    def select(self, pool: Pool) -> StepResult:
+        raise NotImplementedError
+
+    def seed(self, pool: Pool, purpose: str = "") -> int:
+        """Derived seed: hash(run seed, method, step, purpose) — independent of sharding and order."""
+        return int(sha256_hex(str(pool.seed), self.method, str(self.step_index), purpose)[:15], 16)
+
+
+class BudgetParams(BaseModel):
+    """``budget``: an int = a count; a float in (0, 1] = a fraction of ``rate_base``."""
+
+    model_config = ConfigDict(extra="forbid")
+    budget: int | float = Field(description="Rows to keep: a count, or a fraction in (0, 1].")
+    rate_base: Literal["input", "pool", "valid"] = Field(
+        "input", description="What a fractional budget is a fraction of: rows entering selection, this step's rows, or its scored rows."
+    )
+
+    def resolve_budget(self, pool: Pool, n_valid: int | None = None) -> int:
+        b = self.budget
+        if isinstance(b, bool) or b <= 0:
+            raise ValueError(f"budget must be positive, got {b}")
+        if isinstance(b, float):
+            if b > 1:
+                raise ValueError(f"a fractional budget must be in (0, 1], got {b}")
+            base = {"input": pool.n_input, "pool": len(pool), "valid": len(pool) if n_valid is None else n_valid}[self.rate_base]
+            return int(math.floor(b * base))
+        return int(b)
+
+
+def ranked_order(values: np.ndarray, rows: np.ndarray, descending: bool) -> np.ndarray:
+    """Indices sorted by value in its better direction, ties by input row ascending; NaN excluded."""
+    finite = np.flatnonzero(~np.isnan(values))
+    key = -values[finite] if descending else values[finite]
+    order = np.lexsort((rows[finite], key))
+    return finite[order]
+
+
+def descending_for(orientation: str | None, override: bool | None) -> bool:
+    if override is not None:
+        return override
+    return orientation != "lower_is_better"
+
+
+def fmt(x: float) -> str:
+    return "NaN" if x != x else f"{x:.6g}"

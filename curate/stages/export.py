@@ -1,0 +1,146 @@
+"""Export: the selected rows in each trainer layout, plus trainer configs and a manifest.
+
+Layout of ``<output_dir>/export/`` (one file type per folder, as LLaMA-Factory requires)::
+
+    messages/curated_messages.jsonl           messages_parquet/curated_messages.parquet
+    alpaca/curated_alpaca.jsonl               sharegpt/curated_sharegpt.jsonl   …
+    dataset_info.json        LLaMA-Factory entries (dataset_dir = this folder)
+    axolotl_datasets.yaml    axolotl datasets: block + sequence_len
+    trl_load.py              TRL loading snippet
+    scores.parquet           sidecar: id, provenance, every score, rank, original record
+    ledger.parquet           every input row's outcome
+    manifest.json            files, row counts, sha256, keys, max_length, validation report
+
+Rows are written in input order with a rank column (methods.md B0). Every file is written
+atomically; the bytes depend only on the data and the config (no timestamps), so the same config
+and seed give byte-identical exports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import __version__
+from curate.config import ExportSpec
+from curate.export.layouts import check_rules, convert_rows
+from curate.export.trainers import axolotl_yaml, dataset_info, trl_snippet
+from curate.io import atomic_path, file_sha256, write_json, write_parquet, write_text
+from curate.manifests import DatasetRef, ExportRef, SelectionRef
+from curate.stages.ingest import read_shard
+
+META_COLUMNS = {"sample_id", "row", "source", "source_index", "source_line", "selected", "rank"}
+
+
+def selected_records(selection: SelectionRef, dataset: DatasetRef) -> tuple[list[dict], pa.Table]:
+    """Selected canonical records in input-row order, and their rows of the wide score table."""
+    scores = pq.read_table(selection.path)
+    sel = scores.filter(pa.compute.equal(scores.column("selected"), True))
+    wanted = set(sel.column("sample_id").to_pylist())
+    records = []
+    for shard in dataset.shards:
+        for rec in read_shard(shard).to_pylist():
+            if rec["sample_id"] in wanted:
+                records.append(rec)
+    records.sort(key=lambda r: r["row"])
+    order = {sid: i for i, sid in enumerate(r["sample_id"] for r in records)}
+    sel_ids = sel.column("sample_id").to_pylist()
+    sel = sel.take(pa.array(sorted(range(len(sel_ids)), key=lambda i: order[sel_ids[i]]), pa.int64()))
+    return records, sel
+
+
+def _clean(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _extras(sel: pa.Table) -> dict[str, dict[str, Any]]:
+    cols = sel.to_pydict()
+    score_cols = [c for c in sel.column_names if c not in META_COLUMNS and not c.endswith(".status")]
+    out = {}
+    for i, sid in enumerate(cols["sample_id"]):
+        extra = {"curate.source": cols["source"][i], "curate.source_index": cols["source_index"][i], "curate.rank": cols["rank"][i]}
+        for c in score_cols:
+            extra[f"score.{c}"] = _clean(cols[c][i])
+        out[sid] = extra
+    return out
+
+
+def folder(layout: str, file_type: str) -> str:
+    return layout if file_type == "jsonl" else f"{layout}_{file_type}"
+
+
+def export_layout(selection: SelectionRef, dataset: DatasetRef, spec: ExportSpec, layout: str, out_dir: str) -> list[dict]:
+    """Write one layout in every configured file type; returns file infos for the manifest."""
+    export_dir = Path(out_dir) / spec.dir
+    records, sel = selected_records(selection, dataset)
+    rows, skipped = convert_rows(records, layout)
+    if spec.extra_columns:
+        extras = _extras(sel)
+        rows = [{**r, **extras[r["id"]]} for r in rows]
+    broken = [(r["id"], why) for r in rows if (why := check_rules(r, layout))]
+    if broken:
+        raise RuntimeError(f"export {layout}: {len(broken)} rows break the trainer rules, first {broken[0]}")
+    infos = []
+    for file_type in spec.file_types:
+        rel = f"{folder(layout, file_type)}/{spec.name}_{layout}.{file_type}"
+        path = export_dir / rel
+        if file_type == "jsonl":
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+        else:
+            write_parquet(path, pa.Table.from_pylist(rows))
+        infos.append({"layout": layout, "file_type": file_type, "path": rel, "n_rows": len(rows), "sha256": file_sha256(path),
+                      "skipped": [{"id": sid, "why": why} for sid, why in skipped],
+                      "has": sorted({k for r in rows[:1] for k in r})})
+    return infos
+
+
+def export_finalize(selection: SelectionRef, dataset: DatasetRef, spec: ExportSpec, files: list[dict], out_dir: str,
+                    keys: dict[str, Any]) -> ExportRef:
+    """Sidecar, ledger, trainer configs and manifest, after every layout is written."""
+    export_dir = Path(out_dir) / spec.dir
+    records, sel = selected_records(selection, dataset)
+    sidecar = sel.rename_columns(["id" if c == "sample_id" else c for c in sel.column_names])
+    sidecar = sidecar.append_column("original", pa.array([r["original"] for r in records], pa.string()))
+    sidecar = sidecar.append_column("task", pa.array([r["task"] for r in records], pa.string()))
+    write_parquet(export_dir / "scores.parquet", sidecar)
+    shutil.copyfile(selection.ledger_path, export_dir / "ledger.parquet.tmp")
+    (export_dir / "ledger.parquet.tmp").replace(export_dir / "ledger.parquet")
+
+    info = dataset_info(files, spec.name)
+    write_json(export_dir / "dataset_info.json", info)
+    write_text(export_dir / "axolotl_datasets.yaml", axolotl_yaml(files, spec.max_length))
+    write_text(export_dir / "trl_load.py", trl_snippet(files, spec.max_length))
+
+    token_cols = [c for c in sel.column_names if c.endswith(".prompt_tokens") or c.endswith(".response_tokens")]
+    tokens = None
+    if token_cols:
+        scorer = token_cols[0].split(".")[0]
+        p = sel.column(f"{scorer}.prompt_tokens").to_pylist()
+        r = sel.column(f"{scorer}.response_tokens").to_pylist()
+        total = sorted(int(a + b) for a, b in zip(p, r) if a == a and b == b)
+        if total:
+            tokens = {"tokenizer": "heuristic scorer's tokenizer (approximate; not the training template)",
+                      "max": total[-1], "p50": total[len(total) // 2], "p95": total[min(len(total) - 1, int(len(total) * 0.95))],
+                      "over_max_length": sum(t > spec.max_length for t in total)}
+    manifest = {
+        "curate_version": __version__,
+        "n_selected": selection.n_selected,
+        "counts": selection.counts,
+        "files": [{k: v for k, v in f.items() if k != "has"} for f in files],
+        "sidecars": {"scores": "scores.parquet", "ledger": "ledger.parquet"},
+        "max_length": spec.max_length,
+        "tokens": tokens,
+        "keys": keys,
+        "validation": {"rules": "system first; user/assistant alternation; ends on assistant; no empty turns; unique ids",
+                       "broken_rows": 0, "unique_ids": len({r['sample_id'] for r in records}) == len(records)},
+    }
+    manifest_path = write_json(export_dir / "manifest.json", manifest)
+    return ExportRef(dir=str(export_dir), files=[{k: v for k, v in f.items() if k != "has"} for f in files], manifest_path=str(manifest_path))

@@ -1,0 +1,65 @@
+"""The resumable per-shard loop shared by model stages (score, embed).
+
+For one shard and one store key: skip the shard if its done-marker exists; otherwise compute only
+the rows whose ``sample_id`` is not stored yet, in chunks, write them as one part, then write the
+marker. A run killed inside this function loses at most this shard's work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pyarrow as pa
+
+from curate.manifests import ShardRef, WorkRef
+from curate.progress import stage_progress
+from curate.stages.ingest import read_shard
+from curate.store import Collection
+
+
+def run_shard(
+    stage: str,
+    name: str,
+    collection: Collection,
+    shard: ShardRef,
+    compute: Callable[[list[dict]], pa.Table],
+    chunk_rows: int,
+    order: Callable[[list[dict]], list[int]] | None = None,
+) -> WorkRef:
+    """``compute(records) -> table`` of store rows for those records (one or more rows each)."""
+    t0 = time.perf_counter()
+    if collection.done(shard.sha256):
+        return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
+                       n_rows=shard.n_rows, computed_rows=0, statuses=collection.marker(shard.sha256).get("statuses", {}))
+    have = collection.ids()
+    ids = read_shard(shard, ["sample_id"]).column(0).to_pylist()
+    todo_mask = [sid not in have for sid in ids]
+    computed = sum(todo_mask)
+    if computed:
+        records = [r for r, todo in zip(read_shard(shard).to_pylist(), todo_mask) if todo]
+        idx = order(records) if order else list(range(len(records)))
+        tables = []
+        with stage_progress(f"{stage} {name} shard {shard.shard_id}", len(records)) as bar:
+            for start in range(0, len(idx), chunk_rows):
+                chunk = [records[i] for i in idx[start : start + chunk_rows]]
+                tables.append(compute(chunk))
+                bar.advance(len(chunk))
+        collection.write(pa.concat_tables(tables))
+    statuses = _statuses(collection, shard)
+    collection.mark_done(shard.sha256, {"shard_id": shard.shard_id, "n_rows": shard.n_rows, "statuses": statuses})
+    return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
+                   n_rows=shard.n_rows, computed_rows=computed, statuses=statuses, seconds=round(time.perf_counter() - t0, 3))
+
+
+def _statuses(collection: Collection, shard: ShardRef) -> dict[str, int]:
+    ids = read_shard(shard, ["sample_id"]).column(0).to_pylist()
+    table = collection.read(ids, columns=["sample_id", "status"])
+    if table is None:
+        return {}
+    # one status per sample (scores may hold several variants with the same status)
+    seen = {}
+    for sid, status in zip(table.column("sample_id").to_pylist(), table.column("status").to_pylist()):
+        seen.setdefault(sid, status)
+    return dict(sorted(Counter(seen.values()).items()))
