@@ -155,8 +155,11 @@ class FlowSpec(Strict):
         return self.resolve(self.store_dir)
 
     def fingerprint(self) -> str:
-        """Hash of the validated spec (what the run does), used to name and cache the run."""
-        return sha256_hex(canonical_json(self.model_dump(mode="json", exclude={"flow_path"})))
+        """Hash of what the run computes: inputs, stages, parameters, seed. Where it writes
+        (output_dir, store_dir), how it runs (runtime) and the report settings are left out, so the
+        same work in another folder has the same hash."""
+        exclude = {"flow_path", "output_dir", "store_dir", "runtime", "report", "description"}
+        return sha256_hex(canonical_json(self.model_dump(mode="json", exclude=exclude)))
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -232,21 +235,28 @@ def _fmt_loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
+_UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
+
+
 def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> str:
-    msgs = []
+    """One line per field: ``file:line: path.to.field: message`` (union alternatives merged)."""
+    merged: dict[tuple, list[str]] = {}
     for err in exc.errors():
-        loc = prefix + tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        line = None
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in lines:
-                line = lines[loc[:n]]
-                break
-        where = f"{source}:{line}" if line else source
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        while loc and isinstance(loc[-1], str) and (loc[-1] in _UNION_TAGS or "[" in loc[-1]):
+            loc = loc[:-1]  # union member tags such as budget.int / budget.float
+        loc = prefix + loc
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `curate run --help` lists the sections)"
-        msgs.append(f"{where}: {_fmt_loc(loc)}: {msg}")
-    return "\n".join(msgs)
+            msg = "unknown key (check the spelling; docs/flows.md lists every key)"
+        if msg not in merged.setdefault(loc, []):
+            merged[loc].append(msg)
+    out = []
+    for loc, msgs in merged.items():
+        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+        where = f"{source}:{line}" if line else source
+        out.append(f"{where}: {_fmt_loc(loc)}: {' / '.join(msgs)}")
+    return "\n".join(out)
 
 
 def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> FlowSpec:
@@ -282,6 +292,7 @@ def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> Non
     from curate.select import SELECTORS, selector_class
 
     errors = []
+    params: dict[tuple, Any] = {}
     for section, registry, get in (("score", SCORERS, scorer_class), ("select", SELECTORS, selector_class)):
         for i, step in enumerate(getattr(spec, section)):
             loc = (section, i)
@@ -292,18 +303,17 @@ def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> Non
                 continue
             cls = get(step.method)
             try:
-                cls.Params.model_validate(step.params)
+                params[loc] = cls.Params.model_validate(step.params)
             except ValidationError as exc:
                 errors.append(format_validation_error(exc, source, lines, loc))
     score_names = {s.label for s in spec.score}
     for i, step in enumerate(spec.select):
-        if step.method not in SELECTORS:
+        if ("select", i) not in params:
             continue
         cls = selector_class(step.method)
-        params = cls.Params.model_validate(step.params)
         if getattr(cls, "needs_embeddings", False) and spec.embed is None:
             errors.append(f"{source}: select[{i}] ({step.method}) needs embeddings: add an 'embed:' section")
-        score = getattr(params, "score", None)
+        score = getattr(params[("select", i)], "score", None)
         if score:
             scorer = score.split(".", 1)[0]
             if scorer not in score_names:

@@ -121,6 +121,20 @@ class Store:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    def identity(self) -> str:
+        """A random id made when the store is first used: a recreated store is a new store."""
+        path = self.root / "store_id"
+        if not path.exists():
+            import uuid
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "x", encoding="utf-8") as f:  # first writer wins
+                    f.write(uuid.uuid4().hex + "\n")
+            except FileExistsError:
+                pass
+        return path.read_text(encoding="utf-8").strip()
+
     def scores(self, key: str) -> Collection:
         return Collection(self.root, "scores", key)
 

@@ -9,7 +9,8 @@ Outputs (per row, over the whole conversation):
                      marks, or any HF tokenizer id/dir)
 ``response_tokens``  tokens of the assistant side
 ``turns``            number of assistant messages
-``repetition``       fraction of the response's word 4-grams that repeat an earlier 4-gram (0–1)
+``repetition``       fraction of the response's word n-grams (``ngram``, default 10) that repeat an
+                     earlier one (0–1); text stuck in a loop scores ~0.9, normal prose and code < 0.35
 ``degenerate``       1.0 when the response is degenerate, else 0.0; ``components.reasons`` says why:
                      ``no_alnum`` (no letter or digit), ``copies_prompt`` (response = prompt),
                      ``repetitive`` (repetition > ``max_repetition``), ``char_run`` (one character
@@ -33,7 +34,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
 
 
-def repetition_ratio(text: str, n: int = 4) -> tuple[float, int]:
+def repetition_ratio(text: str, n: int = 10) -> tuple[float, int]:
     """(fraction of word n-grams that repeat an earlier one, number of n-grams)."""
     words = _WORD.findall(text.lower())
     count = len(words) - n + 1
@@ -60,7 +61,8 @@ class HeuristicScorer(Scorer):
     class Params(Scorer.Params):
         tokenizer: str = Field("regex", description="'regex' or an HF tokenizer id / local dir.")
         max_repetition: float = Field(0.5, ge=0, le=1)
-        min_ngrams: int = Field(10, ge=1, description="Repetition is judged only with at least this many 4-grams.")
+        ngram: int = Field(10, ge=1, description="Word n-gram size for the repetition ratio.")
+        min_ngrams: int = Field(10, ge=1, description="Repetition is judged only with at least this many n-grams.")
         max_char_share: float = Field(0.5, gt=0, le=1)
         min_chars_for_share: int = Field(20, ge=1)
 
@@ -86,7 +88,7 @@ class HeuristicScorer(Scorer):
         rtoks = self._count_tokens(responses)
         out = []
         for rec, prompt, resp, pt, rt in zip(records, prompts, responses, ptoks, rtoks):
-            rep, ngrams = repetition_ratio(resp)
+            rep, ngrams = repetition_ratio(resp, p.ngram)
             reasons = []
             if not _ALNUM.search(resp) and not any(m.get("tool_calls") for m in rec["messages"]):
                 reasons.append("no_alnum")

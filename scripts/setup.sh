@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Set up ./.venv with curate installed (editable). Re-running it is quick and changes nothing.
+#   bash scripts/setup.sh          # curate + its runtime dependencies
+#   bash scripts/setup.sh --test   # ... plus the test dependencies
+# torch: an existing torch in .venv is kept (pair curate with a CUDA build if you have one);
+# otherwise TORCH_SPEC is installed (default torch==2.13.0, a CPU wheel on the project's machines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  "${PIP[@]}" ${TORCH_SPEC:-torch==2.13.0}
+fi
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+"${PIP[@]}" -e ".${extra}"
+.venv/bin/curate --help >/dev/null
+echo "curate is set up in .venv ($(.venv/bin/python -c 'import torch, curate; print("curate", curate.__version__, "· torch", torch.__version__)'))"
