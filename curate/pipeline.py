@@ -114,7 +114,8 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
 
     # select
     (selection,), secs = timed("select", select_stage, [dict(dataset=dataset, steps=spec.select, scorers=scorers, embed_key=embed_key,
-                                                            store_dir=store_dir, out_dir=str(out), seed=spec.seed)])
+                                                            store_dir=store_dir, out_dir=str(out), seed=spec.seed,
+                                                            base_dir=str(spec.base))])
     stages.append({"stage": "select", "tasks": 1, "rows": selection.n_selected, "seconds": secs})
 
     # export

@@ -122,3 +122,18 @@ def test_kcenter_selector_reasons_and_init():
     assert r2.stats["init"] == "medoid"
     r3 = run("kcenter", p, budget=0.25)
     assert r3.keep.sum() == 10
+
+
+def test_kcenter_extends_a_preselected_set(tmp_path):
+    rng = np.random.default_rng(3)
+    X = unit(rng, 60, 8)
+    p = pool(emb=X)
+    (tmp_path / "before.txt").write_text("id4\nid9\nnot-in-pool\n")
+    r = selector_class("kcenter")({"budget": 6, "already_selected": "before.txt"}, base_dir=str(tmp_path)).select(p)
+    assert r.keep.sum() == 6 and not r.keep[4] and not r.keep[9]
+    assert r.reason[4] == r.reason[9] == "already_selected"
+    assert r.stats["n_already_selected"] == 2 and r.stats["init"] == "already_selected"
+    expect = kcenter_greedy(X, 6, already_selected=np.array([4, 9]))
+    assert np.flatnonzero(r.keep).tolist() == sorted(expect.order.tolist())
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        selector_class("kcenter")({"budget": 2, "already_selected": "missing.txt"}, base_dir=str(tmp_path)).select(p)

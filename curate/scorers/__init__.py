@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-
+from curate.registry import load_class
 from curate.scorers.base import Score, Scorer, ScorerContext
 
 SCORERS: dict[str, str] = {
@@ -12,12 +11,7 @@ SCORERS: dict[str, str] = {
 
 
 def scorer_class(method: str) -> type[Scorer]:
-    try:
-        target = SCORERS[method]
-    except KeyError:
-        raise KeyError(f"unknown scorer '{method}' (known: {', '.join(sorted(SCORERS))})") from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load_class(SCORERS, "scorer", method)
 
 
 __all__ = ["SCORERS", "Score", "Scorer", "ScorerContext", "scorer_class"]

@@ -6,8 +6,7 @@ library module that asyncio needs). The YAML presets live in the top-level ``sel
 
 from __future__ import annotations
 
-import importlib
-
+from curate.registry import load_class
 from curate.select.base import Pool, Selector, StepResult
 
 SELECTORS: dict[str, str] = {
@@ -19,12 +18,7 @@ SELECTORS: dict[str, str] = {
 
 
 def selector_class(method: str) -> type[Selector]:
-    try:
-        target = SELECTORS[method]
-    except KeyError:
-        raise KeyError(f"unknown selection method '{method}' (known: {', '.join(sorted(SELECTORS))})") from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+    return load_class(SELECTORS, "selection method", method)
 
 
 __all__ = ["SELECTORS", "Pool", "Selector", "StepResult", "selector_class"]

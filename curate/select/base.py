@@ -81,9 +81,10 @@ class Selector:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def __init__(self, params: dict[str, Any] | BaseModel | None = None, step_index: int = 0):
+    def __init__(self, params: dict[str, Any] | BaseModel | None = None, step_index: int = 0, base_dir: str | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
         self.step_index = step_index
+        self.base_dir = base_dir  # relative paths in parameters resolve against the flow's base_dir
 
     def select(self, pool: Pool) -> StepResult:
         raise NotImplementedError
@@ -120,6 +121,29 @@ def ranked_order(values: np.ndarray, rows: np.ndarray, descending: bool) -> np.n
     key = -values[finite] if descending else values[finite]
     order = np.lexsort((rows[finite], key))
     return finite[order]
+
+
+def read_ids(path: str, base_dir: str | None = None) -> list[str]:
+    """sample_ids from a file: ``.txt`` (one per line, e.g. a run's selected_ids.txt), or the
+    ``sample_id``/``id`` column of a ``.parquet`` or ``.jsonl`` export."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_absolute() and base_dir:
+        p = Path(base_dir) / p
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file (ids of a pre-selected set)")
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(p)
+        col = "sample_id" if "sample_id" in t.column_names else "id"
+        return t.column(col).to_pylist()
+    if p.suffix in (".jsonl", ".ndjson"):
+        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r.get("sample_id", r.get("id")) for r in rows]
+    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def descending_for(orientation: str | None, override: bool | None) -> bool:

@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from curate.select.base import BudgetParams, Pool, Selector, StepResult, fmt
+from curate.select.base import BudgetParams, Pool, Selector, StepResult, fmt, read_ids
 
 
 @dataclass
@@ -120,6 +120,10 @@ class KCenter(Selector):
         )
         score: str | None = Field(None, description="Quality score for init=max_score.")
         metric: Literal["cosine", "euclidean"] = "cosine"
+        already_selected: str | None = Field(
+            None, description="File of sample_ids already chosen (e.g. an earlier run's selected_ids.txt): they are centres from "
+            "the start and the budget adds new rows to them."
+        )
 
     def select(self, pool: Pool) -> StepResult:
         from curate.progress import stage_progress
@@ -145,20 +149,31 @@ class KCenter(Selector):
         rank = np.full(n, -1, dtype=np.int64)
         reason: list[str | None] = [None] * n
         detail: list[str | None] = [None] * n
+        pre = None
+        if p.already_selected:
+            wanted = set(read_ids(p.already_selected, self.base_dir))
+            pre = np.array([i for i, sid in enumerate(pool.ids) if sid in wanted], dtype=np.int64)
+            k = min(k, n - len(pre))
         if k == 0:
             return StepResult(keep, rank, "not_selected", ["beyond_budget"] * n, ["budget is 0"] * n, {"budget": 0})
         with stage_progress("select k-center", k) as bar:
-            res = kcenter_greedy(X, k, first=first, metric=p.metric, progress=bar)
+            res = kcenter_greedy(X, k, first=first, already_selected=pre, metric=p.metric, progress=bar)
         keep[res.order] = True
         rank[res.order] = np.arange(k)
         dist = res.min_dist / 2.0 if p.metric == "cosine" else np.sqrt(res.min_dist)
         unit = "cosine distance" if p.metric == "cosine" else "distance"
         radius = float(dist.max())
+        pre_set = set() if pre is None else set(pre.tolist())
         for i in np.flatnonzero(~keep):
+            if i in pre_set:
+                reason[i], detail[i] = "already_selected", f"in the pre-selected set ({p.already_selected}); a centre from the start"
+                continue
             reason[i] = "covered"
             detail[i] = f"{unit} {fmt(dist[i])} to nearest centre (row {int(pool.rows[res.nearest[i]])}); final radius {fmt(radius)}"
-        radii = res.radii[1:] / 2.0 if p.metric == "cosine" else np.sqrt(res.radii[1:])
+        start = 0 if pre is not None and len(pre) else 1  # the first pick of a fresh run has no radius yet
+        radii = res.radii[start:] / 2.0 if p.metric == "cosine" else np.sqrt(res.radii[start:])
         curve = [float(x) for x in radii[:: max(1, len(radii) // 20)]] if len(radii) else []
-        stats = {"budget": k, "init": init, "first_row": int(pool.rows[first]), "metric": p.metric,
+        stats = {"budget": k, "init": "already_selected" if start == 0 else init, "n_already_selected": len(pre_set),
+                 "first_row": int(pool.rows[res.order[0]]), "metric": p.metric,
                  "final_radius": radius, "radius_curve": curve}
         return StepResult(keep, rank, "not_selected", reason, detail, stats)

@@ -30,20 +30,22 @@ from curate.store import Store
 META = ["sample_id", "row", "source", "source_index", "source_line"]
 
 
-def wide_scores(store_dir: str, scorers: dict[str, tuple[StepSpec, str]], ids: list[str]) -> tuple[dict[str, np.ndarray], dict[str, list], dict[str, str]]:
-    """(scores name -> aligned float64, statuses scorer -> aligned list, orientation name -> str).
+def wide_scores(store_dir: str, scorers: dict[str, tuple[StepSpec, str]], ids: list[str]):
+    """Scores aligned with ``ids``: ``scores`` (name -> float64 array), ``statuses`` (scorer -> list),
+    ``errors`` (scorer -> list of (error_class, message) or None), ``orientation`` (name -> str).
 
-    Missing rows (never scored) get NaN and status ``missing``.
+    Rows never scored get NaN and status ``missing``.
     """
     pos = {sid: i for i, sid in enumerate(ids)}
     n = len(ids)
     scores: dict[str, np.ndarray] = {}
     statuses: dict[str, list] = {}
+    errors: dict[str, list] = {}
     orientation: dict[str, str] = {}
     for label, (step, key) in scorers.items():
         outputs = scorer_class(step.method).outputs
         status = ["missing"] * n
-        errors: list[tuple[str | None, str | None]] = [(None, None)] * n
+        errs: list[tuple[str | None, str | None] | None] = [None] * n
         for variant, orient in outputs.items():
             scores[f"{label}.{variant}"] = np.full(n, np.nan)
             orientation[f"{label}.{variant}"] = orient
@@ -57,10 +59,10 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[StepSpec, str]], ids: l
                     scores[name][i] = np.nan if value is None else value
                 status[i] = st
                 if st == "error":
-                    errors[i] = (ec, msg)
+                    errs[i] = (ec, msg)
         statuses[label] = status
-        statuses[f"{label}:errors"] = errors
-    return scores, statuses, orientation
+        errors[label] = errs
+    return scores, statuses, errors, orientation
 
 
 def select_stage(
@@ -71,6 +73,7 @@ def select_stage(
     store_dir: str,
     out_dir: str,
     seed: int = 0,
+    base_dir: str | None = None,
 ) -> SelectionRef:
     out = Path(out_dir)
     meta = pa.concat_tables([read_shard(s, META) for s in dataset.shards]) if dataset.shards else None
@@ -79,7 +82,7 @@ def select_stage(
     n = len(ids)
     m = {} if meta is None else meta.to_pydict()
 
-    scores, statuses, orientation = wide_scores(store_dir, scorers, ids)
+    scores, statuses, errors, orientation = wide_scores(store_dir, scorers, ids)
     ledger: list[dict] = pq.read_table(dataset.ledger_path).to_pylist()
 
     def entry(i: int, outcome: str, stage: str, reason: str | None, detail: str | None, rank=None) -> dict:
@@ -89,10 +92,10 @@ def select_stage(
     # rows whose scoring failed (an exception, not a data status) are quarantined
     alive = np.ones(n, dtype=bool)
     for label in scorers:
-        for i, (st, (ec, msg)) in enumerate(zip(statuses[label], statuses[f"{label}:errors"])):
+        for i, (st, err) in enumerate(zip(statuses[label], errors[label])):
             if alive[i] and st == "error":
                 alive[i] = False
-                ledger.append(entry(i, "quarantined", f"score:{label}", ec or "error", msg))
+                ledger.append(entry(i, "quarantined", f"score:{label}", err[0] or "error", err[1]))
             elif alive[i] and st == "missing":
                 raise RuntimeError(f"row {rows[i]} has no stored score for '{label}': the score stage did not finish")
 
@@ -113,7 +116,7 @@ def select_stage(
     rank = np.arange(len(pool), dtype=np.int64)
     step_stats = []
     for s_i, step in enumerate(steps):
-        selector = selector_class(step.method)(step.params, step_index=s_i)
+        selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir)
         res = selector.select(pool)
         stage = f"select:{s_i}:{step.label}"
         for j in np.flatnonzero(~res.keep):
