@@ -34,11 +34,16 @@ def torch_threads(spec: FlowSpec) -> int:
     return spec.runtime.torch_threads or min(2, os.cpu_count() or 1)
 
 
+def scorer_context(spec: FlowSpec) -> ScorerContext:
+    """What scorers get from the run: threads, seed, and where API responses are cached."""
+    return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.store / "requests")})
+
+
 def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, dict[str, dict]]:
     """Store keys of every scorer and of the embedder, computed without loading any model."""
     from curate.embed import SentenceTransformerEmbedder
 
-    ctx = ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed)
+    ctx = scorer_context(spec)
     scorers, fingerprints = {}, {}
     for step in spec.score:
         scorer = build_scorer(step, ctx)
@@ -106,7 +111,7 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
         stages.append(_work_summary("embed", work, secs))
 
     # score
-    ctx = ScorerContext(torch_threads=threads, seed=spec.seed)
+    ctx = scorer_context(spec)
     for label, (step, key) in scorers.items():
         work, secs = timed("score", score_shard, [dict(shard=s, step=step, key=key, store_dir=store_dir, context=ctx) for s in dataset.shards])
         _check_error_budget(f"score:{label}", work, spec.runtime.max_error_rate)

@@ -7,6 +7,10 @@ from curate.scorers.base import Score, Scorer, ScorerContext
 
 SCORERS: dict[str, str] = {
     "heuristic": "curate.scorers.heuristic:HeuristicScorer",
+    "ifd": "curate.scorers.ifd:IFDScorer",
+    "superfiltering": "curate.scorers.superfiltering:SuperfilteringScorer",
+    "rifd": "curate.scorers.rifd:RIFDScorer",
+    "perplexity": "curate.scorers.perplexity:PerplexityScorer",
 }
 
 

@@ -40,6 +40,7 @@ STATUSES = (
     "truncated_ok",
     "skipped_too_long",
     "empty_response",
+    "short_response",
     "parse_failed",
     "fallback_needed",
     "undecidable",

@@ -1,0 +1,211 @@
+"""The masked-CE engine (methods.md E6a): token log-probabilities at chosen positions, fast.
+
+Input: sequences of token ids, each with target spans ``[start, end)`` (positions whose token is
+scored; position 0 has no context and is never a target). Output per span: the sum of ``-log p``
+(float64) and the token count — everything the IFD family and perplexity need.
+
+How it is fast with identical results:
+
+- sequences are sorted by length and packed into batches under a padded-token budget (right
+  padding with an attention mask), so padding is small and no row is scored twice;
+- one forward of the model *body* per batch (no LM head, no hidden-state outputs, no KV cache);
+- the LM head is applied only to the hidden states just before scored positions, and the
+  log-softmax runs over vocabulary rows in chunks (a 262k vocabulary never materialises full
+  logits), in fp32 whatever the model dtype;
+- per-span sums are reduced on the device with ``index_add`` in float64; one device→host copy per
+  batch; no Python loop over tokens.
+
+Failures: out of memory halves the batch (and the budget for later batches) and retries; any other
+error isolates the rows one by one; a row that still fails gets NaN with ``status="error"`` and the
+exception class, and no other row moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Seq:
+    """``ids``: token ids; ``spans``: [start, end) target ranges, 1 ≤ start ≤ end ≤ len(ids)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class SeqResult:
+    nll: list[float]  # per span: sum of -log p in nats (NaN on failure)
+    n: list[int]  # per span: scored tokens
+    status: str = "ok"
+    error_class: str | None = None
+    message: str | None = None
+    token_logprobs: list[np.ndarray] | None = None
+
+
+@dataclass
+class EnginePlan:
+    """What the engine did: batches run, OOM halvings, final budget (recorded in components)."""
+
+    max_tokens_per_batch: int
+    batches: int = 0
+    oom_splits: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    scored_tokens: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def plan_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches: longest first, each batch's padded size ≤ max_tokens
+    (a sequence longer than the budget runs alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    width = 0
+    for i in order:
+        w = max(width, lengths[i])
+        if cur and w * (len(cur) + 1) > max_tokens:
+            batches.append(cur)
+            cur, w = [], lengths[i]
+        cur.append(i)
+        width = w
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class MaskedCE:
+    """Scores :class:`Seq` items with a causal LM split into ``body`` and ``head``."""
+
+    def __init__(self, body, head, pad_id: int, device, max_tokens_per_batch: int = 8192,
+                 logit_softcap: float | None = None, head_chunk_bytes: int = 24 << 20):
+        self.body = body
+        self.head = head
+        self.pad_id = int(pad_id)
+        self.device = device
+        self.plan = EnginePlan(max_tokens_per_batch)
+        self.softcap = logit_softcap
+        self.vocab = int(head.weight.shape[0])
+        self.chunk_rows = max(16, head_chunk_bytes // (4 * self.vocab))
+
+    @classmethod
+    def for_model(cls, model, pad_id: int, device, max_tokens_per_batch: int = 8192) -> MaskedCE:
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        return cls(model.get_decoder(), model.get_output_embeddings(), pad_id, device, max_tokens_per_batch, cap)
+
+    # -- public -----------------------------------------------------------------------------------
+    def score(self, seqs: list[Seq], token_logprobs: bool = False, progress=None) -> list[SeqResult]:
+        for s in seqs:
+            for a, b in s.spans:
+                if not (1 <= a <= b <= len(s.ids)):
+                    raise ValueError(f"bad target span ({a}, {b}) for a sequence of {len(s.ids)} tokens")
+        results: list[SeqResult | None] = [None] * len(seqs)
+        for batch in plan_batches([len(s.ids) for s in seqs], self.plan.max_tokens_per_batch):
+            self._run(seqs, batch, results, token_logprobs)
+            if progress is not None:
+                progress.advance(len(batch))
+        return results  # type: ignore[return-value]
+
+    def body_only(self, seqs: list[Seq]) -> None:
+        """The same batches through the body alone (the efficiency baseline of the benchmark)."""
+        import torch
+
+        with torch.inference_mode():
+            for batch in plan_batches([len(s.ids) for s in seqs], self.plan.max_tokens_per_batch):
+                ids, mask = self._pad([seqs[i] for i in batch])
+                self.body(input_ids=ids, attention_mask=mask, use_cache=False)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _run(self, seqs, batch, results, token_logprobs) -> None:
+        try:
+            out = self._forward([seqs[i] for i in batch], token_logprobs)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a per-row status
+            if len(batch) == 1:
+                s = seqs[batch[0]]
+                results[batch[0]] = SeqResult([float("nan")] * len(s.spans), [0] * len(s.spans), "error", type(exc).__name__, str(exc)[:500])
+                return
+            if _is_oom(exc):
+                self.plan.oom_splits += 1
+                self.plan.max_tokens_per_batch = max(1, self.plan.max_tokens_per_batch // 2)
+                self.plan.notes.append(f"out of memory on a batch of {len(batch)}: budget halved to {self.plan.max_tokens_per_batch}")
+                self._empty_cache()
+                half = len(batch) // 2
+                self._run(seqs, batch[:half], results, token_logprobs)
+                self._run(seqs, batch[half:], results, token_logprobs)
+            else:  # isolate the failing row(s); the others are scored normally
+                for i in batch:
+                    self._run(seqs, [i], results, token_logprobs)
+            return
+        for i, r in zip(batch, out):
+            results[i] = r
+
+    def _empty_cache(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _pad(self, seqs: list[Seq]):
+        import torch
+
+        width = max(len(s.ids) for s in seqs)
+        ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(seqs), width), dtype=np.int64)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s.ids)] = s.ids
+            mask[r, : len(s.ids)] = 1
+        return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    def _forward(self, seqs: list[Seq], token_logprobs: bool) -> list[SeqResult]:
+        import torch
+
+        ids, mask = self._pad(seqs)
+        rows, pos, seg = [], [], []
+        n_spans = 0
+        for r, s in enumerate(seqs):
+            for a, b in s.spans:
+                rows.append(np.full(b - a, r, dtype=np.int64))
+                pos.append(np.arange(a, b, dtype=np.int64))
+                seg.append(np.full(b - a, n_spans, dtype=np.int64))
+                n_spans += 1
+        rows_t = torch.from_numpy(np.concatenate(rows) if rows else np.zeros(0, np.int64)).to(self.device)
+        pos_t = torch.from_numpy(np.concatenate(pos) if pos else np.zeros(0, np.int64)).to(self.device)
+        seg_t = torch.from_numpy(np.concatenate(seg) if seg else np.zeros(0, np.int64)).to(self.device)
+        with torch.inference_mode():
+            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            states = hidden[rows_t, pos_t - 1]  # the state before each target predicts it
+            labels = ids[rows_t, pos_t]
+            lp = torch.empty(len(labels), dtype=torch.float32, device=self.device)
+            for c in range(0, len(labels), self.chunk_rows):
+                logits = self.head(states[c : c + self.chunk_rows]).float()
+                if self.softcap:
+                    logits = torch.tanh(logits / self.softcap) * self.softcap
+                lp[c : c + self.chunk_rows] = logits.gather(1, labels[c : c + self.chunk_rows, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+            sums = torch.zeros(n_spans, dtype=torch.float64, device=self.device).index_add_(0, seg_t, lp.double())
+            sums_np = (-sums).cpu().numpy()
+            lp_np = lp.cpu().numpy() if token_logprobs else None
+        self.plan.batches += 1
+        self.plan.padded_tokens += int(ids.numel())
+        self.plan.real_tokens += int(mask.sum())
+        self.plan.scored_tokens += int(len(labels))
+        out, k, off = [], 0, 0
+        for s in seqs:
+            ns = [b - a for a, b in s.spans]
+            nll = [float(x) for x in sums_np[k : k + len(ns)]]
+            tl = None
+            if lp_np is not None:
+                tl = []
+                for n in ns:
+                    tl.append(lp_np[off : off + n].copy())
+                    off += n
+            out.append(SeqResult(nll, ns, token_logprobs=tl))
+            k += len(ns)
+        return out

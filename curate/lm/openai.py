@@ -1,0 +1,165 @@
+"""OpenAI-compatible endpoint backend (``vllm serve``, llama.cpp's server, hosted APIs).
+
+- scoring: ``POST /completions`` with the token ids as the prompt, ``echo: true``, ``logprobs: 1``
+  and ``max_tokens: 1`` — the server returns the log-probability of every prompt token (the first
+  has none); spans are reduced here exactly as the local engine does;
+- chat (judges, rewriting): ``POST /chat/completions``.
+
+Requests run concurrently (``concurrency`` in flight), retry with exponential backoff and jitter on
+429, 5xx and connection errors only (never on other 4xx), and are cached on disk by
+(endpoint, model, request body hash): a re-run sends nothing it already has. The API key is read
+from the environment variable named by ``api_key_env`` and never logged or cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curate.errors import CurateError
+from curate.lm.engine import Seq, SeqResult
+from curate.lm.spec import LMParams
+from curate.lm.vllm import spans_from_token_logprobs
+
+RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class RequestError(RuntimeError):
+    def __init__(self, status: int | None, message: str):
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+
+
+class OpenAIBackend:
+    name = "openai"
+
+    def __init__(self, params: LMParams, torch_threads: int | None = None, cache_dir: str | Path | None = None):
+        if not params.base_url:
+            raise CurateError("backend: openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        self.params = params
+        self.base_url = params.base_url.rstrip("/")
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.requests_sent = 0
+        self.cache_hits = 0
+
+    def fingerprint(self) -> dict[str, Any]:
+        p = self.params
+        return {"backend": self.name, "endpoint": self.base_url, "model_id": p.served_name or p.model,
+                "model_revision": p.revision or "served", "tokenizer_id": p.tokenizer or p.model, "dtype": "server", "quantization": None}
+
+    @property
+    def tokenizer(self):
+        from curate.lm.hf import HFBackend
+
+        p = self.params
+        return HFBackend(p.model_copy(update={"model": p.tokenizer or p.model, "tokenizer": None})).tokenizer
+
+    # -- HTTP -------------------------------------------------------------------------------------
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.params.api_key_env)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _cache_path(self, path: str, body: dict) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(json.dumps([self.base_url, path, body], sort_keys=True).encode()).hexdigest()
+        return self.cache_dir / digest[:2] / f"{digest}.json"
+
+    async def _post(self, client, sem, path: str, body: dict) -> dict:
+        cache = self._cache_path(path, body)
+        if cache is not None and cache.exists():
+            self.cache_hits += 1
+            return json.loads(cache.read_text())
+        p = self.params
+        delay = 0.5
+        for attempt in range(p.max_retries + 1):
+            async with sem:
+                try:
+                    self.requests_sent += 1
+                    resp = await client.post(f"{self.base_url}{path}", json=body, headers=self._headers())
+                    status, text = resp.status_code, resp.text
+                except Exception as exc:  # connection reset, timeout: transient
+                    status, text = None, f"{type(exc).__name__}: {exc}"
+            if status == 200:
+                data = json.loads(text)
+                if cache is not None:
+                    from curate.io import write_json
+
+                    write_json(cache, data)
+                return data
+            if status is not None and status not in RETRY_STATUS:
+                raise RequestError(status, text[:300])
+            if attempt == p.max_retries:
+                raise RequestError(status, f"gave up after {attempt + 1} attempts: {text[:300]}")
+            await asyncio.sleep(min(30.0, delay) * (0.5 + random.random()))
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _run_all(self, path: str, bodies: list[dict], progress=None) -> list[dict | Exception]:
+        import httpx
+
+        async def main():
+            sem = asyncio.Semaphore(self.params.concurrency)
+            async with httpx.AsyncClient(timeout=self.params.timeout_s) as client:
+                async def one(body):
+                    try:
+                        return await self._post(client, sem, path, body)
+                    except Exception as exc:  # noqa: BLE001 - becomes this row's status
+                        return exc
+                    finally:
+                        if progress is not None:
+                            progress.advance(1)
+
+                return await asyncio.gather(*(one(b) for b in bodies))
+
+        return asyncio.run(main())
+
+    # -- scoring ----------------------------------------------------------------------------------
+    def score(self, seqs: list[Seq], token_logprobs: bool = False, progress=None) -> list[SeqResult]:
+        model = self.params.served_name or self.params.model
+        bodies = [{"model": model, "prompt": s.ids, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 1} for s in seqs]
+        out = []
+        for s, resp in zip(seqs, self._run_all("/completions", bodies, progress)):
+            if isinstance(resp, Exception):
+                out.append(SeqResult([float("nan")] * len(s.spans), [0] * len(s.spans), "error", type(resp).__name__, str(resp)[:500]))
+                continue
+            try:
+                lps = prompt_logprobs(resp, s.ids)
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                out.append(SeqResult([float("nan")] * len(s.spans), [0] * len(s.spans), "error", "BadResponse", str(exc)[:500]))
+                continue
+            out.append(spans_from_token_logprobs(s, lps, token_logprobs))
+        return out
+
+    # -- chat -------------------------------------------------------------------------------------
+    def chat(self, conversations: list[list[dict]], decoding: dict[str, Any] | None = None, progress=None) -> list[dict | Exception]:
+        """One chat completion per conversation; returns the raw response (or the exception)."""
+        model = self.params.served_name or self.params.model
+        bodies = [{"model": model, "messages": conv, **(decoding or {})} for conv in conversations]
+        return self._run_all("/chat/completions", bodies, progress)
+
+
+def prompt_logprobs(resp: dict, ids: list[int]) -> np.ndarray:
+    """Per-position log-probabilities of the prompt tokens from a completions response.
+
+    Accepts ``choices[0].prompt_logprobs`` (vLLM: a list of {token_id: {logprob}} dicts) or
+    ``choices[0].logprobs.token_logprobs`` with ``echo`` (OpenAI legacy format; the first is null).
+    """
+    n_prompt = len(ids)
+    choice = resp["choices"][0]
+    if choice.get("prompt_logprobs"):  # vLLM: one {token_id: {"logprob", "rank", …}} per position
+        vals = [np.nan]
+        for d, t in zip(choice["prompt_logprobs"][1:n_prompt], ids[1:]):
+            vals.append(float(d[str(t)]["logprob"]))
+        return np.asarray(vals, dtype=np.float64)
+    tl = choice["logprobs"]["token_logprobs"]
+    if len(tl) < n_prompt:
+        raise ValueError(f"the server returned {len(tl)} prompt log-probs for {n_prompt} tokens (does it support echo?)")
+    return np.asarray([np.nan if v is None else float(v) for v in tl[:n_prompt]], dtype=np.float64)

@@ -1,0 +1,39 @@
+"""How a scorer names its language model and backend (flat keys in the flow YAML)::
+
+    score:
+      - method: superfiltering
+        backend: hf                     # hf | vllm | openai
+        model: smollm2-135m-instruct    # bundled short name, local dir, .gguf file or hub id
+        dtype: float32
+        max_tokens_per_batch: 8192
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LMParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    backend: Literal["hf", "vllm", "openai"] = Field("hf", description="hf: transformers in-process; vllm: vllm.LLM in-process; "
+                                                     "openai: any OpenAI-compatible endpoint (vllm serve included).")
+    model: str = Field("smollm2-135m-instruct", description="Bundled short name, local dir, .gguf file, or hub id.")
+    revision: str | None = None
+    tokenizer: str | None = Field(None, description="Tokenizer id/dir when it differs from the model (openai backend: the served model's).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model weights; losses always accumulate in fp32.")
+    device: str = Field("auto", description="auto = cuda when available, else cpu.")
+    max_tokens_per_batch: int | None = Field(None, gt=0, description="Padded tokens per forward batch (halved on out-of-memory); "
+                                              "default 2048 on CPU (padding costs more than batching gains there), 16384 on GPU.")
+    trust_remote_code: bool = Field(False, description="Run the model repository's own code; only for models you trust.")
+    base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1")
+    served_name: str | None = Field(None, description="openai backend: the model name the server knows (default: model).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: the environment variable holding the key.")
+    concurrency: int = Field(8, gt=0, description="openai backend: requests in flight.")
+    max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/connection errors.")
+    timeout_s: float = Field(120.0, gt=0)
+
+    def lm_fields(self) -> dict:
+        return {k: getattr(self, k) for k in LMParams.model_fields}

