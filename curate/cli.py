@@ -77,16 +77,17 @@ def plan(
     flow: Path = typer.Argument(..., help="The flow YAML file."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Estimate model stages' time from a short measured warm-up (loads the models)."),
 ) -> None:
     """Dry run: read and validate the inputs, count rows and tokens, and show each stage with how many
-    rows the store already holds. Loads no model and writes nothing."""
+    rows the store already holds and, with the warm-up, how long it will take. Writes nothing."""
     from curate.errors import CurateError
 
     try:
         spec = _load(flow, list(set_))
         from curate.pipeline import plan as make_plan
 
-        p = make_plan(spec)
+        p = make_plan(spec, warmup=warmup)
     except CurateError as exc:
         _fail(exc)
         return
@@ -99,10 +100,14 @@ def plan(
     for s in p["inputs"]:
         t.add_row(s["source"], s["format"], ", ".join(s["files"]), str(s["n_rows"]), str(s["n_valid"]), str(s["n_quarantined"]))
     console.print(t)
-    t = Table("stage", "what", "cached rows", "to compute", title="stages")
+    t = Table("stage", "what", "cached rows", "to compute", "work", "estimate", title="stages")
     for s in p["stages"]:
-        t.add_row(s["stage"], str(s.get("what", "")), str(s.get("cached_rows", "")), str(s.get("to_compute", "")))
+        work = f"{s['work']:,} {s['unit']} at {s['rate']:,.0f}/s" if "work" in s else ""
+        est = f"{s['estimate_s']:.0f} s" if "estimate_s" in s else ""
+        t.add_row(s["stage"], str(s.get("what", "")), str(s.get("cached_rows", "")), str(s.get("to_compute", "")), work, est)
     console.print(t)
+    if p["estimate_s"]:
+        console.print(f"estimated model time: {p['estimate_s']:.0f} s (plus start-up and model loading)")
     console.print(f"output: {p['output_dir']}\nstore:  {p['store_dir']}")
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 # Ephemeral server start-up on a cold, busy machine can exceed Prefect's 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# The temporary server would try to send usage telemetry; most curate machines have no route out.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402

@@ -209,33 +209,66 @@ def run(spec: FlowSpec, overrides: list[str] | None = None) -> dict[str, Any]:
     return run_prefect(spec, overrides or [])
 
 
-def plan(spec: FlowSpec) -> dict[str, Any]:
-    """Dry run: read the inputs (into a temp dir), count rows and tokens, list stages and what the
-    store already holds. Writes nothing under the output dir; loads no model."""
+def _estimate(measure, todo: list[dict], warmup_rows: int, cost) -> dict[str, Any]:
+    """Time ``measure`` on a few rows (after one untimed row that loads the model) and extrapolate by
+    ``cost`` (tokens, when the stage counts them; else rows)."""
+    if not todo:
+        return {"estimate_s": 0.0}
+    sample = todo[: warmup_rows + 1]
+    measure(sample[:1])
+    t0 = time.perf_counter()
+    measure(sample[1:] or sample)
+    secs = time.perf_counter() - t0
+    unit_sample = cost(sample[1:] or sample)
+    total = cost(todo)
+    rate = unit_sample / secs if secs > 0 else float("inf")
+    return {"estimate_s": round(total / rate, 1), "work": total, "rate": round(rate, 1)}
+
+
+def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str, Any]:
+    """Dry run: read the inputs (into a temp dir), count rows and tokens, list the stages with what
+    the store already holds and, with ``warmup``, each model stage's time estimated from its token
+    counts and a short measured warm-up (this loads the models). Writes nothing under output_dir."""
     import pyarrow.compute as pc
 
+    from curate.embed import SentenceTransformerEmbedder, embed_text
     from curate.scorers.heuristic import _TOKEN
     from curate.stages.ingest import read_shard
+    from curate.stages.score import build_scorer
 
     with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
         refs = [read_input(inp, i, str(spec.base), tmp, spec.ingest) for i, inp in enumerate(spec.inputs)]
         dataset = build_dataset(refs, tmp, spec.ingest)
-        ids: list[str] = []
+        records: list[dict] = []
         n_tokens = 0
         for shard in dataset.shards:
-            t = read_shard(shard, ["sample_id", "messages"])
-            ids += t.column("sample_id").to_pylist()
+            t = read_shard(shard)
+            records += t.to_pylist()
             contents = pc.list_flatten(t.column("messages")).combine_chunks().field("content").to_pylist()
             n_tokens += sum(len(_TOKEN.findall(c or "")) for c in contents)
         scorers, embed_key, fingerprints = model_keys(spec)
-        wanted = set(ids)
         stages = []
         if spec.embed is not None:
-            have = len(wanted & Store(spec.store).embeddings(embed_key).ids())
-            stages.append({"stage": "embed", "what": spec.embed.model, "key": embed_key[:12], "shards": len(dataset.shards), "cached_rows": have, "to_compute": len(wanted) - have})
+            have = Store(spec.store).embeddings(embed_key).ids()
+            todo = [r for r in records if r["sample_id"] not in have]
+            row = {"stage": "embed", "what": spec.embed.model, "key": embed_key[:12], "shards": len(dataset.shards),
+                   "cached_rows": len(records) - len(todo), "to_compute": len(todo)}
+            if warmup and todo:
+                embedder = SentenceTransformerEmbedder(spec.embed, torch_threads(spec))
+                row.update(_estimate(lambda rs: embedder.embed([embed_text(r, spec.embed.text) for r in rs]), todo,
+                                     max(warmup_rows, 32), len), unit="rows")
+            stages.append(row)
+        ctx = scorer_context(spec)
         for label, (step, key) in scorers.items():
-            have = len(wanted & Store(spec.store).scores(key).ids())
-            stages.append({"stage": f"score:{label}", "what": step.method, "key": key[:12], "shards": len(dataset.shards), "cached_rows": have, "to_compute": len(wanted) - have})
+            have = Store(spec.store).scores(key).ids()
+            todo = [r for r in records if r["sample_id"] not in have]
+            row = {"stage": f"score:{label}", "what": step.method, "key": key[:12], "shards": len(dataset.shards),
+                   "cached_rows": len(records) - len(todo), "to_compute": len(todo)}
+            if warmup and todo:
+                scorer = build_scorer(step, ctx)
+                cost = getattr(scorer, "cost", None)
+                row.update(_estimate(scorer.score_records, todo, warmup_rows, cost or len), unit="tokens" if cost else "rows")
+            stages.append(row)
         for i, step in enumerate(spec.select):
             stages.append({"stage": f"select:{i}:{step.label}", "what": json.dumps(step.params, sort_keys=True)})
         stages.append({"stage": "export", "what": ", ".join(f"{l}/{t}" for l in spec.export.layouts for t in spec.export.file_types)})
@@ -251,4 +284,5 @@ def plan(spec: FlowSpec) -> dict[str, Any]:
             "n_shards": len(dataset.shards),
             "tokens": n_tokens,
             "stages": stages,
+            "estimate_s": round(sum(s.get("estimate_s", 0.0) for s in stages), 1),
         }

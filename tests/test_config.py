@@ -34,7 +34,10 @@ def write(tmp_path, text):
 def test_default_flow_is_valid():
     spec = load_flow(ROOT / "flows" / "select.yaml")
     assert spec.name == "select" and spec.out == ROOT / "out" / "select" and spec.store == ROOT / ".curate" / "store"
-    assert [s.method for s in spec.select] == ["threshold", "threshold", "kcenter"]
+    assert [s.method for s in spec.select] == ["threshold", "threshold", "threshold", "top_k", "kcenter"]
+    assert [s.method for s in spec.score] == ["heuristic", "superfiltering"]
+    superfilter = load_flow(ROOT / "flows" / "superfilter.yaml")
+    assert superfilter.score[0].method == "superfiltering" and superfilter.select[1].params["budget"] == 0.1
 
 
 def test_unknown_key_names_file_line_and_field(tmp_path):
@@ -55,7 +58,7 @@ def test_bad_step_parameter_names_the_step(tmp_path):
 
 
 def test_unknown_method_and_missing_sections(tmp_path):
-    with pytest.raises(ConfigError, match=r"score\[0\].method: unknown method 'heurstic' \(known: heuristic\)"):
+    with pytest.raises(ConfigError, match=r"score\[0\].method: unknown method 'heurstic' \(known: heuristic, ifd,"):
         load_flow(write(tmp_path, GOOD.replace("method: heuristic", "method: heurstic")))
     with pytest.raises(ConfigError, match=r"select\[1\] \(kcenter\) needs embeddings"):
         load_flow(write(tmp_path, GOOD.replace("embed:\n  model: all-MiniLM-L6-v2\n", "")))

@@ -3,8 +3,8 @@ dequantised once) on real rows: Cherry Alpaca, MT-Bench two-turn conversations, 
 
 from __future__ import annotations
 
-import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,7 +21,7 @@ CTX = ScorerContext(torch_threads=2)
 
 
 def records(tmp_path, path, limit=None, **kw):
-    ref = read_input(InputSpec(path=str(path), limit=limit, **kw), 0, str(ROOT), str(tmp_path / path.name if hasattr(path, "name") else tmp_path), IngestSpec())
+    ref = read_input(InputSpec(path=str(path), limit=limit, **kw), 0, str(ROOT), str(tmp_path), IngestSpec())
     return pq.read_table(ref.records_path).to_pylist()
 
 
@@ -160,3 +160,34 @@ def test_openai_backend_against_a_local_endpoint(cherry, tmp_path):
 def test_vllm_backend_names_its_install():
     with pytest.raises(MissingDependency, match="pip install vllm"):
         load_backend(LMParams(backend="vllm"))
+
+
+def test_superfiltering_in_a_flow_with_plan_estimate_and_cache(tmp_path):
+    from conftest import write_flow
+    from curate.config import load_flow
+    from curate.pipeline import execute, plan
+
+    flow = write_flow(tmp_path, name="sf", base_dir=str(ROOT), output_dir=str(tmp_path / "out"), store_dir=str(tmp_path / "store"),
+                      inputs=[{"path": "data/sample/cherry_alpaca.jsonl", "limit": 12}, {"path": "data/sample/code_alpaca.csv", "limit": 6}],
+                      ingest={"shard_size": 8},
+                      score=[{"method": "superfiltering", "model": "smollm2-135m-instruct"}],
+                      select=[{"method": "threshold", "score": "superfiltering.ifd", "max": 1, "max_inclusive": False},
+                              {"method": "top_k", "score": "superfiltering.ifd", "budget": 0.25}],
+                      export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False})
+    spec = load_flow(flow)
+    p = plan(spec, warmup_rows=2)
+    sf = next(s for s in p["stages"] if s["stage"] == "score:superfiltering")
+    assert sf["to_compute"] == 18 and sf["unit"] == "tokens" and sf["work"] > 1000 and sf["estimate_s"] > 0
+    first = execute(spec)
+    assert first["counts"]["selected"] == 4  # floor(0.25 × 18)
+    ledger = pq.read_table(spec.out / "ledger.parquet").to_pylist()
+    for r in ledger:
+        if r["reason"] == "above_max":
+            assert r["detail"].startswith("superfiltering.ifd = ") and ">= max 1" in r["detail"]
+    wide = pq.read_table(spec.out / "select" / "scores.parquet").to_pydict()
+    chosen = sorted(v for v, s in zip(wide["superfiltering.ifd"], wide["selected"]) if s)
+    others = [v for v, s in zip(wide["superfiltering.ifd"], wide["selected"]) if not s and v < 1]
+    assert all(c >= o for c in chosen for o in others)  # the highest IFD below 1
+    again = execute(load_flow(flow))
+    assert next(s for s in again["stages"] if s["stage"] == "score:superfiltering")["computed_rows"] == 0
+    assert (spec.out / "select" / "selected_ids.txt").read_text() == (Path(again["output_dir"]) / "select" / "selected_ids.txt").read_text()

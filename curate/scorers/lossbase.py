@@ -181,6 +181,16 @@ class LossScorer(Scorer):
     def combine(self, record: dict, jobs: list[TurnJob]) -> Score:
         raise NotImplementedError
 
+    def cost(self, records: list[dict]) -> int:
+        """Tokens this scorer will run through the model for ``records`` (for time estimates)."""
+        total = 0
+        for rec in records:
+            try:
+                total += sum(len(j.cond.ids) + (len(j.direct.ids) if j.direct else 0) for j in self.jobs(rec))
+            except RowSkip:
+                continue
+        return total
+
     # -- the batch --------------------------------------------------------------------------------
     def score_batch(self, records: list[dict[str, Any]]) -> list[Score]:
         self._cache.clear()
