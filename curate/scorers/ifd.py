@@ -64,20 +64,16 @@ class IFDScorer(LossScorer):
                     raise RowSkip("skipped_too_long", f"the prompt of turn {t} has {s} tokens, max_length={p.max_length}")
                 jobs.append(TurnJob(t, Part(ids, (s, s), len(ids)), None, truncated=True))
                 continue
-            reply = turn_texts[t][1]
-            d_ids, d_start = self.direct_part(header, reply, rendered.add_special_tokens)
-            n_cond_full = e - s
-            n_dir_full = len(d_ids) - d_start
+            d_ids, d_start = self.direct_part(header, turn_texts[t][1], rendered.add_special_tokens)
             if p.match_reference:  # reference budgets: cond cut at max_length; direct at max_length − s + slack
                 c_end = min(e, p.max_length)
                 d_end = min(len(d_ids), p.max_length - s + self.reference_direct_slack[p.template])
                 cond = Part(ids[:c_end], (s, c_end), len(ids))
                 direct = Part(d_ids[:d_end], (max(d_start, 1), d_end), len(d_ids))
+                cut = c_end < e
             else:  # equal_span: both passes score exactly the first n response tokens
-                n = max(0, min(n_cond_full, n_dir_full, p.max_length - s, p.max_length - d_start))
-                cond = Part(ids[: s + n], (s, s + n), len(ids))
-                direct = Part(d_ids[: d_start + n], (max(d_start, 1), d_start + n), len(d_ids))
-            jobs.append(TurnJob(t, cond, direct, truncated=cond.n < n_cond_full))
+                cond, direct, cut = self.equal_span(ids, (s, e), d_ids, d_start)
+            jobs.append(TurnJob(t, cond, direct, truncated=cut))
         scored = [j for j in jobs if j.direct is not None]
         if not scored or all(j.cond.n == 0 for j in scored):
             raise RowSkip("empty_response", "no response token to score")
@@ -85,27 +81,18 @@ class IFDScorer(LossScorer):
 
     def combine(self, record: dict, jobs: list[TurnJob]) -> Score:
         p = self.params
-        per_turn, nll_c, nll_d, n_c, n_d = [], [], [], [], []
-        for j in jobs:
-            if j.direct is None or j.cond.n == 0 or j.direct.n == 0:
-                continue
-            c, nc = self.loss(j.result["cond"])
-            d, nd = self.loss(j.result["direct"])
-            lc, ld = c / nc, d / nd
-            per_turn.append(lc / ld if p.ratio == "loss" else math.exp(lc - ld))
-            nll_c.append(c), nll_d.append(d), n_c.append(nc), n_d.append(nd)
+        terms = self.ratio_terms(jobs, p.ratio)
         truncated = any(j.truncated for j in jobs)
         comp: dict[str, Any] = {"span_mode": p.span_mode, "direct_prefix": p.direct_prefix, "ratio": p.ratio,
                                 "turns_scored": [j.turn for j in jobs if j.direct is not None and j.cond.n], "truncated": truncated}
-        if not per_turn:
+        if not terms.per_turn:
             return Score.failed(self.outputs, "skipped_too_long", "RowSkip", "no turn left after truncation")
-        lc, ld = sum(nll_c) / sum(n_c), sum(nll_d) / sum(n_d)
-        comp.update(loss_cond=lc, loss_direct=ld, n_cond=sum(n_c), n_direct=sum(n_d), ppl_cond=math.exp(lc), ppl_direct=math.exp(ld),
-                    per_turn=per_turn)
-        value = self.aggregate(per_turn, n_c, nll_c, nll_d, n_c, n_d, p.ratio)
-        n_in = sum(j.cond.full + (j.direct.full if j.direct else 0) for j in jobs)
-        n_used = sum(len(j.cond.ids) + (len(j.direct.ids) if j.direct else 0) for j in jobs)
-        if min(n_c) < p.min_response_tokens:
-            return Score({"ifd": math.nan}, "short_response", "RowSkip", f"{min(n_c)} response tokens < min_response_tokens={p.min_response_tokens}",
-                         comp, n_in, n_used)
+        lc, ld = terms.loss_cond, terms.loss_direct
+        comp.update(loss_cond=lc, loss_direct=ld, n_cond=sum(terms.n_c), n_direct=sum(terms.n_d), ppl_cond=math.exp(lc),
+                    ppl_direct=math.exp(ld), per_turn=terms.per_turn)
+        value = self.aggregate(terms, p.ratio)
+        n_in, n_used = self.token_counts(jobs)
+        if min(terms.n_c) < p.min_response_tokens:
+            return Score({"ifd": math.nan}, "short_response", "RowSkip",
+                         f"{min(terms.n_c)} response tokens < min_response_tokens={p.min_response_tokens}", comp, n_in, n_used)
         return Score({"ifd": value}, "truncated_ok" if truncated else "ok", components=comp, n_tokens_in=n_in, n_tokens_used=n_used)

@@ -59,6 +59,25 @@ class TurnJob:
     result: dict[str, SeqResult] = field(default_factory=dict)
 
 
+@dataclass
+class RatioTerms:
+    """Per scored turn: the ratio and its ingredients (sums of -log p and token counts)."""
+
+    per_turn: list[float] = field(default_factory=list)
+    nll_c: list[float] = field(default_factory=list)
+    nll_d: list[float] = field(default_factory=list)
+    n_c: list[int] = field(default_factory=list)
+    n_d: list[int] = field(default_factory=list)
+
+    @property
+    def loss_cond(self) -> float:
+        return sum(self.nll_c) / sum(self.n_c)
+
+    @property
+    def loss_direct(self) -> float:
+        return sum(self.nll_d) / sum(self.n_d)
+
+
 class RowSkip(Exception):
     """A row that cannot be scored for a data reason (status, not error)."""
 
@@ -226,15 +245,40 @@ class LossScorer(Scorer):
                 out.append(self.combine(rec, item))
         return out
 
-    # -- helpers for combine ----------------------------------------------------------------------
-    @staticmethod
-    def loss(res: SeqResult) -> tuple[float, int]:
-        return res.nll[0], res.n[0]
+    # -- helpers for jobs and combine -------------------------------------------------------------
+    def equal_span(self, ids: list[int], span: tuple[int, int], d_ids: list[int], d_start: int) -> tuple[Part, Part, bool]:
+        """Conditioned and direct parts scoring exactly the same first n target tokens (E4), and
+        whether the target was cut. ``d_start`` is the target's first token in ``d_ids``."""
+        s, e = span
+        L = self.params.max_length
+        n = max(0, min(e - s, len(d_ids) - d_start, L - s, L - d_start))
+        cond = Part(ids[: s + n], (s, s + n), len(ids))
+        direct = Part(d_ids[: d_start + n], (max(d_start, 1), d_start + n), len(d_ids))
+        return cond, direct, n < e - s
 
-    def aggregate(self, per_turn: list[float], weights: list[int], nll_c: list[float], nll_d: list[float],
-                  n_c: list[int], n_d: list[int], ratio: str) -> float:
+    @staticmethod
+    def ratio_terms(jobs: list[TurnJob], ratio: str) -> RatioTerms:
+        terms = RatioTerms()
+        for j in jobs:
+            if j.direct is None or j.cond.n == 0 or j.direct.n == 0:
+                continue
+            (c,), (nc,) = j.result["cond"].nll, j.result["cond"].n
+            (d,), (nd,) = j.result["direct"].nll, j.result["direct"].n
+            lc, ld = c / nc, d / nd
+            terms.per_turn.append(lc / ld if ratio == "loss" else math.exp(lc - ld))
+            terms.nll_c.append(c), terms.nll_d.append(d), terms.n_c.append(nc), terms.n_d.append(nd)
+        return terms
+
+    def aggregate(self, terms: RatioTerms, ratio: str) -> float:
         agg = self.params.aggregate
         if agg == "token_weighted":
-            lc, ld = sum(nll_c) / sum(n_c), sum(nll_d) / sum(n_d)
+            lc, ld = terms.loss_cond, terms.loss_direct
             return lc / ld if ratio == "loss" else math.exp(lc - ld)
-        return {"mean": lambda v: sum(v) / len(v), "sum": sum, "min": min, "max": max, "last": lambda v: v[-1]}[agg](per_turn)
+        v = terms.per_turn
+        return {"mean": lambda: sum(v) / len(v), "sum": lambda: sum(v), "min": lambda: min(v), "max": lambda: max(v), "last": lambda: v[-1]}[agg]()
+
+    @staticmethod
+    def token_counts(jobs: list[TurnJob]) -> tuple[int, int]:
+        """(tokens before truncation, tokens run) over every pass of every job."""
+        parts = [p for j in jobs for p in (j.cond, j.direct) if p is not None]
+        return sum(p.full for p in parts), sum(len(p.ids) for p in parts)

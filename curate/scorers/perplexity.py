@@ -58,5 +58,6 @@ class PerplexityScorer(LossScorer):
         loss = nll / n
         truncated = any(j.truncated for j in jobs)
         comp = {"span": self.params.span, "n_tokens": n, "per_turn": [j.result["cond"].nll[0] / j.cond.n for j in jobs if j.cond.n]}
+        n_in, n_used = self.token_counts(jobs)
         return Score({"ppl": math.exp(loss), "loss": loss}, "truncated_ok" if truncated else "ok", components=comp,
-                     n_tokens_in=sum(j.cond.full for j in jobs), n_tokens_used=sum(len(j.cond.ids) for j in jobs))
+                     n_tokens_in=n_in, n_tokens_used=n_used)

@@ -15,7 +15,6 @@ token-weighted aggregate. ``q_join``: instruction and input of alpaca rows are j
 from __future__ import annotations
 
 import json
-import math
 from typing import Literal
 
 from pydantic import Field
@@ -23,7 +22,7 @@ from pydantic import Field
 from curate.prompts import RIFD_REVERSE
 from curate.records import message
 from curate.scorers.base import Score
-from curate.scorers.lossbase import LossParams, LossScorer, Part, RowSkip, TurnJob
+from curate.scorers.lossbase import LossParams, LossScorer, RowSkip, TurnJob
 from curate.templates import split_turns
 
 
@@ -69,29 +68,18 @@ class RIFDScorer(LossScorer):
             d_ids, d_start = self.direct_part("", q, rendered.add_special_tokens)
             if s >= p.max_length:
                 raise RowSkip("skipped_too_long", f"the reverse prompt of turn {t} has {s} tokens, max_length={p.max_length}")
-            n = max(0, min(e - s, len(d_ids) - d_start, p.max_length - s, p.max_length - d_start))
-            cond = Part(ids[: s + n], (s, s + n), len(ids))
-            direct = Part(d_ids[: d_start + n], (max(d_start, 1), d_start + n), len(d_ids))
-            jobs.append(TurnJob(t, cond, direct, truncated=n < e - s))
+            cond, direct, cut = self.equal_span(ids, (s, e), d_ids, d_start)
+            jobs.append(TurnJob(t, cond, direct, truncated=cut))
         if not jobs or all(j.direct.n == 0 for j in jobs):
             raise RowSkip("empty_response", "no instruction token to score")
         return jobs
 
     def combine(self, record: dict, jobs: list[TurnJob]) -> Score:
         p = self.params
-        per_turn, nll_c, nll_d, n_c, n_d = [], [], [], [], []
-        for j in jobs:
-            if j.direct.n == 0:
-                continue
-            c, nc = self.loss(j.result["cond"])
-            d, nd = self.loss(j.result["direct"])
-            lc, ld = c / nc, d / nd
-            per_turn.append(lc / ld if p.ratio == "loss" else math.exp(lc - ld))
-            nll_c.append(c), nll_d.append(d), n_c.append(nc), n_d.append(nd)
-        lc, ld = sum(nll_c) / sum(n_c), sum(nll_d) / sum(n_d)
-        comp = {"loss_q_cond": lc, "loss_q_direct": ld, "n_q_cond": sum(n_c), "n_q_direct": sum(n_d), "ratio": p.ratio, "per_turn": per_turn}
+        terms = self.ratio_terms(jobs, p.ratio)
+        comp = {"loss_q_cond": terms.loss_cond, "loss_q_direct": terms.loss_direct, "n_q_cond": sum(terms.n_c),
+                "n_q_direct": sum(terms.n_d), "ratio": p.ratio, "per_turn": terms.per_turn}
         truncated = any(j.truncated for j in jobs)
-        n_in = sum(j.cond.full + j.direct.full for j in jobs)
-        n_used = sum(len(j.cond.ids) + len(j.direct.ids) for j in jobs)
-        value = self.aggregate(per_turn, n_c, nll_c, nll_d, n_c, n_d, p.ratio)
+        n_in, n_used = self.token_counts(jobs)
+        value = self.aggregate(terms, p.ratio)
         return Score({"rifd": value}, "truncated_ok" if truncated else "ok", components=comp, n_tokens_in=n_in, n_tokens_used=n_used)

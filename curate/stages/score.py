@@ -29,6 +29,12 @@ SCORE_SCHEMA = pa.schema(
         ("components", pa.string()),
         ("n_tokens_in", pa.int64()),
         ("n_tokens_used", pa.int64()),
+        ("model_id", pa.string()),
+        ("model_revision", pa.string()),
+        ("dtype", pa.string()),
+        ("template_id", pa.string()),
+        ("template_hash", pa.string()),
+        ("max_length", pa.int64()),
         ("created_at", pa.timestamp("s", tz="UTC")),
         ("code_version", pa.string()),
     ]
@@ -46,7 +52,10 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
     if scorer.key != key:  # the orchestrator and the task must agree on what is being computed
         raise RuntimeError(f"scorer key mismatch for {step.label}: {scorer.key} != {key}")
     collection = Store(store_dir).scores(key)
-    collection.describe(scorer.fingerprint())
+    fp = scorer.fingerprint()
+    collection.describe(fp)
+    # duplicated from the fingerprint into every row, for convenience (methods.md E1)
+    echo = {k: fp.get(k) for k in ("model_id", "model_revision", "dtype", "template_id", "template_hash", "max_length")}
 
     def compute(records: list[dict[str, Any]]) -> pa.Table:
         results = scorer.score_records(records)
@@ -69,6 +78,7 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
                         "components": comp,
                         "n_tokens_in": res.n_tokens_in,
                         "n_tokens_used": res.n_tokens_used,
+                        **echo,
                         "created_at": now,
                         "code_version": __version__,
                     }
