@@ -7,7 +7,7 @@ output and store folders under a temp dir:
 
 - cold store, Prefect (ephemeral server): everything is computed;
 - warm store, Prefect: the same flow again — nothing is scored or embedded;
-- new budget, Prefect: `--set select.2.budget=100` — re-selects without scoring;
+- new budget, Prefect: `--set select.4.budget=40` — re-selects without scoring;
 - cold store, in-process (`--no-prefect`): the Prefect overhead by difference.
 
 Results: a markdown table on stdout and in bench/results/default_flow.md (copied into
@@ -53,14 +53,14 @@ def main() -> None:
 
     case("cold store, Prefect", "store-a", "out-a")
     case("warm store, Prefect", "store-a", "out-a")
-    case("new budget (100), Prefect", "store-a", "out-b", "--set", "select.2.budget=100")
+    case("new budget (40), Prefect", "store-a", "out-b", "--set", "select.4.budget=40")
     case("cold store, --no-prefect", "store-c", "out-c", "--no-prefect")
 
     load = os.getloadavg()
     import torch
 
     head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__} "
-            f"(2 intra-op threads), load average {load[0]:.2f} at the end. Input: data/sample (955 rows, 953 after dedup).")
+            f"(2 intra-op threads), load average {load[0]:.2f} at the end. Input: the default flow's 385 rows of data/sample.")
     lines = [head, "", "| case | wall s (process) | s inside the flow | embed s | rows embedded | selected |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['wall_s']:.1f} | {r['inside_flow_s']:.1f} | {r['embed_s']:.1f} | {r['embedded']} | {r['selected']} |")
