@@ -117,3 +117,19 @@ def test_plan_batches_respects_the_budget():
     assert batches[0] == [6]  # the longest runs first, alone when it fills the budget
     with pytest.raises(ValueError):
         MaskedCE.__new__(MaskedCE).score([Seq([1, 2], [(0, 1)])])
+
+
+def test_large_vocabulary_is_chunked_not_materialised():
+    """A 262k vocabulary (gemma-3's) is scored in chunks of ~24 rows: same numbers as full logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=262_144, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    rng = np.random.default_rng(5)
+    items = [Seq(rng.integers(0, 262_144, size=40).tolist(), [(1, 40)]) for _ in range(3)]
+    eng = MaskedCE.for_model(model, 0, "cpu")
+    assert eng.chunk_rows == 24
+    for got, s in zip(eng.score(items), items):
+        np.testing.assert_allclose(got.nll, reference(model, s), rtol=1e-5)
