@@ -57,6 +57,7 @@ class WorkRef(BaseModel):
     computed_rows: int
     statuses: dict[str, int] = Field(default_factory=dict)
     seconds: float = 0.0
+    warnings: list[str] = Field(default_factory=list)
 
 
 class SelectionRef(BaseModel):

@@ -73,7 +73,8 @@ def _work_summary(stage: str, refs: list[WorkRef], seconds: float) -> dict[str, 
         for k, v in r.statuses.items():
             statuses[k] = statuses.get(k, 0) + v
     return {"stage": stage, "tasks": len(refs), "rows": sum(r.n_rows for r in refs), "computed_rows": sum(r.computed_rows for r in refs),
-            "computed_shards": sum(1 for r in refs if r.computed_rows), "statuses": statuses, "seconds": seconds}
+            "computed_shards": sum(1 for r in refs if r.computed_rows), "statuses": statuses, "seconds": seconds,
+            "warnings": [w for r in refs for w in r.warnings]}
 
 
 def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, Any]:

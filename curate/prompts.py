@@ -64,3 +64,83 @@ RIFD_REVERSE = Prompt(
 )
 
 ALL = {p.id: p for p in (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, VICUNA_SYSTEM, RIFD_REVERSE)}
+
+
+# -- deita (A6) ----------------------------------------------------------------------------------
+# The released deita scorers were fine-tuned on these exact strings (hkust-nlp/deita,
+# src/deita/selection/scorer/llama_scorer.py, Apache-2.0): a trained format, reproduced byte for byte.
+DEITA_COMPLEXITY = Prompt(
+    "deita_complexity_trained", "1",
+    "You are a helpful assistant. Please identify the complexity score of the following user query. \n##Query: {instruction}  \n##Complexity: ",
+    source="hkust-nlp/deita llama_scorer.py (Apache-2.0), trained format",
+)
+DEITA_QUALITY = Prompt(
+    "deita_quality_trained", "1",
+    "You are a helpful assistant. Please identify the quality score of the Response corresponding to the Question. \n"
+    " #Question#:\n{instruction}\n#Response#:\n{output} \n##Quality: ",
+    source="hkust-nlp/deita llama_scorer.py (Apache-2.0), trained format",
+)
+# Ours, for any chat model (the user message; the reply is the digit).
+DEITA_COMPLEXITY_CHAT = Prompt(
+    "deita_complexity_chat", "1",
+    "How complex is the request below? Rate it from 1 (trivial: one obvious step) to 6 (very complex: many "
+    "constraints, deep expertise, several steps). Reply with one digit only.\n\nRequest:\n{instruction}",
+)
+DEITA_QUALITY_CHAT = Prompt(
+    "deita_quality_chat", "1",
+    "Judge the answer below. Rate its quality from 1 (wrong, unhelpful or off-topic) to 6 (correct, complete, "
+    "clear and helpful). Reply with one digit only.\n\nQuestion:\n{instruction}\n\nAnswer:\n{output}",
+)
+
+# -- SelectIT (A4): our nine rating lines (the reference ships its own; these are written anew) -----
+SELECTIT_LINES = tuple(
+    Prompt(f"selectit_rating_{i + 1}", "1", text)
+    for i, text in enumerate((
+        "On a scale from 1 to 5, how accurately does the response follow the instruction? Give only the number.",
+        "Rate from 1 to 5 how well the response carries out the instruction. Output the score alone.",
+        "How faithfully does this response complete the instruction? Score it 1 to 5 and write only the score.",
+        "Give a score between 1 and 5 for how precisely the response answers the instruction; reply with the digit only.",
+        "Assess how closely the response matches what the instruction asks for, from 1 (not at all) to 5 (fully). Only the score.",
+        "Score the response from 1 to 5 for how correctly it fulfils the instruction. Write nothing but the score.",
+        "To what degree does the response do what the instruction requests? Answer with a number from 1 to 5.",
+        "Evaluate the response's adherence to the instruction on a 1-5 scale and output just that number.",
+        "How well is the instruction followed by the response? Rate 1 to 5; respond with a single digit.",
+    ))
+)
+SELECTIT_LAYOUT = Prompt("selectit_layout", "1", "{rating}\n\nInstruction:{instruction}\nResponse:{response}\nThe answer is: \n")
+
+# -- LLM rating (A7): rubrics -------------------------------------------------------------------
+RUBRIC_ACCURACY_0_5 = Prompt(
+    "rubric_accuracy_0_5", "1",
+    "You review answers written by an AI assistant. Read the instruction (and its input, if any) and the "
+    "assistant's response, then rate how accurate and helpful the response is on a scale from 0 to 5, where 0 "
+    "is useless or wrong and 5 is fully correct and helpful. Write the score alone on the first line, then "
+    "one or two sentences explaining it.",
+)
+RUBRIC_QUALITY_1_10_JSON = Prompt(
+    "rubric_quality_1_10_json", "1",
+    "You review answers written by an AI assistant. Rate the assistant's last response for correctness, "
+    "helpfulness and clarity on a scale from 1 to 10. Reply with a JSON object only, like {\"score\": 7, "
+    "\"reason\": \"...\"}.",
+)
+RUBRICS = {p.id: p for p in (RUBRIC_ACCURACY_0_5, RUBRIC_QUALITY_1_10_JSON)}
+
+# -- DS2 rating (A5): ours ------------------------------------------------------------------------
+DS2_SYSTEM = Prompt(
+    "ds2_system", "1",
+    "You estimate the value of instruction-tuning data. For the conversation you are shown, rate from 1 to 10: "
+    "Rarity (how unusual the topic or task is in typical instruction data), Complexity (how much reasoning or "
+    "expertise it takes), Informativeness (how much a model would learn from the answer), and an Overall rating "
+    "of its worth as training data. Use the whole scale: spread your ratings rather than giving most samples the "
+    "same number.",
+)
+DS2_USER = Prompt(
+    "ds2_user", "2",
+    "Data sample (conversation):\n{conversation}\n"
+    "Return only a JSON object with integer values from 1 to 10 for the keys \"Rarity\", \"Complexity\", "
+    "\"Informativeness\" and \"Overall rating\", in this form, where each n is your rating: "
+    "{{\"Rarity\": n, \"Complexity\": n, \"Informativeness\": n, \"Overall rating\": n}}",
+)
+
+ALL.update({p.id: p for p in (DEITA_COMPLEXITY, DEITA_QUALITY, DEITA_COMPLEXITY_CHAT, DEITA_QUALITY_CHAT, SELECTIT_LAYOUT,
+                              RUBRIC_ACCURACY_0_5, RUBRIC_QUALITY_1_10_JSON, DS2_SYSTEM, DS2_USER, *SELECTIT_LINES)})

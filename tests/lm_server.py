@@ -5,7 +5,8 @@ no CPU build for this machine; llama.cpp's server (llama-cpp-python) accepts no 
 returns echo log-probs shifted by one position. So the tests serve the real model themselves: the
 HTTP protocol is the OpenAI legacy completions format (`echo` + `logprobs`, as vLLM answers it), the
 numbers come from a plain full-logits forward of the model — a different code path from curate's
-masked-CE engine. It can also answer 429 for the first N requests, to exercise retries.
+masked-CE engine; chat completions are the model's greedy generations. It can also answer 429 for
+the first N requests, and a fixed reply to requests that contain a marker (fault injection).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class LocalCompletionsServer:
-    def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0):
+    def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None):
         self.model = model
+        self.tokenizer = tokenizer
+        self.canned = canned or {}  # fault injection: a reply for any request whose text contains the key
         self.model_name = model_name
         self.fail_first = fail_first
         self.requests = 0
@@ -53,6 +56,27 @@ class LocalCompletionsServer:
         return 200, {"object": "text_completion", "model": self.model_name,
                      "choices": [{"index": 0, "text": "", "logprobs": {"token_logprobs": token_logprobs, "tokens": [str(t) for t in prompt]}}]}
 
+    def chat(self, body: dict) -> tuple[int, dict]:
+        """Greedy chat completion with the real model; ``continue_final_message`` as vLLM does it."""
+        import torch
+
+        if body.get("model") != self.model_name:
+            return 404, {"error": {"message": f"model {body.get('model')!r} not found"}}
+        messages = body["messages"]
+        flat = json.dumps(messages)
+        for marker, reply in self.canned.items():
+            if marker in flat:
+                return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
+        cont = bool(body.get("continue_final_message"))
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont)
+        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with self.lock, torch.inference_mode():
+            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(body.get("max_tokens", 32)),
+                                      do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
+        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}],
+                     "usage": {"completion_tokens": int(out.shape[1] - ids.shape[1])}}
+
     def _handler(self):
         server = self
 
@@ -69,6 +93,8 @@ class LocalCompletionsServer:
                     code, payload = 429, {"error": {"message": "rate limited (test)"}}
                 elif self.path == "/v1/completions":
                     code, payload = server.completions(body)
+                elif self.path == "/v1/chat/completions":
+                    code, payload = server.chat(body)
                 else:
                     code, payload = 404, {"error": {"message": f"no route {self.path}"}}
                 data = json.dumps(payload).encode()

@@ -46,6 +46,24 @@ class SeqResult:
 
 
 @dataclass
+class NextToken:
+    """Next-token scores after a prompt: raw ``logits`` of the candidate tokens (float64) and the
+    full-vocabulary ``lse`` (so ``exp(logits - lse)`` are full-softmax probabilities; backends that
+    return log-probabilities give ``lse = 0``)."""
+
+    logits: np.ndarray
+    lse: float
+    status: str = "ok"
+    error_class: str | None = None
+    message: str | None = None
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Full-vocabulary probabilities of the candidates."""
+        return np.exp(self.logits - self.lse)
+
+
+@dataclass
 class EnginePlan:
     """What the engine did: batches run, OOM halvings, final budget (recorded in components)."""
 
@@ -107,12 +125,30 @@ class MaskedCE:
             for a, b in s.spans:
                 if not (1 <= a <= b <= len(s.ids)):
                     raise ValueError(f"bad target span ({a}, {b}) for a sequence of {len(s.ids)} tokens")
-        results: list[SeqResult | None] = [None] * len(seqs)
+
+        def failed(s: Seq, exc: BaseException) -> SeqResult:
+            return SeqResult([float("nan")] * len(s.spans), [0] * len(s.spans), "error", type(exc).__name__, str(exc)[:500])
+
+        return self._run_all(seqs, lambda batch: self._forward(batch, token_logprobs), failed, progress)
+
+    def next_token(self, prompts: list[list[int]], candidates: list[int], progress=None) -> list[NextToken]:
+        """Rating-token engine (E6b): the logits of ``candidates`` at the position after each prompt,
+        and the full-vocabulary log-sum-exp there — one batched forward, the head on one row per prompt."""
+        seqs = [Seq(list(p), []) for p in prompts]
+        cand = list(candidates)
+
+        def failed(s: Seq, exc: BaseException) -> NextToken:
+            return NextToken(np.full(len(cand), np.nan), float("nan"), "error", type(exc).__name__, str(exc)[:500])
+
+        return self._run_all(seqs, lambda batch: self._forward_last(batch, cand), failed, progress)
+
+    def _run_all(self, seqs, forward, failed, progress):
+        results: list = [None] * len(seqs)
         for batch in plan_batches([len(s.ids) for s in seqs], self.plan.max_tokens_per_batch):
-            self._run(seqs, batch, results, token_logprobs)
+            self._run(seqs, batch, results, forward, failed)
             if progress is not None:
                 progress.advance(len(batch))
-        return results  # type: ignore[return-value]
+        return results
 
     def body_only(self, seqs: list[Seq]) -> None:
         """The same batches through the body alone (the efficiency baseline of the benchmark)."""
@@ -124,13 +160,12 @@ class MaskedCE:
                 self.body(input_ids=ids, attention_mask=mask, use_cache=False)
 
     # -- internals --------------------------------------------------------------------------------
-    def _run(self, seqs, batch, results, token_logprobs) -> None:
+    def _run(self, seqs, batch, results, forward, failed) -> None:
         try:
-            out = self._forward([seqs[i] for i in batch], token_logprobs)
+            out = forward([seqs[i] for i in batch])
         except Exception as exc:  # noqa: BLE001 - every failure becomes a per-row status
             if len(batch) == 1:
-                s = seqs[batch[0]]
-                results[batch[0]] = SeqResult([float("nan")] * len(s.spans), [0] * len(s.spans), "error", type(exc).__name__, str(exc)[:500])
+                results[batch[0]] = failed(seqs[batch[0]], exc)
                 return
             if _is_oom(exc):
                 self.plan.oom_splits += 1
@@ -138,11 +173,11 @@ class MaskedCE:
                 self.plan.notes.append(f"out of memory on a batch of {len(batch)}: budget halved to {self.plan.max_tokens_per_batch}")
                 self._empty_cache()
                 half = len(batch) // 2
-                self._run(seqs, batch[:half], results, token_logprobs)
-                self._run(seqs, batch[half:], results, token_logprobs)
+                self._run(seqs, batch[:half], results, forward, failed)
+                self._run(seqs, batch[half:], results, forward, failed)
             else:  # isolate the failing row(s); the others are scored normally
                 for i in batch:
-                    self._run(seqs, [i], results, token_logprobs)
+                    self._run(seqs, [i], results, forward, failed)
             return
         for i, r in zip(batch, out):
             results[i] = r
@@ -163,6 +198,24 @@ class MaskedCE:
             ids[r, : len(s.ids)] = s.ids
             mask[r, : len(s.ids)] = 1
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+
+    def _forward_last(self, seqs: list[Seq], candidates: list[int]) -> list[NextToken]:
+        import torch
+
+        ids, mask = self._pad(seqs)
+        last = torch.tensor([len(s.ids) - 1 for s in seqs], device=self.device)
+        with torch.inference_mode():
+            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            states = hidden[torch.arange(len(seqs), device=self.device), last]
+            logits = self.head(states).float()
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            lse = torch.logsumexp(logits, dim=-1).double().cpu().numpy()
+            cand = logits[:, torch.tensor(candidates, device=self.device)].double().cpu().numpy()
+        self.plan.batches += 1
+        self.plan.padded_tokens += int(ids.numel())
+        self.plan.real_tokens += int(mask.sum())
+        return [NextToken(cand[r], float(lse[r])) for r in range(len(seqs))]
 
     def _forward(self, seqs: list[Seq], token_logprobs: bool) -> list[SeqResult]:
         import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from curate.lm.base import resolve_device
-from curate.lm.engine import EnginePlan, MaskedCE, Seq, SeqResult
+from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult
 from curate.lm.resolve import is_gguf, lm_revision, resolve_lm
 from curate.lm.spec import LMParams
 from curate.models import cached, set_torch_threads
@@ -70,4 +70,63 @@ class HFBackend:
         engine = self.engine()
         out = engine.score(seqs, token_logprobs=token_logprobs, progress=progress)
         self.last_plan = engine.plan
+        return out
+
+    def next_token(self, prompts: list[list[int]], candidates: list[int], progress=None) -> list[NextToken]:
+        set_torch_threads(self.torch_threads)
+        engine = self.engine()
+        out = engine.next_token(prompts, candidates, progress=progress)
+        self.last_plan = engine.plan
+        return out
+
+    def chat(self, conversations: list[list[dict]], decoding: dict, seeds: list[int] | None = None, progress=None,
+             prefix: str = "") -> list[dict]:
+        """Reply to each conversation (rendered with the model's chat template; a model without one
+        gets ``role: content`` lines and an ``assistant:`` cue). ``prefix`` starts the reply; the
+        returned text includes it."""
+        tok = self.tokenizer
+        prompts = []
+        for conv in conversations:
+            if getattr(tok, "chat_template", None):
+                text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + prefix
+                prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+            else:
+                text = "\n\n".join(f"{m['role']}: {m['content']}" for m in conv) + "\n\nassistant: " + prefix
+                prompts.append(tok(text)["input_ids"])
+        out = self.generate(prompts, decoding, seeds, progress)
+        for o in out:
+            if o["text"] is not None:
+                o["text"] = prefix + o["text"]
+        return out
+
+    def generate(self, prompts: list[list[int]], decoding: dict, seeds: list[int] | None = None, progress=None) -> list[dict]:
+        """Greedy (temperature 0) or sampled continuations of token-id prompts. Sampled rows run one at
+        a time with their own seed, so a row's text does not depend on batching or order."""
+        import torch
+
+        set_torch_threads(self.torch_threads)
+        model, tok = self.model, self.tokenizer
+        max_new = int(decoding.get("max_tokens", 128))
+        temperature = float(decoding.get("temperature", 0.0))
+        eos = model.generation_config.eos_token_id or tok.eos_token_id  # an id or a list of ids
+        out = []
+        for i, ids in enumerate(prompts):
+            kwargs = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                          eos_token_id=eos)
+            if temperature > 0:
+                torch.manual_seed(int(seeds[i]) if seeds else 0)
+                kwargs.update(do_sample=True, temperature=temperature, top_p=float(decoding.get("top_p", 1.0)),
+                              top_k=int(decoding.get("top_k", 0)))
+            else:
+                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            try:
+                with torch.inference_mode():
+                    gen = model.generate(input_ids=torch.tensor([ids], device=self.device),
+                                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device), **kwargs)
+                new = gen[0, len(ids):].tolist()
+                out.append({"text": tok.decode(new, skip_special_tokens=True), "n_tokens": len(new), "status": "ok"})
+            except Exception as exc:  # noqa: BLE001 - a failed row becomes its own status
+                out.append({"text": None, "n_tokens": 0, "status": "error", "error_class": type(exc).__name__, "message": str(exc)[:500]})
+            if progress is not None:
+                progress.advance(1)
         return out

@@ -138,12 +138,47 @@ class OpenAIBackend:
             out.append(spans_from_token_logprobs(s, lps, token_logprobs))
         return out
 
-    # -- chat -------------------------------------------------------------------------------------
-    def chat(self, conversations: list[list[dict]], decoding: dict[str, Any] | None = None, progress=None) -> list[dict | Exception]:
-        """One chat completion per conversation; returns the raw response (or the exception)."""
+    def next_token(self, prompts: list[list[int]], candidates: list[int], progress=None):
+        """Log-probabilities of the candidates among the top 20 next tokens (``logprobs: 20``); a
+        candidate outside them makes the row ``fallback_needed``."""
+        from curate.lm.engine import NextToken
+
         model = self.params.served_name or self.params.model
-        bodies = [{"model": model, "messages": conv, **(decoding or {})} for conv in conversations]
-        return self._run_all("/chat/completions", bodies, progress)
+        names = [self.tokenizer.decode([c]) for c in candidates]
+        bodies = [{"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "logprobs": 20} for ids in prompts]
+        out = []
+        for resp in self._run_all("/completions", bodies, progress):
+            if isinstance(resp, Exception):
+                out.append(NextToken(np.full(len(candidates), np.nan), float("nan"), "error", type(resp).__name__, str(resp)[:500]))
+                continue
+            top = resp["choices"][0]["logprobs"]["top_logprobs"][0]
+            vals = np.array([top.get(n, np.nan) for n in names], dtype=np.float64)
+            out.append(NextToken(vals, 0.0, "ok" if np.isfinite(vals).all() else "fallback_needed"))
+        return out
+
+    # -- chat -------------------------------------------------------------------------------------
+    def chat(self, conversations: list[list[dict]], decoding: dict[str, Any] | None = None, seeds: list[int] | None = None,
+             progress=None, prefix: str = "") -> list[dict]:
+        """One chat completion per conversation: ``{"text", "status", …}`` per row. A ``prefix`` is sent
+        as a final assistant message to continue (vLLM's ``continue_final_message``)."""
+        model = self.params.served_name or self.params.model
+        d = dict(decoding or {})
+        bodies = []
+        for i, conv in enumerate(conversations):
+            body = {"model": model, "messages": conv, **d}
+            if prefix:
+                body.update(messages=conv + [{"role": "assistant", "content": prefix}], add_generation_prompt=False, continue_final_message=True)
+            if seeds is not None:
+                body["seed"] = int(seeds[i])
+            bodies.append(body)
+        out = []
+        for resp in self._run_all("/chat/completions", bodies, progress):
+            if isinstance(resp, Exception):
+                out.append({"text": None, "status": "error", "error_class": type(resp).__name__, "message": str(resp)[:500]})
+            else:
+                out.append({"text": prefix + resp["choices"][0]["message"]["content"], "status": "ok",
+                            "n_tokens": (resp.get("usage") or {}).get("completion_tokens")})
+        return out
 
 
 def prompt_logprobs(resp: dict, ids: list[int]) -> np.ndarray:

@@ -68,6 +68,37 @@ class VLLMBackend:
         return results
 
 
+    def next_token(self, prompts: list[list[int]], candidates: list[int], progress=None):
+        """Log-probabilities of the candidates among the top 20 next tokens; a candidate outside them
+        makes the row ``fallback_needed`` (never a substituted value)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        from curate.lm.engine import NextToken
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=20)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        res = []
+        for out in outs:
+            top = out.outputs[0].logprobs[0]
+            vals = np.array([top[c].logprob if c in top else np.nan for c in candidates], dtype=np.float64)
+            res.append(NextToken(vals, 0.0, "ok" if np.isfinite(vals).all() else "fallback_needed"))
+        return res
+
+    def chat(self, conversations: list[list[dict]], decoding: dict, seeds: list[int] | None = None, progress=None,
+             prefix: str = "") -> list[dict]:
+        from vllm import SamplingParams
+
+        if prefix:  # the reply starts with the prefix: continue a final assistant message
+            conversations = [conv + [{"role": "assistant", "content": prefix}] for conv in conversations]
+        params = [SamplingParams(max_tokens=int(decoding.get("max_tokens", 128)), temperature=float(decoding.get("temperature", 0.0)),
+                                 top_p=float(decoding.get("top_p", 1.0)), top_k=int(decoding.get("top_k", 0)) or -1,
+                                 seed=None if seeds is None else int(seeds[i])) for i in range(len(conversations))]
+        kw = {"add_generation_prompt": False, "continue_final_message": True} if prefix else {}
+        outs = self.llm.chat(conversations, params, use_tqdm=False, **kw)
+        return [{"text": prefix + o.outputs[0].text, "n_tokens": len(o.outputs[0].token_ids), "status": "ok"} for o in outs]
+
+
 def spans_from_token_logprobs(seq: Seq, lps: np.ndarray, keep: bool) -> SeqResult:
     """Reduce per-position log-probabilities (index = position) to the sequence's spans."""
     nll, n, tl = [], [], []

@@ -38,6 +38,7 @@ def reason_rows(ledger_path: str, limit: int = 25) -> list[list[Any]]:
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The run summary as markdown (used for the report and the Prefect artifact)."""
     counts = summary["counts"]
+    warnings = [f"{s['stage']}: {w}" for s in summary["stages"] for w in s.get("warnings", [])]
     lines = [
         f"# curate run: {summary['flow']}",
         "",
@@ -49,6 +50,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"{counts['filtered']} filtered, {counts['quarantined']} quarantined (reconciled: {summary['reconciled']})",
         f"- wall time {summary['seconds']:.1f} s",
         "",
+        *(["## Warnings", "", *[f"- {w}" for w in warnings], ""] if warnings else []),
         "## Stages",
         "",
         _table(["stage", "tasks", "rows", "computed rows", "seconds"],

@@ -11,6 +11,10 @@ SCORERS: dict[str, str] = {
     "superfiltering": "curate.scorers.superfiltering:SuperfilteringScorer",
     "rifd": "curate.scorers.rifd:RIFDScorer",
     "perplexity": "curate.scorers.perplexity:PerplexityScorer",
+    "deita": "curate.scorers.deita:DeitaScorer",
+    "selectit": "curate.scorers.selectit:SelectITScorer",
+    "llm_rating": "curate.scorers.judge:JudgeScorer",
+    "ds2": "curate.scorers.ds2:DS2RatingScorer",
 }
 
 

@@ -59,6 +59,9 @@ class Score:
     components: dict[str, Any] | None = None
     n_tokens_in: int | None = None
     n_tokens_used: int | None = None
+    raw_output: str | None = None  # generative scorers: the model's text
+    decoding: str | None = None  # JSON of the decoding parameters
+    seed: int | None = None
 
     @classmethod
     def failed(cls, outputs, status: str, error_class: str, message: str) -> Score:

@@ -14,6 +14,7 @@ SELECTORS: dict[str, str] = {
     "top_k": "curate.select.topk:TopK",
     "random": "curate.select.random:RandomSample",
     "kcenter": "curate.select.kcenter:KCenter",
+    "ds2": "curate.select.ds2:DS2Select",
 }
 
 

@@ -64,7 +64,9 @@ class Pool:
 @dataclass
 class StepResult:
     """``keep``: (n,) bool; ``rank``: (n,) int64 order among kept rows (-1 when dropped);
-    ``outcome``: what a dropped row becomes; ``reason``/``detail``: per row, None when kept."""
+    ``outcome``: what a dropped row becomes; ``reason``/``detail``: per row, None when kept;
+    ``columns``: per-row values the step computed (curated classes, long-tail scores, …), written
+    to the run's score table as ``<step>.<name>``."""
 
     keep: np.ndarray
     rank: np.ndarray
@@ -72,6 +74,7 @@ class StepResult:
     reason: list[str | None]
     detail: list[str | None]
     stats: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Selector:

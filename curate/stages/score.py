@@ -7,12 +7,14 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from curate import __version__
 from curate.config import StepSpec
 from curate.manifests import ShardRef, WorkRef
 from curate.scorers import Scorer, ScorerContext, scorer_class
+from curate.stages.ingest import read_shard
 from curate.stages.shardwork import run_shard
 from curate.store import Store
 
@@ -35,6 +37,9 @@ SCORE_SCHEMA = pa.schema(
         ("template_id", pa.string()),
         ("template_hash", pa.string()),
         ("max_length", pa.int64()),
+        ("seed", pa.int64()),
+        ("decoding", pa.string()),
+        ("raw_output", pa.string()),
         ("created_at", pa.timestamp("s", tz="UTC")),
         ("code_version", pa.string()),
     ]
@@ -63,7 +68,7 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
         rows = []
         for rec, res in zip(records, results):
             comp = json.dumps(res.components, ensure_ascii=False, sort_keys=True, default=float) if res.components else None
-            for variant in scorer.outputs:
+            for v_i, variant in enumerate(scorer.outputs):
                 value = res.values.get(variant, math.nan)
                 rows.append(
                     {
@@ -79,10 +84,57 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
                         "n_tokens_in": res.n_tokens_in,
                         "n_tokens_used": res.n_tokens_used,
                         **echo,
+                        "seed": res.seed,
+                        "decoding": res.decoding,
+                        "raw_output": res.raw_output if v_i == 0 else None,  # once per row
                         "created_at": now,
                         "code_version": __version__,
                     }
                 )
         return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
 
-    return run_shard("score", step.label, collection, shard, compute, scorer.batch_rows)
+    ref = run_shard("score", step.label, collection, shard, compute, scorer.batch_rows)
+    ids = read_shard(shard, ["sample_id"]).column(0).to_pylist()
+    table = collection.read(ids, columns=["sample_id", "variant", "score"])
+    ref.warnings = collapse_warnings(scorer, step.label, shard.shard_id, table)
+    _log_warnings(ref.warnings)
+    return ref
+
+
+def collapse_warnings(scorer: Scorer, label: str, shard_id: int, table: pa.Table | None, max_share: float = 0.5) -> list[str]:
+    """methods.md E5: one value covering most of a shard, a spread below the method's floor, or most
+    IFD-like values at or above 1 (a template the model does not know) — the failure users hit."""
+    if table is None:
+        return []
+    out = []
+    cols = table.to_pydict()
+    floors = getattr(scorer, "collapse_std_floor", {})
+    for variant, orient in scorer.outputs.items():
+        v = np.array([s for var, s in zip(cols["variant"], cols["score"]) if var == variant and s is not None], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if len(v) < 20 or orient == "flag":
+            continue
+        name = f"{label}.{variant}"
+        values, counts = np.unique(v, return_counts=True)
+        if counts.max() / len(v) > max_share:
+            out.append(f"shard {shard_id}: {name} = {values[counts.argmax()]:.6g} for {counts.max() / len(v):.0%} of {len(v)} rows (collapsed?)")
+        if variant in floors and v.std() < floors[variant]:
+            out.append(f"shard {shard_id}: {name} spread (std {v.std():.4f}) is below {floors[variant]} — the scorer may not discriminate")
+        if orient == "band" and (v >= 1).mean() > 0.5:
+            out.append(f"shard {shard_id}: {(v >= 1).mean():.0%} of {name} are ≥ 1 — does the model know this template?")
+    return out
+
+
+def _log_warnings(warnings: list[str]) -> None:
+    if not warnings:
+        return
+    try:
+        from prefect import get_run_logger
+
+        logger = get_run_logger()
+    except Exception:  # outside a Prefect run
+        import logging
+
+        logger = logging.getLogger("curate")
+    for w in warnings:
+        logger.warning(w)

@@ -28,6 +28,8 @@ from curate.stages.ingest import read_shard
 from curate.store import Store
 
 META = ["sample_id", "row", "source", "source_index", "source_line"]
+#: score statuses that take a row out of selection: a failed call, or a judge answer with no rating
+QUARANTINE_STATUSES = ("error", "parse_failed")
 
 
 def wide_scores(store_dir: str, scorers: dict[str, tuple[StepSpec, str]], ids: list[str]):
@@ -58,7 +60,7 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[StepSpec, str]], ids: l
                 if name in scores:
                     scores[name][i] = np.nan if value is None else value
                 status[i] = st
-                if st == "error":
+                if st in QUARANTINE_STATUSES:
                     errs[i] = (ec, msg)
         statuses[label] = status
         errors[label] = errs
@@ -93,9 +95,9 @@ def select_stage(
     alive = np.ones(n, dtype=bool)
     for label in scorers:
         for i, (st, err) in enumerate(zip(statuses[label], errors[label])):
-            if alive[i] and st == "error":
+            if alive[i] and st in QUARANTINE_STATUSES:
                 alive[i] = False
-                ledger.append(entry(i, "quarantined", f"score:{label}", err[0] or "error", err[1]))
+                ledger.append(entry(i, "quarantined", f"score:{label}", err[0] or st, err[1]))
             elif alive[i] and st == "missing":
                 raise RuntimeError(f"row {rows[i]} has no stored score for '{label}': the score stage did not finish")
 
@@ -115,6 +117,7 @@ def select_stage(
                 n_input=len(pool_idx), seed=seed).take(alive)
     rank = np.arange(len(pool), dtype=np.int64)
     step_stats = []
+    step_columns: dict[str, np.ndarray] = {}
     for s_i, step in enumerate(steps):
         selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir)
         res = selector.select(pool)
@@ -123,6 +126,10 @@ def select_stage(
             ledger.append(entry(int(pool_idx[j]), res.outcome, stage, res.reason[j], res.detail[j]))
         step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": len(pool), "kept": int(res.keep.sum()),
                            "outcome_of_dropped": res.outcome, **res.stats})
+        for name, values in res.columns.items():  # aligned to the step's pool; NaN for rows it never saw
+            col = np.full(n, np.nan)
+            col[pool_idx] = values
+            step_columns[f"{step.label}.{name}"] = col
         rank = res.rank[res.keep]
         pool_idx = pool_idx[res.keep]
         pool = pool.take(res.keep)
@@ -143,6 +150,7 @@ def select_stage(
         cols[name] = values
     for label in scorers:
         cols[f"{label}.status"] = statuses[label]
+    cols.update(step_columns)
     cols["selected"] = final_rank >= 0
     cols["rank"] = np.where(final_rank >= 0, final_rank, None)
     table = pa.table({k: (pa.array(list(v), pa.int64()) if k == "rank" else v) for k, v in cols.items()})

@@ -1,0 +1,132 @@
+"""DS2 rating (methods.md A5, step 1): an LLM rates each conversation's Rarity, Complexity,
+Informativeness and Overall value from 1 to 10 in a JSON object; the overall rating is compressed to
+six classes (≤ 4 → 0, 5 → 1, …, ≥ 9 → 5).
+
+Decoding keeps the reference's sampling (temperature 1.2, top_p 0.9, top_k 50, 128 new tokens): the
+rating noise is part of the method, and the curation step (the ``ds2`` selection step, B6) models it.
+Each row's seed is derived from the run seed and its sample_id, so ratings do not depend on sharding
+or batch order. An answer without a parsable JSON object is regenerated (new seed) up to
+``max_attempts`` times; after that the row is ``parse_failed`` (quarantined; the reference's class
+0 only with ``match_reference``). The prompts are ours (:mod:`curate.prompts`); the conversation is
+rendered as ``### {role}: {content}`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import Field
+
+from curate.prompts import DS2_SYSTEM, DS2_USER
+from curate.records import sha256_hex
+from curate.scorers.base import Score
+from curate.scorers.judge import last_json_object
+from curate.scorers.ratingbase import PromptScorer, RatingParams
+from curate.templates import message_text
+
+KEYS = ("Rarity", "Complexity", "Informativeness", "Overall rating")
+
+
+def compress(overall: int) -> int:
+    """DS2 ``score_compress``: clamp to [4, 9], subtract 4 → class 0..5."""
+    return int(min(max(overall, 4), 9) - 4)
+
+
+def parse_ds2(text: str | None) -> dict[str, int] | None:
+    obj = last_json_object(text or "")
+    if obj is None:
+        return None
+    try:
+        vals = {k: int(obj[k]) for k in KEYS}
+    except (KeyError, TypeError, ValueError):
+        return None
+    return vals if all(1 <= v <= 10 for v in vals.values()) else None
+
+
+def render_conversation(messages: list[dict]) -> str:
+    return "".join(f"### {m['role']}: {message_text(m)}\n" for m in messages)
+
+
+class DS2Params(RatingParams):
+    temperature: float = Field(1.2, ge=0)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    answer_prefix: str = Field("", description="Text that starts the model's reply (e.g. 'Score:' or '{\"Rarity\":'), "
+                               "which helps small models answer in the format; part of the fingerprint.")
+    max_tokens: int = Field(128, gt=0)
+    max_attempts: int = Field(3, ge=1, description="Generations per row before parse_failed.")
+    max_sample_chars: int = Field(8000, gt=0, description="Longer conversations are cut (the instruction block survives).")
+
+
+class DS2RatingScorer(PromptScorer):
+    method = "ds2"
+    version = "1.0"
+    outputs = {"class": "higher_is_better", "overall": "higher_is_better", "rarity": "higher_is_better",
+               "complexity": "higher_is_better", "informativeness": "higher_is_better"}
+    Params = DS2Params
+    batch_rows = 32
+    collapse_std_floor = {"class": 0.05}
+
+    def decoding(self) -> dict[str, Any]:
+        p = self.params
+        return {"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "max_tokens": p.max_tokens}
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = self.base_fingerprint([DS2_SYSTEM, DS2_USER])
+        fp["decoding"] = self.decoding()
+        return fp
+
+    def seed_for(self, sample_id: str, attempt: int) -> int:
+        return int(sha256_hex(str(self.context.seed), self.method, sample_id, str(attempt))[:8], 16)
+
+    def score_batch(self, records: list[dict[str, Any]]) -> list[Score]:
+        p = self.params
+        texts = {i: [] for i in range(len(records))}
+        parsed: dict[int, dict[str, int] | None] = {i: None for i in range(len(records))}
+        errors: dict[int, dict] = {}
+        pending = list(range(len(records)))
+        for attempt in range(p.max_attempts):
+            if not pending:
+                break
+            convs = []
+            for i in pending:
+                body = render_conversation(records[i]["messages"])
+                if len(body) > p.max_sample_chars:  # keep the start: the instruction block and first reply
+                    body = body[: p.max_sample_chars]
+                convs.append([{"role": "system", "content": DS2_SYSTEM.text}, {"role": "user", "content": DS2_USER.text.format(conversation=body)}])
+            replies = self.backend().chat(convs, self.decoding(), prefix=self.params.answer_prefix,
+                                          seeds=[self.seed_for(records[i]["sample_id"], attempt) for i in pending])
+            still = []
+            for i, rep in zip(pending, replies):
+                if rep["status"] != "ok":
+                    errors[i] = rep
+                    continue
+                texts[i].append(rep["text"])
+                parsed[i] = parse_ds2(rep["text"])
+                if parsed[i] is None:
+                    still.append(i)
+            pending = still
+        out = []
+        for i, rec in enumerate(records):
+            raw = "\n---\n".join(t or "" for t in texts[i])
+            if i in errors:
+                e = errors[i]
+                out.append(Score.failed(self.outputs, "error", e.get("error_class", "error"), e.get("message", "rating call failed")))
+                continue
+            vals = parsed[i]
+            comp = {"attempts": len(texts[i]), "seed": self.seed_for(rec["sample_id"], len(texts[i]) - 1)}
+            if vals is None:
+                if p.match_reference:  # the reference's [0, 0, 0, 0] → class 0
+                    out.append(Score({"class": 0.0, "overall": 0.0, "rarity": 0.0, "complexity": 0.0, "informativeness": 0.0},
+                                     components={**comp, "parse": "failed→0 (match_reference)"}, raw_output=raw))
+                    continue
+                s = Score.failed(self.outputs, "parse_failed", "ParseError", "no JSON object with the four integer ratings")
+                s.components, s.raw_output = comp, raw
+                out.append(s)
+                continue
+            values = {"class": float(compress(vals["Overall rating"])), "overall": float(vals["Overall rating"]),
+                      "rarity": float(vals["Rarity"]), "complexity": float(vals["Complexity"]), "informativeness": float(vals["Informativeness"])}
+            out.append(Score(values, components={**comp, "ratings": vals}, raw_output=raw, decoding=json.dumps(self.decoding(), sort_keys=True),
+                             seed=comp["seed"]))
+        return out
