@@ -207,3 +207,42 @@ def test_unparseable_judge_answer_quarantines_only_its_row(tmp_path):
     assert 2 in bad and bad[2]["stage"] == "score:llm_rating" and bad[2]["reason"] == "ParseError"
     assert set(bad) == {r for r, s in status.items() if s == "parse_failed"}  # only unparseable rows, each its own
     assert summary["counts"]["selected"] == sum(s == "ok" for s in status.values())
+
+
+def test_ds2_flow_end_to_end_with_collapse_warning(tmp_path, shared_store):
+    flow = write_flow(tmp_path, name="ds2", base_dir=str(ROOT), output_dir=str(tmp_path / "out"), store_dir=str(shared_store),
+                      inputs=[{"path": "data/sample/cherry_alpaca.jsonl", "limit": 24}],
+                      score=[{"method": "ds2", "answer_prefix": '{"Rarity": ', "max_tokens": 40, "max_attempts": 1, "temperature": 0.0}],
+                      embed={"model": "all-MiniLM-L6-v2"},
+                      select=[{"method": "ds2", "budget": 8, "k": 3, "hoc_rounds": 5, "hoc_steps": 200, "epochs": 5}],
+                      export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False},
+                      runtime={"prefect": False, "max_error_rate": 1.0})
+    summary = execute(load_flow(flow))
+    assert summary["reconciled"]
+    wide = pq.read_table(tmp_path / "out" / "select" / "scores.parquet").to_pydict()
+    ok = [i for i, s in enumerate(wide["ds2.status"]) if s == "ok"]
+    assert summary["counts"]["selected"] == min(8, len(ok))
+    for i in ok:
+        assert 0 <= wide["ds2.class_curated"][i] <= 5 and 0 <= wide["ds2.long_tail"][i] <= math.tanh(1)
+    step = summary["steps"][0]
+    assert step["method"] == "ds2" and len(step["classes_before"]) == 6
+
+
+def test_collapse_detectors():
+    import pyarrow as pa
+
+    from curate.stages.score import collapse_warnings
+
+    def table(variant, values):
+        return pa.table({"sample_id": [f"s{i}" for i in range(len(values))], "variant": [variant] * len(values), "score": values})
+
+    deita = scorer_class("deita")("deita", {}, CTX)
+    w = collapse_warnings(deita, "deita", 0, table("quality", [3.0] * 30 + [2.0] * 5))
+    assert w == ["shard 0: deita.quality = 3 for 86% of 35 rows (collapsed?)"]
+    w = collapse_warnings(deita, "deita", 1, table("quality", list(3.0 + np.linspace(0, 0.02, 30))))
+    assert len(w) == 1 and "spread (std 0.0062) is below 0.05" in w[0]
+    assert collapse_warnings(deita, "deita", 0, table("quality", list(np.linspace(1, 6, 40)))) == []
+    ifd = scorer_class("ifd")("ifd", {}, CTX)
+    w = collapse_warnings(ifd, "ifd", 3, table("ifd", list(np.linspace(0.9, 1.4, 40))))
+    assert w == ["shard 3: 80% of ifd.ifd are ≥ 1 — does the model know this template?"]
+    assert collapse_warnings(ifd, "ifd", 0, table("ifd", [1.2] * 10)) == []  # too few rows to judge
