@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, write_result  # noqa: E402
 CURATE = [sys.executable, "-m", "curate"]
 
 
@@ -65,9 +65,7 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['case']} | {r['wall_s']:.1f} | {r['inside_flow_s']:.1f} | {r['embed_s']:.1f} | {r['embedded']} | {r['selected']} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "default_flow.md").write_text(text)
+    write_result("default_flow", text)
 
 
 if __name__ == "__main__":

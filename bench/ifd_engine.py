@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, spearman, write_result  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "cherry_llm" / "cherry_alpaca_5_percent.json"
 
 
@@ -74,10 +74,6 @@ def reference_loop(model, jobs) -> list[float]:
         out.append(losses[0] / losses[1])
     return out
 
-
-def spearman(a, b) -> float:
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def main() -> None:
@@ -147,9 +143,7 @@ def main() -> None:
     lines.append(f"Efficiency (IFD tokens/s ÷ body tokens/s over the same batches): engine alone {t_body / t_engine:.2f}, "
                  f"whole scorer (tokenization and bookkeeping included) {t_body / t_ours:.2f}.")
     text = "\n".join(lines) + "\n"
-    print(text)
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / "ifd_engine.md").write_text(text)
+    write_result("ifd_engine", text)
 
 
 if __name__ == "__main__":

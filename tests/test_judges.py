@@ -209,7 +209,7 @@ def test_unparseable_judge_answer_quarantines_only_its_row(tmp_path):
     assert summary["counts"]["selected"] == sum(s == "ok" for s in status.values())
 
 
-def test_ds2_flow_end_to_end_with_collapse_warning(tmp_path, shared_store):
+def test_ds2_flow_end_to_end(tmp_path, shared_store):
     flow = write_flow(tmp_path, name="ds2", base_dir=str(ROOT), output_dir=str(tmp_path / "out"), store_dir=str(shared_store),
                       inputs=[{"path": "data/sample/cherry_alpaca.jsonl", "limit": 24}],
                       score=[{"method": "ds2", "answer_prefix": '{"Rarity": ', "max_tokens": 40, "max_attempts": 1, "temperature": 0.0}],
