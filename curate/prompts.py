@@ -144,3 +144,12 @@ DS2_USER = Prompt(
 
 ALL.update({p.id: p for p in (DEITA_COMPLEXITY, DEITA_QUALITY, DEITA_COMPLEXITY_CHAT, DEITA_QUALITY_CHAT, SELECTIT_LAYOUT,
                               RUBRIC_ACCURACY_0_5, RUBRIC_QUALITY_1_10_JSON, DS2_SYSTEM, DS2_USER, *SELECTIT_LINES)})
+
+# -- DELIFT (B5): ours; the wrapper layout (three newlines, "Example:", "Query:") follows the paper --
+DELIFT_NO_ICL = Prompt("delift_no_icl", "1", "Instruction: Write a response to the query below.\n\n\nQuery: {query}\n")
+DELIFT_ICL = Prompt(
+    "delift_icl", "1",
+    "Instruction:\nUse the example as a guide, and answer the query in the same format and style, clearly and concisely.\n\n\n"
+    "Example:\n{example_query}\n{example_response}\n\n\nQuery:\n{query}\n",
+)
+ALL.update({p.id: p for p in (DELIFT_NO_ICL, DELIFT_ICL)})

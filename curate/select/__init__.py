@@ -15,6 +15,14 @@ SELECTORS: dict[str, str] = {
     "random": "curate.select.random:RandomSample",
     "kcenter": "curate.select.kcenter:KCenter",
     "ds2": "curate.select.ds2:DS2Select",
+    "repr_filter": "curate.select.repr_filter:ReprFilter",
+    "facility_location": "curate.select.submodular_steps:FacilityLocationSelect",
+    "graph_cut": "curate.select.submodular_steps:GraphCutSelect",
+    "log_determinant": "curate.select.submodular_steps:LogDeterminantSelect",
+    "flmi": "curate.select.submodular_steps:FLMISelect",
+    "flcg": "curate.select.submodular_steps:FLCGSelect",
+    "smart": "curate.select.smart:Smart",
+    "delift": "curate.select.delift:Delift",
 }
 
 

@@ -29,7 +29,10 @@ class Pool:
 
     ``rows``: (n,) int64 global input rows; ``ids``: n sample_ids; ``scores``: name -> (n,) float64
     (NaN = no score); ``orientation``: name -> ``higher_is_better`` | ``lower_is_better`` | …;
-    ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: rows that entered selection.
+    ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: rows that entered selection;
+    ``sources`` / ``tasks``: per-row source name and task label (None when absent); ``texts``: a
+    callable giving ``(prompt, response)`` per row of this pool, read only by steps that need the
+    text (DELIFT).
     """
 
     rows: np.ndarray
@@ -39,6 +42,15 @@ class Pool:
     embeddings: np.ndarray | None
     n_input: int
     seed: int = 0
+    sources: list | None = None
+    tasks: list | None = None
+    text_loader: Any = None  # (row indices into the first pool) -> [(prompt, response)]
+    origin: np.ndarray | None = None  # positions of these rows in the first pool
+
+    def texts(self) -> list[tuple[str, str]]:
+        if self.text_loader is None:
+            raise ValueError("this pool has no text loader")
+        return self.text_loader(self.origin if self.origin is not None else np.arange(len(self.rows)))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -53,6 +65,10 @@ class Pool:
             embeddings=None if self.embeddings is None else self.embeddings[idx],
             n_input=self.n_input,
             seed=self.seed,
+            sources=None if self.sources is None else [self.sources[i] for i in idx],
+            tasks=None if self.tasks is None else [self.tasks[i] for i in idx],
+            text_loader=self.text_loader,
+            origin=(np.arange(len(self.rows)) if self.origin is None else self.origin)[idx],
         )
 
     def score(self, name: str) -> np.ndarray:

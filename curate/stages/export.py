@@ -35,7 +35,7 @@ from curate.io import atomic_path, file_sha256, write_json, write_parquet, write
 from curate.manifests import DatasetRef, ExportRef, SelectionRef
 from curate.stages.ingest import read_shard
 
-META_COLUMNS = {"sample_id", "row", "source", "source_index", "source_line", "selected", "rank"}
+META_COLUMNS = {"sample_id", "row", "source", "source_index", "source_line", "task", "selected", "rank"}
 
 
 def selected_records(selection: SelectionRef, dataset: DatasetRef) -> tuple[list[dict], pa.Table]:
@@ -109,7 +109,6 @@ def export_finalize(selection: SelectionRef, dataset: DatasetRef, spec: ExportSp
     records, sel = selected_records(selection, dataset)
     sidecar = sel.rename_columns(["id" if c == "sample_id" else c for c in sel.column_names])
     sidecar = sidecar.append_column("original", pa.array([r["original"] for r in records], pa.string()))
-    sidecar = sidecar.append_column("task", pa.array([r["task"] for r in records], pa.string()))
     write_parquet(export_dir / "scores.parquet", sidecar)
     shutil.copyfile(selection.ledger_path, export_dir / "ledger.parquet.tmp")
     (export_dir / "ledger.parquet.tmp").replace(export_dir / "ledger.parquet")

@@ -27,7 +27,7 @@ from curate.stages.embed import load_embeddings
 from curate.stages.ingest import read_shard
 from curate.store import Store
 
-META = ["sample_id", "row", "source", "source_index", "source_line"]
+META = ["sample_id", "row", "source", "source_index", "source_line", "task"]
 #: score statuses that take a row out of selection: a failed call, or a judge answer with no rating
 QUARANTINE_STATUSES = ("error", "parse_failed")
 
@@ -113,8 +113,22 @@ def select_stage(
                 ledger.append(entry(i, "quarantined", "embed", st.split(":", 1)[-1], f"embedding failed ({st})"))
 
     pool_idx = np.flatnonzero(alive)
-    pool = Pool(rows=rows, ids=ids, scores=scores, orientation=orientation, embeddings=embeddings,
-                n_input=len(pool_idx), seed=seed).take(alive)
+    def text_loader(positions):
+        """(prompt, response) of rows at these positions of the full candidate list (read from the shards)."""
+        from curate.records import prompt_text, response_text
+
+        want = {int(rows[p]): k for k, p in enumerate(positions)}
+        out: list = [None] * len(positions)
+        for shard in dataset.shards:
+            t = read_shard(shard, ["row", "messages"]).to_pylist()
+            for rec in t:
+                k = want.get(rec["row"])
+                if k is not None:
+                    out[k] = (prompt_text(rec["messages"]), response_text(rec["messages"]))
+        return out
+
+    pool = Pool(rows=rows, ids=ids, scores=scores, orientation=orientation, embeddings=embeddings, n_input=len(pool_idx), seed=seed,
+                sources=m.get("source"), tasks=m.get("task"), text_loader=text_loader).take(alive)
     rank = np.arange(len(pool), dtype=np.int64)
     step_stats = []
     step_columns: dict[str, np.ndarray] = {}
