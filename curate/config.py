@@ -118,7 +118,7 @@ class FlowSpec(Strict):
     ingest: IngestSpec = Field(default_factory=IngestSpec)
     score: list[StepSpec] = Field(default_factory=list)
     embed: EmbedSpec | None = None
-    select: list[StepSpec] = Field(default_factory=list)
+    select: list[StepSpec] = Field(default_factory=list, description="Steps, or a preset name from selectors/.")
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
@@ -276,6 +276,7 @@ def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> Fl
     for item in overrides or []:
         parts, value = parse_override(item)
         apply_override(data, parts, value, item)
+    expand_presets(data, path)
     lines = _yaml_lines(text)
     try:
         spec = FlowSpec.model_validate(data)
@@ -284,6 +285,45 @@ def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> Fl
     spec.flow_path = str(path.resolve())
     _validate_steps(spec, str(path), lines)
     return spec
+
+
+def preset_dirs(data: dict, flow_path: Path) -> list[Path]:
+    base = (flow_path.parent / str(data.get("base_dir", "."))).resolve()
+    return [base / "selectors", Path(__file__).resolve().parents[1] / "selectors"]
+
+
+def expand_presets(data: dict, flow_path: Path) -> None:
+    """``select: <name>`` or a ``- preset: <name>`` item expands to the steps of
+    ``selectors/<name>.yaml`` (looked up under base_dir, then beside the curate package); other keys
+    of the item override that preset's steps' parameters where they have them."""
+    sel = data.get("select")
+    if sel is None:
+        return
+    items = [{"preset": sel}] if isinstance(sel, str) else sel
+    if not isinstance(items, list):
+        return
+    out = []
+    for item in items:
+        if not (isinstance(item, dict) and "preset" in item):
+            out.append(item)
+            continue
+        name = item["preset"]
+        path = next((d / f"{name}.yaml" for d in preset_dirs(data, flow_path) if (d / f"{name}.yaml").exists()), None)
+        if path is None:
+            known = sorted({p.stem for d in preset_dirs(data, flow_path) if d.exists() for p in d.glob("*.yaml")})
+            raise ConfigError(f"{flow_path}: select preset '{name}' not found (known: {', '.join(known) or 'none'})")
+        preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        steps = preset.get("steps")
+        if not isinstance(steps, list):
+            raise ConfigError(f"{path}: a preset needs a 'steps:' list")
+        extra = {k: v for k, v in item.items() if k != "preset"}
+        for step in steps:
+            step = dict(step)
+            for k, v in extra.items():
+                if k in step:
+                    step[k] = v
+            out.append(step)
+    data["select"] = out
 
 
 def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> None:
