@@ -223,7 +223,7 @@ def test_presets_run_end_to_end_through_curate_run(preset, tmp_path, shared_stor
     from conftest import ROOT, write_flow
     from curate.cli import app
 
-    inputs = [{"path": "data/sample/t0_tasks.parquet", "task_field": "task", "limit": 20}] if preset == "smart-mixture" else \
+    inputs = [{"path": "data/sample/t0_40_tasks.parquet", "task_field": "task"}] if preset == "smart-mixture" else \
         [{"path": "data/sample/cherry_alpaca.jsonl", "limit": 10}, {"path": "data/sample/code_alpaca.csv", "limit": 6}]
     flow = write_flow(tmp_path, name="preset", base_dir=str(ROOT), output_dir=str(tmp_path / "out"), store_dir=str(shared_store),
                       inputs=inputs, select=preset, export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False},
