@@ -133,49 +133,52 @@ class LogDeterminantSelect(SubmodularSelector):
         return LogDeterminant(kernel, self.params.lambda_), desc
 
 
-class FLMISelect(SubmodularSelector):
+class _ReferenceSetSelector(SubmodularSelector):
+    """FLMI and FLCG: rows of one source form a reference set that is not a candidate."""
+
+    source_param = ""
+
+    def special_rows(self, pool):
+        source = getattr(self.params, self.source_param)
+        self.special_source = source
+        rows = self.set_rows(pool, source)
+        if not rows.any():
+            raise ValueError(f"{self.method}: no row of the pool comes from source '{source}'")
+        return rows
+
+    def reference_max(self, pool, cand, others):
+        """(kernel over the candidates, its description, each candidate's max similarity to the reference set)."""
+        X = pool.embeddings[cand]
+        kernel, desc = self.kernel(X)
+        ref = EmbeddingKernel(pool.embeddings[others], self.params.metric, rows=X)  # rows: ground set, columns: reference
+        return kernel, desc, np.max(ref.block(np.arange(len(others))), axis=1)
+
+
+class FLMISelect(_ReferenceSetSelector):
     method = "flmi"
     objective_name = "FLMI: Σ_i min(max_{j∈A} K_ij, η·max_q K^Q_iq)"
     special_reason = "query_set"
+    source_param = "query_source"
 
     class Params(SubmodularParams):
         query_source: str = Field(description="Rows from this source are the query set Q (targets to represent).")
         eta: float = Field(1.0, gt=0)
 
-    def special_rows(self, pool):
-        self.special_source = self.params.query_source
-        rows = self.set_rows(pool, self.params.query_source)
-        if not rows.any():
-            raise ValueError(f"flmi: no row of the pool comes from source '{self.params.query_source}'")
-        return rows
-
     def objective(self, pool, cand, others):
-        X = pool.embeddings[cand]
-        kernel, desc = self.kernel(X)
-        qk = EmbeddingKernel(pool.embeddings[others], self.params.metric, rows=X)  # rows: ground set, columns: Q
-        cap = self.params.eta * np.max(qk.block(np.arange(len(others))), axis=1)
-        return FacilityLocation(kernel, cap=cap), desc
+        kernel, desc, best = self.reference_max(pool, cand, others)
+        return FacilityLocation(kernel, cap=self.params.eta * best), desc
 
 
-class FLCGSelect(SubmodularSelector):
+class FLCGSelect(_ReferenceSetSelector):
     method = "flcg"
     objective_name = "FLCG: Σ_i max(max_{j∈A} K_ij − ν·max_p K^P_ip, 0)"
     special_reason = "private_set"
+    source_param = "private_source"
 
     class Params(SubmodularParams):
         private_source: str = Field(description="Rows from this source are the private set P (data you already have).")
         nu: float = Field(1.0, ge=0)
 
-    def special_rows(self, pool):
-        self.special_source = self.params.private_source
-        rows = self.set_rows(pool, self.params.private_source)
-        if not rows.any():
-            raise ValueError(f"flcg: no row of the pool comes from source '{self.params.private_source}'")
-        return rows
-
     def objective(self, pool, cand, others):
-        X = pool.embeddings[cand]
-        kernel, desc = self.kernel(X)
-        pk = EmbeddingKernel(pool.embeddings[others], self.params.metric, rows=X)
-        penalty = self.params.nu * np.max(pk.block(np.arange(len(others))), axis=1)
-        return FacilityLocation(kernel, initial=np.maximum(penalty, 0)), desc
+        kernel, desc, best = self.reference_max(pool, cand, others)
+        return FacilityLocation(kernel, initial=np.maximum(self.params.nu * best, 0)), desc
