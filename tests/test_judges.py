@@ -246,3 +246,5 @@ def test_collapse_detectors():
     w = collapse_warnings(ifd, "ifd", 3, table("ifd", list(np.linspace(0.9, 1.4, 40))))
     assert w == ["shard 3: 80% of ifd.ifd are ≥ 1 — does the model know this template?"]
     assert collapse_warnings(ifd, "ifd", 0, table("ifd", [1.2] * 10)) == []  # too few rows to judge
+    heuristic = scorer_class("heuristic")("heuristic", {}, CTX)
+    assert collapse_warnings(heuristic, "heuristic", 0, table("turns", [1.0] * 40)) == []  # statistics, not judgments

@@ -85,6 +85,8 @@ class Scorer:
     requires: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: Rows per call of ``score_batch``.
     batch_rows: ClassVar[int] = 256
+    #: Warn when a shard's scores collapse (methods.md E5); off for plain statistics such as counts.
+    collapse_check: ClassVar[bool] = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

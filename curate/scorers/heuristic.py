@@ -57,6 +57,7 @@ class HeuristicScorer(Scorer):
         "degenerate": "flag",
     }
     batch_rows = 2048
+    collapse_check = False  # counts and flags are naturally concentrated (most rows have one turn)
 
     class Params(Scorer.Params):
         tokenizer: str = Field("regex", description="'regex' or an HF tokenizer id / local dir.")
