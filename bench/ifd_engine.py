@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from curate import __version__, progress

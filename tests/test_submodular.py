@@ -3,7 +3,6 @@ lazy = naive, tie-breaks, kernels, apricot parity, Repr Filter exactness, SMART'
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 import pytest

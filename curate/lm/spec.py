@@ -35,5 +35,7 @@ class LMParams(BaseModel):
     max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/connection errors.")
     timeout_s: float = Field(120.0, gt=0)
 
-    def lm_fields(self) -> dict:
-        return {k: getattr(self, k) for k in LMParams.model_fields}
+    @classmethod
+    def of(cls, params: BaseModel, **update) -> LMParams:
+        """The LM keys of a scorer's or step's parameters (which extend this model)."""
+        return cls(**{k: getattr(params, k) for k in cls.model_fields}).model_copy(update=update)

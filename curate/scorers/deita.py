@@ -22,7 +22,6 @@ components. A digit the backend cannot provide gives NaN and ``fallback_needed``
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import numpy as np

@@ -95,8 +95,7 @@ class LossScorer(Scorer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         p = self.params
-        lm = LMParams(**{k: getattr(p, k) for k in LMParams.model_fields})
-        self.backend = load_backend(lm, self.context.torch_threads, self.context.extra.get("request_cache"))
+        self.backend = load_backend(LMParams.of(p), self.context.torch_threads, self.context.extra.get("request_cache"))
         self._template = None
         self._cache: dict[tuple[str, bool], list[int]] = {}
         self._special: dict[bool, tuple[int, int]] = {}
@@ -111,8 +110,6 @@ class LossScorer(Scorer):
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
         lm_keys = set(LMParams.model_fields)
-        # how the backend is reached (batch size, concurrency, device) does not change the numbers
-        transport = {"max_tokens_per_batch", "device", "base_url", "api_key_env", "concurrency", "max_retries", "timeout_s"}
         fp = {
             "method": self.method,
             "variant": getattr(self, "variant", self.method),
@@ -122,7 +119,7 @@ class LossScorer(Scorer):
             "max_length": p.max_length,
             "truncation_policy": p.truncation if not p.match_reference else "reference",
             "multi_turn_policy": {"turns": p.turns, "context": p.context, "aggregate": p.aggregate},
-            "params": {k: v for k, v in p.model_dump(mode="json").items() if k not in lm_keys and k not in transport},
+            "params": {k: v for k, v in p.model_dump(mode="json").items() if k not in lm_keys},
             "match_reference": p.match_reference,
         }
         return fp

@@ -17,15 +17,13 @@ generative judges (LLM rating, DS2).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
 from curate.lm import LMParams, load_backend
 from curate.prompts import Prompt
 from curate.scorers.base import Scorer
-
-TRANSPORT = {"max_tokens_per_batch", "device", "base_url", "api_key_env", "concurrency", "max_retries", "timeout_s"}
 
 
 class RatingParams(Scorer.Params, LMParams):
@@ -52,8 +50,7 @@ class PromptScorer(Scorer):
         model = model or self.params.model
         if model not in self._backends:
             p = self.params
-            lm = LMParams(**{k: getattr(p, k) for k in LMParams.model_fields}).model_copy(update={"model": model})
-            self._backends[model] = load_backend(lm, self.context.torch_threads, self.context.extra.get("request_cache"))
+            self._backends[model] = load_backend(LMParams.of(p, model=model), self.context.torch_threads, self.context.extra.get("request_cache"))
         return self._backends[model]
 
     def base_fingerprint(self, prompts: list[Prompt], models: list[str] | None = None) -> dict[str, Any]:
@@ -143,5 +140,3 @@ def _field_names(text: str) -> list[str]:
 
     return [name for _, name, _, _ in string.Formatter().parse(text) if name]
 
-
-FormatChoice = Literal["auto", "trained", "chat"]

@@ -133,8 +133,7 @@ class Delift(Selector):
         examples = self.neighbours(X, cands, cands, p.n_neighbors)
         if len(refs):  # utilities of the reference rows as examples for each candidate target
             examples = [np.concatenate([e, r]) for e, r in zip(examples, self.neighbours(X, cands, refs, p.n_neighbors))]
-        lm = LMParams(**{k: getattr(p, k) for k in LMParams.model_fields})
-        raw, forwards = self.utilities(pool.texts(), cands, examples, load_backend(lm))
+        raw, forwards = self.utilities(pool.texts(), cands, examples, load_backend(LMParams.of(p)))
         pos = {int(c): a for a, c in enumerate(cands)}
         ref_pos = {int(r): a for a, r in enumerate(refs)}
         vals = np.array(list(raw.values())) if raw else np.zeros(0)

@@ -14,7 +14,6 @@ from curate import __version__
 from curate.config import StepSpec
 from curate.manifests import ShardRef, WorkRef
 from curate.scorers import Scorer, ScorerContext, scorer_class
-from curate.stages.ingest import read_shard
 from curate.stages.shardwork import run_shard
 from curate.store import Store
 
@@ -93,10 +92,8 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
                 )
         return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
 
-    ref = run_shard("score", step.label, collection, shard, compute, scorer.batch_rows)
-    ids = read_shard(shard, ["sample_id"]).column(0).to_pylist()
-    table = collection.read(ids, columns=["sample_id", "variant", "score"])
-    ref.warnings = collapse_warnings(scorer, step.label, shard.shard_id, table)
+    ref = run_shard("score", step.label, collection, shard, compute, scorer.batch_rows,
+                    check=lambda table: collapse_warnings(scorer, step.label, shard.shard_id, table), check_columns=("variant", "score"))
     _log_warnings(ref.warnings)
     return ref
 

@@ -27,12 +27,17 @@ def run_shard(
     compute: Callable[[list[dict]], pa.Table],
     chunk_rows: int,
     order: Callable[[list[dict]], list[int]] | None = None,
+    check: Callable[[pa.Table], list[str]] | None = None,
+    check_columns: tuple[str, ...] = (),
 ) -> WorkRef:
-    """``compute(records) -> table`` of store rows for those records (one or more rows each)."""
+    """``compute(records) -> table`` of store rows for those records (one or more rows each).
+    ``check(stored rows of the shard) -> warnings`` runs once, when the shard is finished; its
+    warnings are kept in the shard's marker, so a cached shard reports them without re-reading."""
     t0 = time.perf_counter()
     if collection.done(shard.sha256):
+        marker = collection.marker(shard.sha256)
         return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
-                       n_rows=shard.n_rows, computed_rows=0, statuses=collection.marker(shard.sha256).get("statuses", {}))
+                       n_rows=shard.n_rows, computed_rows=0, statuses=marker.get("statuses", {}), warnings=marker.get("warnings", []))
     have = collection.ids()
     ids = read_shard(shard, ["sample_id"]).column(0).to_pylist()
     todo_mask = [sid not in have for sid in ids]
@@ -47,15 +52,15 @@ def run_shard(
                 tables.append(compute(chunk))
                 bar.advance(len(chunk))
         collection.write(pa.concat_tables(tables))
-    statuses = _statuses(collection, shard)
-    collection.mark_done(shard.sha256, {"shard_id": shard.shard_id, "n_rows": shard.n_rows, "statuses": statuses})
-    return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
-                   n_rows=shard.n_rows, computed_rows=computed, statuses=statuses, seconds=round(time.perf_counter() - t0, 3))
+    stored = collection.read(ids, columns=sorted({"sample_id", "status", *check_columns}))
+    statuses = _statuses(stored)
+    warnings = check(stored) if check is not None and stored is not None else []
+    collection.mark_done(shard.sha256, {"shard_id": shard.shard_id, "n_rows": shard.n_rows, "statuses": statuses, "warnings": warnings})
+    return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256, n_rows=shard.n_rows,
+                   computed_rows=computed, statuses=statuses, seconds=round(time.perf_counter() - t0, 3), warnings=warnings)
 
 
-def _statuses(collection: Collection, shard: ShardRef) -> dict[str, int]:
-    ids = read_shard(shard, ["sample_id"]).column(0).to_pylist()
-    table = collection.read(ids, columns=["sample_id", "status"])
+def _statuses(table: pa.Table | None) -> dict[str, int]:
     if table is None:
         return {}
     # one status per sample (scores may hold several variants with the same status)
