@@ -9,7 +9,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+# Libraries' own tqdm bars (weight loading, GGUF de-quantisation) read this when tqdm is imported,
+# which happens before any of our code runs: curate shows its own progress (see curate.progress).
+os.environ.setdefault("TQDM_DISABLE", "1")
 from pathlib import Path
 from typing import Optional
 

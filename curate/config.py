@@ -288,8 +288,12 @@ def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> Fl
 
 
 def preset_dirs(data: dict, flow_path: Path) -> list[Path]:
+    """Where ``select: <name>`` looks: the flow's own ``selectors/`` (under base_dir), the source
+    checkout's, then the copy a wheel installs under ``<prefix>/share/curate/selectors``."""
+    import sys
+
     base = (flow_path.parent / str(data.get("base_dir", "."))).resolve()
-    return [base / "selectors", Path(__file__).resolve().parents[1] / "selectors"]
+    return [base / "selectors", Path(__file__).resolve().parents[1] / "selectors", Path(sys.prefix) / "share" / "curate" / "selectors"]
 
 
 def expand_presets(data: dict, flow_path: Path) -> None:

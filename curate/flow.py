@@ -14,13 +14,34 @@ from typing import Any
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # The temporary server would try to send usage telemetry; most curate machines have no route out.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# curate's own log lines (one per stage and shard) go to Prefect's console and to the run in the UI.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "curate")
 
 from prefect import flow  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
+import logging  # noqa: E402
+
 from curate.config import FlowSpec, load_flow  # noqa: E402
 from curate.executors import PrefectExecutor  # noqa: E402
 from curate.pipeline import execute  # noqa: E402
+
+
+class _ExpectedErrorsWithoutTraceback(logging.Filter):
+    """A CurateError (a missing file, an empty input, a bad value) is an expected stop with a message
+    that says everything: Prefect logs it in one line instead of with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from curate.errors import CurateError
+
+        if record.exc_info and isinstance(record.exc_info[1], CurateError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_ExpectedErrorsWithoutTraceback())
 
 
 @flow(name="curate", flow_run_name="curate-{name}", persist_result=False, validate_parameters=True)

@@ -81,6 +81,8 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
     executor = executor or LocalExecutor()
     t_start = time.perf_counter()
     progress.configure(spec.runtime.progress)
+    if executor.name == "local":
+        progress.attach_console_log()
     out = spec.out
     out.mkdir(parents=True, exist_ok=True)
     store_dir = str(spec.store)
@@ -201,12 +203,23 @@ def counts_table(summary: dict[str, Any], dataset: DatasetRef) -> list[dict[str,
 
 
 def run(spec: FlowSpec, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run a validated flow: as a Prefect flow when ``runtime.prefect`` (the default), else in-process."""
+    """Run a validated flow: as a Prefect flow when ``runtime.prefect`` (the default), else in-process.
+    Missing input files are reported before anything starts."""
+    check_inputs(spec)
     if not spec.runtime.prefect:
         return execute(spec, LocalExecutor())
     from curate.flow import run_prefect
 
     return run_prefect(spec, overrides or [])
+
+
+def check_inputs(spec: FlowSpec) -> None:
+    """Raise IngestError (file and folder named) for an input path or glob that matches no file."""
+    from curate.ingest.readers import expand_paths
+
+    for inp in spec.inputs:
+        if inp.path is not None:
+            expand_paths(inp.path, spec.base)
 
 
 def _estimate(measure, todo: list[dict], warmup_rows: int, cost) -> dict[str, Any]:

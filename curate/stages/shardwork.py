@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pyarrow as pa
 
 from curate.manifests import ShardRef, WorkRef
-from curate.progress import stage_progress
+from curate.progress import logger, stage_progress
 from curate.stages.ingest import read_shard
 from curate.store import Collection
 
@@ -36,6 +36,7 @@ def run_shard(
     t0 = time.perf_counter()
     if collection.done(shard.sha256):
         marker = collection.marker(shard.sha256)
+        logger.info("%s %s shard %d: %d rows already in the store", stage, name, shard.shard_id, shard.n_rows)
         return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
                        n_rows=shard.n_rows, computed_rows=0, statuses=marker.get("statuses", {}), warnings=marker.get("warnings", []))
     have = collection.ids()
@@ -52,6 +53,8 @@ def run_shard(
                 tables.append(compute(chunk))
                 bar.advance(len(chunk))
         collection.write(pa.concat_tables(tables))
+    else:
+        logger.info("%s %s shard %d: %d rows already in the store", stage, name, shard.shard_id, shard.n_rows)
     stored = collection.read(ids, columns=sorted({"sample_id", "status", *check_columns}))
     statuses = _statuses(stored)
     warnings = check(stored) if check is not None and stored is not None else []
