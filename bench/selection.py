@@ -36,7 +36,7 @@ def clustered(n: int, d: int = 384, seed: int = 0) -> np.ndarray:
 
 def real_embeddings(limit: int) -> np.ndarray:
     from curate.config import EmbedSpec
-    from curate.embed import SentenceTransformerEmbedder
+    from curate.embed import build_embedder
 
     texts = []
     for path in sorted((ROOT.parent / "shared" / "data").rglob("*.json*")):
@@ -47,7 +47,7 @@ def real_embeddings(limit: int) -> np.ndarray:
         for r in rows if isinstance(rows, list) else []:
             if isinstance(r, dict):
                 texts.append(" ".join(str(v) for v in r.values() if isinstance(v, str))[:1000])
-    return SentenceTransformerEmbedder(EmbedSpec(), torch_threads=2).embed(texts[:limit])
+    return build_embedder(EmbedSpec(), torch_threads=2).embed(texts[:limit])
 
 
 def timed(fn, *a, **k):

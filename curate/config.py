@@ -71,6 +71,7 @@ class StepSpec(BaseModel):
 
 
 class EmbedSpec(Strict):
+    method: str = Field("sentence_transformers", description="The embedder (curate/embed/__init__.py lists them).")
     model: str = Field("all-MiniLM-L6-v2", description="Model id, local dir, or a bundled short name.")
     revision: str | None = None
     text: Literal["conversation", "prompt", "response"] = "conversation"
@@ -350,6 +351,13 @@ def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> Non
                 params[loc] = cls.Params.model_validate(step.params)
             except ValidationError as exc:
                 errors.append(format_validation_error(exc, source, lines, loc))
+    if spec.embed is not None:
+        from curate.embed import EMBEDDERS
+
+        if spec.embed.method not in EMBEDDERS:
+            line = lines.get(("embed", "method"))
+            where = f"{source}:{line}" if line else source
+            errors.append(f"{where}: embed.method: unknown embedder '{spec.embed.method}' (known: {', '.join(sorted(EMBEDDERS))})")
     score_names = {s.label for s in spec.score}
     for i, step in enumerate(spec.select):
         if ("select", i) not in params:

@@ -40,7 +40,7 @@ def scorer_context(spec: FlowSpec) -> ScorerContext:
 
 def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, dict[str, dict]]:
     """Store keys of every scorer and of the embedder, computed without loading any model."""
-    from curate.embed import SentenceTransformerEmbedder
+    from curate.embed import build_embedder
 
     ctx = scorer_context(spec)
     scorers, fingerprints = {}, {}
@@ -50,7 +50,7 @@ def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, 
         fingerprints[f"score:{step.label}"] = {"key": scorer.key, **scorer.fingerprint()}
     embed_key = None
     if spec.embed is not None:
-        embedder = SentenceTransformerEmbedder(spec.embed, torch_threads(spec))
+        embedder = build_embedder(spec.embed, torch_threads(spec))
         embed_key = embedder.key
         fingerprints["embed"] = {"key": embed_key, **embedder.fingerprint()}
     return scorers, embed_key, fingerprints
@@ -244,7 +244,7 @@ def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str,
     counts and a short measured warm-up (this loads the models). Writes nothing under output_dir."""
     import pyarrow.compute as pc
 
-    from curate.embed import SentenceTransformerEmbedder, embed_text
+    from curate.embed import build_embedder, embed_text
     from curate.scorers.heuristic import _TOKEN
     from curate.stages.ingest import read_shard
     from curate.stages.score import build_scorer
@@ -267,7 +267,7 @@ def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str,
             row = {"stage": "embed", "what": spec.embed.model, "key": embed_key[:12], "shards": len(dataset.shards),
                    "cached_rows": len(records) - len(todo), "to_compute": len(todo)}
             if warmup and todo:
-                embedder = SentenceTransformerEmbedder(spec.embed, torch_threads(spec))
+                embedder = build_embedder(spec.embed, torch_threads(spec))
                 row.update(_estimate(lambda rs: embedder.embed([embed_text(r, spec.embed.text) for r in rs]), todo,
                                      max(warmup_rows, 32), len), unit="rows")
             stages.append(row)

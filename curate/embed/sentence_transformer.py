@@ -8,35 +8,25 @@ does; the length is recorded in the fingerprint.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from curate.config import EmbedSpec
+from curate.embed.base import Embedder
 from curate.models import cached, resolve_model, set_torch_threads
-from curate.records import conversation_text, prompt_text, response_text
 
 VERSION = "1.0"
 
-TEXTS: dict[str, Callable[[list[dict]], str]] = {
-    "conversation": conversation_text,
-    "prompt": prompt_text,
-    "response": response_text,
-}
 
-
-def embed_text(record: dict[str, Any], mode: str) -> str:
-    return TEXTS[mode](record["messages"])
-
-
-class SentenceTransformerEmbedder:
+class SentenceTransformerEmbedder(Embedder):
     """``embed(texts) -> float32 array (n, dim)``, L2-normalised when ``normalize``."""
 
+    method = "sentence_transformers"
+
     def __init__(self, spec: EmbedSpec, torch_threads: int | None = None):
-        self.spec = spec
+        super().__init__(spec, torch_threads)
         self.resolved = resolve_model(spec.model, spec.revision)
-        self.torch_threads = torch_threads
         self._model = None
 
     @property
@@ -108,12 +98,6 @@ class SentenceTransformerEmbedder:
             "dtype": self.spec.dtype,
             **info,
         }
-
-    @property
-    def key(self) -> str:
-        from curate.records import canonical_json, sha256_hex
-
-        return sha256_hex(canonical_json(self.fingerprint()))
 
     @property
     def dim(self) -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.config import EmbedSpec
-from curate.embed import SentenceTransformerEmbedder, embed_text
+from curate.embed import build_embedder, embed_text
 from curate.manifests import ShardRef, WorkRef
 from curate.stages.shardwork import run_shard
 from curate.store import Store
@@ -25,7 +25,7 @@ def embedding_table(ids: list[str], vectors: np.ndarray, statuses: list[str]) ->
 
 
 def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torch_threads: int | None = None) -> WorkRef:
-    embedder = SentenceTransformerEmbedder(spec, torch_threads)
+    embedder = build_embedder(spec, torch_threads)
     collection = Store(store_dir).embeddings(key)
 
     def compute(records: list[dict]) -> pa.Table:

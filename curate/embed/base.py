@@ -1,0 +1,59 @@
+"""The embedder contract.
+
+An embedder turns records into vectors for diversity selection (k-center, Repr Filter, facility
+location …). Each is one file in ``curate/embed/`` plus one line in ``EMBEDDERS``
+(``curate/embed/__init__.py``); the flow picks one with ``embed.method``.
+
+- ``embed(texts) -> float32 array (n, dim)``, L2-normalised when ``spec.normalize``;
+- ``fingerprint()``: everything that changes the vectors (model id and revision, text view, length,
+  pooling, dtype), computed without loading weights where possible; hashed into ``key``, the store
+  key of its vectors;
+- ``dim``: the vector length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import numpy as np
+
+from curate.config import EmbedSpec
+from curate.records import canonical_json, conversation_text, prompt_text, response_text, sha256_hex
+
+#: ``embed.text``: which text of a record is embedded
+TEXTS: dict[str, Callable[[list[dict]], str]] = {
+    "conversation": conversation_text,
+    "prompt": prompt_text,
+    "response": response_text,
+}
+
+
+def embed_text(record: dict[str, Any], mode: str) -> str:
+    """The text of ``record`` that ``embed.text = mode`` embeds."""
+    return TEXTS[mode](record["messages"])
+
+
+class Embedder:
+    method: ClassVar[str]
+
+    def __init__(self, spec: EmbedSpec, torch_threads: int | None = None):
+        self.spec = spec
+        self.torch_threads = torch_threads
+
+    def fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def key(self) -> str:
+        return sha256_hex(canonical_json(self.fingerprint()))
+
+    @property
+    def dim(self) -> int:
+        raise NotImplementedError
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+    def embed_records(self, records: list[dict[str, Any]]) -> np.ndarray:
+        return self.embed([embed_text(r, self.spec.text) for r in records])
