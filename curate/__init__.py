@@ -15,7 +15,7 @@ def __getattr__(name):  # keep `import curate` light: heavy modules load on firs
 
         return load_flow
     if name == "run":
-        from curate.pipeline import run
+        from curate.launch import run
 
         return run
     raise AttributeError(name)

@@ -68,9 +68,9 @@ def run(
         if progress is not None:
             overrides.append(f"runtime.progress={'true' if progress else 'false'}")
         spec = _load(flow, overrides)
-        from curate.pipeline import run as run_flow
+        from curate.launch import run as run_flow
 
-        summary = run_flow(spec, overrides)
+        summary = run_flow(spec)
     except CurateError as exc:
         _fail(exc)
         return

@@ -83,6 +83,15 @@ class EmbedSpec(Strict):
     trust_remote_code: bool = False
 
 
+class RewriteSpec(Strict):
+    """Make new rows from the selected ones, re-score them, and select again (methods.md Part C)."""
+
+    steps: list[StepSpec] = Field(min_length=1, description="Rewrite steps (curate/rewrite/__init__.py lists them), each applied to the selection.")
+    pool: Literal["derived", "selected_and_derived"] = Field(
+        "derived", description="Who meets the next selection: the derived rows (and the originals no step used), or every selected original too.")
+    select: list[StepSpec] = Field(default_factory=list, description="Selection steps over that pool, after re-scoring (empty: keep all).")
+
+
 class ExportSpec(Strict):
     dir: str = Field("export", description="Relative to output_dir.")
     name: str = Field("curated", pattern=r"^[A-Za-z0-9_.-]+$")
@@ -120,6 +129,7 @@ class FlowSpec(Strict):
     score: list[StepSpec] = Field(default_factory=list)
     embed: EmbedSpec | None = None
     select: list[StepSpec] = Field(default_factory=list, description="Steps, or a preset name from selectors/.")
+    rewrite: RewriteSpec | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
@@ -160,7 +170,13 @@ class FlowSpec(Strict):
         (output_dir, store_dir), how it runs (runtime) and the report settings are left out, so the
         same work in another folder has the same hash."""
         exclude = {"flow_path", "output_dir", "store_dir", "runtime", "report", "description"}
-        return sha256_hex(canonical_json(self.model_dump(mode="json", exclude=exclude)))
+        data = self.model_dump(mode="json", exclude=exclude)
+        # keys added in later versions enter the hash only when set, so a flow keeps its hash
+        if data.get("rewrite") is None:
+            data.pop("rewrite", None)
+        if data.get("embed") and data["embed"].get("method") == "sentence_transformers":
+            data["embed"].pop("method")
+        return sha256_hex(canonical_json(data))
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -333,14 +349,20 @@ def expand_presets(data: dict, flow_path: Path) -> None:
 
 def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> None:
     """Check each scorer/selector's parameters against its class (unknown methods, bad params)."""
+    from curate.rewrite import REWRITERS, rewriter_class
     from curate.scorers import SCORERS, scorer_class
     from curate.select import SELECTORS, selector_class
 
     errors = []
     params: dict[tuple, Any] = {}
-    for section, registry, get in (("score", SCORERS, scorer_class), ("select", SELECTORS, selector_class)):
-        for i, step in enumerate(getattr(spec, section)):
-            loc = (section, i)
+    sections = [(("score",), spec.score, SCORERS, scorer_class), (("select",), spec.select, SELECTORS, selector_class)]
+    if spec.rewrite is not None:
+        sections += [(("rewrite", "steps"), spec.rewrite.steps, REWRITERS, rewriter_class),
+                     (("rewrite", "select"), spec.rewrite.select, SELECTORS, selector_class)]
+    for prefix, steps, registry, get in sections:
+        section = ".".join(prefix)
+        for i, step in enumerate(steps):
+            loc = (*prefix, i)
             if step.method not in registry:
                 line = lines.get(loc + ("method",))
                 where = f"{source}:{line}" if line else source
@@ -359,20 +381,24 @@ def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> Non
             where = f"{source}:{line}" if line else source
             errors.append(f"{where}: embed.method: unknown embedder '{spec.embed.method}' (known: {', '.join(sorted(EMBEDDERS))})")
     score_names = {s.label for s in spec.score}
-    for i, step in enumerate(spec.select):
-        if ("select", i) not in params:
-            continue
-        cls = selector_class(step.method)
-        if getattr(cls, "needs_embeddings", False) and spec.embed is None:
-            errors.append(f"{source}: select[{i}] ({step.method}) needs embeddings: add an 'embed:' section")
-        score = getattr(params[("select", i)], "score", None)
-        if score:
-            scorer = score.split(".", 1)[0]
-            if scorer not in score_names:
-                errors.append(
-                    f"{source}: select[{i}].score: '{score}' names no scorer of this flow "
-                    f"(scorers: {', '.join(sorted(score_names)) or 'none'}; write <scorer>.<output>)"
-                )
+    select_sections = [(("select",), spec.select)] + ([(("rewrite", "select"), spec.rewrite.select)] if spec.rewrite else [])
+    for prefix, steps in select_sections:
+        for i, step in enumerate(steps):
+            loc = (*prefix, i)
+            if loc not in params:
+                continue
+            where = f"{'.'.join(prefix)}[{i}]"
+            cls = selector_class(step.method)
+            if getattr(cls, "needs_embeddings", False) and spec.embed is None:
+                errors.append(f"{source}: {where} ({step.method}) needs embeddings: add an 'embed:' section")
+            score = getattr(params[loc], "score", None)
+            if score:
+                scorer = score.split(".", 1)[0]
+                if scorer not in score_names:
+                    errors.append(
+                        f"{source}: {where}.score: '{score}' names no scorer of this flow "
+                        f"(scorers: {', '.join(sorted(score_names)) or 'none'}; write <scorer>.<output>)"
+                    )
     if errors:
         raise ConfigError("\n".join(errors))
 

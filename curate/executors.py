@@ -1,12 +1,12 @@
-"""Executors run stage functions; the stages never know which one runs them.
+"""Executors run a stage's calls; they never know which stage they run.
 
 - :class:`LocalExecutor` calls them in-process, one after another (``runtime.prefect: false``,
   ``curate run --no-prefect``, unit tests).
-- :class:`PrefectExecutor` wraps each stage function in a Prefect task — one task run per
-  (stage × shard), never per row — submits them to the flow's task runner and waits for every
-  future. Model stages (score, embed) get a content cache key (shard hash, store key, store
-  identity), so a finished shard shows as ``Cached`` in the UI; a shard whose done-marker is missing
-  from the store always runs, so a stale Prefect cache record never masks missing data.
+- :class:`PrefectExecutor` wraps each stage function in a Prefect task — one task run per call
+  (per shard for model stages, never per row) — submits them to the flow's task runner and waits
+  for every future. A stage with a ``cache`` (score, embed) gets a content cache key per call, so a
+  finished shard shows as ``Cached`` in the UI; a shard whose done-marker is missing from the store
+  always runs, so a stale Prefect cache record never masks missing data.
 """
 
 from __future__ import annotations
@@ -15,52 +15,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from curate.records import sha256_hex
-
-#: bump when a stage's code changes what it returns (Prefect's TASK_SOURCE ignores called functions)
-OP_VERSION = {"score": "1", "embed": "1"}
-
-TASK_RUN_NAMES = {
-    "ingest": "ingest-{input_index}",
-    "shard": "shard",
-    "embed": "embed-{shard.shard_id}",
-    "score": "score-{step.method}-{shard.shard_id}",
-    "select": "select",
-    "export": "export-{layout}",
-    "export-configs": "export-configs",
-    "report": "report",
-}
-
 
 class LocalExecutor:
-    """Run stages in this process, in order."""
+    """Run calls in this process, in order."""
 
     name = "local"
 
-    def map(self, stage: str, fn: Callable, calls: list[dict[str, Any]]) -> list[Any]:
+    def map(self, stage: Any, fn: Callable, calls: list[dict[str, Any]], task_name: str | None = None) -> list[Any]:
         return [fn(**kw) for kw in calls]
-
-    def call(self, stage: str, fn: Callable, **kwargs: Any) -> Any:
-        return self.map(stage, fn, [kwargs])[0]
 
     def describe(self) -> dict[str, Any]:
         return {"executor": self.name}
 
     def publish(self, summary: dict[str, Any], markdown: str, table: list[dict[str, Any]]) -> None:
         return None
-
-
-def _content_key(kind: str):
-    """Cache key of a model-stage task: the stage, its op version, the shard's content hash, the
-    store key of the scorer/embedder and the identity of the store (a new store never hits an old
-    cache record)."""
-    from curate.store import Store
-
-    def key_fn(context, params: dict[str, Any]) -> str:
-        store = Store(params["store_dir"])
-        return sha256_hex(kind, OP_VERSION[kind], params["shard"].sha256, params["key"], store.identity())
-
-    return key_fn
 
 
 class PrefectExecutor(LocalExecutor):
@@ -70,18 +38,20 @@ class PrefectExecutor(LocalExecutor):
 
     def __init__(self, result_dir: Path) -> None:
         self.result_dir = Path(result_dir)
-        self._tasks: dict[tuple[str, bool], Any] = {}
+        self._tasks: dict[tuple[str, str, bool], Any] = {}
 
-    def _task(self, stage: str, fn: Callable, refresh: bool = False):
-        if (stage, refresh) in self._tasks:
-            return self._tasks[(stage, refresh)]
+    def _task(self, stage: Any, fn: Callable, task_name: str, refresh: bool = False):
+        ident = (stage.name, task_name, refresh)
+        if ident in self._tasks:
+            return self._tasks[ident]
         from prefect import task
         from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 
-        options: dict[str, Any] = {"name": stage, "task_run_name": TASK_RUN_NAMES.get(stage, stage), "retries": 0}
-        if stage in OP_VERSION:
+        options: dict[str, Any] = {"name": stage.name, "task_run_name": task_name, "retries": 0}
+        if stage.cache is not None:
+            cache = stage.cache
             options.update(
-                cache_policy=CacheKeyFnPolicy(cache_key_fn=_content_key(stage)),
+                cache_policy=CacheKeyFnPolicy(cache_key_fn=lambda context, params: cache.key(params)),
                 refresh_cache=refresh,
                 persist_result=True,
                 result_serializer="json",
@@ -90,23 +60,15 @@ class PrefectExecutor(LocalExecutor):
             )
         else:
             options.update(cache_policy=NO_CACHE, persist_result=False)
-        self._tasks[(stage, refresh)] = task(fn, **options)
-        return self._tasks[(stage, refresh)]
+        self._tasks[ident] = task(fn, **options)
+        return self._tasks[ident]
 
-    def _refresh(self, stage: str, kw: dict[str, Any]) -> bool:
-        """A model-stage shard whose done-marker is missing always runs (and rewrites its cache record)."""
-        if stage not in OP_VERSION:
-            return False
-        from curate.store import Store
-
-        store = Store(kw["store_dir"])
-        collection = store.scores(kw["key"]) if stage == "score" else store.embeddings(kw["key"])
-        return not collection.done(kw["shard"].sha256)
-
-    def map(self, stage: str, fn: Callable, calls: list[dict[str, Any]]) -> list[Any]:
+    def map(self, stage: Any, fn: Callable, calls: list[dict[str, Any]], task_name: str | None = None) -> list[Any]:
         from prefect.futures import wait
 
-        futures = [self._task(stage, fn, self._refresh(stage, kw)).submit(**kw) for kw in calls]
+        task_name = task_name or stage.name
+        # a model-stage shard whose done-marker is missing always runs (and rewrites its cache record)
+        futures = [self._task(stage, fn, task_name, stage.cache is not None and stage.cache.stale(kw)).submit(**kw) for kw in calls]
         wait(futures)  # every future resolves before we look at any, so none is left unfinished
         results = [f.result() for f in futures]  # raises the first failure
         # a Cached task replays the manifest of the run that computed it; in this run it computed nothing

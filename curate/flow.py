@@ -1,8 +1,10 @@
 """The Prefect flow: one flow run per ``curate run``, one task run per (stage × shard).
 
-Parameters stay small (the flow file's path, the ``--set`` overrides and the config hash); the flow
-re-reads and validates the file itself. Without ``PREFECT_API_URL`` Prefect starts a temporary local
-server for the run (ephemeral mode); with it, runs appear in that server's UI.
+The flow takes the validated spec (as JSON, ``--set`` overrides and presets already applied), the
+flow file's path (relative paths resolve against it) and the spec's hash, which it checks: the run
+computes exactly what was asked, and nothing re-reads a file that may have changed since. Without
+``PREFECT_API_URL`` Prefect starts a temporary local server for the run (ephemeral mode); with it,
+runs appear in that server's UI.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 import logging  # noqa: E402
 
-from curate.config import FlowSpec, load_flow  # noqa: E402
+from curate.config import FlowSpec  # noqa: E402
 from curate.executors import PrefectExecutor  # noqa: E402
 from curate.pipeline import execute  # noqa: E402
 
@@ -45,18 +47,17 @@ for _name in ("prefect.task_runs", "prefect.flow_runs"):
 
 
 @flow(name="curate", flow_run_name="curate-{name}", persist_result=False, validate_parameters=True)
-def curate_flow(config_path: str, overrides: list[str] | None = None, name: str = "", config_hash: str = "") -> dict[str, Any]:
-    """Run a curate flow file: ingest → embed/score → select → export → report."""
-    spec = load_flow(config_path, overrides or [])
-    if config_hash and spec.fingerprint() != config_hash:
-        raise RuntimeError(f"{config_path} changed since the run was requested (hash {config_hash[:12]} → {spec.fingerprint()[:12]})")
-    return execute(spec, PrefectExecutor(spec.store / "prefect-results"))
+def curate_flow(spec: dict[str, Any], flow_path: str | None = None, name: str = "", config_hash: str = "") -> dict[str, Any]:
+    """Run a curate flow: ingest → embed/score → select [→ rewrite → score → select] → export → report."""
+    flow_spec = FlowSpec.model_validate(spec)
+    flow_spec.flow_path = flow_path
+    if config_hash and flow_spec.fingerprint() != config_hash:
+        raise RuntimeError(f"the flow spec does not match its hash ({config_hash[:12]} → {flow_spec.fingerprint()[:12]})")
+    return execute(flow_spec, PrefectExecutor(flow_spec.store / "prefect-results"))
 
 
-def run_prefect(spec: FlowSpec, overrides: list[str]) -> dict[str, Any]:
-    if not spec.flow_path:
-        raise ValueError("a Prefect run needs a flow file (spec.flow_path); use runtime.prefect=false for in-memory specs")
+def run_prefect(spec: FlowSpec) -> dict[str, Any]:
     runner = ThreadPoolTaskRunner(max_workers=spec.runtime.workers)
     return curate_flow.with_options(task_runner=runner)(
-        config_path=spec.flow_path, overrides=overrides, name=spec.name, config_hash=spec.fingerprint()
+        spec=spec.model_dump(mode="json"), flow_path=spec.flow_path, name=spec.name, config_hash=spec.fingerprint()
     )

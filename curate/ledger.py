@@ -1,6 +1,9 @@
-"""The ledger: where every input row ended, and why.
+"""The ledgers: where every input row, and every derived row, ended, and why.
 
-One row per input row (``row`` = global input index, in ingest order over all inputs):
+``ledger.parquet`` has one row per input row (``row`` = global input index, in ingest order over all
+inputs); ``derived_ledger.parquet`` one row per row a rewrite made (``row`` from ``n_input`` on), with
+the same columns plus ``origin`` and ``parents``; ``lineage.parquet`` links each derived row to its
+parents with what made it. Columns:
 
 ============  ==================================================================================
 outcome       ``selected`` | ``not_selected`` | ``filtered`` | ``quarantined``
@@ -10,7 +13,9 @@ detail        a sentence a person can read (threshold and value, blocking row, e
 rank          order of selection for selected rows (0 = first), null otherwise
 ============  ==================================================================================
 
-The counts reconcile exactly: ``n_input = selected + not_selected + filtered + quarantined``.
+The counts reconcile exactly, for each ledger: ``n = selected + not_selected + filtered + quarantined``.
+An input row used by a rewrite whose originals leave the pool ends ``not_selected`` with reason
+``rewritten`` (its derived rows carry it on).
 """
 
 from __future__ import annotations
@@ -37,8 +42,23 @@ LEDGER_SCHEMA = pa.schema(
 )
 
 
-def ledger_table(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=LEDGER_SCHEMA)
+DERIVED_LEDGER_SCHEMA = pa.schema([*LEDGER_SCHEMA, pa.field("origin", pa.string()), pa.field("parents", pa.list_(pa.string()))])
+
+LINEAGE_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("sample_id", pa.string()),
+        ("origin", pa.string()),
+        ("parents", pa.list_(pa.string())),
+        ("parent_rows", pa.list_(pa.int64())),
+        ("recordset", pa.string()),
+        ("generation", pa.string()),
+    ]
+)
+
+
+def ledger_table(rows: list[dict], schema: pa.Schema = LEDGER_SCHEMA) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def counts(table: pa.Table) -> dict[str, int]:
@@ -50,11 +70,13 @@ class LedgerMismatch(AssertionError):
     pass
 
 
-def reconcile(table: pa.Table, n_input: int) -> dict[str, int]:
-    """Check that every input row appears exactly once; return counts per outcome."""
+def reconcile(table: pa.Table, n_input: int, first_row: int = 0) -> dict[str, int]:
+    """Check that every row ``first_row … first_row + n_input - 1`` appears exactly once; return
+    counts per outcome."""
     rows = table.column("row").to_pylist()
-    if len(rows) != n_input or len(set(rows)) != n_input or (rows and (min(rows) != 0 or max(rows) != n_input - 1)):
-        raise LedgerMismatch(f"ledger has {len(rows)} rows ({len(set(rows))} distinct) for {n_input} input rows")
+    last = first_row + n_input - 1
+    if len(rows) != n_input or len(set(rows)) != n_input or (rows and (min(rows) != first_row or max(rows) != last)):
+        raise LedgerMismatch(f"ledger has {len(rows)} rows ({len(set(rows))} distinct) for {n_input} rows ({first_row}…{last})")
     c = counts(table)
     bad = set(table.column("outcome").to_pylist()) - set(OUTCOMES)
     if bad:

@@ -6,6 +6,8 @@ Prefect tasks stay cheap to hash, persist and show, and the data stays in our ow
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 
 
@@ -16,6 +18,22 @@ class ShardRef(BaseModel):
     path: str
     sha256: str = Field(description="Content hash of the shard: sha256 over its sample_ids in order.")
     n_rows: int
+
+
+class RecordSetRef(BaseModel):
+    """A record set (see :mod:`curate.recordset`): shards of canonical records plus a manifest."""
+
+    name: str = Field(description="Unique within a run: input, selected, mosaic, …")
+    stage: str = Field(description="The stage that wrote it.")
+    config_hash: str = Field(description="Hash of that stage's configuration.")
+    dir: str
+    shards: list[ShardRef]
+    n_rows: int
+    sha256: str = Field(description="Content hash: sha256 over the shards' hashes, in order.")
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.dir) / "manifest.json"
 
 
 class IngestRef(BaseModel):
@@ -34,15 +52,19 @@ class IngestRef(BaseModel):
 
 
 class DatasetRef(BaseModel):
-    """All inputs after dedup, split into shards; plus the per-row outcomes decided at ingest."""
+    """All inputs after dedup, as the ``input`` record set; plus the per-row outcomes decided at ingest."""
 
-    shards: list[ShardRef]
+    records: RecordSetRef
     ledger_path: str = Field(description="Ingest outcomes: quarantined and duplicate rows.")
     n_input: int
     n_valid: int
     n_quarantined: int
     n_duplicates: int
     sources: list[IngestRef]
+
+    @property
+    def shards(self) -> list[ShardRef]:
+        return self.records.shards
 
 
 class WorkRef(BaseModel):
@@ -61,11 +83,40 @@ class WorkRef(BaseModel):
 
 
 class SelectionRef(BaseModel):
-    path: str
-    ledger_path: str
+    """What one selection round did: its score table, the ledger rows of its pool, the kept rows."""
+
+    name: str = Field("select", description="select, select-2, …: also the folder under output_dir.")
+    path: str = Field(description="The wide score table of the pool: scores, statuses, selected, rank.")
+    ledger_path: str = Field(description="One ledger row per pool row (and, for the first round, per ingest outcome).")
+    selected: RecordSetRef = Field(description="The kept rows, in row order.")
     n_selected: int
     counts: dict[str, int]
     steps: list[dict]
+
+
+class RewriteRef(BaseModel):
+    """What a rewrite step made: the derived rows (a record set) and what became of its inputs."""
+
+    name: str
+    key: str = Field(description="Store key of the step's work: its fingerprint and its input set's hash.")
+    derived: RecordSetRef
+    dispositions_path: str = Field(description="Per input row: used (as a parent), passthrough, or dropped with a reason.")
+    quarantine_path: str = Field(description="Derived rows that broke the conversation rules (row, origin, parents, reason).")
+    n_derived: int = Field(description="Derived rows made, quarantined ones included (rows row_offset … row_offset + n_derived - 1).")
+    stats: dict
+    computed_units: int = 0
+
+
+class LedgerRef(BaseModel):
+    """The final ledgers of a run (see :mod:`curate.stages.ledger`)."""
+
+    path: str = Field(description="ledger.parquet: every input row once.")
+    derived_path: str = Field(description="derived_ledger.parquet: every derived row once.")
+    lineage_path: str
+    n_input: int
+    n_derived: int
+    counts: dict[str, int]
+    derived_counts: dict[str, int]
 
 
 class ExportRef(BaseModel):

@@ -9,7 +9,11 @@ A *record* is one instruction/response sample in chat form::
      "messages": [{"role": "user", "content": "…", "tool_calls": None},
                   {"role": "assistant", "content": "…", "tool_calls": None}],
      "tools": None,                        # JSON string of tool schemas, or None
-     "original": "{…}"}                    # the original record as JSON: nothing is lost on export
+     "original": "{…}",                    # the original record as JSON: nothing is lost on export
+     "origin": "input",                    # "input", or the rewrite that made the row ("mosaic:permute")
+     "parents": None,                      # derived rows: the sample_ids they were made from
+     "generation": None}                   # derived rows: JSON of what made them (method, prompt id
+                                           # and hash, model, decoding, seed, raw output, status)
 
 Roles are ``system``, ``user``, ``assistant`` and ``tool``. An assistant message that calls tools
 keeps the calls as a JSON string in ``tool_calls``.
@@ -43,6 +47,9 @@ RECORD_SCHEMA = pa.schema(
         ("messages", pa.list_(MESSAGE_TYPE)),
         ("tools", pa.string()),
         ("original", pa.string()),
+        ("origin", pa.string()),
+        ("parents", pa.list_(pa.string())),
+        ("generation", pa.string()),
     ]
 )
 

@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import load_flow
-from curate.pipeline import execute, run
-from curate.stages.embed import load_embeddings
+from curate.launch import run
+from curate.pipeline import execute
+from curate.recordset import load_embeddings
 from conftest import ROOT, write_flow
 from test_pipeline import sample_flow
 

@@ -51,20 +51,3 @@ def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torc
 
     collection.describe(embedder.fingerprint())
     return run_shard("embed", spec.model, collection, shard, compute, chunk_rows=spec.batch_size * 8, order=by_length)
-
-
-def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarray, list[str]]:
-    """(vectors in the order of ``ids``, status per id); missing ids raise."""
-    table = Store(store_dir).embeddings(key).read(ids)
-    if table is None:
-        raise RuntimeError("no embeddings stored for this run")
-    pos = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-    missing = [sid for sid in ids if sid not in pos]
-    if missing:
-        raise RuntimeError(f"{len(missing)} rows have no stored embedding (first: {missing[0]})")
-    order = np.fromiter((pos[s] for s in ids), dtype=np.int64, count=len(ids))
-    flat = pa.compute.list_flatten(table.column("vector")).to_numpy()
-    vecs = flat.reshape(table.num_rows, -1)[order]
-    stored = table.column("status").to_pylist()
-    statuses = [stored[i] for i in order]
-    return np.ascontiguousarray(vecs, dtype=np.float32), statuses

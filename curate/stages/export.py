@@ -9,6 +9,8 @@ Layout of ``<output_dir>/export/`` (one file type per folder, as LLaMA-Factory r
     trl_load.py              TRL loading snippet
     scores.parquet           sidecar: id, provenance, every score, rank, original record
     ledger.parquet           every input row's outcome
+    derived_ledger.parquet   every derived row's outcome (flows with a rewrite stage)
+    lineage.parquet          derived rows → parents, with what made them (flows with a rewrite stage)
     manifest.json            files, row counts, sha256, keys, max_length, validation report
 
 Rows are written in input order with a rank column (methods.md B0). Every file is written
@@ -32,23 +34,18 @@ from curate.config import ExportSpec
 from curate.export.layouts import check_rules, convert_rows
 from curate.export.trainers import axolotl_yaml, dataset_info, trl_snippet
 from curate.io import atomic_path, file_sha256, write_json, write_parquet, write_text
-from curate.manifests import DatasetRef, ExportRef, SelectionRef
-from curate.stages.ingest import read_shard
+from curate.manifests import ExportRef, LedgerRef, SelectionRef
+from curate.recordset import read_records
 
 META_COLUMNS = {"sample_id", "row", "source", "source_index", "source_line", "task", "selected", "rank"}
 
 
-def selected_records(selection: SelectionRef, dataset: DatasetRef) -> tuple[list[dict], pa.Table]:
-    """Selected canonical records in input-row order, and their rows of the wide score table."""
+def selected_records(selection: SelectionRef) -> tuple[list[dict], pa.Table]:
+    """The selected canonical records in row order (read from the selection's own record set, never
+    from every shard of the input), and their rows of the round's wide score table."""
+    records = read_records(selection.selected).to_pylist()
     scores = pq.read_table(selection.path)
     sel = scores.filter(pa.compute.equal(scores.column("selected"), True))
-    wanted = set(sel.column("sample_id").to_pylist())
-    records = []
-    for shard in dataset.shards:
-        for rec in read_shard(shard).to_pylist():
-            if rec["sample_id"] in wanted:
-                records.append(rec)
-    records.sort(key=lambda r: r["row"])
     order = {sid: i for i, sid in enumerate(r["sample_id"] for r in records)}
     sel_ids = sel.column("sample_id").to_pylist()
     sel = sel.take(pa.array(sorted(range(len(sel_ids)), key=lambda i: order[sel_ids[i]]), pa.int64()))
@@ -59,12 +56,17 @@ def _clean(x: Any) -> Any:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def _extras(sel: pa.Table) -> dict[str, dict[str, Any]]:
+def _extras(sel: pa.Table, records: list[dict]) -> dict[str, dict[str, Any]]:
+    """Per selected row: provenance, rank and every score; derived rows (when any) add origin and parents."""
     cols = sel.to_pydict()
     score_cols = [c for c in sel.column_names if c not in META_COLUMNS and not c.endswith(".status")]
+    lineage = {r["sample_id"]: r for r in records} if any(r["origin"] not in (None, "input") for r in records) else None
     out = {}
     for i, sid in enumerate(cols["sample_id"]):
         extra = {"curate.source": cols["source"][i], "curate.source_index": cols["source_index"][i], "curate.rank": cols["rank"][i]}
+        if lineage is not None:
+            extra["curate.origin"] = lineage[sid]["origin"]
+            extra["curate.parents"] = lineage[sid]["parents"] or []
         for c in score_cols:
             extra[f"score.{c}"] = _clean(cols[c][i])
         out[sid] = extra
@@ -75,13 +77,13 @@ def folder(layout: str, file_type: str) -> str:
     return layout if file_type == "jsonl" else f"{layout}_{file_type}"
 
 
-def export_layout(selection: SelectionRef, dataset: DatasetRef, spec: ExportSpec, layout: str, out_dir: str) -> list[dict]:
+def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_dir: str) -> list[dict]:
     """Write one layout in every configured file type; returns file infos for the manifest."""
     export_dir = Path(out_dir) / spec.dir
-    records, sel = selected_records(selection, dataset)
+    records, sel = selected_records(selection)
     rows, skipped = convert_rows(records, layout)
     if spec.extra_columns:
-        extras = _extras(sel)
+        extras = _extras(sel, records)
         rows = [{**r, **extras[r["id"]]} for r in rows]
     broken = [(r["id"], why) for r in rows if (why := check_rules(r, layout))]
     if broken:
@@ -102,16 +104,30 @@ def export_layout(selection: SelectionRef, dataset: DatasetRef, spec: ExportSpec
     return infos
 
 
-def export_finalize(selection: SelectionRef, dataset: DatasetRef, spec: ExportSpec, files: list[dict], out_dir: str,
+def _copy(src: str, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
+
+
+def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], out_dir: str,
                     keys: dict[str, Any]) -> ExportRef:
-    """Sidecar, ledger, trainer configs and manifest, after every layout is written."""
+    """Sidecar, ledgers, trainer configs and manifest, after every layout is written."""
     export_dir = Path(out_dir) / spec.dir
-    records, sel = selected_records(selection, dataset)
+    records, sel = selected_records(selection)
     sidecar = sel.rename_columns(["id" if c == "sample_id" else c for c in sel.column_names])
     sidecar = sidecar.append_column("original", pa.array([r["original"] for r in records], pa.string()))
+    derived = ledger.n_derived > 0
+    if derived:
+        sidecar = sidecar.append_column("origin", pa.array([r["origin"] for r in records], pa.string()))
+        sidecar = sidecar.append_column("parents", pa.array([r["parents"] or [] for r in records], pa.list_(pa.string())))
     write_parquet(export_dir / "scores.parquet", sidecar)
-    shutil.copyfile(selection.ledger_path, export_dir / "ledger.parquet.tmp")
-    (export_dir / "ledger.parquet.tmp").replace(export_dir / "ledger.parquet")
+    _copy(ledger.path, export_dir / "ledger.parquet")
+    sidecars = {"scores": "scores.parquet", "ledger": "ledger.parquet"}
+    if derived:
+        _copy(ledger.derived_path, export_dir / "derived_ledger.parquet")
+        _copy(ledger.lineage_path, export_dir / "lineage.parquet")
+        sidecars.update(derived_ledger="derived_ledger.parquet", lineage="lineage.parquet")
 
     info = dataset_info(files, spec.name)
     write_json(export_dir / "dataset_info.json", info)
@@ -132,9 +148,10 @@ def export_finalize(selection: SelectionRef, dataset: DatasetRef, spec: ExportSp
     manifest = {
         "curate_version": __version__,
         "n_selected": selection.n_selected,
-        "counts": selection.counts,
+        "counts": ledger.counts,
+        **({"derived_counts": ledger.derived_counts} if derived else {}),
         "files": [{k: v for k, v in f.items() if k != "has"} for f in files],
-        "sidecars": {"scores": "scores.parquet", "ledger": "ledger.parquet"},
+        "sidecars": sidecars,
         "max_length": spec.max_length,
         "tokens": tokens,
         "keys": keys,

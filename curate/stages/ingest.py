@@ -2,8 +2,8 @@
 
 ``read_input`` runs once per input spec (one Prefect task each) and writes that input's valid
 records and quarantined rows. ``build_dataset`` then numbers rows globally (inputs in flow order),
-filters exact duplicates (first row wins) and splits the rest into shards of ``shard_size`` rows,
-the unit of work and resume for every later stage.
+filters exact duplicates (first row wins) and writes the rest as the ``input`` record set, in shards
+of ``shard_size`` rows: the unit of work and resume for every later stage.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from curate.ingest.readers import expand_paths, read_file, read_hub
 from curate.ingest.validate import normalise_messages, validate_messages
 from curate.io import file_sha256, relpath, write_json, write_parquet
 from curate.ledger import ledger_table
-from curate.manifests import DatasetRef, IngestRef, ShardRef
+from curate.manifests import DatasetRef, IngestRef
 from curate.records import RECORD_SCHEMA, sample_id, sha256_hex
+from curate.recordset import write_recordset
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -137,6 +138,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
                         "messages": messages,
                         "tools": tools,
                         "original": _original(record),
+                        "origin": "input",
                     }
                 except RecordError as exc:
                     error = exc
@@ -180,13 +182,10 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
     )
 
 
-def shard_hash(ids: list[str]) -> str:
-    return sha256_hex(*ids)
-
-
 def build_dataset(inputs: list[IngestRef], out_dir: str, ingest: IngestSpec) -> DatasetRef:
-    """Number rows globally, filter duplicates, write shards and the ingest part of the ledger."""
-    out = Path(out_dir)
+    """Number rows globally, filter duplicates, write the ``input`` record set (under ``out_dir``)
+    and the ingest part of the ledger (under ``out_dir/ingest``)."""
+    out = Path(out_dir) / "ingest"
     offset = 0
     tables = []
     ledger_rows: list[dict] = []
@@ -243,21 +242,15 @@ def build_dataset(inputs: list[IngestRef], out_dir: str, ingest: IngestSpec) -> 
         keep.append(i)
     table = table.take(pa.array(keep, pa.int64()))
 
-    shards = []
-    shard_dir = out / "shards"
-    for old in shard_dir.glob("shard-*.parquet") if shard_dir.exists() else []:
-        old.unlink()
-    for sid_, start in enumerate(range(0, table.num_rows, ingest.shard_size)):
-        part = table.slice(start, ingest.shard_size)
-        path = shard_dir / f"shard-{sid_:05d}.parquet"
-        write_parquet(path, part)
-        shards.append(ShardRef(shard_id=sid_, path=str(path), sha256=shard_hash(part.column("sample_id").to_pylist()), n_rows=part.num_rows))
+    made_from = sha256_hex(*(r.model_dump_json(include={"source", "files", "file_sha256", "format", "n_rows"}) for r in inputs),
+                           ingest.model_dump_json())
+    records = write_recordset(table, out_dir, "input", "ingest", made_from, ingest.shard_size)
 
     ledger_rows.sort(key=lambda r: r["row"])
     ledger_path = out / "ingest_ledger.parquet"
     write_parquet(ledger_path, ledger_table(ledger_rows))
     ref = DatasetRef(
-        shards=shards,
+        records=records,
         ledger_path=str(ledger_path),
         n_input=n_input,
         n_valid=table.num_rows,
@@ -267,7 +260,3 @@ def build_dataset(inputs: list[IngestRef], out_dir: str, ingest: IngestSpec) -> 
     )
     write_json(out / "dataset.json", ref.model_dump(mode="json"))
     return ref
-
-
-def read_shard(shard: ShardRef, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(shard.path, columns=columns, schema=RECORD_SCHEMA if columns is None else None)

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from curate.manifests import ShardRef, WorkRef
 from curate.progress import logger, stage_progress
-from curate.stages.ingest import read_shard
+from curate.recordset import read_shard
 from curate.store import Collection
 
 

@@ -1,0 +1,39 @@
+"""``execute``: run a flow's stage list with an executor (the in-process one, or Prefect's)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from curate import progress
+from curate.config import FlowSpec
+from curate.executors import LocalExecutor
+from curate.io import write_json
+from curate.pipeline.stage import Run
+from curate.pipeline.stages import build_stages, model_keys
+from curate.pipeline.summary import counts_table, finish_summary, run_summary
+from curate.progress import logger
+
+
+def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, Any]:
+    """Run every stage of the flow in order; returns the run summary (also written to run.json)."""
+    executor = executor or LocalExecutor()
+    progress.configure(spec.runtime.progress)
+    if executor.name == "local":
+        progress.attach_console_log()
+    spec.out.mkdir(parents=True, exist_ok=True)
+    run = Run(spec=spec, executor=executor)
+    run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
+    for stage in build_stages(spec):
+        row = stage.run(run)
+        run.summaries.append(row)
+        logger.info("stage %s: %s rows in %.1f s", stage.name, row.get("rows", "–"), row["seconds"])
+    summary = finish_summary(run_summary(run), time.perf_counter() - run.started)
+    if "report" in run.results:
+        summary["report"] = run.results["report"]
+    write_json(spec.out / "run.json", summary)
+
+    from curate.report.report import summary_markdown
+
+    executor.publish(summary, summary_markdown(summary), counts_table(summary, run))
+    return summary

@@ -1,0 +1,113 @@
+"""``plan``: the dry run behind ``curate plan`` — the flow's stage list with what each would do."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from typing import Any
+
+from curate.config import FlowSpec
+from curate.executors import LocalExecutor
+from curate.pipeline.stage import Run, Stage
+from curate.pipeline.stages import IngestStage, build_stages, model_keys, scorer_context, torch_threads
+
+
+def _estimate(measure, todo: list[dict], warmup_rows: int, cost) -> dict[str, Any]:
+    """Time ``measure`` on a few rows (after one untimed row that loads the model) and extrapolate by
+    ``cost`` (tokens, when the stage counts them; else rows)."""
+    if not todo:
+        return {"estimate_s": 0.0}
+    sample = todo[: warmup_rows + 1]
+    measure(sample[:1])
+    t0 = time.perf_counter()
+    measure(sample[1:] or sample)
+    secs = time.perf_counter() - t0
+    unit_sample = cost(sample[1:] or sample)
+    total = cost(todo)
+    rate = unit_sample / secs if secs > 0 else float("inf")
+    return {"estimate_s": round(total / rate, 1), "work": total, "rate": round(rate, 1)}
+
+
+class Plan:
+    """What stages see in a dry run: the ingested input (in a temp dir), the store, the model keys."""
+
+    def __init__(self, run: Run, warmup: bool, warmup_rows: int):
+        self.run = run
+        self.spec = run.spec
+        self.warmup = warmup
+        self.warmup_rows = warmup_rows
+        self._records: list[dict] | None = None
+
+    def records(self) -> list[dict]:
+        if self._records is None:
+            from curate.recordset import read_records
+
+            self._records = read_records(self.run.sets["input"]).to_pylist()
+        return self._records
+
+    def rewrite_context(self):
+        from curate.rewrite import RewriteContext
+
+        return RewriteContext(seed=self.spec.seed, torch_threads=torch_threads(self.spec), base_dir=str(self.spec.base))
+
+    def model_stage(self, stage: Stage, kind: str, key: str, step=None) -> dict[str, Any]:
+        """Cached and to-compute rows of an embed or score stage, and its estimated time."""
+        from curate.store import Store
+
+        row = {**stage.describe(), "what": self.spec.embed.model if kind == "embed" else step.method, "key": key[:12]}
+        recordset = stage.reads[0]
+        if recordset not in self.run.sets:
+            return {**row, "to_compute": None, "note": f"rows of '{recordset}' exist only after the rewrite runs"}
+        store = Store(self.spec.store)
+        have = (store.embeddings(key) if kind == "embed" else store.scores(key)).ids()
+        records = self.records()
+        todo = [r for r in records if r["sample_id"] not in have]
+        row.update(shards=len(self.run.sets[recordset].shards), cached_rows=len(records) - len(todo), to_compute=len(todo))
+        if self.warmup and todo:
+            if kind == "embed":
+                from curate.embed import build_embedder
+
+                embedder = build_embedder(self.spec.embed, torch_threads(self.spec))
+                row.update(_estimate(embedder.embed_records, todo, max(self.warmup_rows, 32), len), unit="rows")
+            else:
+                from curate.stages.score import build_scorer
+
+                scorer = build_scorer(step, scorer_context(self.spec))
+                cost = getattr(scorer, "cost", None)
+                row.update(_estimate(scorer.score_records, todo, self.warmup_rows, cost or len), unit="tokens" if cost else "rows")
+        return row
+
+
+def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str, Any]:
+    """Dry run: read the inputs (into a temp dir), count rows and tokens, list every stage with what
+    the store already holds and, with ``warmup``, each model stage's time estimated from its token
+    counts and a short measured warm-up (this loads the models). Writes nothing under output_dir."""
+    import pyarrow.compute as pc
+
+    from curate.recordset import read_records
+    from curate.scorers.heuristic import _TOKEN
+
+    with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
+        run = Run(spec=spec.model_copy(update={"output_dir": tmp}), executor=LocalExecutor())
+        run.spec.flow_path = spec.flow_path
+        run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
+        IngestStage().run(run)
+        dataset = run.dataset
+        contents = pc.list_flatten(read_records(dataset.records, ["messages"]).column("messages")).combine_chunks().field("content").to_pylist()
+        n_tokens = sum(len(_TOKEN.findall(c or "")) for c in contents)
+        p = Plan(run, warmup, warmup_rows)
+        stages = [s.estimate(p) for s in build_stages(spec) if not isinstance(s, IngestStage)]
+        return {
+            "flow": spec.name,
+            "output_dir": str(spec.out),
+            "store_dir": str(spec.store),
+            "inputs": [r.model_dump(include={"source", "format", "files", "n_rows", "n_valid", "n_quarantined"}) for r in dataset.sources],
+            "n_input": dataset.n_input,
+            "n_valid": dataset.n_valid,
+            "n_quarantined": dataset.n_quarantined,
+            "n_duplicates": dataset.n_duplicates,
+            "n_shards": len(dataset.shards),
+            "tokens": n_tokens,
+            "stages": stages,
+            "estimate_s": round(sum(s.get("estimate_s", 0.0) for s in stages), 1),
+        }

@@ -1,0 +1,317 @@
+"""The stages of a flow, and the list a flow file declares.
+
+:func:`build_stages` turns a flow spec into its stage list::
+
+    ingest → embed → score:<each scorer> → select
+           [→ rewrite:<each step> → embed@<set> → score:<scorer>@<set> → select-2]
+           → ledger → export → report
+
+The bracketed round exists when the flow has a ``rewrite:`` section: the derived rows are embedded and
+re-scored by the flow's own embedder and scorers (the store computes only what it lacks) and meet
+the round's selection steps, alone (``pool: derived``, the default) or with the originals
+(``pool: selected_and_derived``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from curate.config import FlowSpec, StepSpec
+from curate.pipeline.stage import Run, ShardCache, Stage, work_summary
+
+#: bump when a model stage's code changes what it returns (Prefect's task cache ignores called code)
+SCORE_CACHE = ShardCache("scores", "score", "1")
+EMBED_CACHE = ShardCache("embeddings", "embed", "1")
+
+
+def torch_threads(spec: FlowSpec) -> int:
+    return spec.runtime.torch_threads or min(2, os.cpu_count() or 1)
+
+
+def scorer_context(spec: FlowSpec):
+    """What scorers get from the run: threads, seed, and where API responses are cached."""
+    from curate.scorers import ScorerContext
+
+    return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.store / "requests")})
+
+
+def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, dict[str, dict]]:
+    """Store keys of every scorer and of the embedder, computed without loading any model."""
+    from curate.embed import build_embedder
+    from curate.stages.score import build_scorer
+
+    ctx = scorer_context(spec)
+    scorers, fingerprints = {}, {}
+    for step in spec.score:
+        scorer = build_scorer(step, ctx)
+        scorers[step.label] = (step, scorer.key)
+        fingerprints[f"score:{step.label}"] = {"key": scorer.key, **scorer.fingerprint()}
+    embed_key = None
+    if spec.embed is not None:
+        embedder = build_embedder(spec.embed, torch_threads(spec))
+        embed_key = embedder.key
+        fingerprints["embed"] = {"key": embed_key, **embedder.fingerprint()}
+    return scorers, embed_key, fingerprints
+
+
+def check_error_budget(stage: str, refs: list, max_rate: float) -> None:
+    """Stop the run when more than ``max_rate`` of a stage's rows failed."""
+    from curate.errors import StageError
+
+    n = sum(r.n_rows for r in refs)
+    failed = sum(v for r in refs for k, v in r.statuses.items() if k == "error" or k.startswith("error:"))
+    if n and failed / n > max_rate:
+        raise StageError(
+            f"{stage}: {failed} of {n} rows failed ({failed / n:.1%}), over runtime.max_error_rate={max_rate:.1%}; "
+            "the failed rows' errors are in the store (status, error_class, message)"
+        )
+
+
+def _suffix(recordset: str) -> str:
+    return "" if recordset == "input" else f"@{recordset}"
+
+
+class IngestStage(Stage):
+    """Read every input (a task each), then number, dedup and shard them (one task): the ``input`` set."""
+
+    kind = "ingest"
+
+    def __init__(self):
+        super().__init__("ingest", reads=("inputs",), writes=("input", "ingest_ledger"))
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.stages.ingest import build_dataset, read_input
+
+        spec = run.spec
+        work_dir = str(run.out / "ingest")
+        refs, secs = run.map(self, read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=work_dir, ingest=spec.ingest)
+                                                for i, inp in enumerate(spec.inputs)], task="ingest-{input_index}")
+        (dataset,), secs2 = run.map(self, build_dataset, [dict(inputs=refs, out_dir=str(run.out), ingest=spec.ingest)], task="shard")
+        run.dataset = dataset
+        run.sets["input"] = dataset.records
+        return {"stage": "ingest", "tasks": len(refs) + 1, "rows": dataset.n_input, "seconds": secs + secs2}
+
+    def estimate(self, plan) -> dict[str, Any]:
+        return {**self.describe(), "what": f"{len(plan.spec.inputs)} inputs"}
+
+
+class EmbedStage(Stage):
+    """Embed one record set's rows, a task per shard; vectors go to the store."""
+
+    kind = "embed"
+    cache = EMBED_CACHE
+
+    def __init__(self, recordset: str):
+        super().__init__(f"embed{_suffix(recordset)}", reads=(recordset,), writes=("embeddings",),
+                         task_name="embed-{shard.shard_id}" if recordset == "input" else f"embed-{recordset}-{{shard.shard_id}}")
+        self.recordset = recordset
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.stages.embed import embed_shard
+        from curate.store import Store
+
+        spec = run.spec
+        Store(run.store_dir).embeddings(run.embed_key).describe({k: v for k, v in run.fingerprints["embed"].items() if k != "key"})
+        work, secs = run.map(self, embed_shard, [dict(shard=s, spec=spec.embed, key=run.embed_key, store_dir=run.store_dir,
+                                                      torch_threads=torch_threads(spec)) for s in run.sets[self.recordset].shards])
+        check_error_budget(self.name, work, spec.runtime.max_error_rate)
+        return work_summary(self.name, work, secs)
+
+    def estimate(self, plan) -> dict[str, Any]:
+        return plan.model_stage(self, "embed", plan.run.embed_key)
+
+
+class ScoreStage(Stage):
+    """Score one record set's rows with one scorer, a task per shard; scores go to the store."""
+
+    kind = "score"
+    cache = SCORE_CACHE
+
+    def __init__(self, step: StepSpec, recordset: str):
+        super().__init__(f"score:{step.label}{_suffix(recordset)}", reads=(recordset,), writes=(f"score:{step.label}",),
+                         task_name=f"score-{step.method}-{{shard.shard_id}}" if recordset == "input" else f"score-{step.method}-{recordset}-{{shard.shard_id}}")
+        self.step = step
+        self.recordset = recordset
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.stages.score import score_shard
+
+        step, key = run.scorers[self.step.label]
+        ctx = scorer_context(run.spec)
+        work, secs = run.map(self, score_shard, [dict(shard=s, step=step, key=key, store_dir=run.store_dir, context=ctx)
+                                                 for s in run.sets[self.recordset].shards])
+        check_error_budget(self.name, work, run.spec.runtime.max_error_rate)
+        return work_summary(self.name, work, secs)
+
+    def estimate(self, plan) -> dict[str, Any]:
+        return plan.model_stage(self, "score", plan.run.scorers[self.step.label][1], self.step)
+
+
+class SelectStage(Stage):
+    """One selection round over one or more record sets (one global task); writes the kept rows."""
+
+    kind = "select"
+
+    def __init__(self, name: str, pool: tuple[str, ...], steps: list[StepSpec], first: bool):
+        super().__init__(name, reads=pool, writes=(name,), task_name=name)
+        self.steps = steps
+        self.first = first
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.stages.select import select_stage
+
+        spec = run.spec
+        pool_sets, exclude, n_input = self.pool(run)
+        (selection,), secs = run.map(self, select_stage, [dict(
+            pool_sets=pool_sets, steps=self.steps, scorers=run.scorers, embed_key=run.embed_key, store_dir=run.store_dir, out_dir=str(run.out),
+            n_input=n_input, seed=spec.seed, base_dir=str(spec.base), name=self.name, exclude_rows=exclude,
+            prior_ledger=run.dataset.ledger_path if self.first else None, shard_size=spec.ingest.shard_size)])
+        run.selections.append(selection)
+        run.sets[self.name] = selection.selected
+        return {"stage": self.name, "tasks": 1, "rows": selection.n_selected, "seconds": secs}
+
+    def pool(self, run: Run) -> tuple[list, list[int], int]:
+        """(record sets, rows decided earlier and left out, the base of a fractional budget)."""
+        if self.first:
+            return [run.sets["input"]], [], run.dataset.n_input
+        from curate.stages.ledger import rows_leaving_pool
+
+        sets = [run.sets[name] for name in self.reads]
+        exclude = rows_leaving_pool(run.rewrites) if run.spec.rewrite.pool == "derived" else []
+        n = sum(s.n_rows for s in sets) - len(exclude)
+        return sets, exclude, n
+
+    def estimate(self, plan) -> dict[str, Any]:
+        import json
+
+        return {**self.describe(), "what": "; ".join(f"{s.method} {json.dumps(s.params, sort_keys=True)}" for s in self.steps) or "keep all"}
+
+
+class RewriteStage(Stage):
+    """One rewrite step over a record set (one task; its units are stored and resumed)."""
+
+    kind = "rewrite"
+
+    def __init__(self, step: StepSpec, source: str):
+        super().__init__(f"rewrite:{step.label}", reads=(source,), writes=(step.label,), task_name=f"rewrite-{step.method}")
+        self.step = step
+        self.source = source
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.rewrite import RewriteContext
+        from curate.stages.rewrite import rewrite_stage
+
+        spec = run.spec
+        ctx = RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base))
+        (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=ctx, store_dir=run.store_dir,
+                                                          out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size)])
+        run.rewrites.append(ref)
+        run.sets[self.step.label] = ref.derived
+        return {"stage": self.name, "tasks": 1, "rows": ref.n_derived, "computed_rows": ref.n_derived if ref.computed_units else 0,
+                "seconds": secs, "rewrite": {k: v for k, v in ref.stats.items() if k != "units"}}
+
+    def estimate(self, plan) -> dict[str, Any]:
+        from curate.stages.rewrite import build_rewriter
+
+        rewriter = build_rewriter(self.step, plan.rewrite_context())
+        return {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
+
+
+class LedgerStage(Stage):
+    """Assemble the final ledgers (input rows, derived rows) and the lineage table; reconcile both."""
+
+    kind = "ledger"
+
+    def __init__(self, reads: tuple[str, ...]):
+        super().__init__("ledger", reads=reads, writes=("ledger", "derived_ledger", "lineage"))
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.stages.ledger import ledger_stage
+
+        (ref,), secs = run.map(self, ledger_stage, [dict(selections=run.selections, rewrites=run.rewrites, n_input=run.dataset.n_input,
+                                                         input_set=run.sets["input"], pool=run.spec.rewrite.pool if run.spec.rewrite else "derived",
+                                                         out_dir=str(run.out))])
+        run.results["ledger"] = ref
+        return {"stage": "ledger", "tasks": 1, "rows": ref.n_input + ref.n_derived, "seconds": secs}
+
+
+class ExportStage(Stage):
+    """Write the final selection in every layout (a task each), then the trainer configs and manifest."""
+
+    kind = "export"
+
+    def __init__(self, selection: str):
+        super().__init__("export", reads=(selection, "ledger"), writes=("export",))
+        self.selection = selection
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.stages.export import export_finalize, export_layout
+
+        spec = run.spec
+        selection = run.selections[-1]
+        ledger = run.results["ledger"]
+        keys = {"config_hash": spec.fingerprint(), **{k: v["key"] for k, v in run.fingerprints.items()}}
+        files, secs = run.map(self, export_layout, [dict(selection=selection, spec=spec.export, layout=layout, out_dir=str(run.out))
+                                                    for layout in spec.export.layouts], task="export-{layout}")
+        files = [f for group in files for f in group]
+        (export,), secs2 = run.map(self, export_finalize, [dict(selection=selection, ledger=ledger, spec=spec.export, files=files,
+                                                                out_dir=str(run.out), keys=keys)], task="export-configs")
+        run.results["export"] = export
+        run.results["keys"] = keys
+        return {"stage": "export", "tasks": len(spec.export.layouts) + 1, "rows": selection.n_selected, "seconds": secs + secs2}
+
+    def estimate(self, plan) -> dict[str, Any]:
+        spec = plan.spec
+        return {**self.describe(), "what": ", ".join(f"{lay}/{t}" for lay in spec.export.layouts for t in spec.export.file_types)}
+
+
+class ReportStage(Stage):
+    """The run report (markdown + plots), from the run's own files (one task)."""
+
+    kind = "report"
+
+    def __init__(self):
+        super().__init__("report", reads=("ledger", "export"), writes=("report",))
+
+    def run(self, run: Run) -> dict[str, Any]:
+        import time
+
+        from curate.pipeline.summary import finish_summary, make_report, run_summary
+
+        spec = run.spec
+        selection = run.selections[-1]
+        summary = finish_summary(run_summary(run), time.perf_counter() - run.started)
+        (path,), secs = run.map(self, make_report, [dict(summary=summary, selection_path=selection.path, ledger_path=run.results["ledger"].path,
+                                                        embed_key=run.embed_key, store_dir=run.store_dir, out_dir=str(run.out),
+                                                        plots=spec.report.plots, max_points=spec.report.max_points, seed=spec.seed)])
+        run.results["report"] = path
+        return {"stage": "report", "tasks": 1, "seconds": secs}
+
+
+def build_stages(spec: FlowSpec) -> list[Stage]:
+    """The flow's stage list, in order (see the module docstring)."""
+    stages: list[Stage] = [IngestStage()]
+
+    def model_stages(recordset: str) -> list[Stage]:
+        out: list[Stage] = [EmbedStage(recordset)] if spec.embed is not None else []
+        return out + [ScoreStage(step, recordset) for step in spec.score]
+
+    stages += model_stages("input")
+    stages.append(SelectStage("select", ("input",), spec.select, first=True))
+    last = "select"
+    if spec.rewrite is not None:
+        derived = []
+        for step in spec.rewrite.steps:
+            stages.append(RewriteStage(step, "select"))
+            derived.append(step.label)
+        for name in derived:
+            stages += model_stages(name)
+        pool = (("select",) + tuple(derived))
+        stages.append(SelectStage("select-2", pool, spec.rewrite.select, first=False))
+        last = "select-2"
+    stages.append(LedgerStage(tuple(s.name for s in stages if isinstance(s, (SelectStage, RewriteStage)))))
+    stages.append(ExportStage(last))
+    if spec.report.enabled:
+        stages.append(ReportStage())
+    return stages

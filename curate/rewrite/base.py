@@ -1,0 +1,111 @@
+"""The rewriter contract: rewriters make new rows from selected ones (methods.md Part C).
+
+A rewriter is one file in ``curate/rewrite/`` plus one line in ``REWRITERS``
+(``curate/rewrite/__init__.py``). It never changes a row in place: it returns *derived* rows, each
+with its ``parents`` (sample_ids), its ``origin`` (``<method>:<variant>``) and a ``generation``
+record (what made it: method and version, prompt id and hash, model, decoding, seed, raw output,
+parse status), and says what became of every input row::
+
+    class Upper(Rewriter):
+        method = "upper"
+        version = "1.0"
+
+        def run_unit(self, unit, records):
+            out = UnitResult()
+            for r in records:
+                msgs = [{**m, "content": m["content"].upper()} for m in r["messages"]]
+                out.derive(msgs, parents=[r["sample_id"]], variant="upper", generation={})
+            return out
+
+Work is split into *units* (``units()``; default one unit): the stage stores each finished unit's
+result under the rewriter's key in the store, so a re-run recomputes nothing and a killed run loses
+at most the unit in flight. Units must be independent of each other and deterministic given the
+parameters (seeds derive from the run seed, the method and the unit name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from curate.records import canonical_json, sha256_hex
+
+#: what a rewrite did with one of its input rows
+Disposition = Literal["used", "passthrough", "dropped"]
+
+
+@dataclass
+class Derived:
+    """One new row: chat messages (canonical roles), its parents, variant and generation record."""
+
+    messages: list[dict[str, Any]]
+    parents: list[str]
+    variant: str
+    generation: dict[str, Any]
+    tools: str | None = None
+    original: dict[str, Any] | None = None  # the rewriter's own output record (e.g. {instruction, output, count})
+
+
+@dataclass
+class UnitResult:
+    """A unit's derived rows (in order) and a disposition per input row it saw (sample_id -> (what, reason, detail))."""
+
+    derived: list[Derived] = field(default_factory=list)
+    dispositions: dict[str, tuple[Disposition, str | None, str | None]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def derive(self, messages, parents, variant, generation, tools=None, original=None) -> None:
+        self.derived.append(Derived(messages, list(parents), variant, generation, tools, original))
+        for p in parents:
+            if self.dispositions.get(p, ("",))[0] != "used":
+                self.dispositions[p] = ("used", None, None)
+
+
+@dataclass
+class RewriteContext:
+    """What a rewriter may need from the run."""
+
+    seed: int = 0
+    torch_threads: int = 1
+    base_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Rewriter:
+    method: ClassVar[str]
+    version: ClassVar[str] = "1.0"
+    #: Optional dependencies: (module, pip install line).
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, name: str, params: dict[str, Any] | BaseModel | None = None, context: RewriteContext | None = None):
+        from curate.errors import require
+
+        for module, install in self.requires:
+            require(module, f"rewriter '{self.method}'", install)
+        self.name = name
+        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+        self.context = context or RewriteContext()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that changes the derived rows (models and prompts are added by subclasses)."""
+        return {"method": self.method, "rewriter_version": self.version, "params": self.params.model_dump(mode="json"),
+                "seed": self.context.seed}
+
+    @property
+    def key(self) -> str:
+        return sha256_hex(canonical_json(self.fingerprint()))
+
+    def units(self, n_records: int) -> list[str]:
+        """Names of independent units of work over the whole input (default: one)."""
+        return ["all"]
+
+    def unit_seed(self, unit: str) -> int:
+        return int(sha256_hex(str(self.context.seed), self.method, unit)[:15], 16)
+
+    def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
+        raise NotImplementedError

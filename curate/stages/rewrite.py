@@ -1,0 +1,131 @@
+"""Rewrite: one rewrite step over a record set, writing the derived rows as a new record set.
+
+The step's work is split into its units (see :mod:`curate.rewrite.base`); each finished unit is
+stored under ``<store>/rewrites/<key>/`` (key = the rewriter's fingerprint and the input set's
+content hash), so a re-run recomputes nothing and a killed run resumes, losing at most the unit in
+flight. Derived rows are numbered after every row that existed before them (``row_offset``); a
+derived row that breaks the conversation rules is quarantined in the derived ledger, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from curate.config import StepSpec
+from curate.errors import RecordError
+from curate.ingest.validate import normalise_messages, validate_messages
+from curate.io import write_json, write_parquet, write_text
+from curate.manifests import RecordSetRef, RewriteRef
+from curate.progress import logger, stage_progress
+from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
+from curate.recordset import read_records, write_recordset
+from curate.rewrite import Derived, RewriteContext, Rewriter, UnitResult, rewriter_class
+
+DISPOSITION_SCHEMA = pa.schema([("sample_id", pa.string()), ("row", pa.int64()), ("disposition", pa.string()), ("reason", pa.string()),
+                                ("detail", pa.string()), ("n_derived", pa.int64())])
+QUARANTINE_SCHEMA = pa.schema([("row", pa.int64()), ("origin", pa.string()), ("parents", pa.list_(pa.string())), ("reason", pa.string()),
+                               ("detail", pa.string())])
+
+
+def build_rewriter(step: StepSpec, context: RewriteContext) -> Rewriter:
+    return rewriter_class(step.method)(step.label, step.params, context)
+
+
+def rewrite_key(rewriter: Rewriter, source: RecordSetRef) -> str:
+    return sha256_hex(rewriter.key, source.sha256)
+
+
+def _unit_to_json(result: UnitResult) -> str:
+    return canonical_json({
+        "derived": [{"messages": d.messages, "parents": d.parents, "variant": d.variant, "generation": d.generation,
+                     "tools": d.tools, "original": d.original} for d in result.derived],
+        "dispositions": {k: list(v) for k, v in result.dispositions.items()},
+        "stats": result.stats,
+    })
+
+
+def _unit_from_json(text: str) -> UnitResult:
+    data = json.loads(text)
+    return UnitResult(derived=[Derived(**d) for d in data["derived"]], dispositions={k: tuple(v) for k, v in data["dispositions"].items()},
+                      stats=data["stats"])
+
+
+def rewrite_stage(source: RecordSetRef, step: StepSpec, context: RewriteContext, store_dir: str, out_dir: str, row_offset: int,
+                  shard_size: int) -> RewriteRef:
+    rewriter = build_rewriter(step, context)
+    key = rewrite_key(rewriter, source)
+    folder = Path(store_dir) / "rewrites" / key
+    if not (folder / "fingerprint.json").exists():
+        write_json(folder / "fingerprint.json", {**rewriter.fingerprint(), "input_recordset": source.sha256})
+    records = read_records(source).to_pylist()
+    results: list[UnitResult] = []
+    computed = 0
+    for unit in rewriter.units(len(records)):
+        path = folder / f"unit-{sha256_hex(unit)[:24]}.json"
+        if path.exists():
+            logger.info("rewrite %s unit %s: already in the store", step.label, unit)
+            results.append(_unit_from_json(path.read_text(encoding="utf-8")))
+            continue
+        with stage_progress(f"rewrite {step.label} unit {unit}", len(records)) as bar:
+            result = rewriter.run_unit(unit, records)
+            bar.advance(len(records))
+        write_text(path, _unit_to_json(result))
+        results.append(result)
+        computed += 1
+    return _assemble(step, rewriter, key, source, records, results, out_dir, row_offset, shard_size, computed)
+
+
+def _assemble(step: StepSpec, rewriter: Rewriter, key: str, source: RecordSetRef, records: list[dict], results: list[UnitResult],
+              out_dir: str, row_offset: int, shard_size: int, computed: int) -> RewriteRef:
+    """Number the derived rows, validate them, and merge the units' dispositions of the input rows."""
+    name = step.label
+    tasks = {r["sample_id"]: r["task"] for r in records}
+    rows_out: list[dict[str, Any]] = []
+    quarantine: list[dict[str, Any]] = []
+    children: dict[str, int] = {}
+    k = 0
+    for result in results:
+        for d in result.derived:
+            row = row_offset + k
+            origin = f"{rewriter.method}:{d.variant}"
+            k += 1
+            for p in d.parents:
+                children[p] = children.get(p, 0) + 1
+            try:
+                messages = normalise_messages(d.messages)
+                validate_messages(messages, None)
+            except RecordError as exc:
+                quarantine.append({"row": row, "origin": origin, "parents": d.parents, "reason": exc.error_class,
+                                   "detail": f"derived row {row} ({origin}): {exc.field or ''} {exc.message}".strip()})
+                continue
+            parent_tasks = {tasks.get(p) for p in d.parents}
+            rows_out.append({
+                "sample_id": sample_id(messages, d.tools), "row": row, "source": f"rewrite:{name}", "source_index": row - row_offset,
+                "source_file": None, "source_line": None, "task": parent_tasks.pop() if len(parent_tasks) == 1 else None,
+                "format": "derived", "messages": messages, "tools": d.tools, "original": canonical_json(d.original or {}),
+                "origin": origin, "parents": d.parents, "generation": canonical_json(d.generation),
+            })
+    merged: dict[str, tuple[str, str | None, str | None]] = {}
+    for result in results:
+        for sid, disp in result.dispositions.items():
+            if merged.get(sid, ("",))[0] != "used":
+                merged[sid] = tuple(disp)
+    disp_rows = []
+    for r in records:
+        what, reason, detail = merged.get(r["sample_id"], ("passthrough", None, None))
+        disp_rows.append({"sample_id": r["sample_id"], "row": r["row"], "disposition": what, "reason": reason, "detail": detail,
+                          "n_derived": children.get(r["sample_id"], 0)})
+    out = Path(out_dir)
+    derived = write_recordset(pa.Table.from_pylist(rows_out, schema=RECORD_SCHEMA), out, name, f"rewrite:{name}", key, shard_size)
+    disp_path = write_parquet(out / "rewrite" / name / "dispositions.parquet", pa.Table.from_pylist(disp_rows, schema=DISPOSITION_SCHEMA))
+    write_parquet(out / "rewrite" / name / "quarantine.parquet", pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
+    stats: dict[str, Any] = {"input_rows": len(records), "derived_rows": k, "quarantined": len(quarantine),
+                             "used": sum(d["disposition"] == "used" for d in disp_rows),
+                             "passthrough": sum(d["disposition"] == "passthrough" for d in disp_rows),
+                             "dropped": sum(d["disposition"] == "dropped" for d in disp_rows), "units": [r.stats for r in results]}
+    return RewriteRef(name=name, key=key, derived=derived, dispositions_path=str(disp_path),
+                      quarantine_path=str(out / "rewrite" / name / "quarantine.parquet"), n_derived=k, stats=stats, computed_units=computed)
