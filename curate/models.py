@@ -88,9 +88,13 @@ _CACHE_LOCK = threading.Lock()
 
 
 def cached(key: tuple, load: Callable[[], Any]) -> Any:
-    """Load a model once per process (thread-safe); later calls with the same key reuse it."""
+    """Load a model once per process (thread-safe); later calls with the same key reuse it. The
+    libraries' own loading bars stay off (curate reports progress itself)."""
     with _CACHE_LOCK:
         if key not in _CACHE:
+            from curate.progress import silence_library_bars
+
+            silence_library_bars(before_loading=True)
             _CACHE[key] = load()
         return _CACHE[key]
 

@@ -37,16 +37,24 @@ def configure(enabled: bool | None) -> None:
     silence_library_bars()
 
 
-def silence_library_bars() -> None:
-    """Turn off tqdm bars of transformers, huggingface_hub, datasets and sentence-transformers."""
+def silence_library_bars(before_loading: bool = False) -> None:
+    """Turn off tqdm bars of transformers, huggingface_hub, datasets and sentence-transformers.
+    ``before_loading``: a model is about to load, so import the libraries' switches now (their
+    import-time defaults would otherwise win)."""
     os.environ["TQDM_DISABLE"] = "1"  # tqdm itself honours this (every library bar is a tqdm)
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no "Loading weights" chatter
-    if "transformers" in sys.modules:
-        from transformers.utils import logging as hf_logging
+    if before_loading or "huggingface_hub" in sys.modules:
+        with contextlib.suppress(ImportError):
+            from huggingface_hub.utils import disable_progress_bars
 
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+            disable_progress_bars()
+    if before_loading or "transformers" in sys.modules:
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
     if "datasets" in sys.modules:
         import datasets
 

@@ -45,8 +45,9 @@ def test_flow_run_tasks_artifacts_and_cache(prefect_harness, tmp_path, shared_st
     n_shards = 4
     assert sum(n.startswith("embed-") for n in names) == n_shards
     assert sum(n.startswith("score-heuristic-") for n in names) == n_shards
-    assert {"select", "shard", "export-messages", "export-configs", "report"} <= set(names)
-    assert len(runs) == 6 + 1 + 2 * n_shards + 1 + 4 + 1 + 1  # never one task per row
+    assert {"select", "shard", "ledger", "export-messages", "export-configs", "report"} <= set(names)
+    # 6 inputs + shard + (embed, heuristic) per shard + select + ledger + 4 layouts + export-configs + report
+    assert len(runs) == 6 + 1 + 2 * n_shards + 1 + 1 + 4 + 1 + 1  # never one task per row
 
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-summary-sample", "curate-counts-sample"])))
