@@ -126,15 +126,23 @@ def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds 
     _print_summary(summary)
     from curate.report.report import reason_rows
 
-    t = Table("outcome", "stage", "reason", "rows", title="why rows ended where they did")
+    t = Table("outcome", "stage", "reason", "rows", title="why input rows ended where they did")
     for row in reason_rows(str(out_dir / "ledger.parquet"), limit=40):
         t.add_row(*map(str, row))
     console.print(t)
-    if summary["steps"]:
-        t = Table("#", "step", "in", "kept", "dropped as", title="selection steps")
-        for s in summary["steps"]:
-            t.add_row(str(s["step"]), s["name"], str(s["in"]), str(s["kept"]), s["outcome_of_dropped"])
+    derived = summary.get("derived")
+    if derived and (out_dir / "derived_ledger.parquet").exists():
+        t = Table("outcome", "stage", "reason", "rows", title="why derived rows ended where they did")
+        for row in reason_rows(str(out_dir / "derived_ledger.parquet"), limit=40):
+            t.add_row(*map(str, row))
         console.print(t)
+    rounds = derived["rounds"] if derived else [{"round": "select", "steps": summary["steps"]}]
+    for r in rounds:
+        if r["steps"]:
+            t = Table("#", "step", "in", "kept", "dropped as", title=f"selection steps ({r['round']})")
+            for s in r["steps"]:
+                t.add_row(str(s["step"]), s["name"], str(s["in"]), str(s["kept"]), s["outcome_of_dropped"])
+            console.print(t)
 
 
 def _print_summary(summary: dict) -> None:
@@ -143,6 +151,13 @@ def _print_summary(summary: dict) -> None:
         f"[bold]{summary['flow']}[/]: {summary['n_input']} rows → [green]{c['selected']} selected[/], {c['not_selected']} not selected, "
         f"{c['filtered']} filtered, {c['quarantined']} quarantined · {summary['seconds']:.1f} s"
     )
+    derived = summary.get("derived")
+    if derived:
+        d = derived["counts"]
+        console.print(
+            f"derived rows: {derived['n_derived']} made → [green]{d.get('selected', 0)} selected[/], {d.get('not_selected', 0)} not selected, "
+            f"{d.get('filtered', 0)} filtered, {d.get('quarantined', 0)} quarantined (lineage.parquet links them to their parents)"
+        )
     t = Table("stage", "tasks", "rows", "computed", "seconds", title="stages")
     for s in summary["stages"]:
         t.add_row(s["stage"], str(s["tasks"]), str(s.get("rows", "")), str(s.get("computed_rows", "")), f"{s['seconds']:.2f}")

@@ -48,6 +48,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- output: `{summary['output_dir']}`",
         f"- {summary['n_input']} input rows → **{counts['selected']} selected**, {counts['not_selected']} not selected, "
         f"{counts['filtered']} filtered, {counts['quarantined']} quarantined (reconciled: {summary['reconciled']})",
+        *([f"- {summary['derived']['n_derived']} derived rows (rewrites: {', '.join(summary['derived']['rewrites'])}) → "
+           f"**{summary['derived']['counts'].get('selected', 0)} selected**, {summary['derived']['counts'].get('not_selected', 0)} not selected, "
+           f"{summary['derived']['counts'].get('filtered', 0)} filtered, {summary['derived']['counts'].get('quarantined', 0)} quarantined "
+           f"(reconciled: {summary['derived']['reconciled']})"] if summary.get("derived") else []),
         f"- wall time {summary['seconds']:.1f} s",
         "",
         *(["## Warnings", "", *[f"- {w}" for w in warnings], ""] if warnings else []),
@@ -80,6 +84,12 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
     out.mkdir(parents=True, exist_ok=True)
     md = [summary_markdown(summary)]
     md += ["## Outcomes", "", _table(["outcome", "stage", "reason", "rows"], reason_rows(ledger_path)), ""]
+    derived_ledger = Path(ledger_path).with_name("derived_ledger.parquet")
+    if summary.get("derived") and derived_ledger.exists():
+        md += ["## Outcomes of derived rows", "", _table(["outcome", "stage", "reason", "rows"], reason_rows(str(derived_ledger))), "",
+               _table(["rewrite", "input rows", "derived", "used", "passthrough", "dropped", "quarantined"],
+                      [[name, r["input_rows"], r["derived_rows"], r["used"], r["passthrough"], r["dropped"], r["quarantined"]]
+                       for name, r in summary["derived"]["rewrites"].items()]), ""]
 
     table = pq.read_table(scores_path)
     cols = table.to_pydict()
