@@ -1,8 +1,11 @@
 """The selection library (methods.md B1, B3, B4, B5): every objective's gains against brute force,
-lazy = naive, tie-breaks, kernels, apricot parity, Repr Filter exactness, SMART's budget split."""
+lazy = naive (submodular objectives), lazy = submodlib's heap restated (signed graph cut), tie-breaks,
+kernels, apricot parity, Repr Filter exactness, SMART's budget split against the reference restated
+and its λ defaults. Parity with submodlib itself: test_submodlib_parity.py."""
 
 from __future__ import annotations
 
+import math
 
 import numpy as np
 import pytest
@@ -97,6 +100,50 @@ def test_tie_breaks():
     assert naive_greedy(FacilityLocation(DenseKernel(K)), 1).ranking.tolist() == [0]
     assert lazy_greedy(FacilityLocation(DenseKernel(K)), 1).ranking.tolist() == [0]
     assert lazy_greedy(FacilityLocation(DenseKernel(K)), 1, ties="larger").ranking.tolist() == [3]  # submodlib's heap
+    assert naive_greedy(FacilityLocation(DenseKernel(K)), 2, ties="larger").ranking.tolist() == [3, 2]  # submodlib's NaiveGreedy
+    X = unit(np.random.default_rng(12), 30, 8)  # cosine: K_kk is exactly 1, so every first log-det gain is log(1 + λ)
+    assert lazy_greedy(LogDeterminant(EmbeddingKernel(X), 1.0), 1).ranking.tolist() == [0]
+    assert lazy_greedy(LogDeterminant(EmbeddingKernel(X), 1.0), 1, ties="larger").ranking.tolist() == [29]
+
+
+def submodlib_lazy_greedy(f, n: int, budget: int, larger: bool = True) -> list[int]:
+    """submodlib's LazyGreedy restated from cpp/optimizers/LazyGreedyOptimizer.cpp, with brute-force
+    gains f(A + [j]) − f(A): a max-heap of (gain, index) (std::less: larger index first on ties); pop
+    the top, recompute its gain, take it if the gain is ≥ the next entry's (stale) gain, else push it
+    back with the new gain."""
+    import heapq
+
+    A: list[int] = []
+    heap = [(-(f([j]) - f([])), -j if larger else j, j) for j in range(n)]
+    heapq.heapify(heap)
+    while len(A) < budget:
+        _, key, j = heapq.heappop(heap)
+        g = f(A + [j]) - f(A)
+        if g >= -heap[0][0]:
+            A.append(j)
+        else:
+            heapq.heappush(heap, (-g, key, j))
+    return A
+
+
+@pytest.mark.parametrize("ties", ["larger", "lowest"])
+def test_lazy_greedy_is_submodlibs_heap_on_signed_graph_cut(ties):
+    """Graph cut on a raw-cosine kernel is not submodular: a stale gain is no upper bound, so lazy
+    greedy is defined by its procedure. 30 random signed kernels (n 40, λ 0.4): the ranking is the
+    restated submodlib heap's, not naive greedy's (they differ on most kernels)."""
+    differs_from_naive = 0
+    for seed in range(30):
+        X = unit(np.random.default_rng(100 + seed), 40, 8)
+        K = (X @ X.T).astype(np.float64)
+        obj = GraphCut(EmbeddingKernel(X), 0.4)
+        assert not obj.submodular
+        res = lazy_greedy(obj, 20, ties=ties)
+        assert res.variant == "lazy-heap"
+        assert res.ranking.tolist() == submodlib_lazy_greedy(lambda A: gc_value(K, A, 0.4), 40, 20, larger=ties == "larger"), seed
+        differs_from_naive += res.ranking.tolist() != naive_greedy(GraphCut(EmbeddingKernel(X), 0.4), 20).ranking.tolist()
+    assert differs_from_naive >= 10
+    nonneg = GraphCut(DenseKernel(np.abs(K)), 0.4)
+    assert nonneg.submodular and lazy_greedy(nonneg, 5).variant == "lazy-batched"
 
 
 def test_sparse_kernel_with_all_neighbours_is_exact_and_stochastic_is_seeded():
@@ -148,6 +195,45 @@ def test_repr_filter_step_keeps_the_better_duplicate():
     assert res.rank[4] == 0  # visited by score: 9, 5, 4, 3 (blocked), 2
 
 
+def reference_budget_split(total: int, weights, sizes) -> list[int]:
+    """SMART's reference split restated (get_SMART_mixture.py: budget_split, then the capping loop of
+    get_task_budgets): floors, remainder round-robin from index 0 without a capacity check, then clip
+    to the task sizes and redistribute the overflow +1 per pass from index 0 over tasks with room."""
+    if sum(sizes) < total:
+        raise ValueError("the chosen tasks hold fewer rows than the budget")  # as the reference does
+    ratio_sum = sum(weights)
+    parts = [math.floor(total * r / ratio_sum) for r in weights]
+    for i in range(total - sum(parts)):
+        parts[i % len(weights)] += 1
+    overflow = 0
+    for j, size in enumerate(sizes):
+        if parts[j] > size:
+            overflow += parts[j] - size
+            parts[j] = size
+    while overflow > 0:
+        for j, size in enumerate(sizes):
+            if size > parts[j]:
+                parts[j] += 1
+                overflow -= 1
+                if overflow == 0:
+                    break
+    return parts
+
+
+def test_budget_split_follows_the_reference_order():
+    w = np.array([5.4, 3.3, 3.3]) / 12
+    assert budget_split(12, w, np.array([10, 10, 2])).tolist() == [7, 3, 2]  # clipping first would give [6, 4, 2]
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        m = int(rng.integers(1, 7))
+        weights = taylor_softmax(rng.uniform(0, 4, size=m))
+        sizes = rng.integers(1, 30, size=m)
+        total = int(rng.integers(1, sizes.sum() + 1))
+        got = budget_split(total, weights, sizes)
+        assert got.tolist() == reference_budget_split(total, weights.tolist(), sizes.tolist()), (total, weights, sizes)
+        assert got.sum() == total and (got <= sizes).all()
+
+
 def test_smart_split_and_weights():
     g = np.array([5.0, 2.0, 1.0])
     w = taylor_softmax(g)
@@ -175,6 +261,25 @@ def test_smart_step_on_task_labels():
     chosen = {tasks[i] for i in np.flatnonzero(res.keep)}
     assert chosen == set(res.stats["tasks"])
     assert {res.reason[i] for i in np.flatnonzero(~res.keep)} <= {"low_gain", "task_not_chosen"}
+    assert res.stats["task_optimizer"] == "lazy-heap" and res.stats["instance_optimizer"] == ["lazy-batched"]
+
+
+def test_smart_lambda_defaults_per_objective():
+    """B4: λ = 0.4 for graph cut, λ = 1 for log-determinant. On unit task vectors the first log-det
+    gain is log(K_kk + λ) = log 2; the first graph-cut gain is Σ_i K_ik − 0.4."""
+    rng = np.random.default_rng(9)
+    X = unit(rng, 60, 8)
+    tasks = [f"t{i % 6}" for i in range(60)]
+    pool = Pool(rows=np.arange(60), ids=[str(i) for i in range(60)], scores={}, orientation={}, embeddings=X, n_input=60,
+                tasks=tasks, sources=["s"] * 60)
+    logdet = selector_class("smart")({"budget": 10, "num_tasks": 3, "task_objective": "log_determinant"}).select(pool)
+    assert logdet.stats["task_gains"][0] == pytest.approx(math.log(2), abs=1e-4)
+    explicit = selector_class("smart")({"budget": 10, "num_tasks": 3, "task_objective": "log_determinant", "task_lambda": 0.4}).select(pool)
+    assert explicit.stats["task_gains"][0] == pytest.approx(math.log(1.4), abs=1e-4)
+    gc = selector_class("smart")({"budget": 10, "num_tasks": 3}).select(pool)
+    T = np.stack([X[np.array(tasks) == t].mean(axis=0) for t in sorted(set(tasks))])
+    T /= np.linalg.norm(T, axis=1, keepdims=True)
+    assert gc.stats["task_gains"][0] == pytest.approx(float((T @ T.T).sum(axis=0).max() - 0.4), abs=1e-4)
 
 
 def test_submodular_steps_with_query_and_private_sets():
@@ -186,6 +291,7 @@ def test_submodular_steps_with_query_and_private_sets():
                           ("flmi", {"query_source": "target"}), ("flcg", {"private_source": "target"})):
         res = selector_class(method)({"budget": 10, **extra}).select(pool)
         assert res.keep.sum() == 10, method
+        assert res.stats["optimizer_variant"] == ("lazy-heap" if method == "graph_cut" else "lazy-batched"), method  # signed cosine
         if "source" in str(extra):
             assert not res.keep[60:].any() and {res.reason[i] for i in range(60, 80)} <= {"query_set", "private_set"}
         assert np.isfinite(res.columns["gain"][res.keep]).all() and res.stats["evaluations"] > 0
@@ -200,7 +306,8 @@ def test_delift_utility_sign_on_a_constructed_pair():
              ("What is the code word for the vault?", "The code word is zebra kettle forty three."),
              ("Write a haiku about autumn leaves.", "Red leaves drift and fall / quiet wind carries them home / the branches stand bare")]
     step = Delift({"budget": 1})
-    raw, forwards = step.utilities(texts, np.array([0]), [np.array([1, 2])], load_backend(LMParams(), torch_threads=2))
+    u = step.utilities(texts, np.array([0]), [np.array([1, 2])], load_backend(LMParams(), torch_threads=2))
+    raw, forwards = u.raw, u.forwards
     assert forwards == 3  # one baseline + one per example
     assert raw[(0, 1)] > 0.1  # an unguessable answer, shown in context, becomes near-certain
     assert raw[(0, 1)] > raw[(0, 2)] + 0.1  # an unrelated example cannot help with it
@@ -224,6 +331,8 @@ def test_presets_run_end_to_end_through_curate_run(preset, tmp_path, shared_stor
 
     inputs = [{"path": "data/sample/t0_40_tasks.parquet", "task_field": "task"}] if preset == "smart-mixture" else \
         [{"path": "data/sample/cherry_alpaca.jsonl", "limit": 10}, {"path": "data/sample/code_alpaca.csv", "limit": 6}]
+    if preset == "delift-instruction":  # every pair is measured (n + n² forwards): a small pool of short rows
+        inputs = [{"path": "data/sample/code_alpaca.csv", "limit": 6}]
     flow = write_flow(tmp_path, name="preset", base_dir=str(ROOT), output_dir=str(tmp_path / "out"), store_dir=str(shared_store),
                       inputs=inputs, select=preset, export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False},
                       **PRESET_FLOWS[preset])

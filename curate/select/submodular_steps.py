@@ -10,6 +10,9 @@ Kernels: columns computed from the embeddings on the fly (nothing n² is held); 
 rows, a sparse top-``n_neighbors`` kNN kernel from FAISS (an approximation, recorded in the stats).
 FLMI needs a query set and FLCG a private set: rows of the pool from a source (``query_source`` /
 ``private_source``) — they are not candidates and end ``not_selected`` with that reason.
+``optimizer: lazy`` runs submodlib's LazyGreedy heap step for step on objectives that are not
+submodular (graph cut on a signed kernel) and under ``ties: larger``, its batched exact form
+otherwise; the stats record which (``optimizer_variant``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class SubmodularParams(BudgetParams):
     dense_limit: int = Field(50_000, gt=0)
     n_neighbors: int = Field(64, gt=0, description="Neighbours per row of a sparse kernel.")
     epsilon: float = Field(0.1, gt=0, lt=1, description="Stochastic greedy: ⌈(n/k)·ln(1/ε)⌉ candidates per step.")
-    ties: Literal["lowest", "larger"] = Field("lowest", description="Equal gains: lowest input row (E2), or larger index (submodlib parity).")
+    ties: Literal["lowest", "larger"] = Field("lowest", description="Equal gains: lowest input row (E2), or larger index with submodlib's "
+                                                                     "LazyGreedy heap step for step (parity).")
 
 
 class SubmodularSelector(Selector):
@@ -82,8 +86,8 @@ class SubmodularSelector(Selector):
             else:
                 reason[i], detail[i] = "low_gain", f"not among the {len(picked)} greedy picks of {self.method} (gain of the last pick {fmt(last)})"
         curve = res.gains[:: max(1, len(res.gains) // 20)].round(6).tolist() if len(res.gains) else []
-        stats = {"budget": k, "objective": self.objective_name, "optimizer": p.optimizer, "kernel": kernel_desc,
-                 "value": float(obj.value()), "gain_first": float(res.gains[0]) if len(res.gains) else None,
+        stats = {"budget": k, "objective": self.objective_name, "optimizer": p.optimizer, "optimizer_variant": res.variant,
+                 "kernel": kernel_desc, "value": float(obj.value()), "gain_first": float(res.gains[0]) if len(res.gains) else None,
                  "gain_last": float(last) if len(res.gains) else None, "gain_curve": curve, "evaluations": res.evaluations}
         return StepResult(keep, rank, "not_selected", reason, detail, stats, columns={"gain": self._gain_column(n, picked, res.gains)})
 

@@ -16,6 +16,7 @@ import numpy as np
 
 class FacilityLocation:
     name = "facility_location"
+    submodular = True
 
     def __init__(self, kernel, cap: np.ndarray | None = None, initial: np.ndarray | None = None):
         self.kernel = kernel

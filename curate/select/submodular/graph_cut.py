@@ -2,9 +2,12 @@
 ``g(k|A) = Σ_i K_ik − 2λ Σ_{j∈A} K_jk − λ K_kk`` (methods.md B3).
 
 On unit-vector embeddings with the cosine kernel this has a closed form with no n² matrix:
-``g(k|A) = e_k·(μ − 2λ σ_A) − λ`` with ``μ = Σ_V e_i`` and ``σ_A = Σ_A e_j`` — O(n·d) per step. With
-negative similarities graph cut is not submodular (gains can rise), so lazy greedy may differ from
-naive greedy; SMART relies on the lazy heap, which the optimizer emulates.
+``g(k|A) = e_k·(μ − 2λ σ_A) − λ`` with ``μ = Σ_V e_i`` and ``σ_A = Σ_A e_j`` — O(n·d) per step.
+
+Adding j lowers every other gain by ``2λ K_jk``: graph cut is submodular only when no entry is
+negative. ``submodular`` says so from the kernel (``kernel.nonnegative``); on a signed kernel (raw
+cosine) a stale gain is no upper bound, lazy greedy differs from naive greedy, and the optimizer runs
+submodlib's LazyGreedy heap step for step (``lazy-heap``) — the procedure SMART's reference uses.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class GraphCut:
         self.kernel = kernel
         self.n = kernel.n
         self.lam = lam
+        self.submodular = kernel.nonnegative
         self.closed = isinstance(kernel, EmbeddingKernel) and kernel.metric in ("cosine", "dot") and kernel.R is kernel.E
         self.diag = kernel.diag()
         if self.closed:

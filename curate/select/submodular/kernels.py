@@ -33,6 +33,11 @@ class DenseKernel:
     def col_sums(self) -> np.ndarray:
         return self.K.sum(axis=0, dtype=np.float64)
 
+    @property
+    def nonnegative(self) -> bool:
+        """Every entry ≥ 0 (checked)."""
+        return bool((self.K >= 0).all())
+
 
 class EmbeddingKernel:
     """Square kernel over unit-vector embeddings E (n × d), columns computed on the fly."""
@@ -62,7 +67,7 @@ class EmbeddingKernel:
     def diag(self) -> np.ndarray:
         if self.R is not self.E:
             raise ValueError("the diagonal needs a square kernel")
-        if self.metric == "euclidean":
+        if self.metric in ("euclidean", "cosine"):  # exp(−0) and cos(x, x): exactly 1, not 1 ± float32 rounding
             return np.ones(self.n)
         return np.einsum("ij,ij->i", self.E, self.E).astype(np.float64)
 
@@ -71,6 +76,12 @@ class EmbeddingKernel:
             return (self.E @ self.R.sum(axis=0, dtype=np.float64).astype(np.float32)).astype(np.float64)
         return np.concatenate([self.block(np.arange(s, min(s + 1024, self.n))).sum(0, dtype=np.float64)
                                for s in range(0, self.n, 1024)])
+
+    @property
+    def nonnegative(self) -> bool:
+        """Every entry ≥ 0, known without the n² matrix: ``euclidean`` always; ``cosine`` / ``dot`` when
+        no embedding has a negative coordinate (sufficient, not necessary — False may be pessimistic)."""
+        return self.metric == "euclidean" or bool((self.E >= 0).all() and (self.R >= 0).all())
 
 
 class SparseKernel:
@@ -101,3 +112,8 @@ class SparseKernel:
 
     def col_sums(self) -> np.ndarray:
         return np.asarray(self.csc.sum(axis=0), dtype=np.float64).ravel()
+
+    @property
+    def nonnegative(self) -> bool:
+        """Every kept entry ≥ 0 (missing entries are 0)."""
+        return bool((self.csc.data >= 0).all())

@@ -1,7 +1,9 @@
 """Log-determinant (λ): ``f(A) = log det(K_A + λI)`` (methods.md B3), by fast greedy MAP with an
 incremental Cholesky factor: each candidate keeps its residual variance ``d_i²`` (``K_ii + λ`` at
 first, so the first gain is ``log(K_kk + λ)``) and its row of the factor; choosing j needs only
-kernel column j — O(n·d) per step from embeddings, never the n² matrix."""
+kernel column j — O(n·d) per step from embeddings, never the n² matrix. Submodular on a positive
+semi-definite kernel (cosine and dot Gram matrices, the ``exp(−‖x−y‖/d)`` kernel), so lazy greedy
+uses its batched form."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 
 class LogDeterminant:
     name = "log_determinant"
+    submodular = True
 
     def __init__(self, kernel, lam: float = 1.0):
         self.kernel = kernel

@@ -1,14 +1,29 @@
 """Greedy maximisers — a separate axis from the objectives, as in apricot.
 
-Each returns :class:`GreedyResult`: ``ranking`` (indices in selection order) and ``gains`` (the
-marginal gain of each pick, float64).
+Each returns :class:`GreedyResult`: ``ranking`` (indices in selection order), ``gains`` (the
+marginal gain of each pick, float64), ``evaluations`` (gains computed) and ``variant`` (which
+algorithm ran — recorded in the step's stats).
 
-- ``naive``: every step evaluates every remaining candidate (vectorised); ties → lowest index.
-- ``lazy``: a max-heap of stale gains (upper bounds); re-evaluate the top ones (in small batches)
-  until the top is fresh, then take it. Identical to naive for submodular objectives. Ties → lowest index (methods.md E2),
-  or → larger index with ``ties="larger"`` (submodlib's ``std::less`` heap, for parity).
+- ``naive``: every step evaluates every remaining candidate (vectorised); ties → lowest index, or →
+  larger index with ``ties="larger"`` (submodlib's NaiveGreedy walks its ground set from the largest
+  index down and keeps the first strict maximum).
+- ``lazy`` runs one of two algorithms:
+
+  - ``lazy-heap`` — submodlib's LazyGreedy step for step: a max-heap of (stale gain, index); pop the
+    top, re-evaluate it, accept it when the new gain is ≥ the next entry's stale bound, else push it
+    back. Used for objectives that are not submodular (graph cut on a signed kernel: a stale bound
+    is then no upper bound, so the result depends on this exact procedure), and for every objective
+    under ``ties="larger"`` (parity: even on a submodular objective the accept rule decides between
+    equal gains). Ties in the heap → lowest index (methods.md E2) or → larger index (submodlib's
+    ``std::less`` heap on (gain, index)).
+  - ``lazy-batched`` — for submodular objectives under ``ties="lowest"``: while the heap's top is
+    stale, the ``batch`` stalest bounds at the top are re-evaluated together (one kernel block instead
+    of one column each); a top evaluated against the current selection is the true maximum since
+    every other entry is an upper bound. Identical to naive greedy, ties → lowest index.
 - ``stochastic``: each step evaluates ⌈(n/k)·ln(1/ε)⌉ random remaining candidates (ε = 0.1), from a
   seeded generator — an approximation, recorded.
+
+An objective says whether it is submodular with a ``submodular`` attribute (True when absent).
 """
 
 from __future__ import annotations
@@ -19,22 +34,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+TIES = ("lowest", "larger")
+
 
 @dataclass
 class GreedyResult:
     ranking: np.ndarray
     gains: np.ndarray
     evaluations: int
+    variant: str = ""
 
 
-def naive_greedy(obj, budget: int, progress=None) -> GreedyResult:
+def _check_ties(ties: str) -> None:
+    if ties not in TIES:
+        raise ValueError(f"unknown tie rule '{ties}' ({', '.join(TIES)})")
+
+
+def naive_greedy(obj, budget: int, progress=None, ties: str = "lowest") -> GreedyResult:
+    _check_ties(ties)
     remaining = np.ones(obj.n, dtype=bool)
     ranking, gains, evals = [], [], 0
     for _ in range(min(budget, obj.n)):
         cols = np.flatnonzero(remaining)
         g = obj.gains(cols)
         evals += len(cols)
-        best = int(np.argmax(g))  # first maximum → lowest index
+        best = int(np.argmax(g)) if ties == "lowest" else len(g) - 1 - int(np.argmax(g[::-1]))
         j = int(cols[best])
         ranking.append(j)
         gains.append(float(g[best]))
@@ -42,25 +66,48 @@ def naive_greedy(obj, budget: int, progress=None) -> GreedyResult:
         remaining[j] = False
         if progress is not None:
             progress.advance(1)
-    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals)
+    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals, "naive")
 
 
-def lazy_greedy(obj, budget: int, ties: str = "lowest", progress=None, batch: int = 64) -> GreedyResult:
-    """Lazy greedy with batched re-evaluation: while the heap's top is stale, the ``batch`` stalest
-    bounds at the top are re-evaluated together (one kernel block instead of one column each — the
-    same cost on memory-bound kernels); a top evaluated against the current selection is the true
-    maximum, since every other entry is an upper bound (exact for submodular objectives)."""
+def heap_lazy_greedy(obj, budget: int, ties: str = "lowest", progress=None) -> GreedyResult:
+    """submodlib's LazyGreedy: heap entries (−stale gain, tie key, index); pop the top, re-evaluate
+    it against the current selection, accept it if its new gain is ≥ the stale gain now on top
+    (or the heap is empty), otherwise push it back with the new gain. One column per evaluation."""
+    _check_ties(ties)
     sign = 1 if ties == "lowest" else -1
+    heap = [(-float(g), sign * j, j) for j, g in enumerate(obj.gains(np.arange(obj.n)))]
+    heapq.heapify(heap)
+    evals = obj.n
+    ranking, gains = [], []
+    k = min(budget, obj.n)
+    while len(ranking) < k:
+        _, key, j = heapq.heappop(heap)
+        g = obj.gain(j)
+        evals += 1
+        if heap and g < -heap[0][0]:
+            heapq.heappush(heap, (-g, key, j))
+            continue
+        ranking.append(j)
+        gains.append(g)
+        obj.add(j)
+        if progress is not None:
+            progress.advance(1)
+    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals, "lazy-heap")
+
+
+def batched_lazy_greedy(obj, budget: int, progress=None, batch: int = 64) -> GreedyResult:
+    """Lazy greedy for submodular objectives (ties → lowest index): while the top is stale, re-evaluate
+    the ``batch`` stalest bounds at the top in one block; take a top that is fresh."""
     init = obj.gains(np.arange(obj.n))
     step = 0
-    heap = [(-float(g), sign * j, j, step) for j, g in enumerate(init)]  # (−gain, tie key, index, step evaluated)
+    heap = [(-float(g), j, step) for j, g in enumerate(init)]  # (−gain, index, step evaluated)
     heapq.heapify(heap)
     evals = obj.n
     ranking, gains = [], []
     k = min(budget, obj.n)
     while heap and len(ranking) < k:
-        if heap[0][3] == step:
-            neg, _, j, _ = heapq.heappop(heap)
+        if heap[0][2] == step:
+            neg, j, _ = heapq.heappop(heap)
             ranking.append(j)
             gains.append(-neg)
             obj.add(j)
@@ -69,14 +116,22 @@ def lazy_greedy(obj, budget: int, ties: str = "lowest", progress=None, batch: in
                 progress.advance(1)
             continue
         stale = []
-        while heap and len(stale) < batch and heap[0][3] != step:
+        while heap and len(stale) < batch and heap[0][2] != step:
             stale.append(heapq.heappop(heap))
-        cols = np.array([e[2] for e in stale])
+        cols = np.array([e[1] for e in stale])
         fresh = obj.gains(cols)
         evals += len(cols)
-        for (_, key, j, _), g in zip(stale, fresh):
-            heapq.heappush(heap, (-float(g), key, j, step))
-    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals)
+        for j, g in zip(cols.tolist(), fresh):
+            heapq.heappush(heap, (-float(g), j, step))
+    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals, "lazy-batched")
+
+
+def lazy_greedy(obj, budget: int, ties: str = "lowest", progress=None, batch: int = 64) -> GreedyResult:
+    """The batched form for submodular objectives under ``ties="lowest"``, submodlib's heap otherwise."""
+    _check_ties(ties)
+    if ties == "lowest" and getattr(obj, "submodular", True):
+        return batched_lazy_greedy(obj, budget, progress, batch)
+    return heap_lazy_greedy(obj, budget, ties, progress)
 
 
 def stochastic_greedy(obj, budget: int, seed: int, epsilon: float = 0.1, progress=None) -> GreedyResult:
@@ -97,13 +152,13 @@ def stochastic_greedy(obj, budget: int, seed: int, epsilon: float = 0.1, progres
         remaining = remaining[remaining != j]
         if progress is not None:
             progress.advance(1)
-    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals)
+    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals, "stochastic")
 
 
 def maximize(obj, budget: int, optimizer: str = "lazy", seed: int = 0, ties: str = "lowest", epsilon: float = 0.1,
              progress=None) -> GreedyResult:
     if optimizer == "naive":
-        return naive_greedy(obj, budget, progress)
+        return naive_greedy(obj, budget, progress, ties)
     if optimizer == "lazy":
         return lazy_greedy(obj, budget, ties, progress)
     if optimizer == "stochastic":
