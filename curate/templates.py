@@ -2,7 +2,9 @@
 
 A template renders a conversation to one string and reports where each assistant reply sits in it
 (character spans), plus the *assistant cue* used as the direct-pass prefix (``direct_prefix:
-header``). Whitespace is part of the contract; every template has an id and a hash.
+header``). Whitespace is part of the contract: every string a template writes around the
+conversation's own text is a field of its :class:`Layout`, and ``template_hash`` is the sha256 of
+those exact bytes (methods.md A1/E1), so changing one byte of a layout changes the score key.
 
 =============  =====================================================================================
 ``alpaca``     Stanford Alpaca: preamble, ``### Instruction:``, optional ``### Input:``,
@@ -11,24 +13,33 @@ header``). Whitespace is part of the contract; every template has an id and a ha
 ``wiz``        ``{instruction}\\n\\n### Response:{reply}`` (Cherry's WizardLM form).
 ``vicuna``     Vicuna v1.1: system sentence, `` USER: {q} ASSISTANT:{reply}``, ``</s>`` between turns.
 ``none``       no template (Superfiltering): ``{q}\\n{reply}``; turns joined by ``\\n``.
-``chat``       the model's own chat template (``tokenizer.apply_chat_template``).
+``chat``       the model's own chat template (``tokenizer.apply_chat_template``); its hash covers the
+               Jinja source and the special tokens it can print.
 =============  =====================================================================================
 
-For an alpaca source row with a non-empty ``input`` the templates that distinguish it (alpaca,
-vicuna) use the original instruction/input split.
+Alpaca source rows keep their instruction/input split: the turn that came from the row's
+``instruction``/``input`` fields (its last turn; earlier turns come from ``history``) renders with the
+``turn_input`` layout when the input is not empty (alpaca: an ``### Input:`` block and the
+with-input preamble; vicuna: ``Input:``), in both context modes; every other turn renders its own
+user text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from curate.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, VICUNA_SYSTEM
 from curate.records import normalise_text
 
 TEMPLATE_IDS = ("alpaca", "wiz", "vicuna", "none", "chat")
+
+#: How the user side of a turn (user and tool messages) is joined, and how an assistant's text and
+#: its tool call are joined. Part of every template's hashed layout.
+USER_JOIN = "\n\n"
+TOOL_CALL_JOIN = "\n"
 
 
 @dataclass
@@ -41,7 +52,7 @@ class Rendered:
 def message_text(m: dict) -> str:
     """A message's text; an assistant tool call is its JSON (as in the messages export)."""
     if m.get("tool_calls"):
-        return f"{m['content']}\n{m['tool_calls']}" if m["content"] else m["tool_calls"]
+        return f"{m['content']}{TOOL_CALL_JOIN}{m['tool_calls']}" if m["content"] else m["tool_calls"]
     return m["content"]
 
 
@@ -54,27 +65,30 @@ def split_turns(messages: list[dict]) -> tuple[str | None, list[tuple[str, str]]
     turns, user = [], []
     for m in msgs:
         if m["role"] == "assistant":
-            turns.append(("\n\n".join(user), message_text(m)))
+            turns.append((USER_JOIN.join(user), message_text(m)))
             user = []
         else:
             user.append(message_text(m))
     return system, turns
 
 
-def alpaca_input(record: dict | None) -> tuple[str, str] | None:
-    """(instruction, input) of an alpaca source row whose input is not empty."""
+def alpaca_input(record: dict | None) -> tuple[str, str, str] | None:
+    """(user text of the row's final turn, instruction, input) of an alpaca source row whose input is
+    not empty. The final turn is the one built from the ``instruction``/``input`` fields."""
     if not record or record.get("format") != "alpaca" or not record.get("original"):
         return None
     orig = json.loads(record["original"])
     ins, inp = orig.get("instruction"), orig.get("input")
-    if isinstance(ins, str) and isinstance(inp, str) and inp.strip():
-        return normalise_text(ins), normalise_text(inp)
-    return None
+    if not (isinstance(ins, str) and isinstance(inp, str) and inp.strip()):
+        return None
+    _, turns = split_turns(record["messages"])
+    return (turns[-1][0], normalise_text(ins), normalise_text(inp)) if turns else None
 
 
 class Template:
     id: str = ""
-    version: str = "1"
+    #: the composition code's version (how layout fields are put together); the bytes are hashed
+    version: str = "2"
     cue: str = ""
 
     def render(self, messages: list[dict], record: dict | None = None) -> Rendered:
@@ -85,76 +99,94 @@ class Template:
         return self.cue
 
     def fingerprint(self) -> dict[str, str]:
-        return {"template_id": self.id, "template_hash": hashlib.sha256(self._contract().encode()).hexdigest()}
+        """``template_id`` and ``template_hash`` = sha256 of the canonical JSON of the layout bytes."""
+        contract = json.dumps(self.contract(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return {"template_id": self.id, "template_hash": hashlib.sha256(contract.encode()).hexdigest()}
 
-    def _contract(self) -> str:
-        return f"{self.id}\x00{self.version}\x00{self.cue}"
+    def contract(self) -> dict[str, Any]:
+        """Every string this template writes around the conversation's own text."""
+        return {"id": self.id, "version": self.version, "cue": self.cue, "user_join": USER_JOIN, "tool_call_join": TOOL_CALL_JOIN}
 
 
-class _Joined(Template):
-    """Templates built by concatenating strings around each turn."""
+@dataclass(frozen=True)
+class Layout:
+    """The exact strings of a concatenation template. Fields are ``str.format`` patterns over the
+    conversation's own text: ``{system}``, ``{q}`` (user side of a turn), ``{instruction}``/``{input}``
+    (an alpaca source turn with input)."""
 
-    def _parts(self, system, q: str, first: bool, split: tuple[str, str] | None) -> str:
-        raise NotImplementedError
+    head: str  # before the first turn, when there is a system text (the row's or the default)
+    turn: str  # one turn's prompt, ending with the assistant cue; the reply follows it directly
+    turn_input: str  # the same for an alpaca source turn with a non-empty input ("": rendered with ``turn``)
+    between: str  # after a reply, before the next turn
+    cue: str  # the assistant cue (the direct-pass header)
+    default_system: str = ""  # system text when the conversation has none
+    default_system_input: str = ""  # ... when one of its turns renders with ``turn_input``
 
-    between = ""
+    def __post_init__(self):
+        if not self.turn.endswith(self.cue) or (self.turn_input and not self.turn_input.endswith(self.cue)):
+            raise ValueError("a turn layout must end with the assistant cue")
+        if self.default_system_input and not self.turn_input:
+            raise ValueError("default_system_input needs a turn_input layout")
+
+
+class Joined(Template):
+    """Templates built by concatenating the strings of a :class:`Layout` around each turn."""
+
+    layout: Layout
+
+    def __init__(self, layout: Layout | None = None):
+        if layout is not None:
+            self.layout = layout
+        self.cue = self.layout.cue
+
+    def contract(self):
+        return {**super().contract(), "layout": asdict(self.layout)}
 
     def render(self, messages, record=None):
+        lay = self.layout
         system, turns = split_turns(messages)
-        split = alpaca_input(record) if len(turns) == 1 else None
-        text, spans = "", []
+        split = alpaca_input(record)  # only the turn built from instruction/input (its user text) uses it
+        own = [split[1:] if split and lay.turn_input and q == split[0] else None for q, _ in turns]
+        if not system:
+            system = lay.default_system_input if any(own) and lay.default_system_input else lay.default_system
+        text = lay.head.format(system=system) if system else ""
+        spans = []
         for t, (q, a) in enumerate(turns):
             if t:
-                text += self.between
-            text += self._parts(system, q, t == 0, split)
+                text += lay.between
+            text += lay.turn_input.format(instruction=own[t][0], input=own[t][1]) if own[t] else lay.turn.format(q=q)
             spans.append((len(text), len(text) + len(a)))
             text += a
         return Rendered(text, spans, True)
 
 
-class Alpaca(_Joined):
-    id, cue, between = "alpaca", "### Response:", "\n\n"
-
-    def _parts(self, system, q, first, split):
-        head = ""
-        if first:
-            preamble = system or (ALPACA_WITH_INPUT.text if split else ALPACA_NO_INPUT.text)
-            head = preamble + "\n\n"
-        if split:
-            return head + f"### Instruction:\n{split[0]}\n\n### Input:\n{split[1]}\n\n### Response:"
-        return head + f"### Instruction:\n{q}\n\n### Response:"
-
-    def _contract(self):
-        return super()._contract() + ALPACA_NO_INPUT.hash + ALPACA_WITH_INPUT.hash + "multi:###Instruction-blocks"
+class Alpaca(Joined):
+    id = "alpaca"
+    layout = Layout(
+        head="{system}\n\n",
+        turn="### Instruction:\n{q}\n\n### Response:",
+        turn_input="### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        between="\n\n",
+        cue="### Response:",
+        default_system=ALPACA_NO_INPUT.text,
+        default_system_input=ALPACA_WITH_INPUT.text,
+    )
 
 
-class Wiz(_Joined):
-    id, cue, between = "wiz", "### Response:", "\n\n"
-
-    def _parts(self, system, q, first, split):
-        head = f"{system}\n\n" if (first and system) else ""
-        return head + f"{q}\n\n### Response:"
+class Wiz(Joined):
+    id = "wiz"
+    layout = Layout(head="{system}\n\n", turn="{q}\n\n### Response:", turn_input="", between="\n\n", cue="### Response:")
 
 
-class Vicuna(_Joined):
-    id, cue, between = "vicuna", "ASSISTANT:", "</s>"
-
-    def _parts(self, system, q, first, split):
-        if split:
-            q = f"{split[0]}\nInput:\n{split[1]}"
-        head = (system or VICUNA_SYSTEM.text) + " " if first else ""
-        return head + f"USER: {q} ASSISTANT:"
-
-    def _contract(self):
-        return super()._contract() + VICUNA_SYSTEM.hash
+class Vicuna(Joined):
+    id = "vicuna"
+    layout = Layout(head="{system} ", turn="USER: {q} ASSISTANT:", turn_input="USER: {instruction}\nInput:\n{input} ASSISTANT:",
+                    between="</s>", cue="ASSISTANT:", default_system=VICUNA_SYSTEM.text)
 
 
-class NoTemplate(_Joined):
-    id, cue, between = "none", "", "\n"
-
-    def _parts(self, system, q, first, split):
-        head = f"{system}\n" if (first and system) else ""
-        return head + f"{q}\n"
+class NoTemplate(Joined):
+    id = "none"
+    layout = Layout(head="{system}\n", turn="{q}\n", turn_input="", between="\n", cue="")
 
 
 class ChatTemplate(Template):
@@ -171,8 +203,11 @@ class ChatTemplate(Template):
         without = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
         self.cue = with_cue[len(without):] if with_cue.startswith(without) else ""
 
-    def _contract(self):
-        return super()._contract() + self.tokenizer.chat_template
+    def contract(self):
+        """The Jinja source byte for byte, and the special tokens a template can print."""
+        tok = self.tokenizer
+        specials = {k: str(v) for k, v in sorted(tok.special_tokens_map.items())}
+        return {**super().contract(), "chat_template": tok.chat_template, "special_tokens": specials}
 
     @staticmethod
     def _plain(messages):

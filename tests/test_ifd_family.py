@@ -15,6 +15,7 @@ from curate.errors import MissingDependency
 from curate.lm import LMParams, Seq, load_backend
 from curate.scorers import ScorerContext, scorer_class
 from curate.stages.ingest import read_input
+from curate.templates import message_text
 from conftest import FIXTURES, ROOT
 
 CTX = ScorerContext(torch_threads=2)
@@ -126,6 +127,17 @@ def test_perplexity(cherry):
     assert all(w.components["n_tokens"] > o.components["n_tokens"] for w, o in zip(whole, out))
 
 
+def test_perplexity_multi_turn_is_one_forward(multi_turn_rows):
+    sc = scorer("perplexity")
+    glaive = multi_turn_rows[1]
+    (out,) = sc.score_records([glaive])
+    jobs = sc.jobs(glaive)
+    assert out.status == "ok" and len(out.components["per_turn"]) == len(jobs) == 6
+    assert sc.backend.last_plan.real_tokens == out.n_tokens_used == len(jobs[-1].cond.ids)  # the conversation, once
+    alone = sc.backend.score([Seq(j.cond.ids, [j.cond.span]) for j in jobs])
+    np.testing.assert_allclose(out.components["per_turn"], [r.nll[0] / r.n[0] for r in alone], rtol=1e-5)
+
+
 def test_fingerprints_separate_what_changes_numbers():
     a, b = scorer("ifd"), scorer("ifd", max_tokens_per_batch=128, device="cpu")
     assert a.key == b.key  # batching and device do not change the numbers
@@ -191,3 +203,169 @@ def test_superfiltering_in_a_flow_with_plan_estimate_and_cache(tmp_path):
     again = execute(load_flow(flow))
     assert next(s for s in again["stages"] if s["stage"] == "score:superfiltering")["computed_rows"] == 0
     assert (spec.out / "select" / "selected_ids.txt").read_text() == (Path(again["output_dir"]) / "select" / "selected_ids.txt").read_text()
+
+
+# -- item 8: alpaca rows with history, each turn its own text ------------------------------------
+
+@pytest.fixture(scope="module")
+def alpaca_history(tmp_path_factory):
+    """A constructed alpaca row with two history turns and a non-empty input in its final turn."""
+    import json
+
+    path = tmp_path_factory.mktemp("hist") / "hist.jsonl"
+    row = {"instruction": "Translate the phrase into French.", "input": "good morning", "output": "bonjour",
+           "history": [["What is two plus two?", "Four."], ["Name a primary colour.", "Blue."]]}
+    path.write_text(json.dumps(row) + "\n")
+    (rec,) = records(path.parent, path)
+    return rec
+
+
+def test_alpaca_history_turns_render_their_own_text(alpaca_history):
+    from curate.prompts import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, VICUNA_SYSTEM
+
+    rec, msgs = alpaca_history, alpaca_history["messages"]
+    alpaca = scorer("ifd", context="none")
+    alone = [alpaca.template.render(alpaca.turn_messages(msgs, t), rec).text for t in range(3)]
+    assert alone == [
+        f"{ALPACA_NO_INPUT.text}\n\n### Instruction:\nWhat is two plus two?\n\n### Response:Four.",
+        f"{ALPACA_NO_INPUT.text}\n\n### Instruction:\nName a primary colour.\n\n### Response:Blue.",
+        f"{ALPACA_WITH_INPUT.text}\n\n### Instruction:\nTranslate the phrase into French.\n\n"
+        "### Input:\ngood morning\n\n### Response:bonjour",
+    ]
+    vicuna = scorer("ifd", context="none", template="vicuna")
+    assert [vicuna.template.render(vicuna.turn_messages(msgs, t), rec).text for t in range(3)] == [
+        f"{VICUNA_SYSTEM.text} USER: What is two plus two? ASSISTANT:Four.",
+        f"{VICUNA_SYSTEM.text} USER: Name a primary colour. ASSISTANT:Blue.",
+        f"{VICUNA_SYSTEM.text} USER: Translate the phrase into French.\nInput:\ngood morning ASSISTANT:bonjour",
+    ]
+    # with history the final turn keeps its input block too: a turn renders the same in both modes
+    whole = alpaca.template.render(msgs, rec).text
+    assert whole.startswith(ALPACA_WITH_INPUT.text) and whole.endswith(alone[2][len(ALPACA_WITH_INPUT.text):])
+    # the scorer's conditioned passes are those texts: each turn scores its own reply after its own prompt
+    tok = alpaca.backend.tokenizer
+    assert [tok.decode(j.cond.ids) for j in alpaca.jobs(rec)] == alone
+
+
+# -- item 11: multi-turn IFD, one conditioned pass per conversation --------------------------------
+
+@pytest.fixture(scope="module")
+def multi_turn_rows(tmp_path_factory):
+    """A ShareGPT conversation (4 replies) and a Glaive tool-call row (6 replies, calls and observations)."""
+    d = tmp_path_factory.mktemp("multi")
+    sharegpt = records(d / "s", ROOT / "data/sample/sharegpt_dialogstudio.json")[3]
+    glaive = records(d / "g", ROOT / "data/sample/glaive_toolcall.json", limit=4, format="sharegpt")[3]
+    assert sum(m["role"] == "assistant" for m in sharegpt["messages"]) == 4
+    assert sum(m["role"] == "tool" for m in glaive["messages"]) == 3 and sum(m["role"] == "assistant" for m in glaive["messages"]) == 6
+    return [sharegpt, glaive]
+
+
+def per_turn_form(sc, record):
+    """The per-turn form (before issue 8 item 11): every part its own forward. Returns the per-turn
+    values and the tokens it forwards."""
+    jobs = [j for j in sc.jobs(record) if j.direct is not None and j.cond.n > 0]
+    res = sc.backend.score([Seq(p.ids, [p.span]) for j in jobs for p in (j.cond, j.direct)])
+    ratio = sc.params.ratio
+    values = []
+    for i in range(len(jobs)):
+        lc, ld = res[2 * i].nll[0] / res[2 * i].n[0], res[2 * i + 1].nll[0] / res[2 * i + 1].n[0]
+        values.append(lc / ld if ratio == "loss" else math.exp(lc - ld))
+    return values, sum(len(p.ids) for j in jobs for p in (j.cond, j.direct))
+
+
+@pytest.mark.parametrize("method,params,sharegpt_turns", [("superfiltering", {"max_length": 1024}, [0, 1, 2, 3]), ("ifd", {}, [0, 1])])
+def test_multi_turn_one_conditioned_pass_equals_per_turn_form(multi_turn_rows, method, params, sharegpt_turns):
+    """The default flow's scorer and IFD's defaults. The ShareGPT row does not fit: at 1024 tokens its
+    last reply is cut; at 512 the second is cut and the last two start past max_length (not scored)."""
+    sc = scorer(method, **params)
+    L = sc.params.max_length
+    for rec in multi_turn_rows:
+        (out,) = sc.score_records([rec])
+        assert out.status in ("ok", "truncated_ok"), out.message
+        plan = sc.backend.last_plan
+        jobs = sc.jobs(rec)
+        conds = [j.cond for j in jobs if j.cond.n > 0]
+        directs = [j.direct for j in jobs if j.direct is not None and j.cond.n > 0]
+        # one conditioned forward (the conversation up to the last scored reply) + one direct per turn
+        assert plan.real_tokens == out.n_tokens_used == max(len(c.ids) for c in conds) + sum(len(d.ids) for d in directs)
+        assert max(len(c.ids) for c in conds) <= L
+        header = sc.template.header() if sc.params.direct_prefix == "header" else ""
+        replies = [m for m in rec["messages"] if m["role"] == "assistant"]
+        for j in jobs:  # equal_span still holds turn by turn: both passes cover the same n reply tokens
+            if j.cond.n:
+                _, d_start = sc.direct_part(header, message_text(replies[j.turn]), True)
+                assert j.cond.n == len(j.direct.ids) - d_start and j.cond.span[1] <= L
+        want, per_turn_tokens = per_turn_form(sc, rec)
+        np.testing.assert_allclose(out.components["per_turn"], want, rtol=1e-5)
+        assert len(want) == len(out.components["turns_scored"]) >= 2
+        assert per_turn_tokens > plan.real_tokens  # the per-turn form re-runs every prefix
+        if rec is multi_turn_rows[0]:
+            assert out.status == "truncated_ok" and out.components["turns_scored"] == sharegpt_turns
+            assert out.n_tokens_used < out.n_tokens_in
+        else:
+            assert out.status == "ok" and out.components["turns_scored"] == list(range(6))
+
+
+# -- item 13: the template hash covers every layout byte ------------------------------------------
+
+def _one_byte_off(s: str) -> str:
+    """``s`` with its first byte outside the ``{field}`` patterns changed (an empty string gains one)."""
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0 and ch not in "{}":
+            return s[:i] + chr(ord(ch) ^ 1) + s[i + 1:]
+    return s + "x"
+
+
+def _edit_layout(layout, name: str):
+    """``layout`` with one byte of field ``name`` changed; a new cue also ends the turn layouts."""
+    import dataclasses
+
+    if name != "cue":
+        return dataclasses.replace(layout, **{name: _one_byte_off(getattr(layout, name))})
+    cue = _one_byte_off(layout.cue)
+    swap = lambda t: t[: len(t) - len(layout.cue)] + cue if t else t  # noqa: E731
+    return dataclasses.replace(layout, cue=cue, turn=swap(layout.turn), turn_input=swap(layout.turn_input))
+
+
+def test_template_hash_covers_every_layout_byte(alpaca_history, multi_turn_rows, monkeypatch):
+    import copy
+    import dataclasses
+
+    import curate.templates as T
+
+    with_system = dict(multi_turn_rows[1], messages=[{"role": "system", "content": "Be brief.", "tool_calls": None}]
+                       + [m for m in multi_turn_rows[1]["messages"] if m["role"] != "system"])
+    m = lambda role, content, calls=None: {"role": role, "content": content, "tool_calls": calls}  # noqa: E731
+    call = '{"name": "square", "arguments": {"x": 7}}'
+    joins = {"messages": [m("user", "What is 7 squared?"), m("assistant", "Let me compute it.", call),
+                          m("tool", '{"result": 49}'), m("user", "And the cube?"), m("assistant", "343.")]}
+    probes = [alpaca_history, multi_turn_rows[1], with_system, joins]  # input + history, tool calls, a system, tool + user in one turn
+
+    def rendered(template):
+        return [template.render(r["messages"], r).text for r in probes] + [template.header()]
+
+    for name in ("alpaca", "wiz", "vicuna", "none"):
+        base = T.get_template(name)
+        h0, r0 = base.fingerprint()["template_hash"], rendered(base)
+        for f in dataclasses.fields(base.layout):
+            if f.name in ("turn_input", "default_system_input") and not base.layout.turn_input:
+                continue  # "" = no input layout: an input turn renders with `turn` (wiz, none)
+            changed = type(base)(_edit_layout(base.layout, f.name))
+            assert changed.fingerprint()["template_hash"] != h0, (name, f.name)
+            assert rendered(changed) != r0, (name, f.name)  # the field is a byte the scorer sees
+        for const in ("USER_JOIN", "TOOL_CALL_JOIN"):  # shared by every template
+            with monkeypatch.context() as mp:
+                mp.setattr(T, const, _one_byte_off(getattr(T, const)))
+                assert T.get_template(name).fingerprint()["template_hash"] != h0, (name, const)
+                assert rendered(T.get_template(name)) != r0, (name, const)
+    hashes = {T.get_template(n).fingerprint()["template_hash"] for n in ("alpaca", "wiz", "vicuna", "none")}
+    assert len(hashes) == 4
+
+    tok = scorer("ifd", template="chat").backend.tokenizer
+    chat = T.get_template("chat", tok)
+    edited = copy.copy(tok)
+    edited.chat_template = tok.chat_template.replace("<|im_start|>assistant", "<|im_start|>Assistant", 1)  # one byte
+    assert len(edited.chat_template) == len(tok.chat_template) and edited.chat_template != tok.chat_template
+    assert T.get_template("chat", edited).fingerprint()["template_hash"] != chat.fingerprint()["template_hash"]
+    assert T.get_template("chat", copy.copy(tok)).fingerprint() == chat.fingerprint()

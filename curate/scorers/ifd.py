@@ -9,9 +9,13 @@ Range (0, ∞); orientation ``band``: IFD > 1 means the instruction does not hel
 the most valuable rows have the largest IFD at or below 1 — select with a ``threshold`` step
 (``max: 1``) then ``top_k``.
 
-Multi-turn (E3, default each / history / token_weighted): one conditioned pass over the whole
-conversation scores every reply; each reply also gets its own direct pass; the conversation IFD is
-``Σ nll_c / Σ n_c`` over ``Σ nll_d / Σ n_d``; per-turn values are kept in the components.
+Multi-turn (E3, default each / history / token_weighted): one conditioned forward over the
+conversation (cut at ``max_length``) scores every reply, one target span per turn; each reply also
+gets its own direct pass; the conversation IFD is ``Σ nll_c / Σ n_c`` over ``Σ nll_d / Σ n_d``;
+per-turn values are kept in the components. Each turn keeps ``equal_span`` truncation: both of its
+passes score the same first n reply tokens. A reply whose prompt starts at or past ``max_length``
+is not scored (the row is ``truncated_ok`` and ``turns_scored`` lists the turns that were); when
+that is already the case for the first scored turn the row is ``skipped_too_long``.
 
 Components per row: ``loss_cond``, ``loss_direct``, ``n_cond``, ``n_direct``, ``ppl_cond``,
 ``ppl_direct``, ``span_mode``, ``direct_prefix``, ``per_turn`` (IFD per scored turn) and the
@@ -37,7 +41,7 @@ class IFDParams(LossParams):
 
 class IFDScorer(LossScorer):
     method = "ifd"
-    version = "1.0"
+    version = "1.1"
     outputs = {"ifd": "band"}
     Params = IFDParams
 
@@ -60,9 +64,9 @@ class IFDScorer(LossScorer):
         header = self.template.header() if p.direct_prefix == "header" else ""
         for t, rendered, ids, (s, e) in units:
             if s >= p.max_length:  # the prompt alone fills the budget: nothing of this reply fits
-                if not jobs and t == selected[0]:
+                if t == selected[0]:
                     raise RowSkip("skipped_too_long", f"the prompt of turn {t} has {s} tokens, max_length={p.max_length}")
-                jobs.append(TurnJob(t, Part(ids, (s, s), len(ids)), None, truncated=True))
+                jobs.append(TurnJob(t, Part([], (0, 0), len(ids)), None, truncated=True))  # not forwarded
                 continue
             d_ids, d_start = self.direct_part(header, turn_texts[t][1], rendered.add_special_tokens)
             if p.match_reference:  # reference budgets: cond cut at max_length; direct at max_length − s + slack

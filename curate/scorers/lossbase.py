@@ -1,12 +1,19 @@
 """Shared machinery of the loss-based scorers (IFD, Superfiltering, r-IFD, perplexity).
 
-A subclass turns each record into *turn jobs* — for every scored turn a conditioned sequence and,
-for ratio scores, a direct sequence, each with the token span to score — and combines the per-span
+A subclass turns each record into *turn jobs* — for every scored turn a conditioned part and, for
+ratio scores, a direct part, each a token sequence with the span to score — and combines the per-span
 losses into a :class:`~curate.scorers.base.Score`. This module does the rest: template rendering,
 tokenization (each distinct text once), locating spans (methods.md A1: ``prefix_len`` re-tokenizes
 the text before the span, ``offsets`` uses the offset mapping), the truncation policy (E4:
-``equal_span`` scores exactly the same response tokens in both passes), multi-turn policy (E3) and
-one pooled call to the backend for every sequence of the batch.
+``equal_span`` scores exactly the same response tokens in both passes), multi-turn policy (E3),
+and one pooled call to the backend for every sequence of the batch.
+
+Parts become *passes* (:func:`plan_passes`): the parts of a row whose token ids are a prefix of
+another part's share that part's forward, as extra target spans. A causal LM's log-probability at a
+position depends only on the tokens before it, so this changes no value (up to kernel numerics), and
+with ``context: history`` every reply of a conversation is scored by one conditioned forward over
+the conversation instead of one forward per turn over its prefix (tokens linear in the turns, not
+quadratic; methods.md E3). Parts with nothing to score are never forwarded.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ class Part:
 
     @property
     def n(self) -> int:
-        return self.span[1] - self.span[0]
+        return max(0, self.span[1] - self.span[0])
 
 
 @dataclass
@@ -56,7 +63,45 @@ class TurnJob:
     cond: Part
     direct: Part | None = None
     truncated: bool = False
-    result: dict[str, SeqResult] = field(default_factory=dict)
+    #: per kind ("cond", "direct"): (sum of -log p in nats, scored tokens), filled by score_batch
+    result: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+
+@dataclass
+class Pass:
+    """One sequence through the model: its ids, its target spans, and for each span the (job index,
+    kind) it scores. ``full``: the longest untruncated length among the parts it serves."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]] = field(default_factory=list)
+    refs: list[tuple[int, str]] = field(default_factory=list)
+    full: int = 0
+
+
+def plan_passes(jobs: list[TurnJob]) -> list[Pass]:
+    """The forwards that score every non-empty part of ``jobs``: a part whose ids are a prefix of an
+    existing pass's (or the other way round) joins that pass as one more span; the others get their
+    own. Parts with an empty span are not forwarded."""
+    passes: list[Pass] = []
+    for j_i, job in enumerate(jobs):
+        for kind, part in (("cond", job.cond), ("direct", job.direct)):
+            if part is None or part.n <= 0:
+                continue
+            target = next((p for p in passes if _prefix_related(p.ids, part.ids)), None)
+            if target is None:
+                target = Pass(part.ids)
+                passes.append(target)
+            elif len(part.ids) > len(target.ids):
+                target.ids = part.ids
+            target.spans.append(part.span)
+            target.refs.append((j_i, kind))
+            target.full = max(target.full, part.full)
+    return passes
+
+
+def _prefix_related(a: list[int], b: list[int]) -> bool:
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    return long[: len(short)] == short
 
 
 @dataclass
@@ -202,7 +247,7 @@ class LossScorer(Scorer):
         total = 0
         for rec in records:
             try:
-                total += sum(len(j.cond.ids) + (len(j.direct.ids) if j.direct else 0) for j in self.jobs(rec))
+                total += sum(len(p.ids) for p in plan_passes(self.jobs(rec)))
             except RowSkip:
                 continue
         return total
@@ -212,7 +257,7 @@ class LossScorer(Scorer):
         self._cache.clear()
         per_row: list[list[TurnJob] | Score] = []
         seqs: list[Seq] = []
-        where: list[tuple[int, int, str]] = []
+        where: list[tuple[int, Pass]] = []
         for r_i, rec in enumerate(records):
             try:
                 jobs = self.jobs(rec)
@@ -220,15 +265,14 @@ class LossScorer(Scorer):
                 per_row.append(Score.failed(self.outputs, skip.status, "RowSkip", str(skip)))
                 continue
             per_row.append(jobs)
-            for j_i, job in enumerate(jobs):
-                for kind, part in (("cond", job.cond), ("direct", job.direct)):
-                    if part is not None:
-                        seqs.append(Seq(part.ids, [part.span]))
-                        where.append((r_i, j_i, kind))
+            for ps in plan_passes(jobs):
+                seqs.append(Seq(ps.ids, ps.spans))
+                where.append((r_i, ps))
         results = self.backend.score(seqs) if seqs else []
         failed: dict[int, SeqResult] = {}
-        for (r_i, j_i, kind), res in zip(where, results):
-            per_row[r_i][j_i].result[kind] = res  # type: ignore[index]
+        for (r_i, ps), res in zip(where, results):
+            for (j_i, kind), nll, n in zip(ps.refs, res.nll, res.n):
+                per_row[r_i][j_i].result[kind] = (nll, n)  # type: ignore[index]
             if res.status != "ok":
                 failed.setdefault(r_i, res)
         out = []
@@ -250,7 +294,8 @@ class LossScorer(Scorer):
         L = self.params.max_length
         n = max(0, min(e - s, len(d_ids) - d_start, L - s, L - d_start))
         cond = Part(ids[: s + n], (s, s + n), len(ids))
-        direct = Part(d_ids[: d_start + n], (max(d_start, 1), d_start + n), len(d_ids))
+        d_first = max(d_start, 1)  # position 0 has no context (bare, no BOS): never a target
+        direct = Part(d_ids[: d_start + n], (d_first, max(d_first, d_start + n)), len(d_ids))
         return cond, direct, n < e - s
 
     @staticmethod
@@ -259,8 +304,8 @@ class LossScorer(Scorer):
         for j in jobs:
             if j.direct is None or j.cond.n == 0 or j.direct.n == 0:
                 continue
-            (c,), (nc,) = j.result["cond"].nll, j.result["cond"].n
-            (d,), (nd,) = j.result["direct"].nll, j.result["direct"].n
+            c, nc = j.result["cond"]
+            d, nd = j.result["direct"]
             lc, ld = c / nc, d / nd
             terms.per_turn.append(lc / ld if ratio == "loss" else math.exp(lc - ld))
             terms.nll_c.append(c), terms.nll_d.append(d), terms.n_c.append(nc), terms.n_d.append(nd)
@@ -276,6 +321,6 @@ class LossScorer(Scorer):
 
     @staticmethod
     def token_counts(jobs: list[TurnJob]) -> tuple[int, int]:
-        """(tokens before truncation, tokens run) over every pass of every job."""
-        parts = [p for j in jobs for p in (j.cond, j.direct) if p is not None]
-        return sum(p.full for p in parts), sum(len(p.ids) for p in parts)
+        """(tokens before truncation, tokens forwarded), summed over the row's passes."""
+        passes = plan_passes(jobs)
+        return sum(p.full for p in passes), sum(len(p.ids) for p in passes)

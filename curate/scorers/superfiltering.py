@@ -28,5 +28,5 @@ class SuperfilteringParams(IFDParams):
 
 class SuperfilteringScorer(IFDScorer):
     method = "superfiltering"
-    version = "1.0"
+    version = "1.1"
     Params = SuperfilteringParams
