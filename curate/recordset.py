@@ -77,14 +77,14 @@ def iter_shards(sets: list[RecordSetRef]) -> Iterator[ShardRef]:
         yield from rs.shards
 
 
-def take_records(sets: list[RecordSetRef], ids: list[str] | set[str]) -> pa.Table:
-    """The rows of ``sets`` whose sample_id is in ``ids``, filtered shard by shard (never the whole
-    sets as Python objects), sorted by row."""
-    wanted = pa.array(sorted(set(ids)), pa.string())
+def take_records(sets: list[RecordSetRef], ids: list[str] | set[str] | None = None, rows: list[int] | None = None) -> pa.Table:
+    """The rows of ``sets`` whose sample_id is in ``ids`` (or whose row number is in ``rows``),
+    filtered shard by shard with Arrow (never the whole sets as Python objects), sorted by row."""
+    column, wanted = ("sample_id", pa.array(sorted(set(ids)), pa.string())) if rows is None else ("row", pa.array(sorted(set(rows)), pa.int64()))
     parts = []
     for shard in iter_shards(sets):
         t = read_shard(shard)
-        parts.append(t.filter(pc.is_in(t.column("sample_id"), value_set=wanted)))
+        parts.append(t.filter(pc.is_in(t.column(column), value_set=wanted)))
     table = pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
     return table.take(pc.sort_indices(table, [("row", "ascending")]))
 

@@ -70,7 +70,8 @@ def test_mosaic_rows_are_rescored_reselected_and_reconciled(tmp_path):
     # lineage: parents are selected input rows of this run
     lineage = pq.read_table(out / "lineage.parquet").to_pylist()
     used_rows = {r["row"] for r in rewritten}
-    assert len(lineage) == d["n_derived"] and all(set(x["parent_rows"]) <= used_rows for x in lineage)
+    assert len(lineage) == d["n_derived"]
+    assert all(set(x["parent_rows"]) <= used_rows for x in lineage), (sorted(used_rows), [x["parent_rows"] for x in lineage][:5])
     # each epoch uses every composable row exactly once
     import json
 

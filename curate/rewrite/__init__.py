@@ -1,4 +1,8 @@
-"""Rewriters: one file each, one line each in ``REWRITERS`` (imported lazily, by dotted path)."""
+"""Rewriters: one file each, one line each in ``REWRITERS`` (imported lazily, by dotted path).
+
+``mosaic`` (Mosaic-IT, methods.md C3) composes several single-turn rows into one multi-instruction
+row without a model; its wording lists live in ``mosaic_text``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from curate.registry import load_class
 from curate.rewrite.base import Derived, Rewriter, RewriteContext, UnitResult
 
 REWRITERS: dict[str, str] = {
-    "mosaic": "curate.rewrite.mosaic_it:MosaicIT",
+    "mosaic": "curate.rewrite.mosaic:MosaicStep",
 }
 
 

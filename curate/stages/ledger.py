@@ -79,7 +79,10 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     path = write_parquet(out / "ledger.parquet", ledger_t)
     derived_path = write_parquet(out / "derived_ledger.parquet", derived_t)
 
-    row_of = dict(zip(*read_records([input_set, *derived_sets], ["sample_id", "row"]).to_pydict().values()))
+    row_of: dict[str, int] = {}  # a parent's row: the first row with its content (a rewrite can reproduce its parent)
+    ids_rows = read_records([input_set, *derived_sets], ["sample_id", "row"]).to_pydict()
+    for sid, row in zip(ids_rows["sample_id"], ids_rows["row"]):
+        row_of.setdefault(sid, row)
     lineage = []
     for rs in derived_sets:
         for r in read_records(rs, ["row", "sample_id", "origin", "parents", "generation"]).to_pylist():

@@ -153,7 +153,7 @@ def select_stage(
     selected_ids = [ids[i] for i in pool_idx[order]]
     write_text(out / name / "selected_ids.txt", "".join(f"{s}\n" for s in selected_ids))
     config = sha256_hex(*(s.model_dump_json() for s in steps), str(seed), str(n_input), *(rs.sha256 for rs in pool_sets))
-    kept = write_recordset(take_records(pool_sets, selected_ids), out, name, name, config, shard_size)
+    kept = write_recordset(take_records(pool_sets, rows=rows[pool_idx].tolist()), out, name, name, config, shard_size)
     return SelectionRef(name=name, path=str(path), ledger_path=str(ledger_path), selected=kept, n_selected=len(selected_ids),
                         counts=ledger_counts(ledger_t), steps=step_stats)
 
