@@ -127,7 +127,7 @@ def select_stage(
                     out[k] = (prompt_text(rec["messages"]), response_text(rec["messages"]))
         return out
 
-    pool = Pool(rows=rows, ids=ids, scores=scores, orientation=orientation, embeddings=embeddings, n_input=len(pool_idx), seed=seed,
+    pool = Pool(rows=rows, ids=ids, scores=scores, orientation=orientation, embeddings=embeddings, n_input=dataset.n_input, seed=seed,
                 sources=m.get("source"), tasks=m.get("task"), text_loader=text_loader).take(alive)
     rank = np.arange(len(pool), dtype=np.int64)
     step_stats = []
