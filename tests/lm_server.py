@@ -6,7 +6,10 @@ returns echo log-probs shifted by one position. So the tests serve the real mode
 HTTP protocol is the OpenAI legacy completions format (`echo` + `logprobs`, as vLLM answers it), the
 numbers come from a plain full-logits forward of the model — a different code path from curate's
 masked-CE engine; chat completions are the model's greedy generations. It can also answer 429 for
-the first N requests, and a fixed reply to requests that contain a marker (fault injection).
+the first N requests, and a fixed reply to requests that contain a marker (fault injection). Every
+request body is kept in ``bodies``; ``strict=True`` answers chat requests the way a hosted OpenAI API
+does, with 400 for any field outside its documented chat-completions fields (vLLM's ``top_k``,
+``add_generation_prompt``, ``continue_final_message`` included).
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+#: request fields of the OpenAI chat-completions API (the ones a strict server accepts)
+OPENAI_CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "n", "stop",
+                      "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "logit_bias", "user", "stream",
+                      "response_format", "tools", "tool_choice"}
+
 
 class LocalCompletionsServer:
-    def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None):
+    def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None,
+                 strict: bool = False):
         self.model = model
+        self.strict = strict
+        self.bodies: list[dict] = []  # every request body received, in arrival order
         self.tokenizer = tokenizer
         self.canned = canned or {}  # fault injection: a reply for any request whose text contains the key
         self.model_name = model_name
@@ -62,6 +73,9 @@ class LocalCompletionsServer:
 
         if body.get("model") != self.model_name:
             return 404, {"error": {"message": f"model {body.get('model')!r} not found"}}
+        unknown = sorted(set(body) - OPENAI_CHAT_FIELDS)
+        if self.strict and unknown:
+            return 400, {"error": {"message": f"Unrecognized request argument supplied: {', '.join(unknown)}"}}
         messages = body["messages"]
         flat = json.dumps(messages)
         for marker, reply in self.canned.items():
@@ -88,6 +102,7 @@ class LocalCompletionsServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests += 1
+                    server.bodies.append(body)
                     fail = server.requests <= server.fail_first
                 if fail:
                     code, payload = 429, {"error": {"message": "rate limited (test)"}}

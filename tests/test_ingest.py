@@ -82,7 +82,8 @@ def test_openai_messages_and_parts(tmp_path):
 def test_sample_id_is_content_only():
     a = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     b = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a "}]
-    assert sample_id(a) == sample_id(a) and sample_id(a) != sample_id(b)
+    same = [{"content": "q", "role": "user"}, {"content": "a", "role": "assistant"}]  # equal content, another object and key order
+    assert sample_id(same) == sample_id(a) and sample_id(a) != sample_id(b)
     assert sample_id(a, tools='[{"name":"f"}]') != sample_id(a)
 
 

@@ -4,8 +4,10 @@
 ``messages``           ``{"id", "messages": [{"role", "content"}], "tools"?}`` — roles system,
                        user, assistant, tool; message dicts are exactly ``{role, content}``
                        (uniform Arrow structs). An assistant tool call is written as an assistant
-                       message whose content is the call's JSON; tool schemas are a JSON string.
-``prompt_completion``  ``{"id", "prompt": [messages before the last reply], "completion": [reply]}``
+                       message whose content is the call's JSON; ``tools`` is a JSON string of a
+                       list of tool schemas, or null for a row without tools.
+``prompt_completion``  ``{"id", "prompt": [messages before the last reply], "completion": [reply]}``,
+                       ``tools`` as in ``messages``
 ``alpaca``             ``{"id", "instruction", "input", "output", "system"?, "history"?}`` —
                        earlier turns go to ``history`` pairs; rows with tool turns cannot be
                        written (reported in the manifest, still in the other layouts)
@@ -13,7 +15,9 @@
                        human / gpt / function_call / observation; system as a field
 =====================  ======================================================================
 
-Empty optional strings are ``""``, never null (mixed types break Arrow inference).
+Empty optional strings are ``""``, never null (mixed types break Arrow inference) — except
+``tools`` in ``messages`` and ``prompt_completion``: TRL's SFTTrainer ``json.loads`` every string
+``tools`` (``""`` raises) and passes null on as "no tools", which LLaMA-Factory reads the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +38,15 @@ def _content(m: dict) -> str:
     if m.get("tool_calls"):
         return f"{m['content']}\n{m['tool_calls']}" if m["content"] else m["tool_calls"]
     return m["content"]
+
+
+def tools_list_json(tools: str | None) -> str | None:
+    """A record's tool schemas as the JSON string of a list (a single schema object is wrapped), or
+    None when it has none — what TRL's ``json.loads`` + ``apply_chat_template(tools=…)`` expects."""
+    if not tools:
+        return None
+    value = json.loads(tools)
+    return tools if isinstance(value, list) else json.dumps([value], ensure_ascii=False, sort_keys=True)
 
 
 def to_messages(rec: dict) -> dict[str, Any]:
@@ -84,7 +97,7 @@ def to_sharegpt(rec: dict) -> dict[str, Any]:
             conv.append({"from": "function_call", "value": m["tool_calls"]})
         else:
             conv.append({"from": SHAREGPT_FROM[m["role"]], "value": m["content"]})
-    return {"conversations": conv, "system": system, "tools": rec.get("tools") or ""}
+    return {"conversations": conv, "system": system, "tools": tools_list_json(rec.get("tools")) or ""}
 
 
 CONVERT = {"messages": to_messages, "prompt_completion": to_prompt_completion, "alpaca": to_alpaca, "sharegpt": to_sharegpt}
@@ -103,7 +116,7 @@ def convert_rows(records: list[dict], layout: str) -> tuple[list[dict], list[tup
             continue
         row = {"id": rec["sample_id"], **body}
         if layout in ("messages", "prompt_completion") and any_tools:
-            row["tools"] = rec.get("tools") or ""
+            row["tools"] = tools_list_json(rec.get("tools"))
         out.append(row)
     # optional columns: present in every row or in none (uniform structure)
     if layout == "alpaca":

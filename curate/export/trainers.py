@@ -63,24 +63,39 @@ def axolotl_yaml(files: list[dict], max_length: int) -> str:
 
 
 def trl_snippet(files: list[dict], max_length: int) -> str:
+    """A loading script for TRL: the ``prompt_completion`` JSONL when exported (completion-only loss
+    with any chat template), else the ``messages`` one. The file is read as one Arrow block so a
+    ``tools`` column that is null in its first rows and a string later loads at any size (``datasets``
+    reads 10 MB blocks by default and cannot cast a later string block to an earlier all-null one)."""
     pick = {(f["layout"], f["file_type"]): f["path"] for f in files}
     path = pick.get(("prompt_completion", "jsonl")) or pick.get(("messages", "jsonl")) or next(iter(pick.values()), "")
-    loss = "completion-only loss by default" if "prompt_completion" in path else "set assistant_only_loss=True for answer-only loss"
-    return f'''"""Load the curated subset into TRL's SFTTrainer (written by curate; {loss})."""
+    loss = ("completion-only loss by default" if "prompt_completion" in path else
+            "loss on the whole conversation; assistant_only_loss=True needs a chat template with {% generation %} markers")
+    return f'''"""Load the curated subset into TRL's SFTTrainer (written by curate; {loss}).
+
+    python trl_load.py [MODEL_ID_OR_DIR]
+"""
+import sys
 from pathlib import Path
 
 from datasets import load_dataset
 
 HERE = Path(__file__).parent
 MAX_LENGTH = {max_length}  # the export's max_length; TRL's default (1024) would cut longer rows
+DATA = HERE / "{path}"
 
-dataset = load_dataset("json", data_files=str(HERE / "{path}"), split="train")
+# one block for the whole file: Arrow then unifies a tools column that is null in the first rows
+dataset = load_dataset("json", data_files=str(DATA), split="train", chunksize=max(10 << 20, DATA.stat().st_size + 1))
+
+
+def trainer(model_id: str, **config):
+    """An SFTTrainer on the curated subset; ``config`` overrides SFTConfig fields (max_steps, …)."""
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(**{{"max_length": MAX_LENGTH, "output_dir": "checkpoints", **config}})
+    return SFTTrainer(model=model_id, args=args, train_dataset=dataset)
+
 
 if __name__ == "__main__":
-    from trl import SFTConfig, SFTTrainer
-    import sys
-
-    model_id = sys.argv[1] if len(sys.argv) > 1 else "HuggingFaceTB/SmolLM2-135M-Instruct"
-    config = SFTConfig(max_length=MAX_LENGTH, output_dir="checkpoints")
-    SFTTrainer(model=model_id, args=config, train_dataset=dataset).train()
+    trainer(sys.argv[1] if len(sys.argv) > 1 else "HuggingFaceTB/SmolLM2-135M-Instruct").train()
 '''

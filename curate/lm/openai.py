@@ -5,6 +5,12 @@
   has none); spans are reduced here exactly as the local engine does;
 - chat (judges, rewriting): ``POST /chat/completions``.
 
+``server`` says what answers: ``openai`` (default) is the plain OpenAI API — a hosted API refuses
+fields it does not know, so only documented ones are sent (``top_k`` is left out, with a warning,
+and an ``answer_prefix`` is refused); ``vllm`` is a ``vllm serve`` endpoint, which also gets vLLM's
+extensions: ``top_k`` and, to continue an answer prefix, ``add_generation_prompt: false`` with
+``continue_final_message: true``.
+
 Requests run concurrently (``concurrency`` in flight), retry with exponential backoff and jitter on
 429, 5xx and connection errors only (never on other 4xx), and are cached on disk by
 (endpoint, model, request body hash): a re-run sends nothing it already has. The API key is read
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -29,6 +36,8 @@ from curate.lm.spec import LMParams
 from curate.lm.vllm import spans_from_token_logprobs
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+#: decoding keys only vLLM's server understands (sampling extensions), left out for ``server: openai``
+VLLM_SAMPLING_EXTENSIONS = ("top_k",)
 
 
 class RequestError(RuntimeError):
@@ -48,10 +57,11 @@ class OpenAIBackend:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.requests_sent = 0
         self.cache_hits = 0
+        self._warned: set[str] = set()
 
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
-        return {"backend": self.name, "endpoint": self.base_url, "model_id": p.served_name or p.model,
+        return {"backend": self.name, "server": p.server, "endpoint": self.base_url, "model_id": p.served_name or p.model,
                 "model_revision": p.revision or "served", "tokenizer_id": p.tokenizer or p.model, "dtype": "server", "quantization": None}
 
     @property
@@ -157,12 +167,30 @@ class OpenAIBackend:
         return out
 
     # -- chat -------------------------------------------------------------------------------------
+    def _request_decoding(self, decoding: dict[str, Any] | None) -> dict[str, Any]:
+        """The decoding fields this server accepts: vLLM's sampling extensions only for ``server: vllm``."""
+        d = dict(decoding or {})
+        if self.params.server == "vllm":
+            return d
+        for key in VLLM_SAMPLING_EXTENSIONS:
+            value = d.pop(key, None)
+            if value and key not in self._warned:  # top_k 0 means "off": nothing is lost
+                self._warned.add(key)
+                logging.getLogger("curate").warning(
+                    f"openai backend: {key}={value} is a vLLM extension and is not sent to {self.base_url} "
+                    "(server: openai); set server: vllm for a `vllm serve` endpoint")
+        return d
+
     def chat(self, conversations: list[list[dict]], decoding: dict[str, Any] | None = None, seeds: list[int] | None = None,
              progress=None, prefix: str = "") -> list[dict]:
         """One chat completion per conversation: ``{"text", "status", …}`` per row. A ``prefix`` is sent
-        as a final assistant message to continue (vLLM's ``continue_final_message``)."""
+        as a final assistant message to continue (vLLM's ``continue_final_message``; ``server: vllm``
+        only — the plain OpenAI API has no way to continue a message)."""
+        if prefix and self.params.server != "vllm":
+            raise CurateError(f"openai backend: an answer prefix ({prefix!r}) needs vLLM's continue_final_message, which the "
+                              "plain OpenAI API does not have: set server: vllm for a `vllm serve` endpoint, or leave answer_prefix empty")
         model = self.params.served_name or self.params.model
-        d = dict(decoding or {})
+        d = self._request_decoding(decoding)
         bodies = []
         for i, conv in enumerate(conversations):
             body = {"model": model, "messages": conv, **d}

@@ -30,6 +30,10 @@ class LMParams(BaseModel):
     trust_remote_code: bool = Field(False, description="Run the model repository's own code; only for models you trust.")
     base_url: str | None = Field(None, description="openai backend: e.g. http://127.0.0.1:8000/v1")
     served_name: str | None = Field(None, description="openai backend: the model name the server knows (default: model).")
+    server: Literal["openai", "vllm"] = Field("openai", description="openai backend: what answers at base_url. openai: the plain "
+                                              "OpenAI API (hosted APIs; only its documented request fields are sent); vllm: a "
+                                              "`vllm serve` endpoint, which also gets vLLM's extensions (top_k, "
+                                              "add_generation_prompt, continue_final_message).")
     api_key_env: str = Field("OPENAI_API_KEY", description="openai backend: the environment variable holding the key.")
     concurrency: int = Field(8, gt=0, description="openai backend: requests in flight.")
     max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/connection errors.")

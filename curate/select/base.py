@@ -29,7 +29,8 @@ class Pool:
 
     ``rows``: (n,) int64 global input rows; ``ids``: n sample_ids; ``scores``: name -> (n,) float64
     (NaN = no score); ``orientation``: name -> ``higher_is_better`` | ``lower_is_better`` | …;
-    ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: rows that entered selection;
+    ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: every input row of the run
+    (quarantined and duplicate rows included: the base of ``rate_base: input``, methods.md B0);
     ``sources`` / ``tasks``: per-row source name and task label (None when absent); ``texts``: a
     callable giving ``(prompt, response)`` per row of this pool, read only by steps that need the
     text (DELIFT).
@@ -119,7 +120,7 @@ class BudgetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     budget: int | float = Field(description="Rows to keep: a count, or a fraction in (0, 1].")
     rate_base: Literal["input", "pool", "valid"] = Field(
-        "input", description="What a fractional budget is a fraction of: rows entering selection, this step's rows, or its scored rows."
+        "input", description="What a fractional budget is a fraction of: all input rows (quarantined included), this step's rows, or its scored rows."
     )
 
     def resolve_budget(self, pool: Pool, n_valid: int | None = None) -> int:
