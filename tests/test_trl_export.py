@@ -40,9 +40,9 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm2_dir():
-    from curate.lm.resolve import resolve_lm
+    from curate.models import resolve_model
 
-    return resolve_lm("smollm2-135m-instruct").location  # the bundled GGUF, dequantised to an HF dir once
+    return resolve_model("smollm2-135m-instruct").location  # the bundled GGUF, dequantised to an HF dir once
 
 
 def train_two_steps(model_dir, dataset, out_dir):
