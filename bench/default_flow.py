@@ -11,7 +11,7 @@ output and store folders under a temp dir:
 - cold store, in-process (`--no-prefect`): the Prefect overhead by difference.
 
 Results: a markdown table on stdout and in bench/results/default_flow.md (copied into
-docs/benchmarks.md). Goal (issue 2): ≤ 5 minutes from a warm install.
+docs/benchmarks.md). Goal (issue 9): a cold run in ≤ 2 minutes on the developers' machine.
 """
 
 from __future__ import annotations
@@ -53,14 +53,14 @@ def main() -> None:
 
     case("cold store, Prefect", "store-a", "out-a")
     case("warm store, Prefect", "store-a", "out-a")
-    case("new budget (40), Prefect", "store-a", "out-b", "--set", "select.4.budget=40")
+    case("new budget (20), Prefect", "store-a", "out-b", "--set", "select.4.budget=20")
     case("cold store, --no-prefect", "store-c", "out-c", "--no-prefect")
 
     load = os.getloadavg()
     import torch
 
     head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__} "
-            f"(2 intra-op threads), load average {load[0]:.2f} at the end. Input: the default flow's 385 rows of data/sample.")
+            f"(2 intra-op threads), load average {load[0]:.2f} at the end. Input: the default flow's 158 rows of data/sample.")
     lines = [head, "", "| case | wall s (process) | s inside the flow | embed s | rows embedded | selected |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['wall_s']:.1f} | {r['inside_flow_s']:.1f} | {r['embed_s']:.1f} | {r['embedded']} | {r['selected']} |")

@@ -39,7 +39,7 @@ def test_plan_and_inspect_the_default_flow(tmp_path):
     r = runner.invoke(app, ["plan", str(ROOT / "flows" / "select.yaml"), "--json", "--no-warmup"])
     assert r.exit_code == 0, r.output
     p = json.loads(r.output)
-    assert p["n_input"] == 385 and p["n_duplicates"] == 1
+    assert p["n_input"] == 158 and p["n_duplicates"] == 0
     assert [s["stage"] for s in p["stages"]][:3] == ["embed", "score:heuristic", "score:superfiltering"]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"instruction": f"Count to {i}.", "output": " ".join(map(str, range(i + 3)))}) + "\n" for i in range(12)))
     flow = write_flow(tmp_path, name="tiny", inputs=[{"path": "rows.jsonl"}], score=[{"method": "heuristic"}],
