@@ -5,7 +5,8 @@
 Each run is a fresh `curate run flows/select.yaml` process (model loading included) with its own
 output and store folders under a temp dir:
 
-- cold store, Prefect (ephemeral server): everything is computed;
+- cold store, Prefect (ephemeral server): everything is computed, the bundled GGUF de-quantised
+  into a fresh model cache (a new user's first run);
 - warm store, Prefect: the same flow again — nothing is scored or embedded;
 - new budget, Prefect: `--set select.4.budget=40` — re-selects without scoring;
 - cold store, in-process (`--no-prefect`): the Prefect overhead by difference.
@@ -39,7 +40,9 @@ def timed(args: list[str], env: dict) -> tuple[float, dict]:
 
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="curate-bench-"))
-    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "CURATE_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
+    # a fresh model cache too: the first case de-quantises the bundled GGUF, as a new user's first run does
+    env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect"), "CURATE_CACHE_DIR": str(tmp / "cache"), "CURATE_NO_PROGRESS": "1",
+           "HF_HUB_OFFLINE": "1"}
     flow = "flows/select.yaml"
     rows = []
 
