@@ -55,17 +55,53 @@ def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, 
     return scorers, embed_key, fingerprints
 
 
-def check_error_budget(stage: str, refs: list, max_rate: float) -> None:
-    """Stop the run when more than ``max_rate`` of a stage's rows failed."""
+#: statuses that are successes; every other status (error, parse_failed, skipped_too_long,
+#: fallback_needed, …) counts against ``runtime.max_error_rate`` (methods.md E5)
+SUCCESS_STATUSES = ("ok", "truncated_ok")
+#: what each failure status means, for the error-budget message (a scorer's ``status_hints`` come first)
+STATUS_HINTS = {
+    "error": "calls that raised; each row's error_class and message are in the store",
+    "parse_failed": "the model's answer held no rating in range",
+    "skipped_too_long": "the prompt does not fit max_length even with its bodies cut: raise max_length",
+    "fallback_needed": "a rating digit's log-probability was not returned by the backend",
+    "empty_response": "no response token to score",
+    "short_response": "fewer response tokens than min_response_tokens",
+}
+
+
+def check_error_budget(stage: str, refs: list, max_rate: float, hints: dict[str, str] | None = None) -> None:
+    """Fail ``stage`` when the rows with a failure status (any but ok / truncated_ok, summed over
+    statuses) exceed ``max_rate`` of its rows; the message names each status with its count, its
+    share and what it means (``hints``: the scorer's own explanations)."""
     from curate.errors import StageError
 
     n = sum(r.n_rows for r in refs)
-    failed = sum(v for r in refs for k, v in r.statuses.items() if k == "error" or k.startswith("error:"))
-    if n and failed / n > max_rate:
-        raise StageError(
-            f"{stage}: {failed} of {n} rows failed ({failed / n:.1%}), over runtime.max_error_rate={max_rate:.1%}; "
-            "the failed rows' errors are in the store (status, error_class, message)"
-        )
+    failed: dict[str, int] = {}
+    for r in refs:
+        for status, count in r.statuses.items():
+            if status not in SUCCESS_STATUSES:
+                failed[status] = failed.get(status, 0) + count
+    total = sum(failed.values())
+    if n and total / n > max_rate:
+        hints = {**STATUS_HINTS, **(hints or {})}
+        parts = [f"{status} {count} ({count / n:.1%}): {hints.get(status.split(':')[0], 'see the store')}"
+                 for status, count in sorted(failed.items(), key=lambda kv: (-kv[1], kv[0]))]
+        raise StageError(f"{stage}: {total} of {n} rows failed ({total / n:.1%}), over runtime.max_error_rate={max_rate:.1%} — "
+                         + "; ".join(parts) + " (every row's status, error_class and message are in the store)")
+
+
+def status_warnings(refs: list, shares: dict[str, float], hints: dict[str, str] | None = None) -> list[str]:
+    """Per shard, a warning for each status whose share of the shard's rows exceeds its limit in
+    ``shares`` (a scorer's ``status_warn_share``, e.g. deita's fallback above 1%, methods.md A6)."""
+    hints = {**STATUS_HINTS, **(hints or {})}
+    out = []
+    for r in refs:
+        for status, limit in shares.items():
+            count = r.statuses.get(status, 0)
+            if r.n_rows and count / r.n_rows > limit:
+                out.append(f"shard {r.shard_id}: {count} of {r.n_rows} rows ({count / r.n_rows:.1%}) are {status}, over {limit:.0%} "
+                           f"({hints.get(status, 'see the store')})")
+    return out
 
 
 def _suffix(recordset: str) -> str:
@@ -137,12 +173,22 @@ class ScoreStage(Stage):
     def run(self, run: Run) -> dict[str, Any]:
         from curate.stages.score import score_shard
 
+        from curate.progress import logger
+        from curate.scorers import scorer_class
+
         step, key = run.scorers[self.step.label]
         ctx = scorer_context(run.spec)
         work, secs = run.map(self, score_shard, [dict(shard=s, step=step, key=key, store_dir=run.store_dir, context=ctx)
                                                  for s in run.sets[self.recordset].shards])
-        check_error_budget(self.name, work, run.spec.runtime.max_error_rate)
-        return work_summary(self.name, work, secs)
+        cls = scorer_class(step.method)
+        hints = getattr(cls, "status_hints", {})
+        warnings = status_warnings(work, getattr(cls, "status_warn_share", {}), hints)
+        for w in warnings:
+            logger.warning("%s: %s", self.name, w)
+        check_error_budget(self.name, work, run.spec.runtime.max_error_rate, hints)
+        summary = work_summary(self.name, work, secs)
+        summary["warnings"] += warnings
+        return summary
 
     def estimate(self, plan) -> dict[str, Any]:
         return plan.model_stage(self, "score", plan.run.scorers[self.step.label][1], self.step)
