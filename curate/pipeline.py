@@ -20,11 +20,11 @@ from curate.errors import StageError
 from curate.executors import LocalExecutor
 from curate.io import write_json
 from curate.manifests import DatasetRef, WorkRef
-from curate.scorers import ScorerContext
+from curate.scorers import ScorerContext, scorer_class
 from curate.stages.embed import embed_shard
 from curate.stages.export import export_finalize, export_layout
 from curate.stages.ingest import build_dataset, read_input
-from curate.stages.score import build_scorer, score_shard
+from curate.stages.score import _log_warnings, build_scorer, score_shard
 from curate.stages.select import select_stage
 from curate.store import Store
 
@@ -56,24 +56,61 @@ def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, 
     return scorers, embed_key, fingerprints
 
 
-def _check_error_budget(stage: str, refs: list[WorkRef], max_rate: float) -> None:
+#: statuses that are successes; every other status (error, parse_failed, skipped_too_long,
+#: fallback_needed, …) counts against ``runtime.max_error_rate`` (methods.md E5)
+SUCCESS_STATUSES = ("ok", "truncated_ok")
+#: what each failure status means, for the error-budget message (a scorer's ``status_hints`` come first)
+STATUS_HINTS = {
+    "error": "calls that raised; each row's error_class and message are in the store",
+    "parse_failed": "the model's answer held no rating in range",
+    "skipped_too_long": "the prompt does not fit max_length even with its bodies cut: raise max_length",
+    "fallback_needed": "a rating digit's log-probability was not returned by the backend",
+    "empty_response": "no response token to score",
+    "short_response": "fewer response tokens than min_response_tokens",
+}
+
+
+def _check_error_budget(stage: str, refs: list[WorkRef], max_rate: float, hints: dict[str, str] | None = None) -> None:
+    """Fail ``stage`` when the rows with a failure status (any but ok / truncated_ok, summed over
+    statuses) exceed ``max_rate`` of its rows; the message names each status with its count, its
+    share and what it means (``hints``: the scorer's own explanations)."""
     n = sum(r.n_rows for r in refs)
-    failed = sum(v for r in refs for k, v in r.statuses.items() if k == "error" or k.startswith("error:"))
-    if n and failed / n > max_rate:
-        raise StageError(
-            f"{stage}: {failed} of {n} rows failed ({failed / n:.1%}), over runtime.max_error_rate={max_rate:.1%}; "
-            "the failed rows' errors are in the store (status, error_class, message)"
-        )
+    failed: dict[str, int] = {}
+    for r in refs:
+        for status, count in r.statuses.items():
+            if status not in SUCCESS_STATUSES:
+                failed[status] = failed.get(status, 0) + count
+    total = sum(failed.values())
+    if n and total / n > max_rate:
+        hints = {**STATUS_HINTS, **(hints or {})}
+        parts = [f"{status} {count} ({count / n:.1%}): {hints.get(status.split(':')[0], 'see the store')}"
+                 for status, count in sorted(failed.items(), key=lambda kv: (-kv[1], kv[0]))]
+        raise StageError(f"{stage}: {total} of {n} rows failed ({total / n:.1%}), over runtime.max_error_rate={max_rate:.1%} — "
+                         + "; ".join(parts) + " (every row's status, error_class and message are in the store)")
 
 
-def _work_summary(stage: str, refs: list[WorkRef], seconds: float) -> dict[str, Any]:
+def _status_warnings(refs: list[WorkRef], shares: dict[str, float], hints: dict[str, str] | None = None) -> list[str]:
+    """Per shard, a warning for each status whose share of the shard's rows exceeds its limit in
+    ``shares`` (a scorer's ``status_warn_share``, e.g. deita's fallback above 1%, methods.md A6)."""
+    hints = {**STATUS_HINTS, **(hints or {})}
+    out = []
+    for r in refs:
+        for status, limit in shares.items():
+            count = r.statuses.get(status, 0)
+            if r.n_rows and count / r.n_rows > limit:
+                out.append(f"shard {r.shard_id}: {count} of {r.n_rows} rows ({count / r.n_rows:.1%}) are {status}, over {limit:.0%} "
+                           f"({hints.get(status, 'see the store')})")
+    return out
+
+
+def _work_summary(stage: str, refs: list[WorkRef], seconds: float, warnings: list[str] | None = None) -> dict[str, Any]:
     statuses: dict[str, int] = {}
     for r in refs:
         for k, v in r.statuses.items():
             statuses[k] = statuses.get(k, 0) + v
     return {"stage": stage, "tasks": len(refs), "rows": sum(r.n_rows for r in refs), "computed_rows": sum(r.computed_rows for r in refs),
             "computed_shards": sum(1 for r in refs if r.computed_rows), "statuses": statuses, "seconds": seconds,
-            "warnings": [w for r in refs for w in r.warnings]}
+            "warnings": [w for r in refs for w in r.warnings] + (warnings or [])}
 
 
 def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, Any]:
@@ -116,8 +153,11 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
     ctx = scorer_context(spec)
     for label, (step, key) in scorers.items():
         work, secs = timed("score", score_shard, [dict(shard=s, step=step, key=key, store_dir=store_dir, context=ctx) for s in dataset.shards])
-        _check_error_budget(f"score:{label}", work, spec.runtime.max_error_rate)
-        stages.append(_work_summary(f"score:{label}", work, secs))
+        hints = getattr(scorer_class(step.method), "status_hints", {})
+        warnings = _status_warnings(work, getattr(scorer_class(step.method), "status_warn_share", {}), hints)
+        _log_warnings(warnings)
+        _check_error_budget(f"score:{label}", work, spec.runtime.max_error_rate, hints)
+        stages.append(_work_summary(f"score:{label}", work, secs, warnings))
 
     # select
     (selection,), secs = timed("select", select_stage, [dict(dataset=dataset, steps=spec.select, scorers=scorers, embed_key=embed_key,
