@@ -1,6 +1,6 @@
 """Do the judge scorers carry signal? (issue 4) — a measurement, not a test threshold.
 
-    .venv/bin/python bench/judge_signal.py [--prompts 12]
+    .venv/bin/python bench/judge_signal.py [--prompts 12] [--only llm_rating ...]
 
 Data with a known quality order: AlpacaEval's prompts answered by eight models whose AlpacaEval-1
 win rates are known (../shared/data/alpaca_eval). The same first N prompts for every model. Each
@@ -28,7 +28,7 @@ MODELS = ["gpt4_1106_preview", "gpt4", "claude-2", "llama-2-7b-chat-hf", "oasst-
 SCORERS = [
     ("deita", {}, ["deita.complexity", "deita.quality", "deita.evol"]),
     ("selectit", {"n_prompts": 5}, ["selectit.selectit"]),
-    ("llm_rating", {"answer_prefix": "Score:", "max_tokens": 8}, ["llm_rating.rating"]),
+    ("llm_rating", {}, ["llm_rating.rating"]),  # defaults (since issue 8 the reply is cued with "Score:")
     ("ds2", {"answer_prefix": '{"Rarity": ', "max_tokens": 40, "max_attempts": 2}, ["ds2.overall", "ds2.class"]),
 ]
 
@@ -37,6 +37,7 @@ SCORERS = [
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these scorers (e.g. llm_rating)")
     args = ap.parse_args()
     from curate.ingest.validate import normalise_messages
     from curate.records import message, sample_id
@@ -58,6 +59,8 @@ def main() -> None:
              "Scorer model: the bundled SmolLM2-135M-Instruct.", "",
              "| score | Spearman (8 models) | rows/s | not rated | per-model means (best → worst by win rate) |", "|---|---|---|---|---|"]
     for method, params, names in SCORERS:
+        if args.only and method not in args.only:
+            continue
         scorer = scorer_class(method)(method, params, ctx)
         scorer.score_records(rows[:1])  # load the model
         t0 = time.perf_counter()
@@ -76,7 +79,7 @@ def main() -> None:
                          + ", ".join("–" if not np.isfinite(x) else f"{x:.3g}" for x in means) + " |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
-    write_result("judge_signal", text)
+    write_result("judge_signal" + "".join(f"-{m}" for m in args.only or []), text)  # a partial run keeps the full table
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.config import IngestSpec, InputSpec, load_flow
+from curate.errors import StageError
 from curate.pipeline import execute
-from curate.prompts import DEITA_COMPLEXITY, DEITA_QUALITY
+from curate.prompts import DEITA_COMPLEXITY, DEITA_QUALITY, SELECTIT_LAYOUT, SELECTIT_LINES
 from curate.scorers import ScorerContext, scorer_class
 from curate.scorers.deita import expected_score
 from curate.scorers.ds2 import compress, parse_ds2
@@ -68,12 +69,18 @@ def test_ds2_compress_and_parse():
     assert parse_ds2("no json at all") is None
 
 
-def test_judge_parsing_strict_then_tolerant():
+def test_judge_parsing_strict_then_one_tolerant_fallback():
     assert parse_rating("4.5\nThe response is accurate.", "first_line", 0, 5) == (4.5, "first_line")
+    assert parse_rating("Score: 4\nClear.", "first_line", 0, 5, prefix="Score:") == (4.0, "first_line")  # the cue is ours
     assert parse_rating("Score: 3 because ...", "first_line", 0, 5) == (3.0, "fallback:score")
-    assert parse_rating("I rate it 4 out of 5", "first_line", 0, 5) == (4.0, "fallback:first_number")
+    assert parse_rating("The answer is fine. **Score:** 2", "first_line", 0, 5) == (2.0, "fallback:score")
+    assert parse_rating('{"score": 7, "reason": "cut off by max_tok', "json", 1, 10) == (7.0, "fallback:score")
+    # no guesses: a number that is not a declared rating is not taken (A7/E5)
+    assert parse_rating("I rate it 4 out of 5", "first_line", 0, 5) == (None, "failed")
+    assert parse_rating("1. The response names the capital.", "first_line", 0, 5) == (None, "failed")
     assert parse_rating("Score: 10 out of 10", "first_line", 0, 5) == (None, "failed")  # never clipped into range
     assert parse_rating('{"score": 8, "reason": "ok"}', "json", 1, 10) == (8.0, "json")
+    assert parse_rating('{"reason": "good", "rating": 8}', "json", 1, 10) == (None, "failed")
     assert parse_rating("", "json", 1, 10) == (None, "empty")
 
 
@@ -168,7 +175,7 @@ def mt_rows(tmp_path_factory):
 
 
 def test_generative_judges_store_raw_text(rows):
-    judge = scorer_class("llm_rating")("llm_rating", {"answer_prefix": "Score:", "max_tokens": 8}, CTX)
+    judge = scorer_class("llm_rating")("llm_rating", {"max_tokens": 8}, CTX)
     out = judge.score_records(rows)
     assert all(o.raw_output and o.raw_output.startswith("Score:") for o in out)
     assert all((o.status == "ok" and 0 <= o.values["rating"] <= 5) or (o.status == "parse_failed" and math.isnan(o.values["rating"])) for o in out)
@@ -183,6 +190,93 @@ def test_generative_judges_store_raw_text(rows):
             assert o.values["class"] == compress(r["Overall rating"]) and parse_ds2(o.raw_output.split("\n---\n")[-1]) == r
 
 
+def _long(rec: dict, n: int = 150) -> dict:
+    """``rec`` with its last reply made ~2,000 tokens long (a real reply repeated)."""
+    msgs = [dict(m) for m in rec["messages"]]
+    msgs[-1]["content"] = " ".join([msgs[-1]["content"]] * n)[:12000]
+    return {**rec, "messages": msgs, "sample_id": rec["sample_id"] + "-long"}
+
+
+def test_judge_truncates_bodies_by_tokens_and_keeps_the_cue(rows, mt_rows):
+    judge = scorer_class("llm_rating")("llm_rating", {"max_length": 256, "max_tokens": 8}, CTX)
+    tok = judge.backend().tokenizer
+    rec = _long(rows[0])
+    fitted = judge.fitted_prompt(rec["messages"])
+    text = tok.decode(fitted.ids)
+    assert fitted.cut == ["response"] and len(fitted.ids) <= 256 < fitted.n_tokens_in
+    instruction = rec["messages"][0]["content"]
+    assert fitted.bodies["instruction"] == instruction and len(tok(fitted.bodies["response"])["input_ids"]) >= 32
+    assert text.endswith("\n<|im_start|>assistant\nScore:")  # the assistant cue and the answer prefix survive
+    assert "rate how accurate and helpful the response is" in text and f"Instruction:\n{instruction}\n\nResponse:\n" in text
+    fitted = judge.fitted_prompt(rows[2]["messages"])  # a real row whose response needs a cut at 256 tokens
+    out = judge.score_records([rows[2], rows[1]])
+    assert fitted.cut == ["response"] and (out[0].n_tokens_in, out[0].n_tokens_used) == (fitted.n_tokens_in, len(fitted.ids))
+    assert out[0].status == "truncated_ok" and out[0].components["truncated_fields"] == ["response"] and 0 <= out[0].values["rating"] <= 5
+    assert out[1].status == "ok" and out[1].components["truncated_fields"] == [] and out[1].n_tokens_in == out[1].n_tokens_used <= 256
+    # multi-turn: the longest message is cut, the closing line stays
+    mt = _long(mt_rows[0])
+    fitted = judge.fitted_prompt(mt["messages"])
+    assert fitted.cut == [f"message_{len(mt['messages']) - 1}"] and len(fitted.ids) <= 256
+    assert tok.decode(fitted.ids).endswith("Judge the last assistant response.<|im_end|>\n<|im_start|>assistant\nScore:")
+    # a budget the fixed parts and min_body_tokens per text cannot meet: skipped, never sent
+    tight = scorer_class("llm_rating")("llm_rating", {"max_length": 120}, CTX).score_records([rec])[0]
+    assert tight.status == "skipped_too_long" and math.isnan(tight.values["rating"])
+
+
+def test_ds2_and_selectit_truncate_bodies_by_tokens(rows):
+    rec = _long(rows[1])
+    ds2 = scorer_class("ds2")("ds2", {"max_length": 300, "answer_prefix": '{"Rarity": ', "max_tokens": 30, "max_attempts": 1}, CTX)
+    fitted = ds2.fitted_prompt(rec["messages"])
+    text = ds2.backend().tokenizer.decode(fitted.ids)
+    assert fitted.cut == ["message_1"] and len(fitted.ids) <= 300 < fitted.n_tokens_in
+    assert text.endswith('"Overall rating": n}<|im_end|>\n<|im_start|>assistant\n{"Rarity": ')  # closing instruction, cue, prefix
+    (out,) = ds2.score_records([rec])
+    assert out.components["truncated_fields"] == ["message_1"] and out.n_tokens_used == len(fitted.ids)
+    assert out.status in ("truncated_ok", "parse_failed")  # a cut never hides behind "ok"
+    sel = scorer_class("selectit")("selectit", {"n_prompts": 2, "max_length": 200}, CTX)
+    out = sel.score_records([rec, rows[1]])
+    assert out[0].status == "truncated_ok" and out[0].components["truncated_fields"] == ["response"] and 0 <= out[0].values["selectit"] <= 5
+    assert out[1].status == "ok" and out[1].components["truncated_fields"] == []
+    tail = sel.digit_ids(SELECTIT_LAYOUT, ["1", "2", "3", "4", "5"], False, probe={"rating": "r", "instruction": "x", "response": "x"})[1]
+    ids, cut = sel.render(SELECTIT_LAYOUT, {"instruction": rec["messages"][0]["content"], "response": rec["messages"][1]["content"]},
+                          False, tail=tail, fixed={"rating": SELECTIT_LINES[0].text})
+    text = sel.backend().tokenizer.decode(ids)
+    assert cut == ["response"] and len(ids) <= 200 and text.startswith(SELECTIT_LINES[0].text) and text.endswith("\nThe answer is: \n")
+
+
+def test_default_judge_rates_with_the_default_model(rows):
+    judge = scorer_class("llm_rating")("llm_rating", {"max_tokens": 16}, CTX)
+    assert judge.fingerprint()["answer_prefix"] == "Score:"  # the default cue, part of the key
+    hosted = scorer_class("llm_rating")("llm_rating", {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}, CTX)
+    assert hosted._setup()[-1] == ""  # a plain OpenAI API cannot continue a reply: no cue by default
+    cued = judge.score_records(rows)
+    bare = scorer_class("llm_rating")("llm_rating", {"max_tokens": 16, "answer_prefix": ""}, CTX).score_records(rows)
+    assert all(o.raw_output.startswith("Score:") for o in cued) and sum(o.status == "ok" for o in cued) >= 2
+    assert all(o.status == "parse_failed" for o in bare)  # without the cue SmolLM2 writes prose, not a rating
+    # "1. Invest in …" is a list item, not a rating: unrated, never 1.0 (the old first-number guess)
+    assert bare[3].raw_output.startswith("1. ") and math.isnan(bare[3].values["rating"])
+
+
+def test_hf_greedy_batches_equal_one_prompt_at_a_time():
+    from curate.lm import LMParams, load_backend
+    from curate.lm.hf import GEN_TOKENS_CPU, chat_prompt_ids, greedy_batches
+
+    assert greedy_batches([5, 9, 9, 3], 20) == [[1, 2], [0, 3]] and greedy_batches([50, 5], 20) == [[0], [1]]
+    batched, single = load_backend(LMParams(), 2), load_backend(LMParams(max_tokens_per_batch=1), 2)
+    tok = batched.tokenizer
+    asks = ["Reply with the single word: yes.", "Name three primary colours.",
+            "Explain in two sentences why the sky looks blue during the day and red at sunset.", "What is 12 times 12?"]
+    prompts = [chat_prompt_ids(tok, [{"role": "user", "content": a}]) for a in asks]
+    assert len(greedy_batches([len(p) for p in prompts], GEN_TOKENS_CPU)) == 1  # one left-padded batch
+    decoding = {"temperature": 0.0, "max_tokens": 24}
+    one, many = single.generate(prompts, decoding), batched.generate(prompts, decoding)
+    assert many == one and all(o["status"] == "ok" and o["text"] for o in many)
+    assert min(o["n_tokens"] for o in many) < 24 == max(o["n_tokens"] for o in many)  # rows stop at their own EOS
+    # a row that raises (a token id outside the vocabulary) fails alone; the others keep their text
+    mixed = batched.generate(prompts[:2] + [[10**8]] + prompts[2:], decoding)
+    assert mixed[2]["status"] == "error" and mixed[:2] + mixed[3:] == one
+
+
 def test_unparseable_judge_answer_quarantines_only_its_row(tmp_path):
     from lm_server import LocalCompletionsServer
 
@@ -193,12 +287,16 @@ def test_unparseable_judge_answer_quarantines_only_its_row(tmp_path):
     rows[2]["instruction"] += " MARK-UNPARSEABLE"
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with LocalCompletionsServer(backend.model, tokenizer=backend.tokenizer, canned={"MARK-UNPARSEABLE": "I would rather not say."}) as server:
-        flow = write_flow(tmp_path, name="judge", inputs=[{"path": "rows.jsonl"}],
-                          score=[{"method": "llm_rating", "backend": "openai", "base_url": server.base_url, "served_name": "local-smollm2",
-                                  "answer_prefix": "Score:", "max_tokens": 6}],
-                          export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False},
-                          runtime={"prefect": False, "max_error_rate": 1.0})
-        summary = execute(load_flow(flow))
+        def flow(max_error_rate):
+            return load_flow(write_flow(tmp_path, name="judge", inputs=[{"path": "rows.jsonl"}],
+                                        score=[{"method": "llm_rating", "backend": "openai", "server": "vllm", "base_url": server.base_url,
+                                                "served_name": "local-smollm2", "max_tokens": 6}],
+                                        export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False},
+                                        runtime={"prefect": False, "max_error_rate": max_error_rate}))
+
+        with pytest.raises(StageError, match=r"score:llm_rating: \d of 5 rows failed .* parse_failed \d \(\d+\.0%\): the judge's answers"):
+            execute(flow(0.01))  # the default budget: an unparseable answer is a failure, not a silent pass
+        summary = execute(flow(1.0))  # same store: the scores are not computed again
     ledger = pq.read_table(tmp_path / "out" / "ledger.parquet").to_pylist()
     wide = pq.read_table(tmp_path / "out" / "select" / "scores.parquet").to_pydict()
     status = dict(zip(wide["row"], wide["llm_rating.status"]))
@@ -207,6 +305,31 @@ def test_unparseable_judge_answer_quarantines_only_its_row(tmp_path):
     assert 2 in bad and bad[2]["stage"] == "score:llm_rating" and bad[2]["reason"] == "ParseError"
     assert set(bad) == {r for r, s in status.items() if s == "parse_failed"}  # only unparseable rows, each its own
     assert summary["counts"]["selected"] == sum(s == "ok" for s in status.values())
+
+
+def _ref(shard_id: int, statuses: dict[str, int]):
+    from curate.manifests import WorkRef
+
+    return WorkRef(stage="score", name="x", key="k", shard_id=shard_id, shard_sha256=f"s{shard_id}", n_rows=sum(statuses.values()),
+                   computed_rows=0, statuses=statuses)
+
+
+def test_error_budget_counts_every_failure_status():
+    from curate.pipeline import _check_error_budget, _status_warnings
+
+    judge_hints = scorer_class("llm_rating").status_hints
+    _check_error_budget("score:j", [_ref(0, {"ok": 90, "truncated_ok": 9, "parse_failed": 1})], 0.01)  # 1% is within 1%
+    refs = [_ref(0, {"ok": 95, "parse_failed": 4, "skipped_too_long": 1}), _ref(1, {"ok": 99, "truncated_ok": 1})]
+    with pytest.raises(StageError) as err:
+        _check_error_budget("score:j", refs, 0.01, judge_hints)
+    msg = str(err.value)
+    assert msg.startswith("score:j: 5 of 200 rows failed (2.5%), over runtime.max_error_rate=1.0%")
+    assert "parse_failed 4 (2.0%): the judge's answers held no rating" in msg and "answer_prefix" in msg
+    assert "skipped_too_long 1 (0.5%): the prompt does not fit max_length" in msg
+    # deita (A6): a warning per shard where more than 1% of the rows fell back
+    shares = scorer_class("deita").status_warn_share
+    w = _status_warnings([_ref(0, {"ok": 98, "fallback_needed": 2}), _ref(1, {"ok": 99, "fallback_needed": 1})], shares)
+    assert len(w) == 1 and w[0].startswith("shard 0: 2 of 100 rows (2.0%) are fallback_needed, over 1% (a rating digit")
 
 
 def test_ds2_flow_end_to_end(tmp_path, shared_store):

@@ -285,6 +285,8 @@ def test_same_seed_same_bytes_other_seed_differs(alpaca):
     again = M.MosaicIT({"epochs": 1, "max_length": 1024}).run(alpaca)
     other = M.MosaicIT({"epochs": 1, "max_length": 1024, "seed": 1}).run(alpaca)
     assert _epoch0(again) == _epoch0(run(epochs=2, max_length=1024)) != _epoch0(other)
+    first, second = ([r.parents for r in run(epochs=2, max_length=1024).rows if r.epoch == e] for e in (0, 1))
+    assert first != second  # each epoch has its own seed
 
 
 def test_output_does_not_depend_on_input_order(alpaca):
@@ -410,3 +412,16 @@ def test_params_and_fingerprint():
         M.MosaicParams(max_length=16)
     a, b = M.MosaicIT({}).fingerprint(), M.MosaicIT({"seed": 1}).fingerprint()
     assert a != b and a["text"] == T.text_ref() and len(a["text"]["hash"]) == 64
+
+
+def test_bundled_tokenizer_is_read_from_the_gguf_once_and_kept(tmp_path, monkeypatch, tokenizer):
+    from curate.rewrite.tokens import _load_tokenizer
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path))
+    fresh = _load_tokenizer("smollm2-135m-instruct")  # from the GGUF, saved under the cache
+    (saved,) = (tmp_path / "tokenizers").iterdir()
+    assert saved.name.startswith("smollm2-135m-instruct-") and (saved / "tokenizer.json").exists()
+    again = _load_tokenizer("smollm2-135m-instruct")  # from the saved dir
+    text = "(3): Write a function.\n[BEGIN]def f(x):\n    return x[END]"
+    assert fresh(text)["input_ids"] == again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert fresh.chat_template == again.chat_template == tokenizer.chat_template

@@ -10,6 +10,10 @@ from curate.models import is_gguf, model_revision, resolve_model
 from curate.lm.spec import LMParams
 from curate.models import cached, set_torch_threads
 
+#: padded prompt tokens per greedy generation batch when ``max_tokens_per_batch`` is unset
+GEN_TOKENS_CPU = 4096
+GEN_TOKENS_GPU = 65536
+
 
 class HFBackend:
     name = "hf"
@@ -81,52 +85,106 @@ class HFBackend:
 
     def chat(self, conversations: list[list[dict]], decoding: dict, seeds: list[int] | None = None, progress=None,
              prefix: str = "") -> list[dict]:
-        """Reply to each conversation (rendered with the model's chat template; a model without one
-        gets ``role: content`` lines and an ``assistant:`` cue). ``prefix`` starts the reply; the
-        returned text includes it."""
+        """Reply to each conversation (rendered by :func:`chat_prompt_ids`). ``prefix`` starts the
+        reply; the returned text includes it."""
         tok = self.tokenizer
-        prompts = []
-        for conv in conversations:
-            if getattr(tok, "chat_template", None):
-                text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True) + prefix
-                prompts.append(tok(text, add_special_tokens=False)["input_ids"])
-            else:
-                text = "\n\n".join(f"{m['role']}: {m['content']}" for m in conv) + "\n\nassistant: " + prefix
-                prompts.append(tok(text)["input_ids"])
-        out = self.generate(prompts, decoding, seeds, progress)
+        out = self.generate([chat_prompt_ids(tok, conv, prefix) for conv in conversations], decoding, seeds, progress)
         for o in out:
             if o["text"] is not None:
                 o["text"] = prefix + o["text"]
         return out
 
     def generate(self, prompts: list[list[int]], decoding: dict, seeds: list[int] | None = None, progress=None) -> list[dict]:
-        """Greedy (temperature 0) or sampled continuations of token-id prompts. Sampled rows run one at
-        a time with their own seed, so a row's text does not depend on batching or order."""
-        import torch
+        """Continuations of token-id prompts: ``{"text", "n_tokens", "status"}`` per prompt, in order.
 
+        Greedy (temperature 0): prompts are sorted by length (longest first) and generated in
+        left-padded batches of at most ``max_tokens_per_batch`` padded prompt tokens (default
+        :data:`GEN_TOKENS_CPU` / :data:`GEN_TOKENS_GPU`); each row ends at its own end-of-sequence
+        token. A batch that raises (out of memory included) is split in halves down to single rows,
+        so a failing row gets ``status="error"`` and no other row moves. Sampled (temperature > 0):
+        one prompt at a time with its own seed, so a row's text depends on nothing but its prompt
+        and seed — HF ``generate`` draws from one global generator, so batched rows would share it.
+        """
         set_torch_threads(self.torch_threads)
-        model, tok = self.model, self.tokenizer
         max_new = int(decoding.get("max_tokens", 128))
         temperature = float(decoding.get("temperature", 0.0))
-        eos = model.generation_config.eos_token_id or tok.eos_token_id  # an id or a list of ids
-        out = []
-        for i, ids in enumerate(prompts):
-            kwargs = dict(max_new_tokens=max_new, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                          eos_token_id=eos)
-            if temperature > 0:
-                torch.manual_seed(int(seeds[i]) if seeds else 0)
-                kwargs.update(do_sample=True, temperature=temperature, top_p=float(decoding.get("top_p", 1.0)),
-                              top_k=int(decoding.get("top_k", 0)))
-            else:
-                kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-            try:
-                with torch.inference_mode():
-                    gen = model.generate(input_ids=torch.tensor([ids], device=self.device),
-                                         attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self.device), **kwargs)
-                new = gen[0, len(ids):].tolist()
-                out.append({"text": tok.decode(new, skip_special_tokens=True), "n_tokens": len(new), "status": "ok"})
-            except Exception as exc:  # noqa: BLE001 - a failed row becomes its own status
-                out.append({"text": None, "n_tokens": 0, "status": "error", "error_class": type(exc).__name__, "message": str(exc)[:500]})
+        if temperature > 0:
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=float(decoding.get("top_p", 1.0)), top_k=int(decoding.get("top_k", 0)))
+            batches = [[i] for i in range(len(prompts))]
+        else:
+            kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            batches = greedy_batches([len(p) for p in prompts], self.params.max_tokens_per_batch or
+                                     (GEN_TOKENS_CPU if self.device == "cpu" else GEN_TOKENS_GPU))
+        kwargs.update(max_new_tokens=max_new, pad_token_id=self._pad_id(), eos_token_id=self._eos_ids())
+        out: list[dict | None] = [None] * len(prompts)
+        for batch in batches:
+            seed = (int(seeds[batch[0]]) if seeds else 0) if temperature > 0 else None
+            for i, res in zip(batch, self._generate_rows([prompts[i] for i in batch], kwargs, seed)):
+                out[i] = res
             if progress is not None:
-                progress.advance(1)
+                progress.advance(len(batch))
         return out
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    def _generate_rows(self, rows: list[list[int]], kwargs: dict, seed: int | None) -> list[dict]:
+        """Generate ``rows`` as one batch; on any exception split it in halves (single rows fail alone)."""
+        try:
+            return self._generate_batch(rows, kwargs, seed)
+        except Exception as exc:  # noqa: BLE001 - a failed row becomes its own status
+            if len(rows) == 1:
+                return [{"text": None, "n_tokens": 0, "status": "error", "error_class": type(exc).__name__, "message": str(exc)[:500]}]
+        half = len(rows) // 2
+        return self._generate_rows(rows[:half], kwargs, seed) + self._generate_rows(rows[half:], kwargs, seed)
+
+    def _generate_batch(self, rows: list[list[int]], kwargs: dict, seed: int | None) -> list[dict]:
+        """One ``generate`` call over left-padded rows; each row's new tokens end at its first EOS."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), kwargs["pad_token_id"], dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.inference_mode():
+            gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
+        eos = set(kwargs["eos_token_id"])
+        out = []
+        for new in gen[:, width:].tolist():
+            end = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
+            out.append({"text": self.tokenizer.decode(new[:end], skip_special_tokens=True), "n_tokens": end, "status": "ok"})
+        return out
+
+
+def greedy_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Row indices grouped for left-padded generation: longest first (ties by index), each group's
+    ``rows × longest prompt`` within ``budget`` padded tokens (a prompt longer than it runs alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def chat_prompt_ids(tok, conversation: list[dict], prefix: str = "") -> list[int]:
+    """Token ids of ``conversation`` as a reply prompt: the tokenizer's chat template with the
+    assistant cue, then ``prefix``; a tokenizer without a chat template gets ``role: content``
+    blocks and an ``assistant:`` cue (with its special tokens)."""
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) + prefix
+        return tok(text, add_special_tokens=False)["input_ids"]
+    text = "\n\n".join(f"{m['role']}: {m['content']}" for m in conversation) + "\n\nassistant: " + prefix
+    return tok(text)["input_ids"]

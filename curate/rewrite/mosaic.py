@@ -276,9 +276,15 @@ def _tag(number: int, sep: int, newline: bool, i: int) -> str:
 
 
 def response_delimiters(d: Draw) -> tuple[str, str]:
-    if d.delimiters is None:
+    """(begin, end) written around each response; empty strings without delimiters."""
+    return _delimiters(d.delimiters)
+
+
+@functools.lru_cache(maxsize=4096)
+def _delimiters(choice: tuple[int, int, bool] | None) -> tuple[str, str]:
+    if choice is None:
         return "", ""
-    w, b, lower = d.delimiters
+    w, b, lower = choice
     begin, end = T.DELIMITER_WORDS[w]
     if lower:
         begin, end = begin.lower(), end.lower()
@@ -287,12 +293,17 @@ def response_delimiters(d: Draw) -> tuple[str, str]:
 
 def format_meta(d: Draw) -> list[str]:
     """The format meta-instruction as pieces (wording and delimiters apart); [] when there is none."""
-    if d.format_meta is None:
-        return []
-    if d.delimiters is None:
-        return [T.FORMAT_PLAIN_META[d.format_meta]]
-    begin, end = response_delimiters(d)
-    return T.fill_pieces(T.FORMAT_WRAP_META[d.format_meta], begin=begin, end=end)
+    return list(_format_meta(d.format_meta, d.delimiters))
+
+
+@functools.lru_cache(maxsize=16384)
+def _format_meta(index: int | None, delimiters: tuple[int, int, bool] | None) -> tuple[str, ...]:
+    if index is None:
+        return ()
+    if delimiters is None:
+        return (T.FORMAT_PLAIN_META[index],)
+    begin, end = _delimiters(delimiters)
+    return tuple(T.fill_pieces(T.FORMAT_WRAP_META[index], begin=begin, end=end))
 
 
 def _sequence(d: Draw, positions: list[int], separators: tuple[str, ...]) -> str:

@@ -74,7 +74,7 @@ class TokenCounter:
     def count(self, text: str) -> int:
         """Tokens in ``text``, no special tokens added."""
         if self._backend is not None:
-            n = len(self._backend.encode(text, add_special_tokens=False).ids)
+            n = len(self._backend.encode(text, add_special_tokens=False))
         else:
             n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         self.n_tokens += n
@@ -84,7 +84,7 @@ class TokenCounter:
         """``count`` of each text (one batched call; parallel when the tokenizers library is allowed threads)."""
         if self._backend is None:
             return [self.count(t) for t in texts]
-        counts = [len(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        counts = [len(e) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
         self.n_tokens += sum(counts)
         return counts
 
@@ -109,8 +109,18 @@ class TokenCounter:
 
 
 def load_tokenizer(name: str) -> Any:
-    """The target model's tokenizer (chat template included), without its weights: a bundled GGUF
-    model's is read from the GGUF once and cached (see :func:`curate.models.resolve_model`)."""
-    from curate.models import load_tokenizer as load
+    """The tokenizer of a model: a bundled short name (read from its GGUF once, then kept as a
+    tokenizer dir under the curate cache), a local directory or a hub id. No weights are loaded.
+    Loaded once per process."""
+    from curate.models import cached
 
-    return load(name)
+    return cached(("tokenizer-only", name), lambda: _load_tokenizer(name))
+
+
+def _load_tokenizer(name: str) -> Any:
+    """Uncached: resolved by :func:`curate.models.resolve_model` without weights."""
+    from transformers import AutoTokenizer
+
+    from curate.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(name, weights=False).location)

@@ -17,7 +17,8 @@ Two prompt formats:
 Outputs per row: ``complexity`` and ``quality`` (means over turns), ``evol`` = ``Σ_t c_t · q_t``
 (single-turn range [1, 36]); the per-turn values and the six raw logits per turn are in the
 components. A digit the backend cannot provide gives NaN and ``fallback_needed`` (the reference's
-3.0 only with ``match_reference``).
+3.0 only with ``match_reference``); it counts against ``runtime.max_error_rate``, and a shard where
+more than 1% of the rows fall back gets a warning (``status_warn_share``).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class DeitaScorer(PromptScorer):
     Params = DeitaParams
     batch_rows = 128
     collapse_std_floor = {"complexity": 0.05, "quality": 0.05}
+    #: methods.md A6: warn when more than 1% of a shard falls back (the pipeline checks it per shard)
+    status_warn_share = {"fallback_needed": 0.01}
+    status_hints = {"fallback_needed": "a rating digit was not among the log-probabilities the backend returned (vllm/openai: "
+                                       "the top 20): NaN, not the reference's 3.0; the hf backend reads every digit's logit"}
 
     def _model(self, kind: str) -> str:
         p = self.params

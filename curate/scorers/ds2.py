@@ -9,6 +9,12 @@ or batch order. An answer without a parsable JSON object is regenerated (new see
 ``max_attempts`` times; after that the row is ``parse_failed`` (quarantined; the reference's class
 0 only with ``match_reference``). The prompts are ours (:mod:`curate.prompts`); the conversation is
 rendered as ``### {role}: {content}`` lines.
+
+Truncation (methods.md E4): the prompt as the model reads it (both prompts, the chat template, the
+assistant header and the answer prefix) must fit ``max_length`` tokens; the messages' texts are cut
+from their end, longest first (``truncated_ok``, ``truncated_fields``), never the prompts' own text;
+``skipped_too_long`` when ``min_body_tokens`` per message still does not fit. (The reference instead
+cuts the whole prompt at 2048 tokens from the right, losing the assistant header; not reproduced.)
 """
 
 from __future__ import annotations
@@ -18,11 +24,12 @@ from typing import Any
 
 from pydantic import Field
 
+from curate.lm.hf import chat_prompt_ids
 from curate.prompts import DS2_SYSTEM, DS2_USER
 from curate.records import sha256_hex
 from curate.scorers.base import Score
 from curate.scorers.judge import last_json_object
-from curate.scorers.ratingbase import PromptScorer, RatingParams
+from curate.scorers.ratingbase import Fitted, PromptScorer, RatingParams, TooLong
 from curate.templates import message_text
 
 KEYS = ("Rarity", "Complexity", "Informativeness", "Overall rating")
@@ -44,8 +51,22 @@ def parse_ds2(text: str | None) -> dict[str, int] | None:
     return vals if all(1 <= v <= 10 for v in vals.values()) else None
 
 
-def render_conversation(messages: list[dict]) -> str:
-    return "".join(f"### {m['role']}: {message_text(m)}\n" for m in messages)
+def conversation_bodies(messages: list[dict]) -> dict[str, str]:
+    """Each message's text by name (``message_<i>``): the parts truncation may cut."""
+    return {f"message_{i}": message_text(m) for i, m in enumerate(messages)}
+
+
+def render_conversation(messages: list[dict], bodies: dict[str, str] | None = None) -> str:
+    """``### {role}: {text}\\n`` per message; ``bodies`` (default: the messages' own texts) are the
+    texts to show, e.g. after truncation."""
+    bodies = conversation_bodies(messages) if bodies is None else bodies
+    return "".join(f"### {m['role']}: {bodies[f'message_{i}']}\n" for i, m in enumerate(messages))
+
+
+def rating_conversation(messages: list[dict], bodies: dict[str, str] | None = None) -> list[dict]:
+    """The chat sent to the rater: our system prompt, then the sample under our user prompt."""
+    return [{"role": "system", "content": DS2_SYSTEM.text},
+            {"role": "user", "content": DS2_USER.text.format(conversation=render_conversation(messages, bodies))}]
 
 
 class DS2Params(RatingParams):
@@ -56,17 +77,18 @@ class DS2Params(RatingParams):
                                "which helps small models answer in the format; part of the fingerprint.")
     max_tokens: int = Field(128, gt=0)
     max_attempts: int = Field(3, ge=1, description="Generations per row before parse_failed.")
-    max_sample_chars: int = Field(8000, gt=0, description="Longer conversations are cut (the instruction block survives).")
 
 
 class DS2RatingScorer(PromptScorer):
     method = "ds2"
-    version = "1.0"
+    version = "1.1"
     outputs = {"class": "higher_is_better", "overall": "higher_is_better", "rarity": "higher_is_better",
                "complexity": "higher_is_better", "informativeness": "higher_is_better"}
     Params = DS2Params
     batch_rows = 32
     collapse_std_floor = {"class": 0.05}
+    status_hints = {"parse_failed": "no JSON object with the four ratings after max_attempts generations: set answer_prefix "
+                                    "'{\"Rarity\": ', raise max_tokens or max_attempts, or use a larger rater; each answer is in raw_output"}
 
     def decoding(self) -> dict[str, Any]:
         p = self.params
@@ -77,24 +99,32 @@ class DS2RatingScorer(PromptScorer):
         fp["decoding"] = self.decoding()
         return fp
 
+    def fitted_prompt(self, messages: list[dict]) -> Fitted:
+        """The rating prompt for one sample as the model reads it (both prompts, chat template, answer
+        prefix), the messages' texts cut to fit ``max_length``; raises :class:`TooLong`."""
+        tok = self.backend().tokenizer
+        return self.fit(lambda b: chat_prompt_ids(tok, rating_conversation(messages, b), self.params.answer_prefix), conversation_bodies(messages))
+
     def seed_for(self, sample_id: str, attempt: int) -> int:
         return int(sha256_hex(str(self.context.seed), self.method, sample_id, str(attempt))[:8], 16)
 
     def score_batch(self, records: list[dict[str, Any]]) -> list[Score]:
         p = self.params
-        texts = {i: [] for i in range(len(records))}
-        parsed: dict[int, dict[str, int] | None] = {i: None for i in range(len(records))}
+        fits: dict[int, Fitted] = {}
+        skipped: dict[int, str] = {}
+        for i, rec in enumerate(records):
+            try:
+                fits[i] = self.fitted_prompt(rec["messages"])
+            except TooLong as exc:
+                skipped[i] = str(exc)
+        texts: dict[int, list[str]] = {i: [] for i in fits}
+        parsed: dict[int, dict[str, int] | None] = {i: None for i in fits}
         errors: dict[int, dict] = {}
-        pending = list(range(len(records)))
+        pending = list(fits)
         for attempt in range(p.max_attempts):
             if not pending:
                 break
-            convs = []
-            for i in pending:
-                body = render_conversation(records[i]["messages"])
-                if len(body) > p.max_sample_chars:  # keep the start: the instruction block and first reply
-                    body = body[: p.max_sample_chars]
-                convs.append([{"role": "system", "content": DS2_SYSTEM.text}, {"role": "user", "content": DS2_USER.text.format(conversation=body)}])
+            convs = [rating_conversation(records[i]["messages"], fits[i].bodies) for i in pending]
             replies = self.backend().chat(convs, self.decoding(), prefix=self.params.answer_prefix,
                                           seeds=[self.seed_for(records[i]["sample_id"], attempt) for i in pending])
             still = []
@@ -107,26 +137,24 @@ class DS2RatingScorer(PromptScorer):
                 if parsed[i] is None:
                     still.append(i)
             pending = still
-        out = []
-        for i, rec in enumerate(records):
-            raw = "\n---\n".join(t or "" for t in texts[i])
-            if i in errors:
-                e = errors[i]
-                out.append(Score.failed(self.outputs, "error", e.get("error_class", "error"), e.get("message", "rating call failed")))
-                continue
-            vals = parsed[i]
-            comp = {"attempts": len(texts[i]), "seed": self.seed_for(rec["sample_id"], len(texts[i]) - 1)}
-            if vals is None:
-                if p.match_reference:  # the reference's [0, 0, 0, 0] → class 0
-                    out.append(Score({"class": 0.0, "overall": 0.0, "rarity": 0.0, "complexity": 0.0, "informativeness": 0.0},
-                                     components={**comp, "parse": "failed→0 (match_reference)"}, raw_output=raw))
-                    continue
-                s = Score.failed(self.outputs, "parse_failed", "ParseError", "no JSON object with the four integer ratings")
-                s.components, s.raw_output = comp, raw
-                out.append(s)
-                continue
-            values = {"class": float(compress(vals["Overall rating"])), "overall": float(vals["Overall rating"]),
-                      "rarity": float(vals["Rarity"]), "complexity": float(vals["Complexity"]), "informativeness": float(vals["Informativeness"])}
-            out.append(Score(values, components={**comp, "ratings": vals}, raw_output=raw, decoding=json.dumps(self.decoding(), sort_keys=True),
-                             seed=comp["seed"]))
-        return out
+        return [Score.failed(self.outputs, "skipped_too_long", "TooLong", skipped[i]) if i in skipped
+                else fits[i].record(self._row(rec, texts[i], parsed[i], errors.get(i))) for i, rec in enumerate(records)]
+
+    def _row(self, rec: dict[str, Any], texts: list[str], vals: dict[str, int] | None, error: dict | None) -> Score:
+        """One row's score from its attempts' texts, the parsed ratings (None: none parsed) or the call error."""
+        p = self.params
+        raw = "\n---\n".join(t or "" for t in texts)
+        if error is not None:
+            return Score.failed(self.outputs, "error", error.get("error_class", "error"), error.get("message", "rating call failed"))
+        comp = {"attempts": len(texts), "seed": self.seed_for(rec["sample_id"], len(texts) - 1)}
+        if vals is None:
+            if p.match_reference:  # the reference's [0, 0, 0, 0] → class 0
+                return Score({"class": 0.0, "overall": 0.0, "rarity": 0.0, "complexity": 0.0, "informativeness": 0.0},
+                             components={**comp, "parse": "failed→0 (match_reference)"}, raw_output=raw)
+            s = Score.failed(self.outputs, "parse_failed", "ParseError", "no JSON object with the four integer ratings")
+            s.components, s.raw_output = comp, raw
+            return s
+        values = {"class": float(compress(vals["Overall rating"])), "overall": float(vals["Overall rating"]),
+                  "rarity": float(vals["Rarity"]), "complexity": float(vals["Complexity"]), "informativeness": float(vals["Informativeness"])}
+        return Score(values, components={**comp, "ratings": vals}, raw_output=raw, decoding=json.dumps(self.decoding(), sort_keys=True),
+                     seed=comp["seed"])

@@ -5,9 +5,12 @@ generative judges (LLM rating, DS2).
 - ``chat`` rendering puts the prompt in a user message under the model's chat template (the reply
   starts right after the assistant cue); ``plain`` rendering uses the text as is (trained formats such
   as deita's, SelectIT's layout, base models).
-- Truncation (methods.md E4): the fixed parts of a prompt always survive; when it is too long the
-  longest body field is cut from its end (each body keeps at least ``min_body_tokens``), recorded as
-  ``truncated_ok`` with the cut fields; if it still cannot fit the row is ``skipped_too_long``.
+- Truncation (methods.md E4, :meth:`PromptScorer.fit`), in tokens of the model's tokenizer: the
+  fixed parts of a prompt (instructions, labels, cue, closing line, chat template, answer prefix)
+  always survive; when it is too long the longest body (the sample's own texts) is cut from its end
+  (each body keeps at least ``min_body_tokens``), recorded as ``truncated_ok`` with the cut fields;
+  if it still cannot fit the row is ``skipped_too_long``. deita and SelectIT fit through
+  :meth:`PromptScorer.render`; the generative judges fit the whole chat prompt they send.
 - Rating digits are resolved from the tokenizer (E6b): the token that follows the exact prompt for
   each digit; each must be one token and the ids distinct. Where the tokenizer merges the prompt's
   trailing whitespace with what follows (byte-level BPE: ``": \n" + "1"``), the prompt is encoded as
@@ -17,13 +20,15 @@ generative judges (LLM rating, DS2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import Field
 
 from curate.lm import LMParams, load_backend
 from curate.prompts import Prompt
-from curate.scorers.base import Scorer
+from curate.scorers.base import Score, Scorer
 
 
 class RatingParams(Scorer.Params, LMParams):
@@ -34,6 +39,29 @@ class RatingParams(Scorer.Params, LMParams):
 
 class TooLong(Exception):
     pass
+
+
+@dataclass
+class Fitted:
+    """A prompt fitted into ``max_length``: its token ids, the body texts as sent (cut ones
+    shortened), the names of the cut bodies (in cut order) and the prompt's tokens before cutting."""
+
+    ids: list[int]
+    bodies: dict[str, str]
+    cut: list[str]
+    n_tokens_in: int
+
+    @property
+    def status(self) -> str:
+        return "truncated_ok" if self.cut else "ok"
+
+    def record(self, score: Score) -> Score:
+        """``score`` with this fit's status (unless it already failed), token counts and cut fields."""
+        if score.status == "ok":
+            score.status = self.status
+        score.n_tokens_in, score.n_tokens_used = self.n_tokens_in, len(self.ids)
+        score.components = {**(score.components or {}), "truncated_fields": list(self.cut)}
+        return score
 
 
 class PromptScorer(Scorer):
@@ -85,25 +113,40 @@ class PromptScorer(Scorer):
         return self.backend(model).tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def render(self, prompt: Prompt, fields: dict[str, str], chat: bool, model: str | None = None,
-               system: Prompt | None = None, tail: str | None = None) -> tuple[list[int], list[str]]:
-        """Token ids of the prompt, cutting body fields from their end to fit ``max_length``. With
-        ``tail`` the prompt is encoded as when ``tail`` follows it (the tail's own token dropped)."""
+               system: Prompt | None = None, tail: str | None = None, fixed: dict[str, str] | None = None) -> tuple[list[int], list[str]]:
+        """(token ids of the prompt, names of the cut fields): the body ``fields`` are cut from their
+        end to fit ``max_length`` (:meth:`fit`); ``fixed`` fields are never cut. With ``tail`` the
+        prompt is encoded as when ``tail`` follows it (the tail's own token dropped)."""
+
+        def build(bodies: dict[str, str]) -> list[int]:
+            text, special = self.text(prompt, {**(fixed or {}), **bodies}, chat, model, system)
+            return self.encode(text + tail, special, model)[:-1] if tail else self.encode(text, special, model)
+
+        fitted = self.fit(build, fields, model)
+        return fitted.ids, fitted.cut
+
+    def fit(self, build: Callable[[dict[str, str]], list[int]], bodies: dict[str, str], model: str | None = None) -> Fitted:
+        """Fit a prompt into ``max_length`` tokens (methods.md E4). ``build(bodies) -> token ids``
+        renders the whole prompt (fixed parts, cue and closing instruction included) around the body
+        texts; while it is too long, the longest body (in tokens; ties: the last name) is cut from
+        its end, never below ``min_body_tokens``. Raises :class:`TooLong` when even that does not fit."""
         p = self.params
         tok = self.backend(model).tokenizer
-        fields = dict(fields)
-        cut: list[str] = []
-        for _ in range(8):
-            text, special = self.text(prompt, fields, chat, model, system)
-            ids = self.encode(text + tail, special, model)[:-1] if tail else self.encode(text, special, model)
+        bodies, cut, n_in = dict(bodies), [], None
+        for _ in range(2 * len(bodies) + 4):  # each round fits or cuts one body; retokenisation may need one more
+            ids = build(bodies)
+            n_in = len(ids) if n_in is None else n_in
             over = len(ids) - p.max_length
             if over <= 0:
-                return ids, cut
-            lengths = {k: len(tok(v, add_special_tokens=False)["input_ids"]) for k, v in fields.items()}
-            name = max(lengths, key=lambda k: (lengths[k], k))
-            keep = max(p.min_body_tokens, lengths[name] - over - 2)
-            if keep >= lengths[name]:
+                return Fitted(ids, bodies, cut, n_in)
+            body_ids = {k: tok(v, add_special_tokens=False)["input_ids"] for k, v in bodies.items()}
+            if not body_ids:
                 break
-            fields[name] = tok.decode(tok(fields[name], add_special_tokens=False)["input_ids"][:keep])
+            name = max(body_ids, key=lambda k: (len(body_ids[k]), k))
+            keep = max(p.min_body_tokens, len(body_ids[name]) - over - 2)
+            if keep >= len(body_ids[name]):
+                break
+            bodies[name] = tok.decode(body_ids[name][:keep])
             if name not in cut:
                 cut.append(name)
         raise TooLong(f"the prompt needs more than max_length={p.max_length} tokens even with its bodies cut to {p.min_body_tokens}")

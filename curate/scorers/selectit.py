@@ -14,6 +14,11 @@ rating line, a blank line, ``Instruction:``, ``Response:`` and the cue ``The ans
 the renormalised probabilities (``q = softmax(P')``, so ``q_max ≤ e/(e+4)``) and the fixed model
 weights 7/20, 13/20, 70/90 (exactly three models). The reference reads only the first turn
 (``turns: first``); rows are never shifted — a failed row is NaN with its status.
+
+Truncation (methods.md E4; the reference has none): a prompt over ``max_length`` tokens has its
+instruction and response cut from their end (the longer first), never the rating line or the cue;
+the row is ``truncated_ok`` with ``truncated_fields`` (any prompt, any model), or
+``skipped_too_long`` when ``min_body_tokens`` each still does not fit.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ class SelectITParams(RatingParams):
 
 class SelectITScorer(PromptScorer):
     method = "selectit"
-    version = "1.0"
+    version = "1.1"
     outputs = {"selectit": "higher_is_better"}
     Params = SelectITParams
     batch_rows = 64
@@ -100,33 +105,34 @@ class SelectITScorer(PromptScorer):
             for t, (q, a) in enumerate(turns[:1] if p.turns == "first" else turns):
                 pairs.append((r_i, t, q, a))
         weights = model_weights([m.size for m in p.models], p.formula)
-        # probs[model][pair][prompt] = K probabilities (or None when the prompt does not fit)
-        per_model = []
+        # per model: (pair, prompt) -> the K probabilities' NextToken (absent when the prompt does not fit)
+        per_model, cut = [], {}
         for spec in p.models:
             ids, tail = self.digit_ids(SELECTIT_LAYOUT, DIGITS, False, spec.model,
                                        probe={"rating": SELECTIT_LINES[0].text, "instruction": "x", "response": "x"})
             prompts, where = [], []
             for k, (_, _, q, a) in enumerate(pairs):
                 for r in range(p.n_prompts):
-                    try:
-                        toks, _ = self.render(SELECTIT_LAYOUT, {"rating": SELECTIT_LINES[r].text, "instruction": q, "response": a}, False,
-                                              spec.model, tail=tail)
+                    try:  # the rating line is fixed; the instruction and response are cut to fit
+                        toks, fields = self.render(SELECTIT_LAYOUT, {"instruction": q, "response": a}, False, spec.model, tail=tail,
+                                                   fixed={"rating": SELECTIT_LINES[r].text})
                     except TooLong:
                         continue
                     prompts.append(toks)
                     where.append((k, r))
+                    cut.setdefault(k, set()).update(fields)
             res = self.backend(spec.model).next_token(prompts, ids) if prompts else []
-            table: dict[tuple[int, int], Any] = dict(zip(where, res))
-            per_model.append(table)
+            per_model.append(dict(zip(where, res)))
         out = []
         for r_i in range(len(records)):
             ks = [k for k, pr in enumerate(pairs) if pr[0] == r_i]
-            out.append(self._row(ks, per_model, weights))
+            out.append(self._row(ks, per_model, weights, sorted(set().union(*(cut.get(k, set()) for k in ks)))))
         return out
 
-    def _row(self, ks: list[int], per_model: list[dict], weights: list[float]) -> Score:
+    def _row(self, ks: list[int], per_model: list[dict], weights: list[float], cut: list[str]) -> Score:
+        """One row's score from its pairs ``ks``; ``cut``: the fields truncated in any of its prompts."""
         p = self.params
-        comp: dict[str, Any] = {"formula": p.formula, "weights": weights, "models": []}
+        comp: dict[str, Any] = {"formula": p.formula, "weights": weights, "models": [], "truncated_fields": cut}
         turn_scores = []
         for k in ks:
             s_models = []
@@ -149,4 +155,4 @@ class SelectITScorer(PromptScorer):
         if not turn_scores:
             return Score.failed(self.outputs, "empty_response", "NoTurn", "no (instruction, response) pair")
         comp["per_turn"] = turn_scores
-        return Score({"selectit": float(np.mean(turn_scores))}, components=comp)
+        return Score({"selectit": float(np.mean(turn_scores))}, "truncated_ok" if cut else "ok", components=comp)
