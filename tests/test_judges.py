@@ -315,20 +315,20 @@ def _ref(shard_id: int, statuses: dict[str, int]):
 
 
 def test_error_budget_counts_every_failure_status():
-    from curate.pipeline import _check_error_budget, _status_warnings
+    from curate.pipeline.stages import check_error_budget, status_warnings
 
     judge_hints = scorer_class("llm_rating").status_hints
-    _check_error_budget("score:j", [_ref(0, {"ok": 90, "truncated_ok": 9, "parse_failed": 1})], 0.01)  # 1% is within 1%
+    check_error_budget("score:j", [_ref(0, {"ok": 90, "truncated_ok": 9, "parse_failed": 1})], 0.01)  # 1% is within 1%
     refs = [_ref(0, {"ok": 95, "parse_failed": 4, "skipped_too_long": 1}), _ref(1, {"ok": 99, "truncated_ok": 1})]
     with pytest.raises(StageError) as err:
-        _check_error_budget("score:j", refs, 0.01, judge_hints)
+        check_error_budget("score:j", refs, 0.01, judge_hints)
     msg = str(err.value)
     assert msg.startswith("score:j: 5 of 200 rows failed (2.5%), over runtime.max_error_rate=1.0%")
     assert "parse_failed 4 (2.0%): the judge's answers held no rating" in msg and "answer_prefix" in msg
     assert "skipped_too_long 1 (0.5%): the prompt does not fit max_length" in msg
     # deita (A6): a warning per shard where more than 1% of the rows fell back
     shares = scorer_class("deita").status_warn_share
-    w = _status_warnings([_ref(0, {"ok": 98, "fallback_needed": 2}), _ref(1, {"ok": 99, "fallback_needed": 1})], shares)
+    w = status_warnings([_ref(0, {"ok": 98, "fallback_needed": 2}), _ref(1, {"ok": 99, "fallback_needed": 1})], shares)
     assert len(w) == 1 and w[0].startswith("shard 0: 2 of 100 rows (2.0%) are fallback_needed, over 1% (a rating digit")
 
 

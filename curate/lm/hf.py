@@ -12,7 +12,7 @@ from curate.models import cached, set_torch_threads
 
 #: padded prompt tokens per greedy generation batch when ``max_tokens_per_batch`` is unset
 GEN_TOKENS_CPU = 4096
-GEN_TOKENS_GPU = 65536
+GEN_TOKENS_GPU = 16384
 
 
 class HFBackend:
@@ -109,7 +109,8 @@ class HFBackend:
         max_new = int(decoding.get("max_tokens", 128))
         temperature = float(decoding.get("temperature", 0.0))
         if temperature > 0:
-            kwargs = dict(do_sample=True, temperature=temperature, top_p=float(decoding.get("top_p", 1.0)), top_k=int(decoding.get("top_k", 0)))
+            kwargs = dict(do_sample=True, temperature=temperature, top_p=float(decoding.get("top_p", 1.0)),
+                          top_k=int(decoding.get("top_k", 0)))
             batches = [[i] for i in range(len(prompts))]
         else:
             kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)

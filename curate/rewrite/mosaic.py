@@ -22,7 +22,7 @@ count), the passthrough list and the counts.
 
 Speed (C3 "Performance"): every row's instruction and response are tokenized once per run; a
 prefix's length is estimated as the sum of its pieces' token counts (row texts, and the literal
-text between them — tags, delimiters, wording, chat template — each tokenized once and cached); the
+text between them — tags, delimiters, wording, chat template — tokenized once and cached); the
 exact tokenization of the whole render runs only when the estimate is within ``JOIN_SLACK`` tokens
 per junction of the cap, and always once on each accepted render. Decisions never wait for those
 final counts, so they are made in one batched call per ``VERIFY_WINDOW`` chunks. If a final count is
@@ -171,7 +171,9 @@ def permute_wording(method: str, first_letter: bool) -> tuple[str, ...]:
 
 
 def draw(rng: random.Random, m: int, p: MosaicParams) -> Draw:
-    """Fresh indicators for a render of m rows (m = 1 is always format)."""
+    """Fresh indicators for a render of m rows (m = 1 is always format). With ``force_numbering`` a
+    permute or maskout draw takes one of the numbered styles (1..9); otherwise style 0 (none) is
+    drawn like any other, about one time in ten."""
     strategy = rng.choice(STRATEGIES[p.version])
     if m == 1:
         strategy = "format"

@@ -88,7 +88,8 @@ class DS2RatingScorer(PromptScorer):
     batch_rows = 32
     collapse_std_floor = {"class": 0.05}
     status_hints = {"parse_failed": "no JSON object with the four ratings after max_attempts generations: set answer_prefix "
-                                    "'{\"Rarity\": ', raise max_tokens or max_attempts, or use a larger rater; each answer is in raw_output"}
+                                    "'{\"Rarity\": ', raise max_tokens or max_attempts, or use a larger rater; each answer is in "
+                                    "raw_output"}
 
     def decoding(self) -> dict[str, Any]:
         p = self.params
@@ -103,7 +104,8 @@ class DS2RatingScorer(PromptScorer):
         """The rating prompt for one sample as the model reads it (both prompts, chat template, answer
         prefix), the messages' texts cut to fit ``max_length``; raises :class:`TooLong`."""
         tok = self.backend().tokenizer
-        return self.fit(lambda b: chat_prompt_ids(tok, rating_conversation(messages, b), self.params.answer_prefix), conversation_bodies(messages))
+        prefix = self.params.answer_prefix
+        return self.fit(lambda b: chat_prompt_ids(tok, rating_conversation(messages, b), prefix), conversation_bodies(messages))
 
     def seed_for(self, sample_id: str, attempt: int) -> int:
         return int(sha256_hex(str(self.context.seed), self.method, sample_id, str(attempt))[:8], 16)
@@ -155,6 +157,7 @@ class DS2RatingScorer(PromptScorer):
             s.components, s.raw_output = comp, raw
             return s
         values = {"class": float(compress(vals["Overall rating"])), "overall": float(vals["Overall rating"]),
-                  "rarity": float(vals["Rarity"]), "complexity": float(vals["Complexity"]), "informativeness": float(vals["Informativeness"])}
+                  "rarity": float(vals["Rarity"]), "complexity": float(vals["Complexity"]),
+                  "informativeness": float(vals["Informativeness"])}
         return Score(values, components={**comp, "ratings": vals}, raw_output=raw, decoding=json.dumps(self.decoding(), sort_keys=True),
                      seed=comp["seed"])

@@ -67,8 +67,8 @@ def last_json_object(text: str) -> dict | None:
 
 
 def parse_rating(text: str | None, fmt: str, lo: float, hi: float, key: str = "score", prefix: str = "") -> tuple[float | None, str]:
-    """(value, parse path): the strict path of ``fmt`` (``first_line``: the whole first line is the
-    number; ``json``: the last JSON object's ``key``), then one tolerant fallback — the first
+    """(value, parse path): the strict path of ``fmt`` (``first_line``: the whole first line after
+    ``prefix`` is the number; ``json``: the last JSON object's ``key``), then one tolerant fallback — the first
     ``score: x`` (case-insensitive, ``:``/``=`` optional, markdown stars allowed). A value outside
     [lo, hi] or no value gives (None, "failed"): no other number in the text is taken as a guess."""
     if not text:
@@ -133,8 +133,10 @@ class JudgeScorer(PromptScorer):
     Params = JudgeParams
     batch_rows = 32
     collapse_std_floor = {"rating": 0.01}
-    status_hints = {"parse_failed": "the judge's answers held no rating in the rubric's scale: keep the default answer_prefix (the "
-                                    "rubric's cue), raise max_tokens, or use a larger judge model; each answer is in raw_output"}
+    status_hints = {"parse_failed": "the judge's answers held no rating in the rubric's scale (each answer is in raw_output): "
+                                    "use a larger judge (model, or backend: openai with base_url), cue the rating with answer_prefix "
+                                    "(default 'Score:' / '{\"score\": '), or raise max_tokens; a known share can be allowed with "
+                                    "runtime.max_error_rate"}
 
     def _setup(self) -> tuple[Prompt, float, float, str, str]:
         """(rubric, scale min, scale max, answer format, answer prefix) after defaults."""
@@ -145,7 +147,9 @@ class JudgeScorer(PromptScorer):
         fmt = fmt if p.answer_format == "auto" else p.answer_format
         can_continue = p.backend != "openai" or p.server == "vllm"  # the plain OpenAI API cannot continue a reply
         prefix = p.answer_prefix if p.answer_prefix is not None else (ANSWER_CUES[fmt] if can_continue else "")
-        return RUBRICS[p.rubric], (p.scale_min if p.scale_min is not None else lo), (p.scale_max if p.scale_max is not None else hi), fmt, prefix
+        lo = p.scale_min if p.scale_min is not None else lo
+        hi = p.scale_max if p.scale_max is not None else hi
+        return RUBRICS[p.rubric], lo, hi, fmt, prefix
 
     def decoding(self) -> dict[str, Any]:
         return {"temperature": self.params.temperature, "max_tokens": self.params.max_tokens}
@@ -209,4 +213,5 @@ class JudgeScorer(PromptScorer):
             return s
         if len(values) > 1:
             comp.update(mean=float(np.mean(values)), std=float(np.std(values)))
-        return Score({"rating": float(np.mean(values))}, components=comp, raw_output=raw, decoding=json.dumps(self.decoding(), sort_keys=True))
+        return Score({"rating": float(np.mean(values))}, components=comp, raw_output=raw,
+                     decoding=json.dumps(self.decoding(), sort_keys=True))
