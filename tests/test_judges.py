@@ -259,7 +259,7 @@ def test_default_judge_rates_with_the_default_model(rows):
 
 def test_hf_greedy_batches_equal_one_prompt_at_a_time():
     from curate.lm import LMParams, load_backend
-    from curate.lm.hf import GEN_TOKENS_CPU, chat_prompt_ids, greedy_batches
+    from curate.lm.hf import chat_prompt_ids, greedy_batches
 
     assert greedy_batches([5, 9, 9, 3], 20) == [[1, 2], [0, 3]] and greedy_batches([50, 5], 20) == [[0], [1]]
     batched, single = load_backend(LMParams(), 2), load_backend(LMParams(max_tokens_per_batch=1), 2)
@@ -267,7 +267,7 @@ def test_hf_greedy_batches_equal_one_prompt_at_a_time():
     asks = ["Reply with the single word: yes.", "Name three primary colours.",
             "Explain in two sentences why the sky looks blue during the day and red at sunset.", "What is 12 times 12?"]
     prompts = [chat_prompt_ids(tok, [{"role": "user", "content": a}]) for a in asks]
-    assert len(greedy_batches([len(p) for p in prompts], GEN_TOKENS_CPU)) == 1  # one left-padded batch
+    assert len(greedy_batches([len(p) for p in prompts], batched.token_budget)) == 1  # one left-padded batch
     decoding = {"temperature": 0.0, "max_tokens": 24}
     one, many = single.generate(prompts, decoding), batched.generate(prompts, decoding)
     assert many == one and all(o["status"] == "ok" and o["text"] for o in many)

@@ -10,10 +10,6 @@ from curate.models import is_gguf, model_revision, resolve_model
 from curate.lm.spec import LMParams
 from curate.models import cached, set_torch_threads
 
-#: padded prompt tokens per greedy generation batch when ``max_tokens_per_batch`` is unset
-GEN_TOKENS_CPU = 4096
-GEN_TOKENS_GPU = 16384
-
 
 class HFBackend:
     name = "hf"
@@ -66,8 +62,13 @@ class HFBackend:
     def engine(self) -> MaskedCE:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        budget = self.params.max_tokens_per_batch or (2048 if self.device == "cpu" else 16384)
-        return MaskedCE.for_model(self.model, pad, self.device, budget)
+        return MaskedCE.for_model(self.model, pad, self.device, self.token_budget)
+
+    @property
+    def token_budget(self) -> int:
+        """Padded tokens per forward batch: ``max_tokens_per_batch``, else 2048 on CPU (larger budgets
+        measured slower there, for scoring and for greedy generation) and 16384 on GPU."""
+        return self.params.max_tokens_per_batch or (2048 if self.device == "cpu" else 16384)
 
     def score(self, seqs: list[Seq], token_logprobs: bool = False, progress=None) -> list[SeqResult]:
         set_torch_threads(self.torch_threads)
@@ -98,9 +99,8 @@ class HFBackend:
         """Continuations of token-id prompts: ``{"text", "n_tokens", "status"}`` per prompt, in order.
 
         Greedy (temperature 0): prompts are sorted by length (longest first) and generated in
-        left-padded batches of at most ``max_tokens_per_batch`` padded prompt tokens (default
-        :data:`GEN_TOKENS_CPU` / :data:`GEN_TOKENS_GPU`); each row ends at its own end-of-sequence
-        token. A batch that raises (out of memory included) is split in halves down to single rows,
+        left-padded batches of at most :attr:`token_budget` padded prompt tokens; each row ends at its
+        own end-of-sequence token. A batch that raises (out of memory included) is split in halves down to single rows,
         so a failing row gets ``status="error"`` and no other row moves. Sampled (temperature > 0):
         one prompt at a time with its own seed, so a row's text depends on nothing but its prompt
         and seed — HF ``generate`` draws from one global generator, so batched rows would share it.
@@ -114,8 +114,7 @@ class HFBackend:
             batches = [[i] for i in range(len(prompts))]
         else:
             kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-            batches = greedy_batches([len(p) for p in prompts], self.params.max_tokens_per_batch or
-                                     (GEN_TOKENS_CPU if self.device == "cpu" else GEN_TOKENS_GPU))
+            batches = greedy_batches([len(p) for p in prompts], self.token_budget)
         kwargs.update(max_new_tokens=max_new, pad_token_id=self._pad_id(), eos_token_id=self._eos_ids())
         out: list[dict | None] = [None] * len(prompts)
         for batch in batches:
