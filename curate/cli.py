@@ -105,11 +105,12 @@ def plan(
     for s in p["inputs"]:
         t.add_row(s["source"], s["format"], ", ".join(s["files"]), str(s["n_rows"]), str(s["n_valid"]), str(s["n_quarantined"]))
     console.print(t)
-    t = Table("stage", "what", "cached rows", "to compute", "work", "estimate", title="stages")
+    t = Table("stage", "reads → writes", "what", "cached rows", "to compute", "work", "estimate", title="stages")
     for s in p["stages"]:
-        work = f"{s['work']:,} {s['unit']} at {s['rate']:,.0f}/s" if "work" in s else ""
+        work = f"{s['work']:,} {s['unit']} at {s['rate']:,.0f}/s" if "work" in s else s.get("note", "")
         est = f"{s['estimate_s']:.0f} s" if "estimate_s" in s else ""
-        t.add_row(s["stage"], str(s.get("what", "")), str(s.get("cached_rows", "")), str(s.get("to_compute", "")), work, est)
+        flow = f"{', '.join(s.get('reads', []))} → {', '.join(s.get('writes', []))}"
+        t.add_row(s["stage"], flow, str(s.get("what", "")), str(s.get("cached_rows", "")), str(s.get("to_compute", "") or ""), work, est)
     console.print(t)
     if p["estimate_s"]:
         console.print(f"estimated model time: {p['estimate_s']:.0f} s (plus start-up and model loading)")

@@ -17,7 +17,6 @@ embedding matrix. Stages import it instead of importing each other.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -87,10 +86,6 @@ def take_records(sets: list[RecordSetRef], ids: list[str] | set[str] | None = No
         parts.append(t.filter(pc.is_in(t.column(column), value_set=wanted)))
     table = pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
     return table.take(pc.sort_indices(table, [("row", "ascending")]))
-
-
-def load_manifest(path: str | Path) -> RecordSetRef:
-    return RecordSetRef.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 # -- what the store holds for a set's rows ----------------------------------------------------------

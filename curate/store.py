@@ -6,6 +6,7 @@ Layout (``store_dir`` in the flow, shared by every run of a project)::
     <store>/scores/<scorer_key>/part-<hash>.parquet   long rows: sample_id, variant, score, status…
     <store>/scores/<scorer_key>/done/<shard>.json     shard marker: every row of that shard is stored
     <store>/embeddings/<embedder_key>/…               the same, with a ``vector`` column
+    <store>/rewrites/<rewrite_key>/unit-<hash>.json   a rewrite step's finished units (see curate.stages.rewrite)
 
 Keys are sha256 hashes of the fingerprint, rows are keyed by ``sample_id`` (a hash of the content),
 so nothing already computed is computed again, whatever run, file or row order it came from. Parts are
@@ -140,3 +141,7 @@ class Store:
 
     def embeddings(self, key: str) -> Collection:
         return Collection(self.root, "embeddings", key)
+
+    def rewrites(self, key: str) -> Path:
+        """The folder of one rewrite step's finished units (key: its fingerprint + its input set's hash)."""
+        return self.root / "rewrites" / key

@@ -88,8 +88,7 @@ def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str,
     from curate.scorers.heuristic import _TOKEN
 
     with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
-        run = Run(spec=spec.model_copy(update={"output_dir": tmp}), executor=LocalExecutor())
-        run.spec.flow_path = spec.flow_path
+        run = Run(spec=spec.model_copy(update={"output_dir": tmp}), executor=LocalExecutor())  # flow_path is copied too
         run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
         IngestStage().run(run)
         dataset = run.dataset

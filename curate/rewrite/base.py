@@ -20,7 +20,7 @@ parse status), and says what became of every input row::
 Work is split into *units* (``units()``; default one unit): the stage stores each finished unit's
 result under the rewriter's key in the store, so a re-run recomputes nothing and a killed run loses
 at most the unit in flight. Units must be independent of each other and deterministic given the
-parameters (seeds derive from the run seed, the method and the unit name).
+parameters (seeds derive from the run seed).
 """
 
 from __future__ import annotations
@@ -103,9 +103,6 @@ class Rewriter:
     def units(self, n_records: int) -> list[str]:
         """Names of independent units of work over the whole input (default: one)."""
         return ["all"]
-
-    def unit_seed(self, unit: str) -> int:
-        return int(sha256_hex(str(self.context.seed), self.method, unit)[:15], 16)
 
     def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
         raise NotImplementedError

@@ -48,10 +48,9 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     out = Path(out_dir)
     book: dict[int, dict] = {r["row"]: r for r in pq.read_table(selections[0].ledger_path).to_pylist()}
     derived_sets = [rw.derived for rw in rewrites]
-    ident: dict[int, dict] = {}  # derived row -> provenance columns of a ledger row
-    for rs in derived_sets:
-        for r in read_records(rs, ["row", "sample_id", "source", "source_index", "source_line", "origin", "parents"]).to_pylist():
-            ident[r["row"]] = r
+    derived_rows = {rs.name: read_records(rs, ["row", "sample_id", "source", "source_index", "source_line", "origin", "parents", "generation"])
+                    .to_pylist() for rs in derived_sets}  # read once: ledger provenance and lineage
+    ident: dict[int, dict] = {r["row"]: r for rows in derived_rows.values() for r in rows}  # derived row -> its provenance
     for rw in rewrites:
         if pool == "derived":
             for e in _rewrite_outcomes(rw):
@@ -80,13 +79,14 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     derived_path = write_parquet(out / "derived_ledger.parquet", derived_t)
 
     row_of: dict[str, int] = {}  # a parent's row: the first row with its content (a rewrite can reproduce its parent)
-    ids_rows = read_records([input_set, *derived_sets], ["sample_id", "row"]).to_pydict()
-    for sid, row in zip(ids_rows["sample_id"], ids_rows["row"]):
+    inputs_ids = read_records(input_set, ["sample_id", "row"]).to_pydict()
+    for sid, row in zip(inputs_ids["sample_id"], inputs_ids["row"]):
         row_of.setdefault(sid, row)
-    lineage = []
-    for rs in derived_sets:
-        for r in read_records(rs, ["row", "sample_id", "origin", "parents", "generation"]).to_pylist():
-            lineage.append({**r, "parent_rows": [row_of.get(p) for p in r["parents"] or []], "recordset": rs.name})
+    for rows in derived_rows.values():
+        for r in rows:
+            row_of.setdefault(r["sample_id"], r["row"])
+    lineage = [{**r, "parent_rows": [row_of.get(p) for p in r["parents"] or []], "recordset": name}
+               for name, rows in derived_rows.items() for r in rows]
     lineage_path = write_parquet(out / "lineage.parquet", ledger_table(lineage, LINEAGE_SCHEMA))
     return LedgerRef(path=str(path), derived_path=str(derived_path), lineage_path=str(lineage_path), n_input=n_input, n_derived=n_derived,
                      counts=counts, derived_counts=derived_counts)

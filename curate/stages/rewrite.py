@@ -24,6 +24,7 @@ from curate.progress import logger, stage_progress
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
 from curate.recordset import read_records, write_recordset
 from curate.rewrite import Derived, RewriteContext, Rewriter, UnitResult, rewriter_class
+from curate.store import Store
 
 DISPOSITION_SCHEMA = pa.schema([("sample_id", pa.string()), ("row", pa.int64()), ("disposition", pa.string()), ("reason", pa.string()),
                                 ("detail", pa.string()), ("n_derived", pa.int64())])
@@ -58,7 +59,7 @@ def rewrite_stage(source: RecordSetRef, step: StepSpec, context: RewriteContext,
                   shard_size: int) -> RewriteRef:
     rewriter = build_rewriter(step, context)
     key = rewrite_key(rewriter, source)
-    folder = Path(store_dir) / "rewrites" / key
+    folder = Store(store_dir).rewrites(key)
     if not (folder / "fingerprint.json").exists():
         write_json(folder / "fingerprint.json", {**rewriter.fingerprint(), "input_recordset": source.sha256})
     records = read_records(source).to_pylist()
