@@ -12,8 +12,8 @@ A *record* is one instruction/response sample in chat form::
      "original": "{…}",                    # the original record as JSON: nothing is lost on export
      "origin": "input",                    # "input", or the rewrite that made the row ("mosaic:permute")
      "parents": None,                      # derived rows: the sample_ids they were made from
-     "generation": None}                   # derived rows: JSON of what made them (method, prompt id
-                                           # and hash, model, decoding, seed, raw output, status)
+     "generation": None}                   # derived rows: JSON of what made them (method, version,
+                                           # seed, and what that method records: see curate.rewrite.base)
 
 Roles are ``system``, ``user``, ``assistant`` and ``tool``. An assistant message that calls tools
 keeps the calls as a JSON string in ``tool_calls``.

@@ -3,8 +3,8 @@
 A rewriter is one file in ``curate/rewrite/`` plus one line in ``REWRITERS``
 (``curate/rewrite/__init__.py``). It never changes a row in place: it returns *derived* rows, each
 with its ``parents`` (sample_ids), its ``origin`` (``<method>:<variant>``) and a ``generation``
-record (what made it: method and version, prompt id and hash, model, decoding, seed, raw output,
-parse status), and says what became of every input row::
+record (what made it: method, version and seed; an LLM rewriter adds its prompt id and hash, model,
+decoding, raw output and parse status), and says what became of every input row::
 
     class Upper(Rewriter):
         method = "upper"
