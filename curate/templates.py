@@ -3,8 +3,8 @@
 A template renders a conversation to one string and reports where each assistant reply sits in it
 (character spans), plus the *assistant cue* used as the direct-pass prefix (``direct_prefix:
 header``). Whitespace is part of the contract: every string a template writes around the
-conversation's own text is a field of its :class:`Layout`, and ``template_hash`` is the sha256 of
-those exact bytes (methods.md A1/E1), so changing one byte of a layout changes the score key.
+conversation's own text is in its ``contract()`` (the fields of its :class:`Layout` plus the joins all
+templates share), and ``template_hash`` is the sha256 of those exact bytes (methods.md A1/E1), so changing one byte of a layout changes the score key.
 
 =============  =====================================================================================
 ``alpaca``     Stanford Alpaca: preamble, ``### Instruction:``, optional ``### Input:``,
@@ -18,7 +18,8 @@ those exact bytes (methods.md A1/E1), so changing one byte of a layout changes t
 =============  =====================================================================================
 
 Alpaca source rows keep their instruction/input split: the turn that came from the row's
-``instruction``/``input`` fields (its last turn; earlier turns come from ``history``) renders with the
+``instruction``/``input`` fields (its last turn; earlier turns come from ``history``; recognised by its
+user text, so a history turn with the very same text renders the same way) renders with the
 ``turn_input`` layout when the input is not empty (alpaca: an ``### Input:`` block and the
 with-input preamble; vicuna: ``Input:``), in both context modes; every other turn renders its own
 user text.
@@ -135,7 +136,7 @@ class Joined(Template):
     layout: Layout
 
     def __init__(self, layout: Layout | None = None):
-        if layout is not None:
+        if layout is not None:  # a variant of a built-in layout (the template-hash tests edit one byte)
             self.layout = layout
         self.cue = self.layout.cue
 

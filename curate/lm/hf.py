@@ -6,9 +6,8 @@ from typing import Any
 
 from curate.lm.base import resolve_device
 from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult
-from curate.models import is_gguf, model_revision, resolve_model
 from curate.lm.spec import LMParams
-from curate.models import cached, set_torch_threads
+from curate.models import cached, is_gguf, model_revision, resolve_model, set_torch_threads
 
 
 class HFBackend:

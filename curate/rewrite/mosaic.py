@@ -409,6 +409,7 @@ class MosaicResult:
     passthrough: list[Passthrough]
     overlong: list[list[str]]  # per epoch: sample_ids whose render alone was over the cap, in epoch order
     stats: dict[str, Any] = field(default_factory=dict)
+    never_composed: list[str] = field(default_factory=list)  # over the cap alone and in no mosaic of any epoch
 
 
 def composable(record: dict[str, Any]) -> str | None:
@@ -610,7 +611,7 @@ class MosaicIT:
             "n_tokens_tokenized": counter.n_tokens,
             "n_estimate_fallbacks": composer.n_fallbacks,
         }
-        return MosaicResult(rows, passthrough, overlong, stats)
+        return MosaicResult(rows, passthrough, overlong, stats, never)
 
 
 def split_records(records: list[dict[str, Any]]) -> tuple[list[str], list[str], list[Passthrough]]:
@@ -670,9 +671,6 @@ class MosaicStep(Rewriter):
         cap = f"{self.params.max_length} tokens ({engine.params.count_with} count)"
         for x in result.passthrough:
             out.dispositions.setdefault(x.sample_id, ("passthrough", x.reason, None))
-        composed = {sid for row in result.rows for sid in row.parents}
-        for epoch in result.overlong:
-            for sid in epoch:
-                if sid not in composed and sid not in out.dispositions:
-                    out.dispositions[sid] = ("dropped", "overlong", f"longer than the mosaic cap of {cap} on its own, in every epoch")
+        for sid in result.never_composed:  # with passthrough_overlong they passed through above
+            out.dispositions.setdefault(sid, ("dropped", "overlong", f"longer than the mosaic cap of {cap} on its own, in every epoch"))
         return out

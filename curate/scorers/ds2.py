@@ -15,6 +15,8 @@ assistant header and the answer prefix) must fit ``max_length`` tokens; the mess
 from their end, longest first (``truncated_ok``, ``truncated_fields``), never the prompts' own text;
 ``skipped_too_long`` when ``min_body_tokens`` per message still does not fit. (The reference instead
 cuts the whole prompt at 2048 tokens from the right, losing the assistant header; not reproduced.)
+With ``backend: openai`` the count uses the local tokenizer and its chat template: an estimate of the
+server's.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from curate.lm.hf import chat_prompt_ids
 from curate.prompts import DS2_SYSTEM, DS2_USER
 from curate.records import sha256_hex
 from curate.scorers.base import Score
-from curate.scorers.judge import last_json_object
+from curate.scorers.judge import conversation_bodies, last_json_object
 from curate.scorers.ratingbase import Fitted, PromptScorer, RatingParams, TooLong
-from curate.templates import message_text
 
 KEYS = ("Rarity", "Complexity", "Informativeness", "Overall rating")
 
@@ -49,11 +50,6 @@ def parse_ds2(text: str | None) -> dict[str, int] | None:
     except (KeyError, TypeError, ValueError):
         return None
     return vals if all(1 <= v <= 10 for v in vals.values()) else None
-
-
-def conversation_bodies(messages: list[dict]) -> dict[str, str]:
-    """Each message's text by name (``message_<i>``): the parts truncation may cut."""
-    return {f"message_{i}": message_text(m) for i, m in enumerate(messages)}
 
 
 def render_conversation(messages: list[dict], bodies: dict[str, str] | None = None) -> str:

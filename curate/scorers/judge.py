@@ -20,7 +20,8 @@ Truncation (methods.md E4): the prompt as the model reads it (rubric, chat templ
 prefix) must fit ``max_length`` tokens of the judge's tokenizer; the sample's texts (instruction and
 response, or each message) are cut from their end, longest first, never the rubric, the labels or
 the closing line — ``truncated_ok`` with ``truncated_fields``, ``n_tokens_in`` and ``n_tokens_used``;
-``skipped_too_long`` when ``min_body_tokens`` per text still does not fit.
+``skipped_too_long`` when ``min_body_tokens`` per text still does not fit. (With ``backend: openai``
+the count uses the local tokenizer and its chat template: an estimate of the server's.)
 """
 
 from __future__ import annotations
@@ -92,13 +93,18 @@ def parse_rating(text: str | None, fmt: str, lo: float, hi: float, key: str = "s
     return None, "failed"
 
 
+def conversation_bodies(messages: list[dict]) -> dict[str, str]:
+    """Each message's text by name (``message_<i>``): the parts truncation may cut."""
+    return {f"message_{i}": message_text(m) for i, m in enumerate(messages)}
+
+
 def sample_bodies(messages: list[dict]) -> dict[str, str]:
     """The texts a judge reads, by name — the parts truncation may cut: ``instruction`` and
     ``response`` for one turn without a system message, else ``message_<i>`` for every message."""
     system, turns = split_turns(messages)
     if len(turns) == 1 and not system:
         return {"instruction": turns[0][0], "response": turns[0][1]}
-    return {f"message_{i}": message_text(m) for i, m in enumerate(messages)}
+    return conversation_bodies(messages)
 
 
 def render_sample(messages: list[dict], bodies: dict[str, str] | None = None) -> str:

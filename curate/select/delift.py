@@ -17,7 +17,7 @@ and the ledger gives that status as its reason. A pair whose prompt cannot fit e
 cut to nothing, or whose forward fails, is an unmeasured entry.
 
 **Pairs.** ``pairs: all`` measures every (target, example) pair — the dense kernel of the reference,
-n_valid · (n_valid + n_ref) + n baseline forwards. ``pairs: neighbors`` tries only each target's
+about n_valid · (n_valid + n_ref) + n baseline forwards. ``pairs: neighbors`` tries only each target's
 ``n_neighbors`` nearest rows by embedding (and as many reference rows): an approximation B5 lists as
 opt-in. ``auto`` (default) is ``all`` while that costs at most ``max_dense_forwards`` forwards.
 
@@ -66,7 +66,8 @@ class Utilities:
     """Raw utilities and what could not be measured.
 
     ``raw``: (target, example) → u_ij for every measured pair; ``status``: target → ``ok`` |
-    ``skipped_too_long`` | ``error``, with ``detail`` for the others; ``forwards``: sequences scored;
+    ``skipped_too_long`` | ``error``, with ``detail`` for the others; ``baseline``: target → its
+    no-example loss; ``forwards``: sequences scored;
     ``pairs_too_long`` / ``pairs_failed``: pairs left unmeasured."""
 
     raw: dict[tuple[int, int], float] = field(default_factory=dict)
