@@ -51,7 +51,8 @@ def main() -> None:
         wall, summary = timed(args, env)
         stages = {s["stage"]: s for s in summary["stages"]}
         rows.append({"case": label, "wall_s": wall, "inside_flow_s": summary["seconds"],
-                     "embed_s": stages.get("embed", {}).get("seconds", 0.0), "embedded": stages.get("embed", {}).get("computed_rows", 0),
+                     "embed_s": stages.get("embed", {}).get("seconds", 0.0),
+                     "score_s": sum(s.get("seconds", 0.0) for k, s in stages.items() if k.startswith("score")), "embedded": stages.get("embed", {}).get("computed_rows", 0),
                      "selected": summary["counts"]["selected"], "executor": summary["executor"]})
 
     case("cold store, Prefect", "store-a", "out-a")
@@ -64,9 +65,9 @@ def main() -> None:
 
     head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__} "
             f"(2 intra-op threads), load average {load[0]:.2f} at the end. Input: the default flow's 158 rows of data/sample.")
-    lines = [head, "", "| case | wall s (process) | s inside the flow | embed s | rows embedded | selected |", "|---|---|---|---|---|---|"]
+    lines = [head, "", "| case | wall s (process) | s inside the flow | score s | embed s | rows embedded | selected |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['wall_s']:.1f} | {r['inside_flow_s']:.1f} | {r['embed_s']:.1f} | {r['embedded']} | {r['selected']} |")
+        lines.append(f"| {r['case']} | {r['wall_s']:.1f} | {r['inside_flow_s']:.1f} | {r['score_s']:.1f} | {r['embed_s']:.1f} | {r['embedded']} | {r['selected']} |")
     text = "\n".join(lines) + "\n"
     write_result("default_flow", text)
 

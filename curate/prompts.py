@@ -153,3 +153,9 @@ DELIFT_ICL = Prompt(
     "Example:\n{example_query}\n{example_response}\n\n\nQuery:\n{query}\n",
 )
 ALL.update({p.id: p for p in (DELIFT_NO_ICL, DELIFT_ICL)})
+
+# -- Reflection-Tuning (C1) and Selective Reflection-Tuning (C2): ours -----------------------------
+# (prompts of curate/rewrite/reflection.py go here)
+
+# -- AIDE (C4): ours --------------------------------------------------------------------------------
+# (prompts of curate/rewrite/aide.py go here)

@@ -142,6 +142,10 @@ class Store:
     def embeddings(self, key: str) -> Collection:
         return Collection(self.root, "embeddings", key)
 
+    def calls(self) -> Path:
+        """The LLM call cache: one JSON reply per (backend, messages, decoding, seed) hash (see curate.lm.calls)."""
+        return self.root / "calls"
+
     def rewrites(self, key: str) -> Path:
         """The folder of one rewrite step's finished units (key: its fingerprint + its input set's hash)."""
         return self.root / "rewrites" / key

@@ -115,6 +115,8 @@ class HFBackend:
             kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             batches = greedy_batches([len(p) for p in prompts], self.token_budget)
         kwargs.update(max_new_tokens=max_new, pad_token_id=self._pad_id(), eos_token_id=self._eos_ids())
+        if decoding.get("stop"):  # a row stops once its text holds one (the call engine cuts the text there)
+            kwargs.update(stop_strings=list(decoding["stop"]), tokenizer=self.tokenizer)
         out: list[dict | None] = [None] * len(prompts)
         for batch in batches:
             seed = (int(seeds[batch[0]]) if seeds else 0) if temperature > 0 else None

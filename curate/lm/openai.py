@@ -82,7 +82,9 @@ class OpenAIBackend:
         digest = hashlib.sha256(json.dumps([self.base_url, path, body], sort_keys=True).encode()).hexdigest()
         return self.cache_dir / digest[:2] / f"{digest}.json"
 
-    async def _post(self, client, sem, path: str, body: dict) -> dict:
+    async def _post(self, client, sem, path: str, body: dict, attempts: list[int] | None = None) -> dict:
+        """The response to one request (retried as the module docstring says); ``attempts`` gets
+        the number of requests sent for it."""
         cache = self._cache_path(path, body)
         if cache is not None and cache.exists():
             self.cache_hits += 1
@@ -93,6 +95,8 @@ class OpenAIBackend:
             async with sem:
                 try:
                     self.requests_sent += 1
+                    if attempts is not None:
+                        attempts[0] = attempt + 1
                     resp = await client.post(f"{self.base_url}{path}", json=body, headers=self._headers())
                     status, text = resp.status_code, resp.text
                 except Exception as exc:  # connection reset, timeout: transient
@@ -112,22 +116,24 @@ class OpenAIBackend:
             delay *= 2
         raise AssertionError("unreachable")
 
-    def _run_all(self, path: str, bodies: list[dict], progress=None) -> list[dict | Exception]:
+    def _run_all(self, path: str, bodies: list[dict], progress=None, attempts: list[list[int]] | None = None) -> list[dict | Exception]:
+        """Every request, ``concurrency`` in flight; a request that fails for good is its exception.
+        ``attempts[i][0]`` gets the number of requests sent for body i."""
         import httpx
 
         async def main():
             sem = asyncio.Semaphore(self.params.concurrency)
             async with httpx.AsyncClient(timeout=self.params.timeout_s) as client:
-                async def one(body):
+                async def one(k, body):
                     try:
-                        return await self._post(client, sem, path, body)
+                        return await self._post(client, sem, path, body, None if attempts is None else attempts[k])
                     except Exception as exc:  # noqa: BLE001 - becomes this row's status
                         return exc
                     finally:
                         if progress is not None:
                             progress.advance(1)
 
-                return await asyncio.gather(*(one(b) for b in bodies))
+                return await asyncio.gather(*(one(k, b) for k, b in enumerate(bodies)))
 
         return asyncio.run(main())
 
@@ -200,12 +206,15 @@ class OpenAIBackend:
                 body["seed"] = int(seeds[i])
             bodies.append(body)
         out = []
-        for resp in self._run_all("/chat/completions", bodies, progress):
+        attempts = [[0] for _ in bodies]
+        for resp, tries in zip(self._run_all("/chat/completions", bodies, progress, attempts), attempts):
+            retries = max(tries[0] - 1, 0)
             if isinstance(resp, Exception):
-                out.append({"text": None, "status": "error", "error_class": type(resp).__name__, "message": str(resp)[:500]})
+                out.append({"text": None, "status": "error", "error_class": type(resp).__name__, "message": str(resp)[:500],
+                            "retries": retries})
             else:
                 out.append({"text": prefix + resp["choices"][0]["message"]["content"], "status": "ok",
-                            "n_tokens": (resp.get("usage") or {}).get("completion_tokens")})
+                            "n_tokens": (resp.get("usage") or {}).get("completion_tokens"), "retries": retries})
         return out
 
 

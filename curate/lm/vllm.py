@@ -93,7 +93,8 @@ class VLLMBackend:
             conversations = [conv + [{"role": "assistant", "content": prefix}] for conv in conversations]
         params = [SamplingParams(max_tokens=int(decoding.get("max_tokens", 128)), temperature=float(decoding.get("temperature", 0.0)),
                                  top_p=float(decoding.get("top_p", 1.0)), top_k=int(decoding.get("top_k", 0)) or -1,
-                                 seed=None if seeds is None else int(seeds[i])) for i in range(len(conversations))]
+                                 seed=None if seeds is None else int(seeds[i]), stop=list(decoding.get("stop") or []) or None)
+                  for i in range(len(conversations))]
         kw = {"add_generation_prompt": False, "continue_final_message": True} if prefix else {}
         outs = self.llm.chat(conversations, params, use_tqdm=False, **kw)
         return [{"text": prefix + o.outputs[0].text, "n_tokens": len(o.outputs[0].token_ids), "status": "ok"} for o in outs]

@@ -48,7 +48,8 @@ class Plan:
     def rewrite_context(self):
         from curate.rewrite import RewriteContext
 
-        return RewriteContext(seed=self.spec.seed, torch_threads=torch_threads(self.spec), base_dir=str(self.spec.base))
+        return RewriteContext(seed=self.spec.seed, torch_threads=torch_threads(self.spec), base_dir=str(self.spec.base),
+                              store_dir=str(self.spec.store))
 
     def model_stage(self, stage: Stage, kind: str, key: str, step=None) -> dict[str, Any]:
         """Cached and to-compute rows of an embed or score stage, and its estimated time."""

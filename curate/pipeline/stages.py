@@ -249,7 +249,7 @@ class RewriteStage(Stage):
         from curate.stages.rewrite import rewrite_stage
 
         spec = run.spec
-        ctx = RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base))
+        ctx = RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=run.store_dir)
         (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=ctx, store_dir=run.store_dir,
                                                           out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size)])
         run.rewrites.append(ref)
@@ -261,7 +261,13 @@ class RewriteStage(Stage):
         from curate.stages.rewrite import build_rewriter
 
         rewriter = build_rewriter(self.step, plan.rewrite_context())
-        return {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
+        row = {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
+        # the rows it will see exist only after selection: the input rows bound them
+        calls = rewriter.plan_calls(len(plan.records()))
+        if calls is not None:
+            row["max_calls"] = calls
+            row["note"] = f"at most {calls} model calls (over all {len(plan.records())} input rows; fewer reach this step)"
+        return row
 
 
 class LedgerStage(Stage):

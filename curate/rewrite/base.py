@@ -70,6 +70,7 @@ class RewriteContext:
     seed: int = 0
     torch_threads: int = 1
     base_dir: str | None = None
+    store_dir: str | None = None  # where LLM rewriters cache their calls (None: no cache)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -106,3 +107,7 @@ class Rewriter:
 
     def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
         raise NotImplementedError
+
+    def plan_calls(self, n_records: int) -> int | None:
+        """Most model calls a run over ``n_records`` rows can make (``curate plan``); None: no model."""
+        return None
