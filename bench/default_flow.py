@@ -8,7 +8,7 @@ output and store folders under a temp dir:
 - cold store, Prefect (ephemeral server): everything is computed, the bundled GGUF de-quantised
   into a fresh model cache (a new user's first run);
 - warm store, Prefect: the same flow again — nothing is scored or embedded;
-- new budget, Prefect: `--set select.4.budget=40` — re-selects without scoring;
+- new budget, Prefect: `--set select.4.budget=20` — re-selects without scoring;
 - cold store, in-process (`--no-prefect`): the Prefect overhead by difference.
 
 Results: a markdown table on stdout and in bench/results/default_flow.md (copied into
