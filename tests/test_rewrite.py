@@ -61,6 +61,10 @@ def test_mosaic_rows_are_rescored_reselected_and_reconciled(tmp_path):
     passed = [r for r in ledger if r["stage"] == "select-2"]  # multi-turn rows the rewrite passed through meet round 2
     assert rewritten and all(r["outcome"] == "not_selected" and r["stage"] == "rewrite:mosaic" for r in rewritten)
     assert len(rewritten) + len(passed) == 30
+    # the rows the rewrite did not use are counted by reason, in the summary and in the report
+    reasons = s["derived"]["rewrites"]["mosaic"]["reasons"]
+    assert sum(n for k, n in reasons.items() if k.startswith("passthrough")) == len(passed) and reasons.get("passthrough: multiturn")
+    assert "| mosaic | passthrough: multiturn |" in (out / "report" / "report.md").read_text()
     # derived ledger: every derived row once, numbered after the input rows, decided by round 2
     derived = pq.read_table(out / "derived_ledger.parquet").to_pylist()
     d = s["derived"]

@@ -90,6 +90,10 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                _table(["rewrite", "input rows", "derived", "used", "passthrough", "dropped", "quarantined"],
                       [[name, r["input_rows"], r["derived_rows"], r["used"], r["passthrough"], r["dropped"], r["quarantined"]]
                        for name, r in summary["derived"]["rewrites"].items()]), ""]
+        reasons = [[name, reason, n] for name, r in summary["derived"]["rewrites"].items() for reason, n in (r.get("reasons") or {}).items()]
+        if reasons:
+            md += ["Rows a rewrite did not use, and what it produced but rejected, by reason:", "",
+                   _table(["rewrite", "what: reason", "rows"], reasons), ""]
 
     table = pq.read_table(scores_path)
     cols = table.to_pydict()

@@ -17,6 +17,10 @@ decoding, raw output and parse status), and says what became of every input row:
                 out.derive(msgs, parents=[r["sample_id"]], variant="upper", generation={})
             return out
 
+A unit's ``stats`` are kept with the step; ``stats["rejected"]`` (``{reason: count}``) counts what the
+rewriter produced but did not emit (a failed grader, a duplicate), and the report lists it beside the
+input rows' dispositions.
+
 Work is split into *units* (``units()``; default one unit): the stage stores each finished unit's
 result under the rewriter's key in the store, so a re-run recomputes nothing and a killed run loses
 at most the unit in flight. Units must be independent of each other and deterministic given the

@@ -81,10 +81,13 @@ class TokenCounter:
         return n
 
     def count_many(self, texts: list[str]) -> list[int]:
-        """``count`` of each text (one batched call; parallel when the tokenizers library is allowed threads)."""
+        """``count`` of each text (one batched call; parallel when the tokenizers library is allowed
+        threads). Uses ``encode_batch_fast`` where the tokenizers library has it (≥ 0.20): the same
+        ids without character offsets, about 1.5× less work for a count."""
         if self._backend is None:
             return [self.count(t) for t in texts]
-        counts = [len(e) for e in self._backend.encode_batch(texts, add_special_tokens=False)]
+        encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+        counts = [len(e) for e in encode(texts, add_special_tokens=False)]
         self.n_tokens += sum(counts)
         return counts
 

@@ -10,6 +10,7 @@ derived row that breaks the conversation rules is quarantined in the derived led
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -128,5 +129,13 @@ def _assemble(step: StepSpec, rewriter: Rewriter, key: str, source: RecordSetRef
                              "used": sum(d["disposition"] == "used" for d in disp_rows),
                              "passthrough": sum(d["disposition"] == "passthrough" for d in disp_rows),
                              "dropped": sum(d["disposition"] == "dropped" for d in disp_rows), "units": [r.stats for r in results]}
+    # why input rows were passed through or dropped, and what the rewriter produced but rejected itself
+    # (a unit's stats["rejected"]: {reason: count}, e.g. a rewrite whose grader failed it)
+    reasons: Counter[str] = Counter(f"{d['disposition']}: {d['reason'] or 'unspecified'}" for d in disp_rows if d["disposition"] != "used")
+    reasons.update(f"derived quarantined: {q['reason']}" for q in quarantine)
+    for r in results:
+        for reason, n in (r.stats.get("rejected") or {}).items():
+            reasons[f"rejected by the rewriter: {reason}"] += int(n)
+    stats["reasons"] = dict(sorted(reasons.items()))
     return RewriteRef(name=name, key=key, derived=derived, dispositions_path=str(disp_path),
                       quarantine_path=str(out / "rewrite" / name / "quarantine.parquet"), n_derived=k, stats=stats, computed_units=computed)
