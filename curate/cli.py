@@ -112,6 +112,9 @@ def plan(
         flow = f"{', '.join(s.get('reads', []))} → {', '.join(s.get('writes', []))}"
         t.add_row(s["stage"], flow, str(s.get("what", "")), str(s.get("cached_rows", "")), str(s.get("to_compute", "") or ""), work, est)
     console.print(t)
+    for s in p["stages"]:
+        if "max_calls" in s:
+            console.print(f"{s['stage']}: {s['note']}", highlight=False, soft_wrap=True)
     if p["estimate_s"]:
         console.print(f"estimated model time: {p['estimate_s']:.0f} s (plus start-up and model loading)")
     console.print(f"output: {p['output_dir']}\nstore:  {p['store_dir']}")

@@ -5,16 +5,25 @@ no CPU build for this machine; llama.cpp's server (llama-cpp-python) accepts no 
 returns echo log-probs shifted by one position. So the tests serve the real model themselves: the
 HTTP protocol is the OpenAI legacy completions format (`echo` + `logprobs`, as vLLM answers it), the
 numbers come from a plain full-logits forward of the model — a different code path from curate's
-masked-CE engine; chat completions are the model's greedy generations. It can also answer 429 for
-the first N requests, and a fixed reply to requests that contain a marker (fault injection). Every
-request body is kept in ``bodies``; ``strict=True`` answers chat requests the way a hosted OpenAI API
-does, with 400 for any field outside its documented chat-completions fields (vLLM's ``top_k``,
-``add_generation_prompt``, ``continue_final_message`` included).
+masked-CE engine; chat completions are the model's greedy generations, cut before the first of the
+request's ``stop`` strings as the OpenAI API does. Fault injection: 429 for the first N requests
+(``fail_first``); the first attempt of every k-th distinct chat request fails with 429 or 500 in turn
+(``fail_every``; a retry of the same body then succeeds); 400 for any request whose text contains a
+``reject`` marker; a fixed reply for requests that contain a ``canned`` marker. Every request body is
+kept in ``bodies`` (with its answer's status in ``statuses``); ``strict=True`` answers chat requests
+the way a hosted OpenAI API does, with 400 for any field outside its documented chat-completions
+fields (vLLM's ``top_k``, ``add_generation_prompt``, ``continue_final_message`` included).
+
+``max_batch`` > 1 turns on dynamic batching, as vLLM's server does: chat requests that arrive while
+the model is busy (or within ``batch_window_s`` of each other) are generated together, left-padded,
+in one ``generate`` call of up to ``max_batch`` rows. With ``max_batch=1`` (default) the server
+generates one request at a time.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,16 +35,25 @@ OPENAI_CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens",
 
 class LocalCompletionsServer:
     def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None,
-                 strict: bool = False):
+                 strict: bool = False, fail_every: int = 0, fail_codes: tuple[int, ...] = (429, 500), reject: str | None = None,
+                 max_batch: int = 1, batch_window_s: float = 0.01):
         self.model = model
         self.strict = strict
         self.bodies: list[dict] = []  # every request body received, in arrival order
+        self.statuses: list[int | None] = []  # the HTTP status answered to each of them (None: not yet answered)
+        self.fail_every, self.fail_codes, self.reject = fail_every, fail_codes, reject
+        self.seen: dict[str, int] = {}  # distinct chat bodies -> requests received for it
+        self.max_batch, self.batch_window_s = max_batch, batch_window_s
+        self.batches: list[int] = []  # rows per generate call (dynamic batching)
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
         self.tokenizer = tokenizer
         self.canned = canned or {}  # fault injection: a reply for any request whose text contains the key
         self.model_name = model_name
         self.fail_first = fail_first
         self.requests = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the request log
+        self.model_lock = threading.Lock()  # one forward or generate at a time
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -45,11 +63,78 @@ class LocalCompletionsServer:
 
     def __enter__(self):
         self.thread.start()
+        if self.max_batch > 1:
+            self._worker = threading.Thread(target=self._batch_loop, daemon=True)
+            self._worker.start()
         return self
 
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+
+    # -- generation -------------------------------------------------------------------------------
+    def _generate(self, rows: list[list[int]], max_tokens: list[int]) -> list[tuple[str, int]]:
+        """Greedy continuations of token-id rows in one left-padded ``generate`` call: (text, new tokens)
+        per row, each ending at its first EOS or its own ``max_tokens``."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        with self.model_lock, torch.inference_mode():
+            self.batches.append(len(rows))
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_tokens), do_sample=False,
+                                      temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                      eos_token_id=self.tokenizer.eos_token_id)
+        res = []
+        for new, cap in zip(out[:, width:].tolist(), max_tokens):
+            new = new[:cap]
+            end = next((j + 1 for j, t in enumerate(new) if t == self.tokenizer.eos_token_id), len(new))
+            res.append((self.tokenizer.decode(new[:end], skip_special_tokens=True), end))
+        return res
+
+    def _batch_loop(self) -> None:
+        """Dynamic batching: take what is waiting (up to ``max_batch`` rows, waiting ``batch_window_s``
+        for more after the first) and generate it in one call."""
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            items = [first]
+            while len(items) < self.max_batch:
+                try:
+                    nxt = self._queue.get(timeout=self.batch_window_s)
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                items.append(nxt)
+            try:
+                for item, res in zip(items, self._generate([i["ids"] for i in items], [i["max_tokens"] for i in items])):
+                    item["result"] = res
+            except Exception as exc:  # noqa: BLE001 - every waiting request answers 500
+                for item in items:
+                    item["result"] = exc
+            for item in items:
+                item["done"].set()
+
+    def generate_one(self, ids: list[int], max_tokens: int) -> tuple[str, int]:
+        if self._worker is None:
+            return self._generate([ids], [max_tokens])[0]
+        item = {"ids": ids, "max_tokens": max_tokens, "done": threading.Event()}
+        self._queue.put(item)
+        item["done"].wait()
+        if isinstance(item["result"], Exception):
+            raise item["result"]
+        return item["result"]
 
     def completions(self, body: dict) -> tuple[int, dict]:
         import torch
@@ -60,7 +145,7 @@ class LocalCompletionsServer:
         if not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)) or not body.get("echo"):
             return 400, {"error": {"message": "this test server takes token-id prompts with echo"}}
         ids = torch.tensor([prompt])
-        with self.lock, torch.inference_mode():
+        with self.model_lock, torch.inference_mode():
             logits = self.model(input_ids=ids).logits[0].float()
         logp = torch.log_softmax(logits, dim=-1)
         token_logprobs = [None] + [float(logp[i - 1, t]) for i, t in enumerate(prompt) if i > 0]
@@ -83,13 +168,16 @@ class LocalCompletionsServer:
                 return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}]}
         cont = bool(body.get("continue_final_message"))
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not cont, continue_final_message=cont)
-        ids = torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
-        with self.lock, torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(body.get("max_tokens", 32)),
-                                      do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
-        reply = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}}],
-                     "usage": {"completion_tokens": int(out.shape[1] - ids.shape[1])}}
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        reply, n_new = self.generate_one(ids, int(body.get("max_tokens", 32)))
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        cut = min((i for i in (reply.find(s) for s in stop if s) if i >= 0), default=-1)
+        finish = "length" if n_new >= int(body.get("max_tokens", 32)) else "stop"
+        if cut >= 0:
+            reply, finish = reply[:cut], "stop"
+        return 200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": finish}],
+                     "usage": {"prompt_tokens": len(ids), "completion_tokens": n_new}}
 
     def _handler(self):
         server = self
@@ -103,15 +191,27 @@ class LocalCompletionsServer:
                 with server.lock:
                     server.requests += 1
                     server.bodies.append(body)
-                    fail = server.requests <= server.fail_first
-                if fail:
-                    code, payload = 429, {"error": {"message": "rate limited (test)"}}
+                    server.statuses.append(None)
+                    index = len(server.bodies) - 1
+                    fail = 429 if server.requests <= server.fail_first else None
+                    if server.reject and server.reject in json.dumps(body):
+                        fail = 400
+                    elif self.path == "/v1/chat/completions" and fail is None:
+                        key = json.dumps(body, sort_keys=True)
+                        server.seen[key] = server.seen.get(key, 0) + 1
+                        n = len(server.seen)  # this body is the n-th distinct one
+                        if server.fail_every and server.seen[key] == 1 and n % server.fail_every == 0:
+                            fail = server.fail_codes[(n // server.fail_every - 1) % len(server.fail_codes)]
+                if fail is not None:
+                    code, payload = fail, {"error": {"message": f"injected HTTP {fail} (test)"}}
                 elif self.path == "/v1/completions":
                     code, payload = server.completions(body)
                 elif self.path == "/v1/chat/completions":
                     code, payload = server.chat(body)
                 else:
                     code, payload = 404, {"error": {"message": f"no route {self.path}"}}
+                with server.lock:
+                    server.statuses[index] = code
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")

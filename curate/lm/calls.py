@@ -10,15 +10,17 @@
   stop string here (exclusive, as the OpenAI API does), so every backend returns the same text;
 - **cache**: each finished reply is written to ``cache_dir`` under the sha256 of (backend
   fingerprint, messages, decoding, seed) as soon as its batch returns, with its raw text, token
-  counts and retries; a re-run or a resumed run reads it and makes no call. Failed calls are not
-  cached (the next run tries them again);
+  counts and retries; a re-run or a resumed run reads it and makes no call. Calls go to the backend
+  in chunks (``flush_every``), so a killed run loses at most the chunk in flight. Failed calls are
+  not cached (the next run tries them again);
 - **budget caps** (:class:`Budget`), checked *before* a call is made: ``max_calls``,
   ``max_new_tokens_total`` and ``max_cost`` (prices per million tokens). Within one ``run`` the
   decision uses each call's worst case (its prompt tokens and ``max_tokens``), so a cap is never
   exceeded and the cut falls at the same call whatever the batching; replies of earlier ``run``
-  calls count with what they actually used. Cached replies count too (they were made for this
-  output), so a resumed run stops at the same call as an uninterrupted one. A call that does not fit
-  gets ``status="budget_exhausted"`` and is not made.
+  calls count with what they actually used. Cached replies are admitted the same way (worst case
+  within the run, what they used afterwards: they were made for this output), so a resumed run
+  stops at the same call as an uninterrupted one. A call that does not fit gets
+  ``status="budget_exhausted"`` and is not made (nor read from the cache).
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class CallEngine:
     cache_dir: Path | None = None
     budget: Budget = field(default_factory=Budget)
     spent: Spent = field(default_factory=Spent)
+    #: calls per backend request batch, cached as each returns (a kill loses at most one chunk);
+    #: None: 64, or 1024 for vllm (whose throughput needs large batches)
+    flush_every: int | None = None
 
     def __post_init__(self):
         self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
@@ -182,48 +187,62 @@ class CallEngine:
 
     # -- running ----------------------------------------------------------------------------------
     def run(self, calls: list[Call], progress=None) -> list[Reply]:
-        """One reply per call, in order. Cached replies are read; the rest, where the budget allows,
-        are made (grouped by decoding) and cached as each group returns."""
+        """One reply per call, in order. Every call, cached or not, is admitted by the budget with its
+        worst case (so the cut falls at the same call whether or not earlier replies are cached); the
+        cached ones are read, the rest are made (grouped by decoding, in chunks of
+        :attr:`flush_every` calls) and cached as each chunk returns."""
         keys = [self.key(c) for c in calls]
         out: list[Reply | None] = [None] * len(calls)
         todo: list[int] = []
-        reserved: list[tuple[int, int]] = []
+        reserve: dict[int, tuple[int, int]] = {}
+        hits: list[tuple[int, Reply]] = []
         for i, (call, key) in enumerate(zip(calls, keys)):
             hit = self._cached(key)
-            if hit is not None:
-                self._charge(hit.n_prompt_tokens, hit.n_tokens)
-                self.spent.cache_hits += 1
-                out[i] = hit
-                continue
             n_prompt = self.prompt_tokens(call) if self.capped or self.budget.price_input_per_mtok else 0
-            if not self._fits(n_prompt, call.decoding.max_tokens):
+            worst = call.decoding.max_tokens
+            if not self._fits(n_prompt, worst):
                 self.spent.refused += 1
                 out[i] = Reply(None, "budget_exhausted", key, error="a budget cap would be exceeded by this call")
                 continue
-            self._charge(n_prompt, call.decoding.max_tokens)  # worst case now; the actual count replaces it below
-            reserved.append((n_prompt, call.decoding.max_tokens))
-            todo.append(i)
+            self._charge(n_prompt, worst)  # worst case now; the actual count replaces it below
+            reserve[i] = (n_prompt, worst)
+            if hit is not None:
+                self.spent.cache_hits += 1
+                hits.append((i, hit))
+                out[i] = hit
+            else:
+                todo.append(i)
+        for i, hit in hits:  # admission is decided: cached replies count with what they used
+            self._settle(reserve[i], hit.n_tokens)
         if progress is not None:
             progress.advance(len(calls) - len(todo))
         groups: dict[tuple, list[int]] = {}
         for i in todo:
             groups.setdefault((calls[i].decoding, calls[i].seed is None), []).append(i)
-        reserve = dict(zip(todo, reserved))
-        for (decoding, _), idx in groups.items():
-            seeds = None if calls[idx[0]].seed is None else [calls[i].seed for i in idx]
-            replies = self.backend.chat([calls[i].messages for i in idx], decoding.request(), seeds=seeds, progress=progress)
-            for i, r in zip(idx, replies):
-                n_prompt, worst = reserve[i]
-                text, status = r.get("text"), r.get("status", "ok")
-                n_new = int(r.get("n_tokens") or 0)
-                reply = Reply(None, status if status != "ok" or text is not None else "error", keys[i], n_prompt, n_new,
-                              int(r.get("retries", 0) or 0), error=r.get("message"))
-                if reply.status == "ok":
-                    reply.raw = text
-                    reply.text = cut_at_stop(text, decoding.stop)
-                    self._store(reply)
-                self.spent.new_tokens += n_new - worst
-                self.spent.cost += self.budget.cost(0, n_new - worst)
-                self.spent.made += 1
-                out[i] = reply
+        chunk = self.flush_every or {"vllm": 1024}.get(getattr(self.backend, "name", ""), 64)
+        for (decoding, _), members in groups.items():
+            # longest conversations first, so a chunk holds prompts of similar length (hf pads less)
+            members = sorted(members, key=lambda i: -len(json.dumps(calls[i].messages, ensure_ascii=False)))
+            for at in range(0, len(members), chunk):
+                idx = members[at:at + chunk]
+                seeds = None if calls[idx[0]].seed is None else [calls[i].seed for i in idx]
+                replies = self.backend.chat([calls[i].messages for i in idx], decoding.request(), seeds=seeds, progress=progress)
+                for i, r in zip(idx, replies):
+                    text, status = r.get("text"), r.get("status", "ok")
+                    n_new = int(r.get("n_tokens") or 0)
+                    reply = Reply(None, status if status != "ok" or text is not None else "error", keys[i], reserve[i][0], n_new,
+                                  int(r.get("retries", 0) or 0), error=r.get("message"))
+                    if reply.status == "ok":
+                        reply.raw = text
+                        reply.text = cut_at_stop(text, decoding.stop)
+                        self._store(reply)
+                    self._settle(reserve[i], n_new)
+                    self.spent.made += 1
+                    out[i] = reply
         return out  # type: ignore[return-value]
+
+    def _settle(self, reserved: tuple[int, int], n_new: int) -> None:
+        """Replace a call's reserved worst case by the tokens it actually generated."""
+        worst = reserved[1]
+        self.spent.new_tokens += n_new - worst
+        self.spent.cost += self.budget.cost(0, n_new - worst)

@@ -263,10 +263,14 @@ class RewriteStage(Stage):
         rewriter = build_rewriter(self.step, plan.rewrite_context())
         row = {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
         # the rows it will see exist only after selection: the input rows bound them
-        calls = rewriter.plan_calls(len(plan.records()))
+        n = len(plan.records())
+        calls = rewriter.plan_calls(n)
         if calls is not None:
-            row["max_calls"] = calls
-            row["note"] = f"at most {calls} model calls (over all {len(plan.records())} input rows; fewer reach this step)"
+            cap = getattr(getattr(rewriter.params, "budget", None), "max_calls", None)
+            row["max_calls"] = calls if cap is None else min(calls, cap)
+            why = f"budget max_calls {cap}; {calls} over all {n} input rows" if cap is not None and cap < calls else \
+                f"over all {n} input rows; fewer reach this step"
+            row["note"] = f"at most {row['max_calls']} model calls ({why})"
         return row
 
 
