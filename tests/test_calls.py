@@ -200,7 +200,15 @@ def test_stop_strings_cut_the_text_the_same_on_hf_and_over_the_server(hf):
     assert sum(r.raw != r.text for r in local) >= 2  # the stop string did cut some replies
     for r in local:
         assert r.raw.startswith(r.text) and (r.raw == r.text or r.raw[len(r.text):].startswith("\n"))
+    # a stop string that straddles the end of the prompt ("assistant\n" + "The …") ends nothing:
+    # only the new text counts, as on an API
+    straddle = calls_of(["What is 2+2?"], Decoding(max_tokens=12, stop=("\nThe",)))
+    (local_straddle,) = CallEngine(hf).run(straddle)
+    assert local_straddle.text.startswith("The ") and local_straddle.n_tokens == 12
     with LocalCompletionsServer(hf.model, tokenizer=hf.tokenizer, strict=True) as server:  # 400 for any non-OpenAI field
+        (remote_straddle,) = CallEngine(api(server, "openai")).run(straddle)
+        assert remote_straddle.text == local_straddle.text
+        del server.bodies[:]
         remote = CallEngine(api(server, "openai")).run(calls_of(questions, decoding))
         sampled = CallEngine(api(server, "openai")).run(calls_of(questions[:1], Decoding(temperature=0.7, top_p=0.9, max_tokens=4), seed=5))
         bodies = list(server.bodies)

@@ -115,8 +115,8 @@ class HFBackend:
             kwargs = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
             batches = greedy_batches([len(p) for p in prompts], self.token_budget)
         kwargs.update(max_new_tokens=max_new, pad_token_id=self._pad_id(), eos_token_id=self._eos_ids())
-        if decoding.get("stop"):  # a row stops once its text holds one (the call engine cuts the text there)
-            kwargs.update(stop_strings=list(decoding["stop"]), tokenizer=self.tokenizer)
+        if decoding.get("stop"):  # a row stops once its new text holds one (the call engine cuts the text there)
+            kwargs["stop"] = [s for s in decoding["stop"] if s]
         out: list[dict | None] = [None] * len(prompts)
         for batch in batches:
             seed = (int(seeds[batch[0]]) if seeds else 0) if temperature > 0 else None
@@ -157,6 +157,10 @@ class HFBackend:
             mask[i, width - len(r):] = 1
         if seed is not None:
             torch.manual_seed(seed)
+        kwargs = dict(kwargs)
+        if kwargs.get("stop"):
+            kwargs["stopping_criteria"] = StopInNewText.make(self.tokenizer, kwargs["stop"], width)
+        kwargs.pop("stop", None)
         with torch.inference_mode():
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         eos = set(kwargs["eos_token_id"])
@@ -165,6 +169,31 @@ class HFBackend:
             end = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
             out.append({"text": self.tokenizer.decode(new[:end], skip_special_tokens=True), "n_tokens": end, "status": "ok"})
         return out
+
+
+class StopInNewText:
+    """Ends a row once its *generated* text holds a stop string. (HF's own ``stop_strings`` look at
+    the whole sequence, so a stop string straddling the end of the prompt — ``"\nThe"`` after the
+    chat template's ``assistant\n`` — ended a reply after one token, which no API does.) Only the
+    last few new tokens are decoded at each step: a stop string first appears ending in the newest
+    token. Built by :meth:`make` (a ``transformers.StoppingCriteria``, imported only then)."""
+
+    def __init__(self, tokenizer, stop: list[str], width: int):
+        self.tokenizer, self.stop, self.width = tokenizer, stop, width
+        self.tail = max(len(s) for s in stop) + 2  # tokens: each decodes to at least one character
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        tails = self.tokenizer.batch_decode(input_ids[:, self.width:][:, -self.tail:].tolist(), skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in tails], dtype=torch.bool, device=input_ids.device)
+
+    @classmethod
+    def make(cls, tokenizer, stop: list[str], width: int):
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        criterion = type("StopInNewTextCriteria", (cls, StoppingCriteria), {})(tokenizer, stop, width)
+        return StoppingCriteriaList([criterion])
 
 
 def greedy_batches(lengths: list[int], budget: int) -> list[list[int]]:
