@@ -158,4 +158,182 @@ ALL.update({p.id: p for p in (DELIFT_NO_ICL, DELIFT_ICL)})
 # (prompts of curate/rewrite/reflection.py go here)
 
 # -- AIDE (C4): ours --------------------------------------------------------------------------------
-# (prompts of curate/rewrite/aide.py go here)
+# Written for curate (the reference, Code4Graph/AIDE, is MIT; only its structure, tags and criteria are
+# followed: methods.md C4). Placeholders are filled with str.format by curate/rewrite/aide.py; the
+# tags the parser reads are <Topic>, <Related knowledge>, <Rewritten Prompt>, <Created Prompt>,
+# <Choices>, <Score>, <Improved Prompt> and <Response>.
+AIDE_TOPIC = Prompt(
+    "aide_topic", "1",
+    "You study instructions the way one reads a small knowledge graph: each fact is a triple "
+    "[entity1, relation, entity2], where entity1 is the main subject of the instruction.\n"
+    "For the instruction at the end, name its main subject inside <Topic></Topic> and list three short pieces "
+    "of knowledge or skill (one or two words each) that solving it needs, separated by commas, inside "
+    "<Related knowledge></Related knowledge>. Write nothing else.\n\n"
+    "Example\nInstruction: Sort a list of student records by their grade, highest first.\n"
+    "<Topic>sorting</Topic>\n<Related knowledge>comparison keys, lists, stability</Related knowledge>\n\n"
+    "Example\nInstruction: A train covers 180 km in 2 hours. What is its average speed?\n"
+    "<Topic>average speed</Topic>\n<Related knowledge>division, units, rates</Related knowledge>\n\n"
+    "Instruction: {instruction}",
+)
+AIDE_KG_EXPAND = Prompt(
+    "aide_kg_expand", "1",
+    "Here are facts about \"{topic}\" written as triples [entity1, relation, entity2]:\n{triples}\n"
+    "Add {n} new triples whose entity1 is \"{topic}\" and whose entity2 is a concept not listed yet. Write one triple "
+    "per line in the form [\"{topic}\", \"relation\", \"concept\"] and nothing else.",
+)
+AIDE_RESIDUAL = Prompt(
+    "aide_residual", "1",
+    "- Keep the new instruction close to this original one: {seed}\n",
+)
+AIDE_ANSWER_FORM_BINARY = Prompt(
+    "aide_answer_form_binary", "1",
+    "- The new instruction must be a question that is answered with Yes or No.\n",
+)
+_AIDE_REWRITE_HEAD = (
+    "You write instructions for training an assistant in {use_case}. Rewrite the instruction at the end so that it "
+    "is a little harder for a strong AI model to answer, while staying reasonable and answerable. Keep any code, "
+    "tables or numbers it contains.\n"
+    "Requirements:\n"
+)
+_AIDE_REWRITE_TAIL = (
+    "- It must belong to {use_case}, concern the topic \"{topic}\" and exercise the skill \"{skill}\".\n"
+    "{residual}{answer_form}"
+    "- Make it as short as you can.\n"
+    "- Do not mention the words \"given instruction\", \"rewritten instruction\" or any tag names in it.\n"
+    "Put only the new instruction inside <Rewritten Prompt></Rewritten Prompt>.\n\n"
+    "{examples}"
+    "Instruction: {instruction}"
+)
+AIDE_REWRITE_REASONING = Prompt(
+    "aide_rewrite_reasoning", "1",
+    _AIDE_REWRITE_HEAD + "- Make it need more steps of reasoning, with different but simple content.\n" + _AIDE_REWRITE_TAIL,
+)
+AIDE_REWRITE_CONCRETE = Prompt(
+    "aide_rewrite_concrete", "1",
+    _AIDE_REWRITE_HEAD + "- Replace its general ideas with specific, concrete but simple details.\n" + _AIDE_REWRITE_TAIL,
+)
+AIDE_REWRITE_CONSTRAINT = Prompt(
+    "aide_rewrite_constraint", "1",
+    _AIDE_REWRITE_HEAD + "- Add one or two simple constraints or requirements to it.\n" + _AIDE_REWRITE_TAIL,
+)
+AIDE_CREATE_PERSONA = Prompt(
+    "aide_create_persona", "1",
+    "You write instructions for training an assistant in {use_case}. Imagine you are this person: {persona}\n"
+    "Write one new instruction that this person would ask. Requirements:\n"
+    "- It must be related to the topic \"{topic}\" but differ from the instruction at the end, covering "
+    "something that instruction does not.\n"
+    "{answer_form}"
+    "- Keep it concise.\n"
+    "- Do not mention the words \"given instruction\", \"created instruction\" or any tag names in it.\n"
+    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n\n"
+    "{examples}"
+    "Instruction: {instruction}",
+)
+AIDE_CREATE = Prompt(
+    "aide_create", "1",
+    "You write instructions for training an assistant in {use_case}. Write one new instruction. Requirements:\n"
+    "- Choose a subject related to the topic \"{topic}\" in the same field, and make the new instruction more varied "
+    "than the instruction at the end.\n"
+    "{answer_form}"
+    "- Keep it concise.\n"
+    "- Do not mention the words \"given instruction\", \"created instruction\" or any tag names in it.\n"
+    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n\n"
+    "{examples}"
+    "Instruction: {instruction}",
+)
+AIDE_ANSWER_MULTI = Prompt(
+    "aide_answer_multi", "1",
+    "Solve the question below step by step. Then write four answer options inside <Choices></Choices>, one per "
+    "line: the right answer on a line that starts with \"Correct:\" and three plausible wrong answers on lines that "
+    "start with \"Incorrect:\".\n\n"
+    "Example\nQuestion: What is 7 * 6?\n7 * 6 = 42.\n<Choices>\nCorrect: 42\nIncorrect: 36\nIncorrect: 48\n"
+    "Incorrect: 13\n</Choices>\n\n"
+    "Question: {instruction}",
+)
+AIDE_ANSWER_BINARY = Prompt(
+    "aide_answer_binary", "1",
+    "Think about the question below step by step, then write the answer, Yes or No, inside <Choices></Choices>.\n\n"
+    "Question: {instruction}",
+)
+AIDE_ANSWER_FREE = Prompt(
+    "aide_answer_free", "1",
+    "Answer the request below well and completely. Put the whole answer inside <Choices></Choices>.\n\n"
+    "Request: {instruction}",
+)
+AIDE_GRADE_RELEVANCE = Prompt(
+    "aide_grade_relevance", "1",
+    "As an expert in {use_case}, rate how closely the new instruction is related to the original one, from 1 (unrelated) "
+    "to 10 (about the same task). Write only the number inside <Score></Score>.\n\n"
+    "Original instruction: {original}\nNew instruction: {instruction}",
+)
+AIDE_GRADE_DIVERSITY = Prompt(
+    "aide_grade_diversity", "1",
+    "As an expert in {use_case}, rate how different the new instruction is from the original one, from 1 (nearly the "
+    "same) to 10 (a clearly different task). Write only the number inside <Score></Score>.\n\n"
+    "Original instruction: {original}\nNew instruction: {instruction}",
+)
+AIDE_IMPROVE = Prompt(
+    "aide_improve", "1",
+    "You improve instructions written for training an assistant in {use_case}.\nOriginal instruction: {original}\n"
+    "Instruction to improve: {instruction}\nFeedback: {feedback}\n"
+    "Write a better version of the instruction to improve that follows the feedback, inside "
+    "<Improved Prompt></Improved Prompt>.",
+)
+AIDE_FEEDBACK_TOO_LONG = Prompt(
+    "aide_feedback_too_long", "1", "It is much longer than the original instruction; make it shorter and keep its task.",
+)
+AIDE_FEEDBACK_NOT_RELEVANT = Prompt(
+    "aide_feedback_not_relevant", "1", "It has drifted away from the original instruction; bring it back to the same subject.",
+)
+AIDE_FEEDBACK_TOO_SIMILAR = Prompt(
+    "aide_feedback_too_similar", "1", "It is almost the same as the original instruction; change its subject or task more.",
+)
+AIDE_CHECK_CHOICES = Prompt(
+    "aide_check_choices", "1",
+    "Work out the answer to the question below, then check whether that answer appears among the choices (for a "
+    "single answer: whether the answer given is right). Write Yes or No inside <Response></Response>.\n\n"
+    "Question: {instruction}\nChoices:\n{choices}",
+)
+
+# Few-shot examples of the rewrite and create prompts, chosen by a keyword of the use case (code, math,
+# else general; yes/no questions have their own). Each is one worked example block.
+_AIDE_EXAMPLE_SETS = {
+    "code": ("Write a function that returns the largest number in a list.", {
+        "reasoning": "Write a function that returns the second largest distinct number in a list, or None if there is none.",
+        "concrete": "Write a Python function that returns the largest temperature in a list of daily readings in Celsius.",
+        "constraint": "Write a function that returns the largest number in a list without using the built-in max.",
+        "create": "Write a function that counts how many words in a sentence start with a capital letter.",
+    }),
+    "math": ("A shop sells pens at 3 dollars each. How much do 4 pens cost?", {
+        "reasoning": "A shop sells pens at 3 dollars each and gives one free pen for every 4 bought. How much do 10 pens cost?",
+        "concrete": "A stationery shop sells blue gel pens at 3 dollars each. How much do 4 gel pens cost?",
+        "constraint": "A shop sells pens at 3 dollars each. How much do 4 pens cost with a 10% discount? Give the answer in cents.",
+        "create": "A bus travels 60 km in 1.5 hours. What is its average speed in km per hour?",
+    }),
+    "general": ("Give some tips for a good night's sleep.", {
+        "reasoning": "Explain why keeping the same bedtime each day helps sleep, and give two tips that follow from it.",
+        "concrete": "Give three tips for a university student who sleeps badly before exams.",
+        "constraint": "Give three tips for a good night's sleep, each in one sentence and none about medication.",
+        "create": "Suggest a short evening routine that helps someone relax after work.",
+    }),
+    "yesno": ("Is 17 a prime number?", {
+        "reasoning": "If a number is odd and not divisible by 3, 5 or 7, and it is less than 100, is it always prime?",
+        "concrete": "Is 91, the number of days in a quarter of a year rounded down, a prime number?",
+        "constraint": "Is 17 a prime number when we only test divisors up to its square root?",
+        "create": "Is every square number also an even number?",
+    }),
+}
+
+
+def _aide_example(domain: str, kind: str) -> Prompt:
+    seed, outs = _AIDE_EXAMPLE_SETS[domain]
+    tag = "Created Prompt" if kind == "create" else "Rewritten Prompt"
+    return Prompt(f"aide_example_{domain}_{kind}", "1", f"Example\nInstruction: {seed}\n<{tag}>{outs[kind]}</{tag}>\n\n")
+
+
+AIDE_EXAMPLES = {(d, k): _aide_example(d, k) for d in _AIDE_EXAMPLE_SETS for k in ("reasoning", "concrete", "constraint", "create")}
+AIDE_PROMPTS = (AIDE_TOPIC, AIDE_KG_EXPAND, AIDE_RESIDUAL, AIDE_ANSWER_FORM_BINARY, AIDE_REWRITE_REASONING, AIDE_REWRITE_CONCRETE,
+                AIDE_REWRITE_CONSTRAINT, AIDE_CREATE_PERSONA, AIDE_CREATE, AIDE_ANSWER_MULTI, AIDE_ANSWER_BINARY, AIDE_ANSWER_FREE,
+                AIDE_GRADE_RELEVANCE, AIDE_GRADE_DIVERSITY, AIDE_IMPROVE, AIDE_FEEDBACK_TOO_LONG, AIDE_FEEDBACK_NOT_RELEVANT,
+                AIDE_FEEDBACK_TOO_SIMILAR, AIDE_CHECK_CHOICES, *AIDE_EXAMPLES.values())
+ALL.update({p.id: p for p in AIDE_PROMPTS})

@@ -1,0 +1,789 @@
+"""AIDE (methods.md C4): expand a few seed rows of a task into many, by attribute-guided multi-hop rewriting.
+
+Per seed a tree is grown **breadth first**. The seed is layer 1; a node of layer L gets children of
+layer L+1:
+
+- **analysis** — one call names the node's topic and related knowledge (``<Topic>``,
+  ``<Related knowledge>a, b, c</Related knowledge>``; the last match of a tag wins, the lowercase
+  tag is the fallback; items are stripped, de-duplicated and capped at ``max_attributes``); with
+  ``ex_kg`` a second call adds up to ``num_triples`` concepts from new ``[topic, relation, concept]``
+  triples (the last quoted item of each bracketed line);
+- **relevance hops** (L ≤ ``r_depth``): per attribute and per direction (``reasoning`` — more steps
+  of reasoning, ``concrete`` — specific details, ``constraint`` — added requirements) one rewrite of
+  the *node's* text into ``<Rewritten Prompt>``; past layer ``sk_conn`` the prompt also asks to stay
+  close to the seed (the residual connection: every direction; ``match_reference: true`` — reasoning
+  only, as the reference code behaves);
+- **diversity hops** (L ≤ ``d_depth``): per chosen persona one ``<Created Prompt>`` in that
+  persona's voice, related to the node's topic but different from its text; without a persona file,
+  one created prompt per node. Personas come from a local file (one per line); the ``persona_k``
+  most similar to ``use_case`` (cosine with the flow's embedder, above ``persona_threshold``; equal
+  similarities: the lower line first) are used. Their similarities are cached under
+  ``<store>/aide/personas/`` by (use case hash, persona file hash, embedder key).
+
+Each child then gets an **answer** (``choice_type``: ``multi_choice`` — one ``Correct:`` and three
+``Incorrect:`` options in ``<Choices>``; ``binary`` — Yes or No in ``<Choices>``; ``free_form`` — the
+answer in ``<Choices>``) and, with ``reflection``, **self-reflection**: if the instruction is longer
+than ``len_token`` tokens (teacher tokenizer) one improve call shortens it; a grader scores it 1–10
+(relevance to the seed for relevance hops, difference from the parent for diversity hops) and it is
+accepted when the score is > 4, else an improve call gets the feedback and the answer is redone, up
+to ``max_reflection_relevance`` / ``max_reflection_diversity`` grades; after acceptance an
+answer-in-choices check (not for ``binary``) redoes the answer until the check says Yes, up to
+``max_choice_checks_relevance`` / ``_diversity`` checks. A child that is never accepted, or whose
+check never passes, is **rejected** (the reference keeps it).
+
+**Post-processing**, per level, before a child may expand: length filter (instruction tokens ≤
+``len_token``), multiple-choice sanitising (exactly one correct option, at least
+``num_target_scores − 1`` distractors; that many are drawn with a seeded RNG and the options are
+shuffled), then near-duplicate removal — the instruction is embedded with the flow's embedder
+(``embed``, default MiniLM) and greedily, in tree order, a child whose cosine similarity to a seed
+or to an earlier kept child is > ``dedup_threshold`` is dropped, so near-duplicate branches are
+pruned before they grow.
+
+**Bounds.** Children are issued level by level in tree order (node, then attribute × direction,
+then persona); once a seed has ``max_nodes_per_seed`` children issued, no more are (counted as
+``node_cap``). Every call goes through the call engine, whose budget caps (``max_calls``,
+``max_new_tokens_total``, ``max_cost``) are checked before each call; a refused call rejects its
+child (``budget_exhausted``). :meth:`AIDEStep.plan_calls` is the arithmetic upper bound of calls.
+Each round of the children's work (all nodes of all seeds at one level) is one ``ask()`` — one
+batch for the engine.
+
+Every accepted child is a derived row ``[user, assistant]`` with origin
+``aide:relevance:<direction>`` or ``aide:diversity``, parents ``[seed sample_id]`` and a generation
+record naming its parent node, layer, topic, skill or persona, grades and every call. Statuses and
+rejections are counted by reason in the step's stats; each seed row is ``used`` (≥ 1 row),
+``passthrough`` with reason ``not_single_turn`` (only ``[user, assistant]`` rows without tools are
+seeds) or ``passthrough`` with reason ``no_accepted_children`` and the rejection counts as detail.
+The whole input is one unit of work; a killed run repeats no finished call (the call cache).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from curate import prompts as P
+from curate.config import EmbedSpec
+from curate.lm.calls import Call, Reply
+from curate.records import canonical_json, sample_id, sha256_hex
+from curate.rewrite.base import UnitResult
+from curate.rewrite.llm import LLMParams, LLMRewriter
+
+Direction = Literal["reasoning", "concrete", "constraint"]
+DIRECTIONS: tuple[str, ...] = ("reasoning", "concrete", "constraint")
+REWRITE_PROMPTS = {"reasoning": P.AIDE_REWRITE_REASONING, "concrete": P.AIDE_REWRITE_CONCRETE, "constraint": P.AIDE_REWRITE_CONSTRAINT}
+ANSWER_PROMPTS = {"multi_choice": P.AIDE_ANSWER_MULTI, "binary": P.AIDE_ANSWER_BINARY, "free_form": P.AIDE_ANSWER_FREE}
+#: use-case keywords that pick a few-shot example set (first match wins; else "general")
+EXAMPLE_DOMAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("code", ("code", "program", "python", "software", "implementation", "function")),
+    ("math", ("math", "arithmetic", "algebra", "geometry", "calculation")),
+)
+ACCEPT_ABOVE = 4  # a grade is an acceptance when > 4 (methods.md C4 step 4)
+OPTION_LETTERS = "ABCDEFGHIJ"
+
+
+# -- parsing --------------------------------------------------------------------------------------
+
+def parse_tag(text: str | None, tag: str) -> tuple[str | None, str]:
+    """The content of the last ``<tag>…</tag>`` in ``text`` (stripped), else of the last
+    ``<tag-lowercased>…</…>``. Status: ``ok``, ``ok_lowercase``, ``empty`` (a tag with nothing in it)
+    or ``missing_tag``."""
+    if text is None:
+        return None, "missing_tag"
+    for t, status in ((tag, "ok"), (tag.lower(), "ok_lowercase")):
+        found = re.findall(f"<{re.escape(t)}>(.*?)</{re.escape(t)}>", text, re.S)
+        if found:
+            value = found[-1].strip()
+            return (value, status) if value else (None, "empty")
+    return None, "missing_tag"
+
+
+def parse_attributes(text: str | None, cap: int) -> tuple[str | None, list[str], str]:
+    """(topic, attributes, status) from an analysis reply; attributes split on commas, stripped,
+    de-duplicated case-insensitively, at most ``cap``. Status: the worse of the two tags' statuses."""
+    topic, st_topic = parse_tag(text, "Topic")
+    body, st_attr = parse_tag(text, "Related knowledge")
+    attrs: list[str] = []
+    seen: set[str] = set()
+    for a in (body or "").split(","):
+        a = a.strip()
+        if a and a.lower() not in seen:
+            seen.add(a.lower())
+            attrs.append(a)
+    if topic is None:
+        return None, attrs[:cap], f"topic_{st_topic}"
+    if body is None:
+        return topic, [], f"attributes_{st_attr}"
+    return topic, attrs[:cap], "ok" if st_topic == st_attr == "ok" else "ok_lowercase"
+
+
+def parse_triples(text: str | None, known: list[str], n: int) -> list[str]:
+    """New concepts from KG-expansion lines ``[a, rel, b]``: the last quoted item of each bracketed
+    line, skipping ones already known (case-insensitive), at most ``n``."""
+    seen = {k.lower() for k in known}
+    out: list[str] = []
+    for line in (text or "").splitlines():
+        m = re.search(r"\[(.*)\]", line)
+        if not m:
+            continue
+        quoted = re.findall(r"[\"']([^\"']+)[\"']", m.group(1))
+        if not quoted:
+            continue
+        c = quoted[-1].strip()
+        if c and c.lower() not in seen:
+            seen.add(c.lower())
+            out.append(c)
+        if len(out) >= n:
+            break
+    return out
+
+
+_OPTION = re.compile(r"^\s*(?:[-*•]\s*)?(?:\(?[A-Ja-j1-9][).:]\s+)?(correct|incorrect)\s*[:.)\-–]\s*(.+?)\s*$", re.I)
+_LABEL = re.compile(r"^\s*\(?[A-Ja-j][).]\s+")
+
+
+def parse_choices(body: str) -> list[tuple[str, int]]:
+    """``Correct: x`` / ``Incorrect: y`` lines (optionally bulleted or lettered) → [(option, 1|0)];
+    a leading option label inside the text (``B) …``) is removed."""
+    out = []
+    for line in body.splitlines():
+        m = _OPTION.match(line)
+        if m:
+            text = _LABEL.sub("", m.group(2)).strip()
+            if text:
+                out.append((text, 1 if m.group(1).lower() == "correct" else 0))
+    return out
+
+
+def parse_grade(text: str | None) -> tuple[int | None, str]:
+    """The first integer in the last ``<Score>`` tag, if it is in 1..10. Status ``ok`` or why not."""
+    body, status = parse_tag(text, "Score")
+    if body is None:
+        return None, f"grade_{status}"
+    m = re.search(r"\d+", body)
+    if not m:
+        return None, "grade_not_a_number"
+    g = int(m.group())
+    return (g, "ok") if 1 <= g <= 10 else (None, "grade_out_of_range")
+
+
+def parse_yes_no(text: str | None, tag: str) -> tuple[bool | None, str]:
+    body, status = parse_tag(text, tag)
+    if body is None:
+        return None, status
+    word = re.match(r"\W*(\w+)", body)
+    w = word.group(1).lower() if word else ""
+    if w == "yes":
+        return True, "ok"
+    if w == "no":
+        return False, "ok"
+    return None, "not_yes_no"
+
+
+def choose_personas(similarities: np.ndarray, k: int, threshold: float) -> list[int]:
+    """Indices of the ``k`` most similar personas with similarity > ``threshold``; equal
+    similarities: lower index first."""
+    idx = [i for i in range(len(similarities)) if similarities[i] > threshold]
+    idx.sort(key=lambda i: (-float(similarities[i]), i))
+    return idx[:k]
+
+
+def greedy_dedup(X: np.ndarray, n_fixed: int, threshold: float) -> tuple[list[int], dict[int, tuple[int, float]]]:
+    """Rows ``n_fixed..`` of the L2-normalised ``X`` in order: a row whose cosine similarity to any
+    fixed row or earlier kept row is > ``threshold`` is dropped. Returns (kept row indices, dropped
+    row → (blocking row, similarity))."""
+    kept = list(range(n_fixed))
+    dropped: dict[int, tuple[int, float]] = {}
+    out = []
+    for i in range(n_fixed, len(X)):
+        if kept:
+            sims = X[kept] @ X[i]
+            j = int(np.argmax(sims))
+            if float(sims[j]) > threshold:
+                dropped[i] = (kept[j], float(sims[j]))
+                continue
+        kept.append(i)
+        out.append(i)
+    return out, dropped
+
+
+# -- parameters -----------------------------------------------------------------------------------
+
+class AIDEParams(LLMParams):
+    use_case: str = Field(min_length=1, description="The target task in words, e.g. 'Python code generation'; it enters every prompt.")
+    choice_type: Literal["multi_choice", "binary", "free_form"] = Field(
+        "multi_choice", description="Answer form: four options with one correct, Yes/No, or a free answer.")
+    directions: tuple[Direction, ...] = Field(DIRECTIONS, min_length=1, description="Relevance-hop directions.")
+    r_depth: int = Field(2, ge=0, description="Relevance hops expand nodes of layer ≤ r_depth (the seed is layer 1).")
+    d_depth: int = Field(2, ge=0, description="Diversity hops expand nodes of layer ≤ d_depth.")
+    sk_conn: int = Field(1, ge=0, description="Residual connection (stay close to the seed) when the rewritten node's layer > sk_conn.")
+    max_attributes: int = Field(3, ge=0, description="Attributes kept from the analysis (the prompt asks for 3).")
+    ex_kg: bool = Field(True, description="Knowledge-graph expansion adds up to num_triples attributes per node.")
+    num_triples: int = Field(2, ge=0)
+    personas: str | None = Field(None, description="Persona file (one per line, '#' comments), relative to the flow's "
+                                 "base_dir; none: one plain created prompt per node.")
+    persona_k: int = Field(5, ge=0, description="Personas used: the most similar to use_case.")
+    persona_threshold: float = Field(0.3, description="Cosine similarity a persona must exceed (the reference's 0.75 was "
+                                     "for jina-v2; MiniLM scores lower).")
+    reflection: bool = Field(True, description="Length check, graded acceptance and answer-in-choices check.")
+    max_reflection_relevance: int = Field(5, ge=1, description="Most grades of a relevance child.")
+    max_reflection_diversity: int = Field(20, ge=1, description="Most grades of a diversity child.")
+    max_choice_checks_relevance: int = Field(5, ge=1)
+    max_choice_checks_diversity: int = Field(20, ge=1)
+    len_token: int = Field(500, gt=0, description="Instruction length in teacher tokens: longer → one shortening call; "
+                           "still longer → rejected.")
+    max_nodes_per_seed: int | None = Field(50, ge=0, description="Most children issued per seed (all layers); none: no cap.")
+    dedup_threshold: float = Field(0.95, description="Cosine similarity above which a child is a near duplicate.")
+    num_target_scores: int = Field(4, ge=2, description="Options per multiple-choice row (one correct).")
+    judge_max_tokens: int = Field(64, gt=0, description="max_tokens of grade and check calls.")
+    embed: EmbedSpec | None = Field(None, description="Embedder for personas and dedup; default: the flow's (passed by the "
+                                    "pipeline), else MiniLM.")
+    match_reference: bool = Field(False, description="Residual connection on the reasoning direction only.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AIDEParams:
+        if len(set(self.directions)) != len(self.directions):
+            raise ValueError("directions repeat")
+        return self
+
+
+# -- tree -----------------------------------------------------------------------------------------
+
+@dataclass
+class Node:
+    seed: int  # index into the unit's seeds
+    path: str  # "0" for the seed, "0.3.1" for a child: child slots from the seed down
+    layer: int
+    text: str
+    variant: str = "seed"  # seed | relevance:<direction> | diversity
+    parent: Node | None = None
+    sample_id: str | None = None  # seeds: their sample_id; children: that of their derived row
+    seed_sid: str = ""  # the seed row's sample_id
+    topic: str | None = None
+    status: str | None = None  # the analysis status
+    attributes: list[str] = field(default_factory=list)
+    analysis: list[tuple[str, Call, Reply]] = field(default_factory=list)
+
+
+@dataclass
+class ChildSpec:
+    parent: Node
+    slot: int
+    kind: str  # relevance | diversity
+    direction: str | None = None
+    skill: str | None = None
+    persona: str | None = None
+
+
+@dataclass
+class Child:
+    spec: ChildSpec
+    text: str | None = None
+    answer: Any = None  # multi: [(option, 1|0)]; binary: "Yes"/"No"; free: str
+    answer_raw: str | None = None
+    grades: list[int | None] = field(default_factory=list)
+    statuses: list[str] = field(default_factory=list)
+    exchanges: list[tuple[str, Call, Reply]] = field(default_factory=list)
+    reject: str | None = None
+    detail: str | None = None
+
+
+def allocate(frontier: list[Node], want_rel: bool, want_div: bool, directions: tuple[str, ...], personas: list[str],
+             cap: int | None, issued: Counter) -> tuple[list[ChildSpec], Counter]:
+    """The children of one level, in tree order: per analysed node (topic known) its relevance
+    children (attribute × direction) then its diversity children (one per persona, or one without
+    personas). A seed whose ``issued`` count reached ``cap`` gets no more (``issued`` is updated).
+    Returns the specs and the children refused by the cap, per seed."""
+    specs: list[ChildSpec] = []
+    capped: Counter = Counter()
+    for node in frontier:
+        if node.topic is None:
+            continue
+        kinds: list[ChildSpec] = []
+        if want_rel:
+            kinds += [ChildSpec(node, 0, "relevance", direction=d, skill=a) for a in node.attributes for d in directions]
+        if want_div:
+            kinds += [ChildSpec(node, 0, "diversity", persona=x) for x in (personas or [None])]
+        for slot, spec in enumerate(kinds):
+            if cap is not None and issued[node.seed] >= cap:
+                capped[node.seed] += 1
+                continue
+            spec.slot = slot
+            issued[node.seed] += 1
+            specs.append(spec)
+    return specs, capped
+
+
+class AIDEStep(LLMRewriter):
+    """The ``aide`` rewrite step (see the module docstring)."""
+
+    method = "aide"
+    version = "1.0"
+    Params = AIDEParams
+    prompts: ClassVar[tuple[P.Prompt, ...]] = P.AIDE_PROMPTS
+
+    def __init__(self, name, params=None, context=None):
+        super().__init__(name, params, context)
+        self._embedder = None
+        self._tok = None
+
+    # -- identity and bounds ----------------------------------------------------------------------
+    @property
+    def embed_spec(self) -> EmbedSpec:
+        p: AIDEParams = self.params
+        return p.embed or self.context.extra.get("embed") or EmbedSpec()
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from curate.embed import build_embedder
+
+            self._embedder = build_embedder(self.embed_spec, self.context.torch_threads)
+        return self._embedder
+
+    def persona_path(self) -> Path | None:
+        p: AIDEParams = self.params
+        if p.personas is None:
+            return None
+        path = Path(p.personas)
+        return path if path.is_absolute() else Path(self.context.base_dir or ".") / path
+
+    def fingerprint(self) -> dict[str, Any]:
+        path = self.persona_path()
+        return {**super().fingerprint(), "embedder": self.embedder.fingerprint(),
+                "persona_file_sha256": sha256_hex(path.read_bytes()) if path is not None else None}
+
+    def child_costs(self) -> tuple[int, int]:
+        """Most calls one relevance child and one diversity child can make."""
+        p: AIDEParams = self.params
+
+        def cost(rounds: int, checks: int) -> int:
+            if not p.reflection:
+                return 2  # rewrite + answer
+            c = 2 + 2 + rounds + 2 * (rounds - 1)  # rewrite, answer, shorten + answer, grades, improve + answer between grades
+            if p.choice_type != "binary":
+                c += checks + (checks - 1)  # checks, answer redone between checks
+            return c
+
+        return (cost(p.max_reflection_relevance, p.max_choice_checks_relevance),
+                cost(p.max_reflection_diversity, p.max_choice_checks_diversity))
+
+    def tree_bound(self) -> dict[str, int]:
+        """Largest tree of one seed: children per layer with every node having the most attributes
+        (max_attributes + num_triples) and personas (persona_k, or 1 without a file), then the caps."""
+        p: AIDEParams = self.params
+        f_rel = (p.max_attributes + (p.num_triples if p.ex_kg else 0)) * len(p.directions)
+        f_div = (p.persona_k if p.personas else 1)
+        depth = max(p.r_depth, p.d_depth)
+        n, rel, div, expand, kg = 1, 0, 0, 0, 0
+        for layer in range(1, depth + 1):
+            r = n * f_rel if layer <= p.r_depth else 0
+            d = n * f_div if layer <= p.d_depth else 0
+            if r + d:
+                expand += n
+                kg += n if (p.ex_kg and r) else 0
+            rel, div, n = rel + r, div + d, r + d
+        M = p.max_nodes_per_seed
+        if M is not None:
+            # the seed and at most M children are analysed
+            expand, kg = min(expand, 1 + M), min(kg, 1 + M)
+        c_rel, c_div = self.child_costs()
+        cap = M if M is not None else rel + div
+        if c_div >= c_rel:
+            n_div = min(cap, div)
+            n_rel = min(cap - n_div, rel)
+        else:
+            n_rel = min(cap, rel)
+            n_div = min(cap - n_rel, div)
+        calls = expand + kg + n_rel * c_rel + n_div * c_div
+        return {"relevance_children": rel, "diversity_children": div, "children": min(cap, rel + div), "analysed": expand,
+                "kg_calls": kg, "calls": calls}
+
+    def plan_calls(self, n_records: int) -> int:
+        """Most model calls for ``n_records`` seeds: :meth:`tree_bound` per seed, at most ``budget.max_calls``."""
+        total = n_records * self.tree_bound()["calls"]
+        cap = self.params.budget.max_calls
+        return total if cap is None else min(total, cap)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def n_tokens(self, text: str) -> int:
+        if self._tok is None:
+            self._tok = self.engine.backend.tokenizer
+        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+
+    def examples(self, kind: str) -> str:
+        p: AIDEParams = self.params
+        if p.choice_type == "binary":
+            domain = "yesno"
+        else:
+            uc = p.use_case.lower()
+            domain = next((d for d, words in EXAMPLE_DOMAINS if any(w in uc for w in words)), "general")
+        return P.AIDE_EXAMPLES[(domain, kind)].text
+
+    def ask_one(self, prompt: P.Prompt, judge: bool = False, **fields) -> Call:
+        d = self.params.decoding
+        if judge:
+            d = d.model_copy(update={"max_tokens": min(d.max_tokens, self.params.judge_max_tokens)})
+        return self.call(prompt, [{"role": "user", "content": prompt.text.format(**fields)}], decoding=d)
+
+    def drive(self, tasks: list[Generator], seeds_of: list[int], calls_per_seed: Counter) -> list[Any]:
+        """Run generator tasks that yield lists of calls and receive their replies: each round sends
+        every pending call of every task in one ``ask()``. Returns each task's return value."""
+        results: list[Any] = [None] * len(tasks)
+        pending: dict[int, list[Call]] = {}
+
+        def step(i: int, value):
+            try:
+                pending[i] = tasks[i].send(value)
+            except StopIteration as stop:
+                results[i] = stop.value
+                pending.pop(i, None)
+
+        for i in range(len(tasks)):
+            step(i, None)
+        while pending:
+            order = sorted(pending)
+            calls = [c for i in order for c in pending[i]]
+            replies = self.ask(calls)
+            k = 0
+            for i in order:
+                n = len(pending[i])
+                got = replies[k:k + n]
+                k += n
+                calls_per_seed[seeds_of[i]] += sum(r.status != "budget_exhausted" for r in got)
+                step(i, got)
+        return results
+
+    # -- per-node work (generators) ---------------------------------------------------------------
+    def analyse(self, node: Node, want_rel: bool) -> Generator:
+        p: AIDEParams = self.params
+        c = self.ask_one(P.AIDE_TOPIC, instruction=node.text)
+        (r,) = yield [c]
+        node.analysis.append(("topic", c, r))
+        if r.status != "ok":
+            node.status = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+            return node.status
+        topic, attrs, status = parse_attributes(r.text, p.max_attributes)
+        node.topic, node.status = topic, status
+        if topic is None:
+            return status
+        if want_rel and p.ex_kg and attrs and p.num_triples:
+            triples = "\n".join(f'["{topic}", "has", "{a}"]' for a in attrs)
+            c = self.ask_one(P.AIDE_KG_EXPAND, topic=topic, triples=triples, n=p.num_triples)
+            (r,) = yield [c]
+            node.analysis.append(("kg", c, r))
+            if r.status == "ok":
+                attrs = attrs + parse_triples(r.text, attrs, p.num_triples)
+        node.attributes = attrs
+        return status
+
+    def _answer(self, child: Child, name: str) -> Generator:
+        """Ask for the answer of ``child.text``; sets ``child.answer``; returns a failure reason or None."""
+        p: AIDEParams = self.params
+        c = self.ask_one(ANSWER_PROMPTS[p.choice_type], instruction=child.text)
+        (r,) = yield [c]
+        child.exchanges.append((name, c, r))
+        if r.status != "ok":
+            return "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+        body, status = parse_tag(r.text, "Choices")
+        child.statuses.append(f"{name}:{status}")
+        if body is None:
+            return "answer_parse_failed"
+        if p.choice_type == "multi_choice":
+            opts = parse_choices(body)
+            if not opts:
+                child.statuses.append(f"{name}:no_options")
+                return "answer_parse_failed"
+            child.answer, child.answer_raw = opts, body
+        elif p.choice_type == "binary":
+            yn, st = parse_yes_no(r.text, "Choices")
+            if yn is None:
+                child.statuses.append(f"{name}:{st}")
+                return "answer_parse_failed"
+            child.answer = child.answer_raw = "Yes" if yn else "No"
+        else:
+            child.answer = child.answer_raw = body
+        return None
+
+    def _improve(self, child: Child, original: str, feedback: P.Prompt, name: str) -> Generator:
+        """One improve call; on a parsed reply the text changes and the answer is redone. Returns a
+        failure reason or None."""
+        c = self.ask_one(P.AIDE_IMPROVE, use_case=self.params.use_case, original=original, instruction=child.text, feedback=feedback.text)
+        (r,) = yield [c]
+        child.exchanges.append((name, c, r))
+        if r.status != "ok":
+            return "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+        text, status = parse_tag(r.text, "Improved Prompt")
+        child.statuses.append(f"{name}:{status}")
+        if text is None or text == child.text:
+            return None  # nothing changed: the old text and answer stand
+        child.text = text
+        return (yield from self._answer(child, f"{name}_answer"))
+
+    def grow(self, spec: ChildSpec, seed_text: str) -> Generator:
+        """One child: rewrite or create, answer, then (with reflection) the length check, graded
+        acceptance and the answer-in-choices check. Returns the :class:`Child`."""
+        p: AIDEParams = self.params
+        child = Child(spec)
+        node = spec.parent
+        relevance = spec.kind == "relevance"
+        if relevance:
+            residual = ""
+            if node.layer > p.sk_conn and (not p.match_reference or spec.direction == "reasoning"):
+                residual = P.AIDE_RESIDUAL.text.format(seed=seed_text)
+            prompt = REWRITE_PROMPTS[spec.direction]
+            fields = dict(use_case=p.use_case, topic=node.topic, skill=spec.skill, residual=residual,
+                          examples=self.examples(spec.direction))
+            tag = "Rewritten Prompt"
+        else:
+            prompt = P.AIDE_CREATE_PERSONA if spec.persona else P.AIDE_CREATE
+            fields = dict(use_case=p.use_case, topic=node.topic, examples=self.examples("create"))
+            if spec.persona:
+                fields["persona"] = spec.persona
+            tag = "Created Prompt"
+        fields["answer_form"] = P.AIDE_ANSWER_FORM_BINARY.text if p.choice_type == "binary" else ""
+        c = self.ask_one(prompt, instruction=node.text, **fields)
+        (r,) = yield [c]
+        child.exchanges.append(("rewrite", c, r))
+        if r.status != "ok":
+            child.reject = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+            return child
+        text, status = parse_tag(r.text, tag)
+        child.statuses.append(f"rewrite:{status}")
+        if text is None:
+            child.reject, child.detail = "rewrite_parse_failed", status
+            return child
+        child.text = text
+        why = yield from self._answer(child, "answer")
+        if why:
+            child.reject = why
+            return child
+        if not p.reflection:
+            return child
+        original = seed_text if relevance else node.text
+        if self.n_tokens(child.text) > p.len_token:
+            why = yield from self._improve(child, original, P.AIDE_FEEDBACK_TOO_LONG, "shorten")
+            if why:
+                child.reject = why
+                return child
+        rounds = p.max_reflection_relevance if relevance else p.max_reflection_diversity
+        grader = P.AIDE_GRADE_RELEVANCE if relevance else P.AIDE_GRADE_DIVERSITY
+        feedback = P.AIDE_FEEDBACK_NOT_RELEVANT if relevance else P.AIDE_FEEDBACK_TOO_SIMILAR
+        accepted = False
+        for k in range(1, rounds + 1):
+            c = self.ask_one(grader, judge=True, use_case=p.use_case, original=original, instruction=child.text)
+            (r,) = yield [c]
+            child.exchanges.append((f"grade_{k}", c, r))
+            if r.status != "ok":
+                child.reject = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+                return child
+            g, status = parse_grade(r.text)
+            child.grades.append(g)
+            child.statuses.append(f"grade_{k}:{status}")
+            if g is not None and g > ACCEPT_ABOVE:
+                accepted = True
+                break
+            if k < rounds:
+                why = yield from self._improve(child, original, feedback, f"improve_{k}")
+                if why:
+                    child.reject = why
+                    return child
+        if not accepted:
+            parsed = [g for g in child.grades if g is not None]
+            child.reject = "reflection_rejected" if parsed else "grade_parse_failed"
+            child.detail = f"grades {child.grades}"
+            return child
+        if p.choice_type == "binary":
+            return child
+        checks = p.max_choice_checks_relevance if relevance else p.max_choice_checks_diversity
+        for k in range(1, checks + 1):
+            c = self.ask_one(P.AIDE_CHECK_CHOICES, judge=True, instruction=child.text, choices=child.answer_raw)
+            (r,) = yield [c]
+            child.exchanges.append((f"check_{k}", c, r))
+            if r.status != "ok":
+                child.reject = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+                return child
+            ok, status = parse_yes_no(r.text, "Response")
+            child.statuses.append(f"check_{k}:{status}")
+            if ok:
+                return child
+            if k < checks:
+                why = yield from self._answer(child, f"check_{k}_answer")
+                if why:
+                    child.reject = why
+                    return child
+        child.reject = "answer_not_in_choices"
+        return child
+
+    # -- personas ---------------------------------------------------------------------------------
+    def persona_similarities(self) -> tuple[list[str], np.ndarray]:
+        """The persona file's lines and their cosine similarity to ``use_case`` (cached in the store)."""
+        import json
+
+        path = self.persona_path()
+        raw = path.read_bytes()
+        personas = [ln.strip() for ln in raw.decode("utf-8").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        key = sha256_hex(sha256_hex(self.params.use_case), sha256_hex(raw), self.embedder.key)
+        cache = Path(self.context.store_dir) / "aide" / "personas" / f"{key}.json" if self.context.store_dir else None
+        if cache is not None and cache.exists():
+            sims = np.asarray(json.loads(cache.read_text(encoding="utf-8"))["similarities"], dtype=np.float64)
+            if len(sims) == len(personas):
+                return personas, sims
+        X = self.embedder.embed(personas + [self.params.use_case]).astype(np.float64)
+        X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        sims = X[:-1] @ X[-1]
+        if cache is not None:
+            from curate.io import write_json
+
+            write_json(cache, {"use_case": self.params.use_case, "persona_file_sha256": sha256_hex(raw), "embedder_key": self.embedder.key,
+                               "similarities": [float(s) for s in sims]})
+        return personas, sims
+
+    # -- the run ----------------------------------------------------------------------------------
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 1), dtype=np.float32)
+        X = self.embedder.embed(texts).astype(np.float32)
+        return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+    def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
+        p: AIDEParams = self.params
+        out = UnitResult()
+        seeds: list[Node] = []
+        for r in records:
+            msgs = r["messages"]
+            if [m["role"] for m in msgs] != ["user", "assistant"] or r.get("tools") or any(m.get("tool_calls") for m in msgs) \
+                    or not msgs[0]["content"].strip():
+                out.dispositions[r["sample_id"]] = ("passthrough", "not_single_turn", "AIDE seeds are [user, assistant] rows without tools")
+                continue
+            seeds.append(Node(len(seeds), "0", 1, msgs[0]["content"], sample_id=r["sample_id"], seed_sid=r["sample_id"]))
+        personas: list[str] = []
+        persona_sims: list[float] = []
+        if p.personas and p.d_depth >= 1 and seeds:
+            names, sims = self.persona_similarities()
+            chosen = choose_personas(sims, p.persona_k, p.persona_threshold)
+            personas, persona_sims = [names[i] for i in chosen], [float(sims[i]) for i in chosen]
+        rejected: Counter = Counter()
+        seed_rejects: dict[int, Counter] = {s.seed: Counter() for s in seeds}
+        statuses: Counter = Counter()
+        analysis_status: Counter = Counter()
+        calls_per_seed: Counter = Counter()
+        issued: Counter = Counter()  # children issued per seed
+        accepted_per_seed: Counter = Counter()
+        levels: list[dict[str, Any]] = []
+        seed_texts = [s.text for s in seeds]
+        kept_X = self.embed_texts(seed_texts) if seeds else None
+        frontier = list(seeds)
+        layer = 1
+        while frontier and layer <= max(p.r_depth, p.d_depth):
+            want_rel = layer <= p.r_depth and p.max_attributes > 0
+            want_div = layer <= p.d_depth and (not p.personas or bool(personas))
+            if not (want_rel or want_div):
+                break
+            results = self.drive([self.analyse(n, want_rel) for n in frontier], [n.seed for n in frontier], calls_per_seed)
+            analysis_status.update(results)
+            specs, capped_by_seed = allocate(frontier, want_rel, want_div, p.directions, personas, p.max_nodes_per_seed, issued)
+            capped = sum(capped_by_seed.values())
+            for seed, n in capped_by_seed.items():
+                seed_rejects[seed]["node_cap"] += n
+            children: list[Child] = self.drive([self.grow(s, seed_texts[s.parent.seed]) for s in specs], [s.parent.seed for s in specs],
+                                               calls_per_seed)
+            for ch in children:
+                statuses.update(ch.statuses)
+            # post-processing: length, multiple-choice sanitising, then near-duplicates (tree order)
+            survivors: list[tuple[Child, list[dict[str, Any]], dict[str, Any]]] = []
+            for ch in children:
+                if ch.reject is None and self.n_tokens(ch.text) > p.len_token:
+                    ch.reject, ch.detail = "too_long", f"{self.n_tokens(ch.text)} tokens > len_token {p.len_token}"
+                if ch.reject is None:
+                    built = self.render(ch)
+                    if isinstance(built, str):
+                        ch.reject = built
+                    else:
+                        survivors.append((ch, *built))
+            X = self.embed_texts([ch.text for ch, _, _ in survivors])
+            allX = np.vstack([kept_X, X]) if len(survivors) else kept_X
+            n_fixed = len(kept_X)
+            keep, dropped = greedy_dedup(allX, n_fixed, p.dedup_threshold)
+            next_frontier: list[Node] = []
+            for i, dup in dropped.items():
+                ch = survivors[i - n_fixed][0]
+                ch.reject, ch.detail = "near_duplicate", f"cosine {dup[1]:.4f} > {p.dedup_threshold}"
+            for i in keep:
+                ch, messages, original = survivors[i - n_fixed]
+                spec = ch.spec
+                node = Node(spec.parent.seed, f"{spec.parent.path}.{spec.slot}", layer + 1, ch.text,
+                            f"relevance:{spec.direction}" if spec.kind == "relevance" else "diversity", spec.parent,
+                            sample_id=sample_id(messages), seed_sid=spec.parent.seed_sid)
+                gen = self.generation(spec.parent.analysis + ch.exchanges, node=node.path, layer=node.layer,
+                                      seed_sample_id=seeds[node.seed].sample_id, parent_node=spec.parent.path,
+                                      parent_sample_id=spec.parent.sample_id, topic=spec.parent.topic, skill=spec.skill,
+                                      persona=spec.persona, grades=ch.grades, statuses=ch.statuses, use_case=p.use_case,
+                                      choice_type=p.choice_type)
+                out.derive(messages, parents=[seeds[node.seed].sample_id], variant=node.variant, generation=gen, original=original)
+                accepted_per_seed[node.seed] += 1
+                next_frontier.append(node)
+            if keep:
+                kept_X = np.vstack([kept_X, allX[keep]])
+            level_rejects = Counter(ch.reject for ch in children if ch.reject)
+            for ch in children:
+                if ch.reject:
+                    seed_rejects[ch.spec.parent.seed][ch.reject] += 1
+            rejected.update(level_rejects)
+            levels.append({"layer": layer, "expanded": len(frontier), "issued": len(specs), "node_cap": capped,
+                           "accepted": len(next_frontier), "rejected": dict(sorted(level_rejects.items()))})
+            rejected["node_cap"] += capped
+            frontier = next_frontier
+            layer += 1
+        for s in seeds:
+            if accepted_per_seed[s.seed]:
+                continue
+            if s.topic is None and s.status is not None:
+                detail = f"seed analysis failed: {s.status}"
+            else:
+                detail = f"children rejected: {canonical_json(dict(sorted(seed_rejects[s.seed].items())))}"
+            out.dispositions[s.sample_id] = ("passthrough", "no_accepted_children", detail)
+        out.stats = {
+            "seeds": len(seeds), "not_single_turn": len(records) - len(seeds), "derived": len(out.derived),
+            "issued": sum(issued.values()), "accepted": len(out.derived), "rejected": dict(sorted(rejected.items())),
+            "analysis": dict(sorted(analysis_status.items())), "statuses": dict(sorted(statuses.items())), "levels": levels,
+            "personas": [{"persona": x, "similarity": round(s, 6)} for x, s in zip(personas, persona_sims)],
+            "max_calls_per_seed": max(calls_per_seed.values(), default=0), "max_children_per_seed": max(issued.values(), default=0),
+            "bound": self.tree_bound(), "budget": self.budget_stats(),
+        }
+        return out
+
+    def render(self, ch: Child) -> tuple[list[dict[str, Any]], dict[str, Any]] | str:
+        """The derived row's messages and original record, or a rejection reason (multiple-choice
+        sanitising: exactly one correct option, enough distractors)."""
+        p: AIDEParams = self.params
+        if p.choice_type != "multi_choice":
+            return ([{"role": "user", "content": ch.text}, {"role": "assistant", "content": ch.answer}],
+                    {"instruction": ch.text, "answer": ch.answer})
+        correct = [o for o, v in ch.answer if v == 1]
+        wrong: list[str] = []
+        for o, v in ch.answer:
+            if v == 0 and o not in wrong and o not in correct:
+                wrong.append(o)
+        if len(correct) != 1:
+            ch.detail = f"{len(correct)} correct options"
+            return "choices_invalid"
+        if len(wrong) < p.num_target_scores - 1:
+            ch.detail = f"{len(wrong)} distinct distractors < {p.num_target_scores - 1}"
+            return "too_few_choices"
+        spec = ch.spec
+        key = sha256_hex("aide", str(self.context.seed), spec.parent.seed_sid, spec.parent.path, str(spec.slot), ch.text)
+        rng = random.Random(int(key[:16], 16))
+        options = [(correct[0], 1)] + [(w, 0) for w in rng.sample(wrong, p.num_target_scores - 1)]
+        rng.shuffle(options)
+        letter = next(OPTION_LETTERS[i] for i, (_, v) in enumerate(options) if v == 1)
+        user = ch.text + "\n\n" + "\n".join(f"{OPTION_LETTERS[i]}. {o}" for i, (o, _) in enumerate(options))
+        return ([{"role": "user", "content": user}, {"role": "assistant", "content": f"{letter}. {correct[0]}"}],
+                {"instruction": ch.text, "target_scores": {o: v for o, v in options}})
