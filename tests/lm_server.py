@@ -15,8 +15,9 @@ the way a hosted OpenAI API does, with 400 for any field outside its documented 
 fields (vLLM's ``top_k``, ``add_generation_prompt``, ``continue_final_message`` included).
 
 ``max_batch`` > 1 turns on dynamic batching, as vLLM's server does: chat requests that arrive while
-the model is busy (or within ``batch_window_s`` of each other) are generated together, left-padded,
-in one ``generate`` call of up to ``max_batch`` rows. With ``max_batch=1`` (default) the server
+the model is busy, or together (received while others are still being read, or within
+``batch_window_s`` of the first), are generated in one left-padded ``generate`` call of up to
+``max_batch`` rows. With ``max_batch=1`` (default) the server
 generates one request at a time.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 #: request fields of the OpenAI chat-completions API (the ones a strict server accepts)
@@ -36,7 +38,7 @@ OPENAI_CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens",
 class LocalCompletionsServer:
     def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None,
                  strict: bool = False, fail_every: int = 0, fail_codes: tuple[int, ...] = (429, 500), reject: str | None = None,
-                 max_batch: int = 1, batch_window_s: float = 0.01):
+                 max_batch: int = 1, batch_window_s: float = 0.005):
         self.model = model
         self.strict = strict
         self.bodies: list[dict] = []  # every request body received, in arrival order
@@ -47,6 +49,8 @@ class LocalCompletionsServer:
         self.batches: list[int] = []  # rows per generate call (dynamic batching)
         self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
+        self.arriving = 0  # requests received and not yet queued for generation (or answered)
+        self._local = threading.local()
         self.tokenizer = tokenizer
         self.canned = canned or {}  # fault injection: a reply for any request whose text contains the key
         self.model_name = model_name
@@ -107,12 +111,17 @@ class LocalCompletionsServer:
             first = self._queue.get()
             if first is None:
                 return
-            items = [first]
+            items, until = [first], time.monotonic() + self.batch_window_s
             while len(items) < self.max_batch:
                 try:
-                    nxt = self._queue.get(timeout=self.batch_window_s)
+                    nxt = self._queue.get(timeout=0.002)
                 except queue.Empty:
-                    break
+                    with self.lock:
+                        arriving = self.arriving
+                    now = time.monotonic()
+                    if (arriving == 0 and now >= until) or now >= until + 1.0:  # a slow arrival holds a batch 1 s at most
+                        break
+                    continue
                 if nxt is None:
                     self._queue.put(None)
                     break
@@ -130,7 +139,10 @@ class LocalCompletionsServer:
         if self._worker is None:
             return self._generate([ids], [max_tokens])[0]
         item = {"ids": ids, "max_tokens": max_tokens, "done": threading.Event()}
-        self._queue.put(item)
+        with self.lock:
+            self._queue.put(item)
+            self.arriving -= 1
+            self._local.counted = False
         item["done"].wait()
         if isinstance(item["result"], Exception):
             raise item["result"]
@@ -187,6 +199,17 @@ class LocalCompletionsServer:
                 pass
 
             def do_POST(self):
+                with server.lock:
+                    server.arriving += 1
+                server._local.counted = True
+                try:
+                    self.answer()
+                finally:
+                    if server._local.counted:
+                        with server.lock:
+                            server.arriving -= 1
+
+            def answer(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests += 1

@@ -272,3 +272,14 @@ def test_plan_shows_the_most_model_calls_of_an_llm_rewrite_step(tmp_path, monkey
     r = runner.invoke(app, ["plan", str(flow), "--no-warmup"])
     assert r.exit_code == 0, r.output
     assert "at most 4 model calls (budget max_calls 4; 10 over all 5 input rows)" in r.output
+
+
+def test_the_stand_in_server_batches_requests_that_arrive_together(hf):
+    """Dynamic batching (used by bench/generation.py): 4 requests in flight are generated in one call,
+    with the texts the hf backend gives."""
+    calls = calls_of(QUESTIONS[:4], Decoding(max_tokens=6))
+    with LocalCompletionsServer(hf.model, tokenizer=hf.tokenizer, max_batch=4, batch_window_s=0.2) as server:  # a wide window: robust under load
+        remote = CallEngine(api(server, concurrency=4)).run(calls)
+        sequential = CallEngine(api(server, concurrency=1)).run(calls)
+        assert server.batches == [4, 1, 1, 1, 1]
+    assert [r.text for r in remote] == [r.text for r in sequential] == [r.text for r in CallEngine(hf).run(calls)]

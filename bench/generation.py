@@ -1,0 +1,125 @@
+"""Generation engine speed (issue 10): batched hf generation and concurrent openai requests.
+
+    .venv/bin/python bench/generation.py [--prompts 32] [--max-tokens 64] [--repeats 2]
+
+Prompts: the first AlpacaEval instructions (../shared/data/alpaca_eval, gpt4 outputs file), as user
+messages; the bundled SmolLM2-135M-Instruct, fp32, greedy, ``--max-tokens`` new tokens at most.
+Every call goes through :class:`curate.lm.calls.CallEngine` without a cache (the path the LLM
+rewriters use).
+
+(a) **hf**: one prompt at a time (``max_tokens_per_batch: 1``) vs batched (the default budget:
+    left-padded batches sorted by length). Off and on alternate, best of ``--repeats`` each.
+(b) **openai**: the stand-in OpenAI-compatible server of the tests (tests/lm_server.py) serving the
+    same model in this process, with **dynamic batching** as vLLM's server does it (requests that
+    arrive together are generated in one left-padded ``generate`` call, up to 8 rows): sequential
+    requests (``concurrency: 1``: the server only ever sees one) vs 8 in flight.
+
+New tokens per second of wall time and per CPU second of this process (the server runs in it),
+and whether the greedy texts are identical both ways. Torch threads: ``--threads`` (default 1, so
+CPU seconds stay meaningful on a shared machine). Results: bench/results/generation.md (copied into
+docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+from common import ROOT, write_result  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tests"))
+AE = ROOT.parent / "shared" / "data" / "alpaca_eval" / "results" / "gpt4" / "model_outputs.json"
+
+
+def timed(engine, calls) -> tuple[float, float, list]:
+    t0, c0 = time.perf_counter(), time.process_time()
+    replies = engine.run(calls)
+    return time.perf_counter() - t0, time.process_time() - c0, replies
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--in-flight", type=int, default=8)
+    args = ap.parse_args()
+
+    from lm_server import LocalCompletionsServer
+
+    from curate.lm import LMParams, load_backend
+    from curate.lm.calls import Call, CallEngine, Decoding
+    from curate.lm.hf import chat_prompt_ids, greedy_batches
+    from curate.models import set_torch_threads
+
+    set_torch_threads(args.threads)
+    questions = [o["instruction"] for o in json.loads(AE.read_text())[: args.prompts]]
+    decoding = Decoding(max_tokens=args.max_tokens)
+    calls = [Call([{"role": "user", "content": q}], {"id": "bench", "version": "1", "hash": "-"}, decoding) for q in questions]
+    alone = load_backend(LMParams(max_tokens_per_batch=1), args.threads)
+    batched = load_backend(LMParams(), args.threads)
+    batched.chat([calls[0].messages], {"max_tokens": 2})  # load the model once, before timing
+    n_prompt = [len(chat_prompt_ids(alone.tokenizer, c.messages)) for c in calls]
+    load0 = os.getloadavg()[0]
+    lines = [f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), load average {load0:.2f} at the "
+             f"start. Prompts: the first {len(calls)} AlpacaEval instructions ({min(n_prompt)}–{max(n_prompt)} prompt tokens with the "
+             f"chat template). Model: the bundled SmolLM2-135M-Instruct, fp32, greedy, at most {args.max_tokens} new tokens. "
+             "Tokens/s: new tokens per wall second / per CPU second of this process (the stand-in server runs in it).", "",
+             "| case | one at a time: tok/s (wall / CPU) | batched or concurrent: tok/s (wall / CPU) | speed-up (wall / CPU) | same texts |",
+             "|---|---|---|---|---|"]
+
+    def row(name, off, on):
+        (w0, c0, r0), (w1, c1, r1) = off, on
+        tok0, tok1 = sum(r.n_tokens for r in r0), sum(r.n_tokens for r in r1)
+        assert all(r.status == "ok" for r in r0 + r1), [r.error for r in r0 + r1 if r.status != "ok"]
+        same = sum(a.text == b.text for a, b in zip(r0, r1))
+        lines.append(f"| {name} | {tok0 / w0:.1f} / {tok0 / c0:.1f} | {tok1 / w1:.1f} / {tok1 / c1:.1f} | "
+                     f"{(tok1 / w1) / (tok0 / w0):.2f}× / {(tok1 / c1) / (tok0 / c0):.2f}× | {same}/{len(r0)} |")
+        print(lines[-1], flush=True)
+        return [(i, a.text, b.text) for i, (a, b) in enumerate(zip(r0, r1)) if a.text != b.text]
+
+    # (a) hf: alone vs batched, alternating, best of repeats (by wall time)
+    best: dict[str, tuple] = {}
+    for _ in range(args.repeats):
+        for mode, backend in (("alone", alone), ("batched", batched)):
+            res = timed(CallEngine(backend), calls)
+            if mode not in best or res[0] < best[mode][0]:
+                best[mode] = res
+    batches = len(greedy_batches(n_prompt, batched.token_budget))
+    hf_alone = best["alone"][2]
+    diff_hf = row(f"hf, {len(calls)} prompts ({batches} batches under {batched.token_budget} padded tokens)", best["alone"], best["batched"])
+
+    # (b) openai: sequential vs in flight, against the stand-in server with dynamic batching
+    with LocalCompletionsServer(batched.model, tokenizer=batched.tokenizer, max_batch=args.in_flight) as server:
+        def api(concurrency):
+            return load_backend(LMParams(backend="openai", base_url=server.base_url, served_name="local-smollm2", concurrency=concurrency))
+
+        best = {}
+        sizes = {}
+        for _ in range(args.repeats):
+            for mode, conc in (("sequential", 1), ("concurrent", args.in_flight)):
+                n0 = len(server.batches)
+                res = timed(CallEngine(api(conc)), calls)
+                sizes[mode] = server.batches[n0:]
+                if mode not in best or res[0] < best[mode][0]:
+                    best[mode] = res
+    conc = sizes["concurrent"]
+    diff_api = row(f"openai, {args.in_flight} in flight vs sequential (server batches of {min(conc)}–{max(conc)} rows, "
+                   f"mean {sum(conc) / len(conc):.1f})", best["sequential"], best["concurrent"])
+    lines.append("")
+    lines.append(f"hf one at a time and the server one at a time give the same text on "
+                 f"{sum(a.text == b.text for a, b in zip(hf_alone, best['sequential'][2]))}/{len(calls)} prompts.")
+    for name, diffs in (("hf", diff_hf), ("openai", diff_api)):
+        for i, a, b in diffs:
+            lines.append(f"- {name}: prompt {i} differs. one at a time: {a[:160]!r} … batched/concurrent: {b[:160]!r} …")
+    lines.append(f"\nLoad average {os.getloadavg()[0]:.2f} at the end.")
+    write_result("generation", "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
