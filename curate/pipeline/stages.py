@@ -249,7 +249,8 @@ class RewriteStage(Stage):
         from curate.stages.rewrite import rewrite_stage
 
         spec = run.spec
-        ctx = RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=run.store_dir)
+        ctx = RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=run.store_dir,
+                             extra={"embed": spec.embed})  # the flow's embedder (AIDE dedups and picks personas with it)
         (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=ctx, store_dir=run.store_dir,
                                                           out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size)])
         run.rewrites.append(ref)

@@ -52,7 +52,8 @@ Every accepted child is a derived row ``[user, assistant]`` with origin
 record naming its parent node, layer, topic, skill or persona, grades and every call. Statuses and
 rejections are counted by reason in the step's stats; each seed row is ``used`` (≥ 1 row),
 ``passthrough`` with reason ``not_single_turn`` (only ``[user, assistant]`` rows without tools are
-seeds) or ``passthrough`` with reason ``no_accepted_children`` and the rejection counts as detail.
+seeds), ``passthrough`` with reason ``analysis_failed`` (its analysis gave no topic; the status as
+detail) or ``no_accepted_children`` (the seed's rejection counts as detail).
 The whole input is one unit of work; a killed run repeats no finished call (the call cache).
 """
 
@@ -739,17 +740,18 @@ class AIDEStep(LLMRewriter):
             rejected.update(level_rejects)
             levels.append({"layer": layer, "expanded": len(frontier), "issued": len(specs), "node_cap": capped,
                            "accepted": len(next_frontier), "rejected": dict(sorted(level_rejects.items()))})
-            rejected["node_cap"] += capped
+            if capped:
+                rejected["node_cap"] += capped
             frontier = next_frontier
             layer += 1
         for s in seeds:
             if accepted_per_seed[s.seed]:
                 continue
             if s.topic is None and s.status is not None:
-                detail = f"seed analysis failed: {s.status}"
+                out.dispositions[s.sample_id] = ("passthrough", "analysis_failed", f"seed analysis: {s.status}")
             else:
                 detail = f"children rejected: {canonical_json(dict(sorted(seed_rejects[s.seed].items())))}"
-            out.dispositions[s.sample_id] = ("passthrough", "no_accepted_children", detail)
+                out.dispositions[s.sample_id] = ("passthrough", "no_accepted_children", detail)
         out.stats = {
             "seeds": len(seeds), "not_single_turn": len(records) - len(seeds), "derived": len(out.derived),
             "issued": sum(issued.values()), "accepted": len(out.derived), "rejected": dict(sorted(rejected.items())),

@@ -1,0 +1,324 @@
+"""AIDE (methods.md C4): tag parsing on real SmolLM2 replies and hand-written cases, persona choice,
+near-duplicate pruning, multiple-choice sanitising, tree-size bounds (arithmetic and a real run), and
+a real end-to-end run whose second run makes no model call.
+
+The recorded replies (tests/data/aide_smollm2_replies.json) were made once with
+``.venv/bin/python tests/data/record_aide_smollm2.py``: every AIDE prompt, filled for two Code Alpaca
+instructions, sent through curate's call engine to the bundled SmolLM2-135M-Instruct (greedy, 96 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from curate.records import sample_id
+from curate.rewrite import RewriteContext, rewriter_class
+from curate.rewrite.aide import (
+    AIDEStep,
+    Child,
+    ChildSpec,
+    Node,
+    allocate,
+    choose_personas,
+    greedy_dedup,
+    parse_attributes,
+    parse_choices,
+    parse_grade,
+    parse_tag,
+    parse_triples,
+    parse_yes_no,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+REPLIES = json.loads((Path(__file__).resolve().parent / "data" / "aide_smollm2_replies.json").read_text(encoding="utf-8"))
+TINY = dict(use_case="Python code generation", choice_type="free_form", r_depth=1, d_depth=1, max_attributes=1, directions=["reasoning"],
+            ex_kg=False, personas=str(ROOT / "data" / "personas.txt"), persona_k=1, max_reflection_relevance=1,
+            max_reflection_diversity=1, max_choice_checks_relevance=1, max_choice_checks_diversity=1, max_nodes_per_seed=2,
+            decoding={"max_tokens": 48})
+
+
+def record(q: str, a: str) -> dict:
+    msgs = [{"role": "user", "content": q, "tool_calls": None}, {"role": "assistant", "content": a, "tool_calls": None}]
+    return {"sample_id": sample_id(msgs), "messages": msgs, "tools": None}
+
+
+def step(params: dict, store: Path | None = None) -> AIDEStep:
+    return AIDEStep("aide", params, RewriteContext(seed=0, torch_threads=1, base_dir=str(ROOT), store_dir=str(store) if store else None))
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+def test_tag_parser_last_match_wins_and_lowercase_fallback():
+    assert parse_tag("<Topic>a</Topic> then <Topic> b </Topic>", "Topic") == ("b", "ok")
+    assert parse_tag("<topic>low</topic>", "Topic") == ("low", "ok_lowercase")
+    # the capitalised tag is used whenever it is there, even before a lowercase one (the reference's order)
+    assert parse_tag("<Topic>cap</Topic> <topic>low</topic>", "Topic") == ("cap", "ok")
+    assert parse_tag("<Rewritten Prompt>line 1\nline 2</Rewritten Prompt>", "Rewritten Prompt") == ("line 1\nline 2", "ok")
+    assert parse_tag("<Topic>open only", "Topic") == (None, "missing_tag")
+    assert parse_tag("<TOPIC>x</TOPIC>", "Topic") == (None, "missing_tag")  # only the exact and the lowercase forms
+    assert parse_tag("<Topic>  </Topic>", "Topic") == (None, "empty")
+    assert parse_tag(None, "Topic") == (None, "missing_tag")
+
+
+def test_attribute_triple_choice_grade_and_yes_no_parsers():
+    text = "<Topic>old</Topic><Related knowledge>x</Related knowledge>\n<Topic>sorting</Topic>\n" \
+           "<Related knowledge> keys, lists ,Keys, , stability, heaps</Related knowledge>"
+    assert parse_attributes(text, 3) == ("sorting", ["keys", "lists", "stability"], "ok")
+    assert parse_attributes("<topic>t</topic><related knowledge>a</related knowledge>", 3) == ("t", ["a"], "ok_lowercase")
+    assert parse_attributes("<Topic>t</Topic>", 3) == ("t", [], "attributes_missing_tag")
+    assert parse_attributes("no tags", 3) == (None, [], "topic_missing_tag")
+    lines = '["sorting", "has", "keys"]\n["sorting", "uses", "merge sort"]\nnoise\n[\'sorting\', \'needs\', \'Keys\']\n["a", "b", "heaps"]'
+    assert parse_triples(lines, ["keys"], 2) == ["merge sort", "heaps"]
+    assert parse_choices("A) Correct: 42\n- Incorrect: 36\n(C) incorrect. B) 48\nnot an option\nINCORRECT - 13") == [
+        ("42", 1), ("36", 0), ("48", 0), ("13", 0)]
+    assert parse_grade("<Score>7</Score> and later <Score> 9/10 </Score>") == (9, "ok")
+    assert parse_grade("<Score>11</Score>") == (None, "grade_out_of_range")
+    assert parse_grade("<Score>high</Score>") == (None, "grade_not_a_number")
+    assert parse_yes_no("<Response> Yes, it is.</Response>", "Response") == (True, "ok")
+    assert parse_yes_no("<response>no</response>", "Response") == (False, "ok")
+    assert parse_yes_no("<Response>Maybe yes</Response>", "Response") == (None, "not_yes_no")
+
+
+def test_parsers_on_recorded_smollm2_replies_give_statuses_not_values():
+    by_prompt: dict[str, list[str]] = {}
+    for r in REPLIES:
+        assert r["model"] == "smollm2-135m-instruct" and r["text"]
+        by_prompt.setdefault(r["prompt"], []).append(r["text"])
+    assert len(REPLIES) == 22 and len(by_prompt) == 11
+    tags = {"aide_topic": "Topic", "aide_rewrite_constraint": "Rewritten Prompt", "aide_create_persona": "Created Prompt",
+            "aide_answer_multi": "Choices", "aide_answer_binary": "Choices", "aide_answer_free": "Choices", "aide_improve": "Improved Prompt",
+            "aide_check_choices": "Response"}
+    # the 135M model writes none of the tags: every parse is a counted miss, never a guessed value
+    for prompt, tag in tags.items():
+        assert [parse_tag(t, tag) for t in by_prompt[prompt]] == [(None, "missing_tag")] * 2, prompt
+    assert [parse_attributes(t, 3)[2] for t in by_prompt["aide_topic"]] == ["topic_missing_tag"] * 2
+    # "The new instruction is 10." holds a number, but not in <Score>: no grade (the reference would read 0)
+    assert any("10" in t for t in by_prompt["aide_grade_relevance"])
+    assert [parse_grade(t) for t in by_prompt["aide_grade_relevance"] + by_prompt["aide_grade_diversity"]] == [(None, "grade_missing_tag")] * 4
+    # "The answer is Yes." outside <Response> is not a Yes
+    assert any("Yes" in t for t in by_prompt["aide_check_choices"])
+    assert [parse_yes_no(t, "Response")[0] for t in by_prompt["aide_check_choices"]] == [None, None]
+    # bracketed lists without quoted items are not triples; numbered lines are not options
+    assert [parse_triples(t, [], 2) for t in by_prompt["aide_kg_expand"]] == [[], []]
+    assert all(parse_choices(t) == [] for t in by_prompt["aide_answer_multi"])
+    # the same texts with a tag appended parse to exactly the tag's content (last match)
+    t = by_prompt["aide_topic"][0]
+    assert parse_attributes(t + "\n<Topic>factorial</Topic><Related knowledge>loops, recursion</Related knowledge>", 3) == (
+        "factorial", ["loops", "recursion"], "ok")
+
+
+# -- personas, dedup, sanitising ------------------------------------------------------------------
+
+def test_persona_choice_is_top_k_by_similarity_with_ties_to_the_lowest_index():
+    sims = np.array([0.2, 0.9, 0.5, 0.9, 0.31, 0.5, 0.3, 0.95])
+    assert choose_personas(sims, 3, 0.3) == [7, 1, 3]
+    assert choose_personas(sims, 5, 0.3) == [7, 1, 3, 2, 5]
+    assert choose_personas(sims, 10, 0.3) == [7, 1, 3, 2, 5, 4]  # 0.3 itself is not above the threshold
+    assert choose_personas(sims, 2, 0.99) == []
+    assert choose_personas(np.full(4, 0.5), 2, 0.0) == [0, 1]
+
+
+def test_persona_similarities_are_cached_by_use_case_file_and_embedder(tmp_path):
+    s = step({**TINY, "persona_k": 2}, tmp_path)
+    names, sims = s.persona_similarities()
+    assert len(names) == 42 and sims.shape == (42,)
+    top = choose_personas(sims, 2, 0.3)
+    assert all("Python" in names[i] or "program" in names[i] for i in top), [names[i] for i in top]
+    files = list((tmp_path / "aide" / "personas").glob("*.json"))
+    assert len(files) == 1
+    again = step({**TINY, "persona_k": 2}, tmp_path)
+    again._embedder = s.embedder
+    calls = Counter()
+    real = s.embedder.embed
+    s.embedder.embed = lambda texts: (calls.update(["embed"]), real(texts))[1]
+    assert np.array_equal(again.persona_similarities()[1], sims) and calls["embed"] == 0  # read from the cache
+    other = step({**TINY, "use_case": "healthy cooking"}, tmp_path)
+    other._embedder = s.embedder
+    o_names, o_sims = other.persona_similarities()
+    assert calls["embed"] == 1 and len(list((tmp_path / "aide" / "personas").glob("*.json"))) == 2
+    assert "chef" in o_names[choose_personas(o_sims, 1, 0.3)[0]]
+
+
+def test_greedy_dedup_drops_rows_similar_to_fixed_or_earlier_kept_rows():
+    X = np.array([[1, 0, 0], [0.99, 0.141, 0], [0, 1, 0], [0, 0.999, 0.0447], [0, 0, 1]], dtype=np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    kept, dropped = greedy_dedup(X, 1, 0.95)  # row 0 is a seed
+    assert kept == [2, 4] and set(dropped) == {1, 3} and dropped[1][0] == 0 and dropped[3][0] == 2
+    assert greedy_dedup(X, 0, 0.9999)[0] == [0, 1, 2, 3, 4]
+
+
+def test_dedup_with_the_flows_embedder_on_real_text(tmp_path):
+    s = step(TINY, tmp_path)
+    texts = ["Write a Python function that returns the factorial of n.", "Write a Python function which returns the factorial of n.",
+             "Plan a three-day trip to Rome on a small budget."]
+    kept, dropped = greedy_dedup(s.embed_texts(texts), 1, 0.95)
+    assert kept == [2] and dropped[1][0] == 0 and dropped[1][1] > 0.95
+
+
+def _child(step_: AIDEStep, answer, text="Which number is 6 * 7?") -> Child:
+    node = Node(0, "0", 1, "seed", topic="t", seed_sid="s")
+    return Child(ChildSpec(node, 3, "relevance", direction="reasoning", skill="x"), text=text, answer=answer)
+
+
+def test_multiple_choice_sanitising():
+    s = step({**TINY, "choice_type": "multi_choice", "num_target_scores": 3})
+    opts = [("42", 1), ("36", 0), ("48", 0), ("36", 0), ("13", 0)]
+    msgs, original = s.render(_child(s, opts))
+    assert original["instruction"] == "Which number is 6 * 7?"
+    assert sorted(original["target_scores"].values()) == [0, 0, 1] and original["target_scores"]["42"] == 1
+    shown = msgs[0]["content"].split("\n\n", 1)[1].splitlines()
+    assert [ln[:3] for ln in shown] == ["A. ", "B. ", "C. "]
+    letter = "ABC"[[ln[3:] for ln in shown].index("42")]
+    assert msgs[1]["content"] == f"{letter}. 42"
+    assert s.render(_child(s, opts)) == (msgs, original)  # seeded: the same draw every time
+    two = _child(s, [("42", 1), ("41", 1), ("36", 0), ("48", 0)])
+    assert s.render(two) == "choices_invalid" and two.detail == "2 correct options"
+    few = _child(s, [("42", 1), ("36", 0), ("36", 0)])
+    assert s.render(few) == "too_few_choices"
+    free = step(TINY)
+    assert free.render(_child(free, "42")) == ([{"role": "user", "content": "Which number is 6 * 7?"}, {"role": "assistant", "content": "42"}],
+                                               {"instruction": "Which number is 6 * 7?", "answer": "42"})
+
+
+# -- prompts: the node's own text, residual connection --------------------------------------------
+
+def _first_prompt(s: AIDEStep, spec: ChildSpec, seed_text: str) -> str:
+    return next(s.grow(spec, seed_text))[0].messages[0]["content"]
+
+
+@pytest.mark.parametrize("match_reference", [False, True])
+def test_rewrites_use_the_current_node_and_the_residual_connection(match_reference):
+    s = step({**TINY, "match_reference": match_reference, "sk_conn": 1})
+    seed_text = "SEED: write a factorial function."
+    first = Node(0, "0", 1, seed_text, topic="factorial", seed_sid="s")
+    second = Node(0, "0.1", 2, "NODE: write a recursive factorial function.", parent=first, topic="recursion", seed_sid="s")
+    for d in ("reasoning", "concrete", "constraint"):
+        p1 = _first_prompt(s, ChildSpec(first, 0, "relevance", direction=d, skill="loops"), seed_text)
+        assert "Keep the new instruction close" not in p1  # layer 1 is not past sk_conn
+        p2 = _first_prompt(s, ChildSpec(second, 0, "relevance", direction=d, skill="loops"), seed_text)
+        assert p2.endswith("Instruction: NODE: write a recursive factorial function.") and '"recursion"' in p2
+        assert ("Keep the new instruction close to this original one: SEED" in p2) == (d == "reasoning" or not match_reference)
+    div = _first_prompt(s, ChildSpec(second, 0, "diversity", persona="A chef."), seed_text)
+    assert div.endswith("Instruction: NODE: write a recursive factorial function.") and "A chef." in div and "SEED" not in div
+
+
+# -- tree-size bounds ---------------------------------------------------------------------------
+
+CONFIGS = [
+    dict(r_depth=2, d_depth=2, max_attributes=3, num_triples=2, ex_kg=True, persona_k=5, max_nodes_per_seed=None),
+    dict(r_depth=2, d_depth=1, max_attributes=2, num_triples=0, ex_kg=False, persona_k=2, max_nodes_per_seed=None),
+    dict(r_depth=3, d_depth=0, max_attributes=2, num_triples=1, ex_kg=True, persona_k=0, max_nodes_per_seed=40),
+    dict(r_depth=1, d_depth=3, max_attributes=1, num_triples=0, ex_kg=False, persona_k=3, max_nodes_per_seed=25),
+    dict(r_depth=2, d_depth=2, max_attributes=3, num_triples=2, ex_kg=True, persona_k=5, max_nodes_per_seed=50),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_breadth_first_allocation_matches_the_bound_and_never_passes_the_node_cap(cfg):
+    """Grow the largest tree (every node analysed with the most attributes, every child accepted)
+    with the step's own allocation: its children and analysed nodes equal tree_bound, and no seed
+    gets more children than max_nodes_per_seed."""
+    s = step({**TINY, **cfg, "personas": "data/personas.txt" if cfg["persona_k"] else None})
+    p = s.params
+    n_attr = p.max_attributes + (p.num_triples if p.ex_kg else 0)
+    personas = [f"persona {i}" for i in range(p.persona_k)]
+    issued: Counter = Counter()
+    frontier = [Node(i, "0", 1, f"seed {i}", seed_sid=str(i)) for i in range(3)]
+    analysed, rel, div, layer = 0, 0, 0, 1
+    while frontier and layer <= max(p.r_depth, p.d_depth):
+        want_rel, want_div = layer <= p.r_depth, layer <= p.d_depth and (not p.personas or bool(personas))
+        for n in frontier:
+            n.topic, n.attributes = "t", [f"a{j}" for j in range(n_attr)]
+        analysed += len(frontier)
+        specs, _ = allocate(frontier, want_rel, want_div, p.directions, personas if p.personas else [], p.max_nodes_per_seed, issued)
+        rel += sum(x.kind == "relevance" for x in specs)
+        div += sum(x.kind == "diversity" for x in specs)
+        frontier = [Node(x.parent.seed, f"{x.parent.path}.{x.slot}", layer + 1, "c", parent=x.parent, seed_sid=x.parent.seed_sid) for x in specs]
+        assert len({(x.parent.seed, x.parent.path, x.slot) for x in specs}) == len(specs)  # node ids are unique
+        layer += 1
+    b = s.tree_bound()
+    M = p.max_nodes_per_seed
+    assert max(issued.values()) <= (M if M is not None else 10**9)
+    assert (rel + div) == 3 * b["children"]
+    if M is None:
+        assert (rel, div, analysed) == (3 * b["relevance_children"], 3 * b["diversity_children"], 3 * b["analysed"])
+    else:
+        assert analysed <= 3 * b["analysed"]
+
+
+def test_plan_calls_arithmetic():
+    # defaults: 5 attributes (3 + 2 KG) x 3 directions = 15 relevance + 1 created prompt per node, depth 2, cap 50
+    s = step({"use_case": "code"})
+    assert s.child_costs() == (3 * 5 + 2 * 5 + 1, 3 * 20 + 2 * 20 + 1) == (26, 101)
+    b = s.tree_bound()
+    assert (b["relevance_children"], b["diversity_children"]) == (15 + 16 * 15, 1 + 16 * 1)
+    assert b["analysed"] == b["kg_calls"] == 17
+    # the cap goes to the dearest children first: 17 diversity (101 calls each), then 33 relevance (26 each)
+    assert b["calls"] == 17 + 17 + 17 * 101 + 33 * 26 == 2609 and s.plan_calls(6) == 6 * 2609
+    assert step({"use_case": "code", "budget": {"max_calls": 1000}}).plan_calls(6) == 1000
+    # no reflection: rewrite + answer per child; binary: no choice checks
+    s = step({"use_case": "code", "reflection": False, "max_nodes_per_seed": None, "r_depth": 1, "d_depth": 1, "ex_kg": False})
+    assert s.child_costs() == (2, 2) and s.tree_bound()["calls"] == 1 + 2 * (9 + 1)
+    s = step({"use_case": "code", "choice_type": "binary", "max_reflection_relevance": 2, "max_reflection_diversity": 1})
+    assert s.child_costs() == (3 * 2 + 2, 3 * 1 + 2)
+    # the flow's tiny tree: 1 analysis + 2 children x (3*1 + 2*1 + 1) calls
+    assert step(TINY).tree_bound()["calls"] == 1 + 2 * 6 == 13
+
+
+# -- real runs with the bundled SmolLM2 ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_level_of_children_is_batched_capped_and_counted(tmp_path):
+    """One level of children of hand-made parent nodes (topic and attributes as data), grown by the
+    real model: the node cap holds, every child is rejected with a reason, the calls per seed stay
+    within the per-child cost, and the whole level was asked for in rounds of one batch each."""
+    s = step({**TINY, "max_attributes": 2, "directions": ["reasoning", "constraint"], "max_nodes_per_seed": 3}, tmp_path)
+    seeds = [Node(i, "0", 1, t, topic=topic, attributes=["loops", "recursion"], seed_sid=str(i))
+             for i, (t, topic) in enumerate([("Write a Python function to calculate the factorial of a given number.", "factorial"),
+                                             ("What are the distinct values in [3, 9, 3, 5]?", "sets")])]
+    issued: Counter = Counter()
+    specs, capped = allocate(seeds, True, True, s.params.directions, ["A chef."], 3, issued)
+    assert len(specs) == 6 and capped == Counter({0: 2, 1: 2}) and issued == Counter({0: 3, 1: 3})
+    per_seed: Counter = Counter()
+    asked = []
+    real_ask = s.ask
+    s.ask = lambda calls: (asked.append(len(calls)), real_ask(calls))[1]
+    children = s.drive([s.grow(x, seeds[x.parent.seed].text) for x in specs], [x.parent.seed for x in specs], per_seed)
+    assert all(ch.reject for ch in children)
+    reasons = Counter(ch.reject for ch in children)
+    assert set(reasons) <= {"rewrite_parse_failed", "answer_parse_failed", "reflection_rejected", "grade_parse_failed", "answer_not_in_choices"}
+    c_rel, c_div = s.child_costs()
+    assert all(per_seed[i] <= 2 * c_rel + c_div for i in (0, 1))
+    assert asked[0] == 6 and sum(asked) == sum(per_seed.values()) == s.engine.spent.calls
+
+
+@pytest.mark.slow
+def test_end_to_end_on_one_seed_then_the_rerun_makes_no_model_call(tmp_path):
+    seed = record("Write a Python function to calculate the factorial of a given number.",
+                  "def factorial(n):\n    f = 1\n    for i in range(1, n + 1):\n        f *= i\n    return f")
+    multi = {"sample_id": "m", "tools": None, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                                            {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]}
+    first = step(TINY, tmp_path / "store")
+    a = first.run_unit("all", [seed, multi])
+    st = a.stats
+    assert first.engine.spent.made >= 1 and st["seeds"] == 1 and st["not_single_turn"] == 1
+    assert first.engine.spent.calls <= first.plan_calls(1) == 13
+    assert st["max_calls_per_seed"] <= st["bound"]["calls"] and st["max_children_per_seed"] <= 2
+    assert st["personas"] and "Python" in st["personas"][0]["persona"]
+    assert set(a.dispositions) == {seed["sample_id"], "m"} and a.dispositions["m"][:2] == ("passthrough", "not_single_turn")
+    what, reason, detail = a.dispositions[seed["sample_id"]]
+    if a.derived:
+        assert what == "used" and all(d.parents == [seed["sample_id"]] and d.variant.split(":")[0] in ("relevance", "diversity")
+                                      for d in a.derived)
+    else:  # what SmolLM2-135M does: no <Topic> tag, so the seed stops at its analysis, counted
+        assert (what, reason) == ("passthrough", "analysis_failed") and st["analysis"] == {"topic_missing_tag": 1}, (what, reason, st)
+    again = rewriter_class("aide")("aide", TINY, RewriteContext(seed=0, torch_threads=1, base_dir=str(ROOT), store_dir=str(tmp_path / "store")))
+    b = again.run_unit("all", [seed, multi])
+    assert again.engine.spent.made == 0 and again.engine.spent.cache_hits == first.engine.spent.made
+    assert b.dispositions == a.dispositions and [d.messages for d in b.derived] == [d.messages for d in a.derived]
+    assert {k: v for k, v in b.stats.items() if k != "budget"} == {k: v for k, v in st.items() if k != "budget"}
