@@ -326,7 +326,7 @@ class AIDEStep(LLMRewriter):
     """The ``aide`` rewrite step (see the module docstring)."""
 
     method = "aide"
-    version = "1.0"
+    version = "1.1"  # 1.1: seeds whose analysis fails are passed through as analysis_failed
     Params = AIDEParams
     prompts: ClassVar[tuple[P.Prompt, ...]] = P.AIDE_PROMPTS
 
