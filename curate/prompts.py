@@ -155,7 +155,95 @@ DELIFT_ICL = Prompt(
 ALL.update({p.id: p for p in (DELIFT_NO_ICL, DELIFT_ICL)})
 
 # -- Reflection-Tuning (C1) and Selective Reflection-Tuning (C2): ours -----------------------------
-# (prompts of curate/rewrite/reflection.py go here)
+# Written for curate (the reference repository has no licence): the structure, criteria and output
+# tags follow methods.md C1; the wording is our own. Each call is a system persona plus a user turn;
+# the parser (curate/rewrite/reflection.py) reads the bracketed output tags.
+REFLECT_INSTRUCTION_SYSTEM = Prompt(
+    "reflect_instruction_system_v1", "1",
+    "You review instruction-tuning data. You are helpful and exact, and you are hard to satisfy: few "
+    "instructions pass your inspection unchanged.",
+)
+_REFLECT_INSTRUCTION_STEPS = (
+    "Do three things, in this order.\n"
+    "1. Say what keeps the instruction from being a good one. Consider: how complex its topic is, how much "
+    "detail it asks for, what knowledge it calls for, how ambiguous it is, and how much logical reasoning or "
+    "problem solving it requires. Then say what keeps the answer from being a good one. Consider: "
+    "helpfulness, relevance, accuracy and level of detail. Then explain how the weaknesses of the instruction "
+    "caused the weaknesses of the answer.\n"
+    "2. Write a new instruction that is complete, more complex and harder than the original. Keep it on the "
+    "original's subject, but make it understandable to someone who never saw the original{self_contained}. "
+    "Write it between [New Instruction] and [End].\n"
+    "3. Answer your new instruction as thoroughly and in as much detail as you can. Write the answer between "
+    "[New Answer] and [End].\n\n"
+    "Reply in this layout:\nAnalysis: your analysis\n[New Instruction] your new instruction [End]\n"
+    "[New Answer] your answer to the new instruction [End]"
+)
+REFLECT_INSTRUCTION = Prompt(
+    "reflect_instruction_v1", "1",
+    "Here is an instruction that was given to an AI assistant, and the answer it received.\n\n"
+    "----- INSTRUCTION -----\n{instruction}\n----- END OF INSTRUCTION -----\n\n"
+    "----- ANSWER -----\n{answer}\n----- END OF ANSWER -----\n\n"
+    + _REFLECT_INSTRUCTION_STEPS.format(self_contained=""),
+)
+REFLECT_INSTRUCTION_INPUT = Prompt(
+    "reflect_instruction_input_v1", "1",
+    "Here is an instruction that was given to an AI assistant together with an input it refers to, and the "
+    "answer it received.\n\n"
+    "----- INSTRUCTION -----\n{instruction}\n----- END OF INSTRUCTION -----\n\n"
+    "----- INPUT -----\n{input}\n----- END OF INPUT -----\n\n"
+    "----- ANSWER -----\n{answer}\n----- END OF ANSWER -----\n\n"
+    + _REFLECT_INSTRUCTION_STEPS.format(self_contained=" or the input: everything needed must be in the new "
+                                        "instruction itself"),
+)
+REFLECT_RESPONSE_SYSTEM = Prompt(
+    "reflect_response_system_v1", "1",
+    "You review answers written by AI assistants. You are exact and hard to satisfy: few answers pass your "
+    "inspection unchanged.",
+)
+REFLECT_RESPONSE_INPUT_SYSTEM = Prompt(
+    "reflect_response_input_system_v1", "1",
+    "You review answers written by AI assistants. You are helpful and exact, and you check that an answer "
+    "uses the input it was given.",
+)
+_REFLECT_RESPONSE_STEPS = (
+    "Do two things, in this order.\n"
+    "1. Say what keeps the answer from being a good one. Consider: helpfulness, relevance, accuracy and level "
+    "of detail.\n"
+    "2. Write a better answer to the same instruction: new, complete, and as detailed as you can make it. "
+    "Write it between [Better Answer] and [End].\n\n"
+    "Reply in this layout:\nAnalysis: your analysis\n[Better Answer] your better answer [End]"
+)
+REFLECT_RESPONSE = Prompt(
+    "reflect_response_v1", "1",
+    "Here is an instruction that was given to an AI assistant, and the answer it received.\n\n"
+    "----- INSTRUCTION -----\n{instruction}\n----- END OF INSTRUCTION -----\n\n"
+    "----- ANSWER -----\n{answer}\n----- END OF ANSWER -----\n\n" + _REFLECT_RESPONSE_STEPS,
+)
+REFLECT_RESPONSE_INPUT = Prompt(
+    "reflect_response_input_v1", "1",
+    "Here is an instruction that was given to an AI assistant together with an input it refers to, and the "
+    "answer it received.\n\n"
+    "----- INSTRUCTION -----\n{instruction}\n----- END OF INSTRUCTION -----\n\n"
+    "----- INPUT -----\n{input}\n----- END OF INPUT -----\n\n"
+    "----- ANSWER -----\n{answer}\n----- END OF ANSWER -----\n\n" + _REFLECT_RESPONSE_STEPS,
+)
+REFLECT_COMPRESS_SYSTEM = Prompt(
+    "reflect_compress_system_v1", "1",
+    "You edit instructions for AI assistants so that each one stands on its own.",
+)
+REFLECT_COMPRESS = Prompt(
+    "reflect_compress_v1", "1",
+    "The instruction below comes with a separate input. Merge them into a single instruction that keeps every "
+    "piece of information the input provides and needs nothing else to be understood. Do not answer it.\n\n"
+    "----- INSTRUCTION -----\n{instruction}\n----- END OF INSTRUCTION -----\n\n"
+    "----- INPUT -----\n{input}\n----- END OF INPUT -----\n\n"
+    "Write the merged instruction between [Merged Instruction] and [End], in this layout:\n"
+    "[Merged Instruction] your merged instruction [End]",
+)
+REFLECTION_PROMPTS = (REFLECT_INSTRUCTION_SYSTEM, REFLECT_INSTRUCTION, REFLECT_INSTRUCTION_INPUT, REFLECT_RESPONSE_SYSTEM,
+                      REFLECT_RESPONSE_INPUT_SYSTEM, REFLECT_RESPONSE, REFLECT_RESPONSE_INPUT, REFLECT_COMPRESS_SYSTEM,
+                      REFLECT_COMPRESS)
+ALL.update({p.id: p for p in REFLECTION_PROMPTS})
 
 # -- AIDE (C4): ours --------------------------------------------------------------------------------
 # Written for curate (the reference, Code4Graph/AIDE, is MIT; only its structure, tags and criteria are

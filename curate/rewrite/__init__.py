@@ -11,6 +11,8 @@ from curate.rewrite.base import Derived, Rewriter, RewriteContext, UnitResult
 
 REWRITERS: dict[str, str] = {
     "mosaic": "curate.rewrite.mosaic:MosaicStep",
+    "reflection": "curate.rewrite.reflection:ReflectionTuning",
+    "selective_reflection": "curate.rewrite.selective:SelectiveReflection",
     "aide": "curate.rewrite.aide:AIDEStep",
 }
 

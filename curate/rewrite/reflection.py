@@ -1,0 +1,570 @@
+"""Reflection-Tuning (methods.md C1): a teacher model critiques a row and rewrites it.
+
+Two operations, each one teacher call (prompts in :mod:`curate.prompts`, written for curate):
+
+- **instruction reflection** → a new instruction Q′ and its answer A′ (tags ``[New Instruction]``,
+  ``[New Answer]``); the derived row is ``(Q′, A′)``, variant ``instruction``;
+- **response reflection** → a better answer A* to the row's own instruction (tag ``[Better Answer]``);
+  the derived row keeps the row's user message and pairs it with A*, variant ``response``.
+
+``mode`` picks which run (``instruction``, ``response`` or ``both``; ``both`` gives up to two derived
+rows per input row, each from one call on the original). Rows whose alpaca ``input`` is not empty
+follow ``input_policy``: ``include`` (default) shows the input in its own block and asks for a new
+instruction that stands on its own; ``compress`` first asks the teacher to merge instruction and
+input into one instruction (``[Merged Instruction]``, its own call) and reflects on that (only
+instruction reflection uses it: response reflection always shows the input block); ``skip`` drops
+such rows with reason ``skipped_input``.
+
+**Length guard.** Instruction + input + answer are counted with the *student* tokenizer
+(``student_tokenizer``). Over ``max_length`` tokens, the answer shown to the teacher is cut at the
+tail (by tokens, at a token's character boundary) to fit; if fewer than ``min_answer_tokens`` would
+remain the row is dropped with reason ``skipped_too_long``. The cut is recorded.
+
+**Parsing** (:func:`parse_tagged`): a tag's segment runs from the tag to ``[End]``, the next known
+tag, or the end of the text — never to a bare word "End". Tags match case-insensitively, with
+optional spaces inside the brackets. A field is ``missing`` (no tag), ``empty``, ``placeholder``
+(e.g. "your answer", "N/A", "[Your Answer]") or ``ambiguous`` (two different non-empty segments for
+one tag); repeated identical segments count once. A Q′ row is emitted only when both Q′ and A′ are
+``ok``: never an old instruction with a new answer. A reply that does not parse is asked again once
+(``parse_retry``; ``Call.attempt=1``, same prompt — its own cache entry), then the operation is
+``parse_failed``. With ``match_reference: true`` the reference's per-field fallback applies instead:
+a field that failed after the retry takes the original's value (so an old instruction *can* meet a
+new answer, as in the reference), placeholders are found by substring, and a row whose every field
+fell back is the original again and passes through (``fallback_unchanged``).
+
+**Dispositions.** Every input row gets one: ``used`` when at least one derived row came from it;
+``passthrough`` for rows the method does not apply to (``multiturn``, ``system``, ``tool_use``:
+methods.md E3) and for ``fallback_unchanged``; ``dropped`` with the reason of the first failed
+operation otherwise — ``parse_failed``, ``error`` (the model call failed after the engine's
+retries), ``budget_exhausted`` (a cap refused the call), ``skipped_too_long``, ``skipped_input``.
+
+Every call goes through the step's call engine (:class:`~curate.rewrite.llm.LLMRewriter`): cached
+by (model, messages, decoding, seed, attempt), budget caps checked before each call. The
+generation record of a derived row holds, per call (``compress``, ``instruction``,
+``instruction_retry``, ``response``, ``response_retry``), the prompt ref (system and user prompt
+ids, versions and hashes), decoding, seed and reply (text, raw output, status, token counts,
+engine retries), plus the parse result of each field, the length-guard record and the input policy.
+
+The building blocks (:func:`single_turn`, :func:`guard`, :func:`reflect`, :func:`parse_tagged`) are
+shared with Selective Reflection-Tuning (:mod:`curate.rewrite.selective`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import Field
+
+from curate.lm.calls import Call, Reply
+from curate.prompts import (
+    REFLECT_COMPRESS,
+    REFLECT_COMPRESS_SYSTEM,
+    REFLECT_INSTRUCTION,
+    REFLECT_INSTRUCTION_INPUT,
+    REFLECT_INSTRUCTION_SYSTEM,
+    REFLECT_RESPONSE,
+    REFLECT_RESPONSE_INPUT,
+    REFLECT_RESPONSE_INPUT_SYSTEM,
+    REFLECT_RESPONSE_SYSTEM,
+    REFLECTION_PROMPTS,
+    Prompt,
+)
+from curate.records import sha256_hex
+from curate.rewrite.base import UnitResult
+from curate.rewrite.llm import LLMParams, LLMRewriter
+from curate.templates import alpaca_input
+
+# -- parsing --------------------------------------------------------------------------------------
+
+#: output tags: field name -> the words inside the brackets
+TAGS: dict[str, str] = {
+    "new_instruction": "New Instruction",
+    "new_answer": "New Answer",
+    "better_answer": "Better Answer",
+    "merged_instruction": "Merged Instruction",
+}
+END = "End"
+_TAG_RE = re.compile(r"\[\s*(" + "|".join(r"\s+".join(w.split()) for w in [*TAGS.values(), END]) + r")\s*\]", re.IGNORECASE)
+_NAME_OF = {" ".join(w.lower().split()): k for k, w in TAGS.items()}
+
+#: whole-text placeholders (compared after :func:`_normalise_placeholder`)
+_PLACEHOLDER_WORDS = {"", "n/a", "na", "none", "null", "nil", "tbd", "todo", "...", "…", "-", "xxx", "placeholder"}
+_PLACEHOLDER_RE = re.compile(
+    r"^(?:(?:insert|write|put|enter|add)\s+)?(?:your|the|a|an|my)?\s*(?:new|better|improved|merged|rewritten|revised)?\s*"
+    r"(?:instruction|answer|response|question|text|analysis)(?:\s+to\s+the\s+(?:new\s+)?instruction)?(?:\s+(?:here|goes here|text))?$")
+#: the reference's substring test (match_reference)
+_REFERENCE_PLACEHOLDERS = ("your instruction", "your answer", "n/a")
+
+
+def _normalise_placeholder(text: str) -> str:
+    t = text.strip().lower()
+    t = t.strip(" \t\r\n*_`\"'()[]{}<>:.")
+    return " ".join(t.split())
+
+
+def is_placeholder(text: str, match_reference: bool = False) -> bool:
+    """A text that stands for content without being any (our test: the whole text, once stripped of
+    brackets, quotes and markup, is a filler word or "your/the new … instruction/answer (here)").
+    ``match_reference``: the reference's test — it contains "your instruction", "your answer" or
+    "N/A" anywhere (case-insensitive)."""
+    if match_reference:
+        low = text.lower()
+        return any(p in low for p in _REFERENCE_PLACEHOLDERS)
+    t = _normalise_placeholder(text)
+    return t in _PLACEHOLDER_WORDS or bool(_PLACEHOLDER_RE.match(t))
+
+
+def _clean(segment: str) -> str:
+    """A segment without the markup that hugs its tags: ``**[Tag]**: text **[End]**`` gives ``text``."""
+    s = segment
+    if s.startswith("**"):
+        s = s[2:]
+    s = re.sub(r"^[ \t]*:", "", s)
+    s = s.strip()
+    if s.endswith("**") and s.count("**") % 2 == 1:
+        s = s[:-2].rstrip()
+    return s
+
+
+def segments(text: str, name: str) -> list[str]:
+    """Every segment of tag ``name`` (a key of :data:`TAGS`) in ``text``: from the tag to ``[End]``,
+    the next known tag, or the end of the text; cleaned and stripped, in order."""
+    marks = [(m.start(), m.end(), " ".join(m.group(1).lower().split())) for m in _TAG_RE.finditer(text)]
+    out = []
+    for i, (_, end, word) in enumerate(marks):
+        if _NAME_OF.get(word) != name:
+            continue
+        stop = marks[i + 1][0] if i + 1 < len(marks) else len(text)
+        out.append(_clean(text[end:stop]))
+    return out
+
+
+@dataclass
+class FieldParse:
+    status: str  # ok | missing | empty | placeholder | ambiguous
+    value: str | None = None
+    n_segments: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"status": self.status, "n_segments": self.n_segments}
+
+
+def parse_field(text: str, name: str, match_reference: bool = False) -> FieldParse:
+    """The value of one tag: its one distinct non-empty, non-placeholder segment (see module docstring)."""
+    segs = segments(text, name)
+    if not segs:
+        return FieldParse("missing")
+    real = list(dict.fromkeys(s for s in segs if s and not is_placeholder(s, match_reference)))
+    if len(real) == 1:
+        return FieldParse("ok", real[0], len(segs))
+    if len(real) > 1:
+        return FieldParse("ambiguous", None, len(segs))
+    return FieldParse("empty" if all(not s for s in segs) else "placeholder", None, len(segs))
+
+
+def parse_tagged(text: str, names: tuple[str, ...], match_reference: bool = False) -> dict[str, FieldParse]:
+    """Each field of ``names`` parsed from ``text``."""
+    return {n: parse_field(text, n, match_reference) for n in names}
+
+
+# -- rows -----------------------------------------------------------------------------------------
+
+@dataclass
+class Pair:
+    """A single-turn row as the prompts see it."""
+
+    sample_id: str
+    user: str  # the user message, exactly as in the row
+    instruction: str  # alpaca instruction (or the user message)
+    input: str  # alpaca input ("" when none)
+    answer: str
+    answer_shown: str = ""  # the answer after the length guard
+    guard: dict[str, Any] = field(default_factory=dict)
+
+
+def single_turn(record: dict[str, Any]) -> tuple[Pair | None, str | None]:
+    """(the row's :class:`Pair`, None) or (None, passthrough reason): ``multiturn``, ``system``,
+    ``tool_use`` (methods.md E3: reflection is single-turn only)."""
+    msgs = record["messages"]
+    if record.get("tools") or any(m.get("tool_calls") for m in msgs) or any(m["role"] == "tool" for m in msgs):
+        return None, "tool_use"
+    if msgs and msgs[0]["role"] == "system":
+        return None, "system"
+    if [m["role"] for m in msgs] != ["user", "assistant"]:
+        return None, "multiturn"
+    user, answer = msgs[0]["content"], msgs[1]["content"]
+    split = alpaca_input(record)
+    if split is not None and split[0] == user:
+        _, ins, inp = split
+    else:
+        ins, inp = user, ""
+    return Pair(record["sample_id"], user, ins, inp, answer, answer), None
+
+
+def guard(pair: Pair, tokenizer: Any, max_length: int, min_answer_tokens: int) -> tuple[Pair | None, str | None]:
+    """The length guard (module docstring): the pair with ``answer_shown`` cut to fit, or (None, detail)."""
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+
+    n_q, n_in = count(pair.instruction), count(pair.input)
+    enc = tokenizer(pair.answer, add_special_tokens=False, return_offsets_mapping=True)
+    n_a = len(enc["input_ids"])
+    total = n_q + n_in + n_a
+    record = {"n_tokens": total, "max_length": max_length}
+    if total <= max_length:
+        return replace(pair, answer_shown=pair.answer, guard={**record, "truncated": False}), None
+    keep = max_length - n_q - n_in
+    if keep < min_answer_tokens:
+        return None, (f"instruction + input + answer = {total} tokens > max_length {max_length}, and only {max(keep, 0)} answer "
+                      f"tokens would remain (min_answer_tokens {min_answer_tokens})")
+    cut = enc["offset_mapping"][keep - 1][1]
+    return replace(pair, answer_shown=pair.answer[:cut], guard={**record, "truncated": True, "answer_tokens_shown": keep,
+                                                                "answer_tokens": n_a}), None
+
+
+# -- teacher jobs ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PromptPair:
+    """A system persona and a user template, sent as one call; its ref names both."""
+
+    system: Prompt
+    user: Prompt
+
+    def ref(self) -> dict[str, str]:
+        return {"id": self.user.id, "version": self.user.version, "hash": self.user.hash, "system_id": self.system.id,
+                "system_version": self.system.version, "system_hash": self.system.hash}
+
+    def messages(self, **fields: str) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": self.system.text}, {"role": "user", "content": self.user.text.format(**fields)}]
+
+
+INSTRUCTION = PromptPair(REFLECT_INSTRUCTION_SYSTEM, REFLECT_INSTRUCTION)
+INSTRUCTION_INPUT = PromptPair(REFLECT_INSTRUCTION_SYSTEM, REFLECT_INSTRUCTION_INPUT)
+RESPONSE = PromptPair(REFLECT_RESPONSE_SYSTEM, REFLECT_RESPONSE)
+RESPONSE_INPUT = PromptPair(REFLECT_RESPONSE_INPUT_SYSTEM, REFLECT_RESPONSE_INPUT)
+COMPRESS = PromptPair(REFLECT_COMPRESS_SYSTEM, REFLECT_COMPRESS)
+
+#: the fields each kind of call must yield
+KIND_FIELDS: dict[str, tuple[str, ...]] = {
+    "instruction": ("new_instruction", "new_answer"),
+    "response": ("better_answer",),
+    "compress": ("merged_instruction",),
+}
+
+
+@dataclass
+class Job:
+    """One teacher operation on one row: ``kind`` (instruction | response | compress), the texts it
+    shows, and what the fields fall back to under ``match_reference``."""
+
+    key: str  # the row's sample_id (seeds and bookkeeping)
+    kind: str
+    instruction: str
+    input: str = ""
+    answer: str = ""
+    fallback: dict[str, str] = field(default_factory=dict)
+
+    def prompt(self) -> PromptPair:
+        if self.kind == "compress":
+            return COMPRESS
+        if self.kind == "instruction":
+            return INSTRUCTION_INPUT if self.input else INSTRUCTION
+        return RESPONSE_INPUT if self.input else RESPONSE
+
+    def messages(self) -> list[dict[str, Any]]:
+        fields = {"instruction": self.instruction, "input": self.input}
+        if self.kind != "compress":
+            fields["answer"] = self.answer
+        return self.prompt().messages(**fields)
+
+
+@dataclass
+class Outcome:
+    """What a job gave: ``status`` ok | parse_failed | error | budget_exhausted | fallback (some
+    field took the original's value; match_reference only), the field values, the calls made
+    (name, call, reply) for the generation record, and the parse of each field."""
+
+    status: str
+    values: dict[str, str] = field(default_factory=dict)
+    exchanges: list[tuple[str, Call, Reply]] = field(default_factory=list)
+    parse: dict[str, Any] = field(default_factory=dict)
+    detail: str | None = None
+    fell_back: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("ok", "fallback")
+
+
+def job_seed(run_seed: int, method: str, job: Job, attempt: int) -> int:
+    """Seed of a sampled call (E2: from the run seed and the row, not the batch)."""
+    return int(sha256_hex(str(run_seed), method, job.key, job.kind, str(attempt))[:15], 16)
+
+
+def reflect(rewriter: LLMRewriter, jobs: list[Job], name: str | None = None) -> list[Outcome]:
+    """Run ``jobs`` on the teacher (one batch, then one batch of retries for the replies that did not
+    parse) and parse the replies. ``name`` prefixes the call names in the generation record
+    (default: the job's kind)."""
+    p = rewriter.params
+    mr = bool(getattr(p, "match_reference", False))
+    retry = bool(getattr(p, "parse_retry", True))
+
+    def make(job: Job, attempt: int) -> Call:
+        seed = job_seed(rewriter.context.seed, rewriter.method, job, attempt)
+        return rewriter.call(job.prompt(), job.messages(), seed=seed, attempt=attempt)
+
+    def read(job: Job, reply: Reply) -> dict[str, FieldParse]:
+        return parse_tagged(reply.text or "", KIND_FIELDS[job.kind], mr)
+
+    calls = [make(j, 0) for j in jobs]
+    replies = rewriter.ask(calls)
+    outcomes: list[Outcome | None] = [None] * len(jobs)
+    first: dict[int, dict[str, FieldParse]] = {}
+    again: list[int] = []
+    for i, (job, call, reply) in enumerate(zip(jobs, calls, replies)):
+        label = name or job.kind
+        if reply.status != "ok":
+            outcomes[i] = Outcome(reply.status, exchanges=[(label, call, reply)], detail=f"{job.kind}: {reply.error or reply.status}")
+            continue
+        parsed = read(job, reply)
+        first[i] = parsed
+        if all(f.status == "ok" for f in parsed.values()):
+            outcomes[i] = Outcome("ok", {k: f.value for k, f in parsed.items()}, [(label, call, reply)],
+                                  {k: f.record() for k, f in parsed.items()})
+        elif retry:
+            again.append(i)
+        else:
+            outcomes[i] = _failed(job, [(label, call, reply)], parsed, mr, "no retry (parse_retry false)")
+    if again:
+        retry_calls = [make(jobs[i], 1) for i in again]
+        for i, call, reply in zip(again, retry_calls, rewriter.ask(retry_calls)):
+            job, label = jobs[i], name or jobs[i].kind
+            exchanges = [(label, calls[i], replies[i]), (f"{label}_retry", call, reply)]
+            if reply.status != "ok":
+                outcomes[i] = _failed(job, exchanges, first[i], mr, f"the retry was not made or failed: {reply.error or reply.status}")
+                continue
+            parsed = read(job, reply)
+            if all(f.status == "ok" for f in parsed.values()):
+                outcomes[i] = Outcome("ok", {k: f.value for k, f in parsed.items()}, exchanges,
+                                      {k: {**f.record(), "first_attempt": first[i][k].status} for k, f in parsed.items()})
+            else:
+                outcomes[i] = _failed(job, exchanges, parsed, mr, "after one retry")
+    return outcomes  # type: ignore[return-value]
+
+
+def _failed(job: Job, exchanges, parsed: dict[str, FieldParse], match_reference: bool, when: str) -> Outcome:
+    detail = f"{job.kind}: " + ", ".join(f"{k} {f.status}" for k, f in parsed.items() if f.status != "ok") + f" ({when})"
+    record = {k: f.record() for k, f in parsed.items()}
+    if not match_reference:
+        return Outcome("parse_failed", exchanges=exchanges, parse=record, detail=detail)
+    values = {k: (f.value if f.status == "ok" else job.fallback[k]) for k, f in parsed.items()}
+    fell = tuple(k for k, f in parsed.items() if f.status != "ok")
+    return Outcome("fallback", values, exchanges, record, detail + "; the reference's per-field fallback to the original", fell)
+
+
+# -- the rewriter ---------------------------------------------------------------------------------
+
+class ReflectionCommon(LLMParams):
+    """Parameters shared by Reflection-Tuning and Selective Reflection-Tuning."""
+
+    input_policy: Literal["include", "compress", "skip"] = Field(
+        "include", description="Rows with an alpaca input: show it (include), merge it into the instruction first "
+                               "(compress, one more call), or drop the row (skip).")
+    max_length: int = Field(2048, gt=0, description="Length guard: most student tokens of instruction + input + answer shown "
+                                                    "to the teacher; the answer's tail is cut to fit.")
+    min_answer_tokens: int = Field(32, ge=1, description="A row whose answer would keep fewer tokens is skipped_too_long.")
+    parse_retry: bool = Field(True, description="Ask once more (same prompt, attempt 1) when a reply does not parse.")
+    unit_rows: int = Field(64, gt=0, description="Rows per stored unit of work (resume granularity).")
+    match_reference: bool = Field(False, description="The reference's per-field fallback to the original when a field "
+                                                     "does not parse, and its substring placeholder test.")
+
+
+class ReflectionParams(ReflectionCommon):
+    mode: Literal["instruction", "response", "both"] = Field("both", description="Which reflections run on each row.")
+    student_tokenizer: str = Field("smollm2-135m-instruct", description="Tokenizer of the length guard (the student model's).")
+
+
+class ReflectionBase(LLMRewriter):
+    """Rows, units, the length guard and compression, shared by ``reflection`` and ``selective_reflection``."""
+
+    prompts = REFLECTION_PROMPTS
+
+    def guard_tokenizer_name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def guard_tokenizer(self):
+        from curate.rewrite.tokens import load_tokenizer
+
+        return load_tokenizer(self.guard_tokenizer_name())
+
+    def fingerprint(self) -> dict[str, Any]:
+        from curate.models import model_revision
+
+        name = self.guard_tokenizer_name()
+        return {**super().fingerprint(), "guard_tokenizer": {"name": name, "revision": model_revision(name)}}
+
+    def units(self, n_records: int) -> list[str]:
+        k = self.params.unit_rows
+        return [f"rows-{s}-{min(s + k, n_records)}" for s in range(0, n_records, k)] or ["rows-0-0"]
+
+    @staticmethod
+    def unit_slice(unit: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        _, start, end = unit.split("-")
+        return records[int(start):int(end)]
+
+    def prepare(self, records: list[dict[str, Any]], out: UnitResult) -> list[Pair]:
+        """The rows reflection applies to (length-guarded); every other row gets its disposition in ``out``."""
+        p = self.params
+        pairs = []
+        for rec in records:
+            pair, why = single_turn(rec)
+            if pair is None:
+                out.dispositions[rec["sample_id"]] = ("passthrough", why, "reflection rewrites single-turn rows without tools "
+                                                                           "or a system message")
+                continue
+            if pair.input and p.input_policy == "skip":
+                out.dispositions[pair.sample_id] = ("dropped", "skipped_input", "the row has an input and input_policy is skip")
+                continue
+            guarded, detail = guard(pair, self.guard_tokenizer, p.max_length, p.min_answer_tokens)
+            if guarded is None:
+                out.dispositions[pair.sample_id] = ("dropped", "skipped_too_long", detail)
+                continue
+            pairs.append(guarded)
+        return pairs
+
+    def compress(self, pairs: list[Pair]) -> dict[str, Outcome]:
+        """With ``input_policy: compress``: the merged instruction of each pair that has an input."""
+        if self.params.input_policy != "compress":
+            return {}
+        todo = [p for p in pairs if p.input]
+        jobs = [Job(p.sample_id, "compress", p.instruction, p.input, fallback={"merged_instruction": p.user}) for p in todo]
+        return {p.sample_id: o for p, o in zip(todo, reflect(self, jobs))}
+
+    def instruction_jobs(self, pairs: list[Pair], merged: dict[str, Outcome]) -> tuple[list[Pair], list[Job], dict[str, Outcome]]:
+        """Instruction-reflection jobs (the pairs they are for), and the outcomes of pairs whose
+        compression failed (they get no instruction job)."""
+        kept, jobs, failed = [], [], {}
+        for p in pairs:
+            ins, inp = p.instruction, p.input
+            m = merged.get(p.sample_id)
+            if m is not None:
+                if not m.ok:
+                    failed[p.sample_id] = replace(m, detail=f"compress: {m.detail}")
+                    continue
+                ins, inp = m.values["merged_instruction"], ""
+            kept.append(p)
+            jobs.append(Job(p.sample_id, "instruction", ins, inp, p.answer_shown,
+                            fallback={"new_instruction": p.user, "new_answer": p.answer}))
+        return kept, jobs, failed
+
+    def plan_calls(self, n_records: int) -> int:
+        raise NotImplementedError
+
+
+def user_assistant(user: str, assistant: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": user, "tool_calls": None}, {"role": "assistant", "content": assistant, "tool_calls": None}]
+
+
+def count(stats: dict[str, Any], group: str, key: str) -> None:
+    stats.setdefault(group, {})
+    stats[group][key] = stats[group].get(key, 0) + 1
+
+
+class ReflectionTuning(ReflectionBase):
+    """The ``reflection`` rewrite step (methods.md C1; see the module docstring)."""
+
+    method = "reflection"
+    version = "1.0"
+    Params = ReflectionParams
+
+    def guard_tokenizer_name(self) -> str:
+        return self.params.student_tokenizer
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        m = self.params.mode
+        return ("instruction", "response") if m == "both" else (m,)
+
+    def plan_calls(self, n_records: int) -> int:
+        """Most calls: per row, each reflection of ``mode`` and (compress) the merge, each with its retry."""
+        per = len(self.kinds) + (1 if self.params.input_policy == "compress" and "instruction" in self.kinds else 0)
+        return n_records * per * (2 if self.params.parse_retry else 1)
+
+    def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
+        p = self.params
+        out = UnitResult()
+        rows = self.unit_slice(unit, records)
+        pairs = self.prepare(rows, out)
+        results: dict[str, dict[str, Outcome]] = {x.sample_id: {} for x in pairs}
+        merged: dict[str, Outcome] = {}
+        if "instruction" in self.kinds:
+            merged = self.compress(pairs)
+            kept, jobs, failed = self.instruction_jobs(pairs, merged)
+            for sid, o in failed.items():
+                results[sid]["instruction"] = o
+            for x, o in zip(kept, reflect(self, jobs)):
+                results[x.sample_id]["instruction"] = o
+        if "response" in self.kinds:
+            jobs = [Job(x.sample_id, "response", x.instruction, x.input, x.answer_shown, fallback={"better_answer": x.answer})
+                    for x in pairs]
+            for x, o in zip(pairs, reflect(self, jobs)):
+                results[x.sample_id]["response"] = o
+        stats: dict[str, Any] = {"rows": len(rows), "reflected": len(pairs)}
+        for rec in rows:
+            disp = out.dispositions.get(rec["sample_id"])
+            if disp is not None:
+                count(stats, disp[0], disp[1])
+        for x in pairs:
+            self._emit(x, results[x.sample_id], merged.get(x.sample_id), out, stats)
+        stats["calls"] = self.budget_stats()
+        out.stats = stats
+        return out
+
+    def _emit(self, x: Pair, res: dict[str, Outcome], merged: Outcome | None, out: UnitResult, stats: dict[str, Any]) -> None:
+        p = self.params
+        made, unchanged, failures = 0, 0, []
+        for kind in self.kinds:
+            o = res[kind]
+            count(stats, kind, o.status)
+            if not o.ok:
+                failures.append(o)
+                continue
+            if kind == "instruction":
+                q, a = o.values["new_instruction"], o.values["new_answer"]
+            else:
+                q, a = x.user, o.values["better_answer"]
+            if q == x.user and a == x.answer:  # every field fell back (match_reference): the original itself
+                unchanged += 1
+                continue
+            exchanges = list(merged.exchanges) if merged is not None and kind == "instruction" else []
+            exchanges += o.exchanges
+            generation = self.generation(
+                _unique_names(exchanges), variant=kind, parse=o.parse, parse_status=o.status, fell_back=list(o.fell_back),
+                input_policy=p.input_policy if x.input else None, length_guard=x.guard, match_reference=p.match_reference)
+            original = {"instruction": q if kind == "instruction" else x.instruction,
+                        "input": "" if kind == "instruction" else x.input, "output": a}
+            out.derive(user_assistant(q, a), [x.sample_id], kind, generation, original=original)
+            count(stats, "derived", kind)
+            made += 1
+        if made:
+            return
+        if unchanged and not failures:
+            out.dispositions[x.sample_id] = ("passthrough", "fallback_unchanged", "every field fell back to the original (match_reference)")
+            return
+        first = failures[0] if failures else None
+        reason = first.status if first is not None else "fallback_unchanged"
+        out.dispositions[x.sample_id] = ("dropped", reason, "; ".join(f.detail or f.status for f in failures) or None)
+
+
+def _unique_names(exchanges: list[tuple[str, Call, Reply]]) -> list[tuple[str, Call, Reply]]:
+    seen: dict[str, int] = {}
+    out = []
+    for name, c, r in exchanges:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        out.append((name if n == 0 else f"{name}_{n}", c, r))
+    return out

@@ -1,0 +1,335 @@
+"""Reflection-Tuning (C1) and Selective Reflection-Tuning (C2): parser, decision tree, emission, and
+small real runs with the bundled SmolLM2-135M-Instruct as teacher and student (no stand-ins)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from reflection_rows import alpaca_records
+
+from curate.lm.calls import Call, Decoding, Reply
+from curate.prompts import ALL, REFLECTION_PROMPTS
+from curate.rewrite import rewriter_class
+from curate.rewrite.base import RewriteContext, UnitResult
+from curate.rewrite.reflection import (
+    KIND_FIELDS,
+    Outcome,
+    Pair,
+    ReflectionTuning,
+    guard,
+    is_placeholder,
+    parse_field,
+    parse_tagged,
+    single_turn,
+)
+from curate.rewrite.selective import Numbers, RowState, SelectiveReflection, decide, first_branch, second_branch
+from curate.rewrite.tokens import load_tokenizer
+
+DATA = Path(__file__).resolve().parent / "data"
+NAN = math.nan
+
+
+# -- the parser on recorded real replies ----------------------------------------------------------
+
+def recorded() -> list[dict]:
+    return json.loads((DATA / "reflection_smollm2_outputs.json").read_text(encoding="utf-8"))["replies"]
+
+
+#: (row, call) -> the parse of each field, read by eye from the recorded text
+MISSING_BOTH = {"new_instruction": "missing", "new_answer": "missing"}
+RECORDED_EXPECTED: dict[tuple[int, str], dict[str, str]] = {
+    (5, "compress"): {"merged_instruction": "placeholder"},  # "[Merged Instruction] your merged instruction [End]"
+    (8, "compress"): {"merged_instruction": "missing"},  # answers the instruction instead
+    (12, "compress"): {"merged_instruction": "placeholder"},
+    **{(row, "instruction"): MISSING_BOTH for row in (0, 1, 2, 3, 4)},  # no tags: rewrites, repetition loops
+    **{(row, "response"): {"better_answer": "missing"} for row in (0, 1, 2, 3, 5, 8, 12)},  # "[Insert Instructions]" is no tag
+    (4, "response"): {"better_answer": "placeholder"},  # "The answer is: [Better Answer] your better answer" (no [End])
+}
+
+
+def test_recorded_replies_parse_as_read_by_eye():
+    replies = recorded()
+    assert {r["prompt"] for r in replies} <= {p.id for p in REFLECTION_PROMPTS}
+    got = {}
+    for r in replies:
+        kind = r["call"].split("_")[0]
+        got[(r["row"], r["call"])] = {k: f.status for k, f in parse_tagged(r["text"], KIND_FIELDS[kind]).items()}
+    assert got == RECORDED_EXPECTED
+
+
+# -- the parser on hand-written edge cases --------------------------------------------------------
+
+def test_a_bare_end_never_ends_a_segment():
+    text = ("Analysis: too short.\n[New Instruction] Write a story whose last line is \"The End\". [End]\n"
+            "[New Answer] Once upon a time... The End.\nEnd of story, Endless fun. [End]")
+    p = parse_tagged(text, ("new_instruction", "new_answer"))
+    assert p["new_instruction"].value == 'Write a story whose last line is "The End".'
+    assert p["new_answer"].value == "Once upon a time... The End.\nEnd of story, Endless fun."
+
+
+def test_a_segment_ends_at_the_next_tag_or_the_end_of_the_text():
+    p = parse_tagged("[New Instruction] Explain tides.\n[New Answer] The moon pulls the oceans", ("new_instruction", "new_answer"))
+    assert (p["new_instruction"].status, p["new_instruction"].value) == ("ok", "Explain tides.")
+    assert (p["new_answer"].status, p["new_answer"].value) == ("ok", "The moon pulls the oceans")  # no [End]: runs to the end
+
+
+def test_tags_match_case_and_spacing_and_bold_markup():
+    p = parse_field("**[Better Answer]**: Paris is the capital. **[END]**", "better_answer")
+    assert (p.status, p.value) == ("ok", "Paris is the capital.")
+    assert parse_field("[ better  answer ]\nYes.\n[end]", "better_answer").value == "Yes."
+    # a bullet list keeps its first star
+    assert parse_field("[Better Answer]\n* one\n* two\n[End]", "better_answer").value == "* one\n* two"
+
+
+def test_two_tags_identical_count_once_different_are_ambiguous():
+    same = parse_field("[Better Answer] A [End]\n[Better Answer] A [End]", "better_answer")
+    assert (same.status, same.value, same.n_segments) == ("ok", "A", 2)
+    diff = parse_field("[Better Answer] A [End]\n[Better Answer] B [End]", "better_answer")
+    assert (diff.status, diff.value) == ("ambiguous", None)
+    # the layout line echoed before the real answer: the placeholder is discarded, the answer kept
+    echo = parse_field("[Better Answer] your better answer [End]\n[Better Answer] Rome. [End]", "better_answer")
+    assert (echo.status, echo.value) == ("ok", "Rome.")
+
+
+@pytest.mark.parametrize("text, status", [
+    ("no tags at all", "missing"),
+    ("The End. End.", "missing"),
+    ("[Better Answer][End]", "empty"),
+    ("[Better Answer]   \n[End]", "empty"),
+    ("[Better Answer] your better answer [End]", "placeholder"),
+    ("[Better Answer]\n[Your Answer]\n[End]", "placeholder"),
+    ("[Better Answer] N/A [End]", "placeholder"),
+    ("[Better Answer] ... [End]", "placeholder"),
+    ("[Better Answer] The answer is N/A for this row, see below. [End]", "ok"),
+])
+def test_field_statuses(text, status):
+    assert parse_field(text, "better_answer").status == status
+
+
+def test_placeholders_ours_and_the_references():
+    assert is_placeholder("Your new instruction here") and is_placeholder("<your answer to the new instruction>")
+    assert not is_placeholder("Answer the question in one word.")
+    # the reference tests by substring: a real answer that mentions N/A is a placeholder there
+    assert is_placeholder("Write N/A when unknown.", match_reference=True)
+    assert not is_placeholder("Write N/A when unknown.")
+
+
+def test_instruction_reflection_needs_both_fields():
+    p = parse_tagged("[New Instruction] Compare two sorting algorithms. [End]\n[New Answer] your answer to the new instruction [End]",
+                     KIND_FIELDS["instruction"])
+    assert p["new_instruction"].status == "ok" and p["new_answer"].status == "placeholder"
+
+
+# -- rows and the length guard --------------------------------------------------------------------
+
+def test_single_turn_rows_and_the_input_split():
+    with_input, plain = alpaca_records((5, 0))
+    pair, why = single_turn(with_input)
+    assert why is None and pair.input == "Side 1 = 4\nSide 2 = 6\nSide 3 = 8" and pair.user == with_input["messages"][0]["content"]
+    assert single_turn(plain)[0].input == ""
+    multi = {**plain, "messages": plain["messages"] * 2}
+    system = {**plain, "messages": [{"role": "system", "content": "Be brief.", "tool_calls": None}] + plain["messages"]}
+    tool = {**plain, "tools": "[]"}
+    assert [single_turn(r)[1] for r in (multi, system, tool)] == ["multiturn", "system", "tool_use"]
+
+
+def test_length_guard_counts_student_tokens_and_cuts_the_answer_tail():
+    tok = load_tokenizer("smollm2-135m-instruct")
+    (rec,) = alpaca_records((0,))
+    pair, _ = single_turn(rec)
+    n_q = len(tok(pair.instruction, add_special_tokens=False)["input_ids"])
+    n_a = len(tok(pair.answer, add_special_tokens=False)["input_ids"])
+    same, _ = guard(pair, tok, n_q + n_a, 32)
+    assert same.answer_shown == pair.answer and not same.guard["truncated"]
+    cut, _ = guard(pair, tok, n_q + 100, 32)
+    assert pair.answer.startswith(cut.answer_shown) and cut.guard["answer_tokens_shown"] == 100
+    assert len(tok(cut.answer_shown, add_special_tokens=False)["input_ids"]) == 100
+    none, detail = guard(pair, tok, n_q + 10, 32)
+    assert none is None and "min_answer_tokens 32" in detail
+
+
+# -- the C2 decision tree -------------------------------------------------------------------------
+
+def numbers(ifd=(NAN, NAN, NAN, NAN), rifd=(NAN, NAN, NAN, NAN)) -> Numbers:
+    """Numbers for (ori, A, Q, QA)."""
+    return Numbers(dict(zip(("ori", "A", "Q", "QA"), ifd)), dict(zip(("ori", "A", "Q", "QA"), rifd)))
+
+
+@pytest.mark.parametrize("ifd, rifd, branch", [
+    # Q side: IFD(Q) > IFD(ori)
+    ((0.5, NAN, 0.8, 0.7), (NAN, NAN, 0.9, 0.6), "QA"),
+    ((0.5, NAN, 0.8, 1.2), (NAN, NAN, 0.9, 0.6), "QA_gate_failed"),  # IFD(QA) >= 1
+    ((0.5, NAN, 0.8, 0.7), (NAN, NAN, 1.3, 1.1), "QA_gate_failed"),  # rIFD(QA) >= 1
+    ((0.5, NAN, 0.8, 0.7), (NAN, NAN, 0.6, 0.6), "Q_kept"),  # rIFD(QA) not below rIFD(Q)
+    ((0.5, NAN, 0.8, 0.7), (NAN, NAN, 0.6, 0.9), "Q_kept"),
+    # ori side: IFD(Q) <= IFD(ori)
+    ((0.8, 0.7, 0.8, NAN), (0.9, 0.5, NAN, NAN), "A"),  # equal IFD rejects Q'
+    ((0.8, 0.7, 0.3, NAN), (0.9, 0.5, NAN, NAN), "A"),
+    ((0.8, 1.0, 0.3, NAN), (0.9, 0.5, NAN, NAN), "A_gate_failed"),  # IFD(A) = 1 is not < 1
+    ((0.8, 0.7, 0.3, NAN), (0.9, 0.95, NAN, NAN), "ori_kept"),
+    ((0.8, 0.7, 0.3, NAN), (0.9, 0.9, NAN, NAN), "ori_kept"),
+    # NaN in any compared quantity, on every path
+    ((NAN, 0.7, 0.8, 0.7), (0.9, 0.5, 0.9, 0.6), "undecidable"),  # IFD(ori)
+    ((0.5, 0.7, NAN, 0.7), (0.9, 0.5, 0.9, 0.6), "undecidable"),  # IFD(Q)
+    ((0.5, NAN, 0.8, 0.7), (NAN, NAN, NAN, 0.6), "undecidable"),  # rIFD(Q)
+    ((0.5, NAN, 0.8, 0.7), (NAN, NAN, 0.9, NAN), "undecidable"),  # rIFD(QA)
+    ((0.5, NAN, 0.8, NAN), (NAN, NAN, 0.9, 0.6), "undecidable"),  # IFD(QA), read by the gate
+    ((0.8, 0.7, 0.3, NAN), (NAN, 0.5, NAN, NAN), "undecidable"),  # rIFD(ori)
+    ((0.8, 0.7, 0.3, NAN), (0.9, NAN, NAN, NAN), "undecidable"),  # rIFD(A)
+    ((0.8, NAN, 0.3, NAN), (0.9, 0.5, NAN, NAN), "undecidable"),  # IFD(A), read by the gate
+])
+def test_decision_tree(ifd, rifd, branch):
+    n = numbers(ifd, rifd)
+    assert decide(n) == branch
+    side = first_branch(n, True)
+    assert (side if side == "undecidable" else second_branch(side, n)) == branch
+
+
+def test_numbers_off_the_path_are_not_read_and_a_missing_q_takes_the_ori_side():
+    # Q_kept: IFD(QA) is never compared, so its NaN does not matter; the A side is never computed
+    assert decide(numbers((0.5, NAN, 0.8, NAN), (NAN, NAN, 0.6, 0.9))) == "Q_kept"
+    # no Q variant (Q' did not parse): the ori side, as the reference's fallback (Q = ori) gives
+    assert decide(numbers((NAN, 0.7, NAN, NAN), (0.9, 0.5, NAN, NAN)), have_q=False) == "A"
+    assert numbers().record()["ifd"] == {"ori": None, "A": None, "Q": None, "QA": None}
+
+
+# -- C2 emission per leaf and emit_unimproved -----------------------------------------------------
+
+def _outcome(kind: str, values: dict[str, str] | None, status: str = "ok") -> Outcome:
+    call = Call([{"role": "user", "content": "x"}], {"id": f"reflect_{kind}_v1"}, Decoding(max_tokens=8))
+    return Outcome(status, values or {}, [(kind, call, Reply("raw", "ok", "k" * 64, 10, 8))], {"f": {"status": status}})
+
+
+def _state(branch: str, side: str) -> RowState:
+    pair = Pair("s1", "Name a fruit.", "Name a fruit.", "", "Apple.", "Apple.", {"n_tokens": 7, "truncated": False})
+    st = RowState(pair, _outcome("instruction", {"new_instruction": "Name three tropical fruits.", "new_answer": "Mango."}),
+                  _outcome("response", {"better_answer": "Mango, papaya, guava."}), side, branch, numbers((0.5, NAN, 0.8, 0.7),
+                                                                                                       (NAN, NAN, 0.9, 0.6)))
+    return st
+
+
+@pytest.mark.parametrize("branch, side, emit, expected", [
+    ("QA", "Q", "none", ("derived", "QA", ("Name three tropical fruits.", "Mango, papaya, guava."))),
+    ("A", "ori", "none", ("derived", "A", ("Name a fruit.", "Mango, papaya, guava."))),
+    ("Q_kept", "Q", "none", ("dropped", "unimproved")),
+    ("Q_kept", "Q", "Q", ("derived", "Q", ("Name three tropical fruits.", "Mango."))),
+    ("Q_kept", "Q", "ori", ("passthrough", "unimproved")),
+    ("QA_gate_failed", "Q", "Q", ("derived", "Q", ("Name three tropical fruits.", "Mango."))),
+    ("QA_parse_failed", "Q", "none", ("dropped", "parse_failed")),
+    ("ori_kept", "ori", "Q", ("dropped", "unimproved")),
+    ("ori_kept", "ori", "ori", ("passthrough", "unimproved")),
+    ("A_gate_failed", "ori", "none", ("dropped", "unimproved")),
+    ("A_parse_failed", "ori", "ori", ("passthrough", "unimproved")),
+    ("undecidable", None, "ori", ("dropped", "undecidable")),
+    ("undecidable", None, "Q", ("dropped", "undecidable")),
+])
+def test_each_leaf_emits_what_it_should(branch, side, emit, expected, tmp_path):
+    step = SelectiveReflection("sr", {"emit_unimproved": emit}, RewriteContext(store_dir=str(tmp_path)))
+    out, stats = UnitResult(), {}
+    step._emit(_state(branch, side), out, stats)
+    if expected[0] == "derived":
+        (d,) = out.derived
+        assert (d.variant, d.parents, (d.messages[0]["content"], d.messages[1]["content"])) == (expected[1], ["s1"], expected[2])
+        assert out.dispositions["s1"][0] == "used"
+        g = d.generation
+        assert g["rationale"]["branch"] == branch and g["rationale"]["ifd"]["Q"] == 0.8 and g["rationale"]["rifd"]["A"] is None
+        assert set(g["calls"]) == {"instruction", "response"} and g["calls"]["instruction"]["prompt"]["id"] == "reflect_instruction_v1"
+        json.dumps(g, allow_nan=False)  # the record is plain JSON (NaN written as null)
+    else:
+        assert not out.derived
+        what, reason, detail = out.dispositions["s1"]
+        assert (what, reason) == expected and json.loads(detail)["branch"] == branch
+
+
+# -- prompts and the registry ---------------------------------------------------------------------
+
+def test_prompts_are_registered_with_ids_versions_and_hashes():
+    for p in REFLECTION_PROMPTS:
+        assert ALL[p.id] is p and p.version and len(p.hash) == 64 and p.source == "curate"
+    assert rewriter_class("reflection") is ReflectionTuning and rewriter_class("selective_reflection") is SelectiveReflection
+    step = ReflectionTuning("r", {"mode": "both", "input_policy": "compress"})
+    assert step.plan_calls(10) == 10 * 3 * 2
+    assert SelectiveReflection("s", {"parse_retry": False}).plan_calls(10) == 20
+
+
+# -- small real runs (SmolLM2 teacher and student, torch threads 1) -------------------------------
+
+def _context(store: Path) -> RewriteContext:
+    return RewriteContext(seed=0, torch_threads=1, store_dir=str(store))
+
+
+#: a row that makes the 135M teacher answer in the tag layout (it copies the line): a real parse, no stand-in
+PRIMED = {"instruction": "Copy this line exactly: [Better Answer] Paris is the capital of France. [End]", "input": "", "output": "Paris."}
+
+
+@pytest.mark.slow
+def test_reflection_flow_lineage_dispositions_and_no_second_call(tmp_path):
+    import pyarrow.parquet as pq
+
+    from conftest import write_flow
+    from curate.config import load_flow
+    from curate.pipeline import execute
+
+    rows = [PRIMED, json.loads(alpaca_records((3,))[0]["original"])]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    step = {"method": "reflection", "mode": "both", "decoding": {"max_tokens": 24}}
+    flow = write_flow(tmp_path, name="reflection-test", inputs=[{"path": "rows.json"}], score=[{"method": "heuristic"}],
+                      rewrite={"steps": [step], "select": [{"method": "threshold", "score": "heuristic.degenerate", "max": 0}]},
+                      export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False},
+                      runtime={"torch_threads": 1})
+    s = execute(load_flow(flow))
+    out = Path(s["output_dir"])
+    disp = {d["row"]: d for d in pq.read_table(out / "rewrite" / "reflection" / "dispositions.parquet").to_pylist()}
+    # the primed row: its response reflection parsed -> one derived row; its instruction reflection did not
+    assert disp[0]["disposition"] == "used" and disp[0]["n_derived"] == 1
+    # the other row: nothing parsed after one retry each -> dropped, the reason names both operations
+    assert (disp[1]["disposition"], disp[1]["reason"]) == ("dropped", "parse_failed")
+    assert "instruction: new_instruction missing" in disp[1]["detail"] and "response: better_answer" in disp[1]["detail"]
+    (lin,) = pq.read_table(out / "lineage.parquet").to_pylist()
+    assert lin["origin"] == "reflection:response" and lin["parent_rows"] == [0]
+    g = json.loads(lin["generation"])
+    # the reply was cut by max_tokens before its [End]: the segment runs to the end of the text
+    assert g["calls"]["response"]["text"] == "The answer is: [Better Answer] Paris is the capital of France."
+    assert g["parse"]["better_answer"]["status"] == "ok" and g["calls"]["response"]["prompt"]["id"] == "reflect_response_v1"
+    ledger = {r["row"]: r for r in pq.read_table(out / "ledger.parquet").to_pylist()}
+    assert (ledger[1]["outcome"], ledger[1]["reason"]) == ("filtered", "parse_failed")
+    exported = [json.loads(x) for x in (out / "export").rglob("*messages*.jsonl").__next__().read_text().splitlines()]
+    assert [m["content"] for m in exported[0]["messages"]] == [PRIMED["instruction"], "Paris is the capital of France."]
+    # calls: 2 rows x 2 reflections, plus one retry for each of the 3 replies that did not parse
+    # a second run over the same store makes no model call: both calls and both retries of row 1 are cached
+    again = ReflectionTuning("reflection", {k: v for k, v in step.items() if k != "method"}, _context(tmp_path / "store"))
+    records = alpaca_records((3,))
+    result = again.run_unit("rows-0-1", records)
+    assert again.engine.spent.made == 0 and again.engine.spent.cache_hits == 4
+    assert result.dispositions[records[0]["sample_id"]][:2] == ("dropped", "parse_failed")
+
+
+@pytest.mark.slow
+def test_selective_reflection_real_run_rationale_and_cache(tmp_path):
+    records = alpaca_records((1, 3))
+    params = {"decoding": {"max_tokens": 24}, "parse_retry": False, "student": {"max_length": 256}}
+    step = SelectiveReflection("selective_reflection", params, _context(tmp_path))
+    (unit,) = step.units(len(records))
+    out = step.run_unit(unit, records)
+    ids = {r["sample_id"] for r in records}
+    assert set(out.dispositions) == ids
+    for sid in ids:
+        what, reason, detail = out.dispositions[sid]
+        if what == "used":
+            continue
+        r = json.loads(detail[detail.index("{"):])
+        assert r["branch"] in ("A_parse_failed", "QA_parse_failed", "undecidable", "Q_kept", "ori_kept", "A_gate_failed",
+                               "QA_gate_failed")
+        # IFD(ori) is always computed by the student; the side that was not taken never is
+        assert isinstance(r["ifd"]["ori"], float) and 0 < r["ifd"]["ori"] < 10
+        other = ("Q", "QA") if r["side"] == "ori" else ("A",)
+        assert all(r["ifd"][v] is None and r["rifd"][v] is None for v in other)
+    assert sum(out.stats["branch"].values()) == 2
+    made = step.engine.spent.made
+    assert made == 4  # instruction reflection and one response reflection per row, no retries
+    again = SelectiveReflection("selective_reflection", params, _context(tmp_path))
+    out2 = again.run_unit(unit, records)
+    assert again.engine.spent.made == 0 and out2.dispositions == out.dispositions
