@@ -17,7 +17,7 @@ layer L+1:
   persona's voice, related to the node's topic but different from its text; without a persona file,
   one created prompt per node. Personas come from a local file (one per line); the ``persona_k``
   most similar to ``use_case`` (cosine with the flow's embedder, above ``persona_threshold``; equal
-  similarities: the lower line first) are used. Their similarities are cached under
+  similarities: the lower line first) are used — none passing: no diversity hops. Their similarities are cached under
   ``<store>/aide/personas/`` by (use case hash, persona file hash, embedder key).
 
 Each child then gets an **answer** (``choice_type``: ``multi_choice`` — one ``Correct:`` and three
