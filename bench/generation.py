@@ -1,6 +1,6 @@
 """Generation engine speed (issue 10): batched hf generation and concurrent openai requests.
 
-    .venv/bin/python bench/generation.py [--prompts 32] [--max-tokens 64] [--repeats 2]
+    .venv/bin/python bench/generation.py [--prompts 32] [--max-tokens 64] [--repeats 1]
 
 Prompts: the first AlpacaEval instructions (../shared/data/alpaca_eval, gpt4 outputs file), as user
 messages; the bundled SmolLM2-135M-Instruct, fp32, greedy, ``--max-tokens`` new tokens at most.
@@ -13,6 +13,9 @@ rewriters use).
     same model in this process, with **dynamic batching** as vLLM's server does it (requests that
     arrive together are generated in one left-padded ``generate`` call, up to 8 rows): sequential
     requests (``concurrency: 1``: the server only ever sees one) vs 8 in flight.
+
+(c) ``--ceiling``: what batching can give at all on this machine: ``generate`` on 1, 8 and 16
+    copies of one prompt, exactly 64 new tokens each (no padding, no early end), CPU seconds.
 
 New tokens per second of wall time and per CPU second of this process (the server runs in it),
 and whether the greedy texts are identical both ways. Torch threads: ``--threads`` (default 1, so
@@ -41,14 +44,43 @@ def timed(engine, calls) -> tuple[float, float, list]:
     return time.perf_counter() - t0, time.process_time() - c0, replies
 
 
+def ceiling(threads: int) -> str:
+    """Part (c): new tokens per CPU second of ``generate`` at batch 1, 8 and 16 (same prompt, 64 tokens each)."""
+    import torch
+
+    from curate.lm import LMParams, load_backend
+    from curate.lm.hf import chat_prompt_ids
+
+    b = load_backend(LMParams(), threads)
+    ids = chat_prompt_ids(b.tokenizer, [{"role": "user", "content": "Write a short story about a lighthouse keeper and the sea."}])
+
+    def run(n: int) -> float:
+        x = torch.tensor([ids] * n)
+        c = time.process_time()
+        with torch.inference_mode():
+            b.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=64, min_new_tokens=64, do_sample=False,
+                             pad_token_id=b._pad_id())
+        return time.process_time() - c
+
+    run(1)
+    rate = {n: n * 64 / min(run(n) for _ in range(2)) for n in (1, 8, 16)}
+    return (f"Ceiling (`--ceiling`, {threads} torch thread(s)): `generate` on one prompt ({len(ids)} tokens) × 1 / 8 / 16 rows, 64 new "
+            f"tokens each: {rate[1]:.1f} / {rate[8]:.1f} / {rate[16]:.1f} new tokens per CPU second — batch 8 is "
+            f"{rate[8] / rate[1]:.2f}× batch 1, batch 16 {rate[16] / rate[1]:.2f}×.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--in-flight", type=int, default=8)
+    ap.add_argument("--ceiling", action="store_true", help="only part (c); prints its line")
     args = ap.parse_args()
+    if args.ceiling:
+        print(ceiling(args.threads))
+        return
 
     from lm_server import LocalCompletionsServer
 
