@@ -87,7 +87,7 @@ class Collection:
         if not parts:
             return None
         tables = []
-        id_array = pa.array(sorted(set(ids))) if ids is not None else None
+        id_array = pa.array(sorted(set(ids)), type=pa.string()) if ids is not None else None  # typed: an empty pool too
         for part in parts:
             t = pq.read_table(part, columns=columns)
             if id_array is not None:

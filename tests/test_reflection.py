@@ -333,3 +333,15 @@ def test_selective_reflection_real_run_rationale_and_cache(tmp_path):
     again = SelectiveReflection("selective_reflection", params, _context(tmp_path))
     out2 = again.run_unit(unit, records)
     assert again.engine.spent.made == 0 and out2.dispositions == out.dispositions
+
+
+def test_a_store_read_for_an_empty_pool_is_empty(tmp_path):
+    """A rewrite that drops every row leaves select-2 an empty pool: reading its scores gives nothing
+    (it raised an ArrowTypeError when the empty id list had no type)."""
+    import pyarrow as pa
+
+    from curate.store import Store
+
+    col = Store(tmp_path).scores("k")
+    col.write(pa.table({"sample_id": ["a"], "score": [1.0]}))
+    assert col.read([]) is None and col.read(["a"]).num_rows == 1
