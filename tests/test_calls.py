@@ -283,3 +283,17 @@ def test_the_stand_in_server_batches_requests_that_arrive_together(hf):
         sequential = CallEngine(api(server, concurrency=1)).run(calls)
         assert server.batches == [4, 1, 1, 1, 1]
     assert [r.text for r in remote] == [r.text for r in sequential] == [r.text for r in CallEngine(hf).run(calls)]
+
+
+def test_plan_shows_the_most_calls_of_the_reflection_step(tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+    from curate.rewrite import rewriter_class
+
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n" for w in ("one", "two", "three")))
+    flow = write_flow(tmp_path, inputs=[{"path": "rows.jsonl"}], rewrite={"steps": [{"method": "reflection"}]})
+    r = CliRunner().invoke(app, ["plan", str(flow), "--json", "--no-warmup"])
+    assert r.exit_code == 0, r.output
+    (row,) = [s for s in json.loads(r.output)["stages"] if s.get("what") == "reflection"]
+    assert row["max_calls"] == rewriter_class("reflection")("reflection").plan_calls(3) > 0
