@@ -452,8 +452,8 @@ class ReflectionBase(LLMRewriter):
             ins, inp = p.instruction, p.input
             m = merged.get(p.sample_id)
             if m is not None:
-                if not m.ok:
-                    failed[p.sample_id] = replace(m, detail=f"compress: {m.detail}")
+                if not m.ok:  # no merged instruction: no instruction reflection (the detail names the compress call)
+                    failed[p.sample_id] = m
                     continue
                 ins, inp = m.values["merged_instruction"], ""
             kept.append(p)
@@ -501,18 +501,17 @@ class ReflectionTuning(ReflectionBase):
         pairs = self.prepare(rows, out)
         results: dict[str, dict[str, Outcome]] = {x.sample_id: {} for x in pairs}
         merged: dict[str, Outcome] = {}
+        jobs: list[Job] = []
         if "instruction" in self.kinds:
             merged = self.compress(pairs)
-            kept, jobs, failed = self.instruction_jobs(pairs, merged)
+            _, jobs, failed = self.instruction_jobs(pairs, merged)
             for sid, o in failed.items():
                 results[sid]["instruction"] = o
-            for x, o in zip(kept, reflect(self, jobs)):
-                results[x.sample_id]["instruction"] = o
         if "response" in self.kinds:
-            jobs = [Job(x.sample_id, "response", x.instruction, x.input, x.answer_shown, fallback={"better_answer": x.answer})
-                    for x in pairs]
-            for x, o in zip(pairs, reflect(self, jobs)):
-                results[x.sample_id]["response"] = o
+            jobs += [Job(x.sample_id, "response", x.instruction, x.input, x.answer_shown, fallback={"better_answer": x.answer})
+                     for x in pairs]
+        for job, o in zip(jobs, reflect(self, jobs)):  # both kinds in one batch of calls (and one of retries)
+            results[job.key][job.kind] = o
         stats: dict[str, Any] = {"rows": len(rows), "reflected": len(pairs)}
         for rec in rows:
             disp = out.dispositions.get(rec["sample_id"])

@@ -34,11 +34,12 @@ the reference's three, and the numbers of the other side are never computed (NaN
 A Q′ that does not parse after its retry is no Q variant: the row takes the "reject Q′" side, which
 is where the reference's per-field fallback (Q′ := Q0, A′ := A0, so IFD(Q) = IFD(ori)) sends it
 too. A teacher call that fails (``error``) or is refused by a cap (``budget_exhausted``) stops the
-row with that reason.
+row with that reason, and so does a Q variant that the length guard of its response reflection
+refuses (``skipped_too_long``).
 
 **Rationale.** Every decided or undecidable row records the leaf (``branch``: ``QA``, ``Q_kept``,
 ``QA_gate_failed``, ``QA_parse_failed``, ``A``, ``ori_kept``, ``A_gate_failed``, ``A_parse_failed``,
-``undecidable``), the eight numbers (IFD and r-IFD of ori, A, Q, QA; JSON ``null`` = NaN: not
+``undecidable``; or ``error``, ``budget_exhausted``, ``skipped_too_long``), the eight numbers (IFD and r-IFD of ori, A, Q, QA; JSON ``null`` = NaN: not
 computed, or the scorer's status was not ok) with each variant's scorer status, and the teacher
 statuses — in the generation record of an emitted row and in the disposition ``detail`` (JSON) of
 every row. Emitted rows have origin ``selective_reflection:QA`` / ``:A`` / ``:Q`` and the original
