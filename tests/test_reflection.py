@@ -255,6 +255,22 @@ def test_prompts_are_registered_with_ids_versions_and_hashes():
     assert SelectiveReflection("s", {"parse_retry": False}).plan_calls(10) == 20
 
 
+
+@pytest.mark.parametrize("cls", [ReflectionTuning, SelectiveReflection])
+def test_dispositions_without_a_model_call_caps_policies_and_passthrough(cls, tmp_path):
+    """max_calls 0: every call is refused before it is made (nothing is loaded but the tokenizer);
+    other rows get their passthrough or skip reason before any call."""
+    plain, with_input = alpaca_records((0, 5))
+    multi = {**plain, "sample_id": "multi", "messages": plain["messages"] * 2}
+    step = cls("r", {"budget": {"max_calls": 0}, "input_policy": "skip"}, _context(tmp_path))
+    records = [plain, with_input, multi]
+    out = step.run_unit(step.units(len(records))[0], records)
+    assert out.dispositions["multi"][:2] == ("passthrough", "multiturn")
+    assert out.dispositions[with_input["sample_id"]][:2] == ("dropped", "skipped_input")
+    assert out.dispositions[plain["sample_id"]][:2] == ("dropped", "budget_exhausted")
+    assert not out.derived and step.engine.spent.made == 0 and step.engine.spent.refused >= 1
+    assert out.stats["passthrough"] == {"multiturn": 1}
+
 # -- small real runs (SmolLM2 teacher and student, torch threads 1) -------------------------------
 
 def _context(store: Path) -> RewriteContext:
@@ -307,33 +323,50 @@ def test_reflection_flow_lineage_dispositions_and_no_second_call(tmp_path):
     assert result.dispositions[records[0]["sample_id"]][:2] == ("dropped", "parse_failed")
 
 
+def _primed_record() -> dict:
+    from curate.ingest.formats import CONVERTERS
+    from curate.ingest.validate import normalise_messages
+    from curate.records import sample_id
+
+    messages = normalise_messages(CONVERTERS["alpaca"](PRIMED, {})[0])
+    return {"sample_id": sample_id(messages, None), "messages": messages, "tools": None, "format": "alpaca", "original": json.dumps(PRIMED)}
+
+
 @pytest.mark.slow
 def test_selective_reflection_real_run_rationale_and_cache(tmp_path):
-    records = alpaca_records((1, 3))
+    records = [_primed_record()] + alpaca_records((1, 3))
     params = {"decoding": {"max_tokens": 24}, "parse_retry": False, "student": {"max_length": 256}}
     step = SelectiveReflection("selective_reflection", params, _context(tmp_path))
     (unit,) = step.units(len(records))
     out = step.run_unit(unit, records)
-    ids = {r["sample_id"] for r in records}
-    assert set(out.dispositions) == ids
-    for sid in ids:
-        what, reason, detail = out.dispositions[sid]
-        if what == "used":
-            continue
-        r = json.loads(detail[detail.index("{"):])
-        assert r["branch"] in ("A_parse_failed", "QA_parse_failed", "undecidable", "Q_kept", "ori_kept", "A_gate_failed",
-                               "QA_gate_failed")
-        # IFD(ori) is always computed by the student; the side that was not taken never is
-        assert isinstance(r["ifd"]["ori"], float) and 0 < r["ifd"]["ori"] < 10
-        other = ("Q", "QA") if r["side"] == "ori" else ("A",)
-        assert all(r["ifd"][v] is None and r["rifd"][v] is None for v in other)
-    assert sum(out.stats["branch"].values()) == 2
-    made = step.engine.spent.made
-    assert made == 4  # instruction reflection and one response reflection per row, no retries
+    assert set(out.dispositions) == {r["sample_id"] for r in records}
+    rationales = {}
+    for d in out.derived:
+        rationales[d.parents[0]] = d.generation["rationale"]
+    for sid, (what, reason, detail) in out.dispositions.items():
+        if what != "used":
+            rationales[sid] = json.loads(detail)
+    for r in rationales.values():
+        # IFD(ori) is always computed by the student; the side not taken never is (early branching)
+        assert isinstance(r["ifd"]["ori"], float) and r["ifd"]["ori"] > 0
+        assert all(r["ifd"][v] is None and r["rifd"][v] is None for v in (("Q", "QA") if r["side"] == "ori" else ("A",)))
+        if r["branch"] not in ("A_parse_failed", "QA_parse_failed"):  # the leaf is the tree's on the recorded numbers
+            n = Numbers({k: NAN if v is None else v for k, v in r["ifd"].items()}, {k: NAN if v is None else v for k, v in r["rifd"].items()})
+            assert decide(n, have_q=r["teacher"]["instruction"] == "ok") == r["branch"]
+    # the primed row: no Q' (the 135M teacher does not follow the instruction prompt), A* parsed; the
+    # student finds A* better connected than "Paris." and both gates pass -> the A variant is emitted
+    primed = rationales[records[0]["sample_id"]]
+    assert (primed["branch"], primed["side"], primed["teacher"]) == ("A", "ori", {"instruction": "parse_failed", "response": "ok"})
+    assert primed["rifd"]["A"] < primed["rifd"]["ori"] and primed["rifd"]["A"] < 1 and primed["ifd"]["A"] < 1
+    (d,) = out.derived
+    assert (d.variant, d.parents, d.messages[1]["content"]) == ("A", [records[0]["sample_id"]], "Paris is the capital of France.")
+    assert d.messages[0]["content"] == records[0]["messages"][0]["content"]  # the original instruction, never a new one
+    assert out.stats["branch"] == {"A": 1, "A_parse_failed": 2} and out.stats["emitted"] == {"A": 1}
+    # two teacher calls per row (instruction reflection, then the one response reflection the branch needs)
+    assert step.engine.spent.made == 6
     again = SelectiveReflection("selective_reflection", params, _context(tmp_path))
     out2 = again.run_unit(unit, records)
-    assert again.engine.spent.made == 0 and out2.dispositions == out.dispositions
-
+    assert again.engine.spent.made == 0 and again.engine.spent.cache_hits == 6 and out2.dispositions == out.dispositions
 
 def test_a_store_read_for_an_empty_pool_is_empty(tmp_path):
     """A rewrite that drops every row leaves select-2 an empty pool: reading its scores gives nothing
