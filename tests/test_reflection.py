@@ -123,6 +123,39 @@ def test_instruction_reflection_needs_both_fields():
     assert p["new_instruction"].status == "ok" and p["new_answer"].status == "placeholder"
 
 
+
+def _reply(text: str) -> tuple[str, Call, Reply]:
+    return ("instruction", Call([{"role": "user", "content": "x"}], {"id": "reflect_instruction_v1"}, Decoding(max_tokens=8)),
+            Reply(text, "ok", "k" * 64, 10, 8))
+
+
+def test_reference_fallback_and_an_unchanged_instruction(tmp_path):
+    from curate.rewrite.reflection import Job, _failed
+
+    (rec,) = alpaca_records((3,))
+    pair, _ = single_turn(rec)
+    job = Job(pair.sample_id, "instruction", pair.instruction, "", pair.answer,
+              fallback={"new_instruction": pair.user, "new_answer": pair.answer})
+    text = "[New Instruction] your new instruction [End]\n[New Answer] Brunchfast: breakfast and brunch. [End]"
+    parsed = parse_tagged(text, KIND_FIELDS["instruction"])
+    assert not _failed(job, [_reply(text)], parsed, False, "after one retry").ok  # ours: parse_failed, nothing emitted
+    fb = _failed(job, [_reply(text)], parsed, True, "after one retry")  # the reference: per-field fallback
+    assert (fb.status, fb.fell_back) == ("fallback", ("new_instruction",))
+    step = ReflectionTuning("r", {"mode": "instruction", "match_reference": True}, _context(tmp_path))
+    out = UnitResult()
+    step._emit(pair, {"instruction": fb}, None, out, {})
+    (d,) = out.derived  # the reference's quirk: the old instruction with the new answer
+    assert [m["content"] for m in d.messages] == [pair.user, "Brunchfast: breakfast and brunch."]
+    assert d.generation["fell_back"] == ["new_instruction"]
+    from curate.rewrite.reflection import parse_reply
+
+    same = parse_reply(job, f"[New Instruction] {pair.instruction.upper()}  [End] [New Answer] Brunchfast. [End]")
+    assert same["new_instruction"].status == "unchanged" and same["new_answer"].status == "ok"
+    both = _failed(job, [_reply("no tags")], parse_tagged("no tags", KIND_FIELDS["instruction"]), True, "after one retry")
+    out = UnitResult()
+    step._emit(pair, {"instruction": both}, None, out, {})
+    assert not out.derived and out.dispositions[pair.sample_id][:2] == ("passthrough", "fallback_unchanged")
+
 # -- rows and the length guard --------------------------------------------------------------------
 
 def test_single_turn_rows_and_the_input_split():

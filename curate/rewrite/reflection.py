@@ -24,7 +24,8 @@ remain the row is dropped with reason ``skipped_too_long``. The cut is recorded.
 tag, or the end of the text — never to a bare word "End". Tags match case-insensitively, with
 optional spaces inside the brackets. A field is ``missing`` (no tag), ``empty``, ``placeholder``
 (e.g. "your answer", "N/A", "[Your Answer]") or ``ambiguous`` (two different non-empty segments for
-one tag); repeated identical segments count once. A Q′ row is emitted only when both Q′ and A′ are
+one tag); repeated identical segments count once; a Q′ equal to the instruction it was asked to
+replace (up to case and spacing) is ``unchanged``. A Q′ row is emitted only when both Q′ and A′ are
 ``ok``: never an old instruction with a new answer. A reply that does not parse is asked again once
 (``parse_retry``; ``Call.attempt=1``, same prompt — its own cache entry), then the operation is
 ``parse_failed``. With ``match_reference: true`` the reference's per-field fallback applies instead:
@@ -143,7 +144,7 @@ def segments(text: str, name: str) -> list[str]:
 
 @dataclass
 class FieldParse:
-    status: str  # ok | missing | empty | placeholder | ambiguous
+    status: str  # ok | missing | empty | placeholder | ambiguous | unchanged (a "new" instruction equal to the old one)
     value: str | None = None
     n_segments: int = 0
 
@@ -162,6 +163,14 @@ def parse_field(text: str, name: str, match_reference: bool = False) -> FieldPar
     if len(real) > 1:
         return FieldParse("ambiguous", None, len(segs))
     return FieldParse("empty" if all(not s for s in segs) else "placeholder", None, len(segs))
+
+
+def _same_text(text: str, *others: str | None) -> bool:
+    """Equal up to case and whitespace."""
+    def norm(t: str) -> str:
+        return " ".join(t.casefold().split())
+
+    return any(o is not None and norm(text) == norm(o) for o in others)
 
 
 def parse_tagged(text: str, names: tuple[str, ...], match_reference: bool = False) -> dict[str, FieldParse]:
@@ -299,6 +308,16 @@ class Outcome:
         return self.status in ("ok", "fallback")
 
 
+def parse_reply(job: Job, text: str, match_reference: bool = False) -> dict[str, FieldParse]:
+    """The fields of ``job``'s kind parsed from a reply; a new instruction equal to the one shown (or
+    to the row's user message) is ``unchanged``: emitting it would pair an old instruction with a new answer."""
+    parsed = parse_tagged(text, KIND_FIELDS[job.kind], match_reference)
+    q = parsed.get("new_instruction")
+    if q is not None and q.status == "ok" and _same_text(q.value, job.instruction, job.fallback.get("new_instruction")):
+        parsed["new_instruction"] = FieldParse("unchanged", None, q.n_segments)
+    return parsed
+
+
 def job_seed(run_seed: int, method: str, job: Job, attempt: int) -> int:
     """Seed of a sampled call (E2: from the run seed and the row, not the batch)."""
     return int(sha256_hex(str(run_seed), method, job.key, job.kind, str(attempt))[:15], 16)
@@ -317,7 +336,7 @@ def reflect(rewriter: LLMRewriter, jobs: list[Job], name: str | None = None) -> 
         return rewriter.call(job.prompt(), job.messages(), seed=seed, attempt=attempt)
 
     def read(job: Job, reply: Reply) -> dict[str, FieldParse]:
-        return parse_tagged(reply.text or "", KIND_FIELDS[job.kind], mr)
+        return parse_reply(job, reply.text or "", mr)
 
     calls = [make(j, 0) for j in jobs]
     replies = rewriter.ask(calls)

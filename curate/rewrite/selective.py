@@ -210,9 +210,16 @@ class SelectiveReflection(ReflectionBase):
             return
         ifd, rifd = self.scorers
         scorer = ifd if which == "ifd" else rifd
-        records = [{"sample_id": f"{st.pair.sample_id}:{variant}", "messages": msgs, "format": "derived", "original": None, "tools": None}
-                   for st, variant, msgs in items]
-        for (st, variant, _), sc in zip(items, scorer.score_records(records)):
+        # identical variants (a fallback Q or A* equal to ori under match_reference) are scored once,
+        # so they compare equal exactly, not up to batch numerics
+        unique: dict[str, list[dict[str, Any]]] = {}
+        for _, _, msgs in items:
+            unique.setdefault(json.dumps(msgs, sort_keys=True), msgs)
+        records = [{"sample_id": f"variant-{i}", "messages": msgs, "format": "derived", "original": None, "tools": None}
+                   for i, msgs in enumerate(unique.values())]
+        by_key = dict(zip(unique, scorer.score_records(records)))
+        for st, variant, msgs in items:
+            sc = by_key[json.dumps(msgs, sort_keys=True)]
             ok = sc.status in ("ok", "truncated_ok")
             getattr(st.numbers, which)[variant] = float(sc.values[which]) if ok else NAN
             st.statuses.setdefault(variant, {})[which] = sc.status
