@@ -81,9 +81,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows-per-input", type=int, default=30)
     ap.add_argument("--flows", default=",".join(DEFAULT_FLOWS))
+    ap.add_argument("--no-today", action="store_true", help="only before vs spine (today re-scores where later issues changed a scorer's key)")
+    ap.add_argument("--result", default="spine_parity", help="name of the results file under bench/results")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="curate-parity-"))
-    codes = {"before": tmp / "code-before", "spine": tmp / "code-spine", "today": ROOT}
+    codes = {"before": tmp / "code-before", "spine": tmp / "code-spine", **({} if args.no_today else {"today": ROOT})}
     for label in ("before", "spine"):
         rev = BEFORE if label == "before" else SPINE
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(codes[label]), rev], cwd=ROOT, check=True)
@@ -101,19 +103,21 @@ def main() -> None:
                 secs, summary = run(code, flow, out, tmp / f"store-{name}")
                 res[label] = (secs, summary, selected_ids(out), export_digest(out))
                 print(name, label, f"{secs:.1f}s", len(res[label][2]), "selected", flush=True)
-            b, s, t = res["before"], res["spine"], res["today"]
+            b, s = res["before"], res["spine"]
             same_sel, same_exp = b[2] == s[2], b[3] == s[3] and bool(b[3])
-            today_sel, today_exp = t[2] == b[2], t[3] == b[3]
-            diff = "" if today_sel else f" ({len(set(t[2]) ^ set(b[2]))} ids differ)"
-            lines.append(f"| {name} | {sum(b[1]['counts'].values())} | {len(b[2])} | {same_sel} | "
-                         f"{same_exp} ({len(b[3])} files) | {today_sel}{diff} | {today_exp} | "
-                         f"{b[0]:.0f} / {s[0]:.0f} / {t[0]:.0f} |")
+            if "today" in res:
+                t = res["today"]
+                diff = "" if t[2] == b[2] else f" ({len(set(t[2]) ^ set(b[2]))} ids differ)"
+                today = f"{t[2] == b[2]}{diff} | {t[3] == b[3]} | {b[0]:.0f} / {s[0]:.0f} / {t[0]:.0f}"
+            else:
+                today = f"not run | not run | {b[0]:.0f} / {s[0]:.0f} / —"
+            lines.append(f"| {name} | {sum(b[1]['counts'].values())} | {len(b[2])} | {same_sel} | {same_exp} ({len(b[3])} files) | {today} |")
             print(lines[-1], flush=True)
     finally:
         for label in ("before", "spine"):
             subprocess.run(["git", "worktree", "remove", "--force", str(codes[label])], cwd=ROOT, check=False)
     lines.append(f"\nLoad average at the end: {os.getloadavg()[0]:.2f}.")
-    write_result("spine_parity", "\n".join(lines) + "\n")
+    write_result(args.result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
