@@ -45,12 +45,6 @@ class Plan:
             self._records = read_records(self.run.sets["input"]).to_pylist()
         return self._records
 
-    def rewrite_context(self):
-        from curate.rewrite import RewriteContext
-
-        return RewriteContext(seed=self.spec.seed, torch_threads=torch_threads(self.spec), base_dir=str(self.spec.base),
-                              store_dir=str(self.spec.store), extra={"embed": self.spec.embed})
-
     def model_stage(self, stage: Stage, kind: str, key: str, step=None) -> dict[str, Any]:
         """Cached and to-compute rows of an embed or score stage, and its estimated time."""
         from curate.store import Store

@@ -36,6 +36,15 @@ def scorer_context(spec: FlowSpec):
     return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.store / "requests")})
 
 
+def rewrite_context(spec: FlowSpec):
+    """What rewriters get from the run: seed, threads, the project root, the store (LLM call cache)
+    and the flow's embedder (AIDE dedups and picks personas with it)."""
+    from curate.rewrite import RewriteContext
+
+    return RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=str(spec.store),
+                          extra={"embed": spec.embed})
+
+
 def model_keys(spec: FlowSpec) -> tuple[dict[str, tuple[Any, str]], str | None, dict[str, dict]]:
     """Store keys of every scorer and of the embedder, computed without loading any model."""
     from curate.embed import build_embedder
@@ -245,13 +254,11 @@ class RewriteStage(Stage):
         self.source = source
 
     def run(self, run: Run) -> dict[str, Any]:
-        from curate.rewrite import RewriteContext
         from curate.stages.rewrite import rewrite_stage
 
         spec = run.spec
-        ctx = RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=run.store_dir,
-                             extra={"embed": spec.embed})  # the flow's embedder (AIDE dedups and picks personas with it)
-        (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=ctx, store_dir=run.store_dir,
+        (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=rewrite_context(spec),
+                                                          store_dir=run.store_dir,
                                                           out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size)])
         run.rewrites.append(ref)
         run.sets[self.step.label] = ref.derived
@@ -261,7 +268,7 @@ class RewriteStage(Stage):
     def estimate(self, plan) -> dict[str, Any]:
         from curate.stages.rewrite import build_rewriter
 
-        rewriter = build_rewriter(self.step, plan.rewrite_context())
+        rewriter = build_rewriter(self.step, rewrite_context(plan.spec))
         row = {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
         # the rows it will see exist only after selection: the input rows bound them
         n = len(plan.records())
