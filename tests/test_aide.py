@@ -207,6 +207,52 @@ def test_rewrites_use_the_current_node_and_the_residual_connection(match_referen
     assert div.endswith("Instruction: NODE: write a recursive factorial function.") and "A chef." in div and "SEED" not in div
 
 
+def _scripted(gen, replies: dict[str, str]) -> list:
+    """Drive a child's generator with hand-written replies, keyed by prompt id (the bundled 135M model
+    never writes AIDE's tags, so it cannot reach the grade and check loops); returns the calls made."""
+    from curate.lm.calls import Reply
+
+    made = []
+    try:
+        calls = next(gen)
+        while True:
+            made += calls
+            calls = gen.send([Reply(replies[c.prompt["id"]], "ok", "k" * 64) for c in calls])
+    except StopIteration as stop:
+        return made, stop.value
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_a_failed_choice_check_redoes_the_answer_only_when_the_teacher_samples(temperature):
+    """Greedy: the redone answer would repeat the first (same prompt, same reply), so one failed check
+    is final. Sampled: each redo and check is a new draw — its own seed, so its own cache entry."""
+    s = step({**TINY, "max_choice_checks_relevance": 3, "decoding": {"max_tokens": 48, "temperature": temperature}})
+    seed_node = Node(0, "0", 1, "Write a factorial function.", topic="factorial", seed_sid="s")
+    replies = {"aide_rewrite_reasoning": "<Rewritten Prompt>Write a factorial function without recursion.</Rewritten Prompt>",
+               "aide_answer_free": "<Choices>def f(n): ...</Choices>", "aide_grade_relevance": "<Score>8</Score>",
+               "aide_check_choices": "<Response>No</Response>"}
+    made, child = _scripted(s.grow(ChildSpec(seed_node, 0, "relevance", direction="reasoning", skill="loops"), seed_node.text), replies)
+    assert child.reject == "answer_not_in_choices"
+    names = [name for name, _, _ in child.exchanges]
+    if temperature == 0:
+        assert names == ["rewrite", "answer", "grade_1", "check_1"]
+        assert all(c.seed is None for c in made)
+    else:
+        assert names == ["rewrite", "answer", "grade_1", "check_1", "check_1_answer", "check_2", "check_2_answer", "check_3"]
+        assert len({s.engine.key(c) for c in made}) == len(made)  # the redone answers and checks are not cache hits
+
+
+def test_grading_stops_when_an_unchanged_text_would_be_graded_again_greedy():
+    s = step({**TINY, "max_reflection_relevance": 4})
+    seed_node = Node(0, "0", 1, "Write a factorial function.", topic="factorial", seed_sid="s")
+    text = "Write a factorial function without recursion."
+    replies = {"aide_rewrite_reasoning": f"<Rewritten Prompt>{text}</Rewritten Prompt>", "aide_answer_free": "<Choices>x</Choices>",
+               "aide_grade_relevance": "<Score>2</Score>", "aide_improve": f"<Improved Prompt>{text}</Improved Prompt>"}
+    _, child = _scripted(s.grow(ChildSpec(seed_node, 0, "relevance", direction="reasoning", skill="loops"), seed_node.text), replies)
+    assert [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1", "improve_1"]
+    assert (child.reject, child.grades) == ("reflection_rejected", [2])
+
+
 # -- tree-size bounds ---------------------------------------------------------------------------
 
 CONFIGS = [

@@ -29,7 +29,11 @@ accepted when the score is > 4, else an improve call gets the feedback and the a
 to ``max_reflection_relevance`` / ``max_reflection_diversity`` grades; after acceptance an
 answer-in-choices check (not for ``binary``) redoes the answer until the check says Yes, up to
 ``max_choice_checks_relevance`` / ``_diversity`` checks. A child that is never accepted, or whose
-check never passes, is **rejected** (the reference keeps it).
+check never passes, is **rejected** (the reference keeps it). Each sampled call has its own seed,
+from the run seed and the call's place in the tree (:meth:`AIDEStep.ask_one`), so a redone answer or
+grade is a new draw; with greedy decoding (``temperature: 0``) the same prompt would get the same
+reply, so a failed check is final and the grading stops once an improve call leaves the text as it
+was.
 
 **Post-processing**, per level, before a child may expand: length filter (instruction tokens ≤
 ``len_token``), multiple-choice sanitising (exactly one correct option, at least
@@ -295,6 +299,16 @@ class Child:
     reject: str | None = None
     detail: str | None = None
 
+    def where(self, name: str) -> str:
+        """The place of this child's call ``name`` in the tree (its seed and cache identity)."""
+        parent = self.spec.parent
+        return f"{parent.seed_sid}/{parent.path}.{self.spec.slot}/{name}"
+
+
+def failed_call(reply: Reply) -> str:
+    """The reason a call that did not return text gives its node or child."""
+    return "budget_exhausted" if reply.status == "budget_exhausted" else "call_failed"
+
 
 def allocate(frontier: list[Node], want_rel: bool, want_div: bool, directions: tuple[str, ...], personas: list[str],
              cap: int | None, issued: Counter) -> tuple[list[ChildSpec], Counter]:
@@ -326,7 +340,9 @@ class AIDEStep(LLMRewriter):
     """The ``aide`` rewrite step (see the module docstring)."""
 
     method = "aide"
-    version = "1.1"  # 1.1: seeds whose analysis fails are passed through as analysis_failed
+    # 1.1: seeds whose analysis fails are passed through as analysis_failed; 1.2: each sampled call has its own seed
+    # (a redone answer or grade is a new draw, not the cached reply), and greedy decoding does not repeat a prompt
+    version = "1.2"
     Params = AIDEParams
     prompts: ClassVar[tuple[P.Prompt, ...]] = P.AIDE_PROMPTS
 
@@ -428,11 +444,21 @@ class AIDEStep(LLMRewriter):
             domain = next((d for d, words in EXAMPLE_DOMAINS if any(w in uc for w in words)), "general")
         return P.AIDE_EXAMPLES[(domain, kind)].text
 
-    def ask_one(self, prompt: P.Prompt, judge: bool = False, **fields) -> Call:
+    @property
+    def sampled(self) -> bool:
+        """Whether the teacher samples: only then can asking the same prompt again give another reply."""
+        return self.params.decoding.temperature > 0
+
+    def ask_one(self, prompt: P.Prompt, where: str, judge: bool = False, **fields) -> Call:
+        """A call of ``prompt`` filled with ``fields``. ``where`` names the call's place in the tree
+        (``<seed sample_id>/<node path>/<call name>``): a sampled call's seed derives from it and the run
+        seed (methods.md E2), so each call of a tree, a redone answer or grade included, has its own
+        seed and cache entry."""
         d = self.params.decoding
         if judge:
             d = d.model_copy(update={"max_tokens": min(d.max_tokens, self.params.judge_max_tokens)})
-        return self.call(prompt, [{"role": "user", "content": prompt.text.format(**fields)}], decoding=d)
+        seed = int(sha256_hex(str(self.context.seed), self.method, where)[:15], 16)
+        return self.call(prompt, [{"role": "user", "content": prompt.text.format(**fields)}], seed=seed, decoding=d)
 
     def drive(self, tasks: list[Generator], seeds_of: list[int], calls_per_seed: Counter) -> list[Any]:
         """Run generator tasks that yield lists of calls and receive their replies: each round sends
@@ -465,11 +491,11 @@ class AIDEStep(LLMRewriter):
     # -- per-node work (generators) ---------------------------------------------------------------
     def analyse(self, node: Node, want_rel: bool) -> Generator:
         p: AIDEParams = self.params
-        c = self.ask_one(P.AIDE_TOPIC, instruction=node.text)
+        c = self.ask_one(P.AIDE_TOPIC, f"{node.seed_sid}/{node.path}/topic", instruction=node.text)
         (r,) = yield [c]
         node.analysis.append(("topic", c, r))
         if r.status != "ok":
-            node.status = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+            node.status = failed_call(r)
             return node.status
         topic, attrs, status = parse_attributes(r.text, p.max_attributes)
         node.topic, node.status = topic, status
@@ -477,7 +503,7 @@ class AIDEStep(LLMRewriter):
             return status
         if want_rel and p.ex_kg and attrs and p.num_triples:
             triples = "\n".join(f'["{topic}", "has", "{a}"]' for a in attrs)
-            c = self.ask_one(P.AIDE_KG_EXPAND, topic=topic, triples=triples, n=p.num_triples)
+            c = self.ask_one(P.AIDE_KG_EXPAND, f"{node.seed_sid}/{node.path}/kg", topic=topic, triples=triples, n=p.num_triples)
             (r,) = yield [c]
             node.analysis.append(("kg", c, r))
             if r.status == "ok":
@@ -488,11 +514,11 @@ class AIDEStep(LLMRewriter):
     def _answer(self, child: Child, name: str) -> Generator:
         """Ask for the answer of ``child.text``; sets ``child.answer``; returns a failure reason or None."""
         p: AIDEParams = self.params
-        c = self.ask_one(ANSWER_PROMPTS[p.choice_type], instruction=child.text)
+        c = self.ask_one(ANSWER_PROMPTS[p.choice_type], child.where(name), instruction=child.text)
         (r,) = yield [c]
         child.exchanges.append((name, c, r))
         if r.status != "ok":
-            return "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+            return failed_call(r)
         body, status = parse_tag(r.text, "Choices")
         child.statuses.append(f"{name}:{status}")
         if body is None:
@@ -514,19 +540,20 @@ class AIDEStep(LLMRewriter):
         return None
 
     def _improve(self, child: Child, original: str, feedback: P.Prompt, name: str) -> Generator:
-        """One improve call; on a parsed reply the text changes and the answer is redone. Returns a
-        failure reason or None."""
-        c = self.ask_one(P.AIDE_IMPROVE, use_case=self.params.use_case, original=original, instruction=child.text, feedback=feedback.text)
+        """One improve call; on a parsed reply that differs the text changes and the answer is redone.
+        Returns (failure reason or None, whether the text changed)."""
+        c = self.ask_one(P.AIDE_IMPROVE, child.where(name), use_case=self.params.use_case, original=original, instruction=child.text,
+                         feedback=feedback.text)
         (r,) = yield [c]
         child.exchanges.append((name, c, r))
         if r.status != "ok":
-            return "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+            return failed_call(r), False
         text, status = parse_tag(r.text, "Improved Prompt")
         child.statuses.append(f"{name}:{status}")
         if text is None or text == child.text:
-            return None  # nothing changed: the old text and answer stand
+            return None, False  # nothing changed: the old text and answer stand
         child.text = text
-        return (yield from self._answer(child, f"{name}_answer"))
+        return (yield from self._answer(child, f"{name}_answer")), True
 
     def grow(self, spec: ChildSpec, seed_text: str) -> Generator:
         """One child: rewrite or create, answer, then (with reflection) the length check, graded
@@ -550,11 +577,11 @@ class AIDEStep(LLMRewriter):
                 fields["persona"] = spec.persona
             tag = "Created Prompt"
         fields["answer_form"] = P.AIDE_ANSWER_FORM_BINARY.text if p.choice_type == "binary" else ""
-        c = self.ask_one(prompt, instruction=node.text, **fields)
+        c = self.ask_one(prompt, child.where("rewrite"), instruction=node.text, **fields)
         (r,) = yield [c]
         child.exchanges.append(("rewrite", c, r))
         if r.status != "ok":
-            child.reject = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+            child.reject = failed_call(r)
             return child
         text, status = parse_tag(r.text, tag)
         child.statuses.append(f"rewrite:{status}")
@@ -570,7 +597,7 @@ class AIDEStep(LLMRewriter):
             return child
         original = seed_text if relevance else node.text
         if self.n_tokens(child.text) > p.len_token:
-            why = yield from self._improve(child, original, P.AIDE_FEEDBACK_TOO_LONG, "shorten")
+            why, _ = yield from self._improve(child, original, P.AIDE_FEEDBACK_TOO_LONG, "shorten")
             if why:
                 child.reject = why
                 return child
@@ -579,11 +606,11 @@ class AIDEStep(LLMRewriter):
         feedback = P.AIDE_FEEDBACK_NOT_RELEVANT if relevance else P.AIDE_FEEDBACK_TOO_SIMILAR
         accepted = False
         for k in range(1, rounds + 1):
-            c = self.ask_one(grader, judge=True, use_case=p.use_case, original=original, instruction=child.text)
+            c = self.ask_one(grader, child.where(f"grade_{k}"), judge=True, use_case=p.use_case, original=original, instruction=child.text)
             (r,) = yield [c]
             child.exchanges.append((f"grade_{k}", c, r))
             if r.status != "ok":
-                child.reject = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+                child.reject = failed_call(r)
                 return child
             g, status = parse_grade(r.text)
             child.grades.append(g)
@@ -592,10 +619,12 @@ class AIDEStep(LLMRewriter):
                 accepted = True
                 break
             if k < rounds:
-                why = yield from self._improve(child, original, feedback, f"improve_{k}")
+                why, changed = yield from self._improve(child, original, feedback, f"improve_{k}")
                 if why:
                     child.reject = why
                     return child
+                if not changed and not self.sampled:
+                    break  # greedy: the same text would get the same grade and the same improve reply again
         if not accepted:
             parsed = [g for g in child.grades if g is not None]
             child.reject = "reflection_rejected" if parsed else "grade_parse_failed"
@@ -605,16 +634,18 @@ class AIDEStep(LLMRewriter):
             return child
         checks = p.max_choice_checks_relevance if relevance else p.max_choice_checks_diversity
         for k in range(1, checks + 1):
-            c = self.ask_one(P.AIDE_CHECK_CHOICES, judge=True, instruction=child.text, choices=child.answer_raw)
+            c = self.ask_one(P.AIDE_CHECK_CHOICES, child.where(f"check_{k}"), judge=True, instruction=child.text, choices=child.answer_raw)
             (r,) = yield [c]
             child.exchanges.append((f"check_{k}", c, r))
             if r.status != "ok":
-                child.reject = "budget_exhausted" if r.status == "budget_exhausted" else "call_failed"
+                child.reject = failed_call(r)
                 return child
             ok, status = parse_yes_no(r.text, "Response")
             child.statuses.append(f"check_{k}:{status}")
             if ok:
                 return child
+            if not self.sampled:
+                break  # greedy: the answer redone from the same prompt would be the same answer, and so the check
             if k < checks:
                 why = yield from self._answer(child, f"check_{k}_answer")
                 if why:
