@@ -156,6 +156,21 @@ def test_reference_fallback_and_an_unchanged_instruction(tmp_path):
     step._emit(pair, {"instruction": both}, None, out, {})
     assert not out.derived and out.dispositions[pair.sample_id][:2] == ("passthrough", "fallback_unchanged")
 
+def test_a_new_instruction_with_the_old_answer_is_no_pair_and_a_repeated_better_answer_no_row(tmp_path):
+    from curate.rewrite.reflection import Job, parse_reply
+
+    (rec,) = alpaca_records((3,))
+    pair, _ = single_turn(rec)
+    job = Job(pair.sample_id, "instruction", pair.instruction, "", pair.answer,
+              fallback={"new_instruction": pair.user, "new_answer": pair.answer})
+    old_answer = parse_reply(job, f"[New Instruction] Plan a brunch for twelve. [End] [New Answer] {pair.answer} [End]")
+    assert old_answer["new_instruction"].status == "ok" and old_answer["new_answer"].status == "unchanged"
+    step = ReflectionTuning("r", {"mode": "response"}, _context(tmp_path))
+    out = UnitResult()
+    step._emit(pair, {"response": Outcome("ok", {"better_answer": pair.answer})}, None, out, {})
+    assert not out.derived and out.dispositions[pair.sample_id][:2] == ("passthrough", "unchanged")
+
+
 # -- rows and the length guard --------------------------------------------------------------------
 
 def test_single_turn_rows_and_the_input_split():

@@ -25,18 +25,20 @@ tag, or the end of the text — never to a bare word "End". Tags match case-inse
 optional spaces inside the brackets. A field is ``missing`` (no tag), ``empty``, ``placeholder``
 (e.g. "your answer", "N/A", "[Your Answer]") or ``ambiguous`` (two different non-empty segments for
 one tag); repeated identical segments count once; a Q′ equal to the instruction it was asked to
-replace (up to case and spacing) is ``unchanged``. A Q′ row is emitted only when both Q′ and A′ are
+replace (up to case and spacing) is ``unchanged``, and so is an A′ equal to the row's answer (a new
+instruction with the old answer is no pair either). A Q′ row is emitted only when both Q′ and A′ are
 ``ok``: never an old instruction with a new answer. A reply that does not parse is asked again once
 (``parse_retry``; ``Call.attempt=1``, same prompt — its own cache entry), then the operation is
-``parse_failed``. With ``match_reference: true`` the reference's per-field fallback applies instead:
-a field that failed after the retry takes the original's value (so an old instruction *can* meet a
-new answer, as in the reference), placeholders are found by substring, and a row whose every field
-fell back is the original again and passes through (``fallback_unchanged``).
+``parse_failed``. A better answer A* equal to the row's answer makes no new row (the row passes
+through, reason ``unchanged``). With ``match_reference: true`` the reference's per-field fallback
+applies instead: a field that failed after the retry takes the original's value (so an old
+instruction *can* meet a new answer, as in the reference), placeholders are found by substring, and
+a row whose every field fell back is the original again and passes through (``fallback_unchanged``).
 
 **Dispositions.** Every input row gets one: ``used`` when at least one derived row came from it;
 ``passthrough`` for rows the method does not apply to (``multiturn``, ``system``, ``tool_use``:
-methods.md E3) and for ``fallback_unchanged``; ``dropped`` with the reason of the first failed
-operation otherwise — ``parse_failed``, ``error`` (the model call failed after the engine's
+methods.md E3), ``fallback_unchanged`` and ``unchanged``; ``dropped`` with the reason of the first
+failed operation otherwise — ``parse_failed``, ``error`` (the model call failed after the engine's
 retries), ``budget_exhausted`` (a cap refused the call), ``skipped_too_long``, ``skipped_input``.
 
 Every call goes through the step's call engine (:class:`~curate.rewrite.llm.LLMRewriter`): cached
@@ -309,12 +311,15 @@ class Outcome:
 
 
 def parse_reply(job: Job, text: str, match_reference: bool = False) -> dict[str, FieldParse]:
-    """The fields of ``job``'s kind parsed from a reply; a new instruction equal to the one shown (or
-    to the row's user message) is ``unchanged``: emitting it would pair an old instruction with a new answer."""
+    """The fields of ``job``'s kind parsed from a reply. A new instruction equal to the one shown (or
+    to the row's user message) is ``unchanged``: emitting it would pair an old instruction with a new
+    answer; so is a new answer equal to the answer shown (or the row's): a new instruction with the
+    old answer is no pair either."""
     parsed = parse_tagged(text, KIND_FIELDS[job.kind], match_reference)
-    q = parsed.get("new_instruction")
-    if q is not None and q.status == "ok" and _same_text(q.value, job.instruction, job.fallback.get("new_instruction")):
-        parsed["new_instruction"] = FieldParse("unchanged", None, q.n_segments)
+    for name, old in (("new_instruction", job.instruction), ("new_answer", job.answer)):
+        f = parsed.get(name)
+        if f is not None and f.status == "ok" and _same_text(f.value, old, job.fallback.get(name)):
+            parsed[name] = FieldParse("unchanged", None, f.n_segments)
     return parsed
 
 
@@ -497,7 +502,7 @@ class ReflectionTuning(ReflectionBase):
     """The ``reflection`` rewrite step (methods.md C1; see the module docstring)."""
 
     method = "reflection"
-    version = "1.0"
+    version = "1.1"  # 1.1: an A′ equal to the row's answer is unchanged; a repeated A* passes the row through as unchanged
     Params = ReflectionParams
 
     def guard_tokenizer_name(self) -> str:
@@ -544,7 +549,7 @@ class ReflectionTuning(ReflectionBase):
 
     def _emit(self, x: Pair, res: dict[str, Outcome], merged: Outcome | None, out: UnitResult, stats: dict[str, Any]) -> None:
         p = self.params
-        made, unchanged, failures = 0, 0, []
+        made, fell_back, failures = 0, 0, []
         for kind in self.kinds:
             o = res[kind]
             count(stats, kind, o.status)
@@ -555,8 +560,8 @@ class ReflectionTuning(ReflectionBase):
                 q, a = o.values["new_instruction"], o.values["new_answer"]
             else:
                 q, a = x.user, o.values["better_answer"]
-            if q == x.user and a == x.answer:  # every field fell back (match_reference): the original itself
-                unchanged += 1
+            if q == x.user and a == x.answer:  # the original itself: every field fell back (match_reference),
+                fell_back += o.status == "fallback"  # or a better answer repeats the row's answer
                 continue
             exchanges = list(merged.exchanges) if merged is not None and kind == "instruction" else []
             exchanges += o.exchanges
@@ -570,12 +575,12 @@ class ReflectionTuning(ReflectionBase):
             made += 1
         if made:
             return
-        if unchanged and not failures:
+        if failures:
+            out.dispositions[x.sample_id] = ("dropped", failures[0].status, "; ".join(f.detail or f.status for f in failures))
+        elif fell_back:
             out.dispositions[x.sample_id] = ("passthrough", "fallback_unchanged", "every field fell back to the original (match_reference)")
-            return
-        first = failures[0] if failures else None
-        reason = first.status if first is not None else "fallback_unchanged"
-        out.dispositions[x.sample_id] = ("dropped", reason, "; ".join(f.detail or f.status for f in failures) or None)
+        else:
+            out.dispositions[x.sample_id] = ("passthrough", "unchanged", "the better answer repeats the row's answer")
 
 
 def _unique_names(exchanges: list[tuple[str, Call, Reply]]) -> list[tuple[str, Call, Reply]]:

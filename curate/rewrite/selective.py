@@ -166,7 +166,7 @@ class SelectiveReflection(ReflectionBase):
     """The ``selective_reflection`` rewrite step (methods.md C2; see the module docstring)."""
 
     method = "selective_reflection"
-    version = "1.0"
+    version = "1.1"  # 1.1: an A′ equal to the row's answer is unchanged (no Q variant)
     Params = SelectiveParams
 
     def __init__(self, name, params=None, context=None):
