@@ -80,12 +80,14 @@ class Call:
 
 @dataclass
 class Reply:
-    """What came back. ``status``: ok | error | budget_exhausted. ``text`` is None unless ok."""
+    """What came back. ``status``: ok | error | budget_exhausted. ``text`` is None unless ok.
+    ``n_prompt_tokens`` is counted (backend tokenizer) only when a budget cap or an input price needs
+    it, else None; ``n_tokens`` is what the backend reports it generated."""
 
     text: str | None
     status: str
     key: str
-    n_prompt_tokens: int = 0
+    n_prompt_tokens: int | None = None
     n_tokens: int = 0
     retries: int = 0
     cached: bool = False
@@ -99,6 +101,9 @@ class Reply:
 
 @dataclass
 class Spent:
+    """What an engine has spent; ``prompt_tokens`` and prompt cost count only when a cap or a price
+    makes the engine count prompt tokens."""
+
     calls: int = 0
     new_tokens: int = 0
     prompt_tokens: int = 0
@@ -194,17 +199,17 @@ class CallEngine:
         keys = [self.key(c) for c in calls]
         out: list[Reply | None] = [None] * len(calls)
         todo: list[int] = []
-        reserve: dict[int, tuple[int, int]] = {}
+        reserve: dict[int, tuple[int | None, int]] = {}
         hits: list[tuple[int, Reply]] = []
         for i, (call, key) in enumerate(zip(calls, keys)):
             hit = self._cached(key)
-            n_prompt = self.prompt_tokens(call) if self.capped or self.budget.price_input_per_mtok else 0
+            n_prompt = self.prompt_tokens(call) if self.capped or self.budget.price_input_per_mtok else None
             worst = call.decoding.max_tokens
-            if not self._fits(n_prompt, worst):
+            if not self._fits(n_prompt or 0, worst):
                 self.spent.refused += 1
                 out[i] = Reply(None, "budget_exhausted", key, error="a budget cap would be exceeded by this call")
                 continue
-            self._charge(n_prompt, worst)  # worst case now; the actual count replaces it below
+            self._charge(n_prompt or 0, worst)  # worst case now; the actual count replaces it below
             reserve[i] = (n_prompt, worst)
             if hit is not None:
                 self.spent.cache_hits += 1
@@ -241,7 +246,7 @@ class CallEngine:
                     out[i] = reply
         return out  # type: ignore[return-value]
 
-    def _settle(self, reserved: tuple[int, int], n_new: int) -> None:
+    def _settle(self, reserved: tuple[int | None, int], n_new: int) -> None:
         """Replace a call's reserved worst case by the tokens it actually generated."""
         worst = reserved[1]
         self.spent.new_tokens += n_new - worst
