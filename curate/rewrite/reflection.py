@@ -460,6 +460,18 @@ class ReflectionBase(LLMRewriter):
             pairs.append(guarded)
         return pairs
 
+    def begin(self, unit: str, records: list[dict[str, Any]], out: UnitResult) -> tuple[list[Pair], dict[str, Any]]:
+        """The pairs of a unit's rows that reflection applies to (:meth:`prepare`), and the unit's
+        stats so far: rows, reflected, and the other rows counted by disposition and reason."""
+        rows = self.unit_slice(unit, records)
+        pairs = self.prepare(rows, out)
+        stats: dict[str, Any] = {"rows": len(rows), "reflected": len(pairs)}
+        for rec in rows:
+            disp = out.dispositions.get(rec["sample_id"])
+            if disp is not None:
+                count(stats, disp[0], disp[1])
+        return pairs, stats
+
     def compress(self, pairs: list[Pair]) -> dict[str, Outcome]:
         """With ``input_policy: compress``: the merged instruction of each pair that has an input."""
         if self.params.input_policy != "compress":
@@ -521,8 +533,7 @@ class ReflectionTuning(ReflectionBase):
     def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
         p = self.params
         out = UnitResult()
-        rows = self.unit_slice(unit, records)
-        pairs = self.prepare(rows, out)
+        pairs, stats = self.begin(unit, records, out)
         results: dict[str, dict[str, Outcome]] = {x.sample_id: {} for x in pairs}
         merged: dict[str, Outcome] = {}
         jobs: list[Job] = []
@@ -536,11 +547,6 @@ class ReflectionTuning(ReflectionBase):
                      for x in pairs]
         for job, o in zip(jobs, reflect(self, jobs)):  # both kinds in one batch of calls (and one of retries)
             results[job.key][job.kind] = o
-        stats: dict[str, Any] = {"rows": len(rows), "reflected": len(pairs)}
-        for rec in rows:
-            disp = out.dispositions.get(rec["sample_id"])
-            if disp is not None:
-                count(stats, disp[0], disp[1])
         for x in pairs:
             self._emit(x, results[x.sample_id], merged.get(x.sample_id), out, stats)
         stats["calls"] = self.budget_stats()

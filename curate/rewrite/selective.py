@@ -227,14 +227,8 @@ class SelectiveReflection(ReflectionBase):
     # -- the unit ---------------------------------------------------------------------------------
     def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
         out = UnitResult()
-        rows = self.unit_slice(unit, records)
-        pairs = self.prepare(rows, out)
+        pairs, stats = self.begin(unit, records, out)
         states = {x.sample_id: RowState(x) for x in pairs}
-        stats: dict[str, Any] = {"rows": len(rows), "reflected": len(pairs)}
-        for rec in rows:
-            disp = out.dispositions.get(rec["sample_id"])
-            if disp is not None:
-                count(stats, disp[0], disp[1])
 
         # phase 1: Q′ (after the merge under compress), then IFD(ori) and IFD(Q)
         merged = self.compress(pairs)
