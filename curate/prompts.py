@@ -304,30 +304,28 @@ AIDE_REWRITE_CONSTRAINT = Prompt(
     "aide_rewrite_constraint", "1",
     _AIDE_REWRITE_HEAD + "- Add one or two simple constraints or requirements to it.\n" + _AIDE_REWRITE_TAIL,
 )
+_AIDE_CREATE_TAIL = (
+    "{answer_form}"
+    "- Keep it concise.\n"
+    "- Do not mention the words \"given instruction\", \"created instruction\" or any tag names in it.\n"
+    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n\n"
+    "{examples}"
+    "Instruction: {instruction}"
+)
 AIDE_CREATE_PERSONA = Prompt(
     "aide_create_persona", "1",
     "You write instructions for training an assistant in {use_case}. Imagine you are this person: {persona}\n"
     "Write one new instruction that this person would ask. Requirements:\n"
     "- It must be related to the topic \"{topic}\" but differ from the instruction at the end, covering "
     "something that instruction does not.\n"
-    "{answer_form}"
-    "- Keep it concise.\n"
-    "- Do not mention the words \"given instruction\", \"created instruction\" or any tag names in it.\n"
-    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n\n"
-    "{examples}"
-    "Instruction: {instruction}",
+    + _AIDE_CREATE_TAIL,
 )
 AIDE_CREATE = Prompt(
     "aide_create", "1",
     "You write instructions for training an assistant in {use_case}. Write one new instruction. Requirements:\n"
     "- Choose a subject related to the topic \"{topic}\" in the same field, and make the new instruction more varied "
     "than the instruction at the end.\n"
-    "{answer_form}"
-    "- Keep it concise.\n"
-    "- Do not mention the words \"given instruction\", \"created instruction\" or any tag names in it.\n"
-    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n\n"
-    "{examples}"
-    "Instruction: {instruction}",
+    + _AIDE_CREATE_TAIL,
 )
 AIDE_ANSWER_MULTI = Prompt(
     "aide_answer_multi", "1",
