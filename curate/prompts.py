@@ -277,6 +277,10 @@ AIDE_ANSWER_FORM_BINARY = Prompt(
     "aide_answer_form_binary", "1",
     "- The new instruction must be a question that is answered with Yes or No.\n",
 )
+AIDE_RESPONSE_FORM = Prompt(
+    "aide_response_form", "1",
+    "Then write the correct answer to the new instruction, Yes or No, inside <Response></Response>.\n",
+)
 _AIDE_REWRITE_HEAD = (
     "You write instructions for training an assistant in {use_case}. Rewrite the instruction at the end so that it "
     "is a little harder for a strong AI model to answer, while staying reasonable and answerable. Keep any code, "
@@ -288,20 +292,23 @@ _AIDE_REWRITE_TAIL = (
     "{residual}{answer_form}"
     "- Make it as short as you can.\n"
     "- Do not mention the words \"given instruction\", \"rewritten instruction\" or any tag names in it.\n"
-    "Put only the new instruction inside <Rewritten Prompt></Rewritten Prompt>.\n\n"
+    "Put only the new instruction inside <Rewritten Prompt></Rewritten Prompt>.\n"
+    "{response_form}\n"
     "{examples}"
     "Instruction: {instruction}"
 )
+# The rewrite prompts are version 2: their tail gained {response_form} (AIDE_RESPONSE_FORM for binary tasks,
+# else empty — then the filled text is byte for byte that of version 1).
 AIDE_REWRITE_REASONING = Prompt(
-    "aide_rewrite_reasoning", "1",
+    "aide_rewrite_reasoning", "2",
     _AIDE_REWRITE_HEAD + "- Make it need more steps of reasoning, with different but simple content.\n" + _AIDE_REWRITE_TAIL,
 )
 AIDE_REWRITE_CONCRETE = Prompt(
-    "aide_rewrite_concrete", "1",
+    "aide_rewrite_concrete", "2",
     _AIDE_REWRITE_HEAD + "- Replace its general ideas with specific, concrete but simple details.\n" + _AIDE_REWRITE_TAIL,
 )
 AIDE_REWRITE_CONSTRAINT = Prompt(
-    "aide_rewrite_constraint", "1",
+    "aide_rewrite_constraint", "2",
     _AIDE_REWRITE_HEAD + "- Add one or two simple constraints or requirements to it.\n" + _AIDE_REWRITE_TAIL,
 )
 _AIDE_CREATE_TAIL = (
@@ -411,15 +418,23 @@ _AIDE_EXAMPLE_SETS = {
 }
 
 
+# The answers of the yes/no rewrite examples: a binary rewrite also writes <Response> (AIDE_RESPONSE_FORM).
+_AIDE_YESNO_RESPONSES = {"reasoning": "No", "concrete": "No", "constraint": "Yes"}
+
+
 def _aide_example(domain: str, kind: str) -> Prompt:
+    """One worked example; the yes/no rewrite examples (version 2) also show the ``<Response>``."""
     seed, outs = _AIDE_EXAMPLE_SETS[domain]
     tag = "Created Prompt" if kind == "create" else "Rewritten Prompt"
-    return Prompt(f"aide_example_{domain}_{kind}", "1", f"Example\nInstruction: {seed}\n<{tag}>{outs[kind]}</{tag}>\n\n")
+    text = f"Example\nInstruction: {seed}\n<{tag}>{outs[kind]}</{tag}>\n"
+    if domain == "yesno" and kind in _AIDE_YESNO_RESPONSES:
+        return Prompt(f"aide_example_{domain}_{kind}", "2", text + f"<Response>{_AIDE_YESNO_RESPONSES[kind]}</Response>\n\n")
+    return Prompt(f"aide_example_{domain}_{kind}", "1", text + "\n")
 
 
 AIDE_EXAMPLES = {(d, k): _aide_example(d, k) for d in _AIDE_EXAMPLE_SETS for k in ("reasoning", "concrete", "constraint", "create")}
-AIDE_PROMPTS = (AIDE_TOPIC, AIDE_KG_EXPAND, AIDE_RESIDUAL, AIDE_ANSWER_FORM_BINARY, AIDE_REWRITE_REASONING, AIDE_REWRITE_CONCRETE,
-                AIDE_REWRITE_CONSTRAINT, AIDE_CREATE_PERSONA, AIDE_CREATE, AIDE_ANSWER_MULTI, AIDE_ANSWER_BINARY, AIDE_ANSWER_FREE,
-                AIDE_GRADE_RELEVANCE, AIDE_GRADE_DIVERSITY, AIDE_IMPROVE, AIDE_FEEDBACK_TOO_LONG, AIDE_FEEDBACK_NOT_RELEVANT,
-                AIDE_FEEDBACK_TOO_SIMILAR, AIDE_CHECK_CHOICES, *AIDE_EXAMPLES.values())
+AIDE_PROMPTS = (AIDE_TOPIC, AIDE_KG_EXPAND, AIDE_RESIDUAL, AIDE_ANSWER_FORM_BINARY, AIDE_RESPONSE_FORM, AIDE_REWRITE_REASONING,
+                AIDE_REWRITE_CONCRETE, AIDE_REWRITE_CONSTRAINT, AIDE_CREATE_PERSONA, AIDE_CREATE, AIDE_ANSWER_MULTI, AIDE_ANSWER_BINARY,
+                AIDE_ANSWER_FREE, AIDE_GRADE_RELEVANCE, AIDE_GRADE_DIVERSITY, AIDE_IMPROVE, AIDE_FEEDBACK_TOO_LONG,
+                AIDE_FEEDBACK_NOT_RELEVANT, AIDE_FEEDBACK_TOO_SIMILAR, AIDE_CHECK_CHOICES, *AIDE_EXAMPLES.values())
 ALL.update({p.id: p for p in AIDE_PROMPTS})

@@ -29,6 +29,7 @@ from curate.rewrite.aide import (
     parse_attributes,
     parse_choices,
     parse_grade,
+    parse_response,
     parse_tag,
     parse_triples,
     parse_yes_no,
@@ -82,6 +83,23 @@ def test_attribute_triple_choice_grade_and_yes_no_parsers():
     assert parse_yes_no("<Response> Yes, it is.</Response>", "Response") == (True, "ok")
     assert parse_yes_no("<response>no</response>", "Response") == (False, "ok")
     assert parse_yes_no("<Response>Maybe yes</Response>", "Response") == (None, "not_yes_no")
+
+
+def test_response_parser_last_match_lowercase_fallback_and_yes_no_normalisation():
+    # the last <Response> wins; the capitalised tag is used whenever it is there
+    assert parse_response("<Response>No</Response> on second thought <Response>Yes</Response>") == ("Yes", "ok")
+    assert parse_response("<Response>No</Response> <response>yes</response>") == ("No", "ok")
+    assert parse_response("<response>no</response>") == ("No", "ok_lowercase")
+    # normalised by the first word, any case, leading punctuation skipped
+    assert [parse_response(f"<Response>{b}</Response>")[0] for b in ("YES.", " no, because 91 = 7 * 13", "**Yes**", "\"No\"")] == [
+        "Yes", "No", "Yes", "No"]
+    # anything else is no answer, with its reason: never a guessed Yes or No
+    assert parse_response("<Response>Maybe yes</Response>") == (None, "not_yes_no")
+    assert parse_response("<Response>Nope</Response>") == (None, "not_yes_no")
+    assert parse_response("<Response> </Response>") == (None, "empty")
+    assert parse_response("<Rewritten Prompt>Is 91 prime?</Rewritten Prompt> The answer is Yes.") == (None, "missing_tag")
+    assert parse_response("<RESPONSE>Yes</RESPONSE>") == (None, "missing_tag")
+    assert parse_response(None) == (None, "missing_tag")
 
 
 def test_parsers_on_recorded_smollm2_replies_give_statuses_not_values():
@@ -207,17 +225,25 @@ def test_rewrites_use_the_current_node_and_the_residual_connection(match_referen
     assert div.endswith("Instruction: NODE: write a recursive factorial function.") and "A chef." in div and "SEED" not in div
 
 
-def _scripted(gen, replies: dict[str, str]) -> list:
+def _scripted(gen, replies: dict[str, str | list[str]]) -> list:
     """Drive a child's generator with hand-written replies, keyed by prompt id (the bundled 135M model
-    never writes AIDE's tags, so it cannot reach the grade and check loops); returns the calls made."""
+    never writes AIDE's tags, so it cannot reach the grade and check loops); a list gives one reply per
+    call of that prompt, in order. A call of a prompt with no reply fails the test. Returns the calls
+    made and the child."""
     from curate.lm.calls import Reply
+
+    queues = {k: list(v) for k, v in replies.items() if isinstance(v, list)}
+
+    def reply(c) -> str:
+        pid = c.prompt["id"]
+        return queues[pid].pop(0) if pid in queues else replies[pid]
 
     made = []
     try:
         calls = next(gen)
         while True:
             made += calls
-            calls = gen.send([Reply(replies[c.prompt["id"]], "ok", "k" * 64) for c in calls])
+            calls = gen.send([Reply(reply(c), "ok", "k" * 64) for c in calls])
     except StopIteration as stop:
         return made, stop.value
 
@@ -251,6 +277,96 @@ def test_grading_stops_when_an_unchanged_text_would_be_graded_again_greedy():
     _, child = _scripted(s.grow(ChildSpec(seed_node, 0, "relevance", direction="reasoning", skill="loops"), seed_node.text), replies)
     assert [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1", "improve_1"]
     assert (child.reject, child.grades) == ("reflection_rejected", [2])
+
+
+# -- binary tasks: the rewrite's <Response> is the answer ------------------------------------------
+
+BINARY = {**TINY, "use_case": "yes/no questions about numbers", "choice_type": "binary", "personas": None}
+PRIME = Node(0, "0", 1, "Is 17 a prime number?", topic="primes", seed_sid="s")
+
+
+def test_a_binary_rewrite_asks_for_a_response_and_its_child_carries_it_as_the_answer():
+    s = step(BINARY)
+    replies = {"aide_rewrite_concrete": "<Rewritten Prompt>Is 91, the number of days in a quarter, prime?</Rewritten Prompt>\n"
+                                        "<Response>Yes</Response>\nWait: 91 = 7 * 13.\n<Response>no.</Response>",
+               "aide_grade_relevance": "<Score>8</Score>"}  # no aide_answer_binary reply: an answer call would fail the test
+    made, child = _scripted(s.grow(ChildSpec(PRIME, 1, "relevance", direction="concrete", skill="divisors"), PRIME.text), replies)
+    asked = made[0].messages[0]["content"]
+    assert made[0].prompt["id"] == "aide_rewrite_concrete" and made[0].prompt["version"] == "2"
+    assert "Yes or No, inside <Response></Response>." in asked and "<Response>No</Response>" in asked  # the request and the example
+    assert child.reject is None and [name for name, _, _ in child.exchanges] == ["rewrite", "grade_1"]
+    assert (child.text, child.answer, child.answer_call) == ("Is 91, the number of days in a quarter, prime?", "No", "rewrite")
+    assert "response:ok" in child.statuses
+    assert s.render(child) == ([{"role": "user", "content": child.text}, {"role": "assistant", "content": "No"}],
+                               {"instruction": child.text, "answer": "No"})
+    # the other answer forms do not ask for it: their filled rewrite prompt is the version-1 text
+    free = _first_prompt(step(TINY), ChildSpec(PRIME, 1, "relevance", direction="concrete", skill="divisors"), PRIME.text)
+    assert "<Response>" not in free and "</Rewritten Prompt>.\n\nExample\n" in free
+
+
+@pytest.mark.parametrize("reply,status", [("no response tag, the answer is Yes", "missing_tag"),
+                                          ("<Response>It depends</Response>", "not_yes_no")])
+def test_a_binary_rewrite_without_a_yes_no_response_is_rejected_not_answered(reply, status):
+    s = step(BINARY)
+    replies = {"aide_rewrite_reasoning": f"<Rewritten Prompt>Is 97 prime?</Rewritten Prompt> {reply}"}
+    _, child = _scripted(s.grow(ChildSpec(PRIME, 0, "relevance", direction="reasoning", skill="divisors"), PRIME.text), replies)
+    assert (child.reject, child.detail, child.answer) == ("response_parse_failed", status, None)
+    assert [name for name, _, _ in child.exchanges] == ["rewrite"] and child.statuses == ["rewrite:ok", f"response:{status}"]
+
+
+def test_a_changed_binary_text_is_answered_again_and_diversity_children_use_the_answer_call():
+    """The rewrite's <Response> answered the rewritten text; once an improve call changes it, the
+    answer call answers the new text. Diversity children never get a <Response> request."""
+    s = step({**BINARY, "max_reflection_relevance": 2})
+    replies = {"aide_rewrite_reasoning": "<Rewritten Prompt>Is 97 prime?</Rewritten Prompt><Response>Yes</Response>",
+               "aide_grade_relevance": ["<Score>2</Score>", "<Score>9</Score>"],
+               "aide_improve": "<Improved Prompt>Is 91 prime?</Improved Prompt>", "aide_answer_binary": "<Choices>No</Choices>"}
+    _, child = _scripted(s.grow(ChildSpec(PRIME, 0, "relevance", direction="reasoning", skill="divisors"), PRIME.text), replies)
+    assert [name for name, _, _ in child.exchanges] == ["rewrite", "grade_1", "improve_1", "improve_1_answer", "grade_2"]
+    assert (child.reject, child.text, child.answer, child.answer_call, child.grades) == (
+        None, "Is 91 prime?", "No", "improve_1_answer", [2, 9])
+    replies = {"aide_create": "<Created Prompt>Is every cube odd?</Created Prompt><Response>Yes</Response>",
+               "aide_answer_binary": "<Choices>No</Choices>", "aide_grade_diversity": "<Score>7</Score>"}
+    made, child = _scripted(s.grow(ChildSpec(PRIME, 3, "diversity"), PRIME.text), replies)
+    assert "<Response>" not in made[0].messages[0]["content"]
+    assert [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1"]
+    assert (child.answer, child.answer_call) == ("No", "answer")
+
+
+def test_binary_rewrites_in_a_run_count_a_missing_response_and_record_where_the_answer_came_from(tmp_path):
+    """A whole (scripted) run: of two binary relevance children one has a <Response> and becomes a row
+    answered by it, the other has none and is counted as response_parse_failed."""
+    from curate.lm.calls import Reply
+
+    s = step({**BINARY, "max_attributes": 2, "d_depth": 0, "directions": ["concrete"]}, tmp_path)
+
+    def ask(calls):
+        out = []
+        for c in calls:
+            pid, text = c.prompt["id"], c.messages[0]["content"]
+            if pid == "aide_topic":
+                r = "<Topic>primes</Topic><Related knowledge>divisors, squares</Related knowledge>"
+            elif pid == "aide_rewrite_concrete" and '"divisors"' in text:
+                r = ("<Rewritten Prompt>Is 91, the number of days in a quarter of a year, a prime number?</Rewritten Prompt>"
+                     "<Response>No</Response>")
+            elif pid == "aide_rewrite_concrete":
+                r = "<Rewritten Prompt>Is the square of a whole number ever prime?</Rewritten Prompt> Answer: No"
+            else:
+                assert pid == "aide_grade_relevance", pid
+                r = "<Score>8</Score>"
+            out.append(Reply(r, "ok", "k" * 64))
+        return out
+
+    s.ask = ask
+    seed = record("Is 17 a prime number?", "Yes")
+    res = s.run_unit("all", [seed])
+    st = res.stats
+    assert st["rejected"] == {"response_parse_failed": 1} and st["accepted"] == 1
+    assert st["statuses"]["response:ok"] == 1 and st["statuses"]["response:missing_tag"] == 1
+    (row,) = res.derived
+    assert row.messages[1]["content"] == "No" and row.variant == "relevance:concrete"
+    assert row.generation["answer_call"] == "rewrite" and set(row.generation["calls"]) == {"topic", "rewrite", "grade_1"}
+    assert res.dispositions[seed["sample_id"]][0] == "used"
 
 
 # -- tree-size bounds ---------------------------------------------------------------------------
@@ -307,11 +423,13 @@ def test_plan_calls_arithmetic():
     # the cap goes to the dearest children first: 17 diversity (101 calls each), then 33 relevance (26 each)
     assert b["calls"] == 17 + 17 + 17 * 101 + 33 * 26 == 2609 and s.plan_calls(6) == 6 * 2609
     assert step({"use_case": "code", "budget": {"max_calls": 1000}}).plan_calls(6) == 1000
-    # no reflection: rewrite + answer per child; binary: no choice checks
+    # no reflection: rewrite + answer per child
     s = step({"use_case": "code", "reflection": False, "max_nodes_per_seed": None, "r_depth": 1, "d_depth": 1, "ex_kg": False})
     assert s.child_costs() == (2, 2) and s.tree_bound()["calls"] == 1 + 2 * (9 + 1)
+    # binary: no choice checks, and a relevance child's rewrite carries its answer (one call less)
     s = step({"use_case": "code", "choice_type": "binary", "max_reflection_relevance": 2, "max_reflection_diversity": 1})
-    assert s.child_costs() == (3 * 2 + 2, 3 * 1 + 2)
+    assert s.child_costs() == (3 * 2 + 1, 3 * 1 + 2)
+    assert step({"use_case": "code", "choice_type": "binary", "reflection": False}).child_costs() == (1, 2)
     # the flow's tiny tree: 1 analysis + 2 children x (3*1 + 2*1 + 1) calls
     assert step(TINY).tree_bound()["calls"] == 1 + 2 * 6 == 13
 

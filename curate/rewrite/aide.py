@@ -12,7 +12,8 @@ layer L+1:
   of reasoning, ``concrete`` — specific details, ``constraint`` — added requirements) one rewrite of
   the *node's* text into ``<Rewritten Prompt>``; past layer ``sk_conn`` the prompt also asks to stay
   close to the seed (the residual connection: every direction; ``match_reference: true`` — reasoning
-  only, as the reference code behaves);
+  only, as the reference code behaves); for ``choice_type: binary`` the rewrite also writes the new
+  question's answer, Yes or No, in ``<Response>`` (C4 2a);
 - **diversity hops** (L ≤ ``d_depth``): per chosen persona one ``<Created Prompt>`` in that
   persona's voice, related to the node's topic but different from its text; without a persona file,
   one created prompt per node. Personas come from a local file (one per line); the ``persona_k``
@@ -22,7 +23,17 @@ layer L+1:
 
 Each child then gets an **answer** (``choice_type``: ``multi_choice`` — one ``Correct:`` and three
 ``Incorrect:`` options in ``<Choices>``; ``binary`` — Yes or No in ``<Choices>``; ``free_form`` — the
-answer in ``<Choices>``) and, with ``reflection``, **self-reflection**: if the instruction is longer
+answer in ``<Choices>``). A binary *relevance* child makes no answer call: its answer is the
+rewrite's ``<Response>`` (last match, lowercase fallback, normalised to ``Yes``/``No`` by its first
+word; missing or neither word: the child is rejected, ``response_parse_failed``, never a guessed
+answer) — our reading of C4 2a with 2c "binary — Yes/No". Where the spec is silent we chose: a
+diversity child is answered by the answer call (the ``<Response>`` belongs to the rewrite step only),
+and once a shortening or improve call changes a binary child's text its answer is redone by the
+answer call, since the rewrite's ``<Response>`` answered the old text. The generation record names
+the call that gave the answer (``answer_call``). An implicature-style task is a ``binary`` one here
+(no separate mode, no task-specific text wrappers).
+
+With ``reflection``, each child then goes through **self-reflection**: if the instruction is longer
 than ``len_token`` tokens (teacher tokenizer) one improve call shortens it; a grader scores it 1–10
 (relevance to the seed for relevance hops, difference from the parent for diversity hops) and it is
 accepted when the score is > 4, else an improve call gets the feedback and the answer is redone, up
@@ -179,17 +190,35 @@ def parse_grade(text: str | None) -> tuple[int | None, str]:
     return (g, "ok") if 1 <= g <= 10 else (None, "grade_out_of_range")
 
 
+def _yes_no(body: str) -> bool | None:
+    """True for a body whose first word is yes, False for no (any case, leading punctuation skipped), else None."""
+    word = re.match(r"\W*(\w+)", body)
+    w = word.group(1).lower() if word else ""
+    return True if w == "yes" else False if w == "no" else None
+
+
 def parse_yes_no(text: str | None, tag: str) -> tuple[bool | None, str]:
+    """Yes/No from the last ``<tag>`` (lowercase fallback) by its first word. Status ``ok`` (either
+    tag form), ``missing_tag``, ``empty`` or ``not_yes_no``."""
     body, status = parse_tag(text, tag)
     if body is None:
         return None, status
-    word = re.match(r"\W*(\w+)", body)
-    w = word.group(1).lower() if word else ""
-    if w == "yes":
-        return True, "ok"
-    if w == "no":
-        return False, "ok"
-    return None, "not_yes_no"
+    yn = _yes_no(body)
+    return (None, "not_yes_no") if yn is None else (yn, "ok")
+
+
+def parse_response(text: str | None) -> tuple[str | None, str]:
+    """The answer a binary rewrite writes in ``<Response>`` (methods.md C4 2a), normalised to ``"Yes"`` or
+    ``"No"`` by its first word (``YES.``, ``no, because …``): the last ``<Response>`` wins, ``<response>``
+    is the fallback. Status: ``ok``, ``ok_lowercase``, ``missing_tag``, ``empty`` or ``not_yes_no``;
+    anything but a Yes or No gives None — no answer is guessed."""
+    body, status = parse_tag(text, "Response")
+    if body is None:
+        return None, status
+    yn = _yes_no(body)
+    if yn is None:
+        return None, "not_yes_no"
+    return ("Yes" if yn else "No"), status
 
 
 def choose_personas(similarities: np.ndarray, k: int, threshold: float) -> list[int]:
@@ -293,6 +322,7 @@ class Child:
     text: str | None = None
     answer: Any = None  # multi: [(option, 1|0)]; binary: "Yes"/"No"; free: str
     answer_raw: str | None = None
+    answer_call: str | None = None  # the name of the call whose reply gave the answer ("rewrite": its <Response>)
     grades: list[int | None] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     exchanges: list[tuple[str, Call, Reply]] = field(default_factory=list)
@@ -341,8 +371,9 @@ class AIDEStep(LLMRewriter):
 
     method = "aide"
     # 1.1: seeds whose analysis fails are passed through as analysis_failed; 1.2: each sampled call has its own seed
-    # (a redone answer or grade is a new draw, not the cached reply), and greedy decoding does not repeat a prompt
-    version = "1.2"
+    # (a redone answer or grade is a new draw, not the cached reply), and greedy decoding does not repeat a prompt;
+    # 1.3: a binary relevance rewrite also writes <Response>, the child's answer (no answer call; missing: rejected)
+    version = "1.3"
     Params = AIDEParams
     prompts: ClassVar[tuple[P.Prompt, ...]] = P.AIDE_PROMPTS
 
@@ -381,16 +412,17 @@ class AIDEStep(LLMRewriter):
         """Most calls one relevance child and one diversity child can make."""
         p: AIDEParams = self.params
 
-        def cost(rounds: int, checks: int) -> int:
+        def cost(rounds: int, checks: int, answer_call: bool) -> int:
+            c = 1 + answer_call  # rewrite (+ answer; a binary rewrite's <Response> is the answer)
             if not p.reflection:
-                return 2  # rewrite + answer
-            c = 2 + 2 + rounds + 2 * (rounds - 1)  # rewrite, answer, shorten + answer, grades, improve + answer between grades
+                return c
+            c += 2 + rounds + 2 * (rounds - 1)  # shorten + answer, grades, improve + answer between grades
             if p.choice_type != "binary":
                 c += checks + (checks - 1)  # checks, answer redone between checks
             return c
 
-        return (cost(p.max_reflection_relevance, p.max_choice_checks_relevance),
-                cost(p.max_reflection_diversity, p.max_choice_checks_diversity))
+        return (cost(p.max_reflection_relevance, p.max_choice_checks_relevance, p.choice_type != "binary"),
+                cost(p.max_reflection_diversity, p.max_choice_checks_diversity, True))
 
     def tree_bound(self) -> dict[str, int]:
         """Largest tree of one seed: children per layer with every node having the most attributes
@@ -512,7 +544,8 @@ class AIDEStep(LLMRewriter):
         return status
 
     def _answer(self, child: Child, name: str) -> Generator:
-        """Ask for the answer of ``child.text``; sets ``child.answer``; returns a failure reason or None."""
+        """Ask for the answer of ``child.text``; sets ``child.answer`` (and ``answer_call`` to ``name``);
+        returns a failure reason or None."""
         p: AIDEParams = self.params
         c = self.ask_one(ANSWER_PROMPTS[p.choice_type], child.where(name), instruction=child.text)
         (r,) = yield [c]
@@ -537,6 +570,7 @@ class AIDEStep(LLMRewriter):
             child.answer = child.answer_raw = "Yes" if yn else "No"
         else:
             child.answer = child.answer_raw = body
+        child.answer_call = name
         return None
 
     def _improve(self, child: Child, original: str, feedback: P.Prompt, name: str) -> Generator:
@@ -556,8 +590,9 @@ class AIDEStep(LLMRewriter):
         return (yield from self._answer(child, f"{name}_answer")), True
 
     def grow(self, spec: ChildSpec, seed_text: str) -> Generator:
-        """One child: rewrite or create, answer, then (with reflection) the length check, graded
-        acceptance and the answer-in-choices check. Returns the :class:`Child`."""
+        """One child: rewrite or create, answer (a binary rewrite's own ``<Response>``, else an answer
+        call), then (with reflection) the length check, graded acceptance and the answer-in-choices
+        check. Returns the :class:`Child`."""
         p: AIDEParams = self.params
         child = Child(spec)
         node = spec.parent
@@ -568,7 +603,8 @@ class AIDEStep(LLMRewriter):
                 residual = P.AIDE_RESIDUAL.text.format(seed=seed_text)
             prompt = REWRITE_PROMPTS[spec.direction]
             fields = dict(use_case=p.use_case, topic=node.topic, skill=spec.skill, residual=residual,
-                          examples=self.examples(spec.direction))
+                          examples=self.examples(spec.direction),
+                          response_form=P.AIDE_RESPONSE_FORM.text if p.choice_type == "binary" else "")
             tag = "Rewritten Prompt"
         else:
             prompt = P.AIDE_CREATE_PERSONA if spec.persona else P.AIDE_CREATE
@@ -589,10 +625,20 @@ class AIDEStep(LLMRewriter):
             child.reject, child.detail = "rewrite_parse_failed", status
             return child
         child.text = text
-        why = yield from self._answer(child, "answer")
-        if why:
-            child.reject = why
-            return child
+        if relevance and p.choice_type == "binary":
+            # methods.md C4 2a/2c: a binary rewrite writes its Yes/No in <Response>; that is the answer
+            answer, status = parse_response(r.text)
+            child.statuses.append(f"response:{status}")
+            if answer is None:
+                child.reject, child.detail = "response_parse_failed", status
+                return child
+            child.answer = child.answer_raw = answer
+            child.answer_call = "rewrite"
+        else:
+            why = yield from self._answer(child, "answer")
+            if why:
+                child.reject = why
+                return child
         if not p.reflection:
             return child
         original = seed_text if relevance else node.text
@@ -758,7 +804,7 @@ class AIDEStep(LLMRewriter):
                                       seed_sample_id=seeds[node.seed].sample_id, parent_node=spec.parent.path,
                                       parent_sample_id=spec.parent.sample_id, topic=spec.parent.topic, skill=spec.skill,
                                       persona=spec.persona, grades=ch.grades, statuses=ch.statuses, use_case=p.use_case,
-                                      choice_type=p.choice_type)
+                                      choice_type=p.choice_type, answer_call=ch.answer_call)
                 out.derive(messages, parents=[seeds[node.seed].sample_id], variant=node.variant, generation=gen, original=original)
                 accepted_per_seed[node.seed] += 1
                 next_frontier.append(node)
