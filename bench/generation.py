@@ -1,6 +1,6 @@
 """Generation engine speed (issue 10): batched hf generation and concurrent openai requests.
 
-    .venv/bin/python bench/generation.py [--prompts 32] [--max-tokens 64] [--repeats 1]
+    .venv/bin/python bench/generation.py [--prompts 32] [--max-tokens 64] [--repeats 1] [--replicas 1,2]
 
 Prompts: the first AlpacaEval instructions (../shared/data/alpaca_eval, gpt4 outputs file), as user
 messages; the bundled SmolLM2-135M-Instruct, fp32, greedy, ``--max-tokens`` new tokens at most.
@@ -12,7 +12,12 @@ rewriters use).
 (b) **openai**: the stand-in OpenAI-compatible server of the tests (tests/lm_server.py) serving the
     same model in this process, with **dynamic batching** as vLLM's server does it (requests that
     arrive together are generated in one left-padded ``generate`` call, up to 8 rows): sequential
-    requests (``concurrency: 1``: the server only ever sees one) vs 8 in flight.
+    requests (``concurrency: 1``: the server only ever sees one) vs 8 in flight. One case per
+    ``--replicas`` count (default 1 and 2): with 2 the server runs two copies of the model, each with
+    its own worker thread taking requests from one queue and batching what it takes, as a
+    deployment with several replicas does. Sequential requests then keep one replica (one core with
+    one torch thread) busy at a time, while 8 in flight keep both busy: that case measures what a
+    client gains from concurrency against a replicated server, not a faster model.
 
 (c) ``--ceiling``: what batching can give at all on this machine: ``generate`` on 1, 8 and 16
     copies of one prompt, exactly 64 new tokens each (no padding, no early end), CPU seconds.
@@ -76,6 +81,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--in-flight", type=int, default=8)
+    ap.add_argument("--replicas", default="1,2", help="comma-separated replica counts of the stand-in server, one openai case each")
     ap.add_argument("--ceiling", action="store_true", help="only part (c); prints its line")
     args = ap.parse_args()
     if args.ceiling:
@@ -124,30 +130,44 @@ def main() -> None:
                 best[mode] = res
     batches = len(greedy_batches(n_prompt, batched.token_budget))
     hf_alone = best["alone"][2]
+    lines_after: list[str] = []
     diff_hf = row(f"hf, {len(calls)} prompts ({batches} batches under {batched.token_budget} padded tokens)", best["alone"], best["batched"])
 
-    # (b) openai: sequential vs in flight, against the stand-in server with dynamic batching
-    with LocalCompletionsServer(batched.model, tokenizer=batched.tokenizer, max_batch=args.in_flight) as server:
-        def api(concurrency):
-            return load_backend(LMParams(backend="openai", base_url=server.base_url, served_name="local-smollm2", concurrency=concurrency))
+    # (b) openai: sequential vs in flight, against the stand-in server with dynamic batching (and replicas)
+    diffs = [("hf", diff_hf)]
+    for n_rep in (int(x) for x in args.replicas.split(",")):
+        with LocalCompletionsServer(batched.model, tokenizer=batched.tokenizer, max_batch=args.in_flight, replicas=n_rep) as server:
+            def api(concurrency):
+                return load_backend(LMParams(backend="openai", base_url=server.base_url, served_name="local-smollm2", concurrency=concurrency))
 
-        best = {}
-        sizes = {}
-        for _ in range(args.repeats):
-            for mode, conc in (("sequential", 1), ("concurrent", args.in_flight)):
-                n0 = len(server.batches)
-                res = timed(CallEngine(api(conc)), calls)
-                sizes[mode] = server.batches[n0:]
-                if mode not in best or res[0] < best[mode][0]:
-                    best[mode] = res
-    conc = sizes["concurrent"]
-    diff_api = row(f"openai, {args.in_flight} in flight vs sequential (server batches of {min(conc)}–{max(conc)} rows, "
-                   f"mean {sum(conc) / len(conc):.1f})", best["sequential"], best["concurrent"])
+            best = {}
+            sizes, served = {}, {}
+            for _ in range(args.repeats):
+                for mode, conc in (("sequential", 1), ("concurrent", args.in_flight)):
+                    n0 = len(server.batches)
+                    res = timed(CallEngine(api(conc)), calls)
+                    sizes[mode], served[mode] = server.batches[n0:], server.batch_replicas[n0:]
+                    if mode not in best or res[0] < best[mode][0]:
+                        best[mode] = res
+        conc = sizes["concurrent"]
+        if n_rep == 1:
+            name = (f"openai, 1 replica, {args.in_flight} in flight vs sequential (server batches of {min(conc)}–{max(conc)} rows, "
+                    f"mean {sum(conc) / len(conc):.1f})")
+        else:
+            per = ", ".join(f"replica {r}: {served['concurrent'].count(r)} batches, {sum(b for b, s in zip(conc, served['concurrent']) if s == r)} rows"
+                            for r in range(n_rep))
+            name = (f"openai, {n_rep} replicas ({args.threads} torch thread(s) each), {args.in_flight} in flight vs sequential — "
+                    f"sequential keeps one replica busy at a time, {args.in_flight} in flight all {n_rep} (server batches of "
+                    f"{min(conc)}–{max(conc)} rows, mean {sum(conc) / len(conc):.1f}; {per})")
+        diffs.append((f"openai {n_rep} replica(s)", row(name, best["sequential"], best["concurrent"])))
+        lines_after.append(f"hf one at a time and the {n_rep}-replica server give the same text on "
+                           f"{sum(a.text == b.text for a, b in zip(hf_alone, best['sequential'][2]))}/{len(calls)} prompts sequentially, "
+                           f"{sum(a.text == b.text for a, b in zip(hf_alone, best['concurrent'][2]))}/{len(calls)} with "
+                           f"{args.in_flight} in flight.")
     lines.append("")
-    lines.append(f"hf one at a time and the server one at a time give the same text on "
-                 f"{sum(a.text == b.text for a, b in zip(hf_alone, best['sequential'][2]))}/{len(calls)} prompts.")
-    for name, diffs in (("hf", diff_hf), ("openai", diff_api)):
-        for i, a, b in diffs:
+    lines.extend(lines_after)
+    for name, diff in diffs:
+        for i, a, b in diff:
             lines.append(f"- {name}: prompt {i} differs. one at a time: {a[:160]!r} … batched/concurrent: {b[:160]!r} …")
     lines.append(f"\nLoad average {os.getloadavg()[0]:.2f} at the end.")
     write_result("generation", "\n".join(lines) + "\n")

@@ -19,10 +19,20 @@ the model is busy, or together (received while others are still being read, or w
 ``batch_window_s`` of the first), are generated in one left-padded ``generate`` call of up to
 ``max_batch`` rows. With ``max_batch=1`` (default) the server
 generates one request at a time.
+
+``replicas`` > 1 serves chat requests with that many copies of the model, as a deployment with
+several replicas behind one endpoint does: replica 0 is ``model`` itself, the others are deep copies
+(no module state is shared between threads); each replica has its own worker thread that takes
+requests from one shared queue and batches what it takes (up to ``max_batch`` rows) as above.
+Torch releases the GIL inside its kernels, so with one torch thread per replica (the process's
+``torch.set_num_threads``) two replicas use two cores. ``batch_replicas`` says which replica made
+each ``generate`` call of ``batches``. A client that sends one request at a time keeps one replica
+busy at a time. Default ``replicas=1``: one worker, as before.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import threading
@@ -38,8 +48,12 @@ OPENAI_CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens",
 class LocalCompletionsServer:
     def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None,
                  strict: bool = False, fail_every: int = 0, fail_codes: tuple[int, ...] = (429, 500), reject: str | None = None,
-                 max_batch: int = 1, batch_window_s: float = 0.005):
+                 max_batch: int = 1, batch_window_s: float = 0.005, replicas: int = 1):
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1, not {replicas}")
         self.model = model
+        #: the models that generate chat replies: ``model`` and ``replicas - 1`` deep copies of it
+        self.replicas = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
         self.strict = strict
         self.bodies: list[dict] = []  # every request body received, in arrival order
         self.statuses: list[int | None] = []  # the HTTP status answered to each of them (None: not yet answered)
@@ -47,8 +61,9 @@ class LocalCompletionsServer:
         self.seen: dict[str, int] = {}  # distinct chat bodies -> requests received for it
         self.max_batch, self.batch_window_s = max_batch, batch_window_s
         self.batches: list[int] = []  # rows per generate call (dynamic batching)
+        self.batch_replicas: list[int] = []  # the replica that made each of those calls
         self._queue: queue.Queue = queue.Queue()
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self.arriving = 0  # requests received and not yet queued for generation (or answered)
         self._local = threading.local()
         self.tokenizer = tokenizer
@@ -57,7 +72,8 @@ class LocalCompletionsServer:
         self.fail_first = fail_first
         self.requests = 0
         self.lock = threading.Lock()  # the request log
-        self.model_lock = threading.Lock()  # one forward or generate at a time
+        self.model_lock = threading.Lock()  # one forward or generate at a time (on ``model``, replica 0)
+        self.replica_locks = [self.model_lock] + [threading.Lock() for _ in self.replicas[1:]]
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -67,22 +83,24 @@ class LocalCompletionsServer:
 
     def __enter__(self):
         self.thread.start()
-        if self.max_batch > 1:
-            self._worker = threading.Thread(target=self._batch_loop, daemon=True)
-            self._worker.start()
+        if self.max_batch > 1 or len(self.replicas) > 1:
+            self._workers = [threading.Thread(target=self._batch_loop, args=(r,), daemon=True) for r in range(len(self.replicas))]
+            for w in self._workers:
+                w.start()
         return self
 
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join()
+        for _ in self._workers:
+            self._queue.put(None)  # one stop mark per worker
+        for w in self._workers:
+            w.join()
 
     # -- generation -------------------------------------------------------------------------------
-    def _generate(self, rows: list[list[int]], max_tokens: list[int]) -> list[tuple[str, int]]:
-        """Greedy continuations of token-id rows in one left-padded ``generate`` call: (text, new tokens)
-        per row, each ending at its first EOS or its own ``max_tokens``."""
+    def _generate(self, rows: list[list[int]], max_tokens: list[int], replica: int = 0) -> list[tuple[str, int]]:
+        """Greedy continuations of token-id rows in one left-padded ``generate`` call of one replica:
+        (text, new tokens) per row, each ending at its first EOS or its own ``max_tokens``."""
         import torch
 
         width = max(len(r) for r in rows)
@@ -92,11 +110,13 @@ class LocalCompletionsServer:
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
-        with self.model_lock, torch.inference_mode():
-            self.batches.append(len(rows))
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_tokens), do_sample=False,
-                                      temperature=None, top_p=None, top_k=None, pad_token_id=pad,
-                                      eos_token_id=self.tokenizer.eos_token_id)
+        with self.replica_locks[replica], torch.inference_mode():
+            with self.lock:
+                self.batches.append(len(rows))
+                self.batch_replicas.append(replica)
+            out = self.replicas[replica].generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(max_tokens), do_sample=False,
+                                                  temperature=None, top_p=None, top_k=None, pad_token_id=pad,
+                                                  eos_token_id=self.tokenizer.eos_token_id)
         res = []
         for new, cap in zip(out[:, width:].tolist(), max_tokens):
             new = new[:cap]
@@ -104,9 +124,10 @@ class LocalCompletionsServer:
             res.append((self.tokenizer.decode(new[:end], skip_special_tokens=True), end))
         return res
 
-    def _batch_loop(self) -> None:
-        """Dynamic batching: take what is waiting (up to ``max_batch`` rows, waiting ``batch_window_s``
-        for more after the first) and generate it in one call."""
+    def _batch_loop(self, replica: int = 0) -> None:
+        """Dynamic batching, one loop per replica: take what is waiting (up to ``max_batch`` rows, waiting
+        ``batch_window_s`` for more after the first) and generate it in one call of this replica. Idle
+        replicas take from the same queue, so requests that arrive together are shared between them."""
         while True:
             first = self._queue.get()
             if first is None:
@@ -127,7 +148,7 @@ class LocalCompletionsServer:
                     break
                 items.append(nxt)
             try:
-                for item, res in zip(items, self._generate([i["ids"] for i in items], [i["max_tokens"] for i in items])):
+                for item, res in zip(items, self._generate([i["ids"] for i in items], [i["max_tokens"] for i in items], replica)):
                     item["result"] = res
             except Exception as exc:  # noqa: BLE001 - every waiting request answers 500
                 for item in items:
@@ -136,7 +157,7 @@ class LocalCompletionsServer:
                 item["done"].set()
 
     def generate_one(self, ids: list[int], max_tokens: int) -> tuple[str, int]:
-        if self._worker is None:
+        if not self._workers:
             return self._generate([ids], [max_tokens])[0]
         item = {"ids": ids, "max_tokens": max_tokens, "done": threading.Event()}
         with self.lock:
