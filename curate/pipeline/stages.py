@@ -221,7 +221,8 @@ class SelectStage(Stage):
         (selection,), secs = run.map(self, select_stage, [dict(
             pool_sets=pool_sets, steps=self.steps, scorers=run.scorers, embed_key=run.embed_key, store_dir=run.store_dir, out_dir=str(run.out),
             n_input=n_input, seed=spec.seed, base_dir=str(spec.base), name=self.name, exclude_rows=exclude,
-            prior_ledger=run.dataset.ledger_path if self.first else None, shard_size=spec.ingest.shard_size)])
+            prior_ledger=run.dataset.ledger_path if self.first else None, shard_size=spec.ingest.shard_size,
+            embed_spec=spec.embed, torch_threads=torch_threads(spec))])
         run.selections.append(selection)
         run.sets[self.name] = selection.selected
         return {"stage": self.name, "tasks": 1, "rows": selection.n_selected, "seconds": secs}

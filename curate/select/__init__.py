@@ -23,6 +23,7 @@ SELECTORS: dict[str, str] = {
     "flcg": "curate.select.submodular_steps:FLCGSelect",
     "smart": "curate.select.smart:Smart",
     "delift": "curate.select.delift:Delift",
+    "decontaminate": "curate.select.decontaminate:Decontaminate",
 }
 
 

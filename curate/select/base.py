@@ -101,10 +101,14 @@ class Selector:
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
-    def __init__(self, params: dict[str, Any] | BaseModel | None = None, step_index: int = 0, base_dir: str | None = None):
+    def __init__(self, params: dict[str, Any] | BaseModel | None = None, step_index: int = 0, base_dir: str | None = None,
+                 context: dict[str, Any] | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
         self.step_index = step_index
         self.base_dir = base_dir  # relative paths in parameters resolve against the flow's base_dir
+        # what the run gives a step beyond its pool: ``embed`` (the flow's EmbedSpec or None), ``embed_key``,
+        # ``store_dir``, ``torch_threads`` (empty when the step is built outside a run)
+        self.context = dict(context or {})
 
     def select(self, pool: Pool) -> StepResult:
         raise NotImplementedError

@@ -47,10 +47,13 @@ def select_stage(
     prior_ledger: str | None = None,
     shard_size: int = 10_000,
     exclude_rows: list[int] | None = None,
+    embed_spec=None,
+    torch_threads: int | None = None,
 ) -> SelectionRef:
     """Select from the rows of ``pool_sets`` (less ``exclude_rows``, decided earlier). ``n_input``:
     the base of a fractional budget with ``rate_base: input`` (methods.md B0: every input row of the
-    round, quarantined included). ``prior_ledger``: ledger rows decided before this round (the ingest
+    round, quarantined included). ``embed_spec``/``torch_threads``: the flow's embedder, handed to
+the steps (decontaminate embeds its eval set with it). ``prior_ledger``: ledger rows decided before this round (the ingest
     outcomes), copied into this round's ledger file. A row whose content repeats an earlier row of the
     pool (a rewrite can reproduce its parent) is ``filtered`` as ``exact_duplicate``."""
     out = Path(out_dir)
@@ -115,7 +118,8 @@ def select_stage(
     step_columns: dict[str, np.ndarray] = {}
     prefix = "select" if name == "select" else name
     for s_i, step in enumerate(steps):
-        selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir)
+        context = {"embed": embed_spec, "embed_key": embed_key, "store_dir": store_dir, "torch_threads": torch_threads}
+        selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir, context=context)
         res = selector.select(pool)
         stage = f"{prefix}:{s_i}:{step.label}"
         for j in np.flatnonzero(~res.keep):
