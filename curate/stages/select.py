@@ -53,8 +53,8 @@ def select_stage(
     """Select from the rows of ``pool_sets`` (less ``exclude_rows``, decided earlier). ``n_input``:
     the base of a fractional budget with ``rate_base: input`` (methods.md B0: every input row of the
     round, quarantined included). ``embed_spec``/``torch_threads``: the flow's embedder, handed to
-the steps (decontaminate embeds its eval set with it). ``prior_ledger``: ledger rows decided before this round (the ingest
-    outcomes), copied into this round's ledger file. A row whose content repeats an earlier row of the
+    the steps (decontaminate embeds its eval set with it). ``prior_ledger``: ledger rows decided
+    before this round (the ingest outcomes), copied into this round's ledger file. A row whose content repeats an earlier row of the
     pool (a rewrite can reproduce its parent) is ``filtered`` as ``exact_duplicate``."""
     out = Path(out_dir)
     meta = read_records(pool_sets, META)
