@@ -4,12 +4,12 @@
 
 - **one path for every backend**: calls with the same decoding go to ``backend.chat`` together —
   ``hf`` generates them in left-padded batches (per-row seeds for sampled rows), ``vllm`` in one
-  ``generate`` call, ``openai`` as concurrent requests (bounded, capped retries with backoff and
+  ``LLM.chat`` call per chunk, ``openai`` as concurrent requests (bounded, capped retries with backoff and
   jitter on 429/5xx/timeouts; see :mod:`curate.lm.openai`);
 - **stop strings**: ``Decoding.stop`` is sent to the backend and the text is also cut at the first
   stop string here (exclusive, as the OpenAI API does), so every backend returns the same text;
 - **cache**: each finished reply is written to ``cache_dir`` under the sha256 of (backend
-  fingerprint, messages, decoding, seed) as soon as its batch returns, with its raw text, token
+  fingerprint, messages, decoding, seed, and ``attempt`` when it is a deliberate retry) as soon as its batch returns, with its raw text, token
   counts and retries; a re-run or a resumed run reads it and makes no call. Calls go to the backend
   in chunks (``flush_every``), so a killed run loses at most the chunk in flight. Failed calls are
   not cached (the next run tries them again);
