@@ -153,20 +153,18 @@ class Decontaminate(Selector):
                 for sid, st, vec in zip(table.column("sample_id").to_pylist(), table.column("status").to_pylist(), table.column("vector").to_pylist()):
                     if st == "ok":
                         vectors[sid] = np.asarray(vec, dtype=np.float32)
-        todo = [r for r in records if r["sample_id"] not in vectors]
+        todo: dict[str, dict[str, Any]] = {}  # the first eval row of each sample_id not stored yet
+        for r in records:
+            if r["sample_id"] not in vectors:
+                todo.setdefault(r["sample_id"], r)
         if todo:
-            new = embedder.embed_records(todo)
-            new_ids = [r["sample_id"] for r in todo]
-            for sid, vec in zip(new_ids, new):
-                vectors[sid] = vec
+            new = np.asarray(embedder.embed_records(list(todo.values())))
+            new_ids = list(todo)
+            vectors.update(zip(new_ids, new))
             if collection is not None:
                 collection.describe(embedder.fingerprint())
-                first = {}
-                for k, sid in enumerate(new_ids):
-                    first.setdefault(sid, k)
-                keep = sorted(first.values())
-                collection.write(embedding_table([new_ids[k] for k in keep], np.asarray(new)[keep], ["ok"] * len(keep)))
-        return np.stack([vectors[s] for s in ids]), len({r["sample_id"] for r in todo})
+                collection.write(embedding_table(new_ids, new, ["ok"] * len(new_ids)))
+        return np.stack([vectors[s] for s in ids]), len(todo)
 
     def select(self, pool: Pool) -> StepResult:
         p = self.params

@@ -117,8 +117,8 @@ def select_stage(
     step_stats = []
     step_columns: dict[str, np.ndarray] = {}
     prefix = "select" if name == "select" else name
+    context = {"embed": embed_spec, "embed_key": embed_key, "store_dir": store_dir, "torch_threads": torch_threads}
     for s_i, step in enumerate(steps):
-        context = {"embed": embed_spec, "embed_key": embed_key, "store_dir": store_dir, "torch_threads": torch_threads}
         selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir, context=context)
         res = selector.select(pool)
         stage = f"{prefix}:{s_i}:{step.label}"
