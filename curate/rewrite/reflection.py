@@ -43,8 +43,8 @@ retries), ``budget_exhausted`` (a cap refused the call), ``skipped_too_long``, `
 
 Every call goes through the step's call engine (:class:`~curate.rewrite.llm.LLMRewriter`): cached
 by (model, messages, decoding, seed, attempt), budget caps checked before each call. The
-generation record of a derived row holds, per call (``compress``, ``instruction``,
-``instruction_retry``, ``response``, ``response_retry``), the prompt ref (system and user prompt
+generation record of a derived row holds, per call (``compress``, ``compress_retry``,
+``instruction``, ``instruction_retry``, ``response``, ``response_retry``), the prompt ref (system and user prompt
 ids, versions and hashes), decoding, seed and reply (text, raw output, status, token counts,
 engine retries), plus the parse result of each field, the length-guard record and the input policy.
 
@@ -74,7 +74,7 @@ from curate.prompts import (
     REFLECTION_PROMPTS,
     Prompt,
 )
-from curate.records import sha256_hex
+from curate.records import message, sha256_hex
 from curate.rewrite.base import UnitResult
 from curate.rewrite.llm import LLMParams, LLMRewriter
 from curate.templates import alpaca_input
@@ -328,10 +328,10 @@ def job_seed(run_seed: int, method: str, job: Job, attempt: int) -> int:
     return int(sha256_hex(str(run_seed), method, job.key, job.kind, str(attempt))[:15], 16)
 
 
-def reflect(rewriter: LLMRewriter, jobs: list[Job], name: str | None = None) -> list[Outcome]:
+def reflect(rewriter: LLMRewriter, jobs: list[Job]) -> list[Outcome]:
     """Run ``jobs`` on the teacher (one batch, then one batch of retries for the replies that did not
-    parse) and parse the replies. ``name`` prefixes the call names in the generation record
-    (default: the job's kind)."""
+    parse) and parse the replies. The calls are named by the job's kind in the generation record
+    (``<kind>``, ``<kind>_retry``)."""
     p = rewriter.params
     mr = bool(getattr(p, "match_reference", False))
     retry = bool(getattr(p, "parse_retry", True))
@@ -349,7 +349,7 @@ def reflect(rewriter: LLMRewriter, jobs: list[Job], name: str | None = None) -> 
     first: dict[int, dict[str, FieldParse]] = {}
     again: list[int] = []
     for i, (job, call, reply) in enumerate(zip(jobs, calls, replies)):
-        label = name or job.kind
+        label = job.kind
         if reply.status != "ok":
             outcomes[i] = Outcome(reply.status, exchanges=[(label, call, reply)], detail=f"{job.kind}: {reply.error or reply.status}")
             continue
@@ -365,7 +365,7 @@ def reflect(rewriter: LLMRewriter, jobs: list[Job], name: str | None = None) -> 
     if again:
         retry_calls = [make(jobs[i], 1) for i in again]
         for i, call, reply in zip(again, retry_calls, rewriter.ask(retry_calls)):
-            job, label = jobs[i], name or jobs[i].kind
+            job, label = jobs[i], jobs[i].kind
             exchanges = [(label, calls[i], replies[i]), (f"{label}_retry", call, reply)]
             if reply.status != "ok":
                 outcomes[i] = _failed(job, exchanges, first[i], mr, f"the retry was not made or failed: {reply.error or reply.status}")
@@ -497,12 +497,9 @@ class ReflectionBase(LLMRewriter):
                             fallback={"new_instruction": p.user, "new_answer": p.answer}))
         return kept, jobs, failed
 
-    def plan_calls(self, n_records: int) -> int:
-        raise NotImplementedError
-
 
 def user_assistant(user: str, assistant: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": user, "tool_calls": None}, {"role": "assistant", "content": assistant, "tool_calls": None}]
+    return [message("user", user), message("assistant", assistant)]
 
 
 def count(stats: dict[str, Any], group: str, key: str) -> None:
@@ -531,7 +528,6 @@ class ReflectionTuning(ReflectionBase):
         return n_records * per * (2 if self.params.parse_retry else 1)
 
     def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
-        p = self.params
         out = UnitResult()
         pairs, stats = self.begin(unit, records, out)
         results: dict[str, dict[str, Outcome]] = {x.sample_id: {} for x in pairs}
@@ -572,7 +568,7 @@ class ReflectionTuning(ReflectionBase):
             exchanges = list(merged.exchanges) if merged is not None and kind == "instruction" else []
             exchanges += o.exchanges
             generation = self.generation(
-                _unique_names(exchanges), variant=kind, parse=o.parse, parse_status=o.status, fell_back=list(o.fell_back),
+                exchanges, variant=kind, parse=o.parse, parse_status=o.status, fell_back=list(o.fell_back),
                 input_policy=p.input_policy if x.input else None, length_guard=x.guard, match_reference=p.match_reference)
             original = {"instruction": q if kind == "instruction" else x.instruction,
                         "input": "" if kind == "instruction" else x.input, "output": a}
@@ -588,12 +584,3 @@ class ReflectionTuning(ReflectionBase):
         else:
             out.dispositions[x.sample_id] = ("passthrough", "unchanged", "the better answer repeats the row's answer")
 
-
-def _unique_names(exchanges: list[tuple[str, Call, Reply]]) -> list[tuple[str, Call, Reply]]:
-    seen: dict[str, int] = {}
-    out = []
-    for name, c, r in exchanges:
-        n = seen.get(name, 0)
-        seen[name] = n + 1
-        out.append((name if n == 0 else f"{name}_{n}", c, r))
-    return out
