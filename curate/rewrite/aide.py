@@ -563,9 +563,9 @@ class AIDEStep(LLMRewriter):
                 return "answer_parse_failed"
             child.answer, child.answer_raw = opts, body
         elif p.choice_type == "binary":
-            yn, st = parse_yes_no(r.text, "Choices")
+            yn = _yes_no(body)  # the <Choices> body parsed above (what parse_yes_no would parse again)
             if yn is None:
-                child.statuses.append(f"{name}:{st}")
+                child.statuses.append(f"{name}:not_yes_no")
                 return "answer_parse_failed"
             child.answer = child.answer_raw = "Yes" if yn else "No"
         else:
@@ -748,8 +748,7 @@ class AIDEStep(LLMRewriter):
             names, sims = self.persona_similarities()
             chosen = choose_personas(sims, p.persona_k, p.persona_threshold)
             personas, persona_sims = [names[i] for i in chosen], [float(sims[i]) for i in chosen]
-        rejected: Counter = Counter()
-        seed_rejects: dict[int, Counter] = {s.seed: Counter() for s in seeds}
+        seed_rejects: dict[int, Counter] = {s.seed: Counter() for s in seeds}  # rejections by reason, per seed
         statuses: Counter = Counter()
         analysis_status: Counter = Counter()
         calls_per_seed: Counter = Counter()
@@ -778,8 +777,8 @@ class AIDEStep(LLMRewriter):
             # post-processing: length, multiple-choice sanitising, then near-duplicates (tree order)
             survivors: list[tuple[Child, list[dict[str, Any]], dict[str, Any]]] = []
             for ch in children:
-                if ch.reject is None and self.n_tokens(ch.text) > p.len_token:
-                    ch.reject, ch.detail = "too_long", f"{self.n_tokens(ch.text)} tokens > len_token {p.len_token}"
+                if ch.reject is None and (n_tok := self.n_tokens(ch.text)) > p.len_token:
+                    ch.reject, ch.detail = "too_long", f"{n_tok} tokens > len_token {p.len_token}"
                 if ch.reject is None:
                     built = self.render(ch)
                     if isinstance(built, str):
@@ -814,11 +813,8 @@ class AIDEStep(LLMRewriter):
             for ch in children:
                 if ch.reject:
                     seed_rejects[ch.spec.parent.seed][ch.reject] += 1
-            rejected.update(level_rejects)
             levels.append({"layer": layer, "expanded": len(frontier), "issued": len(specs), "node_cap": capped,
                            "accepted": len(next_frontier), "rejected": dict(sorted(level_rejects.items()))})
-            if capped:
-                rejected["node_cap"] += capped
             frontier = next_frontier
             layer += 1
         for s in seeds:
@@ -829,6 +825,7 @@ class AIDEStep(LLMRewriter):
             else:
                 detail = f"children rejected: {canonical_json(dict(sorted(seed_rejects[s.seed].items())))}"
                 out.dispositions[s.sample_id] = ("passthrough", "no_accepted_children", detail)
+        rejected = sum(seed_rejects.values(), Counter())
         out.stats = {
             "seeds": len(seeds), "not_single_turn": len(records) - len(seeds), "derived": len(out.derived),
             "issued": sum(issued.values()), "accepted": len(out.derived), "rejected": dict(sorted(rejected.items())),
