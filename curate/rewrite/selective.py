@@ -42,7 +42,7 @@ refuses (``skipped_too_long``).
 ``undecidable``; or ``error``, ``budget_exhausted``, ``skipped_too_long``), the eight numbers (IFD and r-IFD of ori, A, Q, QA; JSON ``null`` = NaN: not
 computed, or the scorer's status was not ok) with each variant's scorer status, and the teacher
 statuses — in the generation record of an emitted row and in the disposition ``detail`` (JSON) of
-every row. Emitted rows have origin ``selective_reflection:QA`` / ``:A`` / ``:Q`` and the original
+every other row. Emitted rows have origin ``selective_reflection:QA`` / ``:A`` / ``:Q`` and the original
 row as their parent.
 """
 
@@ -212,14 +212,15 @@ class SelectiveReflection(ReflectionBase):
         scorer = ifd if which == "ifd" else rifd
         # identical variants (a fallback Q or A* equal to ori under match_reference) are scored once,
         # so they compare equal exactly, not up to batch numerics
+        keys = [json.dumps(msgs, sort_keys=True) for _, _, msgs in items]
         unique: dict[str, list[dict[str, Any]]] = {}
-        for _, _, msgs in items:
-            unique.setdefault(json.dumps(msgs, sort_keys=True), msgs)
+        for key, (_, _, msgs) in zip(keys, items):
+            unique.setdefault(key, msgs)
         records = [{"sample_id": f"variant-{i}", "messages": msgs, "format": "derived", "original": None, "tools": None}
                    for i, msgs in enumerate(unique.values())]
         by_key = dict(zip(unique, scorer.score_records(records)))
-        for st, variant, msgs in items:
-            sc = by_key[json.dumps(msgs, sort_keys=True)]
+        for key, (st, variant, _) in zip(keys, items):
+            sc = by_key[key]
             ok = sc.status in ("ok", "truncated_ok")
             getattr(st.numbers, which)[variant] = float(sc.values[which]) if ok else NAN
             st.statuses.setdefault(variant, {})[which] = sc.status
