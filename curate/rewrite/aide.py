@@ -381,6 +381,7 @@ class AIDEStep(LLMRewriter):
         super().__init__(name, params, context)
         self._embedder = None
         self._tok = None
+        self._persona_file: tuple[bytes, str] | None = None
 
     # -- identity and bounds ----------------------------------------------------------------------
     @property
@@ -403,10 +404,17 @@ class AIDEStep(LLMRewriter):
         path = Path(p.personas)
         return path if path.is_absolute() else Path(self.context.base_dir or ".") / path
 
+    def persona_file(self) -> tuple[bytes, str] | None:
+        """The persona file's bytes and their sha256, read once per step (the fingerprint and the
+        persona choice see the same file); None without ``personas``."""
+        if self._persona_file is None and (path := self.persona_path()) is not None:
+            raw = path.read_bytes()
+            self._persona_file = (raw, sha256_hex(raw))
+        return self._persona_file
+
     def fingerprint(self) -> dict[str, Any]:
-        path = self.persona_path()
-        return {**super().fingerprint(), "embedder": self.embedder.fingerprint(),
-                "persona_file_sha256": sha256_hex(path.read_bytes()) if path is not None else None}
+        pf = self.persona_file()
+        return {**super().fingerprint(), "embedder": self.embedder.fingerprint(), "persona_file_sha256": pf[1] if pf else None}
 
     def child_costs(self) -> tuple[int, int]:
         """Most calls one relevance child and one diversity child can make."""
@@ -705,10 +713,9 @@ class AIDEStep(LLMRewriter):
         """The persona file's lines and their cosine similarity to ``use_case`` (cached in the store)."""
         import json
 
-        path = self.persona_path()
-        raw = path.read_bytes()
+        raw, file_sha = self.persona_file()
         personas = [ln.strip() for ln in raw.decode("utf-8").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        key = sha256_hex(sha256_hex(self.params.use_case), sha256_hex(raw), self.embedder.key)
+        key = sha256_hex(sha256_hex(self.params.use_case), file_sha, self.embedder.key)
         cache = Path(self.context.store_dir) / "aide" / "personas" / f"{key}.json" if self.context.store_dir else None
         if cache is not None and cache.exists():
             sims = np.asarray(json.loads(cache.read_text(encoding="utf-8"))["similarities"], dtype=np.float64)
@@ -720,7 +727,7 @@ class AIDEStep(LLMRewriter):
         if cache is not None:
             from curate.io import write_json
 
-            write_json(cache, {"use_case": self.params.use_case, "persona_file_sha256": sha256_hex(raw), "embedder_key": self.embedder.key,
+            write_json(cache, {"use_case": self.params.use_case, "persona_file_sha256": file_sha, "embedder_key": self.embedder.key,
                                "similarities": [float(s) for s in sims]})
         return personas, sims
 
