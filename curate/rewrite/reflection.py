@@ -328,13 +328,11 @@ def job_seed(run_seed: int, method: str, job: Job, attempt: int) -> int:
     return int(sha256_hex(str(run_seed), method, job.key, job.kind, str(attempt))[:15], 16)
 
 
-def reflect(rewriter: LLMRewriter, jobs: list[Job]) -> list[Outcome]:
+def reflect(rewriter: ReflectionBase, jobs: list[Job]) -> list[Outcome]:
     """Run ``jobs`` on the teacher (one batch, then one batch of retries for the replies that did not
     parse) and parse the replies. The calls are named by the job's kind in the generation record
     (``<kind>``, ``<kind>_retry``)."""
-    p = rewriter.params
-    mr = bool(getattr(p, "match_reference", False))
-    retry = bool(getattr(p, "parse_retry", True))
+    mr, retry = rewriter.params.match_reference, rewriter.params.parse_retry
 
     def make(job: Job, attempt: int) -> Call:
         seed = job_seed(rewriter.context.seed, rewriter.method, job, attempt)
