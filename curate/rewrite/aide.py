@@ -471,9 +471,12 @@ class AIDEStep(LLMRewriter):
 
     # -- helpers ----------------------------------------------------------------------------------
     def n_tokens(self, text: str) -> int:
+        """Teacher tokens of ``text``, no special tokens."""
         if self._tok is None:
-            self._tok = self.engine.backend.tokenizer
-        return len(self._tok(text, add_special_tokens=False)["input_ids"])
+            from curate.rewrite.tokens import TokenCounter
+
+            self._tok = TokenCounter(self.engine.backend.tokenizer, "raw")
+        return self._tok.count(text)
 
     def examples(self, kind: str) -> str:
         p: AIDEParams = self.params
