@@ -49,8 +49,8 @@ was.
 **Post-processing**, per level, before a child may expand: length filter (instruction tokens ≤
 ``len_token``), multiple-choice sanitising (exactly one correct option, at least
 ``num_target_scores − 1`` distractors; that many are drawn with a seeded RNG and the options are
-shuffled), then near-duplicate removal — the instruction is embedded with the flow's embedder
-(``embed``, default MiniLM) and greedily, in tree order, a child whose cosine similarity to a seed
+shuffled), then near-duplicate removal — the instruction is embedded with the step's ``embed``
+(default: the flow's embedder, else MiniLM) and greedily, in tree order, a child whose cosine similarity to a seed
 or to an earlier kept child is > ``dedup_threshold`` is dropped, so near-duplicate branches are
 pruned before they grow.
 
