@@ -202,7 +202,6 @@ class CallEngine:
         reserve: dict[int, tuple[int | None, int]] = {}
         hits: list[tuple[int, Reply]] = []
         for i, (call, key) in enumerate(zip(calls, keys)):
-            hit = self._cached(key)
             n_prompt = self.prompt_tokens(call) if self.capped or self.budget.price_input_per_mtok else None
             worst = call.decoding.max_tokens
             if not self._fits(n_prompt or 0, worst):
@@ -211,6 +210,7 @@ class CallEngine:
                 continue
             self._charge(n_prompt or 0, worst)  # worst case now; the actual count replaces it below
             reserve[i] = (n_prompt, worst)
+            hit = self._cached(key)  # only an admitted call reads the cache
             if hit is not None:
                 self.spent.cache_hits += 1
                 hits.append((i, hit))
