@@ -58,6 +58,7 @@ class OpenAIBackend:
         self.requests_sent = 0
         self.cache_hits = 0
         self._warned: set[str] = set()
+        self._local = None  # the HFBackend that holds the local tokenizer (built on first use)
 
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
@@ -66,10 +67,12 @@ class OpenAIBackend:
 
     @property
     def tokenizer(self):
-        from curate.lm.hf import HFBackend
+        if self._local is None:  # once: its model resolution is kept (the call engine asks per call)
+            from curate.lm.hf import HFBackend
 
-        p = self.params
-        return HFBackend(p.model_copy(update={"model": p.tokenizer or p.model, "tokenizer": None})).tokenizer
+            p = self.params
+            self._local = HFBackend(p.model_copy(update={"model": p.tokenizer or p.model, "tokenizer": None}))
+        return self._local.tokenizer
 
     # -- HTTP -------------------------------------------------------------------------------------
     def _headers(self) -> dict[str, str]:
