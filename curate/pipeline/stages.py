@@ -272,7 +272,7 @@ class RewriteStage(Stage):
         rewriter = build_rewriter(self.step, rewrite_context(plan.spec))
         row = {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
         # the rows it will see exist only after selection: the input rows bound them
-        n = len(plan.records())
+        n = plan.run.sets["input"].n_rows
         calls = rewriter.plan_calls(n)
         if calls is not None:
             cap = getattr(getattr(rewriter.params, "budget", None), "max_calls", None)
