@@ -14,8 +14,9 @@ An :class:`LLMRewriter` names its teacher model with the flat LM keys every scor
 
 Every call goes through one :class:`curate.lm.calls.CallEngine` (cache under ``<store>/calls``,
 budget caps checked before each call), so a re-run or a resumed run repeats no finished call. The
-generation record of a derived row (:meth:`generation`) holds the prompt ids and hashes, the model,
-the decoding and, per call, the raw output, parse status and retries.
+generation record of a derived row (:meth:`generation`) holds the model and, per call, its prompt id
+and hash, decoding and seed, and the reply (raw output, status, token counts, retries); subclasses
+add the parse status.
 """
 
 from __future__ import annotations
