@@ -253,15 +253,16 @@ def set_torch_threads(n: int | None) -> int:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer of any model :func:`resolve_model` knows (a GGUF's without its weights)."""
+    """The tokenizer of any model :func:`resolve_model` knows (a GGUF's without its weights), loaded
+    once per process per name (resolving a bundled GGUF hashes the file, so the name is the key)."""
+    return cached(("tokenizer", name, trust_remote_code), lambda: read_tokenizer(name, trust_remote_code))
+
+
+def read_tokenizer(name: str, trust_remote_code: bool = False):
+    """:func:`load_tokenizer` without the process cache (a bundled GGUF's tokenizer is read from the
+    GGUF once, then kept as a tokenizer dir under the curate cache)."""
     from transformers import AutoTokenizer
 
     resolved = resolve_model(name, weights=False)
-    return cached(
-        ("tokenizer", resolved.location, resolved.revision),
-        lambda: AutoTokenizer.from_pretrained(
-            resolved.location,
-            revision=None if resolved.source != "hub" else resolved.revision,
-            trust_remote_code=trust_remote_code,
-        ),
-    )
+    return AutoTokenizer.from_pretrained(resolved.location, revision=None if resolved.source != "hub" else resolved.revision,
+                                         trust_remote_code=trust_remote_code)

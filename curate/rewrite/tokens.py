@@ -112,18 +112,14 @@ class TokenCounter:
 
 
 def load_tokenizer(name: str) -> Any:
-    """The tokenizer of a model: a bundled short name (read from its GGUF once, then kept as a
-    tokenizer dir under the curate cache), a local directory or a hub id. No weights are loaded.
-    Loaded once per process."""
-    from curate.models import cached
+    """The tokenizer of a model (no weights), once per process: :func:`curate.models.load_tokenizer`."""
+    from curate.models import load_tokenizer as load
 
-    return cached(("tokenizer-only", name), lambda: _load_tokenizer(name))
+    return load(name)
 
 
 def _load_tokenizer(name: str) -> Any:
-    """Uncached: resolved by :func:`curate.models.resolve_model` without weights."""
-    from transformers import AutoTokenizer
+    """Uncached: :func:`curate.models.read_tokenizer`."""
+    from curate.models import read_tokenizer
 
-    from curate.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(name, weights=False).location)
+    return read_tokenizer(name)
