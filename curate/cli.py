@@ -4,6 +4,9 @@
     curate run flows/select.yaml --set select.1.budget=50
     curate plan flows/select.yaml                  dry run: rows, tokens, stages, cache
     curate inspect out/select                      summary of a finished run
+    curate train out/select                        fine-tune on the export (LoRA on the bundled SmolLM2)
+    curate eval out/select/train/<key>/adapter --on data/eval/alpaca_eval_40.json
+    curate compare flows/compare.yaml              selections × budgets → train → eval → one table
 """
 
 from __future__ import annotations
@@ -71,10 +74,12 @@ def run(
         from curate.launch import run as run_flow
 
         summary = run_flow(spec)
+        _print_summary(summary)
+        if spec.train is not None:
+            _print_train(_run_train(spec.train, summary["output_dir"], None, spec.runtime.prefect))
     except CurateError as exc:
         _fail(exc)
         return
-    _print_summary(summary)
 
 
 @app.command()
@@ -147,6 +152,172 @@ def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds 
             for s in r["steps"]:
                 t.add_row(str(s["step"]), s["name"], str(s["in"]), str(s["kept"]), s["outcome_of_dropped"])
             console.print(t)
+
+
+def _run_train(spec, source: str, out: Optional[Path], prefect: bool) -> dict:
+    if prefect:
+        from curate.train.flow import train_flow
+
+        return train_flow(spec=spec.model_dump(mode="json"), source=str(source), out_dir=str(out) if out else None)
+    from curate.train import train as train_export
+
+    return train_export(spec, source, out)
+
+
+def _print_train(rec: dict) -> None:
+    b = rec["batch"]
+    console.print(f"[bold]train[/]: {rec['base_model']['name']} ({rec['method']}) on {rec['export']['n_rows']} rows of "
+                  f"{rec['export']['file']}: {rec['steps']} steps ({b['rows_per_step']} rows each), loss {rec['first_loss']:.4f} → "
+                  f"{rec['last_loss']:.4f}, {rec['seconds']:.0f} s" + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
+                  highlight=False, soft_wrap=True)
+    console.print(f"weights: {rec['weights']}\nrecord:  {Path(rec['weights']).parent / 'train.json'}", highlight=False, soft_wrap=True)
+
+
+def _train_spec(source: Path, flow: Optional[Path], overrides: list[str]):
+    """The train section of ``flow`` (else of the flow that made ``source``, from its run.json; else
+    the defaults), with ``--set`` overrides applied."""
+    import yaml
+
+    from curate.config import apply_override, parse_override
+    from curate.train.spec import TrainSpec
+
+    data: dict = {}
+    if flow is None and (source / "run.json").exists():
+        fp = json.loads((source / "run.json").read_text()).get("flow_path")
+        flow = Path(fp) if fp and Path(fp).exists() else None
+    if flow is not None:
+        loaded = yaml.safe_load(flow.read_text(encoding="utf-8")) or {}
+        data = dict(loaded.get("train") or {}) if "inputs" in loaded else dict(loaded)
+    for item in overrides:
+        parts, value = parse_override(item)
+        apply_override(data, [p for p in parts if p != "train"] if parts[0] == "train" else parts, value, item)
+    from pydantic import ValidationError
+
+    from curate.config import format_validation_error
+
+    try:
+        return TrainSpec.model_validate(data)
+    except ValidationError as exc:
+        from curate.errors import ConfigError
+
+        raise ConfigError(format_validation_error(exc, str(flow or "train"), {}, ("train",))) from None
+
+
+@app.command()
+def train(
+    source: Path = typer.Argument(..., help="A run's output_dir (out/select) or its export folder."),
+    flow: Optional[Path] = typer.Option(None, "--flow", "-f", help="Take the train: section of this flow (or a YAML of train keys). "
+                                        "Default: the flow that made SOURCE, else the defaults."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a train key: --set epochs=1 --set lora.r=8 --set method=full."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Train directory (default: SOURCE/train/<key>)."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Train in-process, without a Prefect flow run."),
+) -> None:
+    """Fine-tune a model on an export: TRL SFTTrainer with PEFT LoRA (default) or full fine-tuning.
+
+    Reads the export's prompt_completion (or messages) file unchanged; loss on assistant tokens only.
+    Writes train.json (config, export sha256, trainer versions, loss curve), loss.png and the adapter
+    (or model). A run with the same config and data is not trained again. Needs: pip install 'curate[train]'.
+    """
+    from curate.errors import CurateError
+
+    try:
+        spec = _train_spec(source, flow, list(set_))
+        rec = _run_train(spec, str(source), out, not no_prefect)
+    except CurateError as exc:
+        _fail(exc)
+        return
+    _print_train(rec)
+
+
+@app.command(name="eval")
+def eval_(
+    model: str = typer.Argument(..., help="A model: a curate train adapter or model dir, a bundled name, a local dir or a hub id."),
+    on: Path = typer.Option(..., "--on", help="The eval set (JSON/JSONL/Parquet/CSV in any supported layout), e.g. data/eval/alpaca_eval_40.json."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N eval rows."),
+    judge: Optional[str] = typer.Option(None, "--judge", help="The judge model (default: the bundled SmolLM2)."),
+    no_judge: bool = typer.Option(False, "--no-judge", help="Held-out loss only: no generation, no judging."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override an eval key: --set generate.max_tokens=128 --set judge.backend=openai."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Eval directory (default: beside a trained model, else out/eval/<key>)."),
+    store: Optional[Path] = typer.Option(None, "--store", help="Cache generations and judge replies here (default: the eval directory)."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Evaluate in-process, without a Prefect flow run."),
+) -> None:
+    """Evaluate a model on an eval set: held-out loss and perplexity (batched masked-CE scoring),
+    greedy answers to the eval prompts, and a pairwise judge against the set's reference answers
+    with the answer order swapped (position bias cancels)."""
+    from pydantic import ValidationError
+
+    from curate.config import apply_override, format_validation_error, parse_override
+    from curate.errors import ConfigError, CurateError
+    from curate.evaluate.spec import EvalSpec
+
+    data: dict = {"eval_set": {"path": str(on), **({"limit": limit} if limit else {})}}
+    if no_judge:
+        data["judge"] = None
+    elif judge:
+        data["judge"] = {"model": judge}
+    try:
+        for item in set_:
+            parts, value = parse_override(item)
+            apply_override(data, parts, value, item)
+        try:
+            spec = EvalSpec.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "curate eval", {})) from None
+        if no_prefect:
+            from curate.evaluate import evaluate
+
+            rec = evaluate(model, spec, out, store)
+        else:
+            from curate.evaluate.flow import eval_flow
+
+            rec = eval_flow(model=model, spec=spec.model_dump(mode="json"), out_dir=str(out) if out else None,
+                            store_dir=str(store) if store else None)
+    except (CurateError, ValueError) as exc:
+        _fail(exc)
+        return
+    t = Table("metric", "value", title=f"eval: {model}")
+    loss, gen, jd = rec.get("loss") or {}, rec.get("generation") or {}, rec.get("judge") or {}
+    if loss:
+        t.add_row("held-out loss (nats/token)", f"{loss['loss']:.4f}")
+        t.add_row("perplexity", f"{loss['ppl']:.3f}")
+        t.add_row("scored tokens / rows", f"{loss['n_tokens']} / {loss['n_rows']}")
+    if gen:
+        t.add_row("answers generated", f"{gen['n_ok']} ({gen['n_failed']} failed), mean {gen['mean_tokens']:.0f} tokens")
+    if jd:
+        fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+        t.add_row("win rate vs reference", f"{fmt(jd['win_rate'])} ({jd['wins']} won, {jd['ties']} tied, {jd['losses']} lost of {jd['n_judged']})")
+        t.add_row("soft win rate", fmt(jd.get("soft_win_rate")))
+        t.add_row("verdicts agreeing after the swap", fmt(jd["consistent"]))
+        t.add_row("first-position verdicts", fmt(jd["first_position_rate"]))
+    console.print(t)
+
+
+@app.command()
+def compare(
+    compare_file: Path = typer.Argument(..., help="The compare YAML, e.g. flows/compare.yaml."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Override a compare key: --set budgets=[20,40] --set train.max_steps=5."),
+    no_prefect: bool = typer.Option(False, "--no-prefect", help="Run in-process, without Prefect flow runs."),
+) -> None:
+    """One pool, several selections × budgets → train each → evaluate each → one table and plot.
+
+    Cells already recorded (same selection, budget, training and eval settings) are not run again."""
+    from curate.errors import CurateError
+
+    try:
+        from curate.compare import load_compare, run_compare
+
+        spec = load_compare(compare_file, list(set_) + (["prefect=false"] if no_prefect else []))
+        res = run_compare(spec)
+    except CurateError as exc:
+        _fail(exc)
+        return
+    cols = ("selection", "budget", "selected", "train_loss_last", "eval_loss", "eval_ppl", "win_rate", "soft_win_rate")
+    t = Table(*cols, title=f"compare: {spec.name} (every column: compare.md)")
+    for r in res["table"]:
+        t.add_row(*["–" if r[c] is None else str(r[c]) for c in cols])
+    console.print(t)
+    out = Path(res["output_dir"])
+    console.print(f"table: {out / 'compare.md'}\nplot:  {out / 'compare.png'}", highlight=False)
 
 
 def _print_summary(summary: dict) -> None:

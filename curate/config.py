@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from curate.errors import ConfigError
 from curate.records import canonical_json, sha256_hex
+from curate.train.spec import TrainSpec
 
 
 class Strict(BaseModel):
@@ -133,6 +134,7 @@ class FlowSpec(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    train: TrainSpec | None = Field(None, description="Fine-tune on the export after the run (curate.train; its own Prefect flow run).")
 
     # Set by load_flow, not by the YAML.
     flow_path: str | None = Field(None, exclude=True)
@@ -169,7 +171,7 @@ class FlowSpec(Strict):
         """Hash of what the run computes: inputs, stages, parameters, seed. Where it writes
         (output_dir, store_dir), how it runs (runtime) and the report settings are left out, so the
         same work in another folder has the same hash."""
-        exclude = {"flow_path", "output_dir", "store_dir", "runtime", "report", "description"}
+        exclude = {"flow_path", "output_dir", "store_dir", "runtime", "report", "description", "train"}
         data = self.model_dump(mode="json", exclude=exclude)
         # keys added in later versions enter the hash only when set, so a flow keeps its hash
         if data.get("rewrite") is None:

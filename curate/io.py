@@ -45,6 +45,11 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> Path:
+    """One JSON object per line (UTF-8, ``\n``), written atomically."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+
+
 def write_parquet(path: str | os.PathLike, table: pa.Table) -> Path:
     """Write a Parquet file atomically (zstd, no pandas metadata, deterministic bytes)."""
     table = table.replace_schema_metadata(None)

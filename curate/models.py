@@ -88,7 +88,8 @@ def _dir_revision(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = str(f.relative_to(path)).encode()
         h.update(rel)
-        if f.suffix in (".json", ".txt", ".model", ".jinja") and f.stat().st_size < 50_000_000:
+        small_text = f.suffix in (".json", ".txt", ".model", ".jinja") and f.stat().st_size < 50_000_000
+        if small_text or f.name.startswith("adapter_model."):  # adapters of one config share a size: hash their bytes
             h.update(f.read_bytes())
         else:
             h.update(str(f.stat().st_size).encode())
@@ -250,6 +251,47 @@ def set_torch_threads(n: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def is_adapter(location: str) -> bool:
+    """A PEFT adapter directory (``curate train`` writes one per LoRA run)."""
+    return (Path(location) / "adapter_config.json").exists()
+
+
+def load_causal_lm(location: str, dtype, trust_remote_code: bool = False, revision: str | None = None):
+    """``AutoModelForCausalLM`` from ``location``; a PEFT adapter dir is loaded onto its base model
+    (named in its ``adapter_config.json``, resolved like any model name) and merged, so scoring and
+    generation run the same code on a trained adapter as on a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    if not is_adapter(location):
+        return AutoModelForCausalLM.from_pretrained(location, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision)
+    import json
+
+    from curate.errors import require
+
+    require("peft", "loading a LoRA adapter", "pip install 'curate[train]'")
+    from peft import PeftModel
+
+    base_name = json.loads((Path(location) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = resolve_model(base_name)
+    model = AutoModelForCausalLM.from_pretrained(base.location, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 revision=base.revision if base.source == "hub" else None)
+    return PeftModel.from_pretrained(model, location).merge_and_unload()
+
+
+def merged_model_dir(adapter: str) -> str:
+    """A plain model dir with a PEFT adapter merged in (made once under the curate cache): for
+    engines that load a directory themselves (vLLM)."""
+    import torch
+
+    def make(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        load_causal_lm(adapter, torch.float32).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)
+
+    return str(_made_once(cache_dir() / "merged" / _dir_revision(Path(adapter)), "config.json", make))
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

@@ -438,3 +438,28 @@ AIDE_PROMPTS = (AIDE_TOPIC, AIDE_KG_EXPAND, AIDE_RESIDUAL, AIDE_ANSWER_FORM_BINA
                 AIDE_ANSWER_FREE, AIDE_GRADE_RELEVANCE, AIDE_GRADE_DIVERSITY, AIDE_IMPROVE, AIDE_FEEDBACK_TOO_LONG,
                 AIDE_FEEDBACK_NOT_RELEVANT, AIDE_FEEDBACK_TOO_SIMILAR, AIDE_CHECK_CHOICES, *AIDE_EXAMPLES.values())
 ALL.update({p.id: p for p in AIDE_PROMPTS})
+
+# -- evaluation (curate eval): a pairwise judge, asked twice with the answers swapped ------------
+
+PAIRWISE_JUDGE_SYSTEM = Prompt(
+    "pairwise_judge_system", "1",
+    "You compare two answers to the same user request and decide which one serves the user better. "
+    "Judge helpfulness, correctness, relevance and level of detail. The order in which the answers are "
+    "shown and their length must not sway you. Explain your reasoning in a few sentences, then end with "
+    "exactly one verdict on its own line: [[A]] if answer A is better, [[B]] if answer B is better, or "
+    "[[C]] if they are equally good.",
+)
+PAIRWISE_JUDGE_SYSTEM_VERDICT = Prompt(
+    "pairwise_judge_system_verdict", "1",
+    "You compare two answers to the same user request and decide which one serves the user better. "
+    "Judge helpfulness, correctness, relevance and level of detail. The order in which the answers are "
+    "shown and their length must not sway you. Reply with the verdict only: [[A]] if answer A is better, "
+    "[[B]] if answer B is better, or [[C]] if they are equally good.",
+)
+PAIRWISE_JUDGE = Prompt(
+    "pairwise_judge", "1",
+    "User request:\n{question}\n\n"
+    "Answer A:\n{answer_a}\n\n"
+    "Answer B:\n{answer_b}\n\n"
+    "Which answer is better? Give your reasons, then the verdict: [[A]], [[B]] or [[C]].",
+)

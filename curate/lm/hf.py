@@ -7,7 +7,7 @@ from typing import Any
 from curate.lm.base import resolve_device
 from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult
 from curate.lm.spec import LMParams
-from curate.models import cached, is_gguf, model_revision, resolve_model, set_torch_threads
+from curate.models import cached, is_gguf, load_causal_lm, model_revision, resolve_model, set_torch_threads
 
 
 class HFBackend:
@@ -46,14 +46,12 @@ class HFBackend:
     @property
     def model(self):
         import torch
-        from transformers import AutoModelForCausalLM
 
         r, p = self.resolved, self.params
         set_torch_threads(self.torch_threads)
 
         def load():
-            m = AutoModelForCausalLM.from_pretrained(r.location, dtype=getattr(torch, p.dtype), trust_remote_code=p.trust_remote_code,
-                                                     revision=p.revision if r.source == "hub" else None)
+            m = load_causal_lm(r.location, getattr(torch, p.dtype), p.trust_remote_code, p.revision if r.source == "hub" else None)
             return m.to(self.device).eval()
 
         return cached(("lm", r.location, r.revision, p.dtype, self.device, p.trust_remote_code), load)

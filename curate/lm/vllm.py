@@ -14,7 +14,7 @@ import numpy as np
 
 from curate.errors import MissingDependency
 from curate.lm.engine import Seq, SeqResult
-from curate.models import model_revision, resolve_model
+from curate.models import is_adapter, merged_model_dir, model_revision, resolve_model
 from curate.lm.spec import LMParams
 from curate.models import cached
 
@@ -45,9 +45,13 @@ class VLLMBackend:
     def llm(self):
         p = self.params
         r = resolve_model(p.model, p.revision)
-        return cached(("vllm", r.location, r.revision, p.dtype), lambda: self._vllm.LLM(
-            model=r.location, tokenizer=p.tokenizer or r.location, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
-            revision=p.revision if r.source == "hub" else None, enable_prefix_caching=True))
+
+        def load():
+            location = merged_model_dir(r.location) if is_adapter(r.location) else r.location  # a LoRA adapter from curate train
+            return self._vllm.LLM(model=location, tokenizer=p.tokenizer or location, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
+                                  revision=p.revision if r.source == "hub" else None, enable_prefix_caching=True)
+
+        return cached(("vllm", r.location, r.revision, p.dtype), load)
 
     @property
     def tokenizer(self):

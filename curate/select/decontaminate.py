@@ -35,14 +35,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 from pydantic import Field
 
-from curate.config import InputSpec, IngestSpec
+from curate.config import InputSpec
 from curate.records import prompt_text, sha256_hex
 from curate.select.base import Pool, Selector, StepResult, fmt
 
@@ -122,14 +120,9 @@ class Decontaminate(Selector):
 
     def load_eval(self) -> tuple[list[dict[str, Any]], int]:
         """(the eval set's valid records, in file order; how many rows broke the conversation rules)."""
-        from curate.stages.ingest import read_input
+        from curate.ingest.eval_set import read_eval_set
 
-        with tempfile.TemporaryDirectory(prefix="curate-eval-") as work:
-            ref = read_input(self.params.eval_set, 0, self.base_dir or ".", work, IngestSpec())
-            records = pq.read_table(ref.records_path).to_pylist()
-        if not records:
-            raise ValueError(f"eval_set {self.params.eval_set.path or self.params.eval_set.hub}: no valid rows ({ref.n_quarantined} broke the conversation rules)")
-        return records, ref.n_quarantined
+        return read_eval_set(self.params.eval_set, self.base_dir or ".")
 
     def eval_embeddings(self, records: list[dict[str, Any]]) -> tuple[np.ndarray, int]:
         """(eval vectors from the flow's embedder, how many were computed now); cached in the store."""

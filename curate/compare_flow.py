@@ -1,0 +1,19 @@
+"""The compare flow: one flow run per ``curate compare``; each cell's curation, training and eval
+are flow runs of their own inside it (subflows), so the UI shows each with its artifacts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import curate.flow  # noqa: F401  (curate's Prefect settings)
+from prefect import flow
+
+
+@flow(name="curate-compare", flow_run_name="curate-compare-{name}", persist_result=False, validate_parameters=True)
+def compare_flow(spec: dict[str, Any], path: str, name: str = "") -> dict[str, Any]:
+    """Curate, train and evaluate every selection × budget of a compare file; publish the table."""
+    from curate.compare import CompareSpec, compare
+
+    cs = CompareSpec.model_validate(spec)
+    cs.path = path
+    return compare(cs)

@@ -1,0 +1,58 @@
+"""What an evaluation is: ``curate eval MODEL --on EVAL_SET`` or the ``eval:`` section of a compare flow::
+
+    eval:
+      eval_set: {path: data/eval/alpaca_eval_40.json}   # an input like any other (path, format, limit, …)
+      max_length: 1024                             # held-out loss: tokens per row
+      generate: {max_tokens: 256}                  # greedy answers to the eval prompts
+      judge: {model: smollm2-135m-instruct}        # any backend (hf, vllm, openai …); null: no judging
+      reference: answers                           # the eval set's own answers, or a model whose answers are the reference
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from curate.config import InputSpec
+from curate.lm.calls import Decoding
+from curate.lm.spec import LMParams
+
+
+class JudgeSpec(LMParams):
+    """The judge model (flat LM keys, as for scorers) and how it replies."""
+
+    mode: Literal["verdict_token", "generate"] = Field(
+        "verdict_token", description="verdict_token: the judge's reply is prefilled up to the verdict and the next-token "
+        "probabilities of A, B and C decide (one forward per comparison, nothing to parse; small local judges); generate: "
+        "the judge reasons in free text and its last [[A]]/[[B]]/[[C]] is the verdict (strong judges, any API).")
+    decoding: Decoding = Field(default_factory=lambda: Decoding(max_tokens=512), description="mode generate: how the judge replies.")
+
+
+class EvalSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    eval_set: InputSpec = Field(description="The eval set: an input spec (path or hub, format, fields, limit …).")
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="How the evaluated model runs: auto = vllm when it is "
+                                                   "importable and a GPU is present, else hf.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    max_tokens_per_batch: int | None = Field(None, gt=0, description="Padded tokens per forward batch (default: the backend's).")
+    loss: bool = Field(True, description="Held-out loss and perplexity of the model on the eval set's reference answers.")
+    max_length: int = Field(1024, gt=1, description="Held-out loss: tokens per row (replies past it are not scored).")
+    generate: Decoding = Field(default_factory=lambda: Decoding(max_tokens=256), description="How the model answers the eval prompts.")
+    judge: JudgeSpec | None = Field(default_factory=JudgeSpec, description="The pairwise judge; null = no generation or judging.")
+    reference: str = Field("answers", description="answers: the eval set's own final replies; else a model (name or dir) whose "
+                           "greedy answers, made with the same decoding, are the reference.")
+    seed: int = 0
+    torch_threads: int | None = Field(None, gt=0)
+
+    def resolved_backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return "hf"
+        import torch
+
+        return "vllm" if torch.cuda.is_available() else "hf"

@@ -1,0 +1,33 @@
+"""The training flow: ``curate train`` runs it as a Prefect flow run of its own (a train run is
+hours on a GPU and must not sit inside a curation run's task), named after the export it reads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import curate.flow  # noqa: F401  (curate's Prefect settings: ephemeral start-up timeout, no telemetry, log lines)
+from prefect import flow
+
+from curate.train.spec import TrainSpec
+
+
+@flow(name="curate-train", flow_run_name="curate-train-{spec[model]}", persist_result=False, validate_parameters=True)
+def train_flow(spec: dict[str, Any], source: str, out_dir: str | None = None) -> dict[str, Any]:
+    """Fine-tune on an export (a run's output_dir or its export folder); returns the train record."""
+    from curate.train.sft import train
+
+    record = train(TrainSpec.model_validate(spec), source, out_dir)
+    _publish(record)
+    return record
+
+
+def _publish(record: dict[str, Any]) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    curve = record.get("loss_curve") or []
+    md = (f"# curate train\n\n- model: `{record['base_model']['name']}` ({record['method']})\n- export: `{record['export']['file']}` "
+          f"(sha256 `{record['export']['sha256'][:16]}…`, {record['export']['n_rows']} rows)\n- steps: {record['steps']}, "
+          f"loss {record['first_loss']} → {record['last_loss']}\n- weights: `{record['weights']}`\n")
+    create_markdown_artifact(key="curate-train", markdown=md, description="curate train run")
+    if curve:
+        create_table_artifact(key="curate-train-loss", table=curve, description="training loss per logged step")

@@ -1,0 +1,225 @@
+"""curate train / eval / compare on CPU with the bundled SmolLM2: a real TRL SFTTrainer with a real
+PEFT LoRA adapter on a tiny real export, the adapter loaded back and scored, a real pairwise judge,
+and the compare flow as real Prefect flow runs (two selections × one budget, 2-step trains)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURES, ROOT, write_flow
+from curate.config import load_flow
+from curate.errors import ConfigError
+from curate.pipeline import execute
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+
+EVAL_SET = {"path": str(ROOT / "data" / "eval" / "alpaca_eval_40.json")}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A curation run over short real rows (single- and multi-turn), exported as messages and prompt_completion."""
+    d = tmp_path_factory.mktemp("train")
+    flow = write_flow(d, name="train-src", base_dir=str(ROOT), output_dir=str(d / "out"), store_dir=str(d / "store"),
+                      inputs=[{"path": "data/sample/cherry_alpaca.jsonl", "limit": 12},
+                              {"path": str(FIXTURES / "mt_bench_two_turn.jsonl"), "limit": 2}],
+                      score=[{"method": "heuristic"}],
+                      select=[{"method": "threshold", "score": "heuristic.response_tokens", "max": 400},
+                              {"method": "threshold", "score": "heuristic.prompt_tokens", "max": 150}],
+                      export={"layouts": ["messages", "prompt_completion"], "file_types": ["jsonl"], "max_length": 768},
+                      report={"plots": False})
+    summary = execute(load_flow(flow))
+    assert summary["counts"]["selected"] >= 5
+    return d / "out"
+
+
+def rows_of(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+def test_train_config_is_validated(run_dir, tmp_path):
+    from pydantic import ValidationError
+
+    from curate.train import TrainSpec, locate_export, train
+
+    with pytest.raises(ValidationError):
+        TrainSpec(lora={"rank": 8})  # unknown key
+    with pytest.raises(ValidationError):
+        TrainSpec(method="qlora")
+    assert TrainSpec().lr == 2e-4 and TrainSpec(method="full").lr == 2e-5
+    a, b = TrainSpec(), TrainSpec(device="cuda", torch_threads=4)
+    assert a.key("x") == b.key("x") != a.key("y") != TrainSpec(epochs=1).key("y")  # how it runs is not what it computes
+    with pytest.raises(ConfigError, match="no alpaca jsonl file"):
+        locate_export(run_dir, "alpaca")
+    with pytest.raises(ConfigError, match="no export here"):
+        locate_export(tmp_path, "messages")
+    # SmolLM2's own template has no {% generation %} markers: refused before any weights load
+    with pytest.raises(ConfigError, match="generation %} markers"):
+        train(TrainSpec(layout="messages"), run_dir, tmp_path / "t")
+    with pytest.raises(ConfigError, match="neither a named template"):
+        train(TrainSpec(layout="messages", chat_template="no-such-template"), run_dir, tmp_path / "t")
+
+
+def test_flow_train_section_and_compare_file_errors(tmp_path):
+    from curate.compare import load_compare
+
+    flow = write_flow(tmp_path, name="f", inputs=[{"path": str(ROOT / "data/sample/cherry_alpaca.jsonl")}],
+                      train={"epochs": 1, "lora": {"r": 4}})
+    spec = load_flow(flow)
+    assert spec.train.lora.r == 4
+    plain = load_flow(flow, ["train=null"])
+    assert plain.fingerprint() == spec.fingerprint()  # training settings do not change what curation computes
+    with pytest.raises(ConfigError, match=r"f\.yaml:\d+: train\.epochs"):
+        load_flow(flow, ["train.epochs=0"])
+    bad = tmp_path / "c.yaml"
+    bad.write_text("name: c\nflow: f.yaml\nbudgets: [5]\nselections:\n  - name: r\n    select: [{method: random, budget: 5}]\n"
+                   "eval:\n  eval_set: {path: x.json}\n  judge: {mode: vibes}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:9: eval\.judge\.mode"):
+        load_compare(bad)
+
+
+# -- the real consumer: TRL's SFTTrainer on our files ---------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["prompt_completion", "messages"])
+def test_loss_is_on_assistant_tokens_only(layout, run_dir, tmp_path):
+    """The tokens left unmasked in TRL's labels are exactly the assistant replies (+ end of turn):
+    the final reply for prompt_completion, every reply (our chatml template's markers) for messages."""
+    from curate.train import TrainSpec, locate_export
+    from curate.train.sft import prepare
+
+    spec = TrainSpec(layout=layout, chat_template="chatml" if layout == "messages" else None, max_steps=1)
+    export = locate_export(run_dir, layout)
+    prep = prepare(spec, export, tmp_path)
+    rows = {r["id"]: r for r in rows_of(export.path)}
+    ds = prep.trainer.train_dataset
+    assert len(ds) == len(rows) == export.n_rows  # nothing dropped or truncated away
+    multi = 0
+    for r in ds:
+        trained = prep.tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
+        src = rows[r["id"]]
+        if layout == "prompt_completion":
+            assert trained == src["completion"][0]["content"] + "<|im_end|>\n"
+        else:
+            replies = [m["content"] for m in src["messages"] if m["role"] == "assistant"]
+            multi += len(replies) > 1
+            assert trained == "".join(c + "<|im_end|>" for c in replies)
+    assert layout == "prompt_completion" or multi >= 1  # a multi-turn row had every reply trained
+
+
+def test_train_lowers_loss_and_the_adapter_loads_back(run_dir, tmp_path):
+    from curate.evaluate import EvalSpec, evaluate
+    from curate.train import TrainSpec, train
+
+    spec = TrainSpec(max_steps=6, learning_rate=1e-3, batch_tokens=1_000_000, max_length=128, lora={"r": 8, "alpha": 16})
+    rec = train(spec, run_dir)
+    assert rec["status"] == "done" and rec["steps"] == 6
+    assert rec["batch"]["rows_per_step"] == rec["export"]["n_rows"]  # batch_tokens above the data: every row in each step
+    assert rec["last_loss"] < rec["first_loss"]
+    assert len(rec["loss_curve"]) == 6 and all(c["loss"] > 0 for c in rec["loss_curve"])
+    files = json.loads((run_dir / "export" / "manifest.json").read_text())["files"]
+    assert rec["versions"]["trl"] and rec["versions"]["peft"]
+    assert rec["export"]["sha256"] == next(f["sha256"] for f in files if f["layout"] == "prompt_completion" and f["file_type"] == "jsonl")
+    weights = Path(rec["weights"])
+    assert (weights / "adapter_config.json").exists() and (weights.parent / "loss.png").stat().st_size > 0
+    assert not (weights.parent / "checkpoints").exists()
+    assert json.loads((weights / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
+    again = train(spec, run_dir)  # the same config and data: read back, not trained again
+    assert again == json.loads((weights.parent / "train.json").read_text()) and again["seconds"] == rec["seconds"]
+
+    # the adapter loads onto its base and scores: lower held-out loss than the base on what it learned
+    on_train = EvalSpec(eval_set={"path": str(run_dir / "export" / "messages" / "curated_messages.jsonl")}, judge=None, max_length=128)
+    tuned = evaluate(str(weights), on_train, tmp_path / "tuned")
+    base = evaluate("smollm2-135m-instruct", on_train, tmp_path / "base")
+    assert tuned["loss"]["n_tokens"] == base["loss"]["n_tokens"] > 0
+    assert tuned["loss"]["loss"] < base["loss"]["loss"]
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+
+
+def test_pairwise_judge_cancels_position_bias():
+    from curate.evaluate.judge import model_points, summarise, verdict
+
+    assert verdict("because … [[B]]") == "B" and verdict("[[A]] no wait [[C]]") == "C" and verdict("A is better") is None
+    always_a = [{"verdict_model_first": "A", "verdict_model_second": "A",
+                 "points_model_first": model_points("A", True), "points_model_second": model_points("A", False)}] * 3
+    s = summarise(always_a)
+    assert s["win_rate"] == 0.5 and s["first_position_rate"] == 1.0 and s["consistent"] == 0.0 and s["ties"] == 3
+    prefers_model = [{"verdict_model_first": "A", "verdict_model_second": "B", "points_model_first": 1.0, "points_model_second": 1.0},
+                     {"verdict_model_first": "C", "verdict_model_second": None, "points_model_first": 0.5, "points_model_second": None}]
+    s = summarise(prefers_model)
+    assert s["win_rate"] == 1.0 and s["wins"] == 1 and s["n_judged"] == 1 and s["n_parse_failed"] == 1 and s["consistent"] == 1.0
+
+
+def test_eval_generates_and_judges_on_a_tiny_set(tmp_path):
+    from curate.evaluate import EvalSpec, evaluate
+
+    spec = EvalSpec(eval_set={**EVAL_SET, "limit": 2}, generate={"max_tokens": 8}, max_length=256)
+    rec = evaluate("smollm2-135m-instruct", spec, tmp_path / "ev", store_dir=tmp_path / "store")
+    assert rec["eval_set"]["n_rows"] == 2 and rec["loss"]["n_rows"] == 2 and rec["loss"]["ppl"] > 1
+    assert rec["generation"]["n_ok"] == 2 and 0 < rec["generation"]["mean_tokens"] <= 8
+    j = rec["judge"]
+    assert j["n_judged"] == 2 and j["n_parse_failed"] == 0 and 0 <= j["win_rate"] <= 1 and 0 < j["soft_win_rate"] < 1
+    judged = rows_of(tmp_path / "ev" / "judgments.jsonl")
+    assert all(abs(sum(r["model_first"]["probs"].values()) - 1) < 1 and r["verdict_model_first"] in "ABC" for r in judged)
+    gens = rows_of(tmp_path / "ev" / "generations.jsonl")
+    assert [g["prompt"][-1]["role"] for g in gens] == ["user", "user"] and all(g["reference"] for g in gens)
+    again = evaluate("smollm2-135m-instruct", spec, tmp_path / "ev", store_dir=tmp_path / "store")
+    assert again == rec  # recorded: nothing is generated or judged again
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.prefect
+def test_compare_two_selections_one_budget(prefect_harness, run_dir, tmp_path):
+    """The compare flow as real Prefect flow runs; a re-run adds nothing."""
+    from prefect.client.orchestration import get_client
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    src = load_flow(run_dir.parent / "train-src.yaml")
+    flow = write_flow(tmp_path, name="pool", base_dir=str(ROOT), store_dir=str(src.store), inputs=[i.model_dump(exclude_none=True) for i in src.inputs],
+                      score=[{"method": "heuristic"}], select=[], export={"layouts": ["messages"], "file_types": ["jsonl"], "max_length": 256},
+                      report={"plots": False})
+    cfile = tmp_path / "compare.yaml"
+    cfile.write_text(json.dumps({
+        "name": "cmp", "flow": flow.name, "budgets": [4],
+        "selections": [{"name": "shortest", "select": [{"method": "top_k", "score": "heuristic.response_tokens", "budget": "{budget}", "descending": False}]},
+                       {"name": "random", "select": [{"method": "random", "budget": "{budget}"}]}],
+        "train": {"max_steps": 2, "max_length": 256, "batch_tokens": 512},
+        "eval": {"eval_set": {**EVAL_SET, "limit": 2}, "generate": {"max_tokens": 4}, "max_length": 256},
+        "output_dir": "out"}))
+    res = CliRunner().invoke(app, ["compare", str(cfile)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "out"
+    table = json.loads((out / "compare.json").read_text())["table"]
+    assert [(r["selection"], r["budget"], r["selected"], r["train_steps"]) for r in table] == [("shortest", 4, 4, 2), ("random", 4, 4, 2)]
+    assert all(r["eval_loss"] > 0 and r["win_rate"] is not None for r in table)
+    assert (out / "compare.png").stat().st_size > 0 and "| shortest | 4 | 4 | 2 |" in (out / "compare.md").read_text()
+    cell = json.loads((out / "cells" / "shortest-4" / "cell.json").read_text())
+    assert cell["select"][0]["budget"] == 4 and Path(cell["train"]["dir"], "train.json").exists()
+    assert json.loads((out / "cells" / "shortest-4" / "run" / "export" / "manifest.json").read_text())["n_selected"] == 4
+
+    async def flow_names():
+        async with get_client() as client:
+            runs = await client.read_flow_runs()
+            return sorted({(await client.read_flow(r.flow_id)).name for r in runs})
+
+    import asyncio
+
+    names = asyncio.run(flow_names())
+    assert {"curate-compare", "curate", "curate-train", "curate-eval"} <= set(names)
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("cell.json")}
+    res = CliRunner().invoke(app, ["compare", str(cfile), "--no-prefect"])
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("cell.json")} == stamp  # every cell recorded: nothing ran again
