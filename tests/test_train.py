@@ -37,6 +37,20 @@ def run_dir(tmp_path_factory):
     return d / "out"
 
 
+@pytest.fixture(scope="module")
+def small_run(run_dir, tmp_path_factory):
+    """The four shortest rows of the same pool: a CPU can take several optimizer steps over all of them."""
+    d = tmp_path_factory.mktemp("small")
+    src = load_flow(run_dir.parent / "train-src.yaml")
+    flow = write_flow(d, name="small", base_dir=str(ROOT), output_dir=str(d / "out"), store_dir=str(src.store),
+                      inputs=[i.model_dump(exclude_none=True) for i in src.inputs], score=[{"method": "heuristic"}],
+                      select=[{"method": "top_k", "score": "heuristic.response_tokens", "budget": 4, "descending": False}],
+                      export={"layouts": ["messages", "prompt_completion"], "file_types": ["jsonl"], "max_length": 256},
+                      report={"plots": False})
+    assert execute(load_flow(flow))["counts"]["selected"] == 4
+    return d / "out"
+
+
 def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
@@ -112,30 +126,34 @@ def test_loss_is_on_assistant_tokens_only(layout, run_dir, tmp_path):
             multi += len(replies) > 1
             assert trained == "".join(c + "<|im_end|>" for c in replies)
     assert layout == "prompt_completion" or multi >= 1  # a multi-turn row had every reply trained
+    # the trainer's own batches (collator, padding) keep exactly those label tokens
+    batches = list(prep.trainer.get_train_dataloader())
+    assert sum(int(b["input_ids"].shape[0]) for b in batches) == len(ds)
+    assert sum(int((b["labels"] != -100).sum()) for b in batches) == sum(sum(lab != -100 for lab in r["labels"]) for r in ds)
 
 
-def test_train_lowers_loss_and_the_adapter_loads_back(run_dir, tmp_path):
+def test_train_lowers_loss_and_the_adapter_loads_back(small_run, tmp_path):
     from curate.evaluate import EvalSpec, evaluate
     from curate.train import TrainSpec, train
 
-    spec = TrainSpec(max_steps=6, learning_rate=1e-3, batch_tokens=1_000_000, max_length=128, lora={"r": 8, "alpha": 16})
-    rec = train(spec, run_dir)
-    assert rec["status"] == "done" and rec["steps"] == 6
+    spec = TrainSpec(max_steps=4, learning_rate=1e-3, batch_tokens=1_000_000, max_length=64, lora={"r": 8, "alpha": 16})
+    rec = train(spec, small_run)
+    assert rec["status"] == "done" and rec["steps"] == 4
     assert rec["batch"]["rows_per_step"] == rec["export"]["n_rows"]  # batch_tokens above the data: every row in each step
     assert rec["last_loss"] < rec["first_loss"]
-    assert len(rec["loss_curve"]) == 6 and all(c["loss"] > 0 for c in rec["loss_curve"])
-    files = json.loads((run_dir / "export" / "manifest.json").read_text())["files"]
+    assert len(rec["loss_curve"]) == 4 and all(c["loss"] > 0 for c in rec["loss_curve"])
+    files = json.loads((small_run / "export" / "manifest.json").read_text())["files"]
     assert rec["versions"]["trl"] and rec["versions"]["peft"]
     assert rec["export"]["sha256"] == next(f["sha256"] for f in files if f["layout"] == "prompt_completion" and f["file_type"] == "jsonl")
     weights = Path(rec["weights"])
     assert (weights / "adapter_config.json").exists() and (weights.parent / "loss.png").stat().st_size > 0
     assert not (weights.parent / "checkpoints").exists()
     assert json.loads((weights / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2-135m-instruct"
-    again = train(spec, run_dir)  # the same config and data: read back, not trained again
+    again = train(spec, small_run)  # the same config and data: read back, not trained again
     assert again == json.loads((weights.parent / "train.json").read_text()) and again["seconds"] == rec["seconds"]
 
     # the adapter loads onto its base and scores: lower held-out loss than the base on what it learned
-    on_train = EvalSpec(eval_set={"path": str(run_dir / "export" / "messages" / "curated_messages.jsonl")}, judge=None, max_length=128)
+    on_train = EvalSpec(eval_set={"path": str(small_run / "export" / "messages" / "curated_messages.jsonl")}, judge=None, max_length=128)
     tuned = evaluate(str(weights), on_train, tmp_path / "tuned")
     base = evaluate("smollm2-135m-instruct", on_train, tmp_path / "base")
     assert tuned["loss"]["n_tokens"] == base["loss"]["n_tokens"] > 0
@@ -176,6 +194,21 @@ def test_eval_generates_and_judges_on_a_tiny_set(tmp_path):
     assert again == rec  # recorded: nothing is generated or judged again
 
 
+def test_cli_eval_and_train_errors(run_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "smollm2-135m-instruct", "--on", EVAL_SET["path"], "--limit", "1", "--no-judge",
+                                   "--no-prefect", "--out", str(tmp_path / "ev"), "--set", "max_length=128"])
+    assert res.exit_code == 0, res.output
+    assert "held-out loss" in res.output and json.loads((tmp_path / "ev" / "eval.json").read_text())["loss"]["n_rows"] == 1
+    res = CliRunner().invoke(app, ["train", str(run_dir), "--set", "lora.rank=8", "--no-prefect"])
+    assert res.exit_code == 2 and "lora.rank" in res.output and "unknown key" in res.output
+    res = CliRunner().invoke(app, ["train", str(tmp_path), "--no-prefect"])
+    assert res.exit_code == 2 and "no export here" in res.output
+
+
 # -- the loop ----------------------------------------------------------------------------------------
 
 
@@ -196,8 +229,8 @@ def test_compare_two_selections_one_budget(prefect_harness, run_dir, tmp_path):
         "name": "cmp", "flow": flow.name, "budgets": [4],
         "selections": [{"name": "shortest", "select": [{"method": "top_k", "score": "heuristic.response_tokens", "budget": "{budget}", "descending": False}]},
                        {"name": "random", "select": [{"method": "random", "budget": "{budget}"}]}],
-        "train": {"max_steps": 2, "max_length": 256, "batch_tokens": 512},
-        "eval": {"eval_set": {**EVAL_SET, "limit": 2}, "generate": {"max_tokens": 4}, "max_length": 256},
+        "train": {"max_steps": 2, "max_length": 128, "batch_tokens": 256},
+        "eval": {"eval_set": {**EVAL_SET, "limit": 2}, "generate": {"max_tokens": 4}, "max_length": 128},
         "output_dir": "out"}))
     res = CliRunner().invoke(app, ["compare", str(cfile)])
     assert res.exit_code == 0, res.output
