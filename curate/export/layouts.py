@@ -12,12 +12,14 @@
                        earlier turns go to ``history`` pairs; rows with tool turns cannot be
                        written (reported in the manifest, still in the other layouts)
 ``sharegpt``           ``{"id", "conversations": [{"from", "value"}], "system"?, "tools"?}`` —
-                       human / gpt / function_call / observation; system as a field
+                       human / gpt / function_call / observation; system as a field;
+                       ``tools`` as in ``messages``
 =====================  ======================================================================
 
 Empty optional strings are ``""``, never null (mixed types break Arrow inference) — except
-``tools`` in ``messages`` and ``prompt_completion``: TRL's SFTTrainer ``json.loads`` every string
-``tools`` (``""`` raises) and passes null on as "no tools", which LLaMA-Factory reads the same way.
+``tools`` in every layout that has it: TRL's SFTTrainer and axolotl's ``chat_template`` ``json.loads``
+every string ``tools`` (``""`` raises) and pass null on as "no tools", which LLaMA-Factory reads the
+same way.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def to_sharegpt(rec: dict) -> dict[str, Any]:
             conv.append({"from": "function_call", "value": m["tool_calls"]})
         else:
             conv.append({"from": SHAREGPT_FROM[m["role"]], "value": m["content"]})
-    return {"conversations": conv, "system": system, "tools": tools_list_json(rec.get("tools")) or ""}
+    return {"conversations": conv, "system": system, "tools": tools_list_json(rec.get("tools"))}
 
 
 CONVERT = {"messages": to_messages, "prompt_completion": to_prompt_completion, "alpaca": to_alpaca, "sharegpt": to_sharegpt}
@@ -125,8 +127,8 @@ def convert_rows(records: list[dict], layout: str) -> tuple[list[dict], list[tup
                 for r in out:
                     del r[col]
     if layout == "sharegpt":
-        for col in ("system", "tools"):
-            if all(r[col] == "" for r in out):
+        for col, empty in (("system", ""), ("tools", None)):
+            if all(r[col] == empty for r in out):
                 for r in out:
                     del r[col]
     return out, skipped

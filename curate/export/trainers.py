@@ -37,7 +37,8 @@ def dataset_info(files: list[dict], name: str) -> dict[str, Any]:
 
 
 def axolotl_yaml(files: list[dict], max_length: int) -> str:
-    """The messages file as a chat_template dataset; the sharegpt file as a commented alternative."""
+    """The messages file as a chat_template dataset; the sharegpt file as a commented alternative
+    (with a ``roles`` map, so that ``function_call`` / ``observation`` turns become assistant / tool)."""
     blocks = []
     for f in files:
         if f["file_type"] != "jsonl":
@@ -58,6 +59,9 @@ def axolotl_yaml(files: list[dict], max_length: int) -> str:
                 "# Alternative: the legacy sharegpt file\n"
                 f"#  - path: {f['path']}\n#    ds_type: json\n#    type: chat_template\n#    field_messages: conversations\n"
                 "#    message_property_mappings: {role: from, content: value}\n"
+                "#    # axolotl's default roles map human/gpt only: without this, function_call and observation\n"
+                "#    # turns render under their own names and the tool call is not trained\n"
+                "#    roles: {user: [human, user], assistant: [gpt, assistant, function_call], system: [system], tool: [observation, tool]}\n"
             )
     return head + yaml.safe_dump(doc, sort_keys=False) + alt
 
