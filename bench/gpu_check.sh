@@ -22,17 +22,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=bench/.gpu
-grep -qx '/bench/.gpu/' .git/info/exclude 2>/dev/null || echo '/bench/.gpu/' >> .git/info/exclude
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
 case "${1:-}" in
 pack)
   SHARED=${SHARED:-../shared/data}
+  grep -qx '/bench/.gpu/' .git/info/exclude 2>/dev/null || echo '/bench/.gpu/' >> .git/info/exclude
   rm -rf "$G" && mkdir -p "$G/wheels" "$G/data" "$G/model-1" "$G/model-2"
-  # only what the GPU image lacks (its torch, transformers, peft, accelerate, pyarrow, pandas stay)
+  # only what the GPU image lacks (its torch, transformers, peft, accelerate, pyarrow, pandas, xxhash,
+  # matplotlib stay), at the versions curate is tested with here
+  pins=$("$PY" -c "import importlib.metadata as m; print(' '.join(f'{d}=={m.version(d)}' for d in
+    ('trl', 'datasets', 'dill', 'multiprocess', 'pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection', 'gguf')))")
+  # shellcheck disable=SC2086
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform any -d "$G/wheels" \
-    "trl==1.16.0" "datasets==5.2.0" dill multiprocess "pydantic>=2.6" pydantic-core annotated-types typing-inspection gguf
+    --platform manylinux_2_17_x86_64 --platform any -d "$G/wheels" $pins
   cp "$SHARED/cherry_llm/cherry_alpaca_5_percent.json" "$SHARED/llama_factory/alpaca_en_demo.json" \
      "$SHARED/codealpaca/code_alpaca_2k.json" "$G/data/"
   cp "$SHARED/alpaca_eval/results/text_davinci_003/model_outputs.json" "$G/data/alpaca_eval_805.json"
@@ -50,6 +53,12 @@ run)
   mkdir -p "$OUT_DIR"
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   if [ -d "$G/wheels" ] && [ -z "${NO_INSTALL:-}" ]; then "$PY" -m pip install --quiet --no-index --no-deps "$G"/wheels/*.whl; fi
+  # preflight: every import the run needs, with versions, before any minute of GPU time is spent
+  "$PY" -c "import importlib.metadata as m, torch, transformers, trl, peft, datasets, pydantic, yaml, pyarrow, matplotlib, gguf, xxhash
+print({d: m.version(d) for d in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'pyarrow', 'huggingface-hub', 'accelerate')},
+      'cuda', torch.cuda.is_available())
+from trl import SFTConfig, SFTTrainer
+import curate.train.sft, curate.evaluate.run, curate.compare"
   MODEL=${MODEL:-}
   if [ -z "$MODEL" ]; then
     cat "$G"/model-1/part-* "$G"/model-2/part-* > "$G/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -62,7 +62,7 @@ def main() -> None:
                   {"method": "superfiltering", "model": a.model, "max_length": a.max_length, "dtype": dtype}],
         "select": [],
         "export": {"layouts": ["prompt_completion"], "file_types": ["jsonl"], "max_length": a.max_length},
-        "report": {"plots": False}, "runtime": {"progress": False},
+        "report": {"plots": False}, "runtime": {"progress": False, "max_error_rate": 0.05},  # a few prompts longer than max_length
     }
     (out / "pool.yaml").write_text(yaml.safe_dump(pool_flow, sort_keys=False))
     spec = CompareSpec.model_validate({
@@ -92,7 +92,7 @@ def main() -> None:
             "train loss (first → last)": f"{tr['first_loss']:.3f} → {tr['last_loss']:.3f}",
             "train tokens/s": round(tr["tokens_per_s"] or 0), "train s": round(tr["seconds"]),
             "eval loss": round(ev["loss"]["loss"], 4), "eval ppl": round(ev["loss"]["ppl"], 3),
-            "win rate": ev["judge"]["win_rate"], "soft win rate": round(ev["judge"]["soft_win_rate"], 4),
+            "win rate": ev["judge"]["win_rate"], "soft win rate": None if ev["judge"]["soft_win_rate"] is None else round(ev["judge"]["soft_win_rate"], 4),
             "scoring tokens/s": round(ev["loss"]["tokens_per_s"] or 0),
             "generation tokens/s": round(ev["generation"]["tokens_per_s"] or 0) if ev["generation"].get("tokens_per_s") else None,
         })

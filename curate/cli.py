@@ -71,6 +71,12 @@ def run(
         if progress is not None:
             overrides.append(f"runtime.progress={'true' if progress else 'false'}")
         spec = _load(flow, overrides)
+        if spec.train is not None:  # before curating for minutes: training needs the train extra
+            from curate.errors import require
+            from curate.train.sft import INSTALL
+
+            require("trl", "the flow's train: section", INSTALL)
+            require("peft", "the flow's train: section", INSTALL)
         from curate.launch import run as run_flow
 
         summary = run_flow(spec)
@@ -166,9 +172,9 @@ def _run_train(spec, source: str, out: Optional[Path], prefect: bool) -> dict:
 
 def _print_train(rec: dict) -> None:
     b = rec["batch"]
+    loss = "" if rec.get("first_loss") is None else f", loss {rec['first_loss']:.4f} → {rec['last_loss']:.4f}"
     console.print(f"[bold]train[/]: {rec['base_model']['name']} ({rec['method']}) on {rec['export']['n_rows']} rows of "
-                  f"{rec['export']['file']}: {rec['steps']} steps ({b['rows_per_step']} rows each), loss {rec['first_loss']:.4f} → "
-                  f"{rec['last_loss']:.4f}, {rec['seconds']:.0f} s" + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
+                  f"{rec['export']['file']}: {rec['steps']} steps ({b['rows_per_step']} rows each){loss}, {rec['seconds']:.0f} s" + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
                   highlight=False, soft_wrap=True)
     console.print(f"weights: {rec['weights']}\nrecord:  {Path(rec['weights']).parent / 'train.json'}", highlight=False, soft_wrap=True)
 
@@ -179,18 +185,22 @@ def _train_spec(source: Path, flow: Optional[Path], overrides: list[str]):
     import yaml
 
     from curate.config import apply_override, parse_override
+    from curate.errors import ConfigError
     from curate.train.spec import TrainSpec
 
     data: dict = {}
-    if flow is None and (source / "run.json").exists():
-        fp = json.loads((source / "run.json").read_text()).get("flow_path")
-        flow = Path(fp) if fp and Path(fp).exists() else None
-    if flow is not None:
+    recorded = json.loads((source / "run.json").read_text()).get("train") if (source / "run.json").exists() else None
+    if flow is None and recorded:  # the train: section the run was started with (its --set overrides included)
+        data = dict(recorded)
+    elif flow is not None:
         loaded = yaml.safe_load(flow.read_text(encoding="utf-8")) or {}
         data = dict(loaded.get("train") or {}) if "inputs" in loaded else dict(loaded)
     for item in overrides:
         parts, value = parse_override(item)
-        apply_override(data, [p for p in parts if p != "train"] if parts[0] == "train" else parts, value, item)
+        parts = parts[1:] if parts[0] == "train" else parts
+        if not parts:
+            raise ConfigError(f"--set {item}: give a train key, e.g. --set epochs=1")
+        apply_override(data, parts, value, item)
     from pydantic import ValidationError
 
     from curate.config import format_validation_error
@@ -198,8 +208,6 @@ def _train_spec(source: Path, flow: Optional[Path], overrides: list[str]):
     try:
         return TrainSpec.model_validate(data)
     except ValidationError as exc:
-        from curate.errors import ConfigError
-
         raise ConfigError(format_validation_error(exc, str(flow or "train"), {}, ("train",))) from None
 
 
@@ -236,6 +244,9 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N eval rows."),
     judge: Optional[str] = typer.Option(None, "--judge", help="The judge model (default: the bundled SmolLM2)."),
     no_judge: bool = typer.Option(False, "--no-judge", help="Held-out loss only: no generation, no judging."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Judge against this model's answers instead of the set's own."),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="A prompts-only set (e.g. Koala: prompt, Vicuna: turns): "
+                                               "the field with each request; needs --reference."),
     set_: list[str] = typer.Option([], "--set", "-s", help="Override an eval key: --set generate.max_tokens=128 --set judge.backend=openai."),
     out: Optional[Path] = typer.Option(None, "--out", help="Eval directory (default: beside a trained model, else out/eval/<key>)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Cache generations and judge replies here (default: the eval directory)."),
@@ -251,6 +262,10 @@ def eval_(
     from curate.evaluate.spec import EvalSpec
 
     data: dict = {"eval_set": {"path": str(on), **({"limit": limit} if limit else {})}}
+    if reference:
+        data["reference"] = reference
+    if prompt_field:
+        data["prompt_field"] = prompt_field
     if no_judge:
         data["judge"] = None
     elif judge:

@@ -118,12 +118,32 @@ def cell_flow(spec: CompareSpec, selection: Selection, budget: int | float):
     flow = load_flow(spec.resolve(spec.flow), overrides)
     layouts = set(flow.export.layouts) | {spec.train.layout}
     file_types = set(flow.export.file_types) | {spec.train.file_type}
-    return flow.model_copy(update={"export": flow.export.model_copy(update={"layouts": sorted(layouts), "file_types": sorted(file_types)})}), steps
+    export = flow.export.model_copy(update={"layouts": sorted(layouts), "file_types": sorted(file_types)})
+    # the cell's run.json records the train section, so `curate train <cell>/run` trains as the cell did
+    return flow.model_copy(update={"export": export, "train": spec.train}), steps
+
+
+def _content(flow, spec: CompareSpec) -> list[str]:
+    """sha256 of every file the cell reads (pool inputs, eval sets of decontamination steps, the eval set):
+    a changed file is a new cell even when the configuration is the same."""
+    from curate.ingest.readers import expand_paths
+    from curate.io import file_sha256
+
+    files = [f for i in flow.inputs if i.path for f in expand_paths(i.path, flow.base)]
+    for step in flow.select:
+        es = step.params.get("eval_set")
+        if isinstance(es, dict) and es.get("path"):
+            files += expand_paths(es["path"], flow.base)
+    if spec.eval.eval_set.path:
+        files += expand_paths(spec.eval.eval_set.path, Path(spec.path).parent)
+    return [file_sha256(f) for f in files]
 
 
 def cell_key(flow, spec: CompareSpec) -> str:
-    return sha256_hex(canonical_json({"flow": flow.fingerprint(), "train": spec.train.model_dump(mode="json"),
-                                      "eval": spec.eval.model_dump(mode="json")}))
+    how = {"torch_threads"}
+    return sha256_hex(canonical_json({"flow": flow.fingerprint(), "train": spec.train.model_dump(mode="json", exclude=how | {"device_map"}),
+                                      "eval": spec.eval.model_dump(mode="json", exclude=how), "eval_backend": spec.eval.resolved_backend(),
+                                      "files": _content(flow, spec)}))
 
 
 def run_cell(spec: CompareSpec, selection: Selection, budget: int | float) -> dict[str, Any]:
@@ -224,7 +244,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
             pts = sorted((c["budget"], get(c)) for c in cells if c["selection"] == sel and get(c) is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sel)
-        ax.set_xlabel("budget (rows selected)")
+        ax.set_xlabel("budget")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -139,6 +139,14 @@ class FlowSpec(Strict):
     # Set by load_flow, not by the YAML.
     flow_path: str | None = Field(None, exclude=True)
 
+    @model_validator(mode="after")
+    def _train_reads_an_exported_file(self):
+        t, e = self.train, self.export
+        if t is not None and (t.layout not in e.layouts or t.file_type not in e.file_types):
+            raise ValueError(f"train reads the {t.layout} {t.file_type} export: add '{t.layout}' to export.layouts and "
+                             f"'{t.file_type}' to export.file_types, or set train.layout / train.file_type")
+        return self
+
     @field_validator("score")
     @classmethod
     def _unique_scorer_names(cls, v: list[StepSpec]):

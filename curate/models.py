@@ -243,6 +243,23 @@ def cached(key: tuple, load: Callable[[], Any]) -> Any:
         return _CACHE[key]
 
 
+def evict(location: str) -> int:
+    """Drop every cached model loaded from ``location`` (and free GPU memory); returns how many."""
+    with _CACHE_LOCK:
+        gone = [k for k in _CACHE if location in k]
+        for k in gone:
+            del _CACHE[k]
+    if gone:
+        import gc
+
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return len(gone)
+
+
 def set_torch_threads(n: int | None) -> int:
     """Set torch's intra-op threads explicitly (default: min(2, CPU count)); returns the count."""
     import torch
@@ -274,7 +291,8 @@ def load_causal_lm(location: str, dtype, trust_remote_code: bool = False, revisi
     from peft import PeftModel
 
     base_name = json.loads((Path(location) / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = resolve_model(base_name)
+    trained = Path(location) / "curate_train.json"  # curate train records the base's revision (a hub base stays pinned)
+    base = resolve_model(base_name, json.loads(trained.read_text()).get("base_revision") if trained.exists() else None)
     model = AutoModelForCausalLM.from_pretrained(base.location, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  revision=base.revision if base.source == "hub" else None)
     return PeftModel.from_pretrained(model, location).merge_and_unload()

@@ -85,13 +85,15 @@ def test_flow_train_section_and_compare_file_errors(tmp_path):
     from curate.compare import load_compare
 
     flow = write_flow(tmp_path, name="f", inputs=[{"path": str(ROOT / "data/sample/cherry_alpaca.jsonl")}],
-                      train={"epochs": 1, "lora": {"r": 4}})
+                      train={"epochs": 1, "lora": {"r": 4}}, export={"layouts": ["messages", "prompt_completion"]})
     spec = load_flow(flow)
     assert spec.train.lora.r == 4
     plain = load_flow(flow, ["train=null"])
     assert plain.fingerprint() == spec.fingerprint()  # training settings do not change what curation computes
     with pytest.raises(ConfigError, match=r"f\.yaml:\d+: train\.epochs"):
         load_flow(flow, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="train reads the prompt_completion jsonl export: add 'prompt_completion' to export.layouts"):
+        load_flow(flow, ["export.layouts=[messages]"])
     bad = tmp_path / "c.yaml"
     bad.write_text("name: c\nflow: f.yaml\nbudgets: [5]\nselections:\n  - name: r\n    select: [{method: random, budget: 5}]\n"
                    "eval:\n  eval_set: {path: x.json}\n  judge: {mode: vibes}\n")
@@ -160,6 +162,26 @@ def test_train_lowers_loss_and_the_adapter_loads_back(small_run, tmp_path):
     assert tuned["loss"]["loss"] < base["loss"]["loss"]
 
 
+def test_full_fine_tuning_on_the_parquet_export(small_run, tmp_path):
+    """method: full on the Parquet file (another real path): the weights dir is a whole model that curate
+    loads as a local model, and its key file keeps two trainings into one folder apart."""
+    import datasets  # noqa: F401
+
+    from curate.models import model_revision
+    from curate.train import TrainSpec, train
+
+    flow = load_flow(small_run.parent / "small.yaml", ["export.file_types=[jsonl, parquet]"])
+    execute(flow)
+    spec = TrainSpec(method="full", file_type="parquet", max_steps=1, max_length=64, batch_tokens=256)
+    rec = train(spec, small_run, tmp_path / "full")
+    weights = Path(rec["weights"])
+    assert rec["steps"] == 1 and rec["export"]["file"].endswith(".parquet") and weights.name == "model"
+    assert (weights / "config.json").exists() and (weights / "model.safetensors").exists() and not (weights / "adapter_config.json").exists()
+    first = model_revision(str(weights))
+    other = train(spec.model_copy(update={"learning_rate": 1e-6}), small_run, tmp_path / "full")
+    assert other["key"] != rec["key"] and model_revision(str(weights)) != first  # same folder, same sizes, another model
+
+
 # -- evaluation --------------------------------------------------------------------------------------
 
 
@@ -187,11 +209,38 @@ def test_eval_generates_and_judges_on_a_tiny_set(tmp_path):
     j = rec["judge"]
     assert j["n_judged"] == 2 and j["n_parse_failed"] == 0 and 0 <= j["win_rate"] <= 1 and 0 < j["soft_win_rate"] < 1
     judged = rows_of(tmp_path / "ev" / "judgments.jsonl")
-    assert all(abs(sum(r["model_first"]["probs"].values()) - 1) < 1 and r["verdict_model_first"] in "ABC" for r in judged)
+    for r in judged:  # the verdict is the likeliest of A, B, C (full-vocabulary probabilities: their sum is at most 1)
+        p = r["model_first"]["probs"]
+        assert 0 < sum(p.values()) <= 1 + 1e-9 and r["verdict_model_first"] == max(p, key=p.get)
+        assert 0 <= r["soft_points"] <= 1
     gens = rows_of(tmp_path / "ev" / "generations.jsonl")
     assert [g["prompt"][-1]["role"] for g in gens] == ["user", "user"] and all(g["reference"] for g in gens)
     again = evaluate("smollm2-135m-instruct", spec, tmp_path / "ev", store_dir=tmp_path / "store")
     assert again == rec  # recorded: nothing is generated or judged again
+
+
+def test_flow_train_section_trains_after_the_run_and_curate_train_reuses_it(small_run, tmp_path):
+    """`curate run` with a train: section trains after curating; `curate train <output_dir>` then finds
+    the recorded section (with its --set overrides) and the finished run."""
+    from typer.testing import CliRunner
+
+    from curate.cli import app
+
+    src = load_flow(small_run.parent / "small.yaml")
+    flow = write_flow(tmp_path, name="with-train", base_dir=str(ROOT), store_dir=str(src.store), output_dir=str(tmp_path / "out"),
+                      inputs=[i.model_dump(exclude_none=True) for i in src.inputs], score=[{"method": "heuristic"}],
+                      select=[s.model_dump(exclude_none=True) for s in src.select],
+                      export={"layouts": ["prompt_completion"], "file_types": ["jsonl"], "max_length": 256},
+                      report={"plots": False}, train={"max_steps": 3, "max_length": 64})
+    res = CliRunner().invoke(app, ["run", str(flow), "--set", "train.max_steps=1"])
+    assert res.exit_code == 0, res.output
+    assert "train: smollm2-135m-instruct (lora) on 4 rows" in res.output and "1 steps" in res.output
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["train"]["max_steps"] == 1
+    (record,) = (tmp_path / "out" / "train").glob("*/train.json")
+    stamp = record.stat().st_mtime_ns
+    res = CliRunner().invoke(app, ["train", str(tmp_path / "out"), "--no-prefect"])
+    assert res.exit_code == 0 and "1 steps" in res.output  # the recorded section (max_steps 1), read back: not trained again
+    assert record.stat().st_mtime_ns == stamp and len(list((tmp_path / "out" / "train").iterdir())) == 1
 
 
 def test_cli_eval_and_train_errors(run_dir, tmp_path):
@@ -207,6 +256,24 @@ def test_cli_eval_and_train_errors(run_dir, tmp_path):
     assert res.exit_code == 2 and "lora.rank" in res.output and "unknown key" in res.output
     res = CliRunner().invoke(app, ["train", str(tmp_path), "--no-prefect"])
     assert res.exit_code == 2 and "no export here" in res.output
+
+
+def test_eval_on_a_prompts_only_set_against_a_reference_model(tmp_path):
+    """Koala-style rows (a request, no answer): no held-out loss; the judge compares with a reference model's answers."""
+    from curate.evaluate import EvalSpec, evaluate
+    from pydantic import ValidationError
+
+    f = tmp_path / "koala.jsonl"
+    f.write_text('{"id": "k0", "prompt": "Name three primary colours."}\n{"id": "k1", "prompt": ""}\n'
+                 '{"id": "k2", "prompt": "What is 2 + 2?"}\n')
+    with pytest.raises(ValidationError, match="reference to a model"):
+        EvalSpec(eval_set={"path": str(f)}, prompt_field="prompt")
+    spec = EvalSpec(eval_set={"path": str(f)}, prompt_field="prompt", reference="smollm2-135m-instruct", generate={"max_tokens": 4})
+    rec = evaluate("smollm2-135m-instruct", spec, tmp_path / "ev", store_dir=tmp_path / "store")
+    assert "loss" not in rec and rec["eval_set"]["n_rows"] == 2 and rec["eval_set"]["n_invalid"] == 1
+    assert rec["judge"]["n_judged"] == 2 and rec["generation"]["n_ok"] == 2
+    gens = rows_of(tmp_path / "ev" / "generations.jsonl")
+    assert [g["answer"] for g in gens] == [g["reference"] for g in gens]  # the same greedy model on both sides
 
 
 # -- the loop ----------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-IGNORE = -100
+from common import CHAT_ROLES, IGNORE, ROLE_HEADER, final_answer_and_first_user, rows_of, spans, trained_turns  # noqa: E402
 DROP_LOG = re.compile(r"Dropped \d+[^\n]*")
 
 
@@ -51,40 +51,6 @@ def variants(export_dir: Path) -> list[tuple[str, dict, list[dict]]]:
     if parquet and doc["datasets"]:
         out.append(("messages_parquet", top, [{**doc["datasets"][0], "path": parquet[0], "ds_type": "parquet"}]))
     return out
-
-
-def rows_of(path: Path) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-def trained_turns(row: dict) -> int:
-    """How many turns of the exported row a trainer should put loss on (assistant side)."""
-    if "messages" in row:
-        return sum(m["role"] == "assistant" for m in row["messages"])
-    if "conversations" in row:
-        return sum(c["from"] in ("gpt", "function_call") for c in row["conversations"])
-    return 1 + len(row.get("history") or [])
-
-
-def spans(labels: list[int]) -> int:
-    """Number of contiguous runs of trained (not ignored) labels."""
-    return sum(1 for i, t in enumerate(labels) if t != IGNORE and (i == 0 or labels[i - 1] == IGNORE))
-
-
-ROLE_HEADER = re.compile(r"<\|im_start\|>(\w+)")
-CHAT_ROLES = {"system", "user", "assistant", "tool"}
-
-
-def answer_and_first_user(row: dict) -> tuple[str, str]:
-    if "messages" in row:
-        msgs = [m for m in row["messages"] if m["role"] != "system"]
-        return msgs[-1]["content"], msgs[0]["content"]
-    conv = [c for c in row["conversations"] if c["from"] != "system"]
-    return conv[-1]["value"], conv[0]["value"]
 
 
 def run_variant(name: str, top: dict, datasets: list[dict], export_dir: Path, model_dir: str, work: Path, n_rows: dict) -> dict:
@@ -140,7 +106,7 @@ def run_variant(name: str, top: dict, datasets: list[dict], export_dir: Path, mo
     for i, (row, ex) in enumerate(zip(rows, ds) if aligned else ()):
         labels, ids = list(ex["labels"]), list(ex["input_ids"])
         trained = [t for t in labels if t != IGNORE]
-        answer, first_user = answer_and_first_user(row)
+        answer, first_user = final_answer_and_first_user(row)
         if labels and labels[0] == IGNORE and trained:
             masked += 1
         j = len(labels)

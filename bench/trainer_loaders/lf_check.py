@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 BAD_WARNINGS = ("Skipping this abnormal example", "Dropped invalid example", "Invalid role tag", "Invalid message count")
-IGNORE = -100
+from common import CHAT_ROLES, IGNORE, ROLE_HEADER, final_answer_and_first_user, rows_of, spans, trained_turns  # noqa: E402
 
 
 class Collect(logging.Handler):
@@ -36,44 +36,6 @@ class Collect(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
-
-
-def exported_rows(export_dir: Path, rel: str) -> list[dict]:
-    path = export_dir / rel
-    if path.suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    import pyarrow.parquet as pq
-
-    return pq.read_table(path).to_pylist()
-
-
-def trained_turns(row: dict) -> int:
-    """How many turns of the exported row a trainer should put loss on (assistant side)."""
-    if "messages" in row:
-        return sum(m["role"] == "assistant" for m in row["messages"])
-    if "conversations" in row:
-        return sum(c["from"] in ("gpt", "function_call") for c in row["conversations"])
-    return 1 + len(row.get("history") or [])
-
-
-def spans(labels: list[int]) -> int:
-    """Number of contiguous runs of trained (not ignored) labels."""
-    return sum(1 for i, t in enumerate(labels) if t != IGNORE and (i == 0 or labels[i - 1] == IGNORE))
-
-
-ROLE_HEADER = re.compile(r"<\|im_start\|>(\w+)")
-CHAT_ROLES = {"system", "user", "assistant", "tool"}
-
-
-def final_answer_and_first_user(row: dict) -> tuple[str, str]:
-    """(text the last turn trains on, text of the first user turn) for any exported layout."""
-    if "messages" in row:
-        msgs = [m for m in row["messages"] if m["role"] != "system"]
-        return msgs[-1]["content"], msgs[0]["content"]
-    if "conversations" in row:
-        return row["conversations"][-1]["value"], row["conversations"][0]["value"]
-    first = row["history"][0][0] if row.get("history") else "\n".join(p for p in (row["instruction"], row["input"]) if p)
-    return row["output"], first
 
 
 def check_entry(name: str, attrs: dict, n_expected: int, export_dir: Path, tok_dir: str, template_name: str,
@@ -103,7 +65,7 @@ def check_entry(name: str, attrs: dict, n_expected: int, export_dir: Path, tok_d
         problems.append(f"{len(ds)} converted rows, {n_expected} exported")
     if bad:
         problems.append(f"{len(bad)} skip/drop warnings, first: {bad[0][:300]}")
-    rows = exported_rows(export_dir, attrs["file_name"])
+    rows = rows_of(export_dir / attrs["file_name"])
     if len(rows) != n_expected:
         problems.append(f"file has {len(rows)} rows, manifest says {n_expected}")
     eos = tokenizer.eos_token

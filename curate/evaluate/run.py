@@ -55,14 +55,17 @@ def evaluate(model: str, spec: EvalSpec, out_dir: str | os.PathLike | None = Non
              base_dir: str = ".") -> dict[str, Any]:
     """Evaluate ``model`` (any name curate resolves: bundled, local dir, a ``curate train`` adapter,
     hub id) on ``spec.eval_set``; return the record also written to ``eval.json``."""
-    from curate.ingest.eval_set import read_eval_set
+    from curate.ingest.eval_set import read_eval_set, read_prompts
     from curate.lm import load_backend
     from curate.models import set_torch_threads
 
     t0 = time.perf_counter()
     threads = spec.torch_threads or min(2, os.cpu_count() or 1)
     set_torch_threads(threads)
-    rows, n_bad = read_eval_set(spec.eval_set, base_dir)
+    if spec.prompt_field:
+        rows, n_bad = read_prompts(spec.eval_set, spec.prompt_field, base_dir)
+    else:
+        rows, n_bad = read_eval_set(spec.eval_set, base_dir)
     lm = model_params(model, spec)
     backend = load_backend(lm, threads)
     judge = load_backend(LMParams.of(spec.judge), threads) if spec.judge else None
@@ -77,17 +80,21 @@ def evaluate(model: str, spec: EvalSpec, out_dir: str | os.PathLike | None = Non
         log.info("eval: %s already evaluated (%s)", model, out)
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    calls_dir = Path(store_dir) / "calls" if store_dir else out / "calls"
+    # replies are cached across evals (a changed judge setting does not regenerate the answers)
+    calls_dir = Path(store_dir) / "calls" if store_dir else out.parent / "calls"
     record: dict[str, Any] = {"key": key, "model": model, "model_fingerprint": backend.fingerprint(),
                               "eval_set": {**spec.eval_set.model_dump(mode="json", exclude_none=True), "n_rows": len(rows), "n_invalid": n_bad},
                               "spec": spec.model_dump(mode="json")}
     log.info("eval: %s on %s (%d rows)", model, spec.eval_set.path or spec.eval_set.hub, len(rows))
-    if spec.loss:
+    if spec.loss and not spec.prompt_field:  # a prompts-only set has no answers to score
         record["loss"] = held_out_loss(model, spec, rows, threads)
         log.info("eval: held-out loss %.4f (ppl %.2f) over %d tokens", record["loss"]["loss"], record["loss"]["ppl"], record["loss"]["n_tokens"])
     if spec.judge:
         record.update(generate_and_judge(backend, judge, spec, rows, calls_dir, out, threads))
     record["seconds"] = time.perf_counter() - t0
+    from curate.models import evict
+
+    evict(backend.resolved.location if hasattr(backend, "resolved") else model)  # free the evaluated model (GPU memory) for the next one
     from curate.io import write_json
 
     write_json(done, record)
@@ -126,9 +133,11 @@ def held_out_loss(model: str, spec: EvalSpec, rows: list[dict[str, Any]], thread
 
 
 def _prompt(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every message before the final reply (a prompts-only row: all of it)."""
     msgs = row["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return msgs[:last]
+    if msgs[-1]["role"] != "assistant":
+        return msgs
+    return msgs[:-1]
 
 
 def question_text(prompt: list[dict[str, Any]]) -> str:

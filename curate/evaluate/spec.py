@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from curate.config import InputSpec
 from curate.lm.calls import Decoding
@@ -22,17 +22,26 @@ from curate.lm.spec import LMParams
 class JudgeSpec(LMParams):
     """The judge model (flat LM keys, as for scorers) and how it replies."""
 
-    mode: Literal["verdict_token", "generate"] = Field(
-        "verdict_token", description="verdict_token: the judge's reply is prefilled up to the verdict and the next-token "
+    mode: Literal["verdict_token", "generate"] | None = Field(
+        None, description="null: verdict_token for the hf and vllm backends, generate for openai. verdict_token: the judge's reply is prefilled up to the verdict and the next-token "
         "probabilities of A, B and C decide (one forward per comparison, nothing to parse; small local judges); generate: "
         "the judge reasons in free text and its last [[A]]/[[B]]/[[C]] is the verdict (strong judges, any API).")
     decoding: Decoding = Field(default_factory=lambda: Decoding(max_tokens=512), description="mode generate: how the judge replies.")
+
+    @model_validator(mode="after")
+    def _mode_for_backend(self):
+        # a hosted API gives at most the top 20 log-probabilities, often without all of A, B and C: let it reason instead
+        if self.mode is None:
+            self.mode = "generate" if self.backend == "openai" else "verdict_token"
+        return self
 
 
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     eval_set: InputSpec = Field(description="The eval set: an input spec (path or hub, format, fields, limit …).")
+    prompt_field: str | None = Field(None, description="A prompts-only set (Vicuna, Koala, LIMA, WizardLM tests): the field holding "
+                                     "each request (a list: its first item). No held-out loss; the reference must be a model.")
     backend: Literal["auto", "hf", "vllm"] = Field("auto", description="How the evaluated model runs: auto = vllm when it is "
                                                    "importable and a GPU is present, else hf.")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -45,6 +54,12 @@ class EvalSpec(BaseModel):
                            "greedy answers, made with the same decoding, are the reference.")
     seed: int = 0
     torch_threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _prompts_need_a_reference_model(self):
+        if self.prompt_field and self.reference == "answers":
+            raise ValueError("a prompts-only eval set (prompt_field) has no reference answers: set reference to a model whose answers are the reference")
+        return self
 
     def resolved_backend(self) -> str:
         if self.backend != "auto":

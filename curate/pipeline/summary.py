@@ -38,6 +38,8 @@ def run_summary(run: Run, seconds: float | None = None) -> dict[str, Any]:
         "export": export.model_dump() if export else None,
         "seconds": seconds,
     }
+    if spec.train is not None:  # what `curate train <output_dir>` trains with (the flow's train: section, --set included)
+        summary["train"] = spec.train.model_dump(mode="json")
     if run.rewrites:
         summary["derived"] = {
             "n_derived": ledger.n_derived if ledger else sum(rw.n_derived for rw in run.rewrites),

@@ -1,5 +1,5 @@
 """The training flow: ``curate train`` runs it as a Prefect flow run of its own (a train run is
-hours on a GPU and must not sit inside a curation run's task), named after the export it reads."""
+hours on a GPU and must not sit inside a curation run's task), named after the base model."""
 
 from __future__ import annotations
 

@@ -87,11 +87,33 @@ def locate_export(path: str | os.PathLike, layout: str, file_type: str = "jsonl"
     data = export_dir / entry["path"]
     if not data.exists():
         raise ConfigError(f"{data}: listed in the manifest but missing")
+    from curate.io import file_sha256
+
+    if file_sha256(data) != entry["sha256"]:
+        raise ConfigError(f"{data}: its sha256 is not the one in {export_dir}/manifest.json: the file was changed after export; "
+                          "re-run the export instead of editing it")
     return ExportFile(export_dir, manifest, hashlib.sha256(raw).hexdigest(), data, entry["sha256"], int(entry["n_rows"]), layout, file_type)
 
 
-def train_dir(spec: TrainSpec, export: ExportFile) -> Path:
-    return export.run_dir / "train" / spec.key(export.sha256)[:12]
+def train_dir(export: ExportFile, key: str) -> Path:
+    return export.run_dir / "train" / key[:12]
+
+
+def run_key(spec: TrainSpec, export: ExportFile) -> str:
+    """The key of training ``spec`` on ``export`` here (see :meth:`TrainSpec.key`)."""
+    import hashlib
+
+    from curate.models import model_revision
+    from curate.train.chat_templates import chat_template_text
+
+    gpu = _device(spec).startswith("cuda")
+    bf16_ok = False
+    if gpu:
+        import torch
+
+        bf16_ok = torch.cuda.is_bf16_supported()
+    template = hashlib.sha256(chat_template_text(spec.chat_template).encode()).hexdigest() if spec.chat_template else None
+    return spec.key(export.sha256, spec.resolved(gpu, bf16_ok), model_revision(spec.model, spec.revision), template)
 
 
 def finished(out: Path, key: str) -> dict[str, Any] | None:
@@ -120,8 +142,8 @@ def train(spec: TrainSpec, source: str | os.PathLike | ExportFile, out_dir: str 
     """Train ``spec`` on the export at ``source``; return the train record (also ``train.json``).
     A finished run with the same key is returned as it is; a killed one resumes from its checkpoint."""
     export = source if isinstance(source, ExportFile) else locate_export(source, spec.layout, spec.file_type)
-    key = spec.key(export.sha256)
-    out = Path(out_dir) if out_dir else train_dir(spec, export)
+    key = run_key(spec, export)
+    out = Path(out_dir) if out_dir else train_dir(export, key)
     done = finished(out, key)
     if done is not None:
         log.info("train: %s already trained (%s)", key[:12], out)
@@ -138,12 +160,12 @@ def _device(spec: TrainSpec) -> str:
     return resolve_device(spec.device)
 
 
-def _tokenizer(spec: TrainSpec, location: str):
+def _tokenizer(spec: TrainSpec, location: str, revision: str | None = None):
     from transformers import AutoTokenizer
 
     from curate.train.chat_templates import chat_template_text, has_generation_markers
 
-    tok = AutoTokenizer.from_pretrained(location)
+    tok = AutoTokenizer.from_pretrained(location, revision=revision)
     if spec.chat_template:
         tok.chat_template = chat_template_text(spec.chat_template)
     if not getattr(tok, "chat_template", None):
@@ -191,15 +213,21 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
     checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else gpu
     max_length = spec.max_length or int(export.manifest.get("max_length") or 1024)
     base = resolve_model(spec.model, spec.revision)
-    tok = _tokenizer(spec, base.location)
-    loader = "json" if export.file_type == "jsonl" else "parquet"
-    dataset = datasets.load_dataset(loader, data_files=str(export.path), split="train")
+    hub_revision = base.revision if base.source == "hub" else None
+    tok = _tokenizer(spec, base.location, hub_revision)
+    if export.file_type == "jsonl":  # one block: a tools column null in the first 10 MB and a string later cannot be cast
+        dataset = datasets.load_dataset("json", data_files=str(export.path), split="train",
+                                        chunksize=max(10 << 20, export.path.stat().st_size + 1))
+    else:
+        dataset = datasets.load_dataset("parquet", data_files=str(export.path), split="train")
     if len(dataset) == 0:
         raise CurateError(f"{export.path}: the export has no rows to train on")
     log.info("train: %s on %s (%d rows, %s, %s) → %s", spec.model, export.path, len(dataset), spec.layout, spec.method, out)
 
-    model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                                 device_map=spec.device_map)
+    # LoRA: the frozen base in bf16 (the adapter's weights stay fp32 in PEFT); full fine-tuning: fp32
+    # master weights with bf16 autocast (bf16 weights would round most AdamW updates away)
+    model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.bfloat16 if bf16 and spec.method == "lora" else torch.float32,
+                                                 device_map=spec.device_map, revision=hub_revision)
     peft_config = None
     if spec.method == "lora":
         from peft import LoraConfig
@@ -209,18 +237,34 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
     ckpt_dir = out / "checkpoints"
     batch = _token_batch(spec, row_lengths(tok, dataset, max_length), gpu)
     args = dict(
-        output_dir=str(ckpt_dir), learning_rate=spec.lr, lr_scheduler_type=spec.lr_scheduler, warmup_steps=spec.warmup_ratio,
+        output_dir=str(ckpt_dir), learning_rate=spec.lr, lr_scheduler_type=spec.lr_scheduler,
         weight_decay=spec.weight_decay, num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
         per_device_train_batch_size=batch["rows_per_forward"], gradient_accumulation_steps=batch["accumulation"],
-        train_sampling_strategy="group_by_length", max_length=max_length, assistant_only_loss=spec.layout == "messages",
-        seed=spec.seed, data_seed=spec.seed, bf16=bf16, activation_checkpointing=checkpointing, use_cpu=not gpu,
+        max_length=max_length, assistant_only_loss=spec.layout == "messages",
+        seed=spec.seed, data_seed=spec.seed, bf16=bf16, use_cpu=not gpu,
         logging_steps=spec.logging_steps, logging_first_step=True, save_steps=spec.save_steps, save_total_limit=1,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        **_version_args(SFTConfig, spec.warmup_ratio, checkpointing),
     )
     if spec.layout == "prompt_completion":
         args["completion_only_loss"] = True
     trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tok, peft_config=peft_config)
     return Prepared(trainer, tok, base, batch, device, bf16, checkpointing, max_length, ckpt_dir)
+
+
+def _version_args(config_cls, warmup_ratio: float, checkpointing: bool) -> dict[str, Any]:
+    """Arguments whose names changed across transformers releases (the GPU image may hold an older one)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out: dict[str, Any] = {}
+    out["warmup_ratio" if "warmup_ratio" in fields else "warmup_steps"] = warmup_ratio  # 5.x: a float warmup_steps is a ratio
+    out["activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"] = checkpointing
+    if "train_sampling_strategy" in fields:
+        out["train_sampling_strategy"] = "group_by_length"  # rows of similar length together: less padding
+    elif "group_by_length" in fields:
+        out["group_by_length"] = True
+    return out
 
 
 def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str, Any]:
@@ -240,16 +284,26 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(LogLines())
-    resume = ckpt_dir.exists() and any(ckpt_dir.glob("checkpoint-*"))
+    marker = ckpt_dir / "KEY"
+    if ckpt_dir.exists() and (not marker.exists() or marker.read_text().strip() != key):
+        _cleanup(ckpt_dir)  # checkpoints of another config or export: never resumed
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    resume = any(ckpt_dir.glob("checkpoint-*"))
+    marker.write_text(key + "\n")
     result = trainer.train(resume_from_checkpoint=True if resume else None)
     seconds = time.perf_counter() - t0
 
     weights = out / ("adapter" if spec.method == "lora" else "model")
     if spec.method == "lora":
-        # the adapter names its base as curate does, so it loads back anywhere curate can resolve the base
-        trainer.model.peft_config["default"].base_model_name_or_path = spec.model
+        # the adapter names its base as curate does (a bundled name or hub id as written, a local path made
+        # absolute), so it loads back anywhere curate can resolve the base
+        trainer.model.peft_config["default"].base_model_name_or_path = base.location if base.source == "local" else spec.model
     trainer.save_model(str(weights))
     tok.save_pretrained(str(weights))
+    # the run's key inside the weights dir: two trainings into one folder never share a model revision
+    from curate.io import write_json
+
+    write_json(weights / "curate_train.json", {"key": key, "base_model": spec.model, "base_revision": base.revision})
     curve = [{"step": h["step"], "epoch": round(h.get("epoch", 0.0), 4), "loss": h["loss"], "learning_rate": h.get("learning_rate")}
              for h in trainer.state.log_history if "loss" in h]
     epochs_done = trainer.state.epoch or 0.0
@@ -297,6 +351,7 @@ def _token_batch(spec: TrainSpec, lengths: list[int], gpu: bool) -> dict[str, An
     micro = spec.micro_batch_tokens or (32768 if gpu else 4096)
     per_forward = max(1, min(per_step, micro // longest))
     accumulation = math.ceil(per_step / per_forward)
+    per_forward = math.ceil(per_step / accumulation)  # spread evenly: a step holds per_step rows, not up to per_forward - 1 more
     return {"rows_per_step": per_forward * accumulation, "rows_per_forward": per_forward, "accumulation": accumulation,
             "mean_tokens": mean, "max_tokens": longest, "total_tokens": sum(lengths), "batch_tokens": spec.batch_tokens,
             "micro_batch_tokens": micro}

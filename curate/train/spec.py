@@ -68,7 +68,15 @@ class TrainSpec(BaseModel):
     def lr(self) -> float:
         return self.learning_rate or (2e-4 if self.method == "lora" else 2e-5)
 
-    def key(self, data_sha256: str) -> str:
-        """Hash of what the run computes: this config (minus how it runs) and the exact data file."""
-        how = {"device", "device_map", "logging_steps", "save_steps", "torch_threads"}
-        return sha256_hex(canonical_json({"train": self.model_dump(mode="json", exclude=how), "data": data_sha256}))
+    def resolved(self, gpu: bool, bf16_supported: bool = False) -> dict:
+        """The settings that decide the numbers, with every ``null`` resolved for this machine."""
+        return {"learning_rate": self.lr, "bf16": self.bf16 if self.bf16 is not None else (gpu and bf16_supported),
+                "micro_batch_tokens": self.micro_batch_tokens or (32768 if gpu else 4096)}
+
+    def key(self, data_sha256: str, resolved: dict | None = None, model_revision: str | None = None, template_sha256: str | None = None) -> str:
+        """Hash of what the run computes: this config (minus how it runs: device, threads, logging,
+        checkpointing), the values it resolves to on this machine, the base model's revision, the
+        training template's text and the exact data file."""
+        how = {"device", "device_map", "logging_steps", "save_steps", "torch_threads", "gradient_checkpointing"}
+        return sha256_hex(canonical_json({"train": self.model_dump(mode="json", exclude=how), "resolved": resolved,
+                                          "model_revision": model_revision, "template": template_sha256, "data": data_sha256}))
