@@ -335,6 +335,76 @@ def compare(
     console.print(f"table: {out / 'compare.md'}\nplot:  {out / 'compare.png'}", highlight=False)
 
 
+@app.command()
+def ui(
+    port: int = typer.Option(4200, "--port", help="Port on 127.0.0.1."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the server and point curate back at temporary per-run servers."),
+) -> None:
+    """Start the Prefect UI on 127.0.0.1 (in the background) and make later curate commands report to it."""
+    from curate.errors import CurateError
+    from curate.schedule import api_url, start_ui, stop_ui
+
+    try:
+        if stop:
+            stop_ui()
+            console.print("Prefect server stopped; PREFECT_API_URL removed from the profile.")
+            return
+        url = start_ui(port)
+    except CurateError as exc:
+        _fail(exc)
+        return
+    console.print(f"Prefect UI: {url}\nAPI: {api_url(port)} (set in the active Prefect profile: later curate runs appear there)",
+                  highlight=False)
+
+
+SCHEDULE_HELP = "Cron expression, e.g. \"0 3 * * *\" (03:00 every day)."
+
+
+@app.command()
+def serve(
+    flows: list[Path] = typer.Argument(..., help="Flow YAML files; one deployment each, named after the flow."),
+    cron: Optional[str] = typer.Option(None, "--cron", help=SCHEDULE_HELP),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs (instead of --cron)."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the schedule (default UTC), e.g. Europe/Berlin."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP + " Stored as the deployment's overrides parameter (editable in the UI)."),
+) -> None:
+    """Serve the flows on a schedule (needs a running server: `curate ui`). Runs started from the UI
+    (Quick run, Custom run) do what `curate run` does; stopping serve leaves the schedules active."""
+    from curate.errors import CurateError
+
+    try:
+        from curate.schedule import serve as serve_flows
+
+        serve_flows([str(f) for f in flows], list(set_), cron, interval, timezone)
+    except CurateError as exc:
+        _fail(exc)
+
+
+@app.command()
+def deploy(
+    flows: list[Path] = typer.Argument(..., help="Flow YAML files; one deployment each."),
+    pool: str = typer.Option("curate", "--pool", help="The work pool the deployments run on."),
+    cron: Optional[str] = typer.Option(None, "--cron", help=SCHEDULE_HELP),
+    interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs (instead of --cron)."),
+    timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone (default UTC)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
+    out: Path = typer.Option(Path("prefect.yaml"), "--out", help="Where to write it."),
+) -> None:
+    """Write a prefect.yaml for workers on other hosts (then `prefect deploy --all` and `prefect worker start --pool POOL`)."""
+    from curate.errors import CurateError
+
+    try:
+        from curate.schedule import prefect_yaml
+
+        text = prefect_yaml([str(f) for f in flows], pool, list(set_), cron, interval, timezone, project_dir=out.resolve().parent)
+    except CurateError as exc:
+        _fail(exc)
+        return
+    out.write_text(text, encoding="utf-8")
+    console.print(f"wrote {out}: register with `prefect deploy --all --prefect-file {out}`, run `prefect worker start --pool {pool}`",
+                  highlight=False)
+
+
 def _print_summary(summary: dict) -> None:
     c = summary["counts"]
     console.print(

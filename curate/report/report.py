@@ -128,4 +128,7 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                f"Trainer configs in `{exp['dir']}`: dataset_info.json (LLaMA-Factory), axolotl_datasets.yaml, trl_load.py.", ""]
     path = out / "report.md"
     write_text(path, "\n".join(md))
+    from curate.report.html import write_html
+
+    write_html(path, exp["dir"] if exp else None)  # report.html beside it: one self-contained file
     return str(path)
