@@ -49,6 +49,7 @@ class IngestRef(BaseModel):
     n_valid: int
     n_quarantined: int
     format: str
+    files_cached: int = 0  # files whose records came from the store's ingest cache
 
 
 class DatasetRef(BaseModel):

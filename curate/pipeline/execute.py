@@ -12,17 +12,25 @@ from curate.io import write_json
 from curate.pipeline.stage import Run
 from curate.pipeline.stages import build_stages, model_keys
 from curate.pipeline.summary import counts_table, finish_summary, run_summary
+from curate.history import keep_previous, log_run, output_lock
 from curate.progress import logger
 
 
 def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, Any]:
-    """Run every stage of the flow in order; returns the run summary (also written to run.json)."""
+    """Run every stage of the flow in order; returns the run summary (also written to run.json).
+    The output folder is locked for the run (a second run of it waits); the previous run's record,
+    ledger and selection table are kept in ``previous/`` and the summary holds the diff against them."""
     executor = executor or LocalExecutor()
     progress.configure(spec.runtime.progress)
     if executor.name == "local":
         progress.attach_console_log()
     spec.out.mkdir(parents=True, exist_ok=True)
-    run = Run(spec=spec, executor=executor)
+    with output_lock(spec.out, logger):
+        return _execute(spec, executor)
+
+
+def _execute(spec: FlowSpec, executor: LocalExecutor) -> dict[str, Any]:
+    run = Run(spec=spec, executor=executor, previous=keep_previous(spec.out))
     run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
     for stage in build_stages(spec):
         row = stage.run(run)
@@ -32,6 +40,7 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
     if "report" in run.results:
         summary["report"] = run.results["report"]
     write_json(spec.out / "run.json", summary)
+    log_run(spec.out, summary)
 
     from curate.report.report import summary_markdown
 

@@ -65,6 +65,7 @@ class Run:
     results: dict[str, Any] = field(default_factory=dict)  # other stage outputs by name (ledger, export, report)
     summaries: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
+    previous: Path | None = None  # the previous run of this output folder (curate.history.keep_previous)
 
     @property
     def out(self) -> Path:

@@ -130,12 +130,16 @@ class IngestStage(Stage):
 
         spec = run.spec
         work_dir = str(run.out / "ingest")
-        refs, secs = run.map(self, read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=work_dir, ingest=spec.ingest)
-                                                for i, inp in enumerate(spec.inputs)], task="ingest-{input_index}")
+        cache_dir = str(spec.store / "ingest")  # files read before (same bytes, same settings) are not parsed again
+        refs, secs = run.map(self, read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=work_dir, ingest=spec.ingest,
+                                                     cache_dir=cache_dir) for i, inp in enumerate(spec.inputs)], task="ingest-{input_index}")
         (dataset,), secs2 = run.map(self, build_dataset, [dict(inputs=refs, out_dir=str(run.out), ingest=spec.ingest)], task="shard")
         run.dataset = dataset
         run.sets["input"] = dataset.records
-        return {"stage": "ingest", "tasks": len(refs) + 1, "rows": dataset.n_input, "seconds": secs + secs2}
+        n_files = sum(len(r.files) for r in refs)
+        cached = sum(r.files_cached for r in refs)
+        return {"stage": "ingest", "tasks": len(refs) + 1, "rows": dataset.n_input, "seconds": secs + secs2, "files": n_files,
+                "files_cached": cached, "computed_rows": None}
 
     def estimate(self, plan) -> dict[str, Any]:
         return {**self.describe(), "what": f"{len(plan.spec.inputs)} inputs"}

@@ -38,6 +38,16 @@ def run_summary(run: Run, seconds: float | None = None) -> dict[str, Any]:
         "export": export.model_dump() if export else None,
         "seconds": seconds,
     }
+    if selection is not None:
+        summary["selection_table"] = selection.path  # the candidates' scores (the next run's drift compares with it)
+    if run.previous is not None and ledger is not None:
+        if "diff" not in run.results:
+            from pathlib import Path
+
+            from curate.history import run_diff
+
+            run.results["diff"] = run_diff(run.previous, Path(ledger.path), Path(selection.path) if selection is not None else None)
+        summary["diff"] = run.results["diff"]
     if spec.train is not None:  # what `curate train <output_dir>` trains with (the flow's train: section, --set included)
         summary["train"] = spec.train.model_dump(mode="json")
     if run.rewrites:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from curate.history import diff_markdown
 from curate.io import write_text
 from curate.report import plots
 
@@ -65,6 +66,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         _table(["source", "format", "files", "rows", "valid", "quarantined"],
                [[s["source"], s["format"], ", ".join(s["files"]), s["n_rows"], s["n_valid"], s["n_quarantined"]] for s in summary["inputs"]]),
         "",
+        *([diff_markdown(summary["diff"])] if summary.get("diff") else []),
         "## Selection steps",
         "",
     ]

@@ -23,7 +23,7 @@ from curate.ingest.validate import normalise_messages, validate_messages
 from curate.io import file_sha256, relpath, write_json, write_parquet
 from curate.ledger import ledger_table
 from curate.manifests import DatasetRef, IngestRef
-from curate.records import RECORD_SCHEMA, sample_id, sha256_hex
+from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
 from curate.recordset import write_recordset
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -72,8 +72,43 @@ def _check_declared(fmt: str, record: dict, spec: InputSpec, where: str) -> None
         )
 
 
-def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, ingest: IngestSpec) -> IngestRef:
-    """Read one input spec (all files of a glob) into canonical records + quarantined rows."""
+INGEST_CACHE_VERSION = "1"
+
+
+def _file_key(spec: InputSpec, source: str, label: str, sha: str, ingest: IngestSpec) -> str:
+    """What decides one file's records: its bytes, how it is read (format, fields, limit …), its
+    source name and label (they go into every record), and the conversation rules."""
+    how = spec.model_dump(mode="json", exclude={"path", "name", "hub", "revision"})
+    return sha256_hex(canonical_json({"v": INGEST_CACHE_VERSION, "file": sha, "source": source, "label": label, "read": how,
+                                      "max_chars": ingest.max_chars}))
+
+
+def _cache_paths(cache_dir: str, key: str) -> tuple[Path, Path, Path]:
+    d = Path(cache_dir) / key[:2]
+    return d / f"{key}.records.parquet", d / f"{key}.quarantine.parquet", d / f"{key}.json"
+
+
+def _cached_file(cache_dir: str, key: str):
+    rec, quar, done = _cache_paths(cache_dir, key)
+    if not done.exists():  # written last: a file cut short by a kill is never read
+        return None
+    meta = json.loads(done.read_text())
+    return (pq.read_table(rec, schema=RECORD_SCHEMA).to_pylist(), pq.read_table(quar, schema=QUARANTINE_SCHEMA).to_pylist(),
+            meta["formats"], meta["n_rows"])
+
+
+def _cache_file(cache_dir: str, key: str, records: list[dict], quarantine: list[dict], formats: list[str], n_rows: int) -> None:
+    rec, quar, done = _cache_paths(cache_dir, key)
+    write_parquet(rec, pa.Table.from_pylist(records, schema=RECORD_SCHEMA))
+    write_parquet(quar, pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA))
+    write_json(done, {"formats": formats, "n_rows": n_rows})
+
+
+def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, ingest: IngestSpec,
+               cache_dir: str | None = None) -> IngestRef:
+    """Read one input spec (all files of a glob) into canonical records + quarantined rows. With a
+    ``cache_dir`` (the store's ``ingest/``), a file whose bytes and read settings were seen before is
+    not parsed again: its records come from the cache (a folder that grows re-reads only new files)."""
     base = Path(base_dir)
     work = Path(work_dir)
     if spec.hub:
@@ -92,8 +127,22 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
     local_row = 0
     formats_seen = set()
     file_hashes = []
+    files_cached = 0
     for source, label, rows, path in sources:
         file_hashes.append(file_sha256(path) if path is not None and path.is_file() else sha256_hex(label))
+        key = _file_key(spec, source, label, file_hashes[-1], ingest) if cache_dir and path is not None and path.is_file() else None
+        hit = _cached_file(cache_dir, key) if key else None
+        if hit is not None:  # this file, with these settings, was read before: its rows come from the store
+            file_records, file_quarantine, file_formats, n_file = hit
+            files_cached += 1
+            for r in file_records:
+                records.append({**r, "row": r["row"] + local_row})
+            for q in file_quarantine:
+                quarantine.append({**q, "local_row": q["local_row"] + local_row})
+            formats_seen |= set(file_formats)
+            local_row += n_file
+            continue
+        first_record, first_quarantine, first_row = len(records), len(quarantine), local_row
         fmt = None if spec.format == "auto" else spec.format
         checked = spec.format == "auto"
         n_file = 0
@@ -162,6 +211,10 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
             local_row += 1
         if n_file == 0:
             raise IngestError(f"{label}: the input has no rows (empty file?)")
+        if key:
+            _cache_file(cache_dir, key, [{**r, "row": r["row"] - first_row} for r in records[first_record:]],
+                        [{**q, "local_row": q["local_row"] - first_row} for q in quarantine[first_quarantine:]],
+                        [fmt] if fmt else [], n_file)
 
     name = spec.name or (sources[0][0] if len(sources) == 1 else Path(spec.path or "input").stem)
     rec_path = work / f"input-{input_index:03d}.records.parquet"
@@ -179,6 +232,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
         n_valid=len(records),
         n_quarantined=len(quarantine),
         format=",".join(sorted(formats_seen)) or (spec.format if spec.format != "auto" else "unknown"),
+        files_cached=files_cached,
     )
 
 
