@@ -89,3 +89,12 @@ class PrefectExecutor(LocalExecutor):
         s = slug(summary["flow"])
         create_markdown_artifact(key=f"curate-summary-{s}", markdown=markdown, description=f"curate run summary: {summary['flow']}")
         create_table_artifact(key=f"curate-counts-{s}", table=table, description="rows in and out of every stage")
+        if summary.get("report"):  # the self-contained HTML report with the plots (image artifacts need a public URL)
+            from pathlib import Path
+
+            from prefect.artifacts import create_link_artifact
+
+            html = Path(summary["report"]).with_suffix(".html")
+            if html.exists():
+                create_link_artifact(key=f"curate-report-{s}", link=html.resolve().as_uri(), link_text=f"report.html ({html})",
+                                     description="the run report: plots, score histograms, embedding maps, the diff")

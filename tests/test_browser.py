@@ -52,6 +52,8 @@ def test_html_report_shows_its_plots_counts_and_export_links(browser, tmp_path, 
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
     assert len(sizes) >= 3 and all(ok and w > 0 and h > 0 for ok, w, h in sizes), sizes  # every image rendered
+    for alt in ("outcomes", "embedding map by outcome", "embedding map by source", "heuristic.response_tokens"):
+        assert page.locator(f'img[alt="{alt}"]').count() == 1, alt  # outcome counts, maps by outcome and source, score histograms
     body = page.inner_text("body")
     c = summary["counts"]
     assert f"{summary['n_input']} input rows → {c['selected']} selected, {c['not_selected']} not selected, {c['filtered']} filtered" in body
@@ -125,6 +127,7 @@ def test_prefect_ui_shows_the_served_deployment_runs_it_and_its_artifacts(browse
         page.get_by_text("Artifacts", exact=True).first.click()
         page.get_by_text("curate-summary-nightly").first.wait_for(timeout=30_000)
         page.get_by_text("curate-counts-nightly").first.wait_for(timeout=30_000)
+        page.get_by_text("curate-report-nightly").first.wait_for(timeout=30_000)
         shot("3-run-artifacts")
         summary = json.loads((tmp_path / "out" / "run.json").read_text())
         assert summary["flow_run_id"] == run_id and summary["counts"]["selected"] == 3

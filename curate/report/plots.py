@@ -65,6 +65,29 @@ def pca_2d(X: np.ndarray) -> np.ndarray:
     return Xc @ comps.T
 
 
+def embedding_map_by(X: np.ndarray, labels: list[str], path: Path, title: str, max_labels: int = 10) -> Path:
+    """The PCA map with points coloured by a category (source, outcome); categories past the
+    ``max_labels`` most frequent are drawn together as "other"."""
+    from collections import Counter
+
+    plt = _plt()
+    xy = pca_2d(X.astype(np.float64))
+    top = [c for c, _ in Counter(labels).most_common(max_labels)]
+    names = [lab if lab in top else "other" for lab in labels]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    cmap = plt.get_cmap("tab10")
+    for i, cat in enumerate([*top, "other"]):
+        m = np.array([n == cat for n in names])
+        if m.any():
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, color=COLORS.get(cat, cmap(i % 10)), alpha=0.7, label=f"{cat} ({int(m.sum())})", linewidths=0)
+    ax.set_title(title)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(frameon=False, loc="best", fontsize=7)
+    ax.spines[["top", "right"]].set_visible(False)
+    return _save(fig, path)
+
+
 def embedding_map(X: np.ndarray, selected: np.ndarray, path: Path, title: str) -> Path:
     plt = _plt()
     xy = pca_2d(X.astype(np.float64))

@@ -123,6 +123,15 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                 idx = np.sort(np.concatenate([np.flatnonzero(selected), rest]))
             plots.embedding_map(embeddings[idx], selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
             md += ["![embedding map](embedding-map.png)", ""]
+            outcome = {r["sample_id"]: r["outcome"] for r in pq.read_table(ledger_path, columns=["sample_id", "outcome"]).to_pylist()}
+            ids = cols["sample_id"]
+            plots.embedding_map_by(embeddings[idx], [outcome.get(ids[i], "derived") for i in idx], out / "embedding-map-outcome.png",
+                                   "embedding map by outcome")
+            md += ["![embedding map by outcome](embedding-map-outcome.png)", ""]
+            if "source" in cols:
+                plots.embedding_map_by(embeddings[idx], [str(cols["source"][i]) for i in idx], out / "embedding-map-source.png",
+                                       "embedding map by source")
+                md += ["![embedding map by source](embedding-map-source.png)", ""]
     exp = summary.get("export")
     if exp:
         md += ["## Exports", "", _table(["file", "layout", "rows", "sha256"],
