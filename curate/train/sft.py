@@ -352,7 +352,7 @@ def _token_batch(spec: TrainSpec, lengths: list[int], gpu: bool) -> dict[str, An
     per_forward = max(1, min(per_step, micro // longest))
     accumulation = math.ceil(per_step / per_forward)
     per_forward = math.ceil(per_step / accumulation)  # spread evenly: a step holds per_step rows, not up to per_forward - 1 more
-    return {"rows_per_step": per_forward * accumulation, "rows_per_forward": per_forward, "accumulation": accumulation,
+    return {"rows_per_step": min(per_forward * accumulation, len(lengths)), "rows_per_forward": per_forward, "accumulation": accumulation,
             "mean_tokens": mean, "max_tokens": longest, "total_tokens": sum(lengths), "batch_tokens": spec.batch_tokens,
             "micro_batch_tokens": micro}
 
