@@ -367,6 +367,8 @@ def serve(
     interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs (instead of --cron)."),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the schedule (default UTC), e.g. Europe/Berlin."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP + " Stored as the deployment's overrides parameter (editable in the UI)."),
+    versioned: bool = typer.Option(True, "--versioned/--in-place", help="A new output folder per run (runs/<time>-<id>/) with a `latest` "
+                                   "link moved atomically (default), or every run in output_dir itself."),
 ) -> None:
     """Serve the flows on a schedule (needs a running server: `curate ui`). Runs started from the UI
     (Quick run, Custom run) do what `curate run` does; stopping serve leaves the schedules active."""
@@ -375,7 +377,7 @@ def serve(
     try:
         from curate.schedule import serve as serve_flows
 
-        serve_flows([str(f) for f in flows], list(set_), cron, interval, timezone)
+        serve_flows([str(f) for f in flows], list(set_), cron, interval, timezone, versioned=versioned)
     except CurateError as exc:
         _fail(exc)
 

@@ -10,6 +10,10 @@
   the drift of every score over the candidates: median shift, the Kolmogorov–Smirnov distance between
   the two distributions, and both histograms on shared bins.
 - :func:`log_run`: one line per finished run appended to ``<output_dir>/runs.jsonl``.
+- versioned runs (``runtime.versioned``, on for ``curate serve``): :func:`new_run_dir` makes
+  ``<output_dir>/runs/<time>-<id>/`` for each run and :func:`point_latest` moves the
+  ``<output_dir>/latest`` link to it atomically once it is complete; the previous run is the folder
+  ``latest`` pointed at (nothing is copied).
 """
 
 from __future__ import annotations
@@ -82,6 +86,30 @@ def keep_previous(out: Path) -> Path | None:
     return dest
 
 
+def new_run_dir(out: Path) -> Path:
+    """``<out>/runs/<UTC time>-<random id>`` (created; names sort in time order)."""
+    import uuid
+
+    d = out / "runs" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    d.mkdir(parents=True)
+    return d
+
+
+def latest_run(out: Path) -> Path | None:
+    """The run folder ``<out>/latest`` points at (a finished run), or None."""
+    link = out / "latest"
+    return link.resolve() if link.is_symlink() and (link.resolve() / "run.json").exists() else None
+
+
+def point_latest(out: Path, target: Path) -> None:
+    """Point ``<out>/latest`` at ``target`` atomically (a new link renamed over the old one)."""
+    tmp = out / f".latest.{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, out), tmp)
+    os.replace(tmp, out / "latest")
+
+
 def _selected(ledger: Path) -> dict[str, dict[str, Any]]:
     t = pq.read_table(ledger, columns=["sample_id", "outcome", "stage", "reason"]).to_pylist()
     return {r["sample_id"]: r for r in t if r["sample_id"] is not None}
@@ -134,8 +162,11 @@ def run_diff(previous: Path, ledger: Path, selection_table: Path | None) -> dict
         "added_examples": [row(s, before.get(s), after[s]) for s in added[:EXAMPLES]],
         "removed_examples": [row(s, before[s], after.get(s)) for s in removed[:EXAMPLES]],
     }
-    if selection_table is not None and (previous / "scores.parquet").exists():
-        out["score_drift"] = score_drift(previous / "scores.parquet", selection_table)
+    before_table = previous / "scores.parquet"  # kept by keep_previous; a versioned run folder has its own table
+    if not before_table.exists() and prev_run.get("selection_table"):
+        before_table = Path(prev_run["selection_table"])
+    if selection_table is not None and before_table.exists():
+        out["score_drift"] = score_drift(before_table, selection_table)
     return out
 
 

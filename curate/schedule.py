@@ -7,7 +7,8 @@
 - :func:`deployments` / :func:`serve` (``curate serve FLOW.yaml … --cron/--interval``): one deployment
   per flow file, named after the flow, of :func:`scheduled_curation` — a flow that reads the flow file
   *when it runs* (so an edited file or a grown input folder is picked up) with the deployment's
-  ``overrides`` (``--set`` values, editable in the UI as a parameter). Served by ``flow.serve``'s
+  ``overrides`` (``--set`` values, editable in the UI as a parameter; ``runtime.versioned=true`` is added,
+  so each run writes ``<output_dir>/runs/<time>-<id>/`` and moves ``<output_dir>/latest``). Served by ``flow.serve``'s
   runner (no work pool), with ``pause_on_shutdown=False`` so a restart never silently stops the
   schedule, and a deployment concurrency limit of 1 so two runs never write one output folder at once.
 - :func:`prefect_yaml` (``curate deploy``): the same deployments for ``prefect deploy`` on a work pool.
@@ -73,8 +74,9 @@ def _schedules(cron: str | None, interval: float | None, timezone: str | None) -
 
 
 def deployments(flow_files: list[str | os.PathLike], overrides: list[str] | None = None, cron: str | None = None,
-                interval: float | None = None, timezone: str | None = None) -> list:
-    """One ``RunnerDeployment`` per flow file (validated now, so a bad file fails before serving)."""
+                interval: float | None = None, timezone: str | None = None, versioned: bool | None = True) -> list:
+    """One ``RunnerDeployment`` per flow file (validated now, so a bad file fails before serving). Runs
+    of a deployment are ``versioned`` by default (a folder per run, ``latest`` moved atomically)."""
     from curate.config import load_flow
 
     schedules = _schedules(cron, interval, timezone)
@@ -85,8 +87,9 @@ def deployments(flow_files: list[str | os.PathLike], overrides: list[str] | None
         if spec.name in names:
             raise ConfigError(f"{path}: two flows are named '{spec.name}'; deployments are named after the flow")
         names.add(spec.name)
+        params = [*(overrides or []), *([] if versioned is None else [f"runtime.versioned={'true' if versioned else 'false'}"])]
         out.append(scheduled_curation.to_deployment(
-            name=spec.name, schedules=schedules, parameters={"flow_file": str(path), "overrides": list(overrides or [])},
+            name=spec.name, schedules=schedules, parameters={"flow_file": str(path), "overrides": params},
             description=spec.description or f"curate {spec.name}", tags=["curate"], concurrency_limit=1,
             version=_version(path)))
     return out
@@ -106,14 +109,14 @@ def _version(path: Path) -> str:
 
 
 def serve(flow_files: list[str | os.PathLike], overrides: list[str] | None = None, cron: str | None = None,
-          interval: float | None = None, timezone: str | None = None, pause_on_shutdown: bool = False) -> None:
+          interval: float | None = None, timezone: str | None = None, pause_on_shutdown: bool = False, versioned: bool = True) -> None:
     """Register the deployments and serve them until interrupted (runs go to the API at PREFECT_API_URL)."""
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         raise CurateError("curate serve needs a Prefect server that stays up: start one with `curate ui` (or set PREFECT_API_URL)")
-    deps = deployments(flow_files, overrides, cron, interval, timezone)
+    deps = deployments(flow_files, overrides, cron, interval, timezone, versioned)
     prefect_serve(*deps, pause_on_shutdown=pause_on_shutdown)
 
 

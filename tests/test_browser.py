@@ -129,7 +129,7 @@ def test_prefect_ui_shows_the_served_deployment_runs_it_and_its_artifacts(browse
         page.get_by_text("curate-counts-nightly").first.wait_for(timeout=30_000)
         page.get_by_text("curate-report-nightly").first.wait_for(timeout=30_000)
         shot("3-run-artifacts")
-        summary = json.loads((tmp_path / "out" / "run.json").read_text())
+        summary = json.loads((tmp_path / "out" / "latest" / "run.json").read_text())
         assert summary["flow_run_id"] == run_id and summary["counts"]["selected"] == 3
     finally:
         page.close()

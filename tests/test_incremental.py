@@ -103,3 +103,26 @@ def test_two_runs_of_one_flow_at_once_are_serialised_and_both_recorded(tmp_path)
     summary = json.loads((out / "run.json").read_text())
     assert summary["reconciled"] and summary["diff"]["added"] == summary["diff"]["removed"] == 0
     assert len((out / "export" / "messages" / "curated_messages.jsonl").read_text().splitlines()) == 8
+
+
+def test_versioned_runs_each_get_a_folder_and_latest_moves_when_one_is_complete(tmp_path):
+    split_sample(tmp_path / "pool", 2)
+    flow = growing_flow(tmp_path)
+    out = tmp_path / "out"
+    first = execute(load_flow(flow, ["runtime.versioned=true"]))
+    (run1,) = (out / "runs").iterdir()
+    assert (out / "latest").is_symlink() and (out / "latest").resolve() == run1 and first["output_dir"] == str(run1)
+    lines = (SAMPLE / "cherry_alpaca.jsonl").read_text(encoding="utf-8").splitlines()
+    (tmp_path / "pool" / "part-2.jsonl").write_text("\n".join(lines[20:30]) + "\n", encoding="utf-8")
+    second = execute(load_flow(flow, ["runtime.versioned=true"]))
+    run2 = (out / "latest").resolve()
+    assert run2 != run1 and sorted((out / "runs").iterdir()) == [run1, run2]
+    assert (run1 / "run.json").exists() and json.loads((run1 / "run.json").read_text())["n_input"] == 20  # the old run is kept as it was
+    d = second["diff"]
+    assert d["previous_run"]["finished_at"] == first["finished_at"] and d["new_rows"] == 10 and "score_drift" in d
+    assert not (run2 / "previous").exists()  # the previous run is the folder latest pointed at: nothing copied
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert [r["n_input"] for r in runs] == [20, 30]
+    from curate.train.sft import locate_export
+
+    assert locate_export(out, "messages").export_dir == run2 / "export"  # curate train <output_dir> follows latest

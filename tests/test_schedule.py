@@ -38,7 +38,7 @@ def test_one_deployment_per_flow_with_its_schedule(tmp_path):
     for d, f in zip(deps, (a, b)):
         (s,) = d.schedules
         assert s.schedule.cron == "0 3 * * *" and s.schedule.timezone == "Europe/Berlin" and s.active
-        assert d.parameters == {"flow_file": str(f.resolve()), "overrides": ["select.0.budget=2"]}
+        assert d.parameters == {"flow_file": str(f.resolve()), "overrides": ["select.0.budget=2", "runtime.versioned=true"]}
         assert d.concurrency_limit == 1 and d.entrypoint.endswith("schedule.py:scheduled_curation")
     (d,) = deployments([a], interval=3600)
     assert d.schedules[0].schedule.interval.total_seconds() == 3600 and d.schedules[0].schedule.timezone == "UTC"
@@ -97,10 +97,10 @@ def test_curate_serve_runs_triggered_flows_and_keeps_the_schedule_on_stop(prefec
             time.sleep(1)
         (s,) = dep.schedules
         assert s.schedule.cron == "0 3 * * *" and s.schedule.timezone == "Europe/Berlin" and s.active and not dep.paused
-        assert dep.parameters["overrides"] == ["select.0.budget=2"]
+        assert dep.parameters["overrides"] == ["select.0.budget=2", "runtime.versioned=true"]
         run = run_deployment("curate-scheduled/served", timeout=240)  # what the UI's Quick run does
         assert run.state.is_completed(), run.state
-        summary = yaml.safe_load((tmp_path / "out" / "served" / "run.json").read_text())
+        summary = yaml.safe_load((tmp_path / "out" / "served" / "latest" / "run.json").read_text())  # the run's own folder
         assert summary["counts"]["selected"] == 2 and summary["flow_run_id"] == str(run.id)  # the deployment's overrides applied
     finally:
         proc.send_signal(signal.SIGINT)

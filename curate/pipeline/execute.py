@@ -12,7 +12,7 @@ from curate.io import write_json
 from curate.pipeline.stage import Run
 from curate.pipeline.stages import build_stages, model_keys
 from curate.pipeline.summary import counts_table, finish_summary, run_summary
-from curate.history import keep_previous, log_run, output_lock
+from curate.history import keep_previous, latest_run, log_run, new_run_dir, output_lock, point_latest
 from curate.progress import logger
 
 
@@ -26,11 +26,21 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
         progress.attach_console_log()
     spec.out.mkdir(parents=True, exist_ok=True)
     with output_lock(spec.out, logger):
-        return _execute(spec, executor)
+        if not spec.runtime.versioned:
+            summary = _execute(spec, executor, keep_previous(spec.out))
+            log_run(spec.out, summary)
+            return summary
+        # a new folder per run; `latest` moves to it only once the run is complete
+        previous = latest_run(spec.out)
+        target = new_run_dir(spec.out)
+        summary = _execute(spec.model_copy(update={"output_dir": str(target)}), executor, previous)
+        point_latest(spec.out, target)
+        log_run(spec.out, summary)
+        return summary
 
 
-def _execute(spec: FlowSpec, executor: LocalExecutor) -> dict[str, Any]:
-    run = Run(spec=spec, executor=executor, previous=keep_previous(spec.out))
+def _execute(spec: FlowSpec, executor: LocalExecutor, previous) -> dict[str, Any]:
+    run = Run(spec=spec, executor=executor, previous=previous)
     run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
     for stage in build_stages(spec):
         row = stage.run(run)
@@ -40,7 +50,6 @@ def _execute(spec: FlowSpec, executor: LocalExecutor) -> dict[str, Any]:
     if "report" in run.results:
         summary["report"] = run.results["report"]
     write_json(spec.out / "run.json", summary)
-    log_run(spec.out, summary)
 
     from curate.report.report import summary_markdown
 

@@ -68,6 +68,8 @@ def locate_export(path: str | os.PathLike, layout: str, file_type: str = "jsonl"
     import hashlib
 
     p = Path(path)
+    if (p / "latest").is_symlink():  # a versioned output folder: its latest run
+        p = (p / "latest").resolve()
     candidates = [p, p / "export"]
     if (p / "run.json").exists():
         run = json.loads((p / "run.json").read_text())
