@@ -139,7 +139,7 @@ class IngestStage(Stage):
         n_files = sum(len(r.files) for r in refs)
         cached = sum(r.files_cached for r in refs)
         return {"stage": "ingest", "tasks": len(refs) + 1, "rows": dataset.n_input, "seconds": secs + secs2, "files": n_files,
-                "files_cached": cached, "computed_rows": None}
+                "files_cached": cached}
 
     def estimate(self, plan) -> dict[str, Any]:
         return {**self.describe(), "what": f"{len(plan.spec.inputs)} inputs"}

@@ -72,6 +72,8 @@ def _check_declared(fmt: str, record: dict, spec: InputSpec, where: str) -> None
         )
 
 
+# Bump when a reader, converter or conversation rule changes what a file becomes: cached files are keyed by
+# their bytes and read settings, not by this code.
 INGEST_CACHE_VERSION = "1"
 
 
