@@ -134,6 +134,9 @@ def plan(
 @app.command()
 def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds run.json and ledger.parquet).")) -> None:
     """Summarise a finished run: outcome counts, reasons, selection steps and exported files."""
+    from curate.history import run_dir
+
+    out_dir = run_dir(out_dir)  # a versioned output folder: its latest run
     run_json = out_dir / "run.json"
     if not run_json.exists():
         _fail(FileNotFoundError(f"{run_json}: not found; is {out_dir} the output_dir of a finished run?"))
@@ -188,8 +191,11 @@ def _train_spec(source: Path, flow: Optional[Path], overrides: list[str]):
     from curate.errors import ConfigError
     from curate.train.spec import TrainSpec
 
+    from curate.history import run_dir
+
     data: dict = {}
-    recorded = json.loads((source / "run.json").read_text()).get("train") if (source / "run.json").exists() else None
+    run_json = run_dir(source) / "run.json"
+    recorded = json.loads(run_json.read_text()).get("train") if run_json.exists() else None
     if flow is None and recorded:  # the train: section the run was started with (its --set overrides included)
         data = dict(recorded)
     elif flow is not None:
@@ -367,7 +373,7 @@ def serve(
     interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs (instead of --cron)."),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the schedule (default UTC), e.g. Europe/Berlin."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP + " Stored as the deployment's overrides parameter (editable in the UI)."),
-    versioned: bool = typer.Option(True, "--versioned/--in-place", help="A new output folder per run (runs/<time>-<id>/) with a `latest` "
+    versioned: bool = typer.Option(True, "--versioned/--in-place", help="A new output folder per run (runs/<number>-<UTC time>/) with a `latest` "
                                    "link moved atomically (default), or every run in output_dir itself."),
 ) -> None:
     """Serve the flows on a schedule (needs a running server: `curate ui`). Runs started from the UI

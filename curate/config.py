@@ -116,7 +116,7 @@ class RuntimeSpec(Strict):
     torch_threads: int | None = Field(None, gt=0, description="Default: min(2, CPU count).")
     progress: bool | None = Field(None, description="Progress bars; default: on in a terminal, off under CI.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="A stage fails above this fraction of failed rows.")
-    versioned: bool = Field(False, description="Each run writes output_dir/runs/<time>-<id>/ and then points output_dir/latest at it "
+    versioned: bool = Field(False, description="Each run writes output_dir/runs/<number>-<UTC time>/ and then points output_dir/latest at it "
                             "(atomically); curate serve turns it on.")
 
 

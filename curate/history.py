@@ -11,7 +11,7 @@
   the two distributions, and both histograms on shared bins.
 - :func:`log_run`: one line per finished run appended to ``<output_dir>/runs.jsonl``.
 - versioned runs (``runtime.versioned``, on for ``curate serve``): :func:`new_run_dir` makes
-  ``<output_dir>/runs/<time>-<id>/`` for each run and :func:`point_latest` moves the
+  ``<output_dir>/runs/<number>-<UTC time>/`` for each run and :func:`point_latest` moves the
   ``<output_dir>/latest`` link to it atomically once it is complete; the previous run is the folder
   ``latest`` pointed at (nothing is copied).
 """
@@ -66,7 +66,8 @@ def keep_previous(out: Path) -> Path | None:
     when the folder holds no finished run."""
     run_json = out / "run.json"
     if not run_json.exists() or not (out / "ledger.parquet").exists():
-        return None
+        # no finished run here now: the last one kept (if a run failed since, its partial files are not compared)
+        return out / PREVIOUS if (out / PREVIOUS / "run.json").exists() else None
     summary = json.loads(run_json.read_text())
     tmp = out / f".{PREVIOUS}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -83,15 +84,24 @@ def keep_previous(out: Path) -> Path | None:
         dest.rename(old)
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
+    run_json.unlink()  # written again when this run finishes: a run that fails leaves no run.json beside partial files
     return dest
 
 
-def new_run_dir(out: Path) -> Path:
-    """``<out>/runs/<UTC time>-<random id>`` (created; names sort in time order)."""
-    import uuid
+def run_dir(out: str | os.PathLike) -> Path:
+    """The folder of a flow's latest finished run: ``<out>/latest`` in a versioned output folder, else ``out``."""
+    out = Path(out)
+    link = out / "latest"
+    return link.resolve() if link.is_symlink() else out
 
-    d = out / "runs" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
-    d.mkdir(parents=True)
+
+def new_run_dir(out: Path) -> Path:
+    """``<out>/runs/<number>-<UTC time>`` (created under the output lock: numbers go up, names sort in order)."""
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name.split("-", 1)[0]) for p in runs.iterdir() if p.name.split("-", 1)[0].isdigit()), default=0)
+    d = runs / f"{n:05d}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    d.mkdir()
     return d
 
 
@@ -111,8 +121,13 @@ def point_latest(out: Path, target: Path) -> None:
 
 
 def _selected(ledger: Path) -> dict[str, dict[str, Any]]:
-    t = pq.read_table(ledger, columns=["sample_id", "outcome", "stage", "reason"]).to_pylist()
-    return {r["sample_id"]: r for r in t if r["sample_id"] is not None}
+    """Each distinct row's outcome, by sample_id: the first row with that id (a later exact duplicate is
+    filtered at ingest; the first one carries the outcome that counts)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in pq.read_table(ledger, columns=["sample_id", "outcome", "stage", "reason"]).to_pylist():
+        if r["sample_id"] is not None:
+            out.setdefault(r["sample_id"], r)
+    return out
 
 
 def _ks(a: np.ndarray, b: np.ndarray) -> float:

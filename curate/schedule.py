@@ -8,7 +8,7 @@
   per flow file, named after the flow, of :func:`scheduled_curation` — a flow that reads the flow file
   *when it runs* (so an edited file or a grown input folder is picked up) with the deployment's
   ``overrides`` (``--set`` values, editable in the UI as a parameter; ``runtime.versioned=true`` is added,
-  so each run writes ``<output_dir>/runs/<time>-<id>/`` and moves ``<output_dir>/latest``). Served by ``flow.serve``'s
+  so each run writes ``<output_dir>/runs/<number>-<UTC time>/`` and moves ``<output_dir>/latest``). Served by ``flow.serve``'s
   runner (no work pool), with ``pause_on_shutdown=False`` so a restart never silently stops the
   schedule, and a deployment concurrency limit of 1 so two runs never write one output folder at once.
 - :func:`prefect_yaml` (``curate deploy``): the same deployments for ``prefect deploy`` on a work pool.
@@ -25,6 +25,7 @@ from typing import Any
 
 import curate.flow  # noqa: F401  (curate's Prefect settings)
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from curate.errors import ConfigError, CurateError
 
@@ -38,9 +39,12 @@ def _run_name() -> str:
     return f"curate-{Path(flow_run.parameters.get('flow_file', 'flow')).stem}"
 
 
-@flow(name="curate-scheduled", flow_run_name=_run_name, persist_result=False, validate_parameters=True)
+# one task at a time, as `curate run` with the default runtime.workers (model stages share one loaded model)
+@flow(name="curate-scheduled", flow_run_name=_run_name, persist_result=False, validate_parameters=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=1))
 def scheduled_curation(flow_file: str, overrides: list[str] | None = None) -> dict[str, Any]:
-    """Run the curate flow in ``flow_file`` (read now, with ``overrides`` applied): what ``curate run`` does."""
+    """Run the curation stages of the flow in ``flow_file`` (read now, with ``overrides`` applied), as
+    ``curate run`` does, one task at a time; a ``train:`` section is not run here (use ``curate train``)."""
     from curate.config import load_flow
     from curate.executors import PrefectExecutor
     from curate.launch import check_inputs
@@ -69,8 +73,14 @@ def _schedules(cron: str | None, interval: float | None, timezone: str | None) -
         else:
             IntervalSchedule(interval=interval, timezone=tz)
     except ValidationError as exc:
-        raise ConfigError(f"schedule: {exc.errors()[0]['msg']} (cron {cron!r}, timezone {tz!r})") from None
-    return [Cron(cron, timezone=tz)] if cron is not None else [Interval(interval, timezone=tz)]
+        what = f"cron {cron!r}" if cron is not None else f"interval {interval!r} s"
+        raise ConfigError(f"schedule: {exc.errors()[0]['msg']} ({what}, timezone {tz!r})") from None
+    # an interval is anchored at midnight (in its time zone), so restarting serve does not shift its slots
+    import datetime
+    from zoneinfo import ZoneInfo
+
+    anchor = datetime.datetime(2026, 1, 1, tzinfo=ZoneInfo(tz))
+    return [Cron(cron, timezone=tz)] if cron is not None else [Interval(interval, anchor_date=anchor, timezone=tz)]
 
 
 def deployments(flow_files: list[str | os.PathLike], overrides: list[str] | None = None, cron: str | None = None,
@@ -136,8 +146,8 @@ def prefect_yaml(flow_files: list[str | os.PathLike], pool: str, overrides: list
         sched = {"cron": cron, "timezone": timezone or "UTC"} if cron else {"interval": interval, "timezone": timezone or "UTC"}
         entries.append({
             "name": spec.name, "description": spec.description or f"curate {spec.name}",
-            "entrypoint": f"{os.path.relpath(Path(__file__).resolve(), root)}:scheduled_curation",
-            "parameters": {"flow_file": os.path.relpath(path, root), "overrides": list(overrides or [])},
+            "entrypoint": "curate.schedule:scheduled_curation",  # a module path: any host with curate installed
+            "parameters": {"flow_file": os.path.relpath(path, root), "overrides": [*(overrides or []), "runtime.versioned=true"]},
             "tags": ["curate"], "concurrency_limit": 1, "schedules": [{**sched, "active": True}],
             "work_pool": {"name": pool, "work_queue_name": None, "job_variables": {}},
         })

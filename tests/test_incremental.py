@@ -90,19 +90,54 @@ def test_a_changed_file_is_read_again(tmp_path):
 
 
 def test_two_runs_of_one_flow_at_once_are_serialised_and_both_recorded(tmp_path):
+    """While one run holds the output folder, a second waits (and says so); then it runs; both are recorded."""
+    from curate.history import output_lock
+
     split_sample(tmp_path / "pool", 2)
     flow = growing_flow(tmp_path)
-    cmd = [sys.executable, "-m", "curate.cli", "run", str(flow), "--no-prefect", "--quiet"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
-    assert any("waiting for pid" in log for log in logs), logs  # the second run waited for the first one's lock
     out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "curate.cli", "run", str(flow), "--no-prefect", "--quiet"]
+    with output_lock(out):  # stands for a run in progress in this folder
+        waiting = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in waiting.stdout:  # it must block on the lock, not write
+            seen.append(line)
+            if "waiting for pid" in line:
+                break
+        assert any("waiting for pid" in line for line in seen), seen
+        assert not (out / "run.json").exists() and waiting.poll() is None
+    rest = waiting.communicate(timeout=300)[0]
+    assert waiting.returncode == 0, rest
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert len(runs) == 2 and all(r["counts"]["selected"] == 8 for r in runs)
     summary = json.loads((out / "run.json").read_text())
     assert summary["reconciled"] and summary["diff"]["added"] == summary["diff"]["removed"] == 0
     assert len((out / "export" / "messages" / "curated_messages.jsonl").read_text().splitlines()) == 8
+
+
+def test_a_duplicate_of_a_selected_row_is_not_reported_as_removed(tmp_path):
+    files = split_sample(tmp_path / "pool", 2)
+    flow = growing_flow(tmp_path)
+    execute(load_flow(flow))
+    out = tmp_path / "out"
+    chosen = selected(out)
+    dup = next(line for line in files[0].read_text(encoding="utf-8").splitlines()
+               if _sid(line) in chosen)
+    (tmp_path / "pool" / "part-2.jsonl").write_text(dup + "\n", encoding="utf-8")  # a new file repeating a selected row
+    again = execute(load_flow(flow))
+    d = again["diff"]
+    assert again["counts"]["filtered"] == 1 and (d["added"], d["removed"], d["unchanged"]) == (0, 0, 8) and d["new_rows"] == 0
+
+
+def _sid(line: str) -> str:
+    from curate.ingest.formats import CONVERTERS
+    from curate.ingest.validate import normalise_messages
+    from curate.records import sample_id
+
+    messages, tools = CONVERTERS["alpaca"](json.loads(line), {})
+    return sample_id(normalise_messages(messages), tools)
 
 
 def test_versioned_runs_each_get_a_folder_and_latest_moves_when_one_is_complete(tmp_path):

@@ -26,7 +26,8 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
         progress.attach_console_log()
     spec.out.mkdir(parents=True, exist_ok=True)
     with output_lock(spec.out, logger):
-        if not spec.runtime.versioned:
+        # a folder that holds versioned runs stays versioned (a run that forgot the setting must not mix layouts)
+        if not (spec.runtime.versioned or (spec.out / "latest").is_symlink()):
             summary = _execute(spec, executor, keep_previous(spec.out))
             log_run(spec.out, summary)
             return summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,14 @@ SKIP_HIST = {"degenerate", "turns"}
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in rows:
-        out.append("| " + " | ".join(str(x).replace("|", "\\|").replace("\n", " ") for x in r) + " |")
+        out.append("| " + " | ".join(_cell(x) for x in r) + " |")
     return "\n".join(out)
+
+
+def _cell(x: Any) -> str:
+    """A table cell: one line, pipes escaped, and < & escaped so that data (a `<think>` tag, a file
+    name) shows as text in the HTML report instead of becoming markup."""
+    return html.escape(str(x), quote=False).replace("|", "\\|").replace("\n", " ")
 
 
 def _q(v: np.ndarray) -> list[str]:
@@ -43,7 +50,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# curate run: {summary['flow']}",
         "",
-        summary.get("description") or "",
+        html.escape(summary.get("description") or "", quote=False),
         "",
         f"- flow file: `{summary['flow_path']}` (config hash `{summary['config_hash'][:12]}`), seed {summary['seed']}",
         f"- output: `{summary['output_dir']}`",
@@ -123,7 +130,9 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                 idx = np.sort(np.concatenate([np.flatnonzero(selected), rest]))
             plots.embedding_map(embeddings[idx], selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
             md += ["![embedding map](embedding-map.png)", ""]
-            outcome = {r["sample_id"]: r["outcome"] for r in pq.read_table(ledger_path, columns=["sample_id", "outcome"]).to_pylist()}
+            outcome: dict[str, str] = {}
+            for r in pq.read_table(ledger_path, columns=["sample_id", "outcome"]).to_pylist():
+                outcome.setdefault(r["sample_id"], r["outcome"])  # the first row of an id (later ones are its exact duplicates)
             ids = cols["sample_id"]
             plots.embedding_map_by(embeddings[idx], [outcome.get(ids[i], "derived") for i in idx], out / "embedding-map-outcome.png",
                                    "embedding map by outcome")

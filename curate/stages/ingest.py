@@ -81,8 +81,25 @@ def _file_key(spec: InputSpec, source: str, label: str, sha: str, ingest: Ingest
     """What decides one file's records: its bytes, how it is read (format, fields, limit …), its
     source name and label (they go into every record), and the conversation rules."""
     how = spec.model_dump(mode="json", exclude={"path", "name", "hub", "revision"})
-    return sha256_hex(canonical_json({"v": INGEST_CACHE_VERSION, "file": sha, "source": source, "label": label, "read": how,
+    return sha256_hex(canonical_json({"v": INGEST_CACHE_VERSION, "code": _reader_code(), "file": sha, "source": source, "label": label, "read": how,
                                       "max_chars": ingest.max_chars}))
+
+
+_READER_CODE: str | None = None
+
+
+def _reader_code() -> str:
+    """sha256 of the code that turns a file into records (readers, converters, rules, ids): an upgrade
+    that changes it misses the cache instead of mixing old records with new ones."""
+    global _READER_CODE
+    if _READER_CODE is None:
+        import curate.ingest.formats as f
+        import curate.ingest.readers as r
+        import curate.ingest.validate as v
+        import curate.records as rec
+
+        _READER_CODE = sha256_hex(*(Path(m.__file__).read_bytes() for m in (f, r, v, rec)), Path(__file__).read_bytes())
+    return _READER_CODE
 
 
 def _cache_paths(cache_dir: str, key: str) -> tuple[Path, Path, Path]:

@@ -67,9 +67,9 @@ def locate_export(path: str | os.PathLike, layout: str, file_type: str = "jsonl"
     Raises ConfigError naming what is missing."""
     import hashlib
 
-    p = Path(path)
-    if (p / "latest").is_symlink():  # a versioned output folder: its latest run
-        p = (p / "latest").resolve()
+    from curate.history import run_dir
+
+    p = run_dir(path)  # a versioned output folder: its latest run
     candidates = [p, p / "export"]
     if (p / "run.json").exists():
         run = json.loads((p / "run.json").read_text())
