@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from common import CHAT_ROLES, IGNORE, ROLE_HEADER, final_answer_and_first_user, rows_of, spans, trained_turns  # noqa: E402
+from common import CHAT_ROLES, ROLE_HEADER, LabelChecks, finish, rows_of  # noqa: E402
 DROP_LOG = re.compile(r"Dropped \d+[^\n]*")
 
 
@@ -99,55 +99,23 @@ def run_variant(name: str, top: dict, datasets: list[dict], export_dir: Path, mo
         problems.append(f"{len(ds)} prepared rows, {expected} exported")
     if drops:
         problems.append("axolotl log: " + "; ".join(drops)[:500])
-    masked = answer_ok = user_masked = truncated = turns_ok = roles_ok = 0
-    first_bad = None
+    roles_ok = 0
+    checks = LabelChecks(tok, int(top.get("sequence_len") or 512))
     aligned = len(ds) == len(rows)
-    eos = tok.eos_token
     for i, (row, ex) in enumerate(zip(rows, ds) if aligned else ()):
         labels, ids = list(ex["labels"]), list(ex["input_ids"])
-        trained = [t for t in labels if t != IGNORE]
-        answer, first_user = final_answer_and_first_user(row)
-        if labels and labels[0] == IGNORE and trained:
-            masked += 1
-        j = len(labels)
-        while j > 0 and labels[j - 1] == IGNORE:
-            j -= 1
-        k = j
-        while k > 0 and labels[k - 1] != IGNORE:
-            k -= 1
-        span = tok.decode(labels[k:j], skip_special_tokens=False).replace(eos, "").strip()
-        cut = len(ids) >= int(top.get("sequence_len") or 512)
-        truncated += cut
-        if span == answer.strip() or (cut and answer.strip().startswith(span)):
-            answer_ok += 1
-        elif first_bad is None:
-            first_bad = f"row {i}: trained span {span[:120]!r} vs answer {answer[:120]!r}"
+        checks.row(i, row, ids, labels)
         text = tok.decode(ids, skip_special_tokens=False)
         if set(ROLE_HEADER.findall(text)) <= CHAT_ROLES:
             roles_ok += 1
-        elif first_bad is None:
-            first_bad = f"row {i}: role headers {sorted(set(ROLE_HEADER.findall(text)) - CHAT_ROLES)} are not chat roles"
-        if spans(labels) == trained_turns(row) or cut:
-            turns_ok += 1
-        elif first_bad is None:
-            first_bad = f"row {i}: {spans(labels)} trained spans for {trained_turns(row)} assistant-side turns"
-        masked_text = tok.decode([t for t, lab in zip(ids, labels) if lab == IGNORE], skip_special_tokens=False)
-        if first_user.strip()[:200] in masked_text:
-            user_masked += 1
-        elif first_bad is None:
-            first_bad = f"row {i}: first user text not in the masked part"
+        else:
+            checks._bad(f"row {i}: role headers {sorted(set(ROLE_HEADER.findall(text)) - CHAT_ROLES)} are not chat roles")
     n = len(ds) if aligned else 0
     if roles_ok != n:
-        problems.append(f"{n - roles_ok} rows rendered with non-chat role headers; {first_bad}")
-    if turns_ok != n:
-        problems.append(f"{n - turns_ok} rows where trained spans != assistant-side turns; {first_bad}")
-    if masked != n:
-        problems.append(f"{n - masked} rows with an unmasked prompt or nothing trained")
-    if answer_ok != n:
-        problems.append(f"{n - answer_ok} rows whose last trained span is not the exported answer; {first_bad}")
-    if user_masked != n:
-        problems.append(f"{n - user_masked} rows whose first user turn is not masked; {first_bad}")
-    result.update(prompt_masked=masked, answer_is_label=answer_ok, all_turns_trained=turns_ok, chat_roles_only=roles_ok, user_masked=user_masked, truncated_at_sequence_len=truncated,
+        problems.append(f"{n - roles_ok} rows rendered with non-chat role headers; {checks.first_bad}")
+    problems.extend(checks.problems(n))
+    result.update(prompt_masked=checks.masked, answer_is_label=checks.answer_ok, all_turns_trained=checks.turns_ok, chat_roles_only=roles_ok,
+                  user_masked=checks.user_masked, truncated_at_sequence_len=checks.truncated,
                   example_tokens=len(ds[0]["input_ids"]) if len(ds) else 0, ok=not problems)
     return result
 
@@ -174,9 +142,7 @@ def main() -> int:
               + (f" prompt-masked {r['prompt_masked']} answer=labels {r['answer_is_label']} all-turns-trained {r['all_turns_trained']}"
                      f" chat-roles {r['chat_roles_only']}" if "prompt_masked" in r else "")
               + ("" if r["ok"] else " — " + "; ".join(r["problems"])), flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
-    return 0 if results and all(r["ok"] for r in results) else 1
+    return finish(results, a.json)
 
 
 if __name__ == "__main__":

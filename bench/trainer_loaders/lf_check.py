@@ -20,13 +20,12 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 BAD_WARNINGS = ("Skipping this abnormal example", "Dropped invalid example", "Invalid role tag", "Invalid message count")
-from common import CHAT_ROLES, IGNORE, ROLE_HEADER, final_answer_and_first_user, rows_of, spans, trained_turns  # noqa: E402
+from common import IGNORE, LabelChecks, finish, rows_of  # noqa: E402
 
 
 class Collect(logging.Handler):
@@ -68,55 +67,22 @@ def check_entry(name: str, attrs: dict, n_expected: int, export_dir: Path, tok_d
     rows = rows_of(export_dir / attrs["file_name"])
     if len(rows) != n_expected:
         problems.append(f"file has {len(rows)} rows, manifest says {n_expected}")
-    eos = tokenizer.eos_token
-    masked_ok = answer_ok = user_masked = truncated = with_tools = tools_rendered = turns_ok = 0
-    first_bad: str | None = None
+    with_tools = tools_rendered = 0
+    checks = LabelChecks(tokenizer, cutoff)
     aligned = len(ds) == len(rows)  # after a dropped row the per-row comparisons below mean nothing
     for i, (row, ex) in enumerate(zip(rows, ds) if aligned else ()):
-        labels, ids = ex["labels"], ex["input_ids"]
-        trained = [t for t in labels if t != IGNORE]
-        answer, first_user = final_answer_and_first_user(row)
-        if labels and labels[0] == IGNORE and trained:
-            masked_ok += 1
-        # the last contiguous trained span = the final answer (+ the template's end-of-turn)
-        j = len(labels)
-        while j > 0 and labels[j - 1] == IGNORE:
-            j -= 1
-        k = j
-        while k > 0 and labels[k - 1] != IGNORE:
-            k -= 1
-        span = tokenizer.decode(labels[k:j], skip_special_tokens=False)
-        if len(ids) >= cutoff:
-            truncated += 1
-        if span.replace(eos, "").strip() == answer.strip() or (len(ids) >= cutoff and answer.strip().startswith(span.replace(eos, "").strip())):
-            answer_ok += 1
-        elif first_bad is None:
-            first_bad = f"row {i} ({row.get('id', '?')[:12]}): trained span {span[:120]!r} vs answer {answer[:120]!r}"
-        if spans(labels) == trained_turns(row) or len(ids) >= cutoff:
-            turns_ok += 1
-        elif first_bad is None:
-            first_bad = f"row {i}: {spans(labels)} trained spans for {trained_turns(row)} assistant-side turns"
+        labels, ids = list(ex["labels"]), list(ex["input_ids"])
+        checks.row(i, row, ids, labels)
         if row.get("tools"):  # the template must render the row's tool schemas into the prompt
             with_tools += 1
             tool_names = [t.get("function", t).get("name", "") for t in json.loads(row["tools"])]
             if all(nm and nm in tokenizer.decode(ids, skip_special_tokens=False) for nm in tool_names):
                 tools_rendered += 1
-        masked_text = tokenizer.decode([t for t, lab in zip(ids, labels) if lab == IGNORE], skip_special_tokens=False)
-        if first_user.strip()[:200] in masked_text:
-            user_masked += 1
-        elif first_bad is None:
-            first_bad = f"row {i}: first user text not in the masked part"
     n = len(ds) if aligned else 0
     if tools_rendered != with_tools:
         problems.append(f"{with_tools - tools_rendered} of {with_tools} rows with tools do not show their tool schemas")
-    if turns_ok != n:
-        problems.append(f"{n - turns_ok} rows where trained spans != assistant-side turns; {first_bad}")
-    if masked_ok != n:
-        problems.append(f"{n - masked_ok} rows with an unmasked prompt or nothing trained")
-    if answer_ok != n:
-        problems.append(f"{n - answer_ok} rows whose trained last span is not the exported answer; {first_bad}")
-    if user_masked != n:
-        problems.append(f"{n - user_masked} rows whose first user turn is not masked; {first_bad}")
+    problems.extend(checks.problems(n))
+    masked_ok, answer_ok, turns_ok, user_masked, truncated = checks.masked, checks.answer_ok, checks.turns_ok, checks.user_masked, checks.truncated
     sample = ds[0] if len(ds) else {"input_ids": [], "labels": []}
     return {"entry": name, "file": attrs["file_name"], "formatting": attrs.get("formatting", "alpaca"),
             "exported": n_expected, "converted": len(ds), "prompt_masked": masked_ok, "answer_is_label": answer_ok, "all_turns_trained": turns_ok,
@@ -152,9 +118,7 @@ def main() -> int:
                   + (f" prompt-masked {r['prompt_masked']} answer=labels {r['answer_is_label']} all-turns-trained {r['all_turns_trained']} tools {r['tools_rendered']}/{r['with_tools']}"
                      if "prompt_masked" in r else "")
                   + ("" if r["ok"] else " — " + "; ".join(r["problems"])), flush=True)
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
-    return 0 if results and all(r["ok"] for r in results) else 1
+    return finish(results, a.json)
 
 
 if __name__ == "__main__":
