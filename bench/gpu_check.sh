@@ -2,7 +2,7 @@
 # The GPU check of the select → train → evaluate loop: LoRA on SmolLM2-135M-Instruct (or MODEL) on
 # 1,000 Superfiltering-selected vs 1,000 random rows (a 6,110-row real pool), held-out loss (batched
 # scoring) and a position-swapped pairwise judge on 200 AlpacaEval prompts for both, training and
-# scoring tokens/s, and the table. Sized to finish in under 8 minutes on one GPU.
+# scoring tokens/s, and the table. Planned to fit 8 minutes on one GPU from estimated throughputs (not yet run on one).
 #
 # The GPU machine (the device tool) has Python 3.12 with torch, transformers, peft and accelerate but
 # no network, no trl, datasets, pydantic or gguf, and no vLLM (too large to carry: scoring uses the

@@ -232,11 +232,9 @@ def markdown(spec: CompareSpec, rows: list[dict[str, Any]]) -> str:
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from curate.report.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metrics = [(label, get) for label, get in METRICS if any(get(c) is not None for c in cells)]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 3.6), dpi=100, squeeze=False)
     for ax, (label, get) in zip(axes[0], metrics):
@@ -248,9 +246,7 @@ def plot(cells: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def compare(spec: CompareSpec) -> dict[str, Any]:

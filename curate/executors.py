@@ -90,8 +90,6 @@ class PrefectExecutor(LocalExecutor):
         create_markdown_artifact(key=f"curate-summary-{s}", markdown=markdown, description=f"curate run summary: {summary['flow']}")
         create_table_artifact(key=f"curate-counts-{s}", table=table, description="rows in and out of every stage")
         if summary.get("report"):  # the self-contained HTML report with the plots (image artifacts need a public URL)
-            from pathlib import Path
-
             from prefect.artifacts import create_link_artifact
 
             html = Path(summary["report"]).with_suffix(".html")

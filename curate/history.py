@@ -62,8 +62,9 @@ def output_lock(out: Path, log=None) -> Iterator[None]:
 
 
 def keep_previous(out: Path) -> Path | None:
-    """Copy the last finished run's record, ledger and selection table to ``<out>/previous``; None
-    when the folder holds no finished run."""
+    """Copy the last finished run's record, ledger and selection table to ``<out>/previous`` and set
+    its ``run.json`` aside (this run writes a new one when it finishes). Without a finished run here,
+    the ``previous/`` kept by an earlier run (a run in between failed), else None."""
     run_json = out / "run.json"
     if not run_json.exists() or not (out / "ledger.parquet").exists():
         # no finished run here now: the last one kept (if a run failed since, its partial files are not compared)

@@ -244,7 +244,8 @@ def cached(key: tuple, load: Callable[[], Any]) -> Any:
 
 
 def evict(location: str) -> int:
-    """Drop every cached model loaded from ``location`` (and free GPU memory); returns how many."""
+    """Drop every process-cache entry whose key names ``location`` (the model, its tokenizer, a vLLM
+    engine) and free GPU memory; returns how many entries went."""
     with _CACHE_LOCK:
         gone = [k for k in _CACHE if location in k]
         for k in gone:
@@ -301,9 +302,8 @@ def load_causal_lm(location: str, dtype, trust_remote_code: bool = False, revisi
 def merged_model_dir(adapter: str) -> str:
     """A plain model dir with a PEFT adapter merged in (made once under the curate cache): for
     engines that load a directory themselves (vLLM)."""
-    import torch
-
     def make(tmp: Path) -> None:
+        import torch
         from transformers import AutoTokenizer
 
         load_causal_lm(adapter, torch.float32).save_pretrained(tmp)

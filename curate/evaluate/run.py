@@ -12,7 +12,8 @@
   weighted over the set), ``ppl`` = exp(loss). The ``vllm`` backend (``prompt_logprobs``) when vLLM is
   importable and a GPU is present, the ``hf`` backend otherwise.
 - **generation**: greedy answers to each eval prompt (every message before the final reply), batched
-  by the call engine (hf: left-padded batches; vllm: one call per chunk) and cached in the store.
+  by the call engine (hf: left-padded batches; vllm: one call per chunk) and cached per call in
+  ``<store>/calls`` (``store_dir``), else in ``calls/`` beside the eval directory.
 - **judging**: :mod:`curate.evaluate.judge` (pairwise against the reference, both orders).
 
 A finished eval with the same key (model revision, eval rows, settings, judge) is returned as it is;
@@ -164,7 +165,7 @@ def generate_and_judge(backend, judge, spec: EvalSpec, rows, calls_dir: Path, ou
 
     replies, gen_stats = _answers(backend, spec, rows, calls_dir)
     if spec.reference == "answers":
-        references = [r["messages"][max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")]["content"] for r in rows]
+        references = [r["messages"][-1]["content"] for r in rows]  # a canonical row ends on its reply
     else:
         from curate.lm import load_backend
 

@@ -14,9 +14,8 @@ import numpy as np
 
 from curate.errors import MissingDependency
 from curate.lm.engine import Seq, SeqResult
-from curate.models import is_adapter, merged_model_dir, model_revision, resolve_model
 from curate.lm.spec import LMParams
-from curate.models import cached
+from curate.models import cached, is_adapter, merged_model_dir, model_revision, resolve_model
 
 
 def _vllm():

@@ -11,7 +11,8 @@ from curate.io import atomic_path
 COLORS = {"selected": "#1b7837", "not_selected": "#9e9e9e", "filtered": "#e08214", "quarantined": "#b2182b"}
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -20,15 +21,15 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def outcomes_bar(counts: dict[str, int], path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 2.6))
     names = list(counts)
     ax.barh(names, [counts[n] for n in names], color=[COLORS.get(n, "#4393c3") for n in names])
@@ -38,11 +39,11 @@ def outcomes_bar(counts: dict[str, int], path: Path) -> Path:
     ax.set_xlabel("input rows")
     ax.set_title("Where every input row ended")
     ax.spines[["top", "right"]].set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def score_histogram(name: str, values: np.ndarray, selected: np.ndarray, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     finite = ~np.isnan(values)
     v = values[finite]
@@ -53,7 +54,7 @@ def score_histogram(name: str, values: np.ndarray, selected: np.ndarray, path: P
     ax.set_ylabel("rows")
     ax.legend(frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def pca_2d(X: np.ndarray) -> np.ndarray:
@@ -65,13 +66,12 @@ def pca_2d(X: np.ndarray) -> np.ndarray:
     return Xc @ comps.T
 
 
-def embedding_map_by(X: np.ndarray, labels: list[str], path: Path, title: str, max_labels: int = 10) -> Path:
+def embedding_map_by(xy: np.ndarray, labels: list[str], path: Path, title: str, max_labels: int = 10) -> Path:
     """The PCA map with points coloured by a category (source, outcome); categories past the
-    ``max_labels`` most frequent are drawn together as "other"."""
+    ``max_labels`` most frequent are drawn together as "other". ``xy``: the rows' :func:`pca_2d`."""
     from collections import Counter
 
-    plt = _plt()
-    xy = pca_2d(X.astype(np.float64))
+    plt = pyplot()
     top = [c for c, _ in Counter(labels).most_common(max_labels)]
     names = [lab if lab in top else "other" for lab in labels]
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -85,12 +85,12 @@ def embedding_map_by(X: np.ndarray, labels: list[str], path: Path, title: str, m
     ax.set_ylabel("PC 2")
     ax.legend(frameon=False, loc="best", fontsize=7)
     ax.spines[["top", "right"]].set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
-def embedding_map(X: np.ndarray, selected: np.ndarray, path: Path, title: str) -> Path:
-    plt = _plt()
-    xy = pca_2d(X.astype(np.float64))
+def embedding_map(xy: np.ndarray, selected: np.ndarray, path: Path, title: str) -> Path:
+    """The PCA map (``xy``: the rows' :func:`pca_2d`), selected rows highlighted."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.scatter(xy[~selected, 0], xy[~selected, 1], s=6, c=COLORS["not_selected"], alpha=0.5, label=f"not selected ({(~selected).sum()})", linewidths=0)
     ax.scatter(xy[selected, 0], xy[selected, 1], s=12, c=COLORS["selected"], label=f"selected ({selected.sum()})", linewidths=0)
@@ -99,4 +99,4 @@ def embedding_map(X: np.ndarray, selected: np.ndarray, path: Path, title: str) -
     ax.set_ylabel("PC 2")
     ax.legend(frameon=False, loc="best")
     ax.spines[["top", "right"]].set_visible(False)
-    return _save(fig, path)
+    return save_png(fig, path)

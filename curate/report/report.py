@@ -128,17 +128,18 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                 rng = np.random.default_rng(seed)
                 rest = rng.choice(np.flatnonzero(~selected), size=max(0, max_points - int(selected.sum())), replace=False)
                 idx = np.sort(np.concatenate([np.flatnonzero(selected), rest]))
-            plots.embedding_map(embeddings[idx], selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
+            xy = plots.pca_2d(embeddings[idx].astype(np.float64))  # one projection for the three maps
+            plots.embedding_map(xy, selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
             md += ["![embedding map](embedding-map.png)", ""]
             outcome: dict[str, str] = {}
             for r in pq.read_table(ledger_path, columns=["sample_id", "outcome"]).to_pylist():
                 outcome.setdefault(r["sample_id"], r["outcome"])  # the first row of an id (later ones are its exact duplicates)
             ids = cols["sample_id"]
-            plots.embedding_map_by(embeddings[idx], [outcome.get(ids[i], "derived") for i in idx], out / "embedding-map-outcome.png",
+            plots.embedding_map_by(xy, [outcome.get(ids[i], "derived") for i in idx], out / "embedding-map-outcome.png",
                                    "embedding map by outcome")
             md += ["![embedding map by outcome](embedding-map-outcome.png)", ""]
             if "source" in cols:
-                plots.embedding_map_by(embeddings[idx], [str(cols["source"][i]) for i in idx], out / "embedding-map-source.png",
+                plots.embedding_map_by(xy, [str(cols["source"][i]) for i in idx], out / "embedding-map-source.png",
                                        "embedding map by source")
                 md += ["![embedding map by source](embedding-map-source.png)", ""]
     exp = summary.get("export")

@@ -8,6 +8,7 @@ of ``shard_size`` rows: the unit of work and resume for every later stage.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,7 @@ def _check_declared(fmt: str, record: dict, spec: InputSpec, where: str) -> None
         )
 
 
-# Bump when a reader, converter or conversation rule changes what a file becomes: cached files are keyed by
-# their bytes and read settings, not by this code.
+# The layout of a cache entry; what the code makes of a file is keyed by _reader_code().
 INGEST_CACHE_VERSION = "1"
 
 
@@ -85,21 +85,16 @@ def _file_key(spec: InputSpec, source: str, label: str, sha: str, ingest: Ingest
                                       "max_chars": ingest.max_chars}))
 
 
-_READER_CODE: str | None = None
-
-
+@functools.cache
 def _reader_code() -> str:
     """sha256 of the code that turns a file into records (readers, converters, rules, ids): an upgrade
     that changes it misses the cache instead of mixing old records with new ones."""
-    global _READER_CODE
-    if _READER_CODE is None:
-        import curate.ingest.formats as f
-        import curate.ingest.readers as r
-        import curate.ingest.validate as v
-        import curate.records as rec
+    import curate.ingest.formats as f
+    import curate.ingest.readers as r
+    import curate.ingest.validate as v
+    import curate.records as rec
 
-        _READER_CODE = sha256_hex(*(Path(m.__file__).read_bytes() for m in (f, r, v, rec)), Path(__file__).read_bytes())
-    return _READER_CODE
+    return sha256_hex(*(Path(m.__file__).read_bytes() for m in (f, r, v, rec)), Path(__file__).read_bytes())
 
 
 def _cache_paths(cache_dir: str, key: str) -> tuple[Path, Path, Path]:
@@ -165,6 +160,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
         fmt = None if spec.format == "auto" else spec.format
         checked = spec.format == "auto"
         n_file = 0
+        file_formats: set[str] = set()  # formats of rows that got as far as conversion (cached with the file)
         for raw in rows:
             if spec.limit is not None and n_file >= spec.limit:
                 break
@@ -185,7 +181,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
                 elif not checked:
                     _check_declared(fmt, record, spec, where)
                     checked = True
-                formats_seen.add(fmt)
+                file_formats.add(fmt)
                 try:
                     messages, tools = CONVERTERS[fmt](record, spec.fields)
                     messages = normalise_messages(messages)
@@ -233,7 +229,8 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
         if key:
             _cache_file(cache_dir, key, [{**r, "row": r["row"] - first_row} for r in records[first_record:]],
                         [{**q, "local_row": q["local_row"] - first_row} for q in quarantine[first_quarantine:]],
-                        [fmt] if fmt else [], n_file)
+                        sorted(file_formats), n_file)
+        formats_seen |= file_formats
 
     name = spec.name or (sources[0][0] if len(sources) == 1 else Path(spec.path or "input").stem)
     rec_path = work / f"input-{input_index:03d}.records.parquet"

@@ -108,14 +108,8 @@ def run_key(spec: TrainSpec, export: ExportFile) -> str:
     from curate.models import model_revision
     from curate.train.chat_templates import chat_template_text
 
-    gpu = _device(spec).startswith("cuda")
-    bf16_ok = False
-    if gpu:
-        import torch
-
-        bf16_ok = torch.cuda.is_bf16_supported()
     template = hashlib.sha256(chat_template_text(spec.chat_template).encode()).hexdigest() if spec.chat_template else None
-    return spec.key(export.sha256, spec.resolved(gpu, bf16_ok), model_revision(spec.model, spec.revision), template)
+    return spec.key(export.sha256, _resolved(spec), model_revision(spec.model, spec.revision), template)
 
 
 def finished(out: Path, key: str) -> dict[str, Any] | None:
@@ -160,6 +154,17 @@ def _device(spec: TrainSpec) -> str:
     from curate.lm.base import resolve_device
 
     return resolve_device(spec.device)
+
+
+def _resolved(spec: TrainSpec) -> dict[str, Any]:
+    """The spec's machine-dependent defaults resolved here (the key and the trainer use the same values)."""
+    gpu = _device(spec).startswith("cuda")
+    bf16_ok = False
+    if gpu:
+        import torch
+
+        bf16_ok = torch.cuda.is_bf16_supported()
+    return spec.resolved(gpu, bf16_ok)
 
 
 def _tokenizer(spec: TrainSpec, location: str, revision: str | None = None):
@@ -211,7 +216,8 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
     device = _device(spec)
     set_torch_threads(spec.torch_threads or min(2, os.cpu_count() or 1))
     gpu = device.startswith("cuda")
-    bf16 = spec.bf16 if spec.bf16 is not None else (gpu and torch.cuda.is_bf16_supported())
+    resolved = _resolved(spec)
+    bf16 = resolved["bf16"]
     checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else gpu
     max_length = spec.max_length or int(export.manifest.get("max_length") or 1024)
     base = resolve_model(spec.model, spec.revision)
@@ -237,7 +243,7 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     ckpt_dir = out / "checkpoints"
-    batch = _token_batch(spec, row_lengths(tok, dataset, max_length), gpu)
+    batch = _token_batch(spec, row_lengths(tok, dataset, max_length), resolved["micro_batch_tokens"])
     args = dict(
         output_dir=str(ckpt_dir), learning_rate=spec.lr, lr_scheduler_type=spec.lr_scheduler,
         weight_decay=spec.weight_decay, num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
@@ -345,12 +351,11 @@ def row_lengths(tok, dataset, max_length: int) -> list[int]:
     return out
 
 
-def _token_batch(spec: TrainSpec, lengths: list[int], gpu: bool) -> dict[str, Any]:
+def _token_batch(spec: TrainSpec, lengths: list[int], micro: int) -> dict[str, Any]:
     """Rows per optimizer step and per forward from the rows' token lengths (see module docstring)."""
     mean = sum(lengths) / len(lengths)
     longest = max(lengths)
     per_step = max(1, min(len(lengths), round(spec.batch_tokens / mean)))
-    micro = spec.micro_batch_tokens or (32768 if gpu else 4096)
     per_forward = max(1, min(per_step, micro // longest))
     accumulation = math.ceil(per_step / per_forward)
     per_forward = math.ceil(per_step / accumulation)  # spread evenly: a step holds per_step rows, not up to per_forward - 1 more
@@ -362,20 +367,15 @@ def _token_batch(spec: TrainSpec, lengths: list[int], gpu: bool) -> dict[str, An
 def _plot(curve: list[dict], path: Path, title: str) -> None:
     if not curve:
         return
-    import matplotlib
+    from curate.report.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], marker="o", markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": None})
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _cleanup(ckpt_dir: Path) -> None:
