@@ -79,5 +79,5 @@ import curate.train.sft, curate.evaluate.run, curate.compare"
   cp "$G/work/results.md" "$G/work/results.json" "$OUT_DIR/"
   ;;
 *)
-  sed -n '2,22p' "$0"; exit 2 ;;
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 """Does the selection train a better model? Superfiltering-selected rows against random rows, each
 LoRA-trained and evaluated — the compare loop (curate.compare) at a size given on the command line.
 
-    # CPU, a toy size (about 15-25 minutes on 2 cores):
+    # CPU, a toy size (11 min 5 s on the developers' 2-core box, docs/benchmarks.md):
     .venv/bin/python bench/select_train_eval.py --pool ../shared/data/llama_factory/alpaca_en_demo.json \\
         --pool-rows 300 --budget 60 --eval-rows 20 --gen-tokens 96 --out bench/results/select_train_eval_cpu
     # GPU (bench/gpu_check.sh passes the GPU sizes: 1,000 selected vs 1,000 random rows)
