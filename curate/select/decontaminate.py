@@ -115,7 +115,7 @@ class Decontaminate(Selector):
         eval_set: InputSpec = Field(description="The evaluation set: the keys of an inputs: entry (path relative to base_dir, format, fields …).")
         ngram: int = Field(8, gt=0, description="Words per n-gram.")
         max_ngram_overlap: float | None = Field(0.5, ge=0, le=1, description="Filter a row whose prompt n-gram overlap is at least this; null = no n-gram check.")
-        max_similarity: float | None = Field(0.95, ge=-1, le=1, description="Filter a row whose cosine to an eval row is at least this; null = no embedding check.")
+        max_similarity: float | None = Field(0.95, ge=-1, le=1, description="Filter a row whose cosine to an eval row is at least this; null = no embedding check (the flow still needs an embed: section).")
         block: int = Field(4096, gt=0, description="Rows per matrix product.")
 
     def load_eval(self) -> tuple[list[dict[str, Any]], int]:
@@ -132,7 +132,7 @@ class Decontaminate(Selector):
 
         spec = self.context.get("embed")
         if spec is None:
-            raise RuntimeError("decontaminate: the embedding check needs the flow's embedder (an 'embed:' section), or set max_similarity: null")
+            raise RuntimeError("decontaminate: needs the flow's embedder (an 'embed:' section), even with max_similarity: null")
         embedder = build_embedder(spec, self.context.get("torch_threads"))
         store_dir, key = self.context.get("store_dir"), self.context.get("embed_key") or embedder.key
         if key != embedder.key:
