@@ -27,6 +27,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PrecomputedEmbedding(Strict):
+    """Embeddings made elsewhere, carried into the store at ingest under their producer's name."""
+
+    producer: str = Field(description="Who made the vectors (a model id, e.g. 'BAAI/bge-small-en-v1.5'); recorded in the store "
+                          "and matched by `embed: {method: precomputed, model: <producer>}`.")
+    field: str | None = Field(None, description="The rows' column that holds the vector (a list of numbers).")
+    path: str | None = Field(None, description="A side file of vectors (Parquet with columns `id` and `vector`), relative to base_dir.")
+    id_field: str = Field("id", description="With `path`: the rows' field whose value is the side file's `id`.")
+
+    @model_validator(mode="after")
+    def _one_place(self):
+        if (self.field is None) == (self.path is None):
+            raise ValueError("give exactly one of 'field' (a column of the rows) or 'path' (a side file of vectors)")
+        return self
+
+
 class InputSpec(Strict):
     """One input: a file, a glob, a saved HF dataset dir, or a hub dataset id."""
 
@@ -41,6 +57,9 @@ class InputSpec(Strict):
     task: str | None = Field(None, description="A constant task label for every row of this input.")
     task_field: str | None = Field(None, description="Column that holds each row's task label.")
     limit: int | None = Field(None, gt=0, description="Read only the first N rows (per file).")
+    embedding: PrecomputedEmbedding | None = Field(
+        None, description="Vectors that come with this input (a column of its rows, or a side file keyed by an id field); "
+        "`embed: {method: precomputed, model: <producer>}` uses them instead of computing embeddings.")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -82,6 +101,9 @@ class EmbedSpec(Strict):
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     trust_remote_code: bool = False
+    storage: Literal["float32", "float16"] = Field(
+        "float32", description="How vectors are kept in the store: float16 halves the disk and memory traffic of large-pool selection "
+        "(recorded in the store key).")
 
 
 class RewriteSpec(Strict):
@@ -113,6 +135,11 @@ class ReportSpec(Strict):
 class RuntimeSpec(Strict):
     prefect: bool = Field(True, description="Run as a Prefect flow (false: the same stages, in-process).")
     workers: int = Field(1, gt=0, description="Prefect thread-pool size; model stages run one at a time.")
+    ingest_workers: int = Field(1, gt=0, description="Processes that parse and validate input files (chunks of large files in parallel).")
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="Where Prefect runs the shard tasks: a thread pool here, or a Dask / Ray cluster (pip install 'curate[cluster]').")
+    address: str | None = Field(None, description="An existing Dask scheduler or Ray cluster to use (e.g. 'tcp://10.0.0.5:8786', "
+                                "'ray://head:10001'); without it, dask/ray start a local cluster for the run.")
     torch_threads: int | None = Field(None, gt=0, description="Default: min(2, CPU count).")
     progress: bool | None = Field(None, description="Progress bars; default: on in a terminal, off under CI.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="A stage fails above this fraction of failed rows.")
@@ -188,6 +215,11 @@ class FlowSpec(Strict):
             data.pop("rewrite", None)
         if data.get("embed") and data["embed"].get("method") == "sentence_transformers":
             data["embed"].pop("method")
+        if data.get("embed") and data["embed"].get("storage") == "float32":
+            data["embed"].pop("storage")
+        for inp in data.get("inputs", []):
+            if inp.get("embedding") is None:
+                inp.pop("embedding", None)
         return sha256_hex(canonical_json(data))
 
 

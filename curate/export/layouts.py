@@ -68,7 +68,7 @@ def _alpaca_split(rec: dict, user_text: str) -> tuple[str, str]:
         if isinstance(ins, str) and isinstance(inp, str):
             ins, inp = normalise_text(ins), normalise_text(inp)
             joined = ins if not inp else f"{ins}\n{inp}"
-            if normalise_text(joined) == user_text:
+            if ins and normalise_text(joined) == user_text:  # a blank instruction: the input alone is the instruction
                 return ins, inp
     return user_text, ""
 

@@ -27,11 +27,11 @@ from curate.records import sha256_hex
 class Pool:
     """Candidate rows of one step, in input-row order.
 
-    ``rows``: (n,) int64 global input rows; ``ids``: n sample_ids; ``scores``: name -> (n,) float64
+    ``rows``: (n,) int64 global input rows; ``ids``: n sample_ids (a list, or a numpy array of str); ``scores``: name -> (n,) float64
     (NaN = no score); ``orientation``: name -> ``higher_is_better`` | ``lower_is_better`` | …;
     ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: every input row of the run
     (quarantined and duplicate rows included: the base of ``rate_base: input``, methods.md B0);
-    ``sources`` / ``tasks``: per-row source name and task label (None when absent); ``texts``: a
+    ``sources`` / ``tasks``: per-row source name and task label (None when absent; lists or numpy arrays); ``texts``: a
     callable giving ``(prompt, response)`` per row of this pool, read only by steps that need the
     text (DELIFT).
     """
@@ -60,14 +60,14 @@ class Pool:
         idx = np.flatnonzero(mask)
         return Pool(
             rows=self.rows[idx],
-            ids=[self.ids[i] for i in idx],
+            ids=self.ids[idx] if isinstance(self.ids, np.ndarray) else [self.ids[i] for i in idx],
             scores={k: v[idx] for k, v in self.scores.items()},
             orientation=self.orientation,
             embeddings=None if self.embeddings is None else self.embeddings[idx],
             n_input=self.n_input,
             seed=self.seed,
-            sources=None if self.sources is None else [self.sources[i] for i in idx],
-            tasks=None if self.tasks is None else [self.tasks[i] for i in idx],
+            sources=_take(self.sources, idx),
+            tasks=_take(self.tasks, idx),
             text_loader=self.text_loader,
             origin=(np.arange(len(self.rows)) if self.origin is None else self.origin)[idx],
         )
@@ -76,6 +76,13 @@ class Pool:
         if name not in self.scores:
             raise KeyError(f"no score '{name}' (available: {', '.join(sorted(self.scores)) or 'none'})")
         return self.scores[name]
+
+
+def _take(values, idx: np.ndarray):
+    """Rows ``idx`` of a per-row column: a numpy array (the large-pool form) or a list."""
+    if values is None:
+        return None
+    return values[idx] if isinstance(values, np.ndarray) else [values[i] for i in idx]
 
 
 @dataclass
