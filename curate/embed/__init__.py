@@ -8,6 +8,7 @@ from curate.registry import load_class
 
 EMBEDDERS: dict[str, str] = {
     "sentence_transformers": "curate.embed.sentence_transformer:SentenceTransformerEmbedder",
+    "precomputed": "curate.embed.precomputed:PrecomputedEmbedder",
 }
 
 

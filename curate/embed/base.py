@@ -9,6 +9,10 @@ location …). Each is one file in ``curate/embed/`` plus one line in ``EMBEDDER
   pooling, dtype), computed without loading weights where possible; hashed into ``key``, the store
   key of its vectors;
 - ``dim``: the vector length.
+
+``embed.storage`` (float32 | float16) is how the store keeps the vectors; an embedder adds
+:meth:`Embedder.storage_fingerprint` to its fingerprint, which is empty for float32 (so float32 keys
+are the keys they always were) and ``{"storage": "float16"}`` otherwise.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ class Embedder:
 
     def fingerprint(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def storage_fingerprint(self) -> dict[str, Any]:
+        """What ``embed.storage`` adds to the fingerprint: nothing for float32, the dtype otherwise."""
+        return {} if self.spec.storage == "float32" else {"storage": self.spec.storage}
 
     @property
     def key(self) -> str:

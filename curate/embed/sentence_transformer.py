@@ -97,6 +97,7 @@ class SentenceTransformerEmbedder(Embedder):
             "normalize": self.spec.normalize,
             "dtype": self.spec.dtype,
             **info,
+            **self.storage_fingerprint(),
         }
 
     @property

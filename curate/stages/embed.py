@@ -1,4 +1,11 @@
-"""Embed: one task per shard; unit vectors go to the store, keyed by (sample_id, embedder key)."""
+"""Embed: one task per shard; unit vectors go to the store, keyed by (sample_id, embedder key).
+
+Vectors are stored as ``embed.storage`` says (float32, or float16: half the disk and the memory
+traffic of large-pool selection; the dtype is in the store key). With ``embed.method: precomputed``
+the vectors came with the inputs (written at ingest by :func:`curate.embed.precomputed.store_vectors`)
+and this stage only counts, per shard, the rows with a stored vector and those without
+(``error:no_vector``), which selection quarantines.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,10 @@ from curate.stages.shardwork import run_shard
 from curate.store import Store
 
 
-def embedding_table(ids: list[str], vectors: np.ndarray, statuses: list[str]) -> pa.Table:
+def embedding_table(ids: list[str] | pa.Array, vectors: np.ndarray, statuses: list[str], storage: str = "float32") -> pa.Table:
+    """Store rows: ``sample_id``, ``status``, ``vector`` (fixed-size list of ``storage`` floats)."""
     dim = vectors.shape[1]
-    flat = pa.array(vectors.astype(np.float32, copy=False).reshape(-1))
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.dtype(storage)).reshape(-1))
     return pa.table(
         {
             "sample_id": pa.array(ids, pa.string()),
@@ -27,6 +35,8 @@ def embedding_table(ids: list[str], vectors: np.ndarray, statuses: list[str]) ->
 def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torch_threads: int | None = None) -> WorkRef:
     embedder = build_embedder(spec, torch_threads)
     collection = Store(store_dir).embeddings(key)
+    if spec.method == "precomputed":
+        return _precomputed_shard(shard, spec, collection)
 
     def compute(records: list[dict]) -> pa.Table:
         texts = [embed_text(r, spec.text) for r in records]
@@ -43,7 +53,7 @@ def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torc
                     statuses.append("ok")
                 except Exception as exc:
                     statuses.append(f"error:{type(exc).__name__}")
-        return embedding_table(ids, vecs, statuses)
+        return embedding_table(ids, vecs, statuses, storage=spec.storage)
 
     def by_length(records: list[dict]) -> list[int]:
         lengths = [len(embed_text(r, spec.text)) for r in records]
@@ -51,3 +61,47 @@ def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torc
 
     collection.describe(embedder.fingerprint())
     return run_shard("embed", spec.model, collection, shard, compute, chunk_rows=spec.batch_size * 8, order=by_length)
+
+
+def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:
+    """Count the shard's rows with and without a stored vector; nothing is computed or written (a
+    later ingest may still bring the missing vectors, so no done-marker and no error rows are stored)."""
+    import time
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from curate.embed.precomputed import NO_VECTOR, stored_dim
+    from curate.errors import CurateError
+    from curate.recordset import read_shard
+
+    t0 = time.perf_counter()
+    if stored_dim(collection) is None:
+        raise CurateError(f"embed.method 'precomputed' (producer '{spec.model}'): the store holds no vectors for this producer; "
+                          f"give an input `embedding: {{producer: {spec.model}, field: …}}` (or `path:` a side file of vectors)")
+    ids = read_shard(shard, ["sample_id"]).column(0).combine_chunks()
+    statuses: dict[str, int] = {}
+    seen = pa.array([], pa.string())
+    for part in collection.parts():
+        t = pq.read_table(part, columns=["sample_id", "status"])
+        t = t.filter(pc.is_in(t.column("sample_id"), value_set=ids))
+        if not t.num_rows:
+            continue
+        t = t.filter(pc.invert(pc.is_in(t.column("sample_id"), value_set=seen)))  # a duplicate from a concurrent writer counts once
+        seen = pa.concat_arrays([seen, t.column("sample_id").combine_chunks()])
+        for status, count in zip(*_value_counts(t.column("status"))):
+            statuses[status] = statuses.get(status, 0) + count
+    found = pc.is_in(ids, value_set=seen)
+    missing = len(ids) - int(pc.sum(found).as_py() or 0)
+    if missing:
+        statuses[NO_VECTOR] = statuses.get(NO_VECTOR, 0) + missing
+    return WorkRef(stage="embed", name=spec.model, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
+                   n_rows=shard.n_rows, computed_rows=0, statuses=dict(sorted(statuses.items())),
+                   seconds=round(time.perf_counter() - t0, 3))
+
+
+def _value_counts(column) -> tuple[list[str], list[int]]:
+    import pyarrow.compute as pc
+
+    vc = pc.value_counts(column)
+    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
