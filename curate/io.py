@@ -1,15 +1,21 @@
-"""Small file helpers: atomic writes and content hashes.
+"""Small file helpers: atomic writes, atomic folder swaps and content hashes.
 
-Every file curate writes goes to a temporary name in the same directory first and is renamed into
-place, so a killed run never leaves a half-written file under a final name.
+Every file curate writes goes to a temporary name in the same directory first, is flushed to disk
+(``fsync``) and is renamed into place, so neither a killed run nor a lost machine leaves a
+half-written file under a final name. A write that fails because the disk is full or the file is
+over the process's size limit raises :class:`DiskFull` (a :class:`~curate.errors.CurateError`) naming
+the path and the bytes written; the temporary file is removed and the file under the final name, if
+any, is left as it was. :func:`swap_dir` puts a finished folder in place of an old one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,21 +24,99 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.errors import CurateError
+
+#: errno values that mean "no room for these bytes"
+NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+class DiskFull(CurateError):
+    """A write failed for lack of room: the disk or quota is full, or the file is over the size limit."""
+
+    def __init__(self, path: Path, written: int, cause: OSError):
+        reason = os.strerror(cause.errno) if cause.errno else str(cause)
+        super().__init__(f"{path}: disk full / file too large ({reason}) after {written} bytes were written; "
+                         "nothing was put under that name (what was there before is unchanged). Free space or raise the limit, then run again.")
+        self.path = Path(path)
+        self.written = written
+        self.errno = cause.errno
+
+
+def no_room(exc: BaseException) -> bool:
+    """True for an OSError (Python's or pyarrow's, which sets errno too) that means the disk is full."""
+    return isinstance(exc, OSError) and exc.errno in NO_ROOM
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; when the block succeeds, flush it to disk and rename it
+    onto ``path``. On failure the temporary file is removed; lack of room raises :class:`DiskFull`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+            _fsync(tmp_path)
+        except OSError as exc:
+            if not no_room(exc):
+                raise
+            written = tmp_path.stat().st_size if tmp_path.exists() else 0
+            raise DiskFull(path, written, exc) from exc
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this filesystem or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def swap_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` at ``final`` and delete the folder that was there.
+
+    Where the kernel can exchange two names in one step (Linux ``renameat2``), ``final`` always names
+    either the whole old folder or the whole new one. Elsewhere the old folder is first renamed to
+    ``.<name>.old`` and the new one renamed in: a crash between the two renames leaves the old folder
+    under ``.<name>.old`` and no ``final``, never a mix of both."""
+    new, final = Path(new), Path(final)
+    if not final.exists():
+        os.replace(new, final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new)  # holds the old folder now
+        return
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

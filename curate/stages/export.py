@@ -13,9 +13,14 @@ Layout of ``<output_dir>/export/`` (one file type per folder, as LLaMA-Factory r
     lineage.parquet          derived rows → parents, with what made them (flows with a rewrite stage)
     manifest.json            files, row counts, sha256, keys, max_length, validation report
 
-Rows are written in input order with a rank column (methods.md B0). Every file is written
-atomically; the bytes depend only on the data and the config (no timestamps), so the same config
-and seed give byte-identical exports.
+Rows are written in input order with a rank column (methods.md B0). The bytes depend only on the
+data and the config (no timestamps), so the same config and seed give byte-identical exports.
+
+The export is put in place as a whole: every file is written into the sibling folder
+``.<dir>.partial`` (layouts by their tasks, then sidecars, configs and the manifest last), and the
+finished folder then replaces ``<dir>`` (:func:`curate.io.swap_dir`). Until then the previous export
+stays as it was; a failed export (a full disk raises :class:`curate.io.DiskFull`) removes its partial
+folder, and one a kill cut short leaves only that hidden folder, cleared by the next export.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate import __version__
 from curate.config import ExportSpec
 from curate.export.layouts import check_rules, convert_rows
 from curate.export.trainers import axolotl_yaml, dataset_info, trl_snippet
-from curate.io import atomic_path, file_sha256, write_json, write_parquet, write_text
+from curate.io import atomic_path, file_sha256, swap_dir, write_json, write_parquet, write_text
 from curate.manifests import ExportRef, LedgerRef, SelectionRef
 from curate.recordset import read_records
 
@@ -42,14 +48,18 @@ META_COLUMNS = {"sample_id", "row", "source", "source_index", "source_line", "ta
 
 def selected_records(selection: SelectionRef) -> tuple[list[dict], pa.Table]:
     """The selected canonical records in row order (read from the selection's own record set, never
-    from every shard of the input), and their rows of the round's wide score table."""
-    records = read_records(selection.selected).to_pylist()
+    from every shard of the input), and their rows of the round's wide score table in the same order."""
+    table = read_records(selection.selected)
     scores = pq.read_table(selection.path)
-    sel = scores.filter(pa.compute.equal(scores.column("selected"), True))
-    order = {sid: i for i, sid in enumerate(r["sample_id"] for r in records)}
-    sel_ids = sel.column("sample_id").to_pylist()
-    sel = sel.take(pa.array(sorted(range(len(sel_ids)), key=lambda i: order[sel_ids[i]]), pa.int64()))
-    return records, sel
+    sel = scores.filter(pc.equal(scores.column("selected"), True))
+    position = pc.index_in(sel.column("sample_id"), value_set=table.column("sample_id"))
+    sel = sel.take(pc.sort_indices(position))
+    return table.to_pylist(), sel
+
+
+def staging_dir(export_dir: Path) -> Path:
+    """Where an export is assembled before it replaces ``export_dir`` (a hidden sibling folder)."""
+    return export_dir.with_name(f".{export_dir.name}.partial")
 
 
 def _clean(x: Any) -> Any:
@@ -88,32 +98,70 @@ def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_di
     broken = [(r["id"], why) for r in rows if (why := check_rules(r, layout))]
     if broken:
         raise RuntimeError(f"export {layout}: {len(broken)} rows break the trainer rules, first {broken[0]}")
+    stage = staging_dir(export_dir)
+    for file_type in spec.file_types:  # this layout's folders only: the other layouts' tasks may be writing theirs
+        shutil.rmtree(stage / folder(layout, file_type), ignore_errors=True)
     infos = []
-    for file_type in spec.file_types:
-        rel = f"{folder(layout, file_type)}/{spec.name}_{layout}.{file_type}"
-        path = export_dir / rel
-        if file_type == "jsonl":
-            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
-                for r in rows:
-                    f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
-        else:
-            write_parquet(path, pa.Table.from_pylist(rows))
-        infos.append({"layout": layout, "file_type": file_type, "path": rel, "n_rows": len(rows), "sha256": file_sha256(path),
-                      "skipped": [{"id": sid, "why": why} for sid, why in skipped],
-                      "has": sorted({k for r in rows[:1] for k in r})})
+    try:
+        for file_type in spec.file_types:
+            rel = f"{folder(layout, file_type)}/{spec.name}_{layout}.{file_type}"
+            path = stage / rel
+            if file_type == "jsonl":
+                with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+                    for r in rows:
+                        f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
+            else:
+                write_parquet(path, pa.Table.from_pylist(rows))
+            infos.append({"layout": layout, "file_type": file_type, "path": rel, "n_rows": len(rows), "sha256": file_sha256(path),
+                          "skipped": [{"id": sid, "why": why} for sid, why in skipped],
+                          "has": sorted({k for r in rows[:1] for k in r})})
+    except BaseException:
+        for file_type in spec.file_types:
+            shutil.rmtree(stage / folder(layout, file_type), ignore_errors=True)
+        raise
     return infos
 
 
 def _copy(src: str, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _prune(stage: Path, keep: set[str]) -> None:
+    """Remove from the partial folder whatever this export did not write (left by an export a kill
+    cut short, perhaps with other layouts)."""
+    for path in sorted(stage.rglob("*"), reverse=True):  # children before their folders
+        rel = path.relative_to(stage).as_posix()
+        if path.is_dir():
+            if not any(k.startswith(rel + "/") for k in keep):
+                shutil.rmtree(path)
+        elif rel not in keep:
+            path.unlink()
 
 
 def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], out_dir: str,
                     keys: dict[str, Any]) -> ExportRef:
     """Sidecar, ledgers, trainer configs and manifest, after every layout is written."""
     export_dir = Path(out_dir) / spec.dir
+    stage = staging_dir(export_dir)
+    missing = [f["path"] for f in files if not (stage / f["path"]).is_file()]
+    if missing:
+        raise RuntimeError(f"export: {stage} lacks {missing}, which this export's layout tasks wrote (was it removed meanwhile?)")
+    try:
+        manifest = _finalize(selection, ledger, spec, files, stage, keys)
+        _prune(stage, {f["path"] for f in files} | set(manifest["sidecars"].values())
+               | {"dataset_info.json", "axolotl_datasets.yaml", "trl_load.py", "manifest.json"})
+        swap_dir(stage, export_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return ExportRef(dir=str(export_dir), files=[{k: v for k, v in f.items() if k != "has"} for f in files],
+                     manifest_path=str(export_dir / "manifest.json"))
+
+
+def _finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], export_dir: Path,
+              keys: dict[str, Any]) -> dict[str, Any]:
+    """Write the sidecars, trainer configs and (last) the manifest into ``export_dir``; returns the manifest."""
     records, sel = selected_records(selection)
     sidecar = sel.rename_columns(["id" if c == "sample_id" else c for c in sel.column_names])
     sidecar = sidecar.append_column("original", pa.array([r["original"] for r in records], pa.string()))
@@ -158,5 +206,5 @@ def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec
         "validation": {"rules": "system first; user/assistant alternation; ends on assistant; no empty turns; unique ids",
                        "broken_rows": 0, "unique_ids": len({r['sample_id'] for r in records}) == len(records)},
     }
-    manifest_path = write_json(export_dir / "manifest.json", manifest)
-    return ExportRef(dir=str(export_dir), files=[{k: v for k, v in f.items() if k != "has"} for f in files], manifest_path=str(manifest_path))
+    write_json(export_dir / "manifest.json", manifest)
+    return manifest
