@@ -129,17 +129,122 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids: list[s
 
 
 def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarray, list[str]]:
-    """(vectors (len(ids), dim) float32 in the order of ``ids``, status per id); missing ids raise."""
-    table = Store(store_dir).embeddings(key).read(ids)
-    if table is None:
+    """(vectors (len(ids), dim) in the order of ``ids``, status per id).
+
+    The vectors are a read-only ``np.memmap`` of ``<store>/embeddings/<key>/matrix/<hash of ids>.npy``,
+    in the stored dtype (float32, or float16 with ``embed.storage: float16``). The file is assembled
+    once, part by part, into a temporary file renamed into place; a later call for the same ids over
+    the same store parts reuses it (``<hash>.json`` records the parts, ``<hash>.status.parquet`` the
+    statuses). Ids missing from the store raise, except for a precomputed embedder's collection, where
+    they get status ``error:no_vector`` (and a zero vector).
+    """
+    collection = Store(store_dir).embeddings(key)
+    parts = collection.parts()
+    if not parts:
         raise RuntimeError("no embeddings stored for this run")
-    pos = {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
-    missing = [sid for sid in ids if sid not in pos]
-    if missing:
-        raise RuntimeError(f"{len(missing)} rows have no stored embedding (first: {missing[0]})")
-    order = np.fromiter((pos[s] for s in ids), dtype=np.int64, count=len(ids))
-    flat = pc.list_flatten(table.column("vector")).to_numpy()
-    vecs = flat.reshape(table.num_rows, -1)[order]
-    stored = table.column("status").to_pylist()
-    statuses = [stored[i] for i in order]
-    return np.ascontiguousarray(vecs, dtype=np.float32), statuses
+    if not ids:
+        first = pq.read_table(parts[0], columns=["vector"]).column(0).combine_chunks()
+        return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
+    id_array = pa.array(ids, pa.string())
+    digest = sha256_hex(*ids)[:32]
+    folder = collection.dir / "matrix"
+    path, meta_path, status_path = folder / f"{digest}.npy", folder / f"{digest}.json", folder / f"{digest}.status.parquet"
+    part_names = [p.name for p in parts]
+    cached = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
+    if cached is not None:
+        return cached
+    fingerprint = collection.fingerprint() or {}
+    allow_missing = fingerprint.get("method") == "precomputed"
+    _build_matrix(parts, id_array, path, status_path, allow_missing)
+    write_json(meta_path, {"parts": part_names, "n": len(ids), "ids_sha256": sha256_hex(*ids)})
+    out = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
+    assert out is not None
+    return out
+
+
+def _cached_matrix(path: Path, meta_path: Path, status_path: Path, part_names: list[str], n: int):
+    """The stored matrix and statuses when built from exactly these parts, else None."""
+    import json
+
+    if not (meta_path.exists() and path.exists() and status_path.exists()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("parts") != part_names or meta.get("n") != n:
+            return None
+        mat = np.load(path, mmap_mode="r")
+        status = pq.read_table(status_path).column("status")
+    except (OSError, ValueError, pa.ArrowException):  # a truncated or unreadable file: build it again
+        return None
+    if mat.shape[0] != n or len(status) != n:
+        return None
+    return mat, _status_list(status)
+
+
+def _status_list(column) -> list[str]:
+    """A status column as a list whose equal values share one str object (1M rows: 8 MB of pointers)."""
+    enc = pc.dictionary_encode(column).combine_chunks()
+    names = enc.dictionary.to_pylist()
+    return [names[c] for c in enc.indices.to_numpy(zero_copy_only=False).tolist()]
+
+
+def _build_matrix(parts: list[Path], id_array: pa.Array, path: Path, status_path: Path, allow_missing: bool) -> None:
+    """Fill ``path`` (.npy, the stored dtype) part by part; the first stored row of an id wins."""
+    from curate.io import atomic_path
+
+    n = len(id_array)
+    pos_first = pc.index_in(id_array, value_set=id_array).to_numpy(zero_copy_only=False).astype(np.int64)  # first position of each id
+    filled = np.zeros(n, dtype=bool)
+    status_codes = np.full(n, -1, dtype=np.int32)
+    names: list[str] = []
+    mat = None
+    with atomic_path(path) as tmp:
+        for part in parts:
+            t = pq.read_table(part, columns=["sample_id", "status", "vector"])
+            where = pc.index_in(t.column("sample_id"), value_set=id_array).to_numpy(zero_copy_only=False)
+            hit = ~np.isnan(where) if where.dtype.kind == "f" else np.ones(len(where), dtype=bool)
+            rows = np.flatnonzero(hit)
+            if not len(rows):
+                continue
+            dest = where[rows].astype(np.int64)
+            fresh = ~filled[dest]  # a duplicate from a concurrent writer: the earlier part's row stays
+            rows, dest = rows[fresh], dest[fresh]
+            _, first_in_part = np.unique(dest, return_index=True)
+            rows, dest = rows[np.sort(first_in_part)], dest[np.sort(first_in_part)]
+            if not len(rows):
+                continue
+            vec = t.column("vector").combine_chunks()
+            flat = pc.list_flatten(vec).to_numpy(zero_copy_only=False)
+            block = flat.reshape(len(vec), -1)
+            if mat is None:
+                mat = np.lib.format.open_memmap(tmp, mode="w+", dtype=block.dtype, shape=(n, block.shape[1]))
+            elif block.shape[1] != mat.shape[1] or block.dtype != mat.dtype:
+                raise RuntimeError(f"embedding part {part.name}: vectors {block.dtype}×{block.shape[1]}, others {mat.dtype}×{mat.shape[1]}")
+            order = np.argsort(dest, kind="stable")  # write in file order
+            mat[dest[order]] = block[rows[order]]
+            enc = pc.dictionary_encode(t.column("status").take(pa.array(rows))).combine_chunks()
+            local = enc.dictionary.to_pylist()
+            remap = np.array([names.index(s) if s in names else (names.append(s) or len(names) - 1) for s in local], dtype=np.int32)
+            status_codes[dest] = remap[enc.indices.to_numpy(zero_copy_only=False)]
+            filled[dest] = True
+            del t, vec, flat, block
+        if mat is None:
+            raise RuntimeError("no embeddings stored for this run")
+        dup = pos_first != np.arange(n)
+        if dup.any():  # a repeated id gets its first occurrence's vector
+            mat[np.flatnonzero(dup)] = mat[pos_first[dup]]
+            filled[dup] = filled[pos_first[dup]]
+            status_codes[dup] = status_codes[pos_first[dup]]
+        missing = np.flatnonzero(~filled)
+        if len(missing):
+            if not allow_missing:
+                raise RuntimeError(f"{len(missing)} rows have no stored embedding (first: {id_array[int(missing[0])].as_py()})")
+            from curate.embed.precomputed import NO_VECTOR
+
+            mat[missing] = 0
+            names.append(NO_VECTOR)
+            status_codes[missing] = len(names) - 1
+        mat.flush()
+        del mat
+    statuses = pa.DictionaryArray.from_arrays(pa.array(status_codes), pa.array(names, pa.string())).cast(pa.string())
+    write_parquet(status_path, pa.table({"status": statuses}))

@@ -29,7 +29,7 @@ class Pool:
 
     ``rows``: (n,) int64 global input rows; ``ids``: n sample_ids (a list, or a numpy array of str); ``scores``: name -> (n,) float64
     (NaN = no score); ``orientation``: name -> ``higher_is_better`` | ``lower_is_better`` | …;
-    ``embeddings``: (n, d) float32 unit vectors or None; ``n_input``: every input row of the run
+    ``embeddings``: (n, d) unit vectors or None (see below); ``n_input``: every input row of the run
     (quarantined and duplicate rows included: the base of ``rate_base: input``, methods.md B0);
     ``sources`` / ``tasks``: per-row source name and task label (None when absent; lists or numpy arrays); ``texts``: a
     callable giving ``(prompt, response)`` per row of this pool, read only by steps that need the
@@ -56,14 +56,21 @@ class Pool:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def embedding_source(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(base matrix, positions of this pool's rows in it, or None when the pool is the whole base)."""
+        return self._emb_base, self._emb_index
+
     def take(self, mask: np.ndarray) -> Pool:
         idx = np.flatnonzero(mask)
-        return Pool(
+        index = idx if self._emb_index is None else self._emb_index[idx]
+        if self._emb_base is not None and self._emb_index is None and len(idx) == len(self.rows):
+            index = None  # every row, in order: still the whole base
+        pool = Pool(
             rows=self.rows[idx],
             ids=self.ids[idx] if isinstance(self.ids, np.ndarray) else [self.ids[i] for i in idx],
             scores={k: v[idx] for k, v in self.scores.items()},
             orientation=self.orientation,
-            embeddings=None if self.embeddings is None else self.embeddings[idx],
+            embeddings=None,
             n_input=self.n_input,
             seed=self.seed,
             sources=_take(self.sources, idx),
@@ -71,11 +78,33 @@ class Pool:
             text_loader=self.text_loader,
             origin=(np.arange(len(self.rows)) if self.origin is None else self.origin)[idx],
         )
+        pool._emb_base, pool._emb_index = self._emb_base, (None if self._emb_base is None else index)
+        return pool
 
     def score(self, name: str) -> np.ndarray:
         if name not in self.scores:
             raise KeyError(f"no score '{name}' (available: {', '.join(sorted(self.scores)) or 'none'})")
         return self.scores[name]
+
+
+def _get_embeddings(self: Pool) -> np.ndarray | None:
+    if self._emb_view is None and self._emb_base is not None:
+        base, index = self._emb_base, self._emb_index
+        if index is None:
+            self._emb_view = base if getattr(base, "dtype", None) != np.float16 else np.asarray(base, dtype=np.float32)
+        else:
+            self._emb_view = np.asarray(base[index], dtype=np.float32) if getattr(base, "dtype", None) == np.float16 else base[index]
+    return self._emb_view
+
+
+def _set_embeddings(self: Pool, value) -> None:
+    """The pool's matrix as given (kept as is: small pools behave exactly as before)."""
+    self._emb_base, self._emb_index, self._emb_view = value, None, None
+
+
+# a property over the dataclass field: the generated __init__ assigns through the setter
+Pool.embeddings = property(_get_embeddings, _set_embeddings, doc="(n, d) matrix of this pool's rows, or None.")
+Pool._emb_base = Pool._emb_index = Pool._emb_view = None
 
 
 def _take(values, idx: np.ndarray):
