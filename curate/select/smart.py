@@ -16,6 +16,12 @@
 5. Stage 2: inside each chosen task, the task's budget by facility location (cosine; greedy prefix —
    exactly the first b_t of the full ordering, computed to b_t only).
 
+Stage 2 on a large task: a task of more than ``knn_threshold`` rows (``kernel: auto``) runs facility
+location or graph cut over a sparse kNN graph of its rows (:mod:`curate.select.submodular.knn`, the
+same settings as the submodular steps: ``knn``, ``knn_index``, …); the stats list each such graph
+(``instance_knn``: task, index, times, recall@k on a sample). Log-determinant and the task stage
+always use exact kernels.
+
 Task labels come from the record's ``task`` (an input's ``task`` or ``task_field``); rows without one
 are a single task named by their source. The template-type split of the reference is not applied
 (one template group per task).
@@ -29,7 +35,8 @@ import numpy as np
 from pydantic import Field
 
 from curate.select.base import BudgetParams, Pool, Selector, StepResult, fmt
-from curate.select.submodular import EmbeddingKernel, FacilityLocation, GraphCut, LogDeterminant, maximize
+from curate.select.submodular import EmbeddingKernel, FacilityLocation, GraphCut, LogDeterminant, SparseKernel, maximize
+from curate.select.submodular.knn import KnnParams
 
 
 def taylor_softmax(gains: np.ndarray) -> np.ndarray:
@@ -69,7 +76,7 @@ class Smart(Selector):
     method = "smart"
     needs_embeddings = True
 
-    class Params(BudgetParams):
+    class Params(BudgetParams, KnnParams):
         num_tasks: int = Field(8, gt=0, description="M′: tasks in the mixture.")
         task_objective: Literal["graph_cut", "facility_location", "log_determinant", "random"] = "graph_cut"
         instance_objective: Literal["facility_location", "graph_cut", "log_determinant", "random"] = "facility_location"
@@ -80,32 +87,43 @@ class Smart(Selector):
                                                                          "submodlib's LazyGreedy heap step for step (parity).")
 
     @staticmethod
-    def _objective(name: str, X: np.ndarray, lam: float | None):
+    def _objective(name: str, X: np.ndarray, lam: float | None, kernel=None):
         lam = DEFAULT_LAMBDA.get(name) if lam is None else lam
         if name == "facility_location":
-            return FacilityLocation(EmbeddingKernel(X))
+            return FacilityLocation(kernel or EmbeddingKernel(X))
         if name == "graph_cut":
-            return GraphCut(EmbeddingKernel(X), lam)
+            return GraphCut(kernel or EmbeddingKernel(X), lam)
         if lam <= 0:
             raise ValueError("smart: a log-determinant objective needs λ > 0 (default 1)")
         return LogDeterminant(EmbeddingKernel(X), lam)
 
-    def _order(self, name: str, X: np.ndarray, budget: int, lam: float | None, purpose: str, pool: Pool):
-        """(ranking, gains, optimizer variant) of ``budget`` rows of X (n × d) by objective ``name``."""
+    def _order(self, name: str, X: np.ndarray, budget: int, lam: float | None, purpose: str, pool: Pool, graphs: list | None = None):
+        """(ranking, gains, optimizer variant) of ``budget`` rows of X (n × d) by objective ``name``; with
+        ``graphs`` (stage 2) a large enough X runs facility location / graph cut over a kNN graph,
+        whose stats are appended to ``graphs``."""
         if name == "random":
             rng = np.random.default_rng(self.seed(pool, purpose))
             perm = rng.permutation(len(X))[:budget]
             return perm, np.ones(len(perm)), "random"
-        res = maximize(self._objective(name, X, lam), budget, "lazy", ties=self.params.ties)
+        kernel = None
+        if graphs is not None and name in ("facility_location", "graph_cut") and self.params.use_graph(len(X)):
+            graph = self.params.graph(X, self.seed(pool, f"knn:{purpose}"))
+            graphs.append({"group": purpose, **graph.stats})
+            kernel = SparseKernel.from_graph(graph)
+        res = maximize(self._objective(name, X, lam, kernel), budget, "lazy", ties=self.params.ties)
         return res.ranking, res.gains, res.variant
 
     def select(self, pool: Pool) -> StepResult:
         p = self.params
         n = len(pool)
-        labels = [t if t is not None else f"source:{s}" for t, s in zip(pool.tasks or [None] * n, pool.sources or ["?"] * n)]
-        names = sorted(set(labels))
-        members = {t: np.flatnonzero(np.array([lab == t for lab in labels])) for t in names}
-        T = np.stack([pool.embeddings[members[t]].mean(axis=0) for t in names]).astype(np.float32)
+        tasks = [None] * n if pool.tasks is None else pool.tasks
+        sources = ["?"] * n if pool.sources is None else pool.sources
+        labels = [t if t is not None else f"source:{s}" for t, s in zip(tasks, sources)]
+        uniq, inverse = np.unique(np.array(labels, dtype=str), return_inverse=True)  # sorted like sorted(set(labels))
+        names = uniq.tolist()
+        order = np.argsort(inverse, kind="stable")
+        members = dict(zip(names, np.split(order, np.cumsum(np.bincount(inverse, minlength=len(names)))[:-1])))
+        T = np.stack([np.asarray(pool.embeddings[members[t]], dtype=np.float32).mean(axis=0) for t in names]).astype(np.float32)
         Tn = T / np.maximum(np.linalg.norm(T, axis=1, keepdims=True), 1e-12)
         m = min(p.num_tasks, len(names))
         order, gains, task_variant = self._order(p.task_objective, Tn, m, p.task_lambda, "tasks", pool)
@@ -121,9 +139,11 @@ class Smart(Selector):
         gain_col = np.full(n, np.nan)
         r = 0
         instance_variants = set()
+        graphs: list[dict] = []
         for t, g, w, b in zip(chosen, gains, weights, budgets):
             rows = members[t]
-            picks, pg, variant = self._order(p.instance_objective, pool.embeddings[rows], int(b), p.instance_lambda, f"task:{t}", pool)
+            X = pool.embeddings if len(rows) == n else pool.embeddings[rows]
+            picks, pg, variant = self._order(p.instance_objective, X, int(b), p.instance_lambda, f"task:{t}", pool, graphs)
             instance_variants.add(variant)
             picked = rows[picks]
             keep[picked] = True
@@ -139,5 +159,7 @@ class Smart(Selector):
         stats = {"budget": int(budgets.sum()), "requested": total, "tasks_in_pool": len(names), "tasks": chosen,
                  "task_gains": [round(float(x), 4) for x in gains], "weights": [round(float(x), 4) for x in weights],
                  "task_budgets": budgets.tolist(), "task_optimizer": task_variant, "instance_optimizer": sorted(instance_variants)}
+        if graphs:
+            stats["instance_knn"] = graphs
         return StepResult(keep, rank, "not_selected", reason, detail, stats, columns={"gain": gain_col})
 

@@ -6,8 +6,11 @@ pool's embeddings (methods.md B3). The objective and the optimizer are separate 
       optimizer: lazy          # naive | lazy | stochastic
       metric: cosine           # cosine | dot | euclidean (submodlib's exp(−‖x−y‖/d))
 
-Kernels: columns computed from the embeddings on the fly (nothing n² is held); above ``dense_limit``
-rows, a sparse top-``n_neighbors`` kNN kernel from FAISS (an approximation, recorded in the stats).
+Kernels: columns computed from the embeddings on the fly (nothing n² is held); above ``knn_threshold``
+rows (20,000), a sparse kNN graph of ``knn`` neighbours per row from FAISS (``knn_index``: exact, IVF or
+HNSW) — an approximation: the stats record the graph (``knn_graph``: index, build and search times,
+recall@k against exact search on a sample). Log-determinant always uses the embedding kernel (its
+greedy needs a positive semi-definite kernel, which a truncated graph is not).
 FLMI needs a query set and FLCG a private set: rows of the pool from a source (``query_source`` /
 ``private_source``) — they are not candidates and end ``not_selected`` with that reason.
 ``optimizer: lazy`` runs submodlib's LazyGreedy heap step for step on objectives that are not
@@ -25,14 +28,12 @@ from pydantic import Field
 from curate.progress import stage_progress
 from curate.select.base import BudgetParams, Pool, Selector, StepResult, fmt
 from curate.select.submodular import EmbeddingKernel, FacilityLocation, GraphCut, LogDeterminant, SparseKernel, maximize
+from curate.select.submodular.knn import KnnParams, describe
 
 
-class SubmodularParams(BudgetParams):
+class SubmodularParams(BudgetParams, KnnParams):
     optimizer: Literal["naive", "lazy", "stochastic"] = "lazy"
     metric: Literal["cosine", "dot", "euclidean"] = "cosine"
-    kernel: Literal["auto", "embedding", "sparse"] = Field("auto", description="auto: embedding columns up to dense_limit rows, sparse kNN above.")
-    dense_limit: int = Field(50_000, gt=0)
-    n_neighbors: int = Field(64, gt=0, description="Neighbours per row of a sparse kernel.")
     epsilon: float = Field(0.1, gt=0, lt=1, description="Stochastic greedy: ⌈(n/k)·ln(1/ε)⌉ candidates per step.")
     ties: Literal["lowest", "larger"] = Field("lowest", description="Equal gains: lowest input row (E2), or larger index with submodlib's "
                                                                      "LazyGreedy heap step for step (parity).")
@@ -45,13 +46,22 @@ class SubmodularSelector(Selector):
     class Params(SubmodularParams):
         pass
 
-    def kernel(self, X: np.ndarray, rows: np.ndarray | None = None):
+    knn_graph: dict | None = None  # the last graph's stats, for the step's stats
+
+    def kernel(self, X: np.ndarray, rows: np.ndarray | None = None, pool: Pool | None = None):
         p = self.params
-        if p.kernel == "sparse" or (p.kernel == "auto" and len(X) > p.dense_limit):
+        if p.use_graph(len(X)):
             if p.metric != "cosine" or rows is not None:
-                raise ValueError("the sparse kernel supports the cosine metric on a square kernel")
-            return SparseKernel(X, p.n_neighbors), f"sparse kNN (k={p.n_neighbors})"
+                raise ValueError("the sparse kNN kernel supports the cosine metric on a square kernel")
+            graph = p.graph(X, self.seed(pool, "knn") if pool is not None else 0)
+            self.knn_graph = dict(graph.stats)
+            return SparseKernel.from_graph(graph), describe(graph)
         return EmbeddingKernel(X, p.metric, rows), f"exact {p.metric}, columns on the fly"
+
+    @staticmethod
+    def candidates(pool: Pool, cand: np.ndarray):
+        """The candidates' embeddings: the pool's matrix itself (a memmap stays one) when every row is a candidate."""
+        return pool.embeddings if len(cand) == len(pool) else pool.embeddings[cand]
 
     def objective(self, pool: Pool, cand: np.ndarray, others: np.ndarray):
         raise NotImplementedError
@@ -66,6 +76,7 @@ class SubmodularSelector(Selector):
     def select(self, pool: Pool) -> StepResult:
         p = self.params
         n = len(pool)
+        self.knn_graph = None
         special = self.special_rows(pool)
         cand = np.flatnonzero(~special)
         obj, kernel_desc = self.objective(pool, cand, np.flatnonzero(special))
@@ -89,6 +100,8 @@ class SubmodularSelector(Selector):
         stats = {"budget": k, "objective": self.objective_name, "optimizer": p.optimizer, "optimizer_variant": res.variant,
                  "kernel": kernel_desc, "value": float(obj.value()), "gain_first": float(res.gains[0]) if len(res.gains) else None,
                  "gain_last": float(last) if len(res.gains) else None, "gain_curve": curve, "evaluations": res.evaluations}
+        if self.knn_graph is not None:
+            stats["knn_graph"] = self.knn_graph
         return StepResult(keep, rank, "not_selected", reason, detail, stats, columns={"gain": self._gain_column(n, picked, res.gains)})
 
     special_reason = ""
@@ -109,7 +122,7 @@ class FacilityLocationSelect(SubmodularSelector):
     objective_name = "facility location: Σ_i max(0, max_{j∈A} K_ij)"
 
     def objective(self, pool, cand, others):
-        kernel, desc = self.kernel(pool.embeddings[cand])
+        kernel, desc = self.kernel(self.candidates(pool, cand), pool=pool)
         return FacilityLocation(kernel), desc
 
 
@@ -121,7 +134,7 @@ class GraphCutSelect(SubmodularSelector):
         lambda_: float = Field(0.4, ge=0, alias="lambda")
 
     def objective(self, pool, cand, others):
-        kernel, desc = self.kernel(pool.embeddings[cand])
+        kernel, desc = self.kernel(self.candidates(pool, cand), pool=pool)
         return GraphCut(kernel, self.params.lambda_), desc
 
 
@@ -133,8 +146,10 @@ class LogDeterminantSelect(SubmodularSelector):
         lambda_: float = Field(1.0, gt=0, alias="lambda")
 
     def objective(self, pool, cand, others):
-        kernel, desc = self.kernel(pool.embeddings[cand])
-        return LogDeterminant(kernel, self.params.lambda_), desc
+        if self.params.kernel == "sparse":
+            raise ValueError("log_determinant: the kNN graph is not positive semi-definite; use kernel: embedding or auto")
+        X = self.candidates(pool, cand)
+        return LogDeterminant(EmbeddingKernel(X, self.params.metric), self.params.lambda_), f"exact {self.params.metric}, columns on the fly"
 
 
 class _ReferenceSetSelector(SubmodularSelector):
@@ -153,7 +168,7 @@ class _ReferenceSetSelector(SubmodularSelector):
     def reference_max(self, pool, cand, others):
         """(kernel over the candidates, its description, each candidate's max similarity to the reference set)."""
         X = pool.embeddings[cand]
-        kernel, desc = self.kernel(X)
+        kernel, desc = self.kernel(X, pool=pool)
         ref = EmbeddingKernel(pool.embeddings[others], self.params.metric, rows=X)  # rows: ground set, columns: reference
         return kernel, desc, np.max(ref.block(np.arange(len(others))), axis=1)
 

@@ -6,8 +6,9 @@ Orientation (submodlib): ``K[i, j]`` — row i is a represented item, column j a
 - :class:`EmbeddingKernel` — computes columns on demand from embeddings: ``cosine`` (raw cosine in
   [−1, 1] on unit vectors), ``dot``, or ``euclidean`` = ``exp(−‖x − y‖ / d)`` (submodlib's γ = 1/dim).
   One column is one GEMV, O(n·d); nothing n² is held.
-- :class:`SparseKernel` — each row keeps its top ``k`` neighbours (exact inner-product search with
-  FAISS), stored by column; for pools above ``dense_limit`` rows. An approximation, recorded.
+- :class:`SparseKernel` — a kNN similarity graph (:mod:`curate.select.submodular.knn`: each row keeps
+  itself and its top ``k`` neighbours by inner product, exact or approximate FAISS search), held by
+  row and by column; for pools above ``knn_threshold`` rows. An approximation, recorded.
 """
 
 from __future__ import annotations
@@ -85,33 +86,68 @@ class EmbeddingKernel:
 
 
 class SparseKernel:
-    """Top-k neighbours per row (cosine on unit vectors), kept by column; missing entries are 0."""
+    """A kNN graph as a kernel: ``K_ij`` = e_i·e_j where row i lists j among its neighbours (or j = i),
+    0 elsewhere. Held twice — by row (``K_i·``: whose candidates does row i's cover touch) and by
+    column (``K_·j``: which rows candidate j covers) — as scipy CSR/CSC (int32 indices, float32 values).
 
-    def __init__(self, E: np.ndarray, k: int = 64):
-        import faiss
-        import scipy.sparse as sp
+    ``SparseKernel(E, k)`` builds an exact graph (FAISS ``IndexFlatIP``); ``SparseKernel.from_graph``
+    takes a :class:`~curate.select.submodular.knn.KnnGraph` built with any index."""
 
-        E = np.ascontiguousarray(E, dtype=np.float32)
-        self.n_rows = self.n = len(E)
-        index = faiss.IndexFlatIP(E.shape[1])
-        index.add(E)
-        sims, idx = index.search(E, min(k, len(E)))
-        rows = np.repeat(np.arange(len(E)), idx.shape[1])
-        self.csc = sp.csc_matrix((sims.reshape(-1), (rows, idx.reshape(-1))), shape=(len(E), len(E)), dtype=np.float32)
-        self.k = k
+    incremental = True  # objectives over it may update only the gains of touched candidates
+
+    def __init__(self, E: np.ndarray | None = None, k: int = 64, graph=None):
+        if graph is None:
+            from curate.select.submodular.knn import build_knn_graph
+
+            graph = build_knn_graph(E, k, index="exact", recall_sample=0)
+        self.graph = graph
+        self.k = graph.k
+        self.n_rows = self.n = graph.n
+        self.csr = graph.csr()
+        self.csc = self.csr.tocsc()
+        self.csc.sort_indices()
+
+    @classmethod
+    def from_graph(cls, graph) -> SparseKernel:
+        return cls(graph=graph)
 
     def column(self, j: int):
         a, b = self.csc.indptr[j], self.csc.indptr[j + 1]
         return self.csc.indices[a:b], self.csc.data[a:b]
 
+    def row(self, i: int):
+        a, b = self.csr.indptr[i], self.csr.indptr[i + 1]
+        return self.csr.indices[a:b], self.csr.data[a:b]
+
+    def gather(self, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The stored entries of columns ``cols``, concatenated: (segment = position in cols, row, value)."""
+        cols = np.asarray(cols, dtype=np.int64)
+        starts = self.csc.indptr[cols]
+        lens = self.csc.indptr[cols + 1] - starts
+        seg = np.repeat(np.arange(len(cols)), lens)
+        pos = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        return seg, self.csc.indices[pos], self.csc.data[pos]
+
+    def neighbours_of_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Sorted unique columns stored in any of ``rows`` (the candidates whose gain those rows feed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.csr.indptr[rows]
+        lens = self.csr.indptr[rows + 1] - starts
+        pos = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        return np.unique(self.csr.indices[pos])
+
     def block(self, cols: np.ndarray) -> np.ndarray:
+        """Dense (n × len(cols)) columns — for small pools and tests; the objectives gather instead."""
         return self.csc[:, cols].toarray()
 
     def diag(self) -> np.ndarray:
         return np.asarray(self.csc.diagonal(), dtype=np.float64)
 
     def col_sums(self) -> np.ndarray:
-        return np.asarray(self.csc.sum(axis=0), dtype=np.float64).ravel()
+        return np.asarray(self.csc.sum(axis=0, dtype=np.float64)).ravel()
+
+    def row_sums(self) -> np.ndarray:
+        return np.asarray(self.csr.sum(axis=1, dtype=np.float64)).ravel()
 
     @property
     def nonnegative(self) -> bool:

@@ -20,6 +20,11 @@ algorithm ran — recorded in the step's stats).
     stale, the ``batch`` stalest bounds at the top are re-evaluated together (one kernel block instead
     of one column each); a top evaluated against the current selection is the true maximum since
     every other entry is an upper bound. Identical to naive greedy, ties → lowest index.
+  - ``lazy-incremental`` — submodular objectives over a sparse kNN kernel (``obj.incremental``) under
+    ``ties="lowest"``: every gain is held in an array; after a pick only the candidates the objective
+    lists in ``obj.changed`` (those sharing a graph row with the pick) are recomputed, and the next
+    pick is the array's maximum, lowest index first. Every held gain is the current one, so this is
+    naive greedy's ranking at the cost of the touched neighbourhoods plus one argmax per step.
 - ``stochastic``: each step evaluates ⌈(n/k)·ln(1/ε)⌉ random remaining candidates (ε = 0.1), from a
   seeded generator — an approximation, recorded.
 
@@ -126,9 +131,36 @@ def batched_lazy_greedy(obj, budget: int, progress=None, batch: int = 64) -> Gre
     return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals, "lazy-batched")
 
 
+def incremental_greedy(obj, budget: int, progress=None) -> GreedyResult:
+    """Exact greedy (ties → lowest index) keeping every current gain: after ``obj.add(j)`` only the
+    candidates in ``obj.changed`` are re-evaluated."""
+    current = np.asarray(obj.gains(np.arange(obj.n)), dtype=np.float64).copy()
+    evals = obj.n
+    taken = np.zeros(obj.n, dtype=bool)
+    ranking, gains = [], []
+    for _ in range(min(budget, obj.n)):
+        j = int(np.argmax(current))
+        ranking.append(j)
+        gains.append(float(current[j]))
+        obj.add(j)
+        taken[j] = True
+        current[j] = -np.inf
+        touched = np.asarray(obj.changed, dtype=np.int64)
+        touched = touched[~taken[touched]]
+        if len(touched):
+            current[touched] = obj.gains(touched)
+            evals += len(touched)
+        if progress is not None:
+            progress.advance(1)
+    return GreedyResult(np.array(ranking, dtype=np.int64), np.array(gains), evals, "lazy-incremental")
+
+
 def lazy_greedy(obj, budget: int, ties: str = "lowest", progress=None, batch: int = 64) -> GreedyResult:
-    """The batched form for submodular objectives under ``ties="lowest"``, submodlib's heap otherwise."""
+    """The batched form for submodular objectives under ``ties="lowest"`` (the incremental form over a
+    sparse kNN kernel), submodlib's heap otherwise."""
     _check_ties(ties)
+    if ties == "lowest" and getattr(obj, "submodular", True) and getattr(obj, "incremental", False):
+        return incremental_greedy(obj, budget, progress)
     if ties == "lowest" and getattr(obj, "submodular", True):
         return batched_lazy_greedy(obj, budget, progress, batch)
     return heap_lazy_greedy(obj, budget, ties, progress)
