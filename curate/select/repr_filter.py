@@ -10,6 +10,13 @@ decides the block's rows one by one in order — the same decisions as the one-b
 GEMMs instead of a growing per-row gather. Rejected rows name the kept row that blocked them and the
 similarity; rows never reached because the budget was full say so. Near-ties (|sim − τ| < 1e−6) are
 counted in the stats.
+
+Large pools (1M rows): the pool's stored matrix is read as it is (a read-only memmap, float32 or
+float16), a block of candidates gathered and converted to float32 at a time; the kept rows' vectors
+live in one float32 buffer that grows by doubling (at most the kept rows: ``budget`` × d), and a
+block is compared with them in chunks of ``kept_chunk`` rows, so no temporary grows with the pool.
+Memory beyond the matrix: O(n) per-row state plus the kept buffer. Time: O(rows visited × kept × d),
+in GEMMs; with a budget the walk stops when it is full.
 """
 
 from __future__ import annotations
@@ -20,49 +27,70 @@ from pydantic import Field
 from curate.select.base import Pool, Selector, StepResult, fmt, ranked_order
 
 
-def repr_filter(X: np.ndarray, order: np.ndarray, tau: float, budget: int | None, block: int = 512):
-    """(kept indices in visit order, blocker index per row or −1, similarity to it, rows visited)."""
+def repr_filter(X: np.ndarray, order: np.ndarray, tau: float, budget: int | None, block: int = 512, index: np.ndarray | None = None,
+                kept_chunk: int = 16384, threads: int = 2):
+    """(kept indices in visit order, blocker index per row or −1, similarity to it, rows visited).
+
+    ``X``: (N, d) float32 or float16 (a memmap is read in place); ``index``: the rows of ``X`` that are
+    this pool (pool row j is ``X[index[j]]``; None: all of X). ``order`` lists pool rows to visit.
+    """
     from threadpoolctl import threadpool_limits
 
-    n = len(X)
+    n = X.shape[0] if index is None else len(index)
+    d = X.shape[1]
+    work = np.float32 if X.dtype == np.float16 else np.result_type(X.dtype, np.float32)  # float16 is compared in float32
     blocker = np.full(n, -1, dtype=np.int64)
     blocker_sim = np.full(n, np.nan)
-    kept: list[int] = []
-    kept_mat = np.empty((0, X.shape[1]), dtype=np.float32)
-    visited = 0
     cap = budget if budget is not None else len(order)
-    with threadpool_limits(2):
+    kept_idx = np.empty(min(cap, len(order)), dtype=np.int64)
+    kept_mat = np.empty((min(max(cap, 1), len(order), 4096), d), dtype=work)  # grows by doubling up to the cap
+    n_kept = 0
+    visited = 0
+    with threadpool_limits(threads):
         for start in range(0, len(order), block):
-            if len(kept) >= cap:
+            if n_kept >= cap:
                 break
             blk = order[start : start + block]
-            E = X[blk]
-            if len(kept_mat):
-                S = E @ kept_mat.T
-                best = S.argmax(axis=1)
-                m = S[np.arange(len(blk)), best]
-                who = np.asarray(kept)[best]
+            E = np.asarray(X[blk if index is None else index[blk]], dtype=work)
+            if n_kept:
+                m = np.full(len(blk), -np.inf, dtype=work)
+                who = np.full(len(blk), -1, dtype=np.int64)
+                for c0 in range(0, n_kept, kept_chunk):  # chunks of the kept set: first maximum wins across chunks
+                    c1 = min(c0 + kept_chunk, n_kept)
+                    S = E @ kept_mat[c0:c1].T
+                    best = S.argmax(axis=1)
+                    val = S[np.arange(len(blk)), best]
+                    upd = val > m
+                    m[upd] = val[upd]
+                    who[upd] = kept_idx[c0 + best[upd]]
             else:
                 m = np.full(len(blk), -np.inf, dtype=np.float32)
                 who = np.full(len(blk), -1)
             inner = E @ E.T
             new = []
             for a, i in enumerate(blk):
-                if len(kept) + len(new) >= cap:
+                if n_kept + len(new) >= cap:
                     break
                 visited += 1
                 if m[a] > tau:
                     blocker[i], blocker_sim[i] = who[a], m[a]
                     continue
-                new.append(i)
+                new.append(a)
                 row = inner[a]
                 upd = row > m
                 m = np.where(upd, row, m)
                 who = np.where(upd, i, who)
             if new:
-                kept += new
-                kept_mat = np.concatenate([kept_mat, X[np.array(new)]])
-    return np.array(kept, dtype=np.int64), blocker, blocker_sim, visited
+                rows_new = np.asarray(new)
+                end = n_kept + len(new)
+                if end > len(kept_mat):
+                    grown = np.empty((min(max(2 * len(kept_mat), end), len(kept_idx)), d), dtype=work)
+                    grown[:n_kept] = kept_mat[:n_kept]
+                    kept_mat = grown
+                kept_mat[n_kept:end] = E[rows_new]
+                kept_idx[n_kept:end] = blk[rows_new]
+                n_kept = end
+    return kept_idx[:n_kept].copy(), blocker, blocker_sim, visited
 
 
 def repr_filter_one_by_one(X: np.ndarray, order: np.ndarray, tau: float, budget: int | None) -> np.ndarray:
@@ -97,7 +125,10 @@ class ReprFilter(Selector):
         nan_idx = np.flatnonzero(np.isnan(v))
         if p.include_unscored:
             order = np.concatenate([order, nan_idx])
-        kept, blocker, bsim, visited = repr_filter(pool.embeddings, order, p.max_similarity, p.budget)
+        base, index = pool.embedding_source()  # the stored matrix read in place, with this pool's positions in it
+        if not isinstance(base, np.ndarray):
+            base, index = np.asarray(pool.embeddings), None
+        kept, blocker, bsim, visited = repr_filter(base, order, p.max_similarity, p.budget, index=index)
         keep = np.zeros(n, dtype=bool)
         keep[kept] = True
         rank = np.full(n, -1, dtype=np.int64)
