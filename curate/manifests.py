@@ -36,20 +36,38 @@ class RecordSetRef(BaseModel):
         return Path(self.dir) / "manifest.json"
 
 
+class IngestChunk(BaseModel):
+    """One chunk of an input file, as ingest wrote it (rows numbered within the file)."""
+
+    file: str
+    records_path: str
+    quarantine_path: str
+    vectors_path: str | None = Field(None, description="Precomputed vectors of its rows (sample_id, row, vector), when the input carries them.")
+    row_offset: int = Field(description="The input-local row number of the file's row 0.")
+    n_rows: int
+    n_valid: int
+    n_quarantined: int
+
+
 class IngestRef(BaseModel):
-    """Result of reading one input spec: its valid records and its quarantined rows."""
+    """Result of reading one input spec: its valid records and its quarantined rows, chunk by chunk."""
 
     input_index: int
     source: str
     files: list[str]
     file_sha256: list[str]
-    records_path: str
-    quarantine_path: str
+    records_path: str = Field(description="A folder of the input's chunk record files, in order (row numbers within each file).")
+    quarantine_path: str = Field(description="A folder of the input's chunk quarantine files, in order.")
     n_rows: int
     n_valid: int
     n_quarantined: int
     format: str
     files_cached: int = 0  # files whose records came from the store's ingest cache
+    chunks: list[IngestChunk] = Field(default_factory=list)
+    chunks_cached: int = 0  # chunks read from the ingest cache instead of parsed
+    embedding_producer: str | None = None
+    embedding_dim: int | None = None
+    n_vectors: int = 0
 
 
 class DatasetRef(BaseModel):

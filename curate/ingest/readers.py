@@ -4,12 +4,19 @@ Each reader yields :class:`RawRow` items in file order: the row's 0-based index 
 1-based line where it starts (when the file has lines), and either the decoded record or a
 :class:`~curate.errors.RecordError`. A problem with one row never stops the others; a problem with the
 whole file (missing, empty, undecodable JSON array) raises :class:`~curate.errors.IngestError`.
+
+Large files are read in pieces, never whole: JSONL by byte ranges that :func:`plan_jsonl` cuts at
+line ends (in the same single pass that hashes the file), CSV/TSV as a stream, Parquet by record
+batches, saved HF datasets by batches. A JSON array (or an object holding one) is decoded whole:
+its items are located by line one after another in the decoded text.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -67,10 +74,55 @@ def _as_record(obj: Any, index: int, line: int | None) -> RawRow:
     return RawRow(index, line, error=RecordError("not_an_object", f"the row is a JSON {type(obj).__name__}, not an object"))
 
 
-def read_jsonl(path: Path) -> Iterator[RawRow]:
-    index = 0
+@dataclass(frozen=True)
+class JsonlChunk:
+    """A byte range of a JSONL file that starts and ends at a line boundary."""
+
+    start: int  # byte offset of the range's first line
+    end: int  # byte offset just past its last line
+    first_line: int  # 1-based line number of the first line
+    first_index: int  # 0-based row index (non-blank lines before it)
+    n_rows: int  # non-blank lines in the range
+
+
+def plan_jsonl(path: Path, rows_per_chunk: int, limit: int | None = None) -> tuple[str, list[JsonlChunk]]:
+    """One streaming pass over a JSONL file: (its sha256, its chunks of ``rows_per_chunk`` non-blank
+    lines each, the last one shorter). With ``limit``, the chunks cover only the first ``limit`` rows
+    (the hash still covers the whole file)."""
+    h = hashlib.sha256()
+    chunks: list[JsonlChunk] = []
+    pos = start = 0
+    line_no = first_line = 1
+    index = first_index = 0
+    planning = True
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        for raw in f:
+            h.update(raw)
+            if planning and raw.strip():
+                index += 1
+                if index - first_index == rows_per_chunk or (limit is not None and index == limit):
+                    chunks.append(JsonlChunk(start, pos + len(raw), first_line, first_index, index - first_index))
+                    start, first_line, first_index = pos + len(raw), line_no + 1, index
+                    planning = limit is None or index < limit
+            pos += len(raw)
+            line_no += 1
+    if planning and index > first_index:
+        chunks.append(JsonlChunk(start, pos, first_line, first_index, index - first_index))
+    return h.hexdigest(), chunks
+
+
+def read_jsonl(path: Path, start: int = 0, end: int | None = None, first_line: int = 1, first_index: int = 0) -> Iterator[RawRow]:
+    """The rows of a JSONL file, or of the byte range ``start``–``end`` of it (a :class:`JsonlChunk`:
+    ``first_line`` and ``first_index`` say where the range starts, so lines and indices stay those
+    of the whole file)."""
+    index = first_index
+    pos = start
+    with open(path, "rb") as f:
+        f.seek(start)
+        for line_no, raw in enumerate(f, start=first_line):
+            if end is not None and pos >= end:
+                break
+            pos += len(raw)
             if not raw.strip():
                 continue
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -89,6 +141,34 @@ def read_jsonl(path: Path) -> Iterator[RawRow]:
                 continue
             yield _as_record(obj, index, line_no)
             index += 1
+
+
+def file_digest(path: Path, check_utf8: bool = False, block: int = 1 << 20) -> str:
+    """sha256 of a file, read once in blocks; with ``check_utf8``, invalid UTF-8 raises an
+    :class:`IngestError` naming the line and byte (the check of a text file that is then streamed)."""
+    h = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed = newlines = 0
+    with open(path, "rb") as f:
+        while data := f.read(block):
+            h.update(data)
+            if check_utf8:
+                pending = len(decoder.getstate()[0])
+                try:
+                    decoder.decode(data)
+                except UnicodeDecodeError as exc:
+                    at = fed - pending + exc.start
+                    line = newlines + data[: max(0, at - fed)].count(b"\n") + 1
+                    raise IngestError(f"{path}:{line}: invalid UTF-8 at byte {at}; re-encode the file as UTF-8") from None
+                newlines += data.count(b"\n")
+            fed += len(data)
+    if check_utf8:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as exc:
+            at = fed - len(exc.object) + exc.start
+            raise IngestError(f"{path}:{newlines + 1}: invalid UTF-8 at byte {at}; re-encode the file as UTF-8") from None
+    return h.hexdigest()
 
 
 def _decode_file(path: Path) -> str:
@@ -157,34 +237,64 @@ def _skip_ws(text: str, pos: int) -> int:
 
 
 def read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRow]:
-    with open(path, "rb") as fb:
-        raw = fb.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise IngestError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    index = 0
-    line = reader.line_num + 1
-    for row in reader:
-        rec = {k: v for k, v in row.items() if k is not None}
-        if None in row:
-            yield RawRow(index, line, error=RecordError("wrong_type", f"the row has {len(row[None])} more cells than the header"))
-        else:
-            yield RawRow(index, line, record=rec)
-        index += 1
+    """The rows of a CSV/TSV file, streamed (a header line, then one row per record; a quoted cell
+    may span lines). Invalid UTF-8 raises :class:`IngestError` (:func:`file_digest` checks it first)."""
+    with open(path, "rb") as fb, io.TextIOWrapper(fb, encoding="utf-8-sig", newline="") as text:
+        reader = csv.DictReader(text, delimiter=delimiter)
+        index = 0
         line = reader.line_num + 1
+        try:
+            for row in reader:
+                rec = {k: v for k, v in row.items() if k is not None}
+                if None in row:
+                    yield RawRow(index, line, error=RecordError("wrong_type", f"the row has {len(row[None])} more cells than the header"))
+                else:
+                    yield RawRow(index, line, record=rec)
+                index += 1
+                line = reader.line_num + 1
+        except UnicodeDecodeError:
+            file_digest(path, check_utf8=True)  # names the line and byte
+            raise
 
 
 def read_parquet(path: Path) -> Iterator[RawRow]:
-    import pyarrow.parquet as pq
-
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
-        for rec in batch.to_pylist():
+    for table in read_parquet_tables(path, 8192):
+        for rec in table.to_pylist():
             yield RawRow(index, None, record=rec)
             index += 1
+
+
+def read_parquet_tables(path: Path, rows: int, limit: int | None = None):
+    """A Parquet file as Arrow tables of exactly ``rows`` rows (the last one shorter), read by
+    record batches; with ``limit``, only its first ``limit`` rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    want = rows if limit is None else min(rows, limit)
+    held: list = []
+    n_held = n_out = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=min(rows, 65536)):
+        held.append(batch)
+        n_held += batch.num_rows
+        while n_held >= want and want > 0:
+            table = pa.Table.from_batches(held).combine_chunks()
+            yield table.slice(0, want)
+            n_out += want
+            rest = table.slice(want)
+            held, n_held = ([*rest.to_batches()] if rest.num_rows else []), rest.num_rows
+            want = rows if limit is None else min(rows, limit - n_out)
+        if want <= 0:
+            return
+    if n_held and want > 0:
+        yield pa.Table.from_batches(held).combine_chunks().slice(0, want)
+
+
+def hf_row_batches(ds, rows: int) -> Iterator[list[dict]]:
+    """A datasets.Dataset's rows (as the library formats them, like iterating it), in lists of ``rows``."""
+    for batch in ds.iter(batch_size=rows):
+        keys = list(batch)
+        yield [dict(zip(keys, values)) for values in zip(*(batch[k] for k in keys))]
 
 
 def _iter_hf(ds) -> Iterator[RawRow]:
@@ -192,7 +302,8 @@ def _iter_hf(ds) -> Iterator[RawRow]:
         yield RawRow(i, None, record=dict(rec))
 
 
-def read_hf_disk(path: Path, split: str) -> Iterator[RawRow]:
+def load_hf_disk(path: Path, split: str):
+    """A saved HF dataset (memory-mapped Arrow), the ``split`` of a saved DatasetDict."""
     import datasets
 
     ds = datasets.load_from_disk(str(path))
@@ -200,7 +311,11 @@ def read_hf_disk(path: Path, split: str) -> Iterator[RawRow]:
         if split not in ds:
             raise IngestError(f"{path}: saved dataset has no split '{split}' (splits: {', '.join(ds)})")
         ds = ds[split]
-    yield from _iter_hf(ds)
+    return ds
+
+
+def read_hf_disk(path: Path, split: str) -> Iterator[RawRow]:
+    yield from _iter_hf(load_hf_disk(path, split))
 
 
 def read_hub(name: str, split: str, revision: str | None = None) -> Iterator[RawRow]:
