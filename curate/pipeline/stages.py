@@ -132,8 +132,10 @@ class IngestStage(Stage):
         work_dir = str(run.out / "ingest")
         cache_dir = str(spec.store / "ingest")  # files read before (same bytes, same settings) are not parsed again
         refs, secs = run.map(self, read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=work_dir, ingest=spec.ingest,
-                                                     cache_dir=cache_dir) for i, inp in enumerate(spec.inputs)], task="ingest-{input_index}")
-        (dataset,), secs2 = run.map(self, build_dataset, [dict(inputs=refs, out_dir=str(run.out), ingest=spec.ingest)], task="shard")
+                                                     cache_dir=cache_dir, workers=spec.runtime.ingest_workers) for i, inp in enumerate(spec.inputs)],
+                              task="ingest-{input_index}")
+        (dataset,), secs2 = run.map(self, build_dataset, [dict(inputs=refs, out_dir=str(run.out), ingest=spec.ingest, store_dir=str(spec.store),
+                                                               embed=spec.embed)], task="shard")
         run.dataset = dataset
         run.sets["input"] = dataset.records
         n_files = sum(len(r.files) for r in refs)
