@@ -21,6 +21,13 @@ key already in the store is never recomputed.
 Failure policy: if ``score_batch`` raises, the batch is retried one row at a time; a row that still
 raises gets NaN for every output with ``status="error"`` and the exception class — no other row
 moves, nothing is substituted.
+
+Columnar fast path (optional): a scorer may also implement ``score_table(table) -> ScoreColumns``,
+taking a chunk of a shard as Arrow rows (the columns in ``table_columns``, ``messages`` as
+``list<struct>``) and returning one array per output. The score stage then never turns the shard into
+Python dicts. ``score_columns`` applies the same failure policy: if ``score_table`` raises, that chunk
+goes through ``score_records`` (row-by-row isolation). A subclass that overrides ``score_batch`` below
+the class that defines ``score_table`` is scored through ``score_batch`` (see :attr:`Scorer.columnar`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import numpy as np
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 from curate.records import canonical_json, sha256_hex
@@ -69,6 +78,91 @@ class Score:
 
 
 @dataclass
+class ScoreColumns:
+    """A chunk's results, column by column (the columnar counterpart of a list of :class:`Score`).
+
+    ``values``: output -> float64 array (one value per row; may be a pyarrow array with nulls).
+    Every other field is None (all rows null, or ``"ok"`` for ``status``) or an array of one entry
+    per row: ``status``/``error_class``/``message``/``components`` (JSON text)/``raw_output``/
+    ``decoding`` strings, ``n_tokens_in``/``n_tokens_used``/``seed`` integers.
+    """
+
+    values: dict[str, Any]
+    status: Any = None
+    error_class: Any = None
+    message: Any = None
+    components: Any = None
+    n_tokens_in: Any = None
+    n_tokens_used: Any = None
+    raw_output: Any = None
+    decoding: Any = None
+    seed: Any = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.values.values()))) if self.values else 0
+
+    def column(self, name: str, type_: pa.DataType, n: int) -> pa.Array:
+        """One per-row field as an Arrow array of ``n`` entries (nulls when unset; ``status``: "ok")."""
+        v = getattr(self, name)
+        if v is None:
+            return pa.array(["ok"] * n, pa.string()) if name == "status" else pa.nulls(n, type_)
+        arr = v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(v, type_)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if len(arr) != n:
+            raise RuntimeError(f"{name}: {len(arr)} values for {n} rows")
+        return arr.cast(type_)
+
+    def value_array(self, output: str, n: int) -> pa.Array:
+        v = self.values.get(output)
+        if v is None:
+            return pa.array(np.full(n, np.nan))
+        arr = v if isinstance(v, pa.Array | pa.ChunkedArray) else pa.array(np.asarray(v, dtype=np.float64))
+        if len(arr) != n:
+            raise RuntimeError(f"{output}: {len(arr)} values for {n} rows")
+        return arr.cast(pa.float64())
+
+    @classmethod
+    def from_scores(cls, scores: list[Score], outputs) -> ScoreColumns:
+        """The columns of per-row results (``components`` as JSON text, as the store keeps it)."""
+        import json
+
+        def comp(c):
+            return json.dumps(c, ensure_ascii=False, sort_keys=True, default=float) if c else None
+
+        return cls(
+            values={o: pa.array([s.values.get(o, math.nan) for s in scores], pa.float64()) for o in outputs},
+            status=[s.status for s in scores],
+            error_class=[s.error_class for s in scores],
+            message=[s.message for s in scores],
+            components=[comp(s.components) for s in scores],
+            n_tokens_in=[s.n_tokens_in for s in scores],
+            n_tokens_used=[s.n_tokens_used for s in scores],
+            raw_output=[s.raw_output for s in scores],
+            decoding=[s.decoding for s in scores],
+            seed=[s.seed for s in scores],
+        )
+
+    def to_scores(self, outputs) -> list[Score]:
+        """Per-row :class:`Score` objects (for callers of ``score_batch``); components parsed back from JSON."""
+        import json
+
+        n = len(self)
+        vals = {o: self.value_array(o, n).to_pylist() for o in outputs}
+        cols = {f: self.column(f, t, n).to_pylist() for f, t in (
+            ("status", pa.string()), ("error_class", pa.string()), ("message", pa.string()), ("components", pa.string()),
+            ("n_tokens_in", pa.int64()), ("n_tokens_used", pa.int64()), ("raw_output", pa.string()), ("decoding", pa.string()),
+            ("seed", pa.int64()))}
+        return [
+            Score({o: vals[o][i] for o in outputs}, status=cols["status"][i], error_class=cols["error_class"][i], message=cols["message"][i],
+                  components=None if cols["components"][i] is None else json.loads(cols["components"][i]),
+                  n_tokens_in=cols["n_tokens_in"][i], n_tokens_used=cols["n_tokens_used"][i], raw_output=cols["raw_output"][i],
+                  decoding=cols["decoding"][i], seed=cols["seed"][i])
+            for i in range(n)
+        ]
+
+
+@dataclass
 class ScorerContext:
     """What a scorer may need from the run: thread count, device, seed."""
 
@@ -85,6 +179,9 @@ class Scorer:
     requires: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: Rows per call of ``score_batch``.
     batch_rows: ClassVar[int] = 256
+    #: Rows per call of ``score_table`` (columnar scorers only) and the columns it reads.
+    table_rows: ClassVar[int] = 4096
+    table_columns: ClassVar[tuple[str, ...]] = ("sample_id", "messages")
     #: Warn when a shard's scores collapse (methods.md E5); off for plain statistics such as counts.
     collapse_check: ClassVar[bool] = True
 
@@ -117,6 +214,29 @@ class Scorer:
     def score_batch(self, records: list[dict[str, Any]]) -> list[Score]:
         """Score records (canonical dicts); return one Score per record, in order."""
         raise NotImplementedError
+
+    score_table: ClassVar[Any] = None  # optional: ``def score_table(self, table: pa.Table) -> ScoreColumns``
+
+    @property
+    def columnar(self) -> bool:
+        """True when ``score_table`` is implemented by this class or by a subclass of the class that
+        defines ``score_batch`` (a subclass that overrides only ``score_batch`` keeps the row path)."""
+        mro = type(self).__mro__
+        table_owner = next((c for c in mro if "score_table" in vars(c)), Scorer)
+        batch_owner = next((c for c in mro if "score_batch" in vars(c)), Scorer)
+        return table_owner is not Scorer and issubclass(table_owner, batch_owner)
+
+    def score_columns(self, table: pa.Table) -> ScoreColumns:
+        """``score_table`` with the failure policy: if it raises (or returns the wrong number of rows),
+        this chunk is scored by ``score_records`` (one row at a time where needed)."""
+        n = table.num_rows
+        try:
+            out = self.score_table(table)
+            for o in self.outputs:
+                out.value_array(o, n)  # checks the length
+            return out
+        except Exception:
+            return ScoreColumns.from_scores(self.score_records(table.to_pylist()), self.outputs)
 
     def score_records(self, records: list[dict[str, Any]]) -> list[Score]:
         """``score_batch`` with the failure policy applied (per-row isolation)."""

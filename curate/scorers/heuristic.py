@@ -1,4 +1,4 @@
-"""Cheap text statistics and degenerate-response detection. No model, ~50k rows/s.
+"""Cheap text statistics and degenerate-response detection. No model; columnar (numpy over code points).
 
 Outputs (per row, over the whole conversation):
 
@@ -16,22 +16,51 @@ Outputs (per row, over the whole conversation):
                      ``repetitive`` (repetition > ``max_repetition``), ``char_run`` (one character
                      is over half of the response)
 ===================  =========================================================================
+
+How it is computed. The definitions are those of :func:`_reference_scores` (Python ``re`` and
+``collections.Counter``, one row at a time), which stays here as the specification; the scorer itself
+works on a chunk of rows at once (:meth:`HeuristicScorer.score_table`):
+
+- prompt and response texts are joined from the Arrow ``messages`` column (``pyarrow.compute``), the
+  same strings :func:`curate.records.prompt_text` / :func:`~curate.records.response_text` give;
+- each chunk of texts is decoded once into a numpy array of code points; ``\\w``, ``\\s``, "letter or
+  digit" and ``str.lower`` are one lookup table built from this Python's own ``str`` methods (``\\w`` of
+  ``re`` is exactly ``str.isalnum() or '_'``, ``\\s`` is ``str.isspace()``; the tests check every
+  code point), so the classes are those of the reference, whatever the Unicode version;
+- token counts, character counts and the "most common character" share are counts per row
+  (``np.add.reduceat``, ``np.bincount``); words and word n-grams are hashed (64 bits, polynomial over
+  the lower-case code points) and repeated n-grams found by one sort; every pair of equal hashes is
+  then checked code point by code point, so a hash collision cannot change a value (the row is then
+  scored by the reference).
+
+Rows whose text holds ``İ`` (U+0130, whose lower case is two code points) or ``Σ`` (U+03A3, whose lower
+case depends on its neighbours) are scored by the reference function: the lookup table of ``str.lower``
+is per code point.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from collections import Counter
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from curate.records import prompt_text, response_text
-from curate.scorers.base import Score, Scorer
+from curate.scorers.base import Score, ScoreColumns, Scorer
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _WORD = re.compile(r"\w+", re.UNICODE)
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
+
+REASONS = ("no_alnum", "copies_prompt", "repetitive", "char_run")  # the order of components.reasons
+_N_CODEPOINTS = 0x110000
+_SPECIAL = (0x130, 0x3A3)  # lower() is not one code point (İ) or depends on the context (Σ)
 
 
 def repetition_ratio(text: str, n: int = 10) -> tuple[float, int]:
@@ -42,6 +71,318 @@ def repetition_ratio(text: str, n: int = 10) -> tuple[float, int]:
         return 0.0, 0
     grams = Counter(tuple(words[i : i + n]) for i in range(count))
     return (count - len(grams)) / count, count
+
+
+def _reference_row(messages: list[dict[str, Any]], p: Any, ptok: int, rtok: int) -> tuple[dict[str, float], dict[str, Any], int]:
+    """One row, the definition: (values, components, prompt tokens + response tokens)."""
+    prompt, resp = prompt_text(messages), response_text(messages)
+    rep, ngrams = repetition_ratio(resp, p.ngram)
+    reasons = []
+    if not _ALNUM.search(resp) and not any(m.get("tool_calls") for m in messages):
+        reasons.append("no_alnum")
+    if resp.strip().lower() == prompt.strip().lower():
+        reasons.append("copies_prompt")
+    if ngrams >= p.min_ngrams and rep > p.max_repetition:
+        reasons.append("repetitive")
+    chars = [c for c in resp if not c.isspace()]
+    if len(chars) >= p.min_chars_for_share:
+        top = Counter(chars).most_common(1)[0][1]
+        if top / len(chars) > p.max_char_share:
+            reasons.append("char_run")
+    values = {
+        "prompt_chars": float(len(prompt)),
+        "response_chars": float(len(resp)),
+        "prompt_tokens": float(ptok),
+        "response_tokens": float(rtok),
+        "turns": float(sum(m["role"] == "assistant" for m in messages)),
+        "repetition": rep,
+        "degenerate": 1.0 if reasons else 0.0,
+    }
+    return values, {"reasons": reasons, "ngrams": ngrams}, ptok + rtok
+
+
+def _reference_scores(records: list[dict[str, Any]], p: Any, count_tokens) -> list[Score]:
+    """The per-row definition of every output (Python ``re`` + ``Counter``); the columnar path must equal it."""
+    ptoks = count_tokens([prompt_text(r["messages"]) for r in records])
+    rtoks = count_tokens([response_text(r["messages"]) for r in records])
+    out = []
+    for rec, pt, rt in zip(records, ptoks, rtoks):
+        values, comp, used = _reference_row(rec["messages"], p, pt, rt)
+        out.append(Score(values, components=comp, n_tokens_in=used, n_tokens_used=used))
+    return out
+
+
+# -- character classes as lookup tables over code points ---------------------------------------------
+
+WORD, SPACE, ALNUM, SPECIAL = 1 << 24, 1 << 25, 1 << 26, 1 << 27  # class bits above the 21 bits of a code point
+CP = (1 << 21) - 1
+
+
+@functools.lru_cache(maxsize=1)
+def _table() -> np.ndarray:
+    """One uint32 per code point: ``str.lower`` of that code point alone (the code point itself where that
+    is not one code point) in the low 21 bits, and class bits: ``WORD`` (re ``\\w``), ``SPACE`` (re
+    ``\\s``), ``ALNUM`` (re ``[^\\W_]``), ``SPECIAL`` (rows that take the reference path). Built from this
+    Python's ``str`` methods (~0.5 s, once per process)."""
+    n = _N_CODEPOINTS
+    alnum = np.fromiter((chr(i).isalnum() for i in range(n)), dtype=bool, count=n)
+    tab = np.fromiter((ord(low) if len(low := chr(i).lower()) == 1 else i for i in range(n)), dtype=np.uint32, count=n)
+    tab[alnum] |= WORD | ALNUM
+    tab[ord("_")] |= WORD
+    tab[[i for i in range(0x3100) if chr(i).isspace()]] |= SPACE  # no white space above U+3000
+    tab[list(_SPECIAL)] |= SPECIAL
+    return tab
+
+
+def _counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per row (``starts``/``lengths`` into ``mask``): how many entries ``mask`` marks."""
+    out = np.zeros(len(starts), dtype=np.int64)
+    if len(mask) == 0 or len(starts) == 0:
+        return out
+    nz = lengths > 0
+    sums = np.add.reduceat(mask.view(np.uint8), np.minimum(starts, len(mask) - 1), dtype=np.int32)  # rows < 2**31 code points
+    out[nz] = sums[nz]
+    return out
+
+
+class _Texts:
+    """One string per row, decoded into code points: ``cps`` (uint32, the rows back to back),
+    ``starts``/``lengths`` per row, and ``info`` (``_table()`` of each code point)."""
+
+    def __init__(self, strings: pa.Array):
+        strings = pc.fill_null(strings, "").cast(pa.large_string())
+        n = len(strings)
+        offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64, count=n + 1, offset=strings.offset * 8)
+        data = strings.buffers()[2]
+        text = "" if data is None or n == 0 else str(memoryview(data)[offsets[0] : offsets[-1]], "utf-8")
+        self.cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        self.lengths = pc.utf8_length(strings).to_numpy(zero_copy_only=False).astype(np.int64)
+        ends = np.cumsum(self.lengths)
+        self.starts = ends - self.lengths
+        self.n = n
+        self.info = _table()[self.cps]
+
+    def per_row(self, mask: np.ndarray) -> np.ndarray:
+        return _counts(mask, self.starts, self.lengths)
+
+    def row_of(self, positions: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.starts + self.lengths, positions, "right")
+
+    def row_breaks(self) -> np.ndarray:
+        """True at the first code point of every row."""
+        mask = np.zeros(len(self.cps), dtype=bool)
+        mask[self.starts[self.lengths > 0]] = True
+        return mask
+
+
+def _words(t: _Texts) -> tuple[np.ndarray, np.ndarray]:
+    """(first, one past last) code point of each run of word characters, runs never crossing rows."""
+    word = (t.info & WORD) != 0
+    breaks = t.row_breaks()
+    prev = np.zeros_like(word)
+    prev[1:] = word[:-1]
+    start = word & (~prev | breaks)
+    nxt = np.zeros_like(word)
+    nxt[:-1] = word[1:] & ~breaks[1:]
+    return np.flatnonzero(start), np.flatnonzero(word & ~nxt) + 1
+
+
+def _regex_tokens(t: _Texts, word_starts: np.ndarray) -> np.ndarray:
+    """len(re.findall(r"\\w+|[^\\w\\s]", text)) per row: runs of word characters + other non-space characters."""
+    other = (t.info & (WORD | SPACE)) == 0
+    other[word_starts] = True  # a word start is not "other": mark it to count it once
+    return t.per_row(other)
+
+
+def _strip_bounds(t: _Texts) -> tuple[np.ndarray, np.ndarray]:
+    """(start, length) of each row's text without leading/trailing white space (``str.strip()``)."""
+    start, length = t.starts.copy(), t.lengths.copy()
+    space = (t.info & SPACE) != 0
+    nz = np.flatnonzero(length > 0)
+    edge = nz[space[t.starts[nz]] | space[t.starts[nz] + t.lengths[nz] - 1]]  # rows that start or end with white space
+    if len(edge):
+        lens = t.lengths[edge]
+        pos = np.repeat(t.starts[edge], lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+        keep = ~space[pos]
+        first = np.where(keep, pos, np.iinfo(np.int64).max)
+        last = np.where(keep, pos, -1)
+        at = np.cumsum(lens) - lens
+        lo, hi = np.minimum.reduceat(first, at), np.maximum.reduceat(last, at)
+        blank = hi < 0
+        start[edge] = np.where(blank, t.starts[edge], lo)
+        length[edge] = np.where(blank, 0, hi - lo + 1)
+    return start, length
+
+
+def _copies_prompt(resp: _Texts, prompt: _Texts) -> np.ndarray:
+    """resp.strip().lower() == prompt.strip().lower() per row (rows without special code points)."""
+    rs, rl = _strip_bounds(resp)
+    ps, pl = _strip_bounds(prompt)
+    same = rl == pl
+    cand = np.flatnonzero(same & (rl > 0))
+    if len(cand):
+        lens = rl[cand]
+        k = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        a = resp.info[np.repeat(rs[cand], lens) + k] & CP
+        b = prompt.info[np.repeat(ps[cand], lens) + k] & CP
+        differ = np.bincount(np.repeat(np.arange(len(cand)), lens)[a != b], minlength=len(cand)) > 0
+        same[cand[differ]] = False
+    return same
+
+
+def _char_share_exceeds(t: _Texts, min_chars: int, max_share: float) -> np.ndarray:
+    """Per row: at least ``min_chars`` non-space characters and the most common one over ``max_share`` of them."""
+    nonspace = (t.info & SPACE) == 0
+    total = t.per_row(nonspace)
+    ok = total >= min_chars
+    if not ok.any():
+        return ok
+    # ASCII: a 129-bin histogram per row (bin 128: white space and non-ASCII)
+    local = np.repeat(np.arange(t.n, dtype=np.int64), t.lengths) * 129
+    local += np.where(nonspace & (t.cps < 128), t.cps, 128)
+    hist = np.bincount(local, minlength=t.n * 129).reshape(t.n, 129)[:, :128]
+    top = hist.max(axis=1)
+    others = total - hist.sum(axis=1)
+    # a non-ASCII character can only win where all non-ASCII ones together pass the share: count those exactly
+    maybe = np.flatnonzero(ok & (others / np.maximum(total, 1) > max_share))  # the same division as below: monotonic
+    if len(maybe):
+        lens = t.lengths[maybe]
+        pos = np.repeat(t.starts[maybe], lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+        sel = nonspace[pos] & (t.cps[pos] >= 128)
+        keys = np.repeat(maybe, lens)[sel] * _N_CODEPOINTS + t.cps[pos][sel].astype(np.int64)
+        uniq, n_each = np.unique(keys, return_counts=True)
+        np.maximum.at(top, uniq // _N_CODEPOINTS, n_each)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ok & (top / np.maximum(total, 1) > max_share)
+
+
+_B = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible modulo 2**64
+_B_INV = np.uint64(pow(int(_B), -1, 2**64))
+_MIX = np.random.default_rng(20240613).integers(1, 2**63, size=2, dtype=np.uint64) | np.uint64(1)
+
+
+@functools.lru_cache(maxsize=4)
+def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B**k, B**-k) modulo 2**64 for k < size (sizes are powers of two, so few are kept)."""
+    return _pow_seq(size, _B), _pow_seq(size, _B_INV)
+
+
+def _pow_seq(n: int, base: np.uint64) -> np.ndarray:
+    out = np.empty(n, dtype=np.uint64)
+    if n:
+        out[0] = 1
+        out[1:] = base
+        with np.errstate(over="ignore"):
+            np.multiply.accumulate(out, out=out)
+    return out
+
+
+def _ngram_repeats(t: _Texts, word_starts: np.ndarray, word_ends: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of lower-cased text: (word n-grams, n-grams equal to an earlier one, rows to score by the
+    reference because two different n-grams shared a 64-bit hash).
+
+    Words are those of the original text: a code point and its lower case are both ``\\w`` or both not
+    (checked for every code point by the tests)."""
+    n_words = t.per_row(_mark(len(t.cps), word_starts))
+    count = np.maximum(n_words - n + 1, 0)
+    repeats = np.zeros(t.n, dtype=np.int64)
+    collided = np.zeros(t.n, dtype=bool)
+    if not count.any():
+        return count, repeats, collided
+    low = (t.info & CP).astype(np.uint64)
+    size = 1 << max(10, int(len(low)).bit_length())
+    pw, inv = _powers(size)
+    with np.errstate(over="ignore"):
+        prefix = np.zeros(len(low) + 1, dtype=np.uint64)
+        np.cumsum(low * pw[: len(low)], out=prefix[1:])
+        wh = (prefix[word_ends] - prefix[word_starts]) * inv[word_starts]  # a hash of each word's lower-case text
+        wh ^= (word_ends - word_starts).astype(np.uint64) * _MIX[0]
+        first_word = np.cumsum(n_words) - n_words
+        wrow = np.repeat(np.arange(t.n), n_words)
+        g = np.flatnonzero(np.arange(len(word_starts)) - first_word[wrow] <= n_words[wrow] - n)  # n-gram starts
+        span = len(word_starts) - n + 1
+        h = np.zeros(span, dtype=np.uint64)
+        for j in range(n):
+            h = h * _MIX[1] + wh[j : j + span]
+        grow = wrow[g]
+        h = h[g] + grow.astype(np.uint64) * _B  # n-grams of different rows never meet
+    sh = np.sort(h)
+    dup = sh[1:][sh[1:] == sh[:-1]]
+    if not len(dup):
+        return count, repeats, collided
+    dup_vals = dup[np.concatenate(([True], dup[1:] != dup[:-1]))]
+    at = np.minimum(np.searchsorted(dup_vals, h), len(dup_vals) - 1)
+    sub = np.flatnonzero(dup_vals[at] == h)
+    order = sub[np.argsort(h[sub], kind="stable")]
+    eq = np.flatnonzero(h[order[1:]] == h[order[:-1]])
+    a, b = g[order[eq]], g[order[eq + 1]]
+    same = grow[order[eq]] == grow[order[eq + 1]]
+    step = max(1, 1_000_000 // n)
+    for lo in range(0, len(eq), step):  # check the words of each pair, code point by code point (bounded memory)
+        sl = slice(lo, lo + step)
+        same[sl] &= _same_words(t, word_starts, word_ends, a[sl], b[sl], n)
+    repeats = np.bincount(grow[order[eq + 1]][same], minlength=t.n)
+    collided[grow[order[eq]][~same]] = True
+    collided[grow[order[eq + 1]][~same]] = True
+    return count, repeats, collided
+
+
+def _mark(size: int, positions: np.ndarray) -> np.ndarray:
+    mask = np.zeros(size, dtype=bool)
+    mask[positions] = True
+    return mask
+
+
+def _same_words(t: _Texts, ws: np.ndarray, we: np.ndarray, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
+    """For word positions a[i], b[i]: are the n words from each equal in lower case?"""
+    wa = (a[:, None] + np.arange(n)).ravel()
+    wb = (b[:, None] + np.arange(n)).ravel()
+    la, lb = we[wa] - ws[wa], we[wb] - ws[wb]
+    ok = la == lb
+    lens = np.where(ok, la, 0)
+    k = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    pa_ = np.repeat(ws[wa], lens) + k
+    pb_ = np.repeat(ws[wb], lens) + k
+    bad = np.repeat(np.arange(len(wa)), lens)[(t.info[pa_] & CP) != (t.info[pb_] & CP)]
+    ok[bad] = False
+    return ok.reshape(len(a), n).all(axis=1)
+
+
+def _conversation_texts(messages: pa.Array) -> tuple[pa.Array, pa.Array, np.ndarray, np.ndarray]:
+    """(prompt text, response text, assistant messages, any message with tool calls) per row, as
+    :func:`curate.records.prompt_text` / :func:`~curate.records.response_text` make them."""
+    if isinstance(messages, pa.ChunkedArray):
+        messages = messages.combine_chunks() if messages.num_chunks != 1 else messages.chunk(0)
+    n = len(messages)
+    flat = pc.list_flatten(messages)
+    parent = pc.list_parent_indices(messages).to_numpy(zero_copy_only=False)
+    role = pc.fill_null(pc.struct_field(flat, "role"), "")
+    content = pc.struct_field(flat, "content")
+    calls = pc.struct_field(flat, "tool_calls")
+    is_assistant = pc.equal(role, "assistant").to_numpy(zero_copy_only=False)
+    has_content = pc.fill_null(pc.greater(pc.utf8_length(content), 0), False).to_numpy(zero_copy_only=False)
+    has_calls = pc.fill_null(pc.greater(pc.utf8_length(calls), 0), False).to_numpy(zero_copy_only=False)
+
+    def joined(keep: np.ndarray) -> pa.Array:
+        idx = np.flatnonzero(keep)
+        offsets = np.concatenate(([0], np.cumsum(np.bincount(parent[idx], minlength=n)))).astype(np.int32)
+        lists = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), content.take(pa.array(idx, pa.int64())))
+        return pc.binary_join(lists, "\n\n")
+
+    turns = np.bincount(parent[is_assistant], minlength=n)
+    tools = np.bincount(parent[has_calls], minlength=n) > 0
+    return joined(~is_assistant & has_content), joined(is_assistant & has_content), turns, tools
+
+
+def _components_json(ngrams: np.ndarray, reason_bits: np.ndarray) -> pa.Array:
+    """``json.dumps({"reasons": …, "ngrams": …}, ensure_ascii=False, sort_keys=True)`` per row."""
+    tails = []
+    for bits in range(1 << len(REASONS)):
+        reasons = [r for i, r in enumerate(REASONS) if bits >> i & 1]
+        tails.append(", \"reasons\": " + json.dumps(reasons, ensure_ascii=False) + "}")
+    tail = pa.array(tails, pa.string()).take(pa.array(reason_bits, pa.int64()))
+    head = pa.array(["{\"ngrams\": "] * 1, pa.string()).take(pa.array(np.zeros(len(ngrams), np.int64)))
+    return pc.binary_join_element_wise(head, pc.cast(pa.array(ngrams, pa.int64()), pa.string()), tail, "")
 
 
 class HeuristicScorer(Scorer):
@@ -57,6 +398,7 @@ class HeuristicScorer(Scorer):
         "degenerate": "flag",
     }
     batch_rows = 2048
+    table_rows = 4096
     collapse_check = False  # counts and flags are naturally concentrated (most rows have one turn)
 
     class Params(Scorer.Params):
@@ -82,37 +424,55 @@ class HeuristicScorer(Scorer):
         return [len(ids) for ids in enc]
 
     def score_batch(self, records: list[dict[str, Any]]) -> list[Score]:
+        from curate.records import MESSAGE_TYPE
+
+        table = pa.table({"messages": pa.array([r["messages"] for r in records], pa.list_(MESSAGE_TYPE))})
+        return self.score_table(table).to_scores(self.outputs)
+
+    def score_table(self, table: pa.Table) -> ScoreColumns:
+        """Every output for the rows of ``table`` (its ``messages`` column), without per-row Python objects."""
         p = self.params
-        prompts = [prompt_text(r["messages"]) for r in records]
-        responses = [response_text(r["messages"]) for r in records]
-        ptoks = self._count_tokens(prompts)
-        rtoks = self._count_tokens(responses)
-        out = []
-        for rec, prompt, resp, pt, rt in zip(records, prompts, responses, ptoks, rtoks):
-            rep, ngrams = repetition_ratio(resp, p.ngram)
-            reasons = []
-            if not _ALNUM.search(resp) and not any(m.get("tool_calls") for m in rec["messages"]):
-                reasons.append("no_alnum")
-            if resp.strip().lower() == prompt.strip().lower():
-                reasons.append("copies_prompt")
-            if ngrams >= p.min_ngrams and rep > p.max_repetition:
-                reasons.append("repetitive")
-            chars = [c for c in resp if not c.isspace()]
-            if len(chars) >= p.min_chars_for_share:
-                top = Counter(chars).most_common(1)[0][1]
-                if top / len(chars) > p.max_char_share:
-                    reasons.append("char_run")
-            values = {
-                "prompt_chars": float(len(prompt)),
-                "response_chars": float(len(resp)),
-                "prompt_tokens": float(pt),
-                "response_tokens": float(rt),
-                "turns": float(sum(m["role"] == "assistant" for m in rec["messages"])),
-                "repetition": rep,
-                "degenerate": 1.0 if reasons else 0.0,
-            }
-            out.append(Score(values, components={"reasons": reasons, "ngrams": ngrams}, n_tokens_in=pt + rt, n_tokens_used=pt + rt))
-        return out
+        prompt_s, resp_s, turns, tools = _conversation_texts(table.column("messages"))
+        prompt, resp = _Texts(prompt_s), _Texts(resp_s)
+        n = resp.n
+        rws, rwe = _words(resp)
+        if p.tokenizer == "regex":
+            ptok, rtok = _regex_tokens(prompt, _words(prompt)[0]), _regex_tokens(resp, rws)
+        else:  # an HF tokenizer: batched over this chunk's strings
+            ptok = np.array(self._count_tokens(prompt_s.to_pylist()), dtype=np.int64).reshape(n)
+            rtok = np.array(self._count_tokens(resp_s.to_pylist()), dtype=np.int64).reshape(n)
+        count, repeats, collided = _ngram_repeats(resp, rws, rwe, p.ngram)
+        rep = repeats / np.maximum(count, 1)  # 0.0 where there is no n-gram
+        bits = np.zeros(n, dtype=np.int64)
+        bits |= ((resp.per_row((resp.info & ALNUM) != 0) == 0) & ~tools).astype(np.int64) << 0
+        bits |= _copies_prompt(resp, prompt).astype(np.int64) << 1
+        bits |= ((count >= p.min_ngrams) & (rep > p.max_repetition)).astype(np.int64) << 2
+        bits |= _char_share_exceeds(resp, p.min_chars_for_share, p.max_char_share).astype(np.int64) << 3
+        values = {
+            "prompt_chars": prompt.lengths.astype(np.float64),
+            "response_chars": resp.lengths.astype(np.float64),
+            "prompt_tokens": ptok.astype(np.float64),
+            "response_tokens": rtok.astype(np.float64),
+            "turns": turns.astype(np.float64),
+            "repetition": rep.astype(np.float64),
+            "degenerate": (bits > 0).astype(np.float64),
+        }
+        used = (ptok + rtok).astype(np.int64)
+        components = _components_json(count, bits)
+        # rows the tables cannot do exactly (see the module docstring): the reference, row by row
+        special = (resp.per_row((resp.info & SPECIAL) != 0) > 0) | (prompt.per_row((prompt.info & SPECIAL) != 0) > 0)
+        redo = np.flatnonzero(collided | special)
+        if len(redo):
+            rows = table.column("messages").take(pa.array(redo, pa.int64())).to_pylist()
+            comp = components.to_pylist()
+            for i, msgs in zip(redo, rows):
+                vals, c, u = _reference_row(msgs, p, int(ptok[i]), int(rtok[i]))
+                for k, v in vals.items():
+                    values[k][i] = v
+                used[i] = u
+                comp[i] = json.dumps(c, ensure_ascii=False, sort_keys=True, default=float)
+            components = pa.array(comp, pa.string())
+        return ScoreColumns(values=values, components=components, n_tokens_in=used, n_tokens_used=used)
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
