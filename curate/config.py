@@ -169,6 +169,19 @@ class FlowSpec(Strict):
     flow_path: str | None = Field(None, exclude=True)
 
     @model_validator(mode="after")
+    def _precomputed_embeddings_are_used(self):
+        for i, inp in enumerate(self.inputs):
+            emb = inp.embedding
+            if emb is None:
+                continue
+            e = self.embed
+            if e is None or e.method != "precomputed" or e.model != emb.producer:
+                now = "there is no embed section" if e is None else f"embed has method '{e.method}', model '{e.model}'"
+                raise ValueError(f"inputs[{i}] carries embeddings made by '{emb.producer}': set `embed: {{method: precomputed, "
+                                 f"model: {emb.producer}}}` ({now})")
+        return self
+
+    @model_validator(mode="after")
     def _train_reads_an_exported_file(self):
         t, e = self.train, self.export
         if t is not None and (t.layout not in e.layouts or t.file_type not in e.file_types):
