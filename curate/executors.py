@@ -7,6 +7,13 @@
   for every future. A stage with a ``cache`` (score, embed) gets a content cache key per call, so a
   finished shard shows as ``Cached`` in the UI; a shard whose done-marker is missing from the store
   always runs, so a stale Prefect cache record never masks missing data.
+
+  With a cluster runner (``runtime.task_runner: dask | ray``) only the per-shard calls of cached
+  stages go to the flow's task runner (the cluster's workers); the calls of stages that run once
+  (ingest, select, ledger, export, report, rewrite) go to ``local_runner``, a thread pool in the
+  flow's process. Results come back in the order of ``calls``, never in completion order. On Ray,
+  a call whose model is placed on an explicit CUDA device asks Ray for one GPU (:func:`task_gpus`):
+  Ray hides the GPUs from tasks that did not ask for one.
 """
 
 from __future__ import annotations
@@ -14,6 +21,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+
+def task_gpus(call: dict[str, Any]) -> int:
+    """1 when a call runs a model on an explicit CUDA device, else 0.
+
+    Looks at the call's arguments, not at the stage: an argument with a ``device`` (the embed
+    spec) or with ``params["device"]`` (a scorer's step) that starts with ``cuda``. ``auto`` asks
+    for nothing: it means "a GPU if this worker sees one"."""
+    for value in call.values():
+        device = getattr(value, "device", None)
+        if device is None and isinstance(getattr(value, "params", None), dict):
+            device = value.params.get("device")
+        if isinstance(device, str) and device.startswith("cuda"):
+            return 1
+    return 0
 
 
 class LocalExecutor:
@@ -36,8 +58,9 @@ class PrefectExecutor(LocalExecutor):
 
     name = "prefect"
 
-    def __init__(self, result_dir: Path) -> None:
+    def __init__(self, result_dir: Path, local_runner: Any = None) -> None:
         self.result_dir = Path(result_dir)
+        self.local_runner = local_runner  # a started Prefect task runner for stages without a shard cache
         self._tasks: dict[tuple[str, str, bool], Any] = {}
 
     def _task(self, stage: Any, fn: Callable, task_name: str, refresh: bool = False):
@@ -68,12 +91,29 @@ class PrefectExecutor(LocalExecutor):
 
         task_name = task_name or stage.name
         # a model-stage shard whose done-marker is missing always runs (and rewrites its cache record)
-        futures = [self._task(stage, fn, task_name, stage.cache is not None and stage.cache.stale(kw)).submit(**kw) for kw in calls]
+        if stage.cache is None and self.local_runner is not None:
+            task = self._task(stage, fn, task_name)
+            futures = [self.local_runner.submit(task, parameters=kw) for kw in calls]
+        else:
+            futures = [self._submit(self._task(stage, fn, task_name, stage.cache is not None and stage.cache.stale(kw)), kw) for kw in calls]
         wait(futures)  # every future resolves before we look at any, so none is left unfinished
         results = [f.result() for f in futures]  # raises the first failure
         # a Cached task replays the manifest of the run that computed it; in this run it computed nothing
         return [r.model_copy(update={"computed_rows": 0, "seconds": 0.0}) if f.state.name == "Cached" else r
                 for f, r in zip(futures, results)]
+
+    def _submit(self, task: Any, call: dict[str, Any]) -> Any:
+        """Submit to the flow's task runner; on Ray, with a GPU for a call that needs one."""
+        if self.local_runner is not None and task_gpus(call):
+            from prefect.context import FlowRunContext
+
+            ctx = FlowRunContext.get()
+            if ctx is not None and type(ctx.task_runner).__name__ == "RayTaskRunner":
+                from prefect_ray.context import remote_options
+
+                with remote_options(num_gpus=task_gpus(call)):
+                    return task.submit(**call)
+        return task.submit(**call)
 
     def describe(self) -> dict[str, Any]:
         from prefect.runtime import flow_run
