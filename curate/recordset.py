@@ -76,53 +76,91 @@ def iter_shards(sets: list[RecordSetRef]) -> Iterator[ShardRef]:
         yield from rs.shards
 
 
-def take_records(sets: list[RecordSetRef], ids: list[str] | set[str] | None = None, rows: list[int] | None = None) -> pa.Table:
+def take_records(sets: list[RecordSetRef], ids=None, rows=None) -> pa.Table:
     """The rows of ``sets`` whose sample_id is in ``ids`` (or whose row number is in ``rows``),
-    filtered shard by shard with Arrow (never the whole sets as Python objects), sorted by row."""
-    column, wanted = ("sample_id", pa.array(sorted(set(ids)), pa.string())) if rows is None else ("row", pa.array(sorted(set(rows)), pa.int64()))
+    sorted by row. ``ids``/``rows``: a list, set, numpy array or Arrow array. Each shard's key column
+    is read first and the whole shard only when it holds a wanted row (never the whole sets as
+    Python objects)."""
+    if rows is None:
+        column, wanted = "sample_id", pc.unique(_arrow(ids, pa.string()))
+    else:
+        column, wanted = "row", pc.unique(_arrow(rows, pa.int64()))
     parts = []
     for shard in iter_shards(sets):
-        t = read_shard(shard)
-        parts.append(t.filter(pc.is_in(t.column(column), value_set=wanted)))
+        mask = pc.is_in(pq.read_table(shard.path, columns=[column]).column(0), value_set=wanted)
+        if pc.any(mask).as_py():
+            parts.append(read_shard(shard).filter(mask))
     table = pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
     return table.take(pc.sort_indices(table, [("row", "ascending")]))
+
+
+def _arrow(values, type_: pa.DataType) -> pa.Array:
+    """``values`` (list, set, numpy array, Arrow or Polars column) as one Arrow array of ``type_``."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    elif isinstance(values, (set, frozenset)):
+        values = sorted(values)
+    elif hasattr(values, "to_arrow"):  # a Polars Series
+        values = values.to_arrow()
+    return pa.array(values, type_) if not isinstance(values, pa.Array) else values.cast(type_)
 
 
 # -- what the store holds for a set's rows ----------------------------------------------------------
 
 
-def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids: list[str]):
-    """Scores aligned with ``ids``: ``scores`` (name -> float64 array), ``statuses`` (scorer -> list),
-    ``errors`` (scorer -> list of (error_class, message) or None), ``orientation`` (name -> str).
+def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
+    """Scores aligned with ``ids`` (distinct sample_ids: a list, numpy array or Arrow array):
+    ``scores`` (name -> float64 array), ``statuses`` (scorer -> numpy object array; one shared
+    string object per distinct status, never one per row), ``errors`` (scorer -> {position:
+    (error_class, message)} for the rows whose status is in :data:`QUARANTINE_STATUSES`),
+    ``orientation`` (name -> str).
 
-    ``scorers``: label -> (step spec, store key). Rows never scored get NaN and status ``missing``.
+    ``scorers``: label -> (step spec, store key). Each scorer's store parts are scanned lazily with
+    Polars, joined on ``sample_id`` to the positions of ``ids`` and pivoted from long (one row per
+    variant) to wide. Rows never scored get NaN and status ``missing``. As
+    :meth:`curate.store.Collection.read`: a (sample_id, variant) stored twice (concurrent writers)
+    counts once, the first in part order; a row's status is that of its last stored variant.
     """
+    import polars as pl
+
     from curate.scorers import scorer_class
 
-    pos = {sid: i for i, sid in enumerate(ids)}
+    id_frame = pl.DataFrame({"sample_id": pl.from_arrow(_arrow(ids, pa.string()))}).with_row_index("_pos").lazy()
     n = len(ids)
     scores: dict[str, np.ndarray] = {}
-    statuses: dict[str, list] = {}
-    errors: dict[str, list] = {}
+    statuses: dict[str, np.ndarray] = {}
+    errors: dict[str, dict[int, tuple[str | None, str | None]]] = {}
     orientation: dict[str, str] = {}
     for label, (step, key) in scorers.items():
         outputs = scorer_class(step.method).outputs
-        status = ["missing"] * n
-        errs: list[tuple[str | None, str | None] | None] = [None] * n
+        status = np.full(n, "missing", dtype=object)
+        errs: dict[int, tuple[str | None, str | None]] = {}
         for variant, orient in outputs.items():
             scores[f"{label}.{variant}"] = np.full(n, np.nan)
             orientation[f"{label}.{variant}"] = orient
-        table = Store(store_dir).scores(key).read(ids, columns=["sample_id", "variant", "score", "status", "error_class", "message"])
-        if table is not None:
-            cols = table.to_pydict()
-            for sid, variant, value, st, ec, msg in zip(cols["sample_id"], cols["variant"], cols["score"], cols["status"], cols["error_class"], cols["message"]):
-                i = pos[sid]
-                name = f"{label}.{variant}"
-                if name in scores:
-                    scores[name][i] = np.nan if value is None else value
-                status[i] = st
-                if st in QUARANTINE_STATUSES:
-                    errs[i] = (ec, msg)
+        parts = Store(store_dir).scores(key).parts()
+        if parts:
+            def scan(columns):  # every part, in part order, with the global index of each stored row
+                return pl.concat([pl.scan_parquet(p).select(columns) for p in parts], how="vertical_relaxed").with_row_index("_i")
+
+            long = (scan(["sample_id", "variant", "score", "status"])
+                    .join(id_frame, on="sample_id", how="inner", maintain_order="left").drop("sample_id")
+                    .unique(subset=["_pos", "variant"], keep="first", maintain_order=True).collect())
+            wide = long.pivot(on="variant", index="_pos", values="score")
+            at = wide["_pos"].to_numpy()
+            for variant in outputs:
+                if variant in wide.columns:
+                    scores[f"{label}.{variant}"][at] = wide[variant].fill_null(np.nan).to_numpy()
+            last = long.unique(subset=["_pos"], keep="last", maintain_order=True)
+            last_pos, last_status = last["_pos"].to_numpy(), last["status"]
+            for st in last_status.unique(maintain_order=True).to_list():  # a handful of distinct statuses
+                status[last_pos[(last_status.is_null() if st is None else (last_status == st).fill_null(False)).to_numpy()]] = st
+            bad = long.filter(pl.col("status").is_in(QUARANTINE_STATUSES)).select("_i", "_pos")
+            if bad.height:
+                found = (scan(["status", "error_class", "message"]).filter(pl.col("status").is_in(QUARANTINE_STATUSES))
+                         .join(bad.lazy(), on="_i", how="inner").sort("_i").collect())
+                for pos, ec, msg in found.select("_pos", "error_class", "message").iter_rows():
+                    errs[pos] = (ec, msg)  # the last stored quarantine row of a sample_id wins
         statuses[label] = status
         errors[label] = errs
     return scores, statuses, errors, orientation
@@ -142,7 +180,7 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
     parts = collection.parts()
     if not parts:
         raise RuntimeError("no embeddings stored for this run")
-    if not ids:
+    if len(ids) == 0:  # ids: a list or a numpy array (the select stage's pool)
         first = pq.read_table(parts[0], columns=["vector"]).column(0).combine_chunks()
         return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
     id_array = pa.array(ids, pa.string())

@@ -235,7 +235,7 @@ class Delift(Selector):
     def select(self, pool: Pool) -> StepResult:
         p = self.params
         n = len(pool)
-        src = np.array(pool.sources or [None] * n, dtype=object)
+        src = np.array(pool.sources if pool.sources is not None else [None] * n, dtype=object)  # a list or a numpy array
         ref_source = {"flmi": p.query_source, "flcg": p.private_source}.get(p.stage)
         if p.stage != "facility_location" and not ref_source:
             raise ValueError(f"delift stage {p.stage} needs {'query_source' if p.stage == 'flmi' else 'private_source'}")

@@ -9,84 +9,145 @@ round decides the rows of its own pool. Writes, under ``<output_dir>``:
 - ``ledger.parquet``: one row per input row (reconciled against the input count);
 - ``derived_ledger.parquet``: one row per derived row, with ``origin`` and ``parents``;
 - ``lineage.parquet``: each derived row with its parents (ids and rows), record set and generation record.
+
+The ledgers are assembled with Polars: each later decision replaces the rows it names (an anti-join
+plus a concatenation), derived rows get their provenance by a join on ``row`` and parents their row
+numbers by a join on ``sample_id`` — no Python object per row.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from curate.io import write_parquet
-from curate.ledger import DERIVED_LEDGER_SCHEMA, LINEAGE_SCHEMA, ledger_table, reconcile
+from curate.ledger import DERIVED_LEDGER_SCHEMA, LEDGER_SCHEMA, LINEAGE_SCHEMA, reconcile
 from curate.manifests import LedgerRef, RecordSetRef, RewriteRef, SelectionRef
-from curate.recordset import read_records
+from curate.records import RECORD_SCHEMA
+
+IDENTITY = ["sample_id", "source", "source_index", "source_line"]
+DECISION = ["outcome", "stage", "reason", "detail", "rank"]
 
 
 def rows_leaving_pool(rewrites: list[RewriteRef]) -> list[int]:
     """Input rows a rewrite used or dropped: with ``pool: derived`` they leave the next round."""
-    rows: set[int] = set()
-    for rw in rewrites:
-        t = pq.read_table(rw.dispositions_path, columns=["row", "disposition"]).to_pydict()
-        rows.update(r for r, d in zip(t["row"], t["disposition"]) if d in ("used", "dropped"))
-    return sorted(rows)
+    import polars as pl
+
+    if not rewrites:
+        return []
+    disp = pl.concat([pl.scan_parquet(rw.dispositions_path).select("row", "disposition") for rw in rewrites], how="vertical_relaxed")
+    return disp.filter(pl.col("disposition").is_in(["used", "dropped"])).select(pl.col("row").unique().sort()).collect()["row"].to_list()
 
 
-def _rewrite_outcomes(rw: RewriteRef) -> list[dict]:
-    t = pq.read_table(rw.dispositions_path).to_pylist()
-    out = []
-    for d in t:
-        if d["disposition"] == "used":
-            out.append((d["row"], "not_selected", "rewritten", f"used in {d['n_derived']} derived rows of '{rw.name}' (see lineage.parquet)"))
-        elif d["disposition"] == "dropped":
-            out.append((d["row"], "filtered", d["reason"] or "dropped", d["detail"]))
-    return [{"row": r, "outcome": o, "stage": f"rewrite:{rw.name}", "reason": reason, "detail": detail} for r, o, reason, detail in out]
+def _rewrite_outcomes(rw: RewriteRef):
+    """What became of the input rows a rewrite used (``not_selected``/``rewritten``) or dropped
+    (``filtered`` with the rewriter's reason), in the order of its dispositions file."""
+    import polars as pl
+
+    d = pl.read_parquet(rw.dispositions_path, columns=["row", "disposition", "reason", "detail", "n_derived"])
+    used = pl.col("disposition") == "used"
+    return d.filter(pl.col("disposition").is_in(["used", "dropped"])).select(
+        "row",
+        outcome=pl.when(used).then(pl.lit("not_selected")).otherwise(pl.lit("filtered")),
+        stage=pl.lit(f"rewrite:{rw.name}"),
+        reason=pl.when(used).then(pl.lit("rewritten"))
+        .otherwise(pl.when(pl.col("reason").fill_null("") == "").then(pl.lit("dropped")).otherwise(pl.col("reason"))),
+        detail=pl.when(used).then(pl.format("used in {} derived rows of '{}' (see lineage.parquet)",
+                                            pl.col("n_derived").cast(pl.String).fill_null("None"), pl.lit(rw.name)))
+        .otherwise(pl.col("detail")),
+    )
+
+
+def _replace(book, new):
+    """``book`` with the rows ``new`` names replaced by ``new``'s (the last of a row in ``new`` wins)."""
+    new = new.unique(subset=["row"], keep="last", maintain_order=True)
+    return pl_concat([book.join(new.select("row"), on="row", how="anti"), new.select(book.columns)])
+
+
+def pl_concat(frames):
+    import polars as pl
+
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def _read(rs: RecordSetRef, columns: list[str]):
+    """Columns of a record set's rows, in shard order (one lazy Polars scan over its shards)."""
+    import polars as pl
+
+    if not rs.shards:
+        return pl.from_arrow(pa.schema([RECORD_SCHEMA.field(c) for c in columns]).empty_table())
+    return pl.scan_parquet([s.path for s in rs.shards]).select(columns).collect()
+
+
+def _arrow(frame, schema: pa.Schema) -> pa.Table:
+    """A Polars frame as an Arrow table of exactly ``schema`` (its column order, types, one chunk)."""
+    if frame.height == 0:
+        return pa.Table.from_pylist([], schema=schema)
+    return frame.select(schema.names).to_arrow().cast(schema).combine_chunks()
 
 
 def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_input: int, input_set: RecordSetRef, pool: str,
                  out_dir: str) -> LedgerRef:
+    import polars as pl
+
     out = Path(out_dir)
-    book: dict[int, dict] = {r["row"]: r for r in pq.read_table(selections[0].ledger_path).to_pylist()}
-    derived_sets = [rw.derived for rw in rewrites]
-    derived_rows = {rs.name: read_records(rs, ["row", "sample_id", "source", "source_index", "source_line", "origin", "parents", "generation"])
-                    .to_pylist() for rs in derived_sets}  # read once: ledger provenance and lineage
-    ident: dict[int, dict] = {r["row"]: r for rows in derived_rows.values() for r in rows}  # derived row -> its provenance
+    book = pl.read_parquet(selections[0].ledger_path).select(LEDGER_SCHEMA.names)
+    columns = ["row", "sample_id", "source", "source_index", "source_line", "origin", "parents", "generation"]
+    derived_rows = {rw.derived.name: _read(rw.derived, columns) for rw in rewrites}  # read once: ledger provenance and lineage
+    ident = [f.select(columns[:-1]) for f in derived_rows.values()]  # derived row -> its provenance
     for rw in rewrites:
         if pool == "derived":
-            for e in _rewrite_outcomes(rw):
-                book[e["row"]] = {**book[e["row"]], **e, "rank": None}
-        for q in pq.read_table(rw.quarantine_path).to_pylist():
-            ident[q["row"]] = {"row": q["row"], "sample_id": None, "source": f"rewrite:{rw.name}", "source_index": q["row"],
-                               "source_line": None, "origin": q["origin"], "parents": q["parents"]}
-            book[q["row"]] = {"row": q["row"], "outcome": "quarantined", "stage": f"rewrite:{rw.name}", "reason": q["reason"],
-                              "detail": q["detail"], "rank": None}
+            e = _rewrite_outcomes(rw).unique(subset=["row"], keep="last", maintain_order=True)
+            merged = e.join(book.select("row", *IDENTITY), on="row", how="inner", maintain_order="left")
+            if merged.height != e.height:
+                missing = e.join(book.select("row"), on="row", how="anti")["row"][0]
+                raise KeyError(f"rewrite '{rw.name}' decided row {missing}, which no earlier ledger holds")
+            book = _replace(book, merged.with_columns(rank=pl.lit(None, pl.Int64)))
+        q = pl.read_parquet(rw.quarantine_path)
+        if q.height:
+            ident.append(q.select("row", sample_id=pl.lit(None, pl.String), source=pl.lit(f"rewrite:{rw.name}"), source_index=pl.col("row"),
+                                  source_line=pl.lit(None, pl.Int64), origin="origin", parents="parents"))
+            book = _replace(book, q.select("row", sample_id=pl.lit(None, pl.String), source=pl.lit(None, pl.String),
+                                           source_index=pl.lit(None, pl.Int64), source_line=pl.lit(None, pl.Int64),
+                                           outcome=pl.lit("quarantined"), stage=pl.lit(f"rewrite:{rw.name}"), reason="reason",
+                                           detail="detail", rank=pl.lit(None, pl.Int64)))
     for sel in selections[1:]:
-        for r in pq.read_table(sel.ledger_path).to_pylist():
-            book[r["row"]] = r
+        book = _replace(book, pl.read_parquet(sel.ledger_path).select(LEDGER_SCHEMA.names))
 
-    inputs = [book[r] for r in sorted(book) if r < n_input]
-    derived = []
-    for r in sorted(row for row in book if row >= n_input):
-        e, who = book[r], ident[r]
-        derived.append({**e, "sample_id": who["sample_id"], "source": who["source"], "source_index": who["source_index"],
-                        "source_line": who["source_line"], "origin": who["origin"], "parents": who["parents"]})
+    book = book.sort("row", maintain_order=True)
+    inputs = book.filter(pl.col("row") < n_input)
+    derived = book.filter(pl.col("row") >= n_input).select("row", *DECISION)
+    if ident:
+        who = pl_concat(ident).unique(subset=["row"], keep="last", maintain_order=True)
+        derived = derived.join(who.with_columns(_who=pl.lit(True)), on="row", how="left", maintain_order="left")
+        if derived["_who"].null_count():
+            raise KeyError(f"derived row {derived.filter(pl.col('_who').is_null())['row'][0]} has no provenance")
+    elif derived.height:
+        raise KeyError(f"derived row {derived['row'][0]} has no provenance")
     n_derived = sum(rw.n_derived for rw in rewrites)
-    ledger_t = ledger_table(inputs)
+    ledger_t = _arrow(inputs, LEDGER_SCHEMA)
     counts = reconcile(ledger_t, n_input)
-    derived_t = ledger_table(derived, DERIVED_LEDGER_SCHEMA)
+    derived_t = _arrow(derived, DERIVED_LEDGER_SCHEMA)
     derived_counts = reconcile(derived_t, n_derived, first_row=n_input)
     path = write_parquet(out / "ledger.parquet", ledger_t)
     derived_path = write_parquet(out / "derived_ledger.parquet", derived_t)
 
-    row_of: dict[str, int] = {}  # a parent's row: the first row with its content (a rewrite can reproduce its parent)
-    inputs_ids = read_records(input_set, ["sample_id", "row"]).to_pydict()
-    for sid, row in zip(inputs_ids["sample_id"], inputs_ids["row"]):
-        row_of.setdefault(sid, row)
-    for rows in derived_rows.values():
-        for r in rows:
-            row_of.setdefault(r["sample_id"], r["row"])
-    lineage = [{**r, "parent_rows": [row_of.get(p) for p in r["parents"] or []], "recordset": name}
-               for name, rows in derived_rows.items() for r in rows]
-    lineage_path = write_parquet(out / "lineage.parquet", ledger_table(lineage, LINEAGE_SCHEMA))
+    lineage = pl_concat([f.with_columns(recordset=pl.lit(name)) for name, f in derived_rows.items()]) if derived_rows else None
+    if lineage is not None and lineage.height:
+        # a parent's row: the first row with its content (a rewrite can reproduce its parent)
+        known = pl_concat([_read(input_set, ["sample_id", "row"]),
+                           *(f.select("sample_id", "row") for f in derived_rows.values())])
+        parent_ids = lineage.select(pl.col("parents").explode()).drop_nulls().unique()
+        row_of = (known.join(parent_ids, left_on="sample_id", right_on="parents", how="semi")
+                  .unique(subset=["sample_id"], keep="first", maintain_order=True).rename({"row": "_parent_row"}))
+        lineage = lineage.with_row_index("_k")
+        found = (lineage.select("_k", "parents").explode("parents")
+                 .join(row_of, left_on="parents", right_on="sample_id", how="left", maintain_order="left")
+                 .group_by("_k", maintain_order=True).agg(pl.col("_parent_row")))
+        lineage = lineage.join(found, on="_k", how="left", maintain_order="left").with_columns(
+            parent_rows=pl.when(pl.col("parents").list.len().fill_null(0) == 0).then(pl.lit([], pl.List(pl.Int64)))
+            .otherwise(pl.col("_parent_row")))
+    lineage_path = write_parquet(out / "lineage.parquet", _arrow(lineage if lineage is not None else pl.DataFrame(), LINEAGE_SCHEMA))
     return LedgerRef(path=str(path), derived_path=str(derived_path), lineage_path=str(lineage_path), n_input=n_input, n_derived=n_derived,
                      counts=counts, derived_counts=derived_counts)

@@ -10,6 +10,11 @@ Outputs under ``<output_dir>/<name>/`` (``select`` for the first round, ``select
 - ``ledger.parquet``: the outcome of every pool row (the first round also carries the ingest
   outcomes, so that file alone covers every input row; see :mod:`curate.ledger`).
 - the kept rows as the record set ``<name>`` (``<output_dir>/recordsets/<name>/``).
+
+The pool is held as columns, never as one Python object per row: the provenance columns come from a
+lazy Polars scan of the shards, sample_ids are a fixed-width numpy array, sources and tasks numpy
+object arrays that share one string object per distinct value, and the ledger is assembled from
+Arrow columns (each step's rows taken from its :class:`~curate.select.base.StepResult` at once).
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ import pyarrow.parquet as pq
 
 from curate.config import StepSpec
 from curate.io import write_parquet, write_text
-from curate.ledger import ledger_table
+from curate.ledger import LEDGER_SCHEMA
 from curate.ledger import counts as ledger_counts
 from curate.manifests import RecordSetRef, SelectionRef
-from curate.records import sha256_hex
-from curate.recordset import QUARANTINE_STATUSES, load_embeddings, read_records, take_records, wide_scores, write_recordset
+from curate.records import RECORD_SCHEMA, sha256_hex
+from curate.recordset import QUARANTINE_STATUSES, load_embeddings, take_records, wide_scores, write_recordset
 from curate.select import Pool, selector_class
 
 META = ["sample_id", "row", "source", "source_index", "source_line", "task"]
+IDENTITY = ["row", "sample_id", "source", "source_index", "source_line"]  # the pool columns a ledger row carries
 
 
 def select_stage(
@@ -57,35 +63,35 @@ def select_stage(
     before this round (the ingest outcomes), copied into this round's ledger file. A row whose content repeats an earlier row of the
     pool (a rewrite can reproduce its parent) is ``filtered`` as ``exact_duplicate``."""
     out = Path(out_dir)
-    meta = read_records(pool_sets, META)
-    if exclude_rows:
-        meta = meta.filter(pc.invert(pc.is_in(meta.column("row"), value_set=pa.array(exclude_rows, pa.int64()))))
-    ledger: list[dict] = pq.read_table(prior_ledger).to_pylist() if prior_ledger else []
-    meta, duplicates = _first_of_each_id(meta)
-    for d in duplicates:
-        first_row = d.pop("first_row")
-        ledger.append({**d, "outcome": "filtered", "stage": name, "reason": "exact_duplicate",
-                       "detail": f"same content as row {first_row} (sample_id {d['sample_id'][:12]}…)", "rank": None})
-    ids: list[str] = meta.column("sample_id").to_pylist()
-    rows = np.asarray(meta.column("row").to_pylist(), dtype=np.int64)
-    n = len(ids)
-    m = meta.to_pydict()
+    meta = pool_meta(pool_sets, exclude_rows)
+    book = _Ledger(meta)
+    if prior_ledger:
+        book.add_table(pq.read_table(prior_ledger))
+    first, first_row = _first_of_each_id(meta)
+    if not first.all():
+        dup = np.flatnonzero(~first)
+        head = pc.utf8_slice_codeunits(meta.column("sample_id").take(pa.array(dup, pa.int64())), 0, 12).combine_chunks()
+        detail = pc.binary_join_element_wise("same content as row ", pa.array(first_row[dup]).cast(pa.string()), " (sample_id ", head, "…)", "")
+        book.add(dup, "filtered", name, "exact_duplicate", detail)
+        meta = meta.filter(pa.array(first))
+        book.meta = meta
+    rows = meta.column("row").to_numpy()
+    n = meta.num_rows
+    ids = fixed_width_strings(meta.column("sample_id"))
 
-    scores, statuses, errors, orientation = wide_scores(store_dir, scorers, ids)
-
-    def entry(i: int, outcome: str, stage: str, reason: str | None, detail: str | None, rank=None) -> dict:
-        return {"row": int(rows[i]), "sample_id": ids[i], "source": m["source"][i], "source_index": m["source_index"][i],
-                "source_line": m["source_line"][i], "outcome": outcome, "stage": stage, "reason": reason, "detail": detail, "rank": rank}
+    scores, statuses, errors, orientation = wide_scores(store_dir, scorers, meta.column("sample_id"))
 
     # rows whose scoring failed (an exception, not a data status) are quarantined
     alive = np.ones(n, dtype=bool)
     for label in scorers:
-        for i, (st, err) in enumerate(zip(statuses[label], errors[label])):
-            if alive[i] and st in QUARANTINE_STATUSES:
-                alive[i] = False
-                ledger.append(entry(i, "quarantined", f"score:{label}", err[0] or st, err[1]))
-            elif alive[i] and st == "missing":
-                raise RuntimeError(f"row {rows[i]} has no stored score for '{label}': the score stage did not finish")
+        st = statuses[label]
+        missing = np.flatnonzero(alive & (st == "missing"))
+        bad = np.flatnonzero(alive & np.isin(st, QUARANTINE_STATUSES))
+        if len(missing):
+            raise RuntimeError(f"row {rows[missing[0]]} has no stored score for '{label}': the score stage did not finish")
+        err = [errors[label].get(int(i), (None, None)) for i in bad]
+        book.add(bad, "quarantined", f"score:{label}", [e[0] or s for e, s in zip(err, st[bad])], [e[1] for e in err])
+        alive[bad] = False
 
     needs_emb = any(getattr(selector_class(s.method), "needs_embeddings", False) for s in steps)
     embeddings = None
@@ -93,10 +99,11 @@ def select_stage(
         if embed_key is None:
             raise RuntimeError("a selection step needs embeddings but the flow has no embed stage")
         embeddings, emb_status = load_embeddings(store_dir, embed_key, ids)
-        for i, st in enumerate(emb_status):
-            if alive[i] and st != "ok":
-                alive[i] = False
-                ledger.append(entry(i, "quarantined", "embed", st.split(":", 1)[-1], f"embedding failed ({st})"))
+        emb_status = np.asarray(emb_status, dtype=object)
+        bad = np.flatnonzero(alive & (emb_status != "ok"))
+        book.add(bad, "quarantined", "embed", [st.split(":", 1)[-1] for st in emb_status[bad]],
+                 [f"embedding failed ({st})" for st in emb_status[bad]])
+        alive[bad] = False
 
     pool_idx = np.flatnonzero(alive)
 
@@ -104,15 +111,17 @@ def select_stage(
         """(prompt, response) of rows at these positions of the full candidate list (read from the record sets)."""
         from curate.records import prompt_text, response_text
 
-        want = {ids[p]: k for k, p in enumerate(positions)}
-        found = take_records(pool_sets, set(want)).select(["sample_id", "messages"]).to_pylist()
+        positions = np.asarray(positions, dtype=np.int64)
+        found = take_records(pool_sets, rows=rows[positions]).select(["row", "messages"])
+        at = {r: k for k, r in enumerate(rows[positions].tolist())}
         out: list = [None] * len(positions)
-        for rec in found:
-            out[want[rec["sample_id"]]] = (prompt_text(rec["messages"]), response_text(rec["messages"]))
+        for r, msgs in zip(found.column("row").to_pylist(), found.column("messages").to_pylist()):
+            out[at[r]] = (prompt_text(msgs), response_text(msgs))
         return out
 
     pool = Pool(rows=rows, ids=ids, scores=scores, orientation=orientation, embeddings=embeddings, n_input=n_input, seed=seed,
-                sources=m.get("source"), tasks=m.get("task"), text_loader=text_loader).take(alive)
+                sources=shared_strings(meta.column("source")), tasks=shared_strings(meta.column("task")),
+                text_loader=text_loader).take(alive)
     rank = np.arange(len(pool), dtype=np.int64)
     step_stats = []
     step_columns: dict[str, np.ndarray] = {}
@@ -122,8 +131,8 @@ def select_stage(
         selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir, context=context)
         res = selector.select(pool)
         stage = f"{prefix}:{s_i}:{step.label}"
-        for j in np.flatnonzero(~res.keep):
-            ledger.append(entry(int(pool_idx[j]), res.outcome, stage, res.reason[j], res.detail[j]))
+        dropped = np.flatnonzero(~res.keep)
+        book.add(pool_idx[dropped], res.outcome, stage, _take(res.reason, dropped), _take(res.detail, dropped))
         step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": len(pool), "kept": int(res.keep.sum()),
                            "outcome_of_dropped": res.outcome, **res.stats})
         for col_name, values in res.columns.items():  # aligned to the step's pool; NaN for rows it never saw
@@ -135,48 +144,144 @@ def select_stage(
         pool = pool.take(res.keep)
 
     order = np.argsort(rank, kind="stable")
-    for r, j in enumerate(order):
-        ledger.append(entry(int(pool_idx[j]), "selected", prefix, None, None, rank=r))
+    chosen = pool_idx[order]
+    book.add(chosen, "selected", prefix, None, None, rank=np.arange(len(order), dtype=np.int64))
     final_rank = np.full(n, -1, dtype=np.int64)
-    final_rank[pool_idx[order]] = np.arange(len(order))
+    final_rank[chosen] = np.arange(len(order))
 
-    ledger.sort(key=lambda r: r["row"])
-    ledger_t = ledger_table(ledger)
+    ledger_t = book.table()
     ledger_path = write_parquet(out / name / "ledger.parquet", ledger_t)
 
-    cols = {k: m[k] for k in META}
+    cols: dict[str, pa.Array] = {k: _inferred(meta.column(k)) for k in META}
     for score_name, values in scores.items():
-        cols[score_name] = values
+        cols[score_name] = pa.array(values)
     for label in scorers:
-        cols[f"{label}.status"] = statuses[label]
-    cols.update(step_columns)
-    cols["selected"] = final_rank >= 0
-    cols["rank"] = np.where(final_rank >= 0, final_rank, None)
-    table = pa.table({k: (pa.array(list(v), pa.int64()) if k == "rank" else v) for k, v in cols.items()})
-    path = write_parquet(out / name / "scores.parquet", table)
-    selected_ids = [ids[i] for i in pool_idx[order]]
-    write_text(out / name / "selected_ids.txt", "".join(f"{s}\n" for s in selected_ids))
+        cols[f"{label}.status"] = pa.array(statuses[label], pa.string() if n else pa.null())
+    for col_name, values in step_columns.items():
+        cols[col_name] = pa.array(values)
+    cols["selected"] = pa.array(final_rank >= 0)
+    cols["rank"] = pa.array(final_rank, pa.int64(), mask=final_rank < 0)
+    path = write_parquet(out / name / "scores.parquet", pa.table(cols))
+    chosen_ids = meta.column("sample_id").take(pa.array(chosen, pa.int64()))
+    write_text(out / name / "selected_ids.txt", _lines(chosen_ids))
     config = sha256_hex(*(s.model_dump_json() for s in steps), str(seed), str(n_input), *(rs.sha256 for rs in pool_sets))
-    kept = write_recordset(take_records(pool_sets, rows=rows[pool_idx].tolist()), out, name, name, config, shard_size)
-    return SelectionRef(name=name, path=str(path), ledger_path=str(ledger_path), selected=kept, n_selected=len(selected_ids),
+    kept = write_recordset(take_records(pool_sets, rows=rows[pool_idx]), out, name, name, config, shard_size)
+    return SelectionRef(name=name, path=str(path), ledger_path=str(ledger_path), selected=kept, n_selected=len(chosen),
                         counts=ledger_counts(ledger_t), steps=step_stats)
 
 
-def _first_of_each_id(meta: pa.Table) -> tuple[pa.Table, list[dict]]:
-    """The pool without rows whose sample_id appeared earlier in it, and those rows (with ``first_row``)."""
-    ids = meta.column("sample_id").to_pylist()
-    first: dict[str, int] = {}
-    keep, dups = [], []
-    rows = meta.column("row").to_pylist()
-    for i, sid in enumerate(ids):
-        if sid in first:
-            dups.append(i)
-        else:
-            first[sid] = rows[i]
-            keep.append(i)
-    if not dups:
-        return meta, []
-    dup_rows = meta.take(pa.array(dups, pa.int64())).select(["row", "sample_id", "source", "source_index", "source_line"]).to_pylist()
-    for d in dup_rows:
-        d["first_row"] = first[d["sample_id"]]
-    return meta.take(pa.array(keep, pa.int64())), dup_rows
+def pool_meta(pool_sets: list[RecordSetRef], exclude_rows=None) -> pa.Table:
+    """The ``META`` columns of every row of ``pool_sets`` (in set and shard order) less ``exclude_rows``:
+    one lazy Polars scan over the shard files, the exclusion pushed into it."""
+    import polars as pl
+
+    schema = pa.schema([RECORD_SCHEMA.field(c) for c in META])
+    paths = [s.path for rs in pool_sets for s in rs.shards]
+    if not paths:
+        return schema.empty_table()
+    lf = pl.scan_parquet(paths).select(META)
+    if exclude_rows is not None and len(exclude_rows):
+        lf = lf.filter(~pl.col("row").is_in(pl.Series(np.asarray(exclude_rows, dtype=np.int64))))
+    return lf.collect().to_arrow().cast(schema).combine_chunks()
+
+
+def _first_of_each_id(meta: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(whether each row is the first of its sample_id in the pool, the row number of that first row)."""
+    import polars as pl
+
+    frame = pl.from_arrow(meta.select(["sample_id", "row"]))
+    out = frame.select(pl.col("sample_id").is_first_distinct().alias("first"), pl.col("row").first().over("sample_id").alias("first_row"))
+    return out["first"].to_numpy(), out["first_row"].to_numpy()
+
+
+class _Ledger:
+    """The round's ledger rows, gathered as Arrow tables (one per decision: a step's dropped rows,
+    the quarantined rows of a scorer …) and ordered by row when written."""
+
+    def __init__(self, meta: pa.Table):
+        self.meta = meta  # the pool: positions given to ``add`` index its rows
+        self.parts: list[pa.Table] = []
+
+    def add_table(self, table: pa.Table) -> None:
+        self.parts.append(table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA))
+
+    def add(self, positions: np.ndarray, outcome: str, stage: str, reason, detail, rank: np.ndarray | None = None) -> None:
+        """Rows at ``positions`` of the pool; ``reason``/``detail``: one value for all, or one per row (None: null)."""
+        k = len(positions)
+        if not k:
+            return
+        idx = pa.array(positions, pa.int64())
+        cols = {c: self.meta.column(c).take(idx) for c in IDENTITY}
+        cols.update(outcome=pa.repeat(pa.scalar(outcome, pa.string()), k), stage=pa.repeat(pa.scalar(stage, pa.string()), k),
+                    reason=_per_row(reason, k), detail=_per_row(detail, k),
+                    rank=pa.nulls(k, pa.int64()) if rank is None else pa.array(rank, pa.int64()))
+        self.add_table(pa.table(cols))
+
+    def table(self) -> pa.Table:
+        """Every row once, ordered by row (a stable sort: rows keep the order they were decided in)."""
+        if not self.parts:
+            return LEDGER_SCHEMA.empty_table()
+        t = pa.concat_tables(self.parts)
+        return t.take(pc.sort_indices(t, [("row", "ascending")])).combine_chunks()
+
+
+def _per_row(values, k: int) -> pa.Array:
+    if values is None:
+        return pa.nulls(k, pa.string())
+    if isinstance(values, str):
+        return pa.repeat(pa.scalar(values, pa.string()), k)
+    if isinstance(values, pa.ChunkedArray):
+        return values.combine_chunks().cast(pa.string())
+    return pa.array(values, pa.string()) if not isinstance(values, pa.Array) else values.cast(pa.string())
+
+
+def _take(values, idx: np.ndarray) -> pa.Array:
+    """Entries ``idx`` of a per-row list (a StepResult's reasons or details) as an Arrow string array."""
+    if not len(idx):
+        return pa.nulls(0, pa.string())
+    arr = values if isinstance(values, np.ndarray) else np.asarray(values, dtype=object)
+    return pa.array(arr[idx], pa.string())
+
+
+def _inferred(col: pa.ChunkedArray) -> pa.Array:
+    """A provenance column as the score table stores it: its own type, or Arrow's null type when it
+    holds no value at all (the type a column of only None infers to)."""
+    return pa.nulls(len(col)) if col.null_count == len(col) else col.combine_chunks()
+
+
+def fixed_width_strings(col) -> np.ndarray:
+    """A string column as a numpy unicode array (``<U{width}``): converted from the Arrow buffers,
+    without a Python object per row, when every value is ASCII of one length (sample_ids are
+    64 hex digits); otherwise through Python strings."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = arr.cast(pa.string())
+    n = len(arr)
+    if n and not arr.null_count and pc.all(pc.string_is_ascii(arr)).as_py():
+        mm = pc.min_max(pc.utf8_length(arr))
+        width = mm["min"].as_py()
+        if width and width == mm["max"].as_py():
+            offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + n + 1]
+            data = np.frombuffer(arr.buffers()[2], dtype=np.uint8)[offsets[0]: offsets[-1]]
+            return data.view(f"S{width}").astype(f"U{width}")
+    return np.array(arr.to_pylist(), dtype=str) if n else np.array([], dtype="<U1")
+
+
+def shared_strings(col) -> np.ndarray:
+    """A low-cardinality string column (source, task) as a numpy object array in which every row
+    points to one Python string per distinct value (None where null)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    enc = pc.dictionary_encode(arr)
+    values = np.empty(len(enc.dictionary) + 1, dtype=object)
+    values[:-1] = enc.dictionary.to_pylist()
+    return values[pc.fill_null(enc.indices, len(enc.dictionary)).to_numpy(zero_copy_only=False).astype(np.int64)]
+
+
+def _lines(ids: pa.Array) -> str:
+    """``ids`` as text, one per line (each followed by a newline), joined in Arrow."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if not len(ids):
+        return ""
+    lines = pc.binary_join_element_wise(ids.cast(pa.string()), "", "\n")
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset: lines.offset + len(lines) + 1]
+    return lines.buffers()[2].to_pybytes()[offsets[0]: offsets[-1]].decode("utf-8")
