@@ -141,7 +141,7 @@ class IngestStage(Stage):
         n_files = sum(len(r.files) for r in refs)
         cached = sum(r.files_cached for r in refs)
         return {"stage": "ingest", "tasks": len(refs) + 1, "rows": dataset.n_input, "seconds": secs + secs2, "files": n_files,
-                "files_cached": cached}
+                "files_cached": cached, "chunks": sum(len(r.chunks) for r in refs), "chunks_cached": sum(r.chunks_cached for r in refs)}
 
     def estimate(self, plan) -> dict[str, Any]:
         return {**self.describe(), "what": f"{len(plan.spec.inputs)} inputs"}
