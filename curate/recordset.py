@@ -143,9 +143,13 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
             def scan(columns):  # every part, in part order, with the global index of each stored row
                 return pl.concat([pl.scan_parquet(p).select(columns) for p in parts], how="vertical_relaxed").with_row_index("_i")
 
-            long = (scan(["sample_id", "variant", "score", "status"])
-                    .join(id_frame, on="sample_id", how="inner", maintain_order="left").drop("sample_id")
-                    .unique(subset=["_pos", "variant"], keep="first", maintain_order=True).collect())
+            try:
+                long = (scan(["sample_id", "variant", "score", "status"])
+                        .join(id_frame, on="sample_id", how="inner", maintain_order="left").drop("sample_id")
+                        .unique(subset=["_pos", "variant"], keep="first", maintain_order=True).collect())
+            except (pl.exceptions.PolarsError, OSError):
+                Store(store_dir).scores(key).verify(parts)  # a part that does not read: set aside, StoreCorrupt
+                raise
             wide = long.pivot(on="variant", index="_pos", values="score")
             at = wide["_pos"].to_numpy()
             for variant in outputs:

@@ -140,6 +140,15 @@ class Collection:
             return False
         return True
 
+    def verify(self, parts: list[Path] | None = None) -> None:
+        """For a reader whose own scan of ``parts`` (all by default) failed: read each whole, set aside
+        those that do not read, and raise :class:`StoreCorrupt` naming them and any that are gone.
+        Returns only when every part reads (the scan failed for another reason: re-raise that)."""
+        bad = [p.name for p in (self.parts() if parts is None else parts) if not self.check_part(p)]
+        if bad:
+            raise StoreCorrupt(f"{self}: {', '.join(bad)} could not be read and was set aside in {self.dir / 'corrupt'} (or was gone); "
+                               "run the flow again: the shards that need its rows compute them again")
+
     def read_part(self, part: Path, columns: list[str] | None = None) -> pa.Table | None:
         """One part's rows, or None when it is corrupt (then it is set aside) or gone."""
         try:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import html
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.history import diff_markdown
@@ -38,9 +39,33 @@ def _q(v: np.ndarray) -> list[str]:
 
 
 def reason_rows(ledger_path: str, limit: int = 25) -> list[list[Any]]:
-    t = pq.read_table(ledger_path, columns=["outcome", "stage", "reason"]).to_pydict()
-    c = Counter(zip(t["outcome"], t["stage"], t["reason"]))
-    return [[o, s, r or "", n] for (o, s, r), n in sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
+    """Rows per (outcome, stage, reason) of a ledger file, most frequent first (ties in name order):
+    a Polars group-by over a lazy scan of the file."""
+    import polars as pl
+
+    counts = (pl.scan_parquet(ledger_path).group_by("outcome", "stage", "reason").len(name="n")
+              .sort(["n", "outcome", "stage", "reason"], descending=[True, False, False, False], nulls_last=False).head(limit).collect())
+    return [[o, s, r or "", n] for o, s, r, n in counts.iter_rows()]
+
+
+def _floats(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64 with NaN where it is null."""
+    col = table.column(name)
+    return pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy() if len(col) else np.zeros(0)
+
+
+def _outcomes(ledger_path: str, ids: list[str]) -> list[str]:
+    """The ledger outcome of each id (its first row's: later rows with an id are its exact
+    duplicates), ``derived`` for an id the ledger does not hold (a derived row)."""
+    import polars as pl
+
+    want = pl.DataFrame({"sample_id": pl.Series(ids, dtype=pl.String)}).with_row_index("_k")
+    found = (pl.scan_parquet(ledger_path).select("sample_id", "outcome").with_row_index("_i")
+             .join(want.lazy(), on="sample_id", how="inner").sort("_i").unique(subset=["_k"], keep="first", maintain_order=True).collect())
+    out = ["derived"] * len(ids)
+    for k, o in found.select("_k", "outcome").iter_rows():
+        out[k] = o
+    return out
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
@@ -104,14 +129,14 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
             md += ["Rows a rewrite did not use, and what it produced but rejected, by reason:", "",
                    _table(["rewrite", "what: reason", "rows"], reasons), ""]
 
-    table = pq.read_table(scores_path)
-    cols = table.to_pydict()
-    selected = np.asarray(cols["selected"], dtype=bool) if table.num_rows else np.zeros(0, bool)
-    score_names = [c for c in table.column_names if "." in c and not c.endswith(".status")]
+    names = pq.read_schema(scores_path).names  # the score table is read column by column, never as Python rows
+    score_names = [c for c in names if "." in c and not c.endswith(".status")]
+    table = pq.read_table(scores_path, columns=["selected", *score_names])
+    selected = table.column("selected").to_numpy().astype(bool) if table.num_rows else np.zeros(0, bool)
     if score_names:
         md += ["## Scores (candidates | selected)", "",
                _table(["score", "min", "p25", "median", "p75", "max", "selected median"],
-                      [[n, *_q(np.asarray(cols[n], float)), _q(np.asarray(cols[n], float)[selected])[2]] for n in score_names]), ""]
+                      [[n, *_q(_floats(table, n)), _q(_floats(table, n)[selected])[2]] for n in score_names]), ""]
     if plots_on:
         md += ["## Plots", ""]
         plots.outcomes_bar(summary["counts"], out / "outcomes.png")
@@ -120,7 +145,7 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
             if n.split(".", 1)[1] in SKIP_HIST:
                 continue
             fname = f"hist-{n.replace('.', '-')}.png"
-            plots.score_histogram(n, np.asarray(cols[n], float), selected, out / fname)
+            plots.score_histogram(n, _floats(table, n), selected, out / fname)
             md += [f"![{n}]({fname})", ""]
         if embeddings is not None and len(embeddings) >= 3:
             idx = np.arange(len(embeddings))
@@ -128,18 +153,15 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                 rng = np.random.default_rng(seed)
                 rest = rng.choice(np.flatnonzero(~selected), size=max(0, max_points - int(selected.sum())), replace=False)
                 idx = np.sort(np.concatenate([np.flatnonzero(selected), rest]))
-            xy = plots.pca_2d(embeddings[idx].astype(np.float64))  # one projection for the three maps
+            xy = plots.pca_2d(np.asarray(embeddings[idx], dtype=np.float64))  # one projection for the three maps
             plots.embedding_map(xy, selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
             md += ["![embedding map](embedding-map.png)", ""]
-            outcome: dict[str, str] = {}
-            for r in pq.read_table(ledger_path, columns=["sample_id", "outcome"]).to_pylist():
-                outcome.setdefault(r["sample_id"], r["outcome"])  # the first row of an id (later ones are its exact duplicates)
-            ids = cols["sample_id"]
-            plots.embedding_map_by(xy, [outcome.get(ids[i], "derived") for i in idx], out / "embedding-map-outcome.png",
+            shown = pq.read_table(scores_path, columns=[c for c in ("sample_id", "source") if c in names]).take(pa.array(idx, pa.int64()))
+            plots.embedding_map_by(xy, _outcomes(ledger_path, shown.column("sample_id").to_pylist()), out / "embedding-map-outcome.png",
                                    "embedding map by outcome")
             md += ["![embedding map by outcome](embedding-map-outcome.png)", ""]
-            if "source" in cols:
-                plots.embedding_map_by(xy, [str(cols["source"][i]) for i in idx], out / "embedding-map-source.png",
+            if "source" in names:
+                plots.embedding_map_by(xy, [str(s) for s in shown.column("source").to_pylist()], out / "embedding-map-source.png",
                                        "embedding map by source")
                 md += ["![embedding map by source](embedding-map-source.png)", ""]
     exp = summary.get("export")
