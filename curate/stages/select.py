@@ -181,7 +181,7 @@ def pool_meta(pool_sets: list[RecordSetRef], exclude_rows=None) -> pa.Table:
         return schema.empty_table()
     lf = pl.scan_parquet(paths).select(META)
     if exclude_rows is not None and len(exclude_rows):
-        lf = lf.filter(~pl.col("row").is_in(pl.Series(np.asarray(exclude_rows, dtype=np.int64))))
+        lf = lf.filter(~pl.col("row").is_in(pl.Series(np.asarray(exclude_rows, dtype=np.int64)).implode()))
     return lf.collect().to_arrow().cast(schema).combine_chunks()
 
 
