@@ -119,7 +119,12 @@ class PrefectExecutor(LocalExecutor):
         from prefect.runtime import flow_run
         from prefect.settings import PREFECT_API_URL
 
-        return {"executor": self.name, "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, "api_url": PREFECT_API_URL.value()}
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        runner = type(ctx.task_runner).__name__ if ctx is not None and ctx.task_runner is not None else None
+        return {"executor": self.name, "flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name, "api_url": PREFECT_API_URL.value(),
+                "task_runner": runner}
 
     def publish(self, summary: dict[str, Any], markdown: str, table: list[dict[str, Any]]) -> None:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact

@@ -60,6 +60,7 @@ def _task_states(flow_run_id: str) -> dict[str, str]:
 
 def _check_run(result: dict, reference: dict[str, bytes], out: Path) -> None:
     assert result["reconciled"] and result["counts"]["selected"] == 20
+    assert result["task_runner"] in ("RayTaskRunner", "DaskTaskRunner")
     got = _outputs(out)
     assert sorted(got) == sorted(reference)
     assert len(reference) >= 3 + 6  # selected ids, 2 ledgers, 3 layouts × 2 file types (+ configs, scores)
@@ -179,3 +180,14 @@ def test_runner_choice_and_missing_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if the cluster extra were not installed
     with pytest.raises(MissingDependency, match=r"pip install 'curate\[cluster\]'"):
         task_runner(threads.runtime.model_copy(update={"task_runner": "dask"}))
+
+
+def test_ray_gpu_request_follows_explicit_cuda_devices():
+    from curate.config import EmbedSpec, StepSpec
+    from curate.executors import task_gpus
+
+    assert task_gpus({"spec": EmbedSpec(device="cuda:0"), "store_dir": "s"}) == 1
+    assert task_gpus({"step": StepSpec(method="ifd", model="m", device="cuda")}) == 1
+    assert task_gpus({"spec": EmbedSpec(), "store_dir": "s"}) == 0  # cpu
+    assert task_gpus({"step": StepSpec(method="ifd", model="m", device="auto")}) == 0  # "a GPU if the worker has one"
+    assert task_gpus({"step": StepSpec(method="heuristic")}) == 0
