@@ -27,9 +27,11 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -38,13 +40,118 @@ from curate.errors import CurateError
 from curate.io import write_json, write_parquet
 from curate.records import sha256_hex
 
-_ID_CACHE: dict[Path, tuple[set[str], set[str]]] = {}  # dir -> (ids, part names already read)
+_ID_CACHE: dict[Path, _IdIndex] = {}  # dir -> sorted runs of the stored ids + part names already read (see _IdIndex)
 _LOCK = threading.RLock()  # re-entrant: a part set aside while ids() reads drops the cache under the same lock
 logger = logging.getLogger("curate")
 
 
 class StoreCorrupt(CurateError):
     """A stored part does not read; it was set aside and the next run computes its rows again."""
+
+
+def _string_array(ids: pa.Array | pa.ChunkedArray | list[str]) -> pa.Array:
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
+    return (ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())).cast(pa.string())
+
+
+def _binary(ids) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, bytes) of ``ids`` as one contiguous UTF-8 buffer (offsets start at 0)."""
+    arr = _string_array(ids).cast(pa.large_binary())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    data = arr.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8)[offsets[0] : offsets[-1]] if data is not None and n else np.zeros(0, np.uint8)
+    return offsets - offsets[0] if n else np.zeros(1, np.int64), raw
+
+
+def _fixed_bytes(ids) -> np.ndarray:
+    """``ids`` as a numpy ``S<width>`` array (compared bytewise; trailing NUL bytes do not count)."""
+    offsets, raw = _binary(ids)
+    lengths = np.diff(offsets)
+    n, width = len(lengths), max(1, int(lengths.max()) if len(lengths) else 1)
+    if n and (lengths == width).all():
+        return raw.reshape(n, width).copy().view(f"S{width}").ravel()
+    out = np.zeros((n, width), dtype=np.uint8)
+    if len(raw):
+        rows = np.repeat(np.arange(n), lengths)
+        out[rows, np.arange(len(raw)) - offsets[rows]] = raw
+    return out.view(f"S{width}").ravel()
+
+
+def _ids_digest(ids) -> str:
+    """``sha256_hex(*sorted(set(ids)))`` computed on Arrow buffers (no Python string per id)."""
+    import hashlib
+
+    uniq = pc.unique(_string_array(ids))
+    offsets, raw = _binary(uniq.take(pc.sort_indices(uniq)))  # UTF-8 byte order = code point order = str order
+    lengths = np.diff(offsets)
+    n = len(lengths)
+    buf = np.empty(int(offsets[-1]) + 8 * n, dtype=np.uint8)
+    at = offsets[:-1] + 8 * np.arange(n)  # where each id's 8-byte length prefix starts
+    buf[(at[:, None] + np.arange(8)).ravel()] = lengths.astype("<u8").view(np.uint8)
+    if len(raw):
+        rows = np.repeat(np.arange(n), lengths)
+        buf[np.arange(len(raw)) + 8 * (rows + 1)] = raw
+    return hashlib.sha256(buf.tobytes()).hexdigest()
+
+
+class StoredIds(Set):
+    """A read-only set of stored ids: sorted runs of numpy byte strings, searched with ``np.searchsorted``."""
+
+    def __init__(self, runs: tuple[np.ndarray, ...]):
+        self._runs = runs
+
+    def isin(self, ids) -> np.ndarray:
+        """Bool per entry of ``ids`` (list of str or Arrow strings): stored?"""
+        q = _fixed_bytes(ids)
+        out = np.zeros(len(q), dtype=bool)
+        if not len(q):
+            return out
+        qlen = np.strings.str_len(q)
+        for run in self._runs:
+            width = run.dtype.itemsize
+            fits = np.flatnonzero(~out & (qlen <= width))  # a longer id cannot be in this run
+            if not len(fits) or not len(run):
+                continue
+            sub = q[fits].astype(run.dtype)
+            at = np.minimum(np.searchsorted(run, sub), len(run) - 1)
+            out[fits] = run[at] == sub
+        return out
+
+    def __contains__(self, sid) -> bool:
+        return isinstance(sid, str) and bool(self.isin([sid])[0])
+
+    def __len__(self) -> int:
+        if len(self._runs) <= 1:
+            return sum(len(r) for r in self._runs)
+        return len(np.unique(np.concatenate(self._runs)))
+
+    def __iter__(self):
+        seen = np.unique(np.concatenate(self._runs)) if len(self._runs) > 1 else (self._runs[0] if self._runs else ())
+        for b in seen:
+            yield b.decode("utf-8")
+
+    __hash__ = None
+
+
+class _IdIndex:
+    """Per collection and process: the stored ids as sorted, de-duplicated runs (a small log-structured
+    merge: a new run is merged with the last while that one is at most twice its size, so a query
+    searches O(log n) runs and every id is re-sorted O(log n) times), and the part names already read."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+        self.seen: set[str] = set()
+
+    def add(self, ids) -> None:
+        run = np.unique(_fixed_bytes(ids))
+        while self.runs and len(self.runs[-1]) <= 2 * len(run):
+            run = np.unique(np.concatenate([self.runs.pop(), run]))
+        self.runs.append(run)
+
+    def snapshot(self) -> StoredIds:
+        return StoredIds(tuple(self.runs))
 
 
 class Collection:
@@ -66,28 +173,34 @@ class Collection:
     def parts(self) -> list[Path]:
         return sorted(self.dir.glob("part-*.parquet"))
 
-    def ids(self) -> set[str]:
-        """All sample_ids stored under this key (incrementally cached per process)."""
+    def ids(self) -> StoredIds:
+        """All sample_ids stored under this key: a read-only set (``in``, ``len``, iteration, ``==`` a set)
+        whose :meth:`StoredIds.isin` answers for many ids at once. Kept per process as sorted numpy
+        byte strings (no Python object per id), read incrementally from new parts."""
         with _LOCK:
-            ids, seen = _ID_CACHE.setdefault(self.dir.resolve(), (set(), set()))
+            index = _ID_CACHE.setdefault(self.dir.resolve(), _IdIndex())
             for part in self.parts():
-                if part.name not in seen:
+                if part.name not in index.seen:
                     t = self.read_part(part, ["sample_id"])  # None: corrupt, set aside (its rows count as not stored)
                     if t is not None:
-                        ids.update(t.column(0).to_pylist())
-                    seen.add(part.name)
-            return set(ids)
+                        index.add(t.column(0))
+                    index.seen.add(part.name)
+            return index.snapshot()
+
+    def stored(self, ids: pa.Array | pa.ChunkedArray | list[str]) -> np.ndarray:
+        """Bool per entry of ``ids``: is it stored under this key?"""
+        return self.ids().isin(ids)
 
     def write(self, table: pa.Table) -> Path:
         """Store new rows; the part is named by the hash of its ids, so a rewrite is idempotent."""
-        ids = table.column("sample_id").to_pylist()
-        name = f"part-{sha256_hex(*sorted(set(ids)))[:24]}.parquet"
+        ids = table.column("sample_id")
+        name = f"part-{_ids_digest(ids)[:24]}.parquet"
         path = write_parquet(self.dir / name, table)
         with _LOCK:
             cached = _ID_CACHE.get(self.dir.resolve())
-            if cached is not None:
-                cached[0].update(ids)
-                cached[1].add(name)
+            if cached is not None and name not in cached.seen:
+                cached.add(ids)
+                cached.seen.add(name)
         return path
 
     def done(self, shard_hash: str) -> bool:
@@ -180,13 +293,13 @@ class Collection:
                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__, dest)
         return dest
 
-    def read(self, ids: list[str] | None = None, columns: list[str] | None = None) -> pa.Table | None:
+    def read(self, ids: list[str] | pa.Array | pa.ChunkedArray | None = None, columns: list[str] | None = None) -> pa.Table | None:
         """Rows for ``ids`` (all when None); duplicates from concurrent writers are dropped."""
         parts = self.parts()
         if not parts:
             return None
         tables = []
-        id_array = pa.array(sorted(set(ids)), type=pa.string()) if ids is not None else None  # typed: an empty pool too
+        id_array = pc.unique(_string_array(ids)) if ids is not None else None  # typed: an empty pool too
         for part in parts:
             t = self.read_part(part, columns)
             if t is None:  # corrupt (now set aside) or set aside meanwhile: its rows would silently be missing

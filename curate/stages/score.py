@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from curate import __version__
 from curate.config import StepSpec
 from curate.manifests import ShardRef, WorkRef
 from curate.scorers import Scorer, ScorerContext, scorer_class
+from curate.scorers.base import ScoreColumns
 from curate.stages.shardwork import run_shard
 from curate.store import Store
 
@@ -62,40 +63,59 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
     echo = {k: fp.get(k) for k in ("model_id", "model_revision", "dtype", "template_id", "template_hash", "max_length")}
 
     def compute(records: list[dict[str, Any]]) -> pa.Table:
-        results = scorer.score_records(records)
-        now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
-        rows = []
-        for rec, res in zip(records, results):
-            comp = json.dumps(res.components, ensure_ascii=False, sort_keys=True, default=float) if res.components else None
-            for v_i, variant in enumerate(scorer.outputs):
-                value = res.values.get(variant, math.nan)
-                rows.append(
-                    {
-                        "sample_id": rec["sample_id"],
-                        "scorer_key": key,
-                        "method": scorer.method,
-                        "variant": variant,
-                        "score": value if res.status in ("ok", "truncated_ok") else math.nan,
-                        "status": res.status,
-                        "error_class": res.error_class,
-                        "message": res.message,
-                        "components": comp,
-                        "n_tokens_in": res.n_tokens_in,
-                        "n_tokens_used": res.n_tokens_used,
-                        **echo,
-                        "seed": res.seed,
-                        "decoding": res.decoding,
-                        "raw_output": res.raw_output if v_i == 0 else None,  # once per row
-                        "created_at": now,
-                        "code_version": __version__,
-                    }
-                )
-        return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+        ids = pa.array([r["sample_id"] for r in records], pa.string())
+        return score_table(scorer, key, echo, ids, ScoreColumns.from_scores(scorer.score_records(records), scorer.outputs))
 
-    ref = run_shard("score", step.label, collection, shard, compute, scorer.batch_rows,
-                    check=lambda table: collapse_warnings(scorer, step.label, shard.shard_id, table), check_columns=("variant", "score"))
+    def compute_table(table: pa.Table) -> pa.Table:
+        return score_table(scorer, key, echo, table.column("sample_id"), scorer.score_columns(table))
+
+    columnar = scorer.columnar
+    ref = run_shard("score", step.label, collection, shard, compute, scorer.table_rows if columnar else scorer.batch_rows,
+                    check=lambda table: collapse_warnings(scorer, step.label, shard.shard_id, table), check_columns=("variant", "score"),
+                    compute_table=compute_table if columnar else None, table_columns=scorer.table_columns)
     _log_warnings(ref.warnings)
     return ref
+
+
+def score_table(scorer: Scorer, key: str, echo: dict[str, Any], ids: pa.Array | pa.ChunkedArray, res: ScoreColumns) -> pa.Table:
+    """The store rows (SCORE_SCHEMA) of one chunk: one row per (sample, output), samples in order and
+    outputs in the scorer's order; the value is NaN unless the status is ok / truncated_ok, and
+    ``raw_output`` is kept once per sample (on its first output)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n, outputs = len(ids), list(scorer.outputs)
+    v = len(outputs)
+    per_row = np.repeat(np.arange(n, dtype=np.int64), v)  # sample of each store row
+    take = pa.array(per_row)
+    status = res.column("status", pa.string(), n)
+    ok = pc.is_in(status, value_set=pa.array(["ok", "truncated_ok"])).take(take)
+    values = pa.concat_arrays([res.value_array(o, n) for o in outputs]) if v else pa.array([], pa.float64())
+    interleave = (np.arange(n, dtype=np.int64)[:, None] + np.arange(v, dtype=np.int64)[None, :] * n).ravel()
+    score = pc.if_else(ok, values.take(pa.array(interleave)), pa.scalar(math.nan))
+    first = pa.array(np.tile(np.arange(v) == 0, n))
+    now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
+
+    def const(value, type_):
+        return pa.array([value], type_).take(pa.array(np.zeros(n * v, dtype=np.int64)))
+
+    cols = {
+        "sample_id": ids.cast(pa.string()).take(take),
+        "scorer_key": const(key, pa.string()),
+        "method": const(scorer.method, pa.string()),
+        "variant": pa.array(outputs, pa.string()).take(pa.array(np.tile(np.arange(v, dtype=np.int64), n))),
+        "score": score,
+        "status": status.take(take),
+    }
+    for name in ("error_class", "message", "components", "n_tokens_in", "n_tokens_used"):
+        cols[name] = res.column(name, SCORE_SCHEMA.field(name).type, n).take(take)
+    for name in ("model_id", "model_revision", "dtype", "template_id", "template_hash", "max_length"):
+        cols[name] = const(echo.get(name), SCORE_SCHEMA.field(name).type)
+    cols["seed"] = res.column("seed", pa.int64(), n).take(take)
+    cols["decoding"] = res.column("decoding", pa.string(), n).take(take)
+    cols["raw_output"] = pc.if_else(first, res.column("raw_output", pa.string(), n).take(take), pa.scalar(None, pa.string()))
+    cols["created_at"] = const(now, SCORE_SCHEMA.field("created_at").type)
+    cols["code_version"] = const(__version__, pa.string())
+    return pa.table(cols, schema=SCORE_SCHEMA)
 
 
 def collapse_warnings(scorer: Scorer, label: str, shard_id: int, table: pa.Table | None, max_share: float = 0.5) -> list[str]:
@@ -104,10 +124,11 @@ def collapse_warnings(scorer: Scorer, label: str, shard_id: int, table: pa.Table
     if table is None or not getattr(scorer, "collapse_check", True):
         return []
     out = []
-    cols = table.to_pydict()
+    variants = table.column("variant")
+    scores = table.column("score")
     floors = getattr(scorer, "collapse_std_floor", {})
     for variant, orient in scorer.outputs.items():
-        v = np.array([s for var, s in zip(cols["variant"], cols["score"]) if var == variant and s is not None], dtype=np.float64)
+        v = pc.drop_null(scores.filter(pc.equal(variants, variant))).to_numpy().astype(np.float64, copy=False)
         v = v[np.isfinite(v)]
         if len(v) < 20 or orient == "flag":
             continue
