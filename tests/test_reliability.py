@@ -132,7 +132,7 @@ def reference(pool, tmp_path_factory):
 
 #: the stage each seed aims at (the fifth draws one); which stage the kill hit is read from the log
 TARGETS = {0: "ingest", 1: "score:heuristic", 2: "select", 3: "ledger/export", 4: None}
-#: the log line that ends the stage before each target (None: wait for the output folder's ingest/)
+#: the log line that ends the stage before each target (None: wait for the run to take the output folder's lock)
 ANCHOR = {"ingest": None, "score:heuristic": "ingest", "select": "score:heuristic", "ledger/export": "select"}
 STAGE_LINE = re.compile(r"curate - stage (\S+): ")
 
@@ -179,7 +179,7 @@ def kill_at_random(flow: Path, out: Path, target: str, seconds: dict[str, float]
     anchor = ANCHOR[target]
     if anchor is None:
         deadline = time.monotonic() + 600
-        while not (out / "ingest").exists() and child.proc.poll() is None and time.monotonic() < deadline:
+        while not (out / ".lock").exists() and child.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         window = seconds["ingest"]
     else:
@@ -209,8 +209,9 @@ def test_kill_9_at_random_points_then_resume_gives_identical_output(pool, refere
         flow = write_flow(tmp_path / f"flow-{seed}.yaml", pool, out, store)
         stage = kill_at_random(flow, out, target, seconds, rng)
         hit[seed] = stage
+        print(f'seed {seed}: aimed at {target}, killed in {stage}')
         # the state the kill left
-        ingest_done = len(list((store / "ingest").rglob("*.json"))) if (store / "ingest").exists() else 0
+        ingest_done = len(list((store / "ingest").rglob("*.json"))) if (store / "ingest").exists() else 0  # chunk markers
         marked, stored = markers(store), stored_rows(store)
         export_is_whole_or_absent(out)
         assert not (out / "run.json").exists() or stage == "finished"
@@ -220,13 +221,13 @@ def test_kill_9_at_random_points_then_resume_gives_identical_output(pool, refere
         assert not list(out.rglob("*.tmp")) and not (out / ".export.partial").exists()
         # nothing finished before the kill is done again; the killed stage loses at most its one shard in flight
         ingest = stage_row(summary, "ingest")
-        assert ingest["files_cached"] == ingest_done, (seed, stage, ingest, ingest_done)
+        assert ingest["chunks_cached"] == ingest_done, (seed, stage, ingest, ingest_done)  # every chunk marked before the kill
         score = stage_row(summary, "score:heuristic")
         scored = stage_row(reference["summary"], "score:heuristic")["rows"]
         assert score["computed_rows"] == scored - stored, (seed, stage, score, stored)
         assert score["computed_shards"] <= N_SHARDS - marked, (seed, stage, score, marked)
         if stage not in ("ingest", "score:heuristic"):  # killed after scoring: nothing before it runs again
-            assert score["computed_shards"] == 0 and ingest["files_cached"] == N_FILES
+            assert score["computed_shards"] == 0 and ingest["chunks_cached"] == ingest["chunks"] and ingest["files_cached"] == N_FILES
         if stage == "score:heuristic":  # shards run in order: every shard before the one in flight was marked
             assert N_SHARDS - marked - score["computed_shards"] in (0, 1)
         shutil.rmtree(out)
@@ -253,7 +254,7 @@ def test_disk_full_during_export_keeps_the_previous_export(pool, reference, tmp_
     run_ok(flow)
     export = out / "export"
     before = {p.relative_to(export).as_posix(): p.read_bytes() for p in sorted(export.rglob("*")) if p.is_file()}
-    big = export / "messages" / "reliability_messages.jsonl"
+    big = export / "messages" / "curated_messages.jsonl"
     others = max(p.stat().st_size for p in out.rglob("*") if p.is_file() and export not in p.parents)
     assert big.stat().st_size > others * 1.2, "the export file must be the largest file for this test to aim at the export"
     limit = (big.stat().st_size + others) // 2
@@ -261,7 +262,7 @@ def test_disk_full_during_export_keeps_the_previous_export(pool, reference, tmp_
     res = run_flow(flow, preexec_fn=_limit_file_size(limit))
     assert res.returncode != 0
     err = res.stderr + res.stdout
-    assert "disk full / file too large" in err and "reliability_messages.jsonl" in err, err[-3000:]
+    assert "disk full / file too large" in err and "curated_messages.jsonl" in err, err[-3000:]
     written = int(re.search(r"after (\d+) bytes were written", err).group(1))
     assert 0 < written <= limit
     after = {p.relative_to(export).as_posix(): p.read_bytes() for p in sorted(export.rglob("*")) if p.is_file()}

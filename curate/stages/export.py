@@ -19,12 +19,14 @@ data and the config (no timestamps), so the same config and seed give byte-ident
 The export is put in place as a whole: every file is written into the sibling folder
 ``.<dir>.partial`` (layouts by their tasks, then sidecars, configs and the manifest last), and the
 finished folder then replaces ``<dir>`` (:func:`curate.io.swap_dir`). Until then the previous export
-stays as it was; a failed export (a full disk raises :class:`curate.io.DiskFull`) removes its partial
-folder, and one a kill cut short leaves only that hidden folder, cleared by the next export.
+stays as it was. A layout that fails (a full disk raises :class:`curate.io.DiskFull`) removes its own
+files, and the partial folder when nothing else is in it; a failed finalize removes the partial
+folder. Whatever a kill or another layout's failure leaves there is cleared by the next export.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -118,6 +120,8 @@ def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_di
     except BaseException:
         for file_type in spec.file_types:
             shutil.rmtree(stage / folder(layout, file_type), ignore_errors=True)
+        with contextlib.suppress(OSError):  # only when empty: other layouts' tasks may still be writing theirs
+            stage.rmdir()
         raise
     return infos
 
