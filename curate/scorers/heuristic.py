@@ -261,10 +261,14 @@ _B_INV = np.uint64(pow(int(_B), -1, 2**64))
 _MIX = np.random.default_rng(20240613).integers(1, 2**63, size=2, dtype=np.uint64) | np.uint64(1)
 
 
-@functools.lru_cache(maxsize=4)
+_POWERS: list[tuple[np.ndarray, np.ndarray]] = []
+
+
 def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B**k, B**-k) modulo 2**64 for k < size (sizes are powers of two, so few are kept)."""
-    return _pow_seq(size, _B), _pow_seq(size, _B_INV)
+    """(B**k, B**-k) modulo 2**64 for k < at least ``size``; the largest made so far is kept and reused."""
+    if not _POWERS or len(_POWERS[0][0]) < size:
+        _POWERS[:] = [(_pow_seq(size, _B), _pow_seq(size, _B_INV))]
+    return _POWERS[0]
 
 
 def _pow_seq(n: int, base: np.uint64) -> np.ndarray:
@@ -306,14 +310,7 @@ def _ngram_repeats(t: _Texts, word_starts: np.ndarray, word_ends: np.ndarray, n:
             h = h * _MIX[1] + wh[j : j + span]
         grow = wrow[g]
         h = h[g] + grow.astype(np.uint64) * _B  # n-grams of different rows never meet
-    sh = np.sort(h)
-    dup = sh[1:][sh[1:] == sh[:-1]]
-    if not len(dup):
-        return count, repeats, collided
-    dup_vals = dup[np.concatenate(([True], dup[1:] != dup[:-1]))]
-    at = np.minimum(np.searchsorted(dup_vals, h), len(dup_vals) - 1)
-    sub = np.flatnonzero(dup_vals[at] == h)
-    order = sub[np.argsort(h[sub], kind="stable")]
+    order = np.argsort(h)  # equal hashes end up side by side (their order among themselves does not matter)
     eq = np.flatnonzero(h[order[1:]] == h[order[:-1]])
     a, b = g[order[eq]], g[order[eq + 1]]
     same = grow[order[eq]] == grow[order[eq + 1]]
