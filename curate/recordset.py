@@ -188,7 +188,7 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
         first = pq.read_table(parts[0], columns=["vector"]).column(0).combine_chunks()
         return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
     id_array = pa.array(ids, pa.string())
-    digest = sha256_hex(*ids)[:32]
+    digest = _ids_digest(id_array)
     folder = collection.dir / "matrix"
     path, meta_path, status_path = folder / f"{digest}.npy", folder / f"{digest}.json", folder / f"{digest}.status.parquet"
     part_names = [p.name for p in parts]
@@ -198,10 +198,23 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
     fingerprint = collection.fingerprint() or {}
     allow_missing = fingerprint.get("method") == "precomputed"
     _build_matrix(parts, id_array, path, status_path, allow_missing)
-    write_json(meta_path, {"parts": part_names, "n": len(ids), "ids_sha256": sha256_hex(*ids)})
+    write_json(meta_path, {"parts": part_names, "n": len(ids), "ids_digest": digest})
     out = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
     assert out is not None
     return out
+
+
+def _ids_digest(id_array: pa.Array) -> str:
+    """sha256 (32 hex) over a string array's lengths and bytes, in order: one pass in C, not per id."""
+    import hashlib
+
+    arr = id_array.combine_chunks() if isinstance(id_array, pa.ChunkedArray) else id_array
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+    data = arr.buffers()[2]
+    h = hashlib.sha256(np.diff(offsets).astype("<i8").tobytes())
+    if data is not None and len(arr):
+        h.update(memoryview(data)[int(offsets[0]) : int(offsets[-1])])
+    return h.hexdigest()[:32]
 
 
 def _cached_matrix(path: Path, meta_path: Path, status_path: Path, part_names: list[str], n: int):
