@@ -12,9 +12,9 @@ pools too large for a dense kernel (methods.md B3, "sparse kNN kernels").
   and an ``IndexFlatIP`` over the centroids assign every row to its nearest list; then, list by list,
   the list's rows are compared with every row of the ``nprobe`` lists nearest to its centroid in one
   BLAS matrix product, and each keeps its top k. Probing per list rather than per query (what FAISS's
-  ``IndexIVFFlat`` does) reads each probed list once per list instead of once per query — at 100k
-  rows the difference is about 30× in time — and misses a neighbour only when it sits in a list that
-  is near the row but not among the nprobe nearest to its list's centroid; recall says how often.
+  ``IndexIVFFlat`` does) reads each probed list once per list instead of once per query, and turns
+  the scan into matrix products; it misses a neighbour only when it sits in a list that is near the
+  row but not among the nprobe nearest to its list's centroid — recall says how often.
   The similarities are exact inner products; only the neighbour *set* is approximate.
 - ``hnsw`` — ``IndexHNSWFlat`` (``M`` 32, ``efConstruction`` 64, ``efSearch`` ``max(2·(k+1), 64)``),
   built on one thread: a parallel HNSW insertion is not reproducible.
