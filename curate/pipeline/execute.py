@@ -26,6 +26,7 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
         progress.attach_console_log()
     spec.out.mkdir(parents=True, exist_ok=True)
     with output_lock(spec.out, logger):
+        _remove_stale_temporaries(spec.out)
         # a folder that holds versioned runs stays versioned (a run that forgot the setting must not mix layouts)
         if not (spec.runtime.versioned or (spec.out / "latest").is_symlink()):
             summary = _execute(spec, executor, keep_previous(spec.out))
@@ -38,6 +39,15 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
         point_latest(spec.out, target)
         log_run(spec.out, summary)
         return summary
+
+
+def _remove_stale_temporaries(out) -> None:
+    """A run killed while writing leaves ``.<name>.<random>.tmp`` files beside the file it was
+    writing (curate.io.atomic_path); they were never renamed into place, so nothing reads them. Under
+    the output lock no other run of this folder is writing: remove them."""
+    for tmp in out.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
 
 
 def _execute(spec: FlowSpec, executor: LocalExecutor, previous) -> dict[str, Any]:
