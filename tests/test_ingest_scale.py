@@ -140,6 +140,13 @@ def test_a_killed_ingest_resumes_reading_only_the_chunks_it_lost(pool, tmp_path)
     assert outputs(tmp_path / "a") == first
     refs3, _ = ingest(d, tmp_path / "a", spec, shard_size=100)
     assert refs3[0].chunks_cached == len(chunks) and refs3[0].files_cached == 2
+    # a chunk file damaged after its marker was written (a disk error): detected, read again
+    damaged = Path(chunks[4].records_path)
+    good_bytes = damaged.read_bytes()
+    damaged.write_bytes(good_bytes[: len(good_bytes) // 3])
+    refs4, _ = ingest(d, tmp_path / "a", spec, shard_size=100)
+    assert refs4[0].chunks_cached == len(chunks) - 1
+    assert damaged.read_bytes() == good_bytes and outputs(tmp_path / "a") == first
 
 
 def test_chunk_size_and_file_type_do_not_change_the_records(tmp_path):

@@ -45,6 +45,7 @@ from curate.io import relpath, write_json, write_parquet
 from curate.ledger import LEDGER_SCHEMA
 from curate.manifests import DatasetRef, IngestChunk, IngestRef, RecordSetRef, ShardRef
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
+from curate.progress import logger
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -625,6 +626,13 @@ def _done(paths: tuple[str, str, str, str]) -> dict | None:
         return None
     if not (Path(rec).exists() and Path(quar).exists()):
         return None
+    for path in (rec, quar, vec):  # a file cut short (a kill, a full disk) has no readable footer: read the chunk again
+        if Path(path).exists():
+            try:
+                pq.read_metadata(path)
+            except (OSError, pa.ArrowException):
+                logger.warning("ingest cache: %s is damaged; the chunk is read again", path)
+                return None
     return meta
 
 
