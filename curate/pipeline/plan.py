@@ -36,14 +36,23 @@ class Plan:
         self.spec = run.spec
         self.warmup = warmup
         self.warmup_rows = warmup_rows
-        self._records: list[dict] | None = None
+        self._ids = None
 
-    def records(self) -> list[dict]:
-        if self._records is None:
+    def ids(self):
+        """The input set's sample_ids (an Arrow column: no Python object per row)."""
+        if self._ids is None:
             from curate.recordset import read_records
 
-            self._records = read_records(self.run.sets["input"]).to_pylist()
-        return self._records
+            self._ids = read_records(self.run.sets["input"], ["sample_id"]).column("sample_id")
+        return self._ids
+
+    def records(self, mask) -> list[dict]:
+        """The input rows where ``mask`` (bool per row) is true, as dicts (the warm-up's rows to compute)."""
+        import pyarrow as pa
+
+        from curate.recordset import read_records
+
+        return read_records(self.run.sets["input"]).filter(pa.array(mask)).to_pylist()
 
     def model_stage(self, stage: Stage, kind: str, key: str, step=None) -> dict[str, Any]:
         """Cached and to-compute rows of an embed or score stage, and its estimated time."""
@@ -54,11 +63,11 @@ class Plan:
         if recordset not in self.run.sets:
             return {**row, "to_compute": None, "note": f"rows of '{recordset}' exist only after the rewrite runs"}
         store = Store(self.spec.store)
-        have = (store.embeddings(key) if kind == "embed" else store.scores(key)).ids()
-        records = self.records()
-        todo = [r for r in records if r["sample_id"] not in have]
-        row.update(shards=len(self.run.sets[recordset].shards), cached_rows=len(records) - len(todo), to_compute=len(todo))
-        if self.warmup and todo:
+        stored = (store.embeddings(key) if kind == "embed" else store.scores(key)).stored(self.ids())
+        n_todo = int((~stored).sum())
+        row.update(shards=len(self.run.sets[recordset].shards), cached_rows=len(stored) - n_todo, to_compute=n_todo)
+        if self.warmup and n_todo:
+            todo = self.records(~stored)
             if kind == "embed":
                 from curate.embed import build_embedder
 
