@@ -144,22 +144,45 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
                 return pl.concat([pl.scan_parquet(p).select(columns) for p in parts], how="vertical_relaxed").with_row_index("_i")
 
             try:
+                # variant and status as enums (their distinct values first, read per part): the long table is
+                # then numbers only, and the streaming engine never holds the parts' sample_ids all at once
+                variants, kinds = set(), set()
+                for p in parts:
+                    t = pq.read_table(p, columns=["variant", "status"])
+                    variants.update(pc.unique(t.column(0)).to_pylist())
+                    kinds.update(pc.unique(t.column(1)).to_pylist())
+                venum, senum = pl.Enum(sorted(v for v in variants if v is not None)), pl.Enum(sorted(s for s in kinds if s is not None))
                 long = (scan(["sample_id", "variant", "score", "status"])
-                        .join(id_frame, on="sample_id", how="inner", maintain_order="left").drop("sample_id")
-                        .unique(subset=["_pos", "variant"], keep="first", maintain_order=True).collect())
-            except (pl.exceptions.PolarsError, OSError):
+                        .join(id_frame, on="sample_id", how="inner", maintain_order="left")
+                        .select("_i", "_pos", pl.col("variant").cast(venum), "score", pl.col("status").cast(senum))
+                        .collect(engine="streaming"))
+            except (pl.exceptions.PolarsError, pa.ArrowException, OSError):
                 Store(store_dir).scores(key).verify(parts)  # a part that does not read: set aside, StoreCorrupt
                 raise
-            wide = long.pivot(on="variant", index="_pos", values="score")
-            at = wide["_pos"].to_numpy()
-            for variant in outputs:
-                if variant in wide.columns:
-                    scores[f"{label}.{variant}"][at] = wide[variant].fill_null(np.nan).to_numpy()
-            last = long.unique(subset=["_pos"], keep="last", maintain_order=True)
-            last_pos, last_status = last["_pos"].to_numpy(), last["status"]
-            for st in last_status.unique(maintain_order=True).to_list():  # a handful of distinct statuses
-                status[last_pos[(last_status.is_null() if st is None else (last_status == st).fill_null(False)).to_numpy()]] = st
-            bad = long.filter(pl.col("status").is_in(QUARANTINE_STATUSES)).select("_i", "_pos")
+            pos = long["_pos"].to_numpy()
+            code = long["variant"].to_physical().fill_null(len(venum.categories)).to_numpy()
+            keep = np.ones(len(pos), dtype=bool)
+            for c in range(len(venum.categories) + 1):  # a (sample_id, variant) stored twice: the first in part order counts
+                at = np.flatnonzero(code == c)
+                if len(at) and np.bincount(pos[at], minlength=n).max() > 1:
+                    _, first = np.unique(pos[at], return_index=True)
+                    keep[at] = False
+                    keep[at[first]] = True
+            if not keep.all():
+                long = long.filter(pl.Series(keep))
+                pos, code = long["_pos"].to_numpy(), long["variant"].to_physical().fill_null(len(venum.categories)).to_numpy()
+            value = long["score"].to_numpy()  # a null score reads as NaN
+            for c, variant in enumerate(venum.categories.to_list()):  # the long table pivoted to wide, one variant at a time
+                if variant in outputs:
+                    at = np.flatnonzero(code == c)
+                    scores[f"{label}.{variant}"][pos[at]] = value[at]
+            last = long.group_by("_pos").agg(pl.col("status").last())  # in-group order is part order
+            names = np.empty(len(senum.categories) + 1, dtype=object)  # one str object per distinct status
+            names[:-1] = senum.categories.to_list()
+            status[last["_pos"].to_numpy()] = names[last["status"].to_physical().fill_null(len(senum.categories)).to_numpy()]
+            quarantine = np.flatnonzero(np.isin(names[:-1], QUARANTINE_STATUSES))
+            bad = long.filter(pl.Series(np.isin(long["status"].to_physical().fill_null(len(senum.categories)).to_numpy(), quarantine)))
+            bad = bad.select("_i", "_pos")
             if bad.height:
                 found = (scan(["status", "error_class", "message"]).filter(pl.col("status").is_in(QUARANTINE_STATUSES))
                          .join(bad.lazy(), on="_i", how="inner").sort("_i").collect())
