@@ -71,7 +71,7 @@ def select_stage(
     if not first.all():
         dup = np.flatnonzero(~first)
         head = pc.utf8_slice_codeunits(meta.column("sample_id").take(pa.array(dup, pa.int64())), 0, 12).combine_chunks()
-        detail = pc.binary_join_element_wise("same content as row ", pa.array(first_row[dup]).cast(pa.string()), " (sample_id ", head, "…)", "")
+        detail = pc.binary_join_element_wise("same content as row ", pa.array(first_row).cast(pa.string()), " (sample_id ", head, "…)", "")
         book.add(dup, "filtered", name, "exact_duplicate", detail)
         meta = meta.filter(pa.array(first))
         book.meta = meta
@@ -186,12 +186,18 @@ def pool_meta(pool_sets: list[RecordSetRef], exclude_rows=None) -> pa.Table:
 
 
 def _first_of_each_id(meta: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """(whether each row is the first of its sample_id in the pool, the row number of that first row)."""
+    """(whether each row is the first of its sample_id in the pool, the row number of that first row
+    for each row that is not)."""
     import polars as pl
 
-    frame = pl.from_arrow(meta.select(["sample_id", "row"]))
-    out = frame.select(pl.col("sample_id").is_first_distinct().alias("first"), pl.col("row").first().over("sample_id").alias("first_row"))
-    return out["first"].to_numpy(), out["first_row"].to_numpy()
+    ids = pl.from_arrow(meta.column("sample_id"))
+    first = ids.is_first_distinct().to_numpy()
+    if first.all():
+        return first, np.zeros(0, dtype=np.int64)
+    frame = pl.DataFrame({"sample_id": ids, "row": pl.from_arrow(meta.column("row"))})
+    earlier = frame.filter(pl.Series(first)).rename({"row": "first_row"})
+    later = frame.filter(pl.Series(~first)).join(earlier, on="sample_id", how="left", maintain_order="left")
+    return first, later["first_row"].to_numpy()
 
 
 class _Ledger:
