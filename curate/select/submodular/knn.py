@@ -23,7 +23,7 @@ pools too large for a dense kernel (methods.md B3, "sparse kNN kernels").
 Rows are added and searched in blocks of ``block`` rows, each converted to float32 on its own, so a
 float16 or memory-mapped matrix is never copied whole; the index itself holds one float32 copy
 (``exact`` / ``hnsw``: n·d·4 bytes; ``ivf`` keeps none — it gathers each probed list as it goes). FAISS runs on ``threads`` OpenMP threads (set, then
-restored). Equal input, equal ``seed`` and equal ``threads`` give the same graph.
+restored), and the ``ivf`` join's numpy matrix products on as many BLAS threads. Equal input, equal ``seed`` and equal ``threads`` give the same graph.
 
 Recall is measured on a seeded sample of ``recall_sample`` query rows against exact search over all
 rows (blocked matrix products, no second index): for each query, the neighbours the graph holds whose
@@ -100,7 +100,10 @@ def build_knn_graph(E, k: int = 64, index: str = "auto", threshold: int = 20_000
         if kind == "exact":
             idx = faiss.IndexFlatIP(d)
         elif kind == "ivf":
-            return _ivf_graph(E, k, seed, threads, nlist, nprobe, train_per_list, recall_sample, block, stats, t0)
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(threads, user_api="blas"):  # the join's matrix products: numpy's BLAS, same thread count
+                return _ivf_graph(E, k, seed, threads, nlist, nprobe, train_per_list, recall_sample, block, stats, t0)
         elif kind == "hnsw":
             idx = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             idx.hnsw.efConstruction = 64
