@@ -55,23 +55,20 @@ class PrecomputedEmbedder(Embedder):
 
 
 def stored_dim(collection) -> int | None:
-    """The vector length of a collection's stored rows (from the first part's first row), None when empty."""
+    """The vector length of a collection's stored rows, None when empty: from ``vector_dim.json``
+    (written with the first vectors), else from the first part's first row."""
+    import json
+
     import pyarrow.parquet as pq
 
+    noted = collection.dir / "vector_dim.json"
+    if noted.exists():
+        return int(json.loads(noted.read_text())["dim"])
     parts = collection.parts()
     if not parts:
         return None
-    first = pq.ParquetFile(parts[0]).read_row_group(0, columns=["vector"]).column(0).slice(0, 1)
+    first = next(pq.ParquetFile(parts[0]).iter_batches(batch_size=1, columns=["vector"])).column(0)
     return int(pc.list_value_length(first)[0].as_py())
-
-
-def _stored_ids(collection) -> pa.Array:
-    import pyarrow.parquet as pq
-
-    parts = collection.parts()
-    if not parts:
-        return pa.array([], pa.string())
-    return pa.concat_arrays([pq.read_table(p, columns=["sample_id"]).column(0).combine_chunks() for p in parts])
 
 
 def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.Array, vectors: np.ndarray) -> None:
@@ -107,8 +104,7 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
         return
     # first occurrence of each id, and only ids not stored yet
     first = pc.equal(pc.index_in(ids, value_set=ids), pa.array(np.arange(len(ids), dtype=np.int32)))
-    new = pc.and_(first, pc.invert(pc.fill_null(pc.is_in(ids, value_set=_stored_ids(collection)), False)))
-    keep = np.flatnonzero(new.to_numpy(zero_copy_only=False))
+    keep = np.flatnonzero(first.to_numpy(zero_copy_only=False) & ~collection.stored(ids))
     if not len(keep):
         return
     v = vecs[keep].astype(np.float32)
@@ -122,3 +118,7 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
     v[~good] = np.nan
     statuses = np.where(good, "ok", BAD_VECTOR).tolist()
     collection.write(embedding_table(ids.take(pa.array(keep)), v, statuses, storage=embed.storage))
+    if dim is None:
+        from curate.io import write_json
+
+        write_json(collection.dir / "vector_dim.json", {"dim": int(vecs.shape[1])})

@@ -187,14 +187,20 @@ def _vector(value: Any, name: str, dim: int | None) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def _side_vectors(ctx: FileContext, ids: list[str]) -> list[Any]:
-    """Per id: its vector from the side file (a list of numbers), or None when the side file has none."""
+def _side_vectors(ctx: FileContext, ids: list[str]) -> list[np.ndarray | None]:
+    """Per id: its vector from the side file (a float32 numpy view), or None when the side file has none.
+    The values are taken as one flat array (no Python float per number)."""
     if not ids:
         return []
     with pa.memory_map(ctx.side_path) as source:
         side = pa.ipc.open_file(source).read_all()
         pos = pc.index_in(pa.array(ids, pa.string()), value_set=side.column("id"))  # the first row of a repeated id wins
-        return side.column("vector").take(pos).to_pylist()
+        vectors = side.column("vector").take(pos).combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(vectors), -1).to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=True)  # owns its memory
+    ends = np.cumsum(np.maximum(lengths, 0))
+    starts = ends - np.maximum(lengths, 0)
+    return [None if n < 0 else flat[a:b] for n, a, b in zip(lengths.tolist(), starts.tolist(), ends.tolist())]
 
 
 def process_chunk(job: ChunkJob) -> dict[str, Any]:
@@ -261,7 +267,7 @@ def process_chunk(job: ChunkJob) -> dict[str, Any]:
                 raw = RawRow(rec["source_index"], rec["source_line"], record=json.loads(rec["original"]))
                 rows[i] = ("bad", _quarantine_row(ctx, raw, _location(ctx.label, raw.line, raw.index), err), None)
             else:
-                rows[i] = ("ok", rec, np.asarray(value, dtype=np.float32))
+                rows[i] = ("ok", rec, value)
     records = [r for kind, r, _ in rows if kind == "ok"]
     quarantine = [r for kind, r, _ in rows if kind == "bad"]
     with_vec = [(r["sample_id"], r["row"], v) for kind, r, v in rows if kind == "ok" and v is not None]
