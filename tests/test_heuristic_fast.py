@@ -164,3 +164,19 @@ def test_nan_only_where_not_ok():
     scorer = HeuristicScorer("heuristic", {})
     out = scorer.score_table(pa.table({"messages": pa.array([r["messages"] for r in EDGE], pa.list_(MESSAGE_TYPE))}))
     assert all(np.isfinite(np.asarray(v)).all() for v in out.values.values()) and not any(math.isnan(x) for x in out.values["repetition"])
+
+
+def test_texts_decode_every_code_point():
+    """The numpy UTF-8 decoding and the per-character classes equal ``_table()`` for every code point."""
+    from curate.scorers.heuristic import C_ALNUM, C_SPACE, C_WIDE, C_WORD, _Texts
+
+    cps = np.array([i for i in range(0x110000) if not 0xD800 <= i < 0xE000], dtype=np.int64)
+    text = "".join(map(chr, cps))
+    t = _Texts(pa.array(["", text[:1000], None, text[1000:]]))
+    assert t.lengths.tolist() == [0, 1000, 0, len(cps) - 1000] and t.starts[3] == 1000
+    info = _table()[cps]
+    assert (t.low == info & CP).all()
+    cls = t.cls.astype(np.int64)
+    assert ((cls & C_WORD > 0) == (info & WORD > 0)).all() and ((cls & C_SPACE > 0) == (info & SPACE > 0)).all()
+    assert ((cls & C_ALNUM > 0) == (info & ALNUM > 0)).all() and ((cls & C_WIDE > 0) == (cps >= 128)).all()
+    assert (t.wide_cps == cps[cps >= 128]).all() and t.special.tolist() == [False, True, False, False]  # U+0130, U+03A3

@@ -23,15 +23,16 @@ works on a chunk of rows at once (:meth:`HeuristicScorer.score_table`):
 
 - prompt and response texts are joined from the Arrow ``messages`` column (``pyarrow.compute``), the
   same strings :func:`curate.records.prompt_text` / :func:`~curate.records.response_text` give;
-- each chunk of texts is decoded once into a numpy array of code points; ``\\w``, ``\\s``, "letter or
-  digit" and ``str.lower`` are one lookup table built from this Python's own ``str`` methods (``\\w`` of
-  ``re`` is exactly ``str.isalnum() or '_'``, ``\\s`` is ``str.isspace()``; the tests check every
-  code point), so the classes are those of the reference, whatever the Unicode version;
+- each chunk of texts is decoded once from its UTF-8 bytes with numpy (one byte of class bits and the
+  lower-case code point per character); ``\\w``, ``\\s``, "letter or digit" and ``str.lower`` come from
+  one lookup table built from this Python's own ``str`` methods (``\\w`` of ``re`` is exactly
+  ``str.isalnum() or '_'``, ``\\s`` is ``str.isspace()``; the tests check every code point), so the
+  classes are those of the reference, whatever the Unicode version;
 - token counts, character counts and the "most common character" share are counts per row
-  (``np.add.reduceat``, ``np.bincount``); words and word n-grams are hashed (64 bits, polynomial over
-  the lower-case code points) and repeated n-grams found by one sort; every pair of equal hashes is
-  then checked code point by code point, so a hash collision cannot change a value (the row is then
-  scored by the reference).
+  (``np.add.reduceat``, ``np.bincount``); words and word n-grams are hashed (polynomial over the
+  lower-case code points, then over the word hashes) and repeated n-grams found by one sort; every pair
+  of equal hashes is then checked code point by code point, so a hash collision cannot change a value
+  (the row is then scored by the reference).
 
 Rows whose text holds ``İ`` (U+0130, whose lower case is two code points) or ``Σ`` (U+03A3, whose lower
 case depends on its neighbours) are scored by the reference function: the lookup table of ``str.lower``
@@ -134,8 +135,29 @@ def _table() -> np.ndarray:
     return tab
 
 
+# class bits of one code point, one byte each (``_Texts.cls``); the ASCII ones come from ``_table()``
+C_WORD, C_SPACE, C_ALNUM, C_WIDE = 1, 2, 4, 8  # C_WIDE: not ASCII (decoded and classed one by one)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_tables() -> tuple[bytes, bytes]:
+    """``bytes.translate`` tables over the first byte of each UTF-8 character: (class byte, lower case).
+    ASCII bytes get the class bits and ``str.lower`` of ``_table()``; bytes from 0x80 get ``C_WIDE`` and
+    themselves (those characters are decoded and looked up in ``_table()`` afterwards)."""
+    tab = _table()
+    cls, low = bytearray(256), bytearray(256)
+    for i in range(256):
+        if i < 128:
+            info = int(tab[i])
+            cls[i] = (C_WORD if info & WORD else 0) | (C_SPACE if info & SPACE else 0) | (C_ALNUM if info & ALNUM else 0)
+            low[i] = info & CP
+        else:
+            cls[i], low[i] = C_WIDE, i
+    return bytes(cls), bytes(low)
+
+
 def _counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Per row (``starts``/``lengths`` into ``mask``): how many entries ``mask`` marks."""
+    """Per row (``starts``/``lengths`` into ``mask``): how many entries ``mask`` marks (a bool or 0/1 uint8 array)."""
     out = np.zeros(len(starts), dtype=np.int64)
     if len(mask) == 0 or len(starts) == 0:
         return out
@@ -146,21 +168,46 @@ def _counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nda
 
 
 class _Texts:
-    """One string per row, decoded into code points: ``cps`` (uint32, the rows back to back),
-    ``starts``/``lengths`` per row, and ``info`` (``_table()`` of each code point)."""
+    """One string per row, decoded into code points (the rows back to back), with ``starts``/``lengths``
+    per row and, per code point: ``first`` (uint8, its first UTF-8 byte: the code point where < 0x80), ``low`` (uint32, ``str.lower`` of the code point alone,
+    as in ``_table()``) and ``cls`` (uint8 ``C_*`` bits). ``wide``/``wide_cps``: position and code point of
+    every non-ASCII character; ``special``: rows holding a ``SPECIAL`` code point.
+
+    The UTF-8 bytes are decoded with numpy: the first byte of each character is kept, ASCII is classed
+    and lower-cased with ``bytes.translate`` (one byte per code point), and only the non-ASCII characters
+    are decoded from their bytes and looked up in ``_table()``."""
 
     def __init__(self, strings: pa.Array):
         strings = pc.fill_null(strings, "").cast(pa.large_string())
         n = len(strings)
         offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64, count=n + 1, offset=strings.offset * 8)
         data = strings.buffers()[2]
-        text = "" if data is None or n == 0 else str(memoryview(data)[offsets[0] : offsets[-1]], "utf-8")
-        self.cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        self.lengths = pc.utf8_length(strings).to_numpy(zero_copy_only=False).astype(np.int64)
-        ends = np.cumsum(self.lengths)
-        self.starts = ends - self.lengths
+        raw = np.zeros(0, np.uint8) if data is None or n == 0 else np.frombuffer(data, np.uint8, count=int(offsets[-1] - offsets[0]), offset=int(offsets[0]))
         self.n = n
-        self.info = _table()[self.cps]
+        self.lengths = pc.utf8_length(strings).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.starts = np.cumsum(self.lengths) - self.lengths
+        wide_bytes = np.flatnonzero(raw >= 0xC0) if len(raw) and raw.max() >= 0x80 else np.zeros(0, np.int64)  # first bytes of non-ASCII characters
+        if len(wide_bytes):
+            lead = raw[(raw & 0xC0) != 0x80]  # the first byte of every character
+            cont = np.flatnonzero((raw & 0xC0) == 0x80)
+            self.wide = wide_bytes - np.searchsorted(cont, wide_bytes)  # code point index = byte index - continuation bytes before it
+            self.wide_cps = _decode_utf8(raw, wide_bytes)
+        else:
+            lead = raw
+            self.wide = np.zeros(0, np.int64)
+            self.wide_cps = np.zeros(0, np.uint32)
+        cls_table, low_table = _byte_tables()
+        lead_bytes = lead.tobytes()
+        self.cls = np.frombuffer(bytearray(lead_bytes.translate(cls_table)), np.uint8)
+        self.low = np.frombuffer(lead_bytes.translate(low_table), np.uint8).astype(np.uint32)
+        self.first = lead
+        self.special = np.zeros(n, dtype=bool)
+        if len(self.wide):
+            info = _table()[self.wide_cps]
+            self.low[self.wide] = info & CP
+            self.cls[self.wide] = (C_WIDE | np.where(info & WORD, C_WORD, 0) | np.where(info & SPACE, C_SPACE, 0)
+                                   | np.where(info & ALNUM, C_ALNUM, 0)).astype(np.uint8)
+            self.special[self.row_of(self.wide[(info & SPECIAL) != 0])] = True
 
     def per_row(self, mask: np.ndarray) -> np.ndarray:
         return _counts(mask, self.starts, self.lengths)
@@ -168,42 +215,53 @@ class _Texts:
     def row_of(self, positions: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.starts + self.lengths, positions, "right")
 
-    def row_breaks(self) -> np.ndarray:
-        """True at the first code point of every row."""
-        mask = np.zeros(len(self.cps), dtype=bool)
-        mask[self.starts[self.lengths > 0]] = True
-        return mask
+    def has(self, bits: int) -> np.ndarray:
+        """bool per code point: any of the class ``bits``."""
+        return (self.cls & bits).astype(bool)
 
 
-def _words(t: _Texts) -> tuple[np.ndarray, np.ndarray]:
-    """(first, one past last) code point of each run of word characters, runs never crossing rows."""
-    word = (t.info & WORD) != 0
-    breaks = t.row_breaks()
-    prev = np.zeros_like(word)
-    prev[1:] = word[:-1]
-    start = word & (~prev | breaks)
-    nxt = np.zeros_like(word)
-    nxt[:-1] = word[1:] & ~breaks[1:]
-    return np.flatnonzero(start), np.flatnonzero(word & ~nxt) + 1
+def _decode_utf8(raw: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """Code points of the multi-byte UTF-8 characters whose first bytes are at ``first`` in ``raw``."""
+    lead = raw[first].astype(np.uint32)
+    size = 2 + (lead >= 0xE0) + (lead >= 0xF0)
+    cp = lead & np.where(size == 2, 0x1F, np.where(size == 3, 0x0F, 0x07)).astype(np.uint32)
+    for k in range(1, 4):
+        more = size > k
+        nxt = raw[np.minimum(first + k, len(raw) - 1)].astype(np.uint32) & 0x3F
+        cp = np.where(more, (cp << 6) | nxt, cp)
+    return cp
 
 
-def _regex_tokens(t: _Texts, word_starts: np.ndarray) -> np.ndarray:
+def _words(t: _Texts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first, one past last) code point of each run of word characters, runs never crossing rows, and the
+    number of runs per row."""
+    word = t.has(C_WORD)
+    step = np.diff(word.view(np.int8), prepend=np.int8(0), append=np.int8(0))  # +1 where a run starts, -1 after it ends
+    ws, we = np.flatnonzero(step == 1), np.flatnonzero(step == -1)
+    inner = t.starts[(t.starts > 0) & (t.lengths > 0)]
+    cut = inner[word[inner] & word[inner - 1]]  # a run that goes on into the next row: split it there
+    if len(cut):
+        ws = np.insert(ws, np.searchsorted(ws, cut), cut)
+        we = np.insert(we, np.searchsorted(we, cut), cut)
+    bounds = np.append(t.starts, len(word))
+    return ws, we, np.diff(np.searchsorted(ws, bounds))
+
+
+def _regex_tokens(t: _Texts, n_words: np.ndarray) -> np.ndarray:
     """len(re.findall(r"\\w+|[^\\w\\s]", text)) per row: runs of word characters + other non-space characters."""
-    other = (t.info & (WORD | SPACE)) == 0
-    other[word_starts] = True  # a word start is not "other": mark it to count it once
-    return t.per_row(other)
+    return n_words + t.per_row((t.cls & (C_WORD | C_SPACE)) == 0)
 
 
 def _strip_bounds(t: _Texts) -> tuple[np.ndarray, np.ndarray]:
     """(start, length) of each row's text without leading/trailing white space (``str.strip()``)."""
     start, length = t.starts.copy(), t.lengths.copy()
-    space = (t.info & SPACE) != 0
     nz = np.flatnonzero(length > 0)
-    edge = nz[space[t.starts[nz]] | space[t.starts[nz] + t.lengths[nz] - 1]]  # rows that start or end with white space
+    space = t.cls[np.concatenate((t.starts[nz], t.starts[nz] + t.lengths[nz] - 1))] & C_SPACE
+    edge = nz[(space[: len(nz)] | space[len(nz):]) != 0]  # rows that start or end with white space
     if len(edge):
         lens = t.lengths[edge]
         pos = np.repeat(t.starts[edge], lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-        keep = ~space[pos]
+        keep = (t.cls[pos] & C_SPACE) == 0
         first = np.where(keep, pos, np.iinfo(np.int64).max)
         last = np.where(keep, pos, -1)
         at = np.cumsum(lens) - lens
@@ -223,56 +281,54 @@ def _copies_prompt(resp: _Texts, prompt: _Texts) -> np.ndarray:
     if len(cand):
         lens = rl[cand]
         k = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
-        a = resp.info[np.repeat(rs[cand], lens) + k] & CP
-        b = prompt.info[np.repeat(ps[cand], lens) + k] & CP
+        a = resp.low[np.repeat(rs[cand], lens) + k]
+        b = prompt.low[np.repeat(ps[cand], lens) + k]
         differ = np.bincount(np.repeat(np.arange(len(cand)), lens)[a != b], minlength=len(cand)) > 0
         same[cand[differ]] = False
     return same
 
 
 def _char_share_exceeds(t: _Texts, min_chars: int, max_share: float) -> np.ndarray:
-    """Per row: at least ``min_chars`` non-space characters and the most common one over ``max_share`` of them."""
-    nonspace = (t.info & SPACE) == 0
-    total = t.per_row(nonspace)
-    ok = total >= min_chars
-    if not ok.any():
-        return ok
-    # ASCII: a 129-bin histogram per row (bin 128: white space and non-ASCII)
-    local = np.repeat(np.arange(t.n, dtype=np.int64), t.lengths) * 129
-    local += np.where(nonspace & (t.cps < 128), t.cps, 128)
-    hist = np.bincount(local, minlength=t.n * 129).reshape(t.n, 129)[:, :128]
-    top = hist.max(axis=1)
-    others = total - hist.sum(axis=1)
-    # a non-ASCII character can only win where all non-ASCII ones together pass the share: count those exactly
-    maybe = np.flatnonzero(ok & (others / np.maximum(total, 1) > max_share))  # the same division as below: monotonic
-    if len(maybe):
-        lens = t.lengths[maybe]
-        pos = np.repeat(t.starts[maybe], lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-        sel = nonspace[pos] & (t.cps[pos] >= 128)
-        keys = np.repeat(maybe, lens)[sel] * _N_CODEPOINTS + t.cps[pos][sel].astype(np.int64)
-        uniq, n_each = np.unique(keys, return_counts=True)
+    """Per row: at least ``min_chars`` non-space characters and the most common one over ``max_share`` of them.
+
+    ASCII characters are counted in a 256-bin histogram per row over the first byte of each character
+    (one ``np.bincount``); the bins of ASCII white space and of bytes from 0x80 (non-ASCII) are left out. Non-ASCII
+    characters (few) are counted exactly per (row, code point) from ``t.wide``/``t.wide_cps``."""
+    rows = np.repeat(np.arange(0, t.n * 256, 256, dtype=np.int64), t.lengths)
+    rows += t.first
+    hist = np.bincount(rows, minlength=t.n * 256).reshape(t.n, 256)
+    counted = hist[:, np.flatnonzero(np.frombuffer(_byte_tables()[0][:128], np.uint8) & C_SPACE == 0)]
+    total = counted.sum(axis=1)
+    top = counted.max(axis=1) if t.n else np.zeros(0, np.int64)
+    if len(t.wide):
+        keep = (t.cls[t.wide] & C_SPACE) == 0
+        rows = t.row_of(t.wide[keep])
+        total += np.bincount(rows, minlength=t.n)
+        uniq, n_each = np.unique(rows * _N_CODEPOINTS + t.wide_cps[keep].astype(np.int64), return_counts=True)
         np.maximum.at(top, uniq // _N_CODEPOINTS, n_each)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return ok & (top / np.maximum(total, 1) > max_share)
+        return (total >= min_chars) & (top / np.maximum(total, 1) > max_share)
 
 
 _B = np.uint64(0x9E3779B97F4A7C15)  # odd: invertible modulo 2**64
-_B_INV = np.uint64(pow(int(_B), -1, 2**64))
-_MIX = np.random.default_rng(20240613).integers(1, 2**63, size=2, dtype=np.uint64) | np.uint64(1)
+_B32 = np.uint32(0x9E3779B1)  # odd: invertible modulo 2**32
+_MIX = np.random.default_rng(20240613).integers(1, 2**63, size=3, dtype=np.uint64) | np.uint64(1)
+
+_POWERS: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
 
 
-_POWERS: list[tuple[np.ndarray, np.ndarray]] = []
+def _powers(size: int, base: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(base**k, base**-k) in the integer type of ``base`` (modulo 2**32 or 2**64) for k < at least ``size``;
+    the largest made so far is kept per base and reused."""
+    key = (base.dtype, int(base))
+    if key not in _POWERS or len(_POWERS[key][0]) < size:
+        inv = base.dtype.type(pow(int(base), -1, 2 ** (8 * base.dtype.itemsize)))
+        _POWERS[key] = (_pow_seq(size, base), _pow_seq(size, inv))
+    return _POWERS[key]
 
 
-def _powers(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B**k, B**-k) modulo 2**64 for k < at least ``size``; the largest made so far is kept and reused."""
-    if not _POWERS or len(_POWERS[0][0]) < size:
-        _POWERS[:] = [(_pow_seq(size, _B), _pow_seq(size, _B_INV))]
-    return _POWERS[0]
-
-
-def _pow_seq(n: int, base: np.uint64) -> np.ndarray:
-    out = np.empty(n, dtype=np.uint64)
+def _pow_seq(n: int, base: Any) -> np.ndarray:
+    out = np.empty(n, dtype=base.dtype)
     if n:
         out[0] = 1
         out[1:] = base
@@ -281,53 +337,63 @@ def _pow_seq(n: int, base: np.uint64) -> np.ndarray:
     return out
 
 
-def _ngram_repeats(t: _Texts, word_starts: np.ndarray, word_ends: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ngram_repeats(t: _Texts, word_starts: np.ndarray, word_ends: np.ndarray, n_words: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of lower-cased text: (word n-grams, n-grams equal to an earlier one, rows to score by the
-    reference because two different n-grams shared a 64-bit hash).
+    reference because two different n-grams shared a hash).
 
     Words are those of the original text: a code point and its lower case are both ``\\w`` or both not
-    (checked for every code point by the tests)."""
-    n_words = t.per_row(_mark(len(t.cps), word_starts))
+    (checked for every code point by the tests).
+
+    1. each word gets a 32-bit polynomial hash of its lower-case code points (one prefix sum over the
+       chunk, modulo 2**32), mixed with its length into 64 bits;
+    2. each n-gram (n consecutive words of one row) gets a 64-bit polynomial hash of its word hashes
+       (a prefix sum over the words), plus its row times a constant;
+    3. the high bits of that hash and the n-gram's index in the low bits make one uint64 key; one
+       ``np.sort`` puts equal hashes side by side, in order of position;
+    4. every side-by-side pair with equal hashes is checked word by word and code point by code point:
+       a true pair makes the later n-gram a repeat, any other pair sends both rows to the reference."""
     count = np.maximum(n_words - n + 1, 0)
     repeats = np.zeros(t.n, dtype=np.int64)
     collided = np.zeros(t.n, dtype=bool)
+    n_all = len(word_starts)
     if not count.any():
         return count, repeats, collided
-    low = (t.info & CP).astype(np.uint64)
-    size = 1 << max(10, int(len(low)).bit_length())
-    pw, inv = _powers(size)
+    pw32, inv32 = _powers(1 << max(10, (len(t.low) + 1).bit_length()), _B32)
+    pw, inv = _powers(1 << max(10, (n_all + 1).bit_length()), _B)
     with np.errstate(over="ignore"):
-        prefix = np.zeros(len(low) + 1, dtype=np.uint64)
-        np.cumsum(low * pw[: len(low)], out=prefix[1:])
-        wh = (prefix[word_ends] - prefix[word_starts]) * inv[word_starts]  # a hash of each word's lower-case text
-        wh ^= (word_ends - word_starts).astype(np.uint64) * _MIX[0]
-        first_word = np.cumsum(n_words) - n_words
+        prefix = np.zeros(len(t.low) + 1, dtype=np.uint32)
+        np.cumsum(t.low * pw32[: len(t.low)], out=prefix[1:])
+        wh = ((prefix[word_ends] - prefix[word_starts]) * inv32[word_starts]).astype(np.uint64)  # 1.
+        wh *= _MIX[0]
+        wh ^= (word_ends - word_starts).astype(np.uint64) * _MIX[1]
+        gpre = np.zeros(n_all + 1, dtype=np.uint64)  # 2.
+        np.cumsum(wh * pw[:n_all], out=gpre[1:])
+        span = n_all - n + 1
         wrow = np.repeat(np.arange(t.n), n_words)
-        g = np.flatnonzero(np.arange(len(word_starts)) - first_word[wrow] <= n_words[wrow] - n)  # n-gram starts
-        span = len(word_starts) - n + 1
-        h = np.zeros(span, dtype=np.uint64)
-        for j in range(n):
-            h = h * _MIX[1] + wh[j : j + span]
+        g = np.flatnonzero(wrow[:span] == wrow[n - 1 :])  # n-gram starts: first and last word in one row
         grow = wrow[g]
-        h = h[g] + grow.astype(np.uint64) * _B  # n-grams of different rows never meet
-    order = np.argsort(h)  # equal hashes end up side by side (their order among themselves does not matter)
-    eq = np.flatnonzero(h[order[1:]] == h[order[:-1]])
-    a, b = g[order[eq]], g[order[eq + 1]]
-    same = grow[order[eq]] == grow[order[eq + 1]]
+        h = (gpre[g + n] - gpre[g]) * inv[g] + grow.astype(np.uint64) * _MIX[2]
+    bits = max(1, int(n_all).bit_length())
+    if bits <= 24:  # 3.: at least 40 bits of hash in the key
+        low_mask = np.uint64((1 << bits) - 1)
+        key = np.sort((h & ~low_mask) | g.astype(np.uint64))
+        top = key >> np.uint64(bits)
+        eq = np.flatnonzero(top[1:] == top[:-1])
+        a, b = (key[eq] & low_mask).astype(np.int64), (key[eq + 1] & low_mask).astype(np.int64)
+    else:  # very many words in one chunk: sort the full hashes, keep the positions
+        order = np.argsort(h)
+        eq = np.flatnonzero(h[order[1:]] == h[order[:-1]])
+        a, b = g[order[eq]], g[order[eq + 1]]
+    ra, rb = wrow[a], wrow[b]
+    same = ra == rb
     step = max(1, 1_000_000 // n)
-    for lo in range(0, len(eq), step):  # check the words of each pair, code point by code point (bounded memory)
+    for lo in range(0, len(eq), step):  # 4. (bounded memory)
         sl = slice(lo, lo + step)
         same[sl] &= _same_words(t, word_starts, word_ends, a[sl], b[sl], n)
-    repeats = np.bincount(grow[order[eq + 1]][same], minlength=t.n)
-    collided[grow[order[eq]][~same]] = True
-    collided[grow[order[eq + 1]][~same]] = True
+    repeats = np.bincount(rb[same], minlength=t.n)
+    collided[ra[~same]] = True
+    collided[rb[~same]] = True
     return count, repeats, collided
-
-
-def _mark(size: int, positions: np.ndarray) -> np.ndarray:
-    mask = np.zeros(size, dtype=bool)
-    mask[positions] = True
-    return mask
 
 
 def _same_words(t: _Texts, ws: np.ndarray, we: np.ndarray, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
@@ -340,7 +406,7 @@ def _same_words(t: _Texts, ws: np.ndarray, we: np.ndarray, a: np.ndarray, b: np.
     k = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
     pa_ = np.repeat(ws[wa], lens) + k
     pb_ = np.repeat(ws[wb], lens) + k
-    bad = np.repeat(np.arange(len(wa)), lens)[(t.info[pa_] & CP) != (t.info[pb_] & CP)]
+    bad = np.repeat(np.arange(len(wa)), lens)[t.low[pa_] != t.low[pb_]]
     ok[bad] = False
     return ok.reshape(len(a), n).all(axis=1)
 
@@ -432,16 +498,16 @@ class HeuristicScorer(Scorer):
         prompt_s, resp_s, turns, tools = _conversation_texts(table.column("messages"))
         prompt, resp = _Texts(prompt_s), _Texts(resp_s)
         n = resp.n
-        rws, rwe = _words(resp)
+        rws, rwe, rnw = _words(resp)
         if p.tokenizer == "regex":
-            ptok, rtok = _regex_tokens(prompt, _words(prompt)[0]), _regex_tokens(resp, rws)
+            ptok, rtok = _regex_tokens(prompt, _words(prompt)[2]), _regex_tokens(resp, rnw)
         else:  # an HF tokenizer: batched over this chunk's strings
             ptok = np.array(self._count_tokens(prompt_s.to_pylist()), dtype=np.int64).reshape(n)
             rtok = np.array(self._count_tokens(resp_s.to_pylist()), dtype=np.int64).reshape(n)
-        count, repeats, collided = _ngram_repeats(resp, rws, rwe, p.ngram)
+        count, repeats, collided = _ngram_repeats(resp, rws, rwe, rnw, p.ngram)
         rep = repeats / np.maximum(count, 1)  # 0.0 where there is no n-gram
         bits = np.zeros(n, dtype=np.int64)
-        bits |= ((resp.per_row((resp.info & ALNUM) != 0) == 0) & ~tools).astype(np.int64) << 0
+        bits |= ((resp.per_row(resp.cls & C_ALNUM) == 0) & ~tools).astype(np.int64) << 0
         bits |= _copies_prompt(resp, prompt).astype(np.int64) << 1
         bits |= ((count >= p.min_ngrams) & (rep > p.max_repetition)).astype(np.int64) << 2
         bits |= _char_share_exceeds(resp, p.min_chars_for_share, p.max_char_share).astype(np.int64) << 3
@@ -457,7 +523,7 @@ class HeuristicScorer(Scorer):
         used = (ptok + rtok).astype(np.int64)
         components = _components_json(count, bits)
         # rows the tables cannot do exactly (see the module docstring): the reference, row by row
-        special = (resp.per_row((resp.info & SPECIAL) != 0) > 0) | (prompt.per_row((prompt.info & SPECIAL) != 0) > 0)
+        special = resp.special | prompt.special
         redo = np.flatnonzero(collided | special)
         if len(redo):
             rows = table.column("messages").take(pa.array(redo, pa.int64())).to_pylist()
