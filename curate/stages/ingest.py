@@ -187,20 +187,46 @@ def _vector(value: Any, name: str, dim: int | None) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=2)
+def _side_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The side file's ids sorted (fixed-width bytes), the side-file row of each, and the first row of
+    each record batch — made once per process (the path names the side file's content). A repeated id
+    sorts its first row first (stable sort), so the first row wins."""
+    with pa.memory_map(path) as source:
+        reader = pa.ipc.open_file(source)
+        sizes = [reader.get_batch(b).num_rows for b in range(reader.num_record_batches)]
+        ids = pa.concat_arrays([reader.get_batch(b).column(0) for b in range(reader.num_record_batches)]) if sizes else pa.array([], pa.string())
+        keys = np.array(pc.cast(ids, pa.binary()).to_numpy(zero_copy_only=False).tolist(), dtype=bytes)
+    order = np.argsort(keys, kind="stable")
+    return keys[order], order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
 def _side_vectors(ctx: FileContext, ids: list[str]) -> list[np.ndarray | None]:
     """Per id: its vector from the side file (a float32 numpy view), or None when the side file has none.
-    The values are taken as one flat array (no Python float per number)."""
+    Ids are found by binary search in the side file's sorted ids; only the record batches that hold a
+    wanted row are read (a take over the whole file would first concatenate every vector in it)."""
     if not ids:
         return []
+    keys, order, starts = _side_index(ctx.side_path)
+    out: list[np.ndarray | None] = [None] * len(ids)
+    if not len(keys):
+        return out
+    query = np.array([i.encode("utf-8") for i in ids], dtype=bytes)
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    found = keys[at] == query
+    pos = np.where(found, order[at], -1)
+    batch_of = np.searchsorted(starts, pos, side="right") - 1
     with pa.memory_map(ctx.side_path) as source:
-        side = pa.ipc.open_file(source).read_all()
-        pos = pc.index_in(pa.array(ids, pa.string()), value_set=side.column("id"))  # the first row of a repeated id wins
-        vectors = side.column("vector").take(pos).combine_chunks()
-        lengths = pc.fill_null(pc.list_value_length(vectors), -1).to_numpy(zero_copy_only=False)
-        flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=True)  # owns its memory
-    ends = np.cumsum(np.maximum(lengths, 0))
-    starts = ends - np.maximum(lengths, 0)
-    return [None if n < 0 else flat[a:b] for n, a, b in zip(lengths.tolist(), starts.tolist(), ends.tolist())]
+        reader = pa.ipc.open_file(source)
+        for b in np.unique(batch_of[found]).tolist():
+            sel = np.flatnonzero(found & (batch_of == b))
+            vectors = reader.get_batch(b).column(1).take(pa.array(pos[sel] - starts[b]))
+            lengths = pc.fill_null(pc.list_value_length(vectors), -1).to_numpy(zero_copy_only=False)
+            flat = pc.list_flatten(vectors).to_numpy(zero_copy_only=False).astype(np.float32, copy=True)  # owns its memory
+            ends = np.cumsum(np.maximum(lengths, 0))
+            for k, n, a, e in zip(sel.tolist(), lengths.tolist(), (ends - np.maximum(lengths, 0)).tolist(), ends.tolist()):
+                out[k] = None if n < 0 else flat[a:e]
+    return out
 
 
 def process_chunk(job: ChunkJob) -> dict[str, Any]:
