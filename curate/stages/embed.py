@@ -69,7 +69,6 @@ def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:
     import time
 
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from curate.embed.precomputed import NO_VECTOR, stored_dim
     from curate.errors import CurateError
@@ -80,19 +79,17 @@ def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:
         raise CurateError(f"embed.method 'precomputed' (producer '{spec.model}'): the store holds no vectors for this producer; "
                           f"give an input `embedding: {{producer: {spec.model}, field: …}}` (or `path:` a side file of vectors)")
     ids = read_shard(shard, ["sample_id"]).column(0).combine_chunks()
+    stored = collection.stored(ids)  # the store's id index: each id once, whatever parts repeat it
+    failed = _not_ok(collection)  # the few stored rows whose status is not ok (first part wins)
+    hit = pc.index_in(ids, value_set=failed.column("sample_id")).to_numpy(zero_copy_only=False)
+    bad = ~np.isnan(hit) if hit.dtype.kind == "f" else np.ones(len(hit), dtype=bool)
     statuses: dict[str, int] = {}
-    seen = pa.array([], pa.string())
-    for part in collection.parts():
-        t = pq.read_table(part, columns=["sample_id", "status"])
-        t = t.filter(pc.is_in(t.column("sample_id"), value_set=ids))
-        if not t.num_rows:
-            continue
-        t = t.filter(pc.invert(pc.is_in(t.column("sample_id"), value_set=seen)))  # a duplicate from a concurrent writer counts once
-        seen = pa.concat_arrays([seen, t.column("sample_id").combine_chunks()])
-        for status, count in zip(*_value_counts(t.column("status"))):
-            statuses[status] = statuses.get(status, 0) + count
-    found = pc.is_in(ids, value_set=seen)
-    missing = len(ids) - int(pc.sum(found).as_py() or 0)
+    n_ok = int((stored & ~bad).sum())
+    if n_ok:
+        statuses["ok"] = n_ok
+    for status in failed.column("status").take(pa.array(hit[bad].astype(np.int64))).to_pylist():
+        statuses[status] = statuses.get(status, 0) + 1
+    missing = int((~stored).sum())
     if missing:
         statuses[NO_VECTOR] = statuses.get(NO_VECTOR, 0) + missing
     return WorkRef(stage="embed", name=spec.model, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
@@ -100,8 +97,24 @@ def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:
                    seconds=round(time.perf_counter() - t0, 3))
 
 
-def _value_counts(column) -> tuple[list[str], list[int]]:
-    import pyarrow.compute as pc
+_NOT_OK: dict[tuple, pa.Table] = {}
 
-    vc = pc.value_counts(column)
-    return vc.field("values").to_pylist(), vc.field("counts").to_pylist()
+
+def _not_ok(collection) -> pa.Table:
+    """(sample_id, status) of the collection's stored rows whose status is not ``ok``, the first row of
+    an id only; read once per process for a given list of parts (a shard's count reads no part)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parts = tuple(collection.parts())
+    key = (str(collection.dir), parts)
+    if key not in _NOT_OK:
+        tables = [pq.read_table(p, columns=["sample_id", "status"]) for p in parts]
+        t = pa.concat_tables(tables) if tables else pa.table({"sample_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+        first = pc.equal(pc.index_in(t.column("sample_id"), value_set=t.column("sample_id")), pa.array(np.arange(t.num_rows, dtype=np.int32)))
+        t = t.filter(pc.and_(first, pc.not_equal(t.column("status"), "ok")))
+        _NOT_OK.clear()
+        _NOT_OK[key] = t.combine_chunks()
+    return _NOT_OK[key]
+
+
