@@ -435,12 +435,14 @@ def _side_file(spec: InputSpec, base: Path, folder: Path) -> tuple[str, str, str
         with atomic_path(out) as tmp:
             schema = pa.schema([("id", pa.string()), ("vector", pa.list_(pa.float32()))])
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for batch in pf.iter_batches(batch_size=65_536, columns=["id", "vector"]):
-                    try:
-                        writer.write_batch(pa.record_batch([pc.cast(batch.column(0), pa.string()),
-                                                            pc.cast(batch.column(1), pa.list_(pa.float32()))], schema=schema))
-                    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                        raise IngestError(f"{emb.path}: 'id' must be text or integers and 'vector' a list of numbers ({exc})") from None
+                for group in range(pf.num_row_groups):  # one row group in memory at a time
+                    for batch in pf.read_row_group(group, columns=["id", "vector"]).to_batches(max_chunksize=65_536):
+                        try:
+                            writer.write_batch(pa.record_batch([pc.cast(batch.column(0), pa.string()),
+                                                                pc.cast(batch.column(1), pa.list_(pa.float32()))], schema=schema))
+                        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                            raise IngestError(f"{emb.path}: 'id' must be text or integers and 'vector' a list of numbers ({exc})") from None
+            pa.default_memory_pool().release_unused()
     dim = None
     for batch in pf.iter_batches(batch_size=1024, columns=["vector"]):
         lengths = pc.drop_null(pc.list_value_length(batch.column(0)))
