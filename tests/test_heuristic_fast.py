@@ -97,6 +97,14 @@ def test_equal_to_reference_on_sample_rows_and_edge_cases(tmp_path):
     check_equal(EDGE, HeuristicScorer("heuristic", {"ngram": 1}))
 
 
+def test_a_row_before_an_empty_last_row_keeps_its_last_character():
+    # a chunk that ends with an empty response (a turn with only tool calls): the row before it is counted whole
+    scorer = HeuristicScorer("heuristic", {})
+    for row in EDGE[:11] + EDGE[12:]:
+        check_equal([row, EDGE[11]], scorer)
+        check_equal([row, EDGE[0]], scorer)
+
+
 def test_score_batch_and_chunks_agree(tmp_path):
     rows = sample_records(tmp_path)[:120] + EDGE
     scorer = HeuristicScorer("heuristic", {})

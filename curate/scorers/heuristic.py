@@ -158,13 +158,11 @@ def _byte_tables() -> tuple[bytes, bytes]:
 
 def _counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Per row (``starts``/``lengths`` into ``mask``): how many entries ``mask`` marks (a bool or 0/1 uint8 array)."""
-    out = np.zeros(len(starts), dtype=np.int64)
-    if len(mask) == 0 or len(starts) == 0:
-        return out
-    nz = lengths > 0
-    sums = np.add.reduceat(mask.view(np.uint8), np.minimum(starts, len(mask) - 1), dtype=np.int32)  # rows < 2**31 code points
-    out[nz] = sums[nz]
-    return out
+    if len(starts) == 0:
+        return np.zeros(0, dtype=np.int64)
+    # prefix sums, not reduceat: an empty last row (start == len(mask)) must not cut the row before it short
+    total = np.concatenate([[0], np.cumsum(mask.view(np.uint8), dtype=np.int64)])
+    return total[starts + lengths] - total[starts]
 
 
 class _Texts:
