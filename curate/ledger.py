@@ -57,11 +57,6 @@ LINEAGE_SCHEMA = pa.schema(
 )
 
 
-def ledger_table(rows: list[dict], schema: pa.Schema = LEDGER_SCHEMA) -> pa.Table:
-    """A ledger table from Python dicts (for a few rows: the stages build large ledgers from columns)."""
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 def counts(table: pa.Table) -> dict[str, int]:
     """Rows per outcome (every outcome of :data:`OUTCOMES`, 0 when absent), counted in Arrow."""
     found = {v["values"]: v["counts"] for v in pc.value_counts(table.column("outcome")).to_pylist()}

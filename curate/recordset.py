@@ -211,7 +211,7 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
         first = pq.read_table(parts[0], columns=["vector"]).column(0).combine_chunks()
         return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
     id_array = pa.array(ids, pa.string())
-    digest = _ids_digest(id_array)
+    digest = _ordered_ids_digest(id_array)
     folder = collection.dir / "matrix"
     path, meta_path, status_path = folder / f"{digest}.npy", folder / f"{digest}.json", folder / f"{digest}.status.parquet"
     part_names = [p.name for p in parts]
@@ -227,7 +227,7 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
     return out
 
 
-def _ids_digest(id_array: pa.Array) -> str:
+def _ordered_ids_digest(id_array: pa.Array) -> str:
     """sha256 (32 hex) over a string array's lengths and bytes, in order: one pass in C, not per id."""
     import hashlib
 

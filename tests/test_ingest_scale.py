@@ -213,6 +213,13 @@ def test_precomputed_vectors_from_a_column_and_from_a_side_file_land_in_the_stor
     assert set(stored) == {by_line[n] for n in (1, 2, 4, 5, 7, 8, 9)}
     np.testing.assert_array_equal(np.array(stored[by_line[4]][1], np.float32), vecs[3])  # x3: the side file's first x3 wins
 
+    # a chunk whose vectors file is gone from the ingest cache (its marker says it had vectors): read again, not vectorless
+    gone = Path(refs[0].chunks[1].vectors_path)
+    gone.unlink()
+    refs, _ = ingest(tmp_path, tmp_path / "side", [spec2], shard_size=4, workers=1, store_dir=str(tmp_path / "store2"), embed=embed2)
+    assert refs[0].chunks_cached == len(refs[0].chunks) - 1 and gone.exists()
+    assert set(_store_vectors(tmp_path / "store2", "maker/m2", [r["sample_id"] for r in recs])) == set(stored)
+
 
 def test_an_input_with_embeddings_needs_the_precomputed_embedder(tmp_path):
     shutil.copy(SAMPLE / "cherry_alpaca.jsonl", tmp_path / "c.jsonl")

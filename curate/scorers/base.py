@@ -235,7 +235,11 @@ class Scorer:
             for o in self.outputs:
                 out.value_array(o, n)  # checks the length
             return out
-        except Exception:
+        except Exception as exc:  # the row path isolates the failing rows; say that the fast path failed
+            import logging
+
+            logging.getLogger("curate").warning("%s: the columnar path failed on %d rows (%s: %s); they are scored row by row",
+                                                self.name, n, type(exc).__name__, exc)
             return ScoreColumns.from_scores(self.score_records(table.to_pylist()), self.outputs)
 
     def score_records(self, records: list[dict[str, Any]]) -> list[Score]:

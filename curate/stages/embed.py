@@ -9,6 +9,8 @@ and this stage only counts, per shard, the rows with a stored vector and those w
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pyarrow as pa
 
@@ -98,23 +100,23 @@ def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:
 
 
 _NOT_OK: dict[tuple, pa.Table] = {}
+_NOT_OK_LOCK = threading.Lock()
 
 
 def _not_ok(collection) -> pa.Table:
     """(sample_id, status) of the collection's stored rows whose status is not ``ok``, the first row of
     an id only; read once per process for a given list of parts (a shard's count reads no part)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     parts = tuple(collection.parts())
     key = (str(collection.dir), parts)
-    if key not in _NOT_OK:
-        tables = [pq.read_table(p, columns=["sample_id", "status"]) for p in parts]
-        t = pa.concat_tables(tables) if tables else pa.table({"sample_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-        first = pc.equal(pc.index_in(t.column("sample_id"), value_set=t.column("sample_id")), pa.array(np.arange(t.num_rows, dtype=np.int32)))
-        t = t.filter(pc.and_(first, pc.not_equal(t.column("status"), "ok")))
-        _NOT_OK.clear()
-        _NOT_OK[key] = t.combine_chunks()
-    return _NOT_OK[key]
+    with _NOT_OK_LOCK:  # shards of one stage may run on several threads
+        if key not in _NOT_OK:
+            tables = [t for p in parts if (t := collection.read_part(p, columns=["sample_id", "status"])) is not None]  # a damaged part is set aside
+            t = pa.concat_tables(tables) if tables else pa.table({"sample_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+            first = pc.equal(pc.index_in(t.column("sample_id"), value_set=t.column("sample_id")), pa.array(np.arange(t.num_rows, dtype=np.int32)))
+            _NOT_OK.clear()
+            _NOT_OK[key] = t.filter(pc.and_(first, pc.not_equal(t.column("status"), "ok"))).combine_chunks()
+        return _NOT_OK[key]
 
 

@@ -658,7 +658,7 @@ def _done(paths: tuple[str, str, str, str]) -> dict | None:
         meta = json.loads(Path(done).read_text())
     except (OSError, ValueError):
         return None
-    if not (Path(rec).exists() and Path(quar).exists()):
+    if not (Path(rec).exists() and Path(quar).exists()) or (meta.get("n_vectors", 0) and not Path(vec).exists()):
         return None
     for path in (rec, quar, vec):  # a file cut short (a kill, a full disk) has no readable footer: read the chunk again
         if Path(path).exists():

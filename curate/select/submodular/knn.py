@@ -266,7 +266,7 @@ class KnnParams(BaseModel):
                             "embedding / sparse: always that one.")
     knn: int = Field(64, gt=0, description="Neighbours per row of the kNN graph (the row itself is kept besides).")
     knn_index: Literal["auto", "exact", "ivf", "hnsw"] = Field(
-        "auto", description="FAISS search building the graph: exact (IndexFlatIP), ivf (IndexIVFFlat), hnsw (IndexHNSWFlat); "
+        "auto", description="FAISS search building the graph: exact (IndexFlatIP), ivf (FAISS k-means lists, each list joined with its nprobe nearest lists by BLAS), hnsw (IndexHNSWFlat); "
                             "auto: exact up to knn_threshold rows, ivf above.")
     knn_threshold: int = Field(20_000, gt=0, description="Rows above which kernel: auto uses the kNN graph (and knn_index: auto uses IVF).")
     knn_nlist: int | None = Field(None, gt=0, description="IVF lists; default √n (at least 39 rows per list).")
