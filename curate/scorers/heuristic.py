@@ -158,11 +158,14 @@ def _byte_tables() -> tuple[bytes, bytes]:
 
 def _counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Per row (``starts``/``lengths`` into ``mask``): how many entries ``mask`` marks (a bool or 0/1 uint8 array)."""
-    if len(starts) == 0:
-        return np.zeros(0, dtype=np.int64)
-    # prefix sums, not reduceat: an empty last row (start == len(mask)) must not cut the row before it short
-    total = np.concatenate([[0], np.cumsum(mask.view(np.uint8), dtype=np.int64)])
-    return total[starts + lengths] - total[starts]
+    out = np.zeros(len(starts), dtype=np.int64)
+    nz = np.flatnonzero(lengths > 0)
+    if len(nz) == 0:
+        return out
+    # rows lie back to back, so a sum from one non-empty row's start to the next one's is that row's
+    # count; empty rows are left out of the indices (an empty last row would cut the row before it short)
+    out[nz] = np.add.reduceat(mask.view(np.uint8), starts[nz], dtype=np.int32)  # rows < 2**31 code points
+    return out
 
 
 class _Texts:
