@@ -89,26 +89,30 @@ def task_runner(runtime: RuntimeSpec):
             raise ConfigError(f"runtime.address ({runtime.address!r}) needs runtime.task_runner: dask or ray")
         return ThreadPoolTaskRunner(max_workers=runtime.workers)
     if runtime.task_runner == "dask":
-        try:
-            import distributed  # noqa: F401
-            from prefect_dask import DaskTaskRunner
-        except ImportError as exc:
-            raise MissingDependency("runtime.task_runner: dask", exc.name or "prefect_dask", _CLUSTER_EXTRA) from exc
+        DaskTaskRunner = _runner_class("dask", "distributed", "prefect_dask", "DaskTaskRunner")
         if runtime.address:
             return DaskTaskRunner(address=runtime.address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": runtime.workers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})
     if runtime.task_runner == "ray":
-        try:
-            import ray  # noqa: F401
-            from prefect_ray import RayTaskRunner
-        except ImportError as exc:
-            raise MissingDependency("runtime.task_runner: ray", exc.name or "prefect_ray", _CLUSTER_EXTRA) from exc
+        RayTaskRunner = _runner_class("ray", "ray", "prefect_ray", "RayTaskRunner")
         if runtime.address:
             return RayTaskRunner(address=runtime.address)
         # "local": a new instance even where RAY_ADDRESS or a `ray start` cluster exists
         return RayTaskRunner(address="local", init_kwargs={"num_cpus": runtime.workers, "include_dashboard": False})
     raise ConfigError(f"runtime.task_runner: unknown runner {runtime.task_runner!r}")
+
+
+def _runner_class(runner: str, engine: str, module: str, name: str):
+    """Prefect's task runner class ``module.name`` for ``runtime.task_runner: runner``, after importing the
+    cluster package ``engine``; a missing package stops the run with the install line."""
+    import importlib
+
+    try:
+        importlib.import_module(engine)
+        return getattr(importlib.import_module(module), name)
+    except ImportError as exc:
+        raise MissingDependency(f"runtime.task_runner: {runner}", exc.name or module, _CLUSTER_EXTRA) from exc
 
 
 def _address_host(address: str) -> str:
