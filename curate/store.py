@@ -65,7 +65,7 @@ def _binary(ids) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0] if n else np.zeros(1, np.int64), raw
 
 
-def _fixed_bytes(ids) -> np.ndarray:
+def fixed_bytes(ids) -> np.ndarray:
     """``ids`` as a numpy ``S<width>`` array (compared bytewise; trailing NUL bytes do not count)."""
     offsets, raw = _binary(ids)
     lengths = np.diff(offsets)
@@ -104,7 +104,7 @@ class StoredIds(Set):
 
     def isin(self, ids) -> np.ndarray:
         """Bool per entry of ``ids`` (list of str or Arrow strings): stored?"""
-        q = _fixed_bytes(ids)
+        q = fixed_bytes(ids)
         out = np.zeros(len(q), dtype=bool)
         if not len(q):
             return out
@@ -145,7 +145,7 @@ class _IdIndex:
         self.seen: set[str] = set()
 
     def add(self, ids) -> None:
-        run = np.unique(_fixed_bytes(ids))
+        run = np.unique(fixed_bytes(ids))
         while self.runs and len(self.runs[-1]) <= 2 * len(run):
             run = np.unique(np.concatenate([self.runs.pop(), run]))
         self.runs.append(run)

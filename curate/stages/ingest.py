@@ -46,6 +46,7 @@ from curate.ledger import LEDGER_SCHEMA
 from curate.manifests import DatasetRef, IngestChunk, IngestRef, RecordSetRef, ShardRef
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
 from curate.progress import logger
+from curate.store import fixed_bytes
 
 QUARANTINE_SCHEMA = pa.schema(
     [
@@ -196,7 +197,7 @@ def _side_index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         reader = pa.ipc.open_file(source)
         sizes = [reader.get_batch(b).num_rows for b in range(reader.num_record_batches)]
         ids = pa.concat_arrays([reader.get_batch(b).column(0) for b in range(reader.num_record_batches)]) if sizes else pa.array([], pa.string())
-        keys = np.array(pc.cast(ids, pa.binary()).to_numpy(zero_copy_only=False).tolist(), dtype=bytes)
+        keys = fixed_bytes(ids)
     order = np.argsort(keys, kind="stable")
     return keys[order], order, np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
@@ -211,7 +212,7 @@ def _side_vectors(ctx: FileContext, ids: list[str]) -> list[np.ndarray | None]:
     out: list[np.ndarray | None] = [None] * len(ids)
     if not len(keys):
         return out
-    query = np.array([i.encode("utf-8") for i in ids], dtype=bytes)
+    query = fixed_bytes(ids)
     at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
     found = keys[at] == query
     pos = np.where(found, order[at], -1)
