@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from curate.io import write_json, write_parquet
 from curate.manifests import RecordSetRef, ShardRef
 from curate.records import RECORD_SCHEMA, sha256_hex
-from curate.store import Store
+from curate.store import Collection, Store
 
 #: score statuses that take a row out of selection: a failed call, or a judge answer with no rating
 QUARANTINE_STATUSES = ("error", "parse_failed")
@@ -220,8 +220,8 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
         return cached
     fingerprint = collection.fingerprint() or {}
     allow_missing = fingerprint.get("method") == "precomputed"
-    _build_matrix(parts, id_array, path, status_path, allow_missing)
-    write_json(meta_path, {"parts": part_names, "n": len(ids), "ids_digest": digest})
+    _build_matrix(collection, parts, id_array, path, status_path, allow_missing)
+    write_json(meta_path, {"parts": part_names, "n": len(ids)})
     out = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
     assert out is not None
     return out
@@ -266,7 +266,7 @@ def _status_list(column) -> list[str]:
     return [names[c] for c in enc.indices.to_numpy(zero_copy_only=False).tolist()]
 
 
-def _build_matrix(parts: list[Path], id_array: pa.Array, path: Path, status_path: Path, allow_missing: bool) -> None:
+def _build_matrix(collection: Collection, parts: list[Path], id_array: pa.Array, path: Path, status_path: Path, allow_missing: bool) -> None:
     """Fill ``path`` (.npy, the stored dtype) part by part; the first stored row of an id wins."""
     from curate.io import atomic_path
 
@@ -278,7 +278,11 @@ def _build_matrix(parts: list[Path], id_array: pa.Array, path: Path, status_path
     mat = None
     with atomic_path(path) as tmp:
         for part in parts:
-            t = pq.read_table(part, columns=["sample_id", "status", "vector"])
+            try:
+                t = pq.read_table(part, columns=["sample_id", "status", "vector"])
+            except (OSError, pa.ArrowException):
+                collection.verify([part])  # sets a damaged part aside and raises StoreCorrupt
+                raise
             where = pc.index_in(t.column("sample_id"), value_set=id_array).to_numpy(zero_copy_only=False)
             hit = ~np.isnan(where) if where.dtype.kind == "f" else np.ones(len(where), dtype=bool)
             rows = np.flatnonzero(hit)
@@ -288,7 +292,8 @@ def _build_matrix(parts: list[Path], id_array: pa.Array, path: Path, status_path
             fresh = ~filled[dest]  # a duplicate from a concurrent writer: the earlier part's row stays
             rows, dest = rows[fresh], dest[fresh]
             _, first_in_part = np.unique(dest, return_index=True)
-            rows, dest = rows[np.sort(first_in_part)], dest[np.sort(first_in_part)]
+            keep = np.sort(first_in_part)
+            rows, dest = rows[keep], dest[keep]
             if not len(rows):
                 continue
             vec = t.column("vector").combine_chunks()

@@ -83,13 +83,11 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
     from curate.embed import build_embedder
     from curate.errors import CurateError
     from curate.stages.embed import embedding_table
-    from curate.store import Store
+    from curate.store import Store, _string_array
 
     if embed.method != "precomputed":
         raise ValueError(f"store_vectors needs embed.method 'precomputed', got '{embed.method}'")
-    ids = sample_ids if isinstance(sample_ids, pa.Array) else pa.array(list(sample_ids), pa.string())
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
+    ids = _string_array(sample_ids)
     vecs = np.asarray(vectors)
     if vecs.ndim != 2 or vecs.shape[0] != len(ids):
         raise ValueError(f"vectors must be (n, dim) with n = {len(ids)} ids, got shape {vecs.shape}")

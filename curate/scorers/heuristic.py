@@ -508,7 +508,7 @@ class HeuristicScorer(Scorer):
         count, repeats, collided = _ngram_repeats(resp, rws, rwe, rnw, p.ngram)
         rep = repeats / np.maximum(count, 1)  # 0.0 where there is no n-gram
         bits = np.zeros(n, dtype=np.int64)
-        bits |= ((resp.per_row(resp.cls & C_ALNUM) == 0) & ~tools).astype(np.int64) << 0
+        bits |= ((resp.per_row(resp.has(C_ALNUM)) == 0) & ~tools).astype(np.int64) << 0
         bits |= _copies_prompt(resp, prompt).astype(np.int64) << 1
         bits |= ((count >= p.min_ngrams) & (rep > p.max_repetition)).astype(np.int64) << 2
         bits |= _char_share_exceeds(resp, p.min_chars_for_share, p.max_char_share).astype(np.int64) << 3

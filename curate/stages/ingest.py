@@ -15,7 +15,8 @@ order), finds exact duplicates over the ``sample_id`` column alone (polars ``is_
 the first row wins), streams the kept rows into the ``input`` record set in shards of
 ``shard_size`` rows (the unit of work and resume of every later stage), writes the ingest ledger
 (quarantined and duplicate rows) with Arrow, and hands an input's precomputed vectors to the store.
-At no point are all rows Python objects: at most a chunk is.
+Rows are Python objects a chunk at a time (at most about ``2 × ingest_workers`` chunks wait in memory),
+except a JSON array file, which is decoded whole.
 """
 
 from __future__ import annotations
