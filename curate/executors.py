@@ -104,14 +104,15 @@ class PrefectExecutor(LocalExecutor):
 
     def _submit(self, task: Any, call: dict[str, Any]) -> Any:
         """Submit to the flow's task runner; on Ray, with a GPU for a call that needs one."""
-        if self.local_runner is not None and task_gpus(call):
+        gpus = task_gpus(call) if self.local_runner is not None else 0
+        if gpus:
             from prefect.context import FlowRunContext
 
             ctx = FlowRunContext.get()
             if ctx is not None and type(ctx.task_runner).__name__ == "RayTaskRunner":
                 from prefect_ray.context import remote_options
 
-                with remote_options(num_gpus=task_gpus(call)):
+                with remote_options(num_gpus=gpus):
                     return task.submit(**call)
         return task.submit(**call)
 

@@ -146,9 +146,6 @@ class SparseKernel:
     def col_sums(self) -> np.ndarray:
         return np.asarray(self.csc.sum(axis=0, dtype=np.float64)).ravel()
 
-    def row_sums(self) -> np.ndarray:
-        return np.asarray(self.csr.sum(axis=1, dtype=np.float64)).ravel()
-
     @property
     def nonnegative(self) -> bool:
         """Every kept entry ≥ 0 (missing entries are 0)."""
