@@ -244,14 +244,7 @@ class Collection:
 
     def check_part(self, part: Path) -> bool:
         """Read ``part`` whole; when it does not read, set it aside and return False."""
-        try:
-            pq.read_table(part)
-        except FileNotFoundError:
-            return False
-        except (OSError, pa.ArrowException) as exc:
-            self.set_aside(part, exc)
-            return False
-        return True
+        return self.read_part(part) is not None
 
     def verify(self, parts: list[Path] | None = None) -> None:
         """For a reader whose own scan of ``parts`` (all by default) failed: read each whole, set aside

@@ -377,9 +377,7 @@ class _Runner:
 class _FilePlan:
     source: str
     label: str
-    path: Path | None
     sha: str
-    key: str | None
     chunks: list[int] = field(default_factory=list)  # slots of this file's chunks, in order
 
 
@@ -502,7 +500,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
             file_key = _file_key(spec, source, label, sha, ingest)
             if side_sha:
                 file_key = sha256_hex(file_key, side_sha)
-            plan = _FilePlan(source, label, path, sha, file_key if cacheable else None)
+            plan = _FilePlan(source, label, sha)
             plans.append(plan)
 
             # the file's layout and vector length, from its first rows
