@@ -163,7 +163,7 @@ def run_cell(spec: CompareSpec, selection: Selection, budget: int | float) -> di
     log.info("compare: cell %s", cell_dir.name)
     run = run_flow(flow)
     trained = _train(spec, flow.out)
-    evaluated = _eval(spec, trained["weights"], flow.store)
+    evaluated = _eval(spec, trained["weights"], flow.local_store)
     record = {
         "key": key, "cell": cell_dir.name, "selection": selection.name, "budget": budget, "select": steps,
         "curation": {"config_hash": run["config_hash"], "selected": run["counts"]["selected"], "output_dir": str(flow.out)},

@@ -152,7 +152,8 @@ class FlowSpec(Strict):
     description: str = ""
     base_dir: str = Field(".", description="Relative paths resolve against this, itself relative to the flow file.")
     output_dir: str = Field("out/{name}", description="Where the run writes its files ({name} = flow name).")
-    store_dir: str = Field(".curate/store", description="The content-addressed score and embedding store.")
+    store_dir: str = Field(".curate/store", description="The content-addressed score and embedding store: a path, or an fsspec URL "
+                                                         "(s3://bucket/store) that every worker of a cluster reaches.")
     seed: int = 0
     inputs: list[InputSpec] = Field(min_length=1)
     ingest: IngestSpec = Field(default_factory=IngestSpec)
@@ -215,7 +216,24 @@ class FlowSpec(Strict):
 
     @property
     def store(self) -> Path:
-        return self.resolve(self.store_dir)
+        """The store: a local path, or for an fsspec URL (``s3://bucket/store``) a ``upath.UPath``."""
+        from curate.io import is_url, location
+
+        return location(self.store_dir.format(name=self.name)) if is_url(self.store_dir) else self.resolve(self.store_dir)
+
+    @property
+    def local_store(self) -> Path:
+        """Where the caches that stay on this machine go (the ingest chunk cache, LLM calls, rewrite units,
+        request caches): the store itself when it is a local path; for a URL store,
+        ``$CURATE_CACHE_DIR/stores/<hash of the URL>``."""
+        from curate.io import is_url
+
+        if not is_url(self.store_dir):
+            return self.store
+        from curate.models import cache_dir
+        from curate.records import sha256_hex
+
+        return cache_dir() / "stores" / sha256_hex(str(self.store))[:24]
 
     def fingerprint(self) -> str:
         """Hash of what the run computes: inputs, stages, parameters, seed. Where it writes

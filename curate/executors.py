@@ -38,6 +38,23 @@ def task_gpus(call: dict[str, Any]) -> int:
     return 0
 
 
+def result_storage(result_dir: Any) -> Any:
+    """Prefect's result storage for the cached task records: a local path as it is (no saved block
+    needed); for a URL store, a ``RemoteFileSystem`` block over that URL (fsspec), saved to the flow's
+    Prefect API as ``curate-results-<hash of the URL>`` (Prefect accepts only saved blocks there)."""
+    from curate.io import is_url
+
+    if not is_url(result_dir):
+        return Path(result_dir)
+    from prefect.filesystems import RemoteFileSystem
+
+    from curate.records import sha256_hex
+
+    block = RemoteFileSystem(basepath=str(result_dir))
+    block.save(f"curate-results-{sha256_hex(str(result_dir))[:16]}", overwrite=True)
+    return block
+
+
 class LocalExecutor:
     """Run calls in this process, in order."""
 
@@ -59,9 +76,15 @@ class PrefectExecutor(LocalExecutor):
     name = "prefect"
 
     def __init__(self, result_dir: Path, local_runner: Any = None) -> None:
-        self.result_dir = Path(result_dir)
+        self.result_dir = result_dir  # a Path, or a UPath for a URL store (see result_storage)
         self.local_runner = local_runner  # a started Prefect task runner for stages without a shard cache
         self._tasks: dict[tuple[str, str, bool], Any] = {}
+        self._storage: Any = None  # result_storage(result_dir), made on first use
+
+    def _result_storage(self) -> Any:
+        if self._storage is None:
+            self._storage = result_storage(self.result_dir)
+        return self._storage
 
     def _task(self, stage: Any, fn: Callable, task_name: str, refresh: bool = False):
         ident = (stage.name, task_name, refresh)
@@ -78,7 +101,7 @@ class PrefectExecutor(LocalExecutor):
                 refresh_cache=refresh,
                 persist_result=True,
                 result_serializer="json",
-                result_storage=self.result_dir,  # a Path: local storage, no saved block needed
+                result_storage=self._result_storage(),
                 cache_result_in_memory=False,
             )
         else:

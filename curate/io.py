@@ -6,6 +6,10 @@ half-written file under a final name. A write that fails because the disk is ful
 over the process's size limit raises :class:`DiskFull` (a :class:`~curate.errors.CurateError`) naming
 the path and the bytes written; the temporary file is removed and the file under the final name, if
 any, is left as it was. :func:`swap_dir` puts a finished folder in place of an old one.
+
+The store may live at an fsspec URL (``s3://bucket/store``, ``gs://…``): :func:`location` gives a
+``pathlib``-like path for either kind, and :func:`atomic_path` writes a file for a URL locally first,
+then uploads it in one request (an object store shows an object whole or not at all: no rename needed).
 """
 
 from __future__ import annotations
@@ -55,10 +59,61 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def is_url(path: Any) -> bool:
+    """True for an fsspec URL other than a local file (``s3://b/x``, ``gs://…``, ``memory://…``)."""
+    if hasattr(path, "protocol") and hasattr(path, "fs"):  # a UPath
+        return path.protocol not in ("", "file", "local")
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    head, sep, _ = text.partition("://")
+    return bool(sep) and head.isidentifier() and head not in ("file", "local")
+
+
+def location(path: str | os.PathLike) -> Path:
+    """A ``pathlib.Path`` for a local path; for an fsspec URL a ``upath.UPath`` (same methods: ``/``,
+    ``glob``, ``exists``, ``read_text``, ``stat``, ``open``, ``rename``) over that URL's file system.
+    Credentials and endpoints come from the file system's usual settings (for S3: ``AWS_*`` variables
+    or ``~/.aws``), so nothing secret is written into a flow file."""
+    if not is_url(path):
+        text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+        return Path(text[len("file://"):] if text.startswith("file://") else text)
+    if hasattr(path, "fs"):
+        return path  # type: ignore[return-value]
+    try:
+        from upath import UPath
+    except ImportError as exc:  # pragma: no cover - a base dependency
+        raise CurateError(f"{path}: a URL store needs universal_pathlib (pip install universal_pathlib)") from exc
+    try:
+        return UPath(str(path))
+    except (ImportError, ValueError) as exc:
+        proto = str(path).partition("://")[0]
+        hint = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}.get(proto, f"the fsspec package for {proto}://")
+        raise CurateError(f"{path}: no file system for {proto}:// ({exc}); install {hint}") from exc
+
+
+def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, **kwargs: Any) -> pa.Table:
+    """``pyarrow.parquet.read_table`` for a local path or a URL (through its fsspec file system)."""
+    if is_url(path):
+        loc = location(path)
+        return pq.read_table(loc.path, columns=columns, filesystem=loc.fs, **kwargs)
+    return pq.read_table(path, columns=columns, **kwargs)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, flush it to disk and rename it
-    onto ``path``. On failure the temporary file is removed; lack of room raises :class:`DiskFull`."""
+    onto ``path``. On failure the temporary file is removed; lack of room raises :class:`DiskFull`.
+    For a URL the temporary file is local and is uploaded to ``path`` in one request when the block
+    succeeds."""
+    if is_url(path):
+        remote = location(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{remote.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            remote.fs.put_file(tmp, remote.path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -122,7 +177,7 @@ def swap_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="\n")
-    return Path(path)
+    return location(path)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -139,7 +194,7 @@ def write_parquet(path: str | os.PathLike, table: pa.Table) -> Path:
     table = table.replace_schema_metadata(None)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", store_schema=False)
-    return Path(path)
+    return location(path)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.io import write_json, write_parquet
+from curate.io import is_url, read_parquet, write_json, write_parquet
 from curate.manifests import RecordSetRef, ShardRef
 from curate.records import RECORD_SCHEMA, sha256_hex
 from curate.store import Collection, Store
@@ -59,7 +59,28 @@ def write_recordset(table: pa.Table, out_dir: str | Path, name: str, stage: str,
 
 
 def read_shard(shard: ShardRef, columns: list[str] | None = None) -> pa.Table:
-    return pq.read_table(shard.path, columns=columns, schema=RECORD_SCHEMA if columns is None else None)
+    return read_parquet(shard.path, columns=columns, schema=RECORD_SCHEMA if columns is None else None)
+
+
+def shared_shards(shards: list[ShardRef], store_dir: str) -> list[ShardRef]:
+    """The shards as the model stages' tasks should read them. For a local store, unchanged. For a URL
+    store (a cluster whose workers may not see this machine's disk), each shard is copied once to
+    ``<store>/shards/<shard sha256>.parquet`` (content-addressed: a copy already there is not copied
+    again) and the returned refs point there."""
+    if not is_url(store_dir):
+        return list(shards)
+    from curate.io import location
+
+    folder = location(store_dir) / "shards"
+    folder.fs.invalidate_cache(folder.path)
+    have = {p.name for p in folder.glob("*.parquet")} if folder.exists() else set()
+    out = []
+    for shard in shards:
+        dest = folder / f"{shard.sha256}.parquet"
+        if dest.name not in have:
+            folder.fs.put_file(shard.path, dest.path)  # one request: the object appears whole or not at all
+        out.append(shard.model_copy(update={"path": str(dest)}))
+    return out
 
 
 def read_records(sets: RecordSetRef | list[RecordSetRef], columns: list[str] | None = None) -> pa.Table:
@@ -87,7 +108,7 @@ def take_records(sets: list[RecordSetRef], ids=None, rows=None) -> pa.Table:
         column, wanted = "row", pc.unique(_arrow(rows, pa.int64()))
     parts = []
     for shard in iter_shards(sets):
-        mask = pc.is_in(pq.read_table(shard.path, columns=[column]).column(0), value_set=wanted)
+        mask = pc.is_in(read_parquet(shard.path, columns=[column]).column(0), value_set=wanted)
         if pc.any(mask).as_py():
             parts.append(read_shard(shard).filter(mask))
     table = pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
@@ -141,14 +162,15 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
         parts = Store(store_dir).scores(key).parts()
         if parts:
             def scan(columns):  # every part, in part order, with the global index of each stored row
-                return pl.concat([pl.scan_parquet(p).select(columns) for p in parts], how="vertical_relaxed").with_row_index("_i")
+                frames = [pl.from_arrow(read_parquet(p, columns)).lazy() if is_url(p) else pl.scan_parquet(p).select(columns) for p in parts]
+                return pl.concat(frames, how="vertical_relaxed").with_row_index("_i")
 
             try:
                 # variant and status as enums (their distinct values first, read per part): the long table is
                 # then numbers only, and the streaming engine never holds the parts' sample_ids all at once
                 variants, kinds = set(), set()
                 for p in parts:
-                    t = pq.read_table(p, columns=["variant", "status"])
+                    t = read_parquet(p, columns=["variant", "status"])
                     variants.update(pc.unique(t.column(0)).to_pylist())
                     kinds.update(pc.unique(t.column(1)).to_pylist())
                 venum, senum = pl.Enum(sorted(v for v in variants if v is not None)), pl.Enum(sorted(s for s in kinds if s is not None))
@@ -208,11 +230,11 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
     if not parts:
         raise RuntimeError("no embeddings stored for this run")
     if len(ids) == 0:  # ids: a list or a numpy array (the select stage's pool)
-        first = pq.read_table(parts[0], columns=["vector"]).column(0).combine_chunks()
+        first = read_parquet(parts[0], columns=["vector"]).column(0).combine_chunks()
         return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
     id_array = pa.array(ids, pa.string())
     digest = _ordered_ids_digest(id_array)
-    folder = collection.dir / "matrix"
+    folder = _matrix_dir(collection)
     path, meta_path, status_path = folder / f"{digest}.npy", folder / f"{digest}.json", folder / f"{digest}.status.parquet"
     part_names = [p.name for p in parts]
     cached = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
@@ -225,6 +247,17 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
     out = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
     assert out is not None
     return out
+
+
+def _matrix_dir(collection: Collection) -> Path:
+    """Where the assembled matrices of ``collection`` go: beside its parts for a local store; for a URL
+    store a local folder (``$CURATE_CACHE_DIR/matrix/<hash of the collection's URL>``), since a
+    memory map needs a local file."""
+    if not collection.remote:
+        return collection.dir / "matrix"
+    from curate.models import cache_dir
+
+    return cache_dir() / "matrix" / sha256_hex(str(collection.dir))[:24]
 
 
 def _ordered_ids_digest(id_array: pa.Array) -> str:
@@ -279,7 +312,7 @@ def _build_matrix(collection: Collection, parts: list[Path], id_array: pa.Array,
     with atomic_path(path) as tmp:
         for part in parts:
             try:
-                t = pq.read_table(part, columns=["sample_id", "status", "vector"])
+                t = read_parquet(part, columns=["sample_id", "status", "vector"])
             except (OSError, pa.ArrowException):
                 collection.verify([part])  # sets a damaged part aside and raises StoreCorrupt
                 raise

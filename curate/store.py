@@ -18,6 +18,11 @@ longer reads, is dropped and its shard checked row by row. A part that does not 
 garbled) is moved to ``<collection>/corrupt/`` with a warning, and its rows count as not stored:
 the next shard run computes them (``read`` raises :class:`StoreCorrupt` rather than return rows
 with a gap). See docs/reliability.md.
+
+``store_dir`` may be an fsspec URL (``s3://bucket/store``): the same layout, read and written through
+that file system (parts and markers are written whole in one request; a set-aside part is copied then
+deleted). Listings are re-read from the file system each time (other workers write there), never
+from fsspec's listing cache. See docs/scale.md.
 """
 
 from __future__ import annotations
@@ -37,10 +42,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.io import write_json, write_parquet
+from curate.io import is_url, location, read_parquet, write_json, write_parquet
 from curate.records import sha256_hex
 
-_ID_CACHE: dict[Path, _IdIndex] = {}  # dir -> sorted runs of the stored ids + part names already read (see _IdIndex)
+_ID_CACHE: dict[str, _IdIndex] = {}  # dir -> sorted runs of the stored ids + part names already read (see _IdIndex)
 _LOCK = threading.RLock()  # re-entrant: a part set aside while ids() reads drops the cache under the same lock
 logger = logging.getLogger("curate")
 
@@ -160,7 +165,8 @@ class Collection:
     def __init__(self, root: Path, kind: str, key: str):
         self.kind = kind
         self.key = key
-        self.dir = Path(root) / kind / key
+        self.dir = location(root) / kind / key
+        self.remote = is_url(self.dir)
 
     def __repr__(self) -> str:
         return f"Collection({self.kind}/{self.key[:12]})"
@@ -170,15 +176,25 @@ class Collection:
         if not path.exists():
             write_json(path, fingerprint)
 
+    def _ident(self) -> str:
+        """This collection's key in the per-process id cache."""
+        return str(self.dir) if self.remote else str(self.dir.resolve())
+
+    def _fresh(self) -> None:
+        """Forget fsspec's cached listings of this collection (other processes write to it)."""
+        if self.remote:
+            self.dir.fs.invalidate_cache(self.dir.path)
+
     def parts(self) -> list[Path]:
-        return sorted(self.dir.glob("part-*.parquet"))
+        self._fresh()
+        return sorted(self.dir.glob("part-*.parquet"), key=lambda p: p.name)
 
     def ids(self) -> StoredIds:
         """All sample_ids stored under this key: a read-only set (``in``, ``len``, iteration, ``==`` a set)
         whose :meth:`StoredIds.isin` answers for many ids at once. Kept per process as sorted numpy
         byte strings (no Python object per id), read incrementally from new parts."""
         with _LOCK:
-            index = _ID_CACHE.setdefault(self.dir.resolve(), _IdIndex())
+            index = _ID_CACHE.setdefault(self._ident(), _IdIndex())
             for part in self.parts():
                 if part.name not in index.seen:
                     t = self.read_part(part, ["sample_id"])  # None: corrupt, set aside (its rows count as not stored)
@@ -197,7 +213,7 @@ class Collection:
         name = f"part-{_ids_digest(ids)[:24]}.parquet"
         path = write_parquet(self.dir / name, table)
         with _LOCK:
-            cached = _ID_CACHE.get(self.dir.resolve())
+            cached = _ID_CACHE.get(self._ident())
             if cached is not None and name not in cached.seen:
                 cached.add(ids)
                 cached.seen.add(name)
@@ -209,6 +225,7 @@ class Collection:
         (the shard then computes only the rows the store lacks); a listed part whose size changed and
         that no longer reads is moved aside (:meth:`set_aside`)."""
         path = self.dir / "done" / f"{shard_hash}.json"
+        self._fresh()
         if not path.exists():
             return False
         try:
@@ -258,7 +275,7 @@ class Collection:
     def read_part(self, part: Path, columns: list[str] | None = None) -> pa.Table | None:
         """One part's rows, or None when it is corrupt (then it is set aside) or gone."""
         try:
-            return pq.read_table(part, columns=columns)
+            return read_parquet(part, columns=columns)
         except FileNotFoundError:
             return None
         except (OSError, pa.ArrowException) as exc:
@@ -272,10 +289,13 @@ class Collection:
         dest = self.dir / "corrupt" / part.name
         dest.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # another reader set it aside first
-            os.replace(part, dest)
+            if self.remote:
+                part.rename(dest)  # an object store: copy, then delete
+            else:
+                os.replace(part, dest)
         with _LOCK:
-            _ID_CACHE.pop(self.dir.resolve(), None)
-        for marker in sorted((self.dir / "done").glob("*.json")):  # shards that may have rows in it are checked again
+            _ID_CACHE.pop(self._ident(), None)
+        for marker in sorted((self.dir / "done").glob("*.json"), key=lambda p: p.name):  # shards that may have rows in it are checked again
             try:
                 listed = json.loads(marker.read_text(encoding="utf-8")).get("parts")
             except (OSError, ValueError):
@@ -328,7 +348,7 @@ class Store:
     """Entry point: ``Store(dir).scores(key)`` and ``Store(dir).embeddings(key)``."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = location(root)
 
     def identity(self) -> str:
         """A random id made when the store is first used: a recreated store is a new store."""
@@ -337,11 +357,14 @@ class Store:
             import uuid
 
             self.root.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(path, "x", encoding="utf-8") as f:  # first writer wins
-                    f.write(uuid.uuid4().hex + "\n")
-            except FileExistsError:
-                pass
+            if is_url(self.root):  # no exclusive create on an object store: the flow's process writes it before any task
+                path.write_text(uuid.uuid4().hex + "\n")
+            else:
+                try:
+                    with open(path, "x", encoding="utf-8") as f:  # first writer wins
+                        f.write(uuid.uuid4().hex + "\n")
+                except FileExistsError:
+                    pass
         return path.read_text(encoding="utf-8").strip()
 
     def scores(self, key: str) -> Collection:

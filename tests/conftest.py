@@ -42,6 +42,38 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def s3_bucket():
+    """An S3 endpoint on 127.0.0.1 for URL stores: moto's S3 server (an implementation of the S3 HTTP
+    API; no real S3 is reachable from the test machines), in a thread of this process. Its address and
+    dummy credentials go into the environment, where s3fs/botocore read them, here and in the worker
+    processes a cluster fixture starts afterwards. Yields the bucket name."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    _, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "curate-test", "AWS_SECRET_ACCESS_KEY": "curate-test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        import fsspec
+
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("curate-test")
+        yield "curate-test"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def shared_store(tmp_path_factory) -> Path:
     """A store shared by tests that only need embeddings to exist (computed once per session)."""
     return tmp_path_factory.mktemp("store")

@@ -3,7 +3,7 @@ ledgers and exports to the thread-pool runner, with the model stages' shards run
 worker processes and reported to the flow's Prefect API.
 
 Ray: a head and a second node, each its own ``ray start`` (1 CPU, on 127.0.0.1, a temp dir of
-their own); teardown ends those two process groups only (``ray stop`` would stop every Ray on the
+their own), with the store in an S3 bucket (moto's S3 server, see conftest's ``s3_bucket``); teardown ends those two process groups only (``ray stop`` would stop every Ray on the
 machine). Dask: a ``distributed.LocalCluster`` of two worker processes, one thread each.
 """
 
@@ -31,10 +31,10 @@ N_SHARDS = 4
 SHARD_TASKS = {f"{kind}-{i}" for kind in ("embed", "score-heuristic") for i in range(N_SHARDS)}
 
 
-def _flow(directory: Path, runtime: dict) -> Path:
+def _flow(directory: Path, runtime: dict, store: str | None = None) -> Path:
     """80 sample rows in 4 shards: heuristic scores, MiniLM embeddings, a threshold and k-center."""
     return write_flow(
-        directory, name="cluster", base_dir=str(ROOT), output_dir=str(directory / "out"), store_dir=str(directory / "store"),
+        directory, name="cluster", base_dir=str(ROOT), output_dir=str(directory / "out"), store_dir=store or str(directory / "store"),
         inputs=[{"path": "data/sample/alpaca_gpt4_en.json", "limit": 60}, {"path": "data/sample/cherry_alpaca.jsonl", "limit": 20}],
         ingest={"shard_size": 20}, score=[{"method": "heuristic"}], embed={"model": "all-MiniLM-L6-v2", "batch_size": 16},
         select=[{"method": "threshold", "score": "heuristic.response_tokens", "min": 3}, {"method": "kcenter", "budget": 20}],
@@ -121,8 +121,9 @@ def _end_groups(pgids: list[int], temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """A Ray head and one more node on 127.0.0.1, 1 CPU each; yields (address, temp dir)."""
+def ray_cluster(s3_bucket):
+    """A Ray head and one more node on 127.0.0.1, 1 CPU each; yields (address, temp dir). Started after
+    the S3 endpoint, so its worker processes reach it (they inherit the environment)."""
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths live under it
     port = _free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--disable-usage-stats", "--object-store-memory=150000000",
@@ -143,10 +144,22 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_cluster_matches_threads(reference, ray_cluster, tmp_path):
+def test_ray_cluster_matches_threads(reference, ray_cluster, s3_bucket, tmp_path):
+    """On Ray with the store in an S3 bucket (store_dir: s3://…): the workers read their shards from and
+    write scores, embeddings and Prefect's cache records to the bucket; then the threads runner on the
+    same bucket computes nothing again and gives the same files."""
+    import fsspec
+
     address, temp_dir = ray_cluster
-    result = run(load_flow(_flow(tmp_path, {"task_runner": "ray", "address": address})))
-    _check_run(result, reference, tmp_path / "out")
+    store = f"s3://{s3_bucket}/ray-{tmp_path.name}/store"
+    result = run(load_flow(_flow(tmp_path / "ray", {"task_runner": "ray", "address": address}, store)))
+    _check_run(result, reference, tmp_path / "ray" / "out")
+    keys = [k.removeprefix(store.removeprefix("s3://") + "/") for k in fsspec.filesystem("s3", skip_instance_cache=True).find(store)]
+    assert {k.split("/")[0] for k in keys} >= {"scores", "embeddings", "shards", "prefect-results", "store_id"}
+    assert sum("/done/" in k for k in keys) == len(SHARD_TASKS)
+    again = run(load_flow(_flow(tmp_path / "threads", {"task_runner": "threads"}, store)))
+    assert {s["stage"]: s["computed_rows"] for s in again["stages"] if s.get("computed_rows") is not None} == {"embed": 0, "score:heuristic": 0}
+    assert _outputs(tmp_path / "threads" / "out") == reference
     # the shard tasks ran in the cluster's worker processes; the once-only stages in this one
     logs = "".join(p.read_text(errors="replace") for p in Path(temp_dir).glob("session_*/logs/worker-*")
                    if p.suffix in (".out", ".err"))

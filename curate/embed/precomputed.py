@@ -67,7 +67,8 @@ def stored_dim(collection) -> int | None:
     parts = collection.parts()
     if not parts:
         return None
-    first = next(pq.ParquetFile(parts[0]).iter_batches(batch_size=1, columns=["vector"])).column(0)
+    with parts[0].open("rb") as f:
+        first = next(pq.ParquetFile(f).iter_batches(batch_size=1, columns=["vector"])).column(0)
     return int(pc.list_value_length(first)[0].as_py())
 
 

@@ -33,7 +33,7 @@ def scorer_context(spec: FlowSpec):
     """What scorers get from the run: threads, seed, and where API responses are cached."""
     from curate.scorers import ScorerContext
 
-    return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.store / "requests")})
+    return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.local_store / "requests")})
 
 
 def rewrite_context(spec: FlowSpec):
@@ -41,7 +41,7 @@ def rewrite_context(spec: FlowSpec):
     and the flow's embedder (AIDE dedups and picks personas with it)."""
     from curate.rewrite import RewriteContext
 
-    return RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=str(spec.store),
+    return RewriteContext(seed=spec.seed, torch_threads=torch_threads(spec), base_dir=str(spec.base), store_dir=str(spec.local_store),
                           extra={"embed": spec.embed})
 
 
@@ -130,7 +130,7 @@ class IngestStage(Stage):
 
         spec = run.spec
         work_dir = str(run.out / "ingest")
-        cache_dir = str(spec.store / "ingest")  # files read before (same bytes, same settings) are not parsed again
+        cache_dir = str(spec.local_store / "ingest")  # files read before (same bytes, same settings) are not parsed again
         refs, secs = run.map(self, read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=work_dir, ingest=spec.ingest,
                                                      cache_dir=cache_dir, workers=spec.runtime.ingest_workers) for i, inp in enumerate(spec.inputs)],
                               task="ingest-{input_index}")
@@ -159,13 +159,15 @@ class EmbedStage(Stage):
         self.recordset = recordset
 
     def run(self, run: Run) -> dict[str, Any]:
+        from curate.recordset import shared_shards
         from curate.stages.embed import embed_shard
         from curate.store import Store
 
         spec = run.spec
         Store(run.store_dir).embeddings(run.embed_key).describe({k: v for k, v in run.fingerprints["embed"].items() if k != "key"})
+        shards = shared_shards(run.sets[self.recordset].shards, run.store_dir)
         work, secs = run.map(self, embed_shard, [dict(shard=s, spec=spec.embed, key=run.embed_key, store_dir=run.store_dir,
-                                                      torch_threads=torch_threads(spec)) for s in run.sets[self.recordset].shards])
+                                                      torch_threads=torch_threads(spec)) for s in shards])
         check_error_budget(self.name, work, spec.runtime.max_error_rate)
         return work_summary(self.name, work, secs)
 
@@ -186,6 +188,7 @@ class ScoreStage(Stage):
         self.recordset = recordset
 
     def run(self, run: Run) -> dict[str, Any]:
+        from curate.recordset import shared_shards
         from curate.stages.score import score_shard
 
         from curate.progress import logger
@@ -194,7 +197,7 @@ class ScoreStage(Stage):
         step, key = run.scorers[self.step.label]
         ctx = scorer_context(run.spec)
         work, secs = run.map(self, score_shard, [dict(shard=s, step=step, key=key, store_dir=run.store_dir, context=ctx)
-                                                 for s in run.sets[self.recordset].shards])
+                                                 for s in shared_shards(run.sets[self.recordset].shards, run.store_dir)])
         cls = scorer_class(step.method)
         hints = getattr(cls, "status_hints", {})
         warnings = status_warnings(work, getattr(cls, "status_warn_share", {}), hints)
@@ -265,7 +268,7 @@ class RewriteStage(Stage):
 
         spec = run.spec
         (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=rewrite_context(spec),
-                                                          store_dir=run.store_dir,
+                                                          store_dir=str(spec.local_store),
                                                           out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size)])
         run.rewrites.append(ref)
         run.sets[self.step.label] = ref.derived
