@@ -44,7 +44,9 @@ def _run_name() -> str:
       task_runner=ThreadPoolTaskRunner(max_workers=1))
 def scheduled_curation(flow_file: str, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run the curation stages of the flow in ``flow_file`` (read now, with ``overrides`` applied), as
-    ``curate run`` does, one task at a time; a ``train:`` section is not run here (use ``curate train``)."""
+    ``curate run`` does: one task at a time, or with ``runtime.task_runner: dask | ray`` as a nested
+    ``curate`` flow run whose shard tasks go to that cluster. A ``train:`` section is not run here (use
+    ``curate train``)."""
     from curate.config import load_flow
     from curate.executors import PrefectExecutor
     from curate.launch import check_inputs
@@ -52,6 +54,10 @@ def scheduled_curation(flow_file: str, overrides: list[str] | None = None) -> di
 
     spec = load_flow(flow_file, list(overrides or []))
     check_inputs(spec)
+    if spec.runtime.task_runner != "threads":  # the runner is known only now, so it runs in a subflow that has it
+        from curate.flow import run_prefect
+
+        return run_prefect(spec)
     return execute(spec, PrefectExecutor(spec.store / "prefect-results"))
 
 

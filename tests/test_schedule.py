@@ -105,3 +105,20 @@ def test_curate_serve_runs_triggered_flows_and_keeps_the_schedule_on_stop(prefec
             proc.kill()
     dep = asyncio.run(deployment())
     assert not dep.paused and all(s.active for s in dep.schedules)  # pause_on_shutdown=False: the schedule survives a restart
+
+
+def test_a_scheduled_run_uses_the_flows_task_runner(prefect_harness, tmp_path):
+    """A deployment's flow reads runtime.task_runner when it runs: dask here (a local cluster of two
+    worker processes) runs the shard tasks in a nested `curate` flow run with Prefect's Dask runner."""
+    from prefect.client.orchestration import get_client
+
+    from curate.schedule import scheduled_curation
+
+    flow = tiny_flow(tmp_path, "on-dask")
+    state = scheduled_curation(flow_file=str(flow), overrides=["runtime.task_runner=dask", "runtime.workers=2"], return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert result["task_runner"] == "DaskTaskRunner" and result["counts"]["selected"] == 3 and result["reconciled"]
+    with get_client(sync_client=True) as client:
+        nested = client.read_flow_run(result["flow_run_id"])
+    assert nested.parent_task_run_id is not None and nested.id != state.state_details.flow_run_id
