@@ -40,22 +40,53 @@ def shard_hash(ids: list[str]) -> str:
     return sha256_hex(*ids)
 
 
+class RecordSetWriter:
+    """Writes a record set shard by shard as rows stream in: ``add(table)`` as often as needed, then
+    ``close()`` writes the last, shorter shard and the manifest and returns the :class:`RecordSetRef`.
+    Shards hold ``shard_size`` rows (RECORD_SCHEMA, in the order added); shards of an earlier set of the
+    same name are removed first."""
+
+    def __init__(self, out_dir: str | Path, name: str, stage: str, config_hash: str, shard_size: int):
+        self.folder = Path(out_dir) / "recordsets" / name
+        for old in self.folder.glob("shard-*.parquet") if self.folder.exists() else []:
+            old.unlink()
+        self.name, self.stage, self.config_hash, self.shard_size = name, stage, config_hash, shard_size
+        self.held: list[pa.Table] = []
+        self.n_held = 0
+        self.shards: list[ShardRef] = []
+        self.n_rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.held.append(table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA))
+            self.n_held += table.num_rows
+        while self.n_held >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.held)
+        part, rest = table.slice(0, n).combine_chunks(), table.slice(n)
+        self.held, self.n_held = ([rest] if rest.num_rows else []), rest.num_rows
+        i = len(self.shards)
+        path = self.folder / f"shard-{i:05d}.parquet"
+        write_parquet(path, part)
+        self.shards.append(ShardRef(shard_id=i, path=str(path), sha256=shard_hash(part.column("sample_id").to_pylist()), n_rows=part.num_rows))
+        self.n_rows += part.num_rows
+
+    def close(self) -> RecordSetRef:
+        if self.n_held:
+            self._flush(self.n_held)
+        ref = RecordSetRef(name=self.name, stage=self.stage, config_hash=self.config_hash, dir=str(self.folder), shards=self.shards,
+                           n_rows=self.n_rows, sha256=sha256_hex(*(s.sha256 for s in self.shards)))
+        write_json(ref.manifest_path, ref.model_dump(mode="json"))
+        return ref
+
+
 def write_recordset(table: pa.Table, out_dir: str | Path, name: str, stage: str, config_hash: str, shard_size: int) -> RecordSetRef:
     """Write ``table`` (RECORD_SCHEMA rows, in row order) as shards of ``shard_size`` rows + manifest."""
-    folder = Path(out_dir) / "recordsets" / name
-    for old in folder.glob("shard-*.parquet") if folder.exists() else []:
-        old.unlink()
-    table = table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA)
-    shards = []
-    for i, start in enumerate(range(0, table.num_rows, shard_size)):
-        part = table.slice(start, shard_size)
-        path = folder / f"shard-{i:05d}.parquet"
-        write_parquet(path, part)
-        shards.append(ShardRef(shard_id=i, path=str(path), sha256=shard_hash(part.column("sample_id").to_pylist()), n_rows=part.num_rows))
-    ref = RecordSetRef(name=name, stage=stage, config_hash=config_hash, dir=str(folder), shards=shards, n_rows=table.num_rows,
-                       sha256=sha256_hex(*(s.sha256 for s in shards)))
-    write_json(ref.manifest_path, ref.model_dump(mode="json"))
-    return ref
+    writer = RecordSetWriter(out_dir, name, stage, config_hash, shard_size)
+    writer.add(table)
+    return writer.close()
 
 
 def read_shard(shard: ShardRef, columns: list[str] | None = None) -> pa.Table:

@@ -39,11 +39,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io import is_url, location, read_parquet, write_json, write_parquet
-from curate.records import sha256_hex
 
 _ID_CACHE: dict[str, _IdIndex] = {}  # dir -> sorted runs of the stored ids + part names already read (see _IdIndex)
 _LOCK = threading.RLock()  # re-entrant: a part set aside while ids() reads drops the cache under the same lock

@@ -187,7 +187,6 @@ class LocalCompletionsServer:
 
     def chat(self, body: dict) -> tuple[int, dict]:
         """Greedy chat completion with the real model; ``continue_final_message`` as vLLM does it."""
-        import torch
 
         if body.get("model") != self.model_name:
             return 404, {"error": {"message": f"model {body.get('model')!r} not found"}}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from curate.select import Pool, selector_class
-from curate.select.submodular import (EmbeddingKernel, FacilityLocation, GraphCut, SparseKernel, build_knn_graph, lazy_greedy,
+from curate.select.submodular import (FacilityLocation, GraphCut, SparseKernel, build_knn_graph, lazy_greedy,
                                       naive_greedy)
 
 pytest.importorskip("faiss")

@@ -52,6 +52,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from curate.arrays import concat_ranges
 from curate.records import prompt_text, response_text
 from curate.scorers.base import Score, ScoreColumns, Scorer
 
@@ -261,7 +262,7 @@ def _strip_bounds(t: _Texts) -> tuple[np.ndarray, np.ndarray]:
     edge = nz[(space[: len(nz)] | space[len(nz):]) != 0]  # rows that start or end with white space
     if len(edge):
         lens = t.lengths[edge]
-        pos = np.repeat(t.starts[edge], lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
+        pos = concat_ranges(t.starts[edge], lens)
         keep = (t.cls[pos] & C_SPACE) == 0
         first = np.where(keep, pos, np.iinfo(np.int64).max)
         last = np.where(keep, pos, -1)
@@ -281,7 +282,7 @@ def _copies_prompt(resp: _Texts, prompt: _Texts) -> np.ndarray:
     cand = np.flatnonzero(same & (rl > 0))
     if len(cand):
         lens = rl[cand]
-        k = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+        k = concat_ranges(0, lens)
         a = resp.low[np.repeat(rs[cand], lens) + k]
         b = prompt.low[np.repeat(ps[cand], lens) + k]
         differ = np.bincount(np.repeat(np.arange(len(cand)), lens)[a != b], minlength=len(cand)) > 0
@@ -404,7 +405,7 @@ def _same_words(t: _Texts, ws: np.ndarray, we: np.ndarray, a: np.ndarray, b: np.
     la, lb = we[wa] - ws[wa], we[wb] - ws[wb]
     ok = la == lb
     lens = np.where(ok, la, 0)
-    k = np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens)
+    k = concat_ranges(0, lens)
     pa_ = np.repeat(ws[wa], lens) + k
     pb_ = np.repeat(ws[wb], lens) + k
     bad = np.repeat(np.arange(len(wa)), lens)[t.low[pa_] != t.low[pb_]]

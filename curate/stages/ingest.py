@@ -44,9 +44,10 @@ from curate.ingest.readers import (RawRow, expand_paths, file_digest, file_type,
 from curate.ingest.validate import normalise_messages, validate_messages
 from curate.io import relpath, write_json, write_parquet
 from curate.ledger import LEDGER_SCHEMA
-from curate.manifests import DatasetRef, IngestChunk, IngestRef, RecordSetRef, ShardRef
+from curate.manifests import DatasetRef, IngestChunk, IngestRef
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
 from curate.progress import logger
+from curate.recordset import RecordSetWriter
 from curate.store import fixed_bytes
 
 QUARANTINE_SCHEMA = pa.schema(
@@ -686,51 +687,6 @@ def _link_parts(folder: Path, paths: list[str]) -> None:
 # -- all inputs: number, dedup, shard, ledger --------------------------------------------------------
 
 
-class _ShardWriter:
-    """Writes a record set shard by shard as rows stream in (the same shards and manifest that
-    :func:`curate.recordset.write_recordset` makes from one table)."""
-
-    def __init__(self, out_dir: str, name: str, stage: str, config_hash: str, shard_size: int):
-        self.folder = Path(out_dir) / "recordsets" / name
-        for old in self.folder.glob("shard-*.parquet") if self.folder.exists() else []:
-            old.unlink()
-        self.name, self.stage, self.config_hash, self.shard_size = name, stage, config_hash, shard_size
-        self.held: list[pa.Table] = []
-        self.n_held = 0
-        self.shards: list[ShardRef] = []
-        self.n_rows = 0
-
-    def add(self, table: pa.Table) -> list[pa.Table]:
-        """Add rows; returns the shards written by this call (as tables)."""
-        if table.num_rows:
-            self.held.append(table.select(RECORD_SCHEMA.names).cast(RECORD_SCHEMA))
-            self.n_held += table.num_rows
-        out = []
-        while self.n_held >= self.shard_size:
-            out.append(self._flush(self.shard_size))
-        return out
-
-    def _flush(self, n: int) -> pa.Table:
-        from curate.recordset import shard_hash
-
-        table = pa.concat_tables(self.held)
-        part, rest = table.slice(0, n).combine_chunks(), table.slice(n)
-        self.held, self.n_held = ([rest] if rest.num_rows else []), rest.num_rows
-        i = len(self.shards)
-        path = self.folder / f"shard-{i:05d}.parquet"
-        write_parquet(path, part)
-        self.shards.append(ShardRef(shard_id=i, path=str(path), sha256=shard_hash(part.column("sample_id").to_pylist()), n_rows=part.num_rows))
-        self.n_rows += part.num_rows
-        return part
-
-    def close(self) -> tuple[RecordSetRef, list[pa.Table]]:
-        last = [self._flush(self.n_held)] if self.n_held else []
-        ref = RecordSetRef(name=self.name, stage=self.stage, config_hash=self.config_hash, dir=str(self.folder), shards=self.shards,
-                           n_rows=self.n_rows, sha256=sha256_hex(*(s.sha256 for s in self.shards)))
-        write_json(ref.manifest_path, ref.model_dump(mode="json"))
-        return ref, last
-
-
 class _VectorSink:
     """Collects the kept rows' precomputed vectors and hands them to the store in bounded batches."""
 
@@ -808,7 +764,7 @@ def build_dataset(inputs: list[IngestRef], out_dir: str, ingest: IngestSpec, sto
     # -- pass 2: stream the kept rows into shards; duplicates and quarantined rows into the ledger
     made_from = sha256_hex(*(r.model_dump_json(include={"source", "files", "file_sha256", "format", "n_rows"}) for r in inputs),
                            ingest.model_dump_json())
-    writer = _ShardWriter(out_dir, "input", "ingest", made_from, ingest.shard_size)
+    writer = RecordSetWriter(out_dir, "input", "ingest", made_from, ingest.shard_size)
     sink = _VectorSink(store_dir, embed) if vectors else None
     ledger_parts: list[pa.Table] = []
     at = 0
@@ -833,7 +789,7 @@ def build_dataset(inputs: list[IngestRef], out_dir: str, ingest: IngestSpec, sto
             if v.num_rows and not keep.all():  # a duplicate's vector is not stored: its first row's is
                 v = v.filter(pc.is_in(pc.add(v.column("row"), base), value_set=kept.column("row")))
             sink.add(v)
-    records, _ = writer.close()
+    records = writer.close()
     if sink is not None:
         sink.flush()
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from curate.arrays import concat_ranges
+
 
 class DenseKernel:
     def __init__(self, K: np.ndarray):
@@ -125,7 +127,7 @@ class SparseKernel:
         starts = self.csc.indptr[cols]
         lens = self.csc.indptr[cols + 1] - starts
         seg = np.repeat(np.arange(len(cols)), lens)
-        pos = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        pos = concat_ranges(starts, lens)
         return seg, self.csc.indices[pos], self.csc.data[pos]
 
     def neighbours_of_rows(self, rows: np.ndarray) -> np.ndarray:
@@ -133,7 +135,7 @@ class SparseKernel:
         rows = np.asarray(rows, dtype=np.int64)
         starts = self.csr.indptr[rows]
         lens = self.csr.indptr[rows + 1] - starts
-        pos = np.arange(int(lens.sum()), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens - starts, lens)
+        pos = concat_ranges(starts, lens)
         return np.unique(self.csr.indices[pos])
 
     def block(self, cols: np.ndarray) -> np.ndarray:

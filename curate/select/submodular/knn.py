@@ -41,6 +41,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from curate.arrays import concat_ranges
+
 INDEXES = ("auto", "exact", "ivf", "hnsw")
 
 
@@ -180,7 +182,7 @@ def _ivf_graph(E, k, seed, threads, nlist, nprobe, train_per_list, recall_sample
         cand = np.sort(np.concatenate([order[bounds[p] : bounds[p + 1]] for p in probes[lst] if p >= 0]))
         C = np.ascontiguousarray(np.asarray(E[cand], dtype=np.float32))
         kk = min(k, len(cand) - 1)
-        cs, vs = [], []
+        cs = []
         for s in range(0, len(members), 4096):
             rows = members[s : s + 4096]
             Q = np.ascontiguousarray(np.asarray(E[rows], dtype=np.float32))
@@ -209,7 +211,7 @@ def _ivf_graph(E, k, seed, threads, nlist, nprobe, train_per_list, recall_sample
     data = np.empty(int(indptr[-1]), dtype=np.float32)
     for cs in row_cols:
         for rows, cnt, cc, vv in cs or ():
-            dest = np.repeat(indptr[rows], cnt) + (np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt))
+            dest = concat_ranges(indptr[rows], cnt)
             indices[dest] = cc
             data[dest] = vv
     stats["search_s"] = round(time.perf_counter() - t1, 3)
