@@ -331,6 +331,12 @@ class Collection:
         return json.loads(path.read_text()) if path.exists() else None
 
 
+def first_occurrence(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Bool per entry of ``ids``: is it the first entry with that value? (one hash pass in Arrow)"""
+    ids = _string_array(ids)
+    return (pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False) == np.arange(len(ids))) if len(ids) else np.zeros(0, dtype=bool)
+
+
 def _drop_duplicates(table: pa.Table, keys: list[str]) -> pa.Table:
     if table.num_rows == 0:
         return table

@@ -84,7 +84,7 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
     from curate.embed import build_embedder
     from curate.errors import CurateError
     from curate.stages.embed import embedding_table
-    from curate.store import Store, _string_array
+    from curate.store import Store, _string_array, first_occurrence
 
     if embed.method != "precomputed":
         raise ValueError(f"store_vectors needs embed.method 'precomputed', got '{embed.method}'")
@@ -102,8 +102,7 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
     if not len(ids):
         return
     # first occurrence of each id, and only ids not stored yet
-    first = pc.equal(pc.index_in(ids, value_set=ids), pa.array(np.arange(len(ids), dtype=np.int32)))
-    keep = np.flatnonzero(first.to_numpy(zero_copy_only=False) & ~collection.stored(ids))
+    keep = np.flatnonzero(first_occurrence(ids) & ~collection.stored(ids))
     if not len(keep):
         return
     v = vecs[keep].astype(np.float32)

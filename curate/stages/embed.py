@@ -18,7 +18,7 @@ from curate.config import EmbedSpec
 from curate.embed import build_embedder, embed_text
 from curate.manifests import ShardRef, WorkRef
 from curate.stages.shardwork import run_shard
-from curate.store import Store
+from curate.store import Store, first_occurrence
 
 
 def embedding_table(ids: list[str] | pa.Array, vectors: np.ndarray, statuses: list[str], storage: str = "float32") -> pa.Table:
@@ -114,9 +114,9 @@ def _not_ok(collection) -> pa.Table:
         if key not in _NOT_OK:
             tables = [t for p in parts if (t := collection.read_part(p, columns=["sample_id", "status"])) is not None]  # a damaged part is set aside
             t = pa.concat_tables(tables) if tables else pa.table({"sample_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-            first = pc.equal(pc.index_in(t.column("sample_id"), value_set=t.column("sample_id")), pa.array(np.arange(t.num_rows, dtype=np.int32)))
+            keep = first_occurrence(t.column("sample_id")) & pc.fill_null(pc.not_equal(t.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
             _NOT_OK.clear()
-            _NOT_OK[key] = t.filter(pc.and_(first, pc.not_equal(t.column("status"), "ok"))).combine_chunks()
+            _NOT_OK[key] = t.filter(pa.array(keep)).combine_chunks()
         return _NOT_OK[key]
 
 
