@@ -13,8 +13,7 @@ search instead of one pass per centre.
 Large pools: the matrix is read in blocks of rows (the store's read-only memmap is used as it is,
 nothing the size of the matrix is allocated), with preallocated per-block buffers; a float16 matrix
 is converted to float32 one block at a time (torch's vectorised conversion) and the distances are
-computed in float32. A pool no larger than one block runs the same single matrix-vector product per
-step as before, so small selections are unchanged.
+computed in float32. A pool no larger than one block is one block: one matrix-vector product per step.
 
 Reported per row: the nearest centre and the distance to it at the end (cosine distance
 ``1 − cos`` for the cosine metric, Euclidean distance otherwise); the radius curve is in the stats.
@@ -86,19 +85,15 @@ class BlockReader:
         return out
 
 
-def _sq_dists(X: np.ndarray, sq_norms: np.ndarray | None, x: np.ndarray, out: np.ndarray, reader: BlockReader | None = None,
-              s: int = 0, e: int | None = None) -> np.ndarray:
-    """Squared distances of rows ``s:e`` to ``x`` into ``out`` (one block; the whole matrix without a reader)."""
-    if reader is None:
-        np.dot(X, x, out=out)
-    else:
-        reader.dot(s, e, x, out)
+def _sq_dists(sq_norms: np.ndarray | None, x: np.ndarray, out: np.ndarray, reader: BlockReader, s: int, e: int) -> np.ndarray:
+    """Squared distances of rows ``s:e`` (one block) to ``x`` into ``out``."""
+    reader.dot(s, e, x, out)
     if sq_norms is None:  # unit vectors: |a-b|^2 = 2 - 2 a.b
         out *= -2.0
         out += 2.0
     else:
         out *= -2.0
-        out += sq_norms if reader is None else sq_norms[s:e]
+        out += sq_norms[s:e]
         out += float(x @ x)
     np.maximum(out, 0.0, out=out)
     return out
@@ -164,7 +159,6 @@ def kcenter_greedy(
     X = _as_matrix(X)
     reader = BlockReader(X, block)
     spans = reader.spans()
-    one = len(spans) <= 1 and not reader.half  # a single block: the whole-matrix product, as before
     sq_norms = None
     if metric != "cosine":
         sq_norms = np.empty(n, dtype=np.float32)
@@ -173,7 +167,7 @@ def kcenter_greedy(
             sq_norms[s:e] = np.einsum("ij,ij->i", R, R)
     m = np.full(n, np.inf, dtype=np.float32)
     nearest = np.full(n, -1, dtype=np.int64)
-    buf = np.empty(n if one else reader.block, dtype=np.float32)
+    buf = np.empty(min(n, reader.block), dtype=np.float32)
     closer = np.empty(len(buf), dtype=bool)
 
     if already_selected is not None and len(already_selected):
@@ -182,8 +176,8 @@ def kcenter_greedy(
         C = np.ascontiguousarray(np.asarray(X[already_selected], dtype=np.float32))
         index = faiss.IndexFlatIP(X.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(X.shape[1])
         index.add(C)
-        for s, e in ([(0, n)] if one else spans):
-            Q = X if one else np.ascontiguousarray(reader.rows(s, e))
+        for s, e in spans:
+            Q = np.ascontiguousarray(reader.rows(s, e))
             score, nn = index.search(Q, 1)
             m[s:e] = np.maximum(2.0 - 2.0 * score[:, 0], 0.0) if metric == "cosine" else score[:, 0]
             nearest[s:e] = already_selected[nn[:, 0]]
@@ -208,18 +202,12 @@ def kcenter_greedy(
                     radii[t] = m[i]
                 order[t] = i
                 x = reader.row(i)
-                if one:
-                    _sq_dists(X, sq_norms, x, buf)
-                    np.less(buf, m, out=closer)
-                    np.copyto(m, buf, where=closer)
-                    nearest[closer] = i
-                else:
-                    for s, e in spans:
-                        b, c, mb = buf[: e - s], closer[: e - s], m[s:e]
-                        _sq_dists(X, sq_norms, x, b, reader, s, e)
-                        np.less(b, mb, out=c)
-                        np.copyto(mb, b, where=c)
-                        np.copyto(nearest[s:e], i, where=c)
+                for s, e in spans:
+                    b, c, mb = buf[: e - s], closer[: e - s], m[s:e]
+                    _sq_dists(sq_norms, x, b, reader, s, e)
+                    np.less(b, mb, out=c)
+                    np.copyto(mb, b, where=c)
+                    np.copyto(nearest[s:e], i, where=c)
                 m[i] = 0.0
                 nearest[i] = i
                 if progress is not None:
