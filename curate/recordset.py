@@ -246,7 +246,7 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
     return scores, statuses, errors, orientation
 
 
-def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarray, list[str]]:
+def load_embeddings(store_dir: str, key: str, ids) -> tuple[np.ndarray, list[str]]:
     """(vectors (len(ids), dim) in the order of ``ids``, status per id).
 
     The vectors are a read-only ``np.memmap`` of ``<store>/embeddings/<key>/matrix/<hash of ids>.npy``,
@@ -260,10 +260,10 @@ def load_embeddings(store_dir: str, key: str, ids: list[str]) -> tuple[np.ndarra
     parts = collection.parts()
     if not parts:
         raise RuntimeError("no embeddings stored for this run")
-    if len(ids) == 0:  # ids: a list or a numpy array (the select stage's pool)
+    if len(ids) == 0:  # ids: a list, a numpy array or an Arrow string array
         first = read_parquet(parts[0], columns=["vector"]).column(0).combine_chunks()
         return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
-    id_array = pa.array(ids, pa.string())
+    id_array = _arrow(ids, pa.string())
     digest = _ordered_ids_digest(id_array)
     folder = _matrix_dir(collection)
     path, meta_path, status_path = folder / f"{digest}.npy", folder / f"{digest}.json", folder / f"{digest}.status.parquet"

@@ -98,7 +98,7 @@ def select_stage(
     if needs_emb:
         if embed_key is None:
             raise RuntimeError("a selection step needs embeddings but the flow has no embed stage")
-        embeddings, emb_status = load_embeddings(store_dir, embed_key, ids)
+        embeddings, emb_status = load_embeddings(store_dir, embed_key, meta.column("sample_id"))
         emb_status = np.asarray(emb_status, dtype=object)
         bad = np.flatnonzero(alive & (emb_status != "ok"))
         book.add(bad, "quarantined", "embed", [st.split(":", 1)[-1] for st in emb_status[bad]],
