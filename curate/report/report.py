@@ -131,12 +131,14 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
 
     names = pq.read_schema(scores_path).names  # the score table is read column by column, never as Python rows
     score_names = [c for c in names if "." in c and not c.endswith(".status")]
-    table = pq.read_table(scores_path, columns=["selected", *score_names])
+    map_columns = [c for c in ("sample_id", "source") if c in names] if plots_on and embeddings is not None else []
+    table = pq.read_table(scores_path, columns=["selected", *score_names, *map_columns])  # once
     selected = table.column("selected").to_numpy().astype(bool) if table.num_rows else np.zeros(0, bool)
+    values = {n: _floats(table, n) for n in score_names}
     if score_names:
         md += ["## Scores (candidates | selected)", "",
                _table(["score", "min", "p25", "median", "p75", "max", "selected median"],
-                      [[n, *_q(_floats(table, n)), _q(_floats(table, n)[selected])[2]] for n in score_names]), ""]
+                      [[n, *_q(values[n]), _q(values[n][selected])[2]] for n in score_names]), ""]
     if plots_on:
         md += ["## Plots", ""]
         plots.outcomes_bar(summary["counts"], out / "outcomes.png")
@@ -145,7 +147,7 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
             if n.split(".", 1)[1] in SKIP_HIST:
                 continue
             fname = f"hist-{n.replace('.', '-')}.png"
-            plots.score_histogram(n, _floats(table, n), selected, out / fname)
+            plots.score_histogram(n, values[n], selected, out / fname)
             md += [f"![{n}]({fname})", ""]
         if embeddings is not None and len(embeddings) >= 3:
             idx = np.arange(len(embeddings))
@@ -156,7 +158,7 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
             xy = plots.pca_2d(np.asarray(embeddings[idx], dtype=np.float64))  # one projection for the three maps
             plots.embedding_map(xy, selected[idx], out / "embedding-map.png", f"embedding map (PCA, {len(idx)} rows)")
             md += ["![embedding map](embedding-map.png)", ""]
-            shown = pq.read_table(scores_path, columns=[c for c in ("sample_id", "source") if c in names]).take(pa.array(idx, pa.int64()))
+            shown = table.select(map_columns).take(pa.array(idx, pa.int64()))
             plots.embedding_map_by(xy, _outcomes(ledger_path, shown.column("sample_id").to_pylist()), out / "embedding-map-outcome.png",
                                    "embedding map by outcome")
             md += ["![embedding map by outcome](embedding-map-outcome.png)", ""]
