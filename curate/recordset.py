@@ -123,6 +123,18 @@ def read_records(sets: RecordSetRef | list[RecordSetRef], columns: list[str] | N
     return pa.concat_tables(tables)
 
 
+def scan_records(sets: RecordSetRef | list[RecordSetRef], columns: list[str]):
+    """A lazy Polars scan of ``columns`` over the rows of one or more record sets (set and shard
+    order): filters and selections given to it are pushed into the Parquet reads."""
+    import polars as pl
+
+    sets = [sets] if isinstance(sets, RecordSetRef) else sets
+    paths = [s.path for rs in sets for s in rs.shards]
+    if not paths:
+        return pl.from_arrow(pa.schema([RECORD_SCHEMA.field(c) for c in columns]).empty_table()).lazy()
+    return pl.scan_parquet(paths).select(columns)
+
+
 def iter_shards(sets: list[RecordSetRef]) -> Iterator[ShardRef]:
     for rs in sets:
         yield from rs.shards

@@ -24,7 +24,7 @@ import pyarrow as pa
 from curate.io import write_parquet
 from curate.ledger import DERIVED_LEDGER_SCHEMA, LEDGER_SCHEMA, LINEAGE_SCHEMA, reconcile
 from curate.manifests import LedgerRef, RecordSetRef, RewriteRef, SelectionRef
-from curate.records import RECORD_SCHEMA
+from curate.recordset import scan_records
 
 IDENTITY = ["sample_id", "source", "source_index", "source_line"]
 DECISION = ["outcome", "stage", "reason", "detail", "rank"]
@@ -71,15 +71,6 @@ def pl_concat(frames):
     return pl.concat(frames, how="vertical_relaxed")
 
 
-def _read(rs: RecordSetRef, columns: list[str]):
-    """Columns of a record set's rows, in shard order (one lazy Polars scan over its shards)."""
-    import polars as pl
-
-    if not rs.shards:
-        return pl.from_arrow(pa.schema([RECORD_SCHEMA.field(c) for c in columns]).empty_table())
-    return pl.scan_parquet([s.path for s in rs.shards]).select(columns).collect()
-
-
 def _arrow(frame, schema: pa.Schema) -> pa.Table:
     """A Polars frame as an Arrow table of exactly ``schema`` (its column order, types, one chunk)."""
     if frame.height == 0:
@@ -94,7 +85,7 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     out = Path(out_dir)
     book = pl.read_parquet(selections[0].ledger_path).select(LEDGER_SCHEMA.names)
     columns = ["row", "sample_id", "source", "source_index", "source_line", "origin", "parents", "generation"]
-    derived_rows = {rw.derived.name: _read(rw.derived, columns) for rw in rewrites}  # read once: ledger provenance and lineage
+    derived_rows = {rw.derived.name: scan_records(rw.derived, columns).collect() for rw in rewrites}  # read once: ledger provenance and lineage
     ident = [f.select(columns[:-1]) for f in derived_rows.values()]  # derived row -> its provenance
     for rw in rewrites:
         if pool == "derived":
@@ -136,7 +127,7 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     lineage = pl_concat([f.with_columns(recordset=pl.lit(name)) for name, f in derived_rows.items()]) if derived_rows else None
     if lineage is not None and lineage.height:
         # a parent's row: the first row with its content (a rewrite can reproduce its parent)
-        known = pl_concat([_read(input_set, ["sample_id", "row"]),
+        known = pl_concat([scan_records(input_set, ["sample_id", "row"]).collect(),
                            *(f.select("sample_id", "row") for f in derived_rows.values())])
         parent_ids = lineage.select(pl.col("parents").explode()).drop_nulls().unique()
         row_of = (known.join(parent_ids, left_on="sample_id", right_on="parents", how="semi")

@@ -32,7 +32,7 @@ from curate.ledger import LEDGER_SCHEMA
 from curate.ledger import counts as ledger_counts
 from curate.manifests import RecordSetRef, SelectionRef
 from curate.records import RECORD_SCHEMA, sha256_hex
-from curate.recordset import QUARANTINE_STATUSES, load_embeddings, take_records, wide_scores, write_recordset
+from curate.recordset import QUARANTINE_STATUSES, load_embeddings, scan_records, take_records, wide_scores, write_recordset
 from curate.select import Pool, selector_class
 
 META = ["sample_id", "row", "source", "source_index", "source_line", "task"]
@@ -176,10 +176,7 @@ def pool_meta(pool_sets: list[RecordSetRef], exclude_rows=None) -> pa.Table:
     import polars as pl
 
     schema = pa.schema([RECORD_SCHEMA.field(c) for c in META])
-    paths = [s.path for rs in pool_sets for s in rs.shards]
-    if not paths:
-        return schema.empty_table()
-    lf = pl.scan_parquet(paths).select(META)
+    lf = scan_records(pool_sets, META)
     if exclude_rows is not None and len(exclude_rows):
         lf = lf.filter(~pl.col("row").is_in(pl.Series(np.asarray(exclude_rows, dtype=np.int64)).implode()))
     return lf.collect().to_arrow().cast(schema).combine_chunks()
