@@ -285,11 +285,30 @@ def load_embeddings(store_dir: str, key: str, ids) -> tuple[np.ndarray, list[str
         return cached
     fingerprint = collection.fingerprint() or {}
     allow_missing = fingerprint.get("method") == "precomputed"
+    _sweep_abandoned(folder)
     _build_matrix(collection, parts, id_array, path, status_path, allow_missing)
     write_json(meta_path, {"parts": part_names, "n": len(ids)})
     out = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
     assert out is not None
     return out
+
+
+#: a matrix assembly's temporary file untouched for this long was left by a killed run
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def _sweep_abandoned(folder: Path) -> None:
+    """Remove temporary matrix files (``.<name>.*.tmp``) untouched for :data:`ABANDONED_AFTER_S`: what
+    killed assemblies left. A younger one may be another flow's assembly in progress (the store is shared)."""
+    import time
+
+    now = time.time()
+    for tmp in folder.glob(".*.tmp") if folder.exists() else ():
+        try:
+            if now - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                tmp.unlink()
+        except FileNotFoundError:
+            continue
 
 
 def _matrix_dir(collection: Collection) -> Path:

@@ -268,3 +268,21 @@ def test_repr_filter_reads_stored_rows_by_position():
     kept16, _, _, _ = repr_filter(H, order, 0.8, 300, index=np.flatnonzero(keep))
     want16 = repr_filter_one_by_one(H[keep].astype(np.float32), order, 0.8, 300)
     assert kept16.tolist() == want16.tolist()
+
+
+def test_abandoned_matrix_temp_files_are_swept(tmp_path):
+    """A temporary matrix file a killed assembly left goes once a day old; a younger one may be another
+    flow's assembly in progress and stays."""
+    import os
+    import time
+
+    from curate.recordset import ABANDONED_AFTER_S, _sweep_abandoned
+
+    old, young, done = tmp_path / ".abc.npy.x1.tmp", tmp_path / ".def.npy.x2.tmp", tmp_path / "abc.npy"
+    for p in (old, young, done):
+        p.write_bytes(b"x")
+    past = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(old, (past, past))
+    os.utime(done, (past, past))
+    _sweep_abandoned(tmp_path)
+    assert not old.exists() and young.exists() and done.exists()
