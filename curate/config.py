@@ -190,6 +190,16 @@ class FlowSpec(Strict):
                              f"'{t.file_type}' to export.file_types, or set train.layout / train.file_type")
         return self
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_is_local(cls, v: str) -> str:
+        from curate.io import is_url
+
+        if is_url(v):
+            raise ValueError(f"output_dir {v!r}: must be a local (or mounted) path — the run writes its selection, ledgers and "
+                             "exports there with atomic renames; only store_dir may be a URL")
+        return v
+
     @field_validator("score")
     @classmethod
     def _unique_scorer_names(cls, v: list[StepSpec]):

@@ -180,8 +180,8 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
     ``orientation`` (name -> str).
 
     ``scorers``: label -> (step spec, store key). Each scorer's store parts are scanned lazily with
-    Polars, joined on ``sample_id`` to the positions of ``ids`` and pivoted from long (one row per
-    variant) to wide. Rows never scored get NaN and status ``missing``. As
+    Polars (a URL store's parts are fetched whole, once each, and held while this scorer is read),
+    joined on ``sample_id`` to the positions of ``ids`` and pivoted from long (one row per variant) to wide. Rows never scored get NaN and status ``missing``. As
     :meth:`curate.store.Collection.read`: a (sample_id, variant) stored twice (concurrent writers)
     counts once, the first in part order; a row's status is that of its last stored variant.
     """
@@ -204,8 +204,17 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
             orientation[f"{label}.{variant}"] = orient
         parts = Store(store_dir).scores(key).parts()
         if parts:
+            fetched: dict[str, pa.Table] = {}  # a URL store's parts, read once each (Polars scans local files only)
+
+            def read(p, columns):
+                if not is_url(p):
+                    return read_parquet(p, columns)
+                if str(p) not in fetched:
+                    fetched[str(p)] = read_parquet(p)
+                return fetched[str(p)].select(columns)
+
             def scan(columns):  # every part, in part order, with the global index of each stored row
-                frames = [pl.from_arrow(read_parquet(p, columns)).lazy() if is_url(p) else pl.scan_parquet(p).select(columns) for p in parts]
+                frames = [pl.from_arrow(read(p, columns)).lazy() if is_url(p) else pl.scan_parquet(p).select(columns) for p in parts]
                 return pl.concat(frames, how="vertical_relaxed").with_row_index("_i")
 
             try:
@@ -213,7 +222,7 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
                 # then numbers only, and the streaming engine never holds the parts' sample_ids all at once
                 variants, kinds = set(), set()
                 for p in parts:
-                    t = read_parquet(p, columns=["variant", "status"])
+                    t = read(p, ["variant", "status"])
                     variants.update(pc.unique(t.column(0)).to_pylist())
                     kinds.update(pc.unique(t.column(1)).to_pylist())
                 venum, senum = pl.Enum(sorted(v for v in variants if v is not None)), pl.Enum(sorted(s for s in kinds if s is not None))

@@ -20,9 +20,10 @@ the next shard run computes them (``read`` raises :class:`StoreCorrupt` rather t
 with a gap). See docs/reliability.md.
 
 ``store_dir`` may be an fsspec URL (``s3://bucket/store``): the same layout, read and written through
-that file system (parts and markers are written whole in one request; a set-aside part is copied then
-deleted). Listings are re-read from the file system each time (other workers write there), never
-from fsspec's listing cache. See docs/scale.md.
+that file system (parts and markers are uploaded whole; a part is fetched before it is parsed, so a
+network error is raised, never taken for damage; a set-aside part is copied then deleted; ``store_id``
+is a conditional write). Listings are re-read from the file system each time (other workers write
+there), never from fsspec's listing cache. See docs/scale.md.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from curate.errors import CurateError
 from curate.io import is_url, location, read_parquet, write_json, write_parquet
@@ -179,21 +181,42 @@ class Collection:
         return str(self.dir) if self.remote else str(self.dir.resolve())
 
     def _fresh(self) -> None:
-        """Forget fsspec's cached listings of this collection (other processes write to it)."""
+        """Forget fsspec's cached listings of this collection and its markers (other processes write there)."""
         if self.remote:
-            self.dir.fs.invalidate_cache(self.dir.path)
+            for sub in ("", "done", "corrupt"):
+                self.dir.fs.invalidate_cache((self.dir / sub).path if sub else self.dir.path)
 
     def parts(self) -> list[Path]:
         self._fresh()
         return sorted(self.dir.glob("part-*.parquet"), key=lambda p: p.name)
+
+    def _part_sizes(self) -> dict[str, int]:
+        """Name -> size in bytes of every part stored now: one listing for a URL store (not a request per
+        part), a ``stat`` per part on disk."""
+        if self.remote:
+            self._fresh()
+            try:
+                entries = self.dir.fs.ls(self.dir.path, detail=True)
+            except FileNotFoundError:
+                return {}
+            found = ((e["name"].rsplit("/", 1)[-1], e) for e in entries if e.get("type") == "file")
+            return {name: int(e["size"]) for name, e in found if name.startswith("part-") and name.endswith(".parquet")}
+        sizes = {}
+        for p in self.parts():
+            with contextlib.suppress(FileNotFoundError):  # set aside by a concurrent reader meanwhile
+                sizes[p.name] = p.stat().st_size
+        return sizes
 
     def ids(self) -> StoredIds:
         """All sample_ids stored under this key: a read-only set (``in``, ``len``, iteration, ``==`` a set)
         whose :meth:`StoredIds.isin` answers for many ids at once. Kept per process as sorted numpy
         byte strings (no Python object per id), read incrementally from new parts."""
         with _LOCK:
+            parts = self.parts()
             index = _ID_CACHE.setdefault(self._ident(), _IdIndex())
-            for part in self.parts():
+            if index.seen - {p.name for p in parts}:  # a part read before is gone (set aside by another process): read afresh
+                index = _ID_CACHE[self._ident()] = _IdIndex()
+            for part in parts:
                 if part.name not in index.seen:
                     t = self.read_part(part, ["sample_id"])  # None: corrupt, set aside (its rows count as not stored)
                     if t is not None:
@@ -230,11 +253,13 @@ class Collection:
             marker = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             return self._drop_marker(path, f"unreadable ({exc})")
-        for name, size in (marker.get("parts") or {}).items():  # markers written before parts were recorded: trusted
+        listed = marker.get("parts") or {}  # markers written before parts were recorded: trusted
+        sizes = self._part_sizes() if self.remote and listed else None
+        for name, size in listed.items():
             part = self.dir / name
             try:
-                now = part.stat().st_size
-            except FileNotFoundError:
+                now = part.stat().st_size if sizes is None else sizes[name]
+            except (FileNotFoundError, KeyError):
                 return self._drop_marker(path, f"lists {name}, which is gone")
             if now != size and not self.check_part(part):  # a same-ids part rewritten by another writer has another size
                 return self._drop_marker(path, f"lists {name}, which was corrupt")
@@ -251,11 +276,7 @@ class Collection:
     def mark_done(self, shard_hash: str, info: dict[str, Any]) -> None:
         """Write the shard's marker, with the name and size of every part stored now (the shard's rows
         are among them; :meth:`done` checks they are all still there)."""
-        parts = {}
-        for p in self.parts():
-            with contextlib.suppress(FileNotFoundError):  # set aside by a concurrent reader meanwhile
-                parts[p.name] = p.stat().st_size
-        write_json(self.dir / "done" / f"{shard_hash}.json", {**info, "parts": parts})
+        write_json(self.dir / "done" / f"{shard_hash}.json", {**info, "parts": self._part_sizes()})
 
     def check_part(self, part: Path) -> bool:
         """Read ``part`` whole; when it does not read, set it aside and return False."""
@@ -272,8 +293,14 @@ class Collection:
 
     def read_part(self, part: Path, columns: list[str] | None = None) -> pa.Table | None:
         """One part's rows, or None when it is corrupt (then it is set aside) or gone."""
+        source: Any = part
+        if self.remote:  # fetch first: a network error is raised as it is, never taken for a damaged part
+            try:
+                source = pa.BufferReader(part.fs.cat_file(part.path))
+            except FileNotFoundError:
+                return None
         try:
-            return read_parquet(part, columns=columns)
+            return pq.read_table(source, columns=columns) if self.remote else read_parquet(part, columns=columns)
         except FileNotFoundError:
             return None
         except (OSError, pa.ArrowException) as exc:
@@ -285,7 +312,8 @@ class Collection:
         its ids and remove the done-markers that may rely on it (those listing it, and older markers
         that list no parts), so its rows count as not stored and the next shard run computes them."""
         dest = self.dir / "corrupt" / part.name
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not self.remote:  # an object store has no folders (and s3fs's mkdir would create a bucket)
+            dest.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):  # another reader set it aside first
             if self.remote:
                 part.rename(dest)  # an object store: copy, then delete
@@ -360,15 +388,14 @@ class Store:
         if not path.exists():
             import uuid
 
-            self.root.mkdir(parents=True, exist_ok=True)
-            if is_url(self.root):  # no exclusive create on an object store: the flow's process writes it before any task
-                path.write_text(uuid.uuid4().hex + "\n")
-            else:
-                try:
-                    with open(path, "x", encoding="utf-8") as f:  # first writer wins
-                        f.write(uuid.uuid4().hex + "\n")
-                except FileExistsError:
-                    pass
+            remote = is_url(self.root)
+            if not remote:  # an object store has no folders (and s3fs's mkdir would create a bucket)
+                self.root.mkdir(parents=True, exist_ok=True)
+            try:  # first writer wins (on S3 a conditional PUT, If-None-Match)
+                with (path.fs.open(path.path, "xb") if remote else open(path, "xb")) as f:
+                    f.write((uuid.uuid4().hex + "\n").encode())
+            except FileExistsError:
+                pass
         return path.read_text(encoding="utf-8").strip()
 
     def scores(self, key: str) -> Collection:

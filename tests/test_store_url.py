@@ -5,6 +5,7 @@ detects damaged parts there as it does on disk. The same store from a Ray cluste
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def test_flow_on_an_s3_store_matches_a_local_store(s3_bucket, tmp_path, monkeypa
         assert sum(k.startswith(f"{kind}/") and "/done/" in k for k in keys) == 4
     assert sum(k.startswith("shards/") for k in keys) == 4
     # nothing was written to a local folder named after the URL; the memory-mapped matrix is a local cache file
+    assert not any(p.name.startswith("s3:") for d in (tmp_path, ROOT, Path.cwd()) for p in d.iterdir())
     assert not any("s3:" in str(p) for p in tmp_path.rglob("*"))
     assert list((tmp_path / "cache" / "matrix").rglob("*.npy"))
     # the machine-local caches (ingest chunks) went to the local cache folder, not the bucket
@@ -90,19 +92,81 @@ def test_a_damaged_part_in_the_bucket_is_set_aside(s3_bucket):
 
 
 def test_parts_written_by_another_process_are_seen(s3_bucket):
+    """This process has listed the collection and its markers (fsspec caches listings); another client
+    then adds a part and a marker: both are seen, and the marker's part check passes."""
     from curate.io import write_parquet
     from curate.store import Store
 
     url = f"s3://{s3_bucket}/{uuid.uuid4().hex[:8]}/store"
     coll = Store(url).embeddings("e" * 64)
-    assert coll.parts() == [] and not coll.done("s1")  # the (empty) listings are now in this process's cache
-    other = _fresh_fs()
-    with other.open(f"{coll.dir.path}/done/s1.json", "w") as f:
-        f.write('{"parts": {}}')
     vec = pa.array([np.ones(3, np.float32)], pa.list_(pa.float32()))
-    write_parquet(str(coll.dir / "part-0.parquet"), pa.table({"sample_id": ["z"], "status": ["ok"], "vector": vec}))
-    assert [p.name for p in coll.parts()] == ["part-0.parquet"] and coll.done("s1")
-    assert coll.stored(["z"]).tolist() == [True]
+    coll.write(pa.table({"sample_id": ["a"], "status": ["ok"], "vector": vec}))
+    coll.mark_done("s0", {})
+    assert [p.name for p in coll.parts()] == [coll.parts()[0].name] and coll.done("s0") and not coll.done("s1")
+    assert coll.stored(["a", "z"]).tolist() == [True, False]
+    fs = coll.dir.fs
+    assert fs.ls(coll.dir.path, detail=False) and fs.ls((coll.dir / "done").path, detail=False)  # both listings now cached here
+    other = _fresh_fs()
+    with other.open(f"{coll.dir.path}/part-1.parquet", "wb") as f:
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"sample_id": ["z"], "status": ["ok"], "vector": vec}), f)
+    sizes = {p.rsplit("/", 1)[-1]: int(other.info(p)["size"]) for p in other.glob(f"{coll.dir.path}/part-*.parquet")}
+    with other.open(f"{coll.dir.path}/done/s1.json", "w") as f:
+        f.write(json.dumps({"parts": sizes}))
+    assert len(coll.parts()) == 2 and coll.done("s1")
+    assert coll.stored(["a", "z"]).tolist() == [True, True]
+
+
+def test_a_network_error_is_not_taken_for_a_damaged_part(s3_bucket, monkeypatch):
+    from curate.store import Store
+
+    url = f"s3://{s3_bucket}/{uuid.uuid4().hex[:8]}/store"
+    coll = Store(url).scores("n" * 64)
+    part = coll.write(pa.table({"sample_id": ["a"], "variant": ["x"], "score": [1.0], "status": ["ok"]}))
+    coll.mark_done("s0", {})
+
+    def unreachable(*args, **kwargs):
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(coll.dir.fs, "cat_file", unreachable)  # s3fs makes its sync methods per instance
+    with pytest.raises(OSError, match="connection reset"):
+        Store(url).scores("n" * 64).read()
+    monkeypatch.undo()
+    assert [p.name for p in coll.parts()] == [part.name] and coll.done("s0")  # left where it was, its marker too
+    assert coll.read().num_rows == 1
+
+
+def test_the_first_writer_of_the_store_id_wins(s3_bucket):
+    import threading
+
+    from curate.store import Store
+
+    url = f"s3://{s3_bucket}/{uuid.uuid4().hex[:8]}/store"
+    barrier, got = threading.Barrier(6), []
+
+    def first_use():
+        barrier.wait()
+        got.append(Store(url).identity())
+
+    threads = [threading.Thread(target=first_use) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 6 and len(set(got)) == 1 and Store(url).identity() == got[0]
+
+
+def test_a_missing_bucket_and_a_url_output_dir_are_config_errors(s3_bucket, tmp_path):
+    from curate.errors import ConfigError
+    from curate.launch import check_inputs
+
+    spec = load_flow(_flow(tmp_path, "s3://no-such-bucket-here/store"))
+    with pytest.raises(ConfigError, match="bucket 'no-such-bucket-here' does not exist"):
+        check_inputs(spec)
+    assert not _fresh_fs().exists("no-such-bucket-here")  # never created
+    with pytest.raises(Exception, match="only store_dir may be a URL"):
+        load_flow(write_flow(tmp_path / "o", name="o", inputs=[{"path": "x.jsonl"}], output_dir="s3://b/out"))
 
 
 def test_store_locations():

@@ -54,7 +54,9 @@ class OpenAIBackend:
             raise CurateError("backend: openai needs base_url (e.g. http://127.0.0.1:8000/v1)")
         self.params = params
         self.base_url = params.base_url.rstrip("/")
-        self.cache_dir = Path(cache_dir) if cache_dir else None
+        from curate.io import location
+
+        self.cache_dir = location(cache_dir) if cache_dir else None  # a local folder, or a URL store's requests/
         self.requests_sent = 0
         self.cache_hits = 0
         self._warned: set[str] = set()

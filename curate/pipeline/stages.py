@@ -30,10 +30,11 @@ def torch_threads(spec: FlowSpec) -> int:
 
 
 def scorer_context(spec: FlowSpec):
-    """What scorers get from the run: threads, seed, and where API responses are cached."""
+    """What scorers get from the run: threads, seed, and where API responses are cached (the store's
+    ``requests/``, which every worker reaches, a URL store included)."""
     from curate.scorers import ScorerContext
 
-    return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.local_store / "requests")})
+    return ScorerContext(torch_threads=torch_threads(spec), seed=spec.seed, extra={"request_cache": str(spec.store / "requests")})
 
 
 def rewrite_context(spec: FlowSpec):
