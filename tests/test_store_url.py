@@ -94,7 +94,6 @@ def test_a_damaged_part_in_the_bucket_is_set_aside(s3_bucket):
 def test_parts_written_by_another_process_are_seen(s3_bucket):
     """This process has listed the collection and its markers (fsspec caches listings); another client
     then adds a part and a marker: both are seen, and the marker's part check passes."""
-    from curate.io import write_parquet
     from curate.store import Store
 
     url = f"s3://{s3_bucket}/{uuid.uuid4().hex[:8]}/store"
