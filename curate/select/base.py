@@ -56,6 +56,14 @@ class Pool:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def embedding_rows(self, positions: np.ndarray) -> np.ndarray:
+        """(len(positions), d) embeddings of these rows of the pool: the pool's matrix itself (a memmap stays
+        one, nothing copied) when ``positions`` is every row in order, else those rows."""
+        positions = np.asarray(positions)
+        if len(positions) == len(self) and np.array_equal(positions, np.arange(len(self))):
+            return self.embeddings
+        return self.embeddings[positions]
+
     def embedding_source(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """(base matrix, positions of this pool's rows in it, or None when the pool is the whole base)."""
         return self._emb_base, self._emb_index

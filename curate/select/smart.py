@@ -142,7 +142,7 @@ class Smart(Selector):
         graphs: list[dict] = []
         for t, g, w, b in zip(chosen, gains, weights, budgets):
             rows = members[t]
-            X = pool.embeddings if len(rows) == n else pool.embeddings[rows]
+            X = pool.embedding_rows(rows)
             picks, pg, variant = self._order(p.instance_objective, X, int(b), p.instance_lambda, f"task:{t}", pool, graphs)
             instance_variants.add(variant)
             picked = rows[picks]

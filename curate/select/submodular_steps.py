@@ -58,11 +58,6 @@ class SubmodularSelector(Selector):
             return SparseKernel.from_graph(graph), describe(graph)
         return EmbeddingKernel(X, p.metric, rows), f"exact {p.metric}, columns on the fly"
 
-    @staticmethod
-    def candidates(pool: Pool, cand: np.ndarray):
-        """The candidates' embeddings: the pool's matrix itself (a memmap stays one) when every row is a candidate."""
-        return pool.embeddings if len(cand) == len(pool) else pool.embeddings[cand]
-
     def objective(self, pool: Pool, cand: np.ndarray, others: np.ndarray):
         raise NotImplementedError
 
@@ -122,7 +117,7 @@ class FacilityLocationSelect(SubmodularSelector):
     objective_name = "facility location: Σ_i max(0, max_{j∈A} K_ij)"
 
     def objective(self, pool, cand, others):
-        kernel, desc = self.kernel(self.candidates(pool, cand), pool=pool)
+        kernel, desc = self.kernel(pool.embedding_rows(cand), pool=pool)
         return FacilityLocation(kernel), desc
 
 
@@ -134,7 +129,7 @@ class GraphCutSelect(SubmodularSelector):
         lambda_: float = Field(0.4, ge=0, alias="lambda")
 
     def objective(self, pool, cand, others):
-        kernel, desc = self.kernel(self.candidates(pool, cand), pool=pool)
+        kernel, desc = self.kernel(pool.embedding_rows(cand), pool=pool)
         return GraphCut(kernel, self.params.lambda_), desc
 
 
@@ -148,7 +143,7 @@ class LogDeterminantSelect(SubmodularSelector):
     def objective(self, pool, cand, others):
         if self.params.kernel == "sparse":
             raise ValueError("log_determinant: the kNN graph is not positive semi-definite; use kernel: embedding or auto")
-        X = self.candidates(pool, cand)
+        X = pool.embedding_rows(cand)
         return LogDeterminant(EmbeddingKernel(X, self.params.metric), self.params.lambda_), f"exact {self.params.metric}, columns on the fly"
 
 
@@ -167,7 +162,7 @@ class _ReferenceSetSelector(SubmodularSelector):
 
     def reference_max(self, pool, cand, others):
         """(kernel over the candidates, its description, each candidate's max similarity to the reference set)."""
-        X = pool.embeddings[cand]
+        X = pool.embedding_rows(cand)
         kernel, desc = self.kernel(X, pool=pool)
         ref = EmbeddingKernel(pool.embeddings[others], self.params.metric, rows=X)  # rows: ground set, columns: reference
         return kernel, desc, np.max(ref.block(np.arange(len(others))), axis=1)
