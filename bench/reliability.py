@@ -25,10 +25,12 @@ from common import ROOT, write_result
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("-k", dest="select", default=None, help="only the tests pytest's -k expression selects")
+    ap.add_argument("--out", default="reliability", help="results file name under bench/results (without .md)")
     args = ap.parse_args()
     env = {**os.environ, "CURATE_SCALE_ROWS": str(args.rows)}
     cmd = [sys.executable, "-m", "pytest", "tests/test_reliability.py", "-s", "-q", "-rA", "--durations=0", "-p", "no:cacheprovider",
-           "-o", "timeout=7200"]
+           "-o", "timeout=7200", *(["-k", args.select] if args.select else [])]
     t0 = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -45,10 +47,11 @@ def main() -> None:
              "reference run made once, in the first test's setup).", "",
              "| test | outcome | seconds (setup + call) |", "|---|---|---:|"]
     lines += [f"| {name} | {outcome.get(name, '?')} | {secs.get(name, 0.0):.0f} |" for name in sorted(set(outcome) | set(secs))]
-    lines += ["", "| seed | aimed at | killed in |", "|---:|---|---|"] + [f"| {s} | {a} | {k} |" for s, a, k in kills]
+    lines += ["", "Kills, in order (a kill that lands past its target stage is checked like any other, then the seed tries earlier):", "",
+              "| seed | aimed at | killed in |", "|---:|---|---|"] + [f"| {s} | {a} | {k} |" for s, a, k in kills]
     if res.returncode:
         lines += ["", "```", out[-4000:], "```"]
-    write_result("reliability", "\n".join(lines) + "\n")
+    write_result(args.out, "\n".join(lines) + "\n")
     sys.exit(res.returncode)
 
 

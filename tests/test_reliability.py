@@ -174,7 +174,7 @@ class Child:
         return STAGES[len(done)] if len(done) < len(STAGES) else "finished"
 
 
-def kill_at_random(flow: Path, out: Path, target: str, seconds: dict[str, float], rng: random.Random) -> str:
+def kill_at_random(flow: Path, out: Path, target: str, seconds: dict[str, float], rng: random.Random, late: float = 0.8) -> str:
     child = Child(flow)
     anchor = ANCHOR[target]
     if anchor is None:
@@ -185,7 +185,7 @@ def kill_at_random(flow: Path, out: Path, target: str, seconds: dict[str, float]
     else:
         assert child.wait_for_stage_end(anchor), "".join(child.lines[-20:])
         window = seconds["select"] if target == "select" else seconds["ledger"] + seconds["export"] if target == "ledger/export" else seconds[target]
-    time.sleep(rng.uniform(0.05, 0.8) * window)
+    time.sleep(rng.uniform(0.05, late) * window)
     return child.kill()
 
 
@@ -200,42 +200,55 @@ def export_is_whole_or_absent(out: Path) -> None:
 
 
 def test_kill_9_at_random_points_then_resume_gives_identical_output(pool, reference, tmp_path):
+    """Five seeded kills, each followed by a resume that must reproduce the uninterrupted run. The kill
+    time is drawn from the reference run's stage times; a stage can run faster than it did there (a
+    machine less loaded), so a kill that lands past its target stage is checked like any other and the
+    seed tries again, earlier in the window (at most three tries), until each stage has been hit."""
     seconds = {s["stage"]: s["seconds"] for s in reference["summary"]["stages"]}
     hit = {}
     for seed, target in TARGETS.items():
         rng = random.Random(seed)
         target = target or rng.choice([t for t in ANCHOR])
-        out, store = tmp_path / f"out-{seed}", tmp_path / f"store-{seed}"
-        flow = write_flow(tmp_path / f"flow-{seed}.yaml", pool, out, store)
-        stage = kill_at_random(flow, out, target, seconds, rng)
-        hit[seed] = stage
-        print(f'seed {seed}: aimed at {target}, killed in {stage}')
-        # the state the kill left
-        ingest_done = len(list((store / "ingest").rglob("*.json"))) if (store / "ingest").exists() else 0  # chunk markers
-        marked, stored = markers(store), stored_rows(store)
-        export_is_whole_or_absent(out)
-        assert not (out / "run.json").exists() or stage == "finished"
-
-        summary = run_ok(flow)
-        assert digests(out) == reference["digests"], f"seed {seed} (killed in {stage}): output differs from the uninterrupted run"
-        # a kill may leave an atomic write's hidden temporary (``.<name>.<random>.tmp``), never a file under a final name
-        assert all(t.name.startswith(".") for t in out.rglob("*.tmp")) and not (out / ".export.partial").exists()
-        assert not list((out / "export").rglob("*.tmp"))
-        # nothing finished before the kill is done again; the killed stage loses at most its one shard in flight
-        ingest = stage_row(summary, "ingest")
-        assert ingest["chunks_cached"] == ingest_done, (seed, stage, ingest, ingest_done)  # every chunk marked before the kill
-        score = stage_row(summary, "score:heuristic")
-        scored = stage_row(reference["summary"], "score:heuristic")["rows"]
-        assert score["computed_rows"] == scored - stored, (seed, stage, score, stored)
-        assert score["computed_shards"] <= N_SHARDS - marked, (seed, stage, score, marked)
-        if stage not in ("ingest", "score:heuristic"):  # killed after scoring: nothing before it runs again
-            assert score["computed_shards"] == 0 and ingest["chunks_cached"] == ingest["chunks"] and ingest["files_cached"] == N_FILES
-        if stage == "score:heuristic":  # shards run in order: every shard before the one in flight was marked
-            assert N_SHARDS - marked - score["computed_shards"] in (0, 1)
-        shutil.rmtree(out)
-        shutil.rmtree(store)
+        for attempt, late in enumerate((0.8, 0.4, 0.1)):
+            stage = kill_and_resume(pool, reference, tmp_path / f"seed-{seed}-{attempt}", target, seconds, rng, late, seed)
+            hit[seed] = stage
+            if ("ledger/export" if stage in ("ledger", "export") else stage) == target:
+                break
     stages_hit = {("ledger/export" if s in ("ledger", "export") else s) for s in hit.values()}
     assert stages_hit >= {"ingest", "score:heuristic", "select", "ledger/export"}, hit
+
+
+def kill_and_resume(pool, reference, work: Path, target: str, seconds: dict[str, float], rng: random.Random, late: float, seed: int) -> str:
+    """One kill aimed at ``target``, then a resume: the output equals the reference run's, and nothing
+    finished before the kill is done again. Returns the stage the kill hit."""
+    out, store = work / "out", work / "store"
+    flow = write_flow(work.with_suffix(".yaml"), pool, out, store)
+    stage = kill_at_random(flow, out, target, seconds, rng, late)
+    print(f'seed {seed}: aimed at {target}, killed in {stage}')
+    # the state the kill left
+    ingest_done = len(list((store / "ingest").rglob("*.json"))) if (store / "ingest").exists() else 0  # chunk markers
+    marked, stored = markers(store), stored_rows(store)
+    export_is_whole_or_absent(out)
+    assert not (out / "run.json").exists() or stage == "finished"
+
+    summary = run_ok(flow)
+    assert digests(out) == reference["digests"], f"seed {seed} (killed in {stage}): output differs from the uninterrupted run"
+    # a kill may leave an atomic write's hidden temporary (``.<name>.<random>.tmp``), never a file under a final name
+    assert all(t.name.startswith(".") for t in out.rglob("*.tmp")) and not (out / ".export.partial").exists()
+    assert not list((out / "export").rglob("*.tmp"))
+    # nothing finished before the kill is done again; the killed stage loses at most its one shard in flight
+    ingest = stage_row(summary, "ingest")
+    assert ingest["chunks_cached"] == ingest_done, (seed, stage, ingest, ingest_done)  # every chunk marked before the kill
+    score = stage_row(summary, "score:heuristic")
+    scored = stage_row(reference["summary"], "score:heuristic")["rows"]
+    assert score["computed_rows"] == scored - stored, (seed, stage, score, stored)
+    assert score["computed_shards"] <= N_SHARDS - marked, (seed, stage, score, marked)
+    if stage not in ("ingest", "score:heuristic"):  # killed after scoring: nothing before it runs again
+        assert score["computed_shards"] == 0 and ingest["chunks_cached"] == ingest["chunks"] and ingest["files_cached"] == N_FILES
+    if stage == "score:heuristic":  # shards run in order: every shard before the one in flight was marked
+        assert N_SHARDS - marked - score["computed_shards"] in (0, 1)
+    shutil.rmtree(work)
+    return stage
 
 
 # -- a disk that fills during export ----------------------------------------------------------------
