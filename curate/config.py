@@ -233,9 +233,9 @@ class FlowSpec(Strict):
 
     @property
     def local_store(self) -> Path:
-        """Where the caches that stay on this machine go (the ingest chunk cache, LLM calls, rewrite units,
-        request caches): the store itself when it is a local path; for a URL store,
-        ``$CURATE_CACHE_DIR/stores/<hash of the URL>``."""
+        """Where the caches that only the flow's process uses go (the ingest chunk cache, the rewrite steps'
+        LLM calls and units, ``curate compare``'s eval calls): the store itself when it is a local path; for
+        a URL store, ``$CURATE_CACHE_DIR/stores/<hash of the URL>``."""
         from curate.io import is_url
 
         if not is_url(self.store_dir):

@@ -9,7 +9,8 @@ any, is left as it was. :func:`swap_dir` puts a finished folder in place of an o
 
 The store may live at an fsspec URL (``s3://bucket/store``, ``gs://…``): :func:`location` gives a
 ``pathlib``-like path for either kind, and :func:`atomic_path` writes a file for a URL locally first,
-then uploads it in one request (an object store shows an object whole or not at all: no rename needed).
+then uploads it whole (one PUT, or a multipart upload that becomes visible only when complete: an
+object store shows an object whole or not at all, so no rename is needed).
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ def read_parquet(path: str | os.PathLike, columns: list[str] | None = None, **kw
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block succeeds, flush it to disk and rename it
     onto ``path``. On failure the temporary file is removed; lack of room raises :class:`DiskFull`.
-    For a URL the temporary file is local and is uploaded to ``path`` in one request when the block
-    succeeds."""
+    For a URL the temporary file is local (the system's temp folder) and is uploaded whole to ``path``
+    when the block succeeds; :class:`DiskFull` is not raised there."""
     if is_url(path):
         remote = location(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{remote.name}.", suffix=".tmp")

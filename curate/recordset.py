@@ -109,7 +109,7 @@ def shared_shards(shards: list[ShardRef], store_dir: str) -> list[ShardRef]:
     for shard in shards:
         dest = folder / f"{shard.sha256}.parquet"
         if dest.name not in have:
-            folder.fs.put_file(shard.path, dest.path)  # one request: the object appears whole or not at all
+            folder.fs.put_file(shard.path, dest.path)  # uploaded whole: the object appears complete or not at all
         out.append(shard.model_copy(update={"path": str(dest)}))
     return out
 
@@ -181,7 +181,8 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
 
     ``scorers``: label -> (step spec, store key). Each scorer's store parts are scanned lazily with
     Polars (a URL store's parts are fetched whole, once each, and held while this scorer is read),
-    joined on ``sample_id`` to the positions of ``ids`` and pivoted from long (one row per variant) to wide. Rows never scored get NaN and status ``missing``. As
+    joined on ``sample_id`` to the positions of ``ids`` and pivoted from long (one row per variant) to
+    wide. Rows never scored get NaN and status ``missing``. As
     :meth:`curate.store.Collection.read`: a (sample_id, variant) stored twice (concurrent writers)
     counts once, the first in part order; a row's status is that of its last stored variant.
     """
@@ -270,7 +271,8 @@ def wide_scores(store_dir: str, scorers: dict[str, tuple[Any, str]], ids):
 def load_embeddings(store_dir: str, key: str, ids) -> tuple[np.ndarray, list[str]]:
     """(vectors (len(ids), dim) in the order of ``ids``, status per id).
 
-    The vectors are a read-only ``np.memmap`` of ``<store>/embeddings/<key>/matrix/<hash of ids>.npy``,
+    The vectors are a read-only ``np.memmap`` of ``<store>/embeddings/<key>/matrix/<hash of ids>.npy``
+    (for a URL store, of a local file under ``$CURATE_CACHE_DIR/matrix/``: see :func:`_matrix_dir`),
     in the stored dtype (float32, or float16 with ``embed.storage: float16``). The file is assembled
     once, part by part, into a temporary file renamed into place; a later call for the same ids over
     the same store parts reuses it (``<hash>.json`` records the parts, ``<hash>.status.parquet`` the

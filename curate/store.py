@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.errors import CurateError
-from curate.io import is_url, location, read_parquet, write_json, write_parquet
+from curate.io import is_url, location, write_json, write_parquet
 
 _ID_CACHE: dict[str, _IdIndex] = {}  # dir -> sorted runs of the stored ids + part names already read (see _IdIndex)
 _LOCK = threading.RLock()  # re-entrant: a part set aside while ids() reads drops the cache under the same lock
@@ -300,7 +300,7 @@ class Collection:
             except FileNotFoundError:
                 return None
         try:
-            return pq.read_table(source, columns=columns) if self.remote else read_parquet(part, columns=columns)
+            return pq.read_table(source, columns=columns)
         except FileNotFoundError:
             return None
         except (OSError, pa.ArrowException) as exc:

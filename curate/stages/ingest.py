@@ -15,8 +15,8 @@ order), finds exact duplicates over the ``sample_id`` column alone (polars ``is_
 the first row wins), streams the kept rows into the ``input`` record set in shards of
 ``shard_size`` rows (the unit of work and resume of every later stage), writes the ingest ledger
 (quarantined and duplicate rows) with Arrow, and hands an input's precomputed vectors to the store.
-Rows are Python objects a chunk at a time (at most about ``2 × ingest_workers`` chunks wait in memory),
-except a JSON array file, which is decoded whole.
+Rows are Python objects a chunk at a time (at most about ``2 × ingest_workers`` chunks wait in memory);
+a JSON array file's text is decoded whole first (its items are then walked one by one).
 """
 
 from __future__ import annotations
