@@ -9,7 +9,8 @@ masked-CE engine; chat completions are the model's greedy generations, cut befor
 request's ``stop`` strings as the OpenAI API does. Fault injection: 429 for the first N requests
 (``fail_first``); the first attempt of every k-th distinct chat request fails with 429 or 500 in turn
 (``fail_every``; a retry of the same body then succeeds); 400 for any request whose text contains a
-``reject`` marker; a fixed reply for requests that contain a ``canned`` marker. Every request body is
+``reject`` marker; 401 for a request without the ``api_key`` (when set); a fixed reply for requests
+that contain a ``canned`` marker. Every request body is
 kept in ``bodies`` (with its answer's status in ``statuses``); ``strict=True`` answers chat requests
 the way a hosted OpenAI API does, with 400 for any field outside its documented chat-completions
 fields (vLLM's ``top_k``, ``add_generation_prompt``, ``continue_final_message`` included).
@@ -48,13 +49,14 @@ OPENAI_CHAT_FIELDS = {"model", "messages", "temperature", "top_p", "max_tokens",
 class LocalCompletionsServer:
     def __init__(self, model, model_name: str = "local-smollm2", fail_first: int = 0, tokenizer=None, canned: dict[str, str] | None = None,
                  strict: bool = False, fail_every: int = 0, fail_codes: tuple[int, ...] = (429, 500), reject: str | None = None,
-                 max_batch: int = 1, batch_window_s: float = 0.005, replicas: int = 1):
+                 max_batch: int = 1, batch_window_s: float = 0.005, replicas: int = 1, api_key: str | None = None):
         if replicas < 1:
             raise ValueError(f"replicas must be at least 1, not {replicas}")
         self.model = model
         #: the models that generate chat replies: ``model`` and ``replicas - 1`` deep copies of it
         self.replicas = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
         self.strict = strict
+        self.api_key = api_key  # when set, a request without "Authorization: Bearer <api_key>" is answered 401, as a hosted API does
         self.bodies: list[dict] = []  # every request body received, in arrival order
         self.statuses: list[int | None] = []  # the HTTP status answered to each of them (None: not yet answered)
         self.fail_every, self.fail_codes, self.reject = fail_every, fail_codes, reject
@@ -237,6 +239,8 @@ class LocalCompletionsServer:
                     server.statuses.append(None)
                     index = len(server.bodies) - 1
                     fail = 429 if server.requests <= server.fail_first else None
+                    if server.api_key is not None and self.headers.get("Authorization") != f"Bearer {server.api_key}":
+                        fail = 401
                     if server.reject and server.reject in json.dumps(body):
                         fail = 400
                     elif self.path == "/v1/chat/completions" and fail is None:

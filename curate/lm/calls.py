@@ -17,10 +17,25 @@
   ``max_new_tokens_total`` and ``max_cost`` (prices per million tokens). Within one ``run`` the
   decision uses each call's worst case (its prompt tokens and ``max_tokens``), so a cap is never
   exceeded and the cut falls at the same call whatever the batching; replies of earlier ``run``
-  calls count with what they actually used. Cached replies are admitted the same way (worst case
-  within the run, what they used afterwards: they were made for this output), so a resumed run
-  stops at the same call as an uninterrupted one. A call that does not fit gets
-  ``status="budget_exhausted"`` and is not made (nor read from the cache).
+  calls count with what they actually used (the server's ``usage`` where it reports one; a reply
+  without ``usage`` keeps its worst case and is flagged ``usage_missing``). Cached replies are admitted
+  the same way (worst case within the run, what they used afterwards: they were made for this
+  output), so a resumed run stops at the same call as an uninterrupted one; what earlier runs of a
+  step spent is carried in with :meth:`Spent.carry` (the rewrite stage keeps each finished unit's
+  spending in the store). A call that does not fit gets ``status="budget_exhausted"`` and is not
+  made (nor read from the cache);
+- **prompt tokens** are counted with the backend's tokenizer; a backend without a local tokenizer
+  (the ``openai`` backend unless its ``tokenizer`` is set: a hosted model's name is no tokenizer to
+  download) gets an upper bound instead — the UTF-8 bytes of the messages plus a few tokens per message
+  (a byte-level BPE token holds at least one byte) — and the server's ``usage`` replaces it after
+  the call; ``Spent.prompt_tokens_estimated`` counts those calls;
+- **statuses**: ``ok``; ``truncated`` (the reply hit ``max_tokens``: finish reason ``length``; its text
+  is kept for the record and must not be parsed as a complete answer; cached like ``ok``);
+  ``error`` (the call failed: transport, HTTP status, retries exhausted, no text; never cached,
+  counted in ``Spent.failed`` with the first message in ``Spent.first_error``); ``budget_exhausted``.
+- **constrained decoding**: with ``Decoding.constrain`` the call's declared output ``shape`` (see
+  :mod:`curate.prompts`) goes to the backend (``chat(..., shapes=[...])``), which enforces it where it
+  can and says so per reply (``constrained``).
 """
 
 from __future__ import annotations
@@ -43,6 +58,15 @@ class Decoding(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(512, gt=0, description="Most new tokens per reply.")
     stop: tuple[str, ...] = Field((), description="The reply ends before the first of these strings.")
+    constrain: bool = Field(False, description="Enforce each prompt's declared output shape (regex / JSON schema) while decoding.")
+
+    def key_fields(self) -> dict[str, Any]:
+        """The decoding as it enters a reply's cache key (``constrain`` only when on, so replies
+        cached before the option existed keep their keys)."""
+        d = self.model_dump(mode="json")
+        if not d["constrain"]:
+            del d["constrain"]
+        return d
 
     def request(self) -> dict[str, Any]:
         """The decoding as the backends' ``chat`` reads it."""
@@ -76,13 +100,17 @@ class Call:
     decoding: Decoding
     seed: int | None = None
     attempt: int = 0  # > 0: a deliberate retry of the same prompt (e.g. after a parse failure); its own cache entry
+    shape: dict[str, Any] | None = None  # the prompt's declared output shape; sent to the backend when decoding.constrain
 
 
 @dataclass
 class Reply:
-    """What came back. ``status``: ok | error | budget_exhausted. ``text`` is None unless ok.
-    ``n_prompt_tokens`` is counted (backend tokenizer) only when a budget cap or an input price needs
-    it, else None; ``n_tokens`` is what the backend reports it generated."""
+    """What came back. ``status``: ok | truncated | error | budget_exhausted (module docstring).
+    ``text`` is None unless ok or truncated (a truncated reply's text is cut short: never parse it as
+    complete). ``n_prompt_tokens``: the server's count where it reports one, else counted (or bounded,
+    ``prompt_tokens_estimated``) only when a budget cap or an input price needs it, else None;
+    ``n_tokens`` is what the backend reports it generated (its worst case, ``max_tokens``, when the
+    server reported no usage: ``usage_missing``). ``finish_reason``: stop | length | None (unknown)."""
 
     text: str | None
     status: str
@@ -93,10 +121,23 @@ class Reply:
     cached: bool = False
     error: str | None = None
     raw: str | None = None  # the text before stop strings were applied
+    finish_reason: str | None = None
+    usage_missing: bool = False
+    prompt_tokens_estimated: bool = False
+    constrained: bool | None = None  # None: no constraint asked; False: asked, the backend could not enforce it
+
+    @property
+    def failed(self) -> bool:
+        """The call failed (not a budget refusal, not a reply cut by the token limit)."""
+        return self.status == "error"
 
     def record(self) -> dict[str, Any]:
         """What a derived row keeps of its call (``generation.calls``)."""
         return {k: v for k, v in asdict(self).items() if k != "raw" or v != self.text}
+
+
+#: what :class:`Spent` counts against the budget caps (carried across runs); the rest is this run's bookkeeping
+CHARGED = ("calls", "new_tokens", "prompt_tokens", "cost")
 
 
 @dataclass
@@ -111,9 +152,37 @@ class Spent:
     made: int = 0  # calls sent to the model by this engine (not cached)
     cache_hits: int = 0
     refused: int = 0  # calls refused by a cap
+    failed: int = 0  # calls that failed (status error); never cached, asked again by the next run
+    truncated: int = 0  # replies cut by max_tokens
+    usage_missing: int = 0  # replies whose server reported no usage (charged their worst case)
+    prompt_tokens_estimated: int = 0  # calls admitted on an upper bound of their prompt tokens (no local tokenizer)
+    carried: int = 0  # calls charged by earlier runs of the step (see carry)
+    first_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def charged(self) -> dict[str, Any]:
+        """What counts against the caps, to store beside finished work (see :meth:`carry`)."""
+        return {k: getattr(self, k) for k in CHARGED}
+
+    def carry(self, charged: dict[str, Any]) -> None:
+        """Add what an earlier run spent on work that is not done again (a stored unit's ``charged``)."""
+        for k in CHARGED:
+            setattr(self, k, getattr(self, k) + charged.get(k, 0))
+        self.carried += int(charged.get("calls", 0))
+
+
+#: tokens a chat template may add around each message (role markers, separators), on top of its text
+MESSAGE_OVERHEAD_TOKENS = 8
+
+
+def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
+    """An upper bound on a chat prompt's tokens without its tokenizer: the UTF-8 bytes of every
+    message's text (a byte-level BPE token — GPT, Llama 3, Qwen, SmolLM — holds at least one byte)
+    plus :data:`MESSAGE_OVERHEAD_TOKENS` per message and for the reply cue. Several times the true count
+    for English text: a budget cap admits fewer calls than it could, never more."""
+    return sum(len(str(m.get("content") or "").encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS for m in messages) + MESSAGE_OVERHEAD_TOKENS
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -140,9 +209,11 @@ class CallEngine:
 
     # -- keys and cache ---------------------------------------------------------------------------
     def key(self, call: Call) -> str:
-        body = [self.backend_fingerprint, call.messages, call.decoding.model_dump(mode="json"), call.seed]
+        body = [self.backend_fingerprint, call.messages, call.decoding.key_fields(), call.seed]
         if call.attempt:
             body.append({"attempt": call.attempt})
+        if call.decoding.constrain and call.shape is not None:
+            body.append({"shape": call.shape})
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def _path(self, key: str) -> Path | None:
@@ -162,9 +233,17 @@ class CallEngine:
 
             write_json(path, {k: v for k, v in asdict(reply).items() if k != "cached"})
 
+    @property
+    def counts_locally(self) -> bool:
+        """Whether the backend has a tokenizer here to count prompt tokens (else they are bounded)."""
+        return bool(getattr(self.backend, "has_local_tokenizer", True))
+
     def prompt_tokens(self, call: Call) -> int:
-        """Tokens of the rendered prompt with the backend's tokenizer (for the openai backend the local
-        tokenizer's count is an estimate of the server's)."""
+        """Tokens of the rendered prompt with the backend's tokenizer (for the openai backend with a
+        ``tokenizer`` set, the local count is an estimate of the server's), or, without a local
+        tokenizer, the upper bound :func:`prompt_token_bound`."""
+        if not self.counts_locally:
+            return prompt_token_bound(call.messages)
         from curate.lm.hf import chat_prompt_ids
 
         return len(chat_prompt_ids(self.backend.tokenizer, call.messages))
@@ -199,17 +278,21 @@ class CallEngine:
         keys = [self.key(c) for c in calls]
         out: list[Reply | None] = [None] * len(calls)
         todo: list[int] = []
-        reserve: dict[int, tuple[int | None, int]] = {}
+        reserve: dict[int, tuple[int, int]] = {}
+        counted: dict[int, int | None] = {}  # prompt tokens as counted (or bounded) before the call; None: not counted
         hits: list[tuple[int, Reply]] = []
+        count = self.capped or bool(self.budget.price_input_per_mtok)
         for i, (call, key) in enumerate(zip(calls, keys)):
-            n_prompt = self.prompt_tokens(call) if self.capped or self.budget.price_input_per_mtok else None
+            n_prompt = self.prompt_tokens(call) if count else None
             worst = call.decoding.max_tokens
             if not self._fits(n_prompt or 0, worst):
                 self.spent.refused += 1
                 out[i] = Reply(None, "budget_exhausted", key, error="a budget cap would be exceeded by this call")
                 continue
             self._charge(n_prompt or 0, worst)  # worst case now; the actual count replaces it below
-            reserve[i] = (n_prompt, worst)
+            reserve[i] = (n_prompt or 0, worst)
+            counted[i] = n_prompt
+            self.spent.prompt_tokens_estimated += count and not self.counts_locally
             hit = self._cached(key)  # only an admitted call reads the cache
             if hit is not None:
                 self.spent.cache_hits += 1
@@ -218,7 +301,7 @@ class CallEngine:
             else:
                 todo.append(i)
         for i, hit in hits:  # admission is decided: cached replies count with what they used
-            self._settle(reserve[i], hit.n_tokens)
+            self._settle(reserve[i], hit, count)
         if progress is not None:
             progress.advance(len(calls) - len(todo))
         groups: dict[tuple, list[int]] = {}
@@ -231,23 +314,49 @@ class CallEngine:
             for at in range(0, len(members), chunk):
                 idx = members[at:at + chunk]
                 seeds = None if calls[idx[0]].seed is None else [calls[i].seed for i in idx]
-                replies = self.backend.chat([calls[i].messages for i in idx], decoding.request(), seeds=seeds, progress=progress)
+                extra = {"shapes": [calls[i].shape for i in idx]} if decoding.constrain else {}
+                replies = self.backend.chat([calls[i].messages for i in idx], decoding.request(), seeds=seeds, progress=progress, **extra)
                 for i, r in zip(idx, replies):
-                    text, status = r.get("text"), r.get("status", "ok")
-                    n_new = int(r.get("n_tokens") or 0)
-                    reply = Reply(None, status if status != "ok" or text is not None else "error", keys[i], reserve[i][0], n_new,
-                                  int(r.get("retries", 0) or 0), error=r.get("message"))
-                    if reply.status == "ok":
-                        reply.raw = text
-                        reply.text = cut_at_stop(text, decoding.stop)
+                    reply = self._reply(keys[i], r, decoding, counted[i])
+                    if reply.status in ("ok", "truncated"):
                         self._store(reply)
-                    self._settle(reserve[i], n_new)
+                    self._settle(reserve[i], reply, count)
                     self.spent.made += 1
                     out[i] = reply
         return out  # type: ignore[return-value]
 
-    def _settle(self, reserved: tuple[int | None, int], n_new: int) -> None:
-        """Replace a call's reserved worst case by the tokens it actually generated."""
-        worst = reserved[1]
-        self.spent.new_tokens += n_new - worst
-        self.spent.cost += self.budget.cost(0, n_new - worst)
+    def _reply(self, key: str, r: dict[str, Any], decoding: Decoding, n_prompt: int | None) -> Reply:
+        """A :class:`Reply` from one row of a backend's ``chat`` (see the module docstring for statuses)."""
+        text, status, finish = r.get("text"), r.get("status", "ok"), r.get("finish_reason")
+        if status == "ok" and text is None:
+            status = "error"
+        if status == "ok" and finish == "length":
+            status = "truncated"
+        usage_missing = r.get("n_tokens") is None and status != "error"
+        n_new = decoding.max_tokens if usage_missing else int(r.get("n_tokens") or 0)
+        served_prompt = r.get("n_prompt_tokens")
+        estimated = not self.counts_locally and n_prompt is not None and served_prompt is None
+        reply = Reply(None, status, key, served_prompt if served_prompt is not None else n_prompt, n_new, int(r.get("retries", 0) or 0),
+                      error=r.get("message") if status == "error" else None, finish_reason=finish, usage_missing=usage_missing,
+                      prompt_tokens_estimated=estimated, constrained=r.get("constrained", True) if decoding.constrain else None)
+        if status == "error" and reply.error is None:
+            reply.error = r.get("error_class") or "the backend returned no text"
+        if status in ("ok", "truncated"):
+            reply.raw = text
+            reply.text = cut_at_stop(text, decoding.stop)
+        return reply
+
+    def _settle(self, reserved: tuple[int, int], reply: Reply, counting: bool) -> None:
+        """Replace a call's reserved worst case by what it used: the tokens it generated (its worst
+        case when the server reported no usage) and, when prompt tokens are counted, the server's
+        count of them where there is one."""
+        s, (n_prompt, worst) = self.spent, reserved
+        used_prompt = reply.n_prompt_tokens if counting and reply.n_prompt_tokens is not None else n_prompt
+        s.new_tokens += reply.n_tokens - worst
+        s.prompt_tokens += used_prompt - n_prompt
+        s.cost += self.budget.cost(used_prompt - n_prompt, reply.n_tokens - worst)
+        if reply.status == "error":
+            s.failed += 1
+            s.first_error = s.first_error or reply.error
+        s.truncated += reply.status == "truncated"
+        s.usage_missing += reply.usage_missing

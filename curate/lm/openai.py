@@ -68,6 +68,13 @@ class OpenAIBackend:
                 "model_revision": p.revision or "served", "tokenizer_id": p.tokenizer or p.model, "dtype": "server", "quantization": None}
 
     @property
+    def has_local_tokenizer(self) -> bool:
+        """Only a ``tokenizer`` set in the params is loaded here: a served model's name (``gpt-4o-mini``)
+        is no tokenizer to download, so the call engine bounds prompt tokens instead and reads the
+        server's ``usage``."""
+        return bool(self.params.tokenizer)
+
+    @property
     def tokenizer(self):
         if self._local is None:  # once: its model resolution is kept (the call engine asks per call)
             from curate.lm.hf import HFBackend
@@ -218,9 +225,27 @@ class OpenAIBackend:
                 out.append({"text": None, "status": "error", "error_class": type(resp).__name__, "message": str(resp)[:500],
                             "retries": retries})
             else:
-                out.append({"text": prefix + resp["choices"][0]["message"]["content"], "status": "ok",
-                            "n_tokens": (resp.get("usage") or {}).get("completion_tokens"), "retries": retries})
+                out.append(chat_row(resp, prefix, retries))
         return out
+
+
+def chat_row(resp: dict, prefix: str = "", retries: int = 0) -> dict:
+    """One chat-completions response as the call engine reads it: ``text`` (``prefix`` + content),
+    ``status``, ``finish_reason``, ``n_tokens`` and ``n_prompt_tokens`` from ``usage`` (None when the
+    server reports none: the engine flags the reply and charges its worst case). A response without
+    a choice or with ``content: null`` (a refusal, a tool call, a filtered reply) is this row's error."""
+    usage = resp.get("usage") or {}
+    row: dict[str, Any] = {"retries": retries, "n_tokens": usage.get("completion_tokens"), "n_prompt_tokens": usage.get("prompt_tokens")}
+    choices = resp.get("choices") or []
+    message = (choices[0].get("message") or {}) if choices else {}
+    content = message.get("content")
+    finish = choices[0].get("finish_reason") if choices else None
+    if not isinstance(content, str):
+        why = "no choices" if not choices else f"content is {type(content).__name__}" + (
+            f" (refusal: {str(message['refusal'])[:200]})" if message.get("refusal") else "")
+        return {**row, "text": None, "status": "error", "error_class": "EmptyReply", "finish_reason": finish,
+                "message": f"the server's reply has no text: {why}; finish_reason {finish!r}"}
+    return {**row, "text": prefix + content, "status": "ok", "finish_reason": finish}
 
 
 def prompt_logprobs(resp: dict, ids: list[int]) -> np.ndarray:

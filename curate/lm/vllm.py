@@ -100,7 +100,9 @@ class VLLMBackend:
                   for i in range(len(conversations))]
         kw = {"add_generation_prompt": False, "continue_final_message": True} if prefix else {}
         outs = self.llm.chat(conversations, params, use_tqdm=False, **kw)
-        return [{"text": prefix + o.outputs[0].text, "n_tokens": len(o.outputs[0].token_ids), "status": "ok"} for o in outs]
+        # vLLM's finish_reason: "stop" (EOS or a stop string) or "length" (max_tokens reached)
+        return [{"text": prefix + o.outputs[0].text, "n_tokens": len(o.outputs[0].token_ids), "status": "ok",
+                 "finish_reason": o.outputs[0].finish_reason} for o in outs]
 
 
 def spans_from_token_logprobs(seq: Seq, lps: np.ndarray, keep: bool) -> SeqResult:

@@ -112,6 +112,16 @@ class Rewriter:
     def run_unit(self, unit: str, records: list[dict[str, Any]]) -> UnitResult:
         raise NotImplementedError
 
+    def spending(self) -> dict[str, Any]:
+        """What the rewriter has spent so far against its budget caps (:data:`curate.lm.calls.CHARGED`
+        keys: calls, new_tokens, prompt_tokens, cost) and its failed calls (``failed``, ``first_error``);
+        an LLM-free rewriter spends nothing."""
+        return {}
+
+    def carry(self, charged: dict[str, Any]) -> None:
+        """Count what an earlier run spent on a unit that is not run again (its stored ``charged``), so
+        the budget caps hold over the whole step across runs. Nothing to do without a model."""
+
     def plan_calls(self, n_records: int) -> int | None:
         """Most model calls a run over ``n_records`` rows can make (``curate plan``); None: no model."""
         return None

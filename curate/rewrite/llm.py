@@ -47,6 +47,7 @@ class LLMRewriter(Rewriter):
     def __init__(self, name, params=None, context=None):
         super().__init__(name, params, context)
         self._engine: CallEngine | None = None
+        self._carried: list[dict[str, Any]] = []  # earlier runs' spending, added when the engine is built
 
     @property
     def lm(self) -> LMParams:
@@ -66,7 +67,25 @@ class LLMRewriter(Rewriter):
 
             cache = Store(self.context.store_dir).calls() if self.context.store_dir else None
             self._engine = CallEngine(load_backend(self.lm, self.context.torch_threads), cache, self.params.budget)
+            for charged in self._carried:
+                self._engine.spent.carry(charged)
         return self._engine
+
+    def spending(self) -> dict[str, Any]:
+        if self._engine is None:
+            from curate.lm.calls import Spent
+
+            spent = Spent()
+            for charged in self._carried:
+                spent.carry(charged)
+            return spent.as_dict()
+        return self._engine.spent.as_dict()
+
+    def carry(self, charged: dict[str, Any]) -> None:
+        if self._engine is None:  # the engine (and its model) is built only if a unit is run
+            self._carried.append(dict(charged))
+        else:
+            self._engine.spent.carry(charged)
 
     def call(self, prompt: Prompt, messages: list[dict[str, Any]], seed: int | None = None, decoding: Decoding | None = None,
              attempt: int = 0) -> Call:

@@ -2,8 +2,9 @@
 
 The step's work is split into its units (see :mod:`curate.rewrite.base`); each finished unit is
 stored under ``<store>/rewrites/<key>/`` (key = the rewriter's fingerprint and the input set's
-content hash), so a re-run recomputes nothing and a killed run resumes, losing at most the unit in
-flight. Derived rows are numbered after every row that existed before them (``row_offset``); a
+content hash) with what its calls were charged, so a re-run recomputes nothing, a killed run resumes
+losing at most the unit in flight, and the budget caps hold across runs. A unit with a failed call is
+not stored (see :func:`rewrite_stage`). Derived rows are numbered after every row that existed before them (``row_offset``); a
 derived row that breaks the conversation rules is quarantined in the derived ledger, never dropped.
 """
 
@@ -41,23 +42,39 @@ def rewrite_key(rewriter: Rewriter, source: RecordSetRef) -> str:
     return sha256_hex(rewriter.key, source.sha256)
 
 
-def _unit_to_json(result: UnitResult) -> str:
+def _unit_to_json(result: UnitResult, charged: dict[str, Any]) -> str:
     return canonical_json({
+        "format": UNIT_FORMAT,
         "derived": [{"messages": d.messages, "parents": d.parents, "variant": d.variant, "generation": d.generation,
                      "tools": d.tools, "original": d.original} for d in result.derived],
         "dispositions": {k: list(v) for k, v in result.dispositions.items()},
         "stats": result.stats,
+        "charged": charged,
     })
 
 
-def _unit_from_json(text: str) -> UnitResult:
-    data = json.loads(text)
+def _unit_from_json(data: dict[str, Any]) -> UnitResult:
     return UnitResult(derived=[Derived(**d) for d in data["derived"]], dispositions={k: tuple(v) for k, v in data["dispositions"].items()},
                       stats=data["stats"])
 
 
+#: the layout of a stored unit (2: with what its calls were charged); a unit stored in another layout is run again
+UNIT_FORMAT = 2
+
+
 def rewrite_stage(source: RecordSetRef, step: StepSpec, context: RewriteContext, store_dir: str, out_dir: str, row_offset: int,
-                  shard_size: int) -> RewriteRef:
+                  shard_size: int, max_error_rate: float = 0.01) -> RewriteRef:
+    """Run the step's units (stored ones are read back), then assemble the derived record set.
+
+    A unit is stored as done only when none of its calls failed: a unit with a failed call (transport
+    error, an HTTP error, retries exhausted, a reply without text) still gives this run its rows, and
+    the next run asks exactly the failed calls again (the others come from the reply cache). What a
+    stored unit's calls were charged is stored with it and counted again when a later run reads it
+    back, so the step's budget caps hold over every run of it. The step stops with a
+    :class:`~curate.errors.StageError` naming it, the count and the first error when every call of a
+    unit failed, or when failed calls exceed ``max_error_rate`` of the step's calls."""
+    from curate.lm.calls import CHARGED
+
     rewriter = build_rewriter(step, context)
     key = rewrite_key(rewriter, source)
     folder = Store(store_dir).rewrites(key)
@@ -65,20 +82,52 @@ def rewrite_stage(source: RecordSetRef, step: StepSpec, context: RewriteContext,
         write_json(folder / "fingerprint.json", {**rewriter.fingerprint(), "input_recordset": source.sha256})
     records = read_records(source).to_pylist()
     results: list[UnitResult] = []
-    computed = 0
+    computed = pending = 0
     for unit in rewriter.units(len(records)):
         path = folder / f"unit-{sha256_hex(unit)[:24]}.json"
-        if path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+        if stored is not None and stored.get("format") == UNIT_FORMAT:
             logger.info("rewrite %s unit %s: already in the store", step.label, unit)
-            results.append(_unit_from_json(path.read_text(encoding="utf-8")))
+            rewriter.carry(stored["charged"])
+            results.append(_unit_from_json(stored))
             continue
+        before = rewriter.spending()
         with stage_progress(f"rewrite {step.label} unit {unit}", len(records)) as bar:
             result = rewriter.run_unit(unit, records)
             bar.advance(len(records))
-        write_text(path, _unit_to_json(result))
+        after = rewriter.spending()
+        charged = {k: after.get(k, 0) - before.get(k, 0) for k in CHARGED}
+        failed = after.get("failed", 0) - before.get("failed", 0)
+        if failed:
+            pending += 1
+            made = after.get("made", 0) - before.get("made", 0)
+            logger.warning("rewrite %s unit %s: %d of its calls failed (first: %s); the unit is not stored, the next run asks them again",
+                           step.label, unit, failed, after.get("first_error"))
+            if made and failed == made and failed == charged["calls"]:
+                _stop(step, failed, after, f"every call of unit {unit} failed")
+        else:
+            write_text(path, _unit_to_json(result, charged))
+            computed += 1
         results.append(result)
-        computed += 1
-    return _assemble(step, rewriter, key, source, records, results, out_dir, row_offset, shard_size, computed)
+    spent = rewriter.spending()
+    if spent.get("calls") and spent.get("failed", 0) / spent["calls"] > max_error_rate:
+        _stop(step, spent["failed"], spent, f"{spent['failed'] / spent['calls']:.1%} of {spent['calls']} calls failed, over "
+                                            f"runtime.max_error_rate={max_error_rate:.1%}")
+    ref = _assemble(step, rewriter, key, source, records, results, out_dir, row_offset, shard_size, computed)
+    if spent:
+        ref.stats["calls"] = {k: spent.get(k) for k in ("calls", "made", "cache_hits", "carried", "refused", "failed", "truncated",
+                                                         "usage_missing", "prompt_tokens_estimated", "new_tokens", "prompt_tokens", "cost")}
+        if spent.get("first_error"):
+            ref.stats["calls"]["first_error"] = spent["first_error"]
+        ref.stats["units_not_stored"] = pending
+    return ref
+
+
+def _stop(step: StepSpec, failed: int, spent: dict[str, Any], why: str) -> None:
+    from curate.errors import StageError
+
+    raise StageError(f"rewrite:{step.label}: {why} — {failed} failed call(s); first error: {spent.get('first_error')}. "
+                     "Nothing that failed was stored: fix the cause (endpoint, key, model) and run again; finished calls are cached.")
 
 
 def _assemble(step: StepSpec, rewriter: Rewriter, key: str, source: RecordSetRef, records: list[dict], results: list[UnitResult],
