@@ -156,3 +156,37 @@ def test_a_run_killed_between_units_resumes_and_spends_what_an_uninterrupted_run
         return [(d["row"], d["disposition"], d["reason"]) for d in dispositions(out)], derived
 
     assert rows(resumed) == rows(whole)
+
+
+def test_a_hosted_api_caps_without_a_local_tokenizer_null_content_is_one_rows_error_missing_usage_is_flagged(smollm2, tmp_path):
+    """``gpt-4o-mini`` names no tokenizer here (offline: loading one would raise), so a cost cap
+    bounds each prompt from its bytes and settles on the server's ``usage``; a reply with
+    ``content: null`` is that row's error and the others stand; a reply without ``usage`` is flagged
+    and charged its worst case (max_tokens), never zero. The null content and the missing usage are
+    the stand-in's canned replies: a real server always sends both."""
+    from curate.lm import LMParams, load_backend
+    from curate.lm.calls import Budget, Call, CallEngine, Decoding, prompt_token_bound
+
+    canned = {"NULL-ME": None, "NO-USAGE": "A canned reply."}
+    questions = ["Say OK.", "NULL-ME: say anything.", "NO-USAGE: say anything.", "Name a fruit."]
+    with LocalCompletionsServer(smollm2.model, tokenizer=smollm2.tokenizer, model_name="gpt-4o-mini", canned=canned) as server:
+        backend = load_backend(LMParams(backend="openai", base_url=server.base_url, model="gpt-4o-mini", max_retries=0))
+        assert not backend.has_local_tokenizer
+        budget = Budget(max_cost=1.0, price_input_per_mtok=0.15, price_output_per_mtok=0.6)
+        engine = CallEngine(backend, tmp_path, budget)
+        calls = [Call([{"role": "user", "content": q}], {"id": "t", "version": "1", "hash": "0"}, Decoding(max_tokens=8)) for q in questions]
+        replies = engine.run(calls)
+        usage = [json.loads(json.dumps(b)) for b in server.bodies]
+    assert len(usage) == 4
+    ok, null, no_usage, fruit = replies
+    assert null.status == "error" and "content is NoneType" in null.error and null.text is None
+    assert ok.status in ("ok", "truncated") and fruit.status in ("ok", "truncated") and no_usage.text == "A canned reply."
+    assert no_usage.usage_missing and no_usage.n_tokens == 8 and not ok.usage_missing
+    spent = engine.spent
+    assert spent.usage_missing == 1 and spent.prompt_tokens_estimated == 4 and spent.failed == 1 and spent.calls == 4
+    # answered calls are charged the server's prompt count; the others keep their bound
+    bound = [prompt_token_bound(c.messages) for c in calls]
+    assert ok.n_prompt_tokens < bound[0] and fruit.n_prompt_tokens < bound[3]
+    assert spent.prompt_tokens == ok.n_prompt_tokens + bound[1] + bound[2] + fruit.n_prompt_tokens
+    assert spent.new_tokens == ok.n_tokens + 0 + 8 + fruit.n_tokens
+    assert spent.cost == pytest.approx(budget.cost(spent.prompt_tokens, spent.new_tokens))

@@ -26,9 +26,9 @@
   made (nor read from the cache);
 - **prompt tokens** are counted with the backend's tokenizer; a backend without a local tokenizer
   (the ``openai`` backend unless its ``tokenizer`` is set: a hosted model's name is no tokenizer to
-  download) gets an upper bound instead — the UTF-8 bytes of the messages plus a few tokens per message
-  (a byte-level BPE token holds at least one byte) — and the server's ``usage`` replaces it after
-  the call; ``Spent.prompt_tokens_estimated`` counts those calls;
+  download) gets a deliberately high estimate instead (:func:`prompt_token_bound`: the UTF-8 bytes of
+  the messages plus allowances for the template), and the server's ``usage`` replaces it after the
+  call; ``Spent.prompt_tokens_estimated`` counts those calls;
 - **statuses**: ``ok``; ``truncated`` (the reply hit ``max_tokens``: finish reason ``length``; its text
   is kept for the record and must not be parsed as a complete answer; cached like ``ok``);
   ``error`` (the call failed: transport, HTTP status, retries exhausted, no text; never cached,
@@ -107,7 +107,7 @@ class Call:
 class Reply:
     """What came back. ``status``: ok | truncated | error | budget_exhausted (module docstring).
     ``text`` is None unless ok or truncated (a truncated reply's text is cut short: never parse it as
-    complete). ``n_prompt_tokens``: the server's count where it reports one, else counted (or bounded,
+    complete). ``n_prompt_tokens``: the server's count where it reports one, else counted (or estimated,
     ``prompt_tokens_estimated``) only when a budget cap or an input price needs it, else None;
     ``n_tokens`` is what the backend reports it generated (its worst case, ``max_tokens``, when the
     server reported no usage: ``usage_missing``). ``finish_reason``: stop | length | None (unknown)."""
@@ -155,7 +155,7 @@ class Spent:
     failed: int = 0  # calls that failed (status error); never cached, asked again by the next run
     truncated: int = 0  # replies cut by max_tokens
     usage_missing: int = 0  # replies whose server reported no usage (charged their worst case)
-    prompt_tokens_estimated: int = 0  # calls admitted on an upper bound of their prompt tokens (no local tokenizer)
+    prompt_tokens_estimated: int = 0  # calls admitted on an estimate of their prompt tokens (no local tokenizer)
     carried: int = 0  # calls charged by earlier runs of the step (see carry)
     first_error: str | None = None
 
@@ -175,14 +175,18 @@ class Spent:
 
 #: tokens a chat template may add around each message (role markers, separators), on top of its text
 MESSAGE_OVERHEAD_TOKENS = 8
+#: tokens a chat template or a server may add on its own (a default system prompt: SmolLM2's is 26 tokens)
+TEMPLATE_ALLOWANCE_TOKENS = 64
 
 
 def prompt_token_bound(messages: list[dict[str, Any]]) -> int:
-    """An upper bound on a chat prompt's tokens without its tokenizer: the UTF-8 bytes of every
-    message's text (a byte-level BPE token — GPT, Llama 3, Qwen, SmolLM — holds at least one byte)
-    plus :data:`MESSAGE_OVERHEAD_TOKENS` per message and for the reply cue. Several times the true count
-    for English text: a budget cap admits fewer calls than it could, never more."""
-    return sum(len(str(m.get("content") or "").encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS for m in messages) + MESSAGE_OVERHEAD_TOKENS
+    """A deliberately high estimate of a chat prompt's tokens without its tokenizer: the UTF-8 bytes
+    of every message's text (a byte-level BPE token — GPT, Llama 3, Qwen, SmolLM — holds at least one
+    byte) plus :data:`MESSAGE_OVERHEAD_TOKENS` per message and :data:`TEMPLATE_ALLOWANCE_TOKENS` for
+    what a template adds by itself. Several times the true count for English text, so a budget cap
+    admits fewer calls than it could; it bounds the true count unless a server adds more than the
+    allowance of its own text. The server's ``usage`` replaces it once the call is answered."""
+    return sum(len(str(m.get("content") or "").encode("utf-8")) + MESSAGE_OVERHEAD_TOKENS for m in messages) + TEMPLATE_ALLOWANCE_TOKENS
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
@@ -235,13 +239,13 @@ class CallEngine:
 
     @property
     def counts_locally(self) -> bool:
-        """Whether the backend has a tokenizer here to count prompt tokens (else they are bounded)."""
+        """Whether the backend has a tokenizer here to count prompt tokens (else they are estimated)."""
         return bool(getattr(self.backend, "has_local_tokenizer", True))
 
     def prompt_tokens(self, call: Call) -> int:
         """Tokens of the rendered prompt with the backend's tokenizer (for the openai backend with a
         ``tokenizer`` set, the local count is an estimate of the server's), or, without a local
-        tokenizer, the upper bound :func:`prompt_token_bound`."""
+        tokenizer, the high estimate :func:`prompt_token_bound`."""
         if not self.counts_locally:
             return prompt_token_bound(call.messages)
         from curate.lm.hf import chat_prompt_ids
@@ -279,7 +283,7 @@ class CallEngine:
         out: list[Reply | None] = [None] * len(calls)
         todo: list[int] = []
         reserve: dict[int, tuple[int, int]] = {}
-        counted: dict[int, int | None] = {}  # prompt tokens as counted (or bounded) before the call; None: not counted
+        counted: dict[int, int | None] = {}  # prompt tokens as counted (or estimated) before the call; None: not counted
         hits: list[tuple[int, Reply]] = []
         count = self.capped or bool(self.budget.price_input_per_mtok)
         for i, (call, key) in enumerate(zip(calls, keys)):

@@ -70,7 +70,7 @@ class OpenAIBackend:
     @property
     def has_local_tokenizer(self) -> bool:
         """Only a ``tokenizer`` set in the params is loaded here: a served model's name (``gpt-4o-mini``)
-        is no tokenizer to download, so the call engine bounds prompt tokens instead and reads the
+        is no tokenizer to download, so the call engine estimates prompt tokens instead and reads the
         server's ``usage``."""
         return bool(self.params.tokenizer)
 
