@@ -303,7 +303,8 @@ def eval_(
         t.add_row("perplexity", f"{loss['ppl']:.3f}")
         t.add_row("scored tokens / rows", f"{loss['n_tokens']} / {loss['n_rows']}")
     if gen:
-        t.add_row("answers generated", f"{gen['n_ok']} ({gen['n_failed']} failed), mean {gen['mean_tokens']:.0f} tokens")
+        t.add_row("answers generated", f"{gen['n_ok']} ({gen.get('n_truncated', 0)} cut by max_tokens, {gen['n_failed']} failed), "
+                                           f"mean {gen['mean_tokens']:.0f} tokens")
     if jd:
         fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
         t.add_row("win rate vs reference", f"{fmt(jd['win_rate'])} ({jd['wins']} won, {jd['ties']} tied, {jd['losses']} lost of {jd['n_judged']})")

@@ -215,6 +215,8 @@ def test_eval_generates_and_judges_on_a_tiny_set(tmp_path):
         assert 0 <= r["soft_points"] <= 1
     gens = rows_of(tmp_path / "ev" / "generations.jsonl")
     assert [g["prompt"][-1]["role"] for g in gens] == ["user", "user"] and all(g["reference"] for g in gens)
+    # answers cut by max_tokens (8) are still judged, and counted
+    assert rec["generation"]["n_truncated"] == sum(g["status"] == "truncated" for g in gens) >= 1
     again = evaluate("smollm2-135m-instruct", spec, tmp_path / "ev", store_dir=tmp_path / "store")
     assert again == rec  # recorded: nothing is generated or judged again
 

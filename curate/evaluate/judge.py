@@ -66,7 +66,8 @@ def judge_pairs(backend, mode: str, decoding: Decoding, items: list[tuple[str, s
         results = _verdict_tokens(backend, pairs)
     else:
         replies = CallEngine(backend, calls_dir).run([Call(m, PAIRWISE_JUDGE.ref(), decoding) for m in pairs])
-        results = [{"verdict": verdict(r.text), "reply": r.text, "status": r.status} for r in replies]
+        # a judgment cut by max_tokens may stop before its verdict, or mid-way through a later one: not read
+        results = [{"verdict": verdict(r.text) if r.status == "ok" else None, "reply": r.text, "status": r.status} for r in replies]
     out = []
     for k in range(len(items)):
         first, second = results[2 * k], results[2 * k + 1]

@@ -148,13 +148,19 @@ def question_text(prompt: list[dict[str, Any]]) -> str:
     return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in prompt)
 
 
+#: reply statuses that carry a model answer (``truncated``: cut by max_tokens)
+ANSWERED = ("ok", "truncated")
+
+
 def _answers(backend, spec: EvalSpec, rows, calls_dir: Path) -> tuple[list, dict[str, Any]]:
     engine = CallEngine(backend, calls_dir)
     t0 = time.perf_counter()
     replies = engine.run([Call(_prompt(r), GENERATE_REF, spec.generate) for r in rows])
     seconds = time.perf_counter() - t0
-    made = [r for r in replies if not r.cached and r.status == "ok"]
-    stats = {"n_ok": sum(r.status == "ok" for r in replies), "n_failed": sum(r.status != "ok" for r in replies),
+    # an answer cut by the token limit is still the model's answer within its budget: judged, and counted
+    made = [r for r in replies if not r.cached and r.status in ANSWERED]
+    stats = {"n_ok": sum(r.status in ANSWERED for r in replies), "n_truncated": sum(r.status == "truncated" for r in replies),
+             "n_failed": sum(r.status not in ANSWERED for r in replies),
              "mean_tokens": sum(r.n_tokens for r in replies) / len(replies), "cached": engine.spent.cache_hits, "seconds": seconds,
              "tokens_per_s": sum(r.n_tokens for r in made) / seconds if made and seconds else None}
     return replies, stats
@@ -173,7 +179,7 @@ def generate_and_judge(backend, judge, spec: EvalSpec, rows, calls_dir: Path, ou
         ref_replies, _ = _answers(ref_backend, spec, rows, calls_dir)
         references = [r.text for r in ref_replies]
     log.info("eval: %d answers generated (%d from the cache)", gen_stats["n_ok"], gen_stats["cached"])
-    todo = [i for i, (a, ref) in enumerate(zip(replies, references)) if a.status == "ok" and ref is not None]
+    todo = [i for i, (a, ref) in enumerate(zip(replies, references)) if a.status in ANSWERED and ref is not None]
     t0 = time.perf_counter()
     items = [(question_text(_prompt(rows[i])), replies[i].text, references[i]) for i in todo]
     judged = judge_pairs(judge, spec.judge.mode, spec.judge.decoding, items, calls_dir)
