@@ -157,7 +157,6 @@ def _phi(x: float) -> float:
 
 CDFS = {  # of the tail draw r; chunk size = 10 - floor(r), r conditioned on 0 < r < 10
     "exp": lambda r: 1 - math.exp(-r),
-    "pareto": lambda r: 1 - 1 / (1 + r),
     "lognormal": lambda r: _phi(math.log(r)) if r > 0 else 0.0,
     "logistic": lambda r: 1 / (1 + math.exp(-r / 2)),
 }
@@ -174,6 +173,33 @@ def test_tail_chunk_sizes_follow_their_distribution(mode):
     assert set(draws) <= set(range(1, top + 1))
     assert abs(sum(draws) / n - mean) < 4 * sd / math.sqrt(n)
     assert draws.count(top) / n == pytest.approx(pmf[top], abs=0.02)
+
+
+def test_pareto_chunk_sizes_are_the_references():
+    """The reference draws ``r = np.random.pareto(1) - 1`` until r < max and takes ``max - int(r)``.
+    numpy's pareto is Lomax (CDF x / (1 + x)), so r is in [-1, inf) and r in (-1, 1) gives max:
+    P(10) = F(2) / F(11) = 8/11 (not the 0.55 of a Lomax r kept in (0, 10))."""
+    import numpy as np
+
+    top, n = 10, 40_000
+    lomax = lambda x: x / (1 + x)  # noqa: E731
+    pmf = {top: lomax(2) / lomax(top + 1), **{top - j: (lomax(j + 2) - lomax(j + 1)) / lomax(top + 1) for j in range(1, top)}}
+    assert pmf[top] == pytest.approx(8 / 11) and sum(pmf.values()) == pytest.approx(1.0)
+    rng = random.Random(11)
+    ours = [M.chunk_size(rng, "pareto", top, 10**6) for _ in range(n)]
+    # the reference's own draw, with numpy
+    gen, ref = np.random.default_rng(5), []
+    while len(ref) < n:
+        r = gen.pareto(1) - 1
+        if r < top:
+            ref.append(top - int(r))
+    assert set(ours) <= set(range(1, top + 1))
+    for c in (top, top - 1, top - 2, 1):
+        assert ours.count(c) / n == pytest.approx(pmf[c], abs=0.01)
+        assert ref.count(c) / n == pytest.approx(pmf[c], abs=0.01)
+    mean = sum(c * q for c, q in pmf.items())
+    sd = math.sqrt(sum((c - mean) ** 2 * q for c, q in pmf.items()))
+    assert abs(sum(ours) / n - mean) < 4 * sd / math.sqrt(n) and abs(sum(ref) / n - mean) < 4 * sd / math.sqrt(n)
 
 
 def test_simple_chunk_modes():

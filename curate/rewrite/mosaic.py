@@ -116,10 +116,14 @@ def _logistic(rng: random.Random, scale: float = 2.0) -> float:
     return scale * math.log(u / (1.0 - u))
 
 
-#: Tail draws r of the skewed chunk modes; the chunk size is ``max_count - floor(r)`` for 0 < r < max_count.
+#: Tail draws r of the skewed chunk modes, as the reference draws them with numpy: the chunk size is
+#: ``max_count - int(r)`` (truncation towards zero) for r < max_count (and r > 0 for ``logistic``).
+#: ``pareto`` is the reference's ``np.random.pareto(1) - 1``: numpy's pareto is already Lomax (Pareto(1)
+#: shifted to start at 0), so r is Lomax(1) - 1, in [-1, inf); r in (-1, 1) gives max_count, so
+#: P(max_count) = F(2) / F(max_count + 1) with the Lomax CDF F(x) = x / (1 + x) (8/11 for max_count 10).
 TAIL_DRAWS = {
     "exp": lambda rng: rng.expovariate(1.0),
-    "pareto": lambda rng: rng.paretovariate(1.0) - 1.0,  # Pareto(1) - 1 (Lomax)
+    "pareto": lambda rng: rng.paretovariate(1.0) - 2.0,  # Pareto(1) on [1, inf) minus 2 = Lomax(1) - 1
     "lognormal": lambda rng: rng.lognormvariate(0.0, 1.0),
     "logistic": _logistic,  # scale 2, positive part
 }
@@ -137,9 +141,9 @@ def chunk_size(rng: random.Random, mode: str, max_count: int, remaining: int) ->
         tail = TAIL_DRAWS[mode]
         while True:
             r = tail(rng)
-            if 0.0 < r < max_count:
+            if r < max_count and (r > 0.0 or mode != "logistic"):
                 break
-        c = max_count - int(r)
+        c = max_count - int(r)  # int() truncates towards zero: r in (-1, 1) gives max_count
     return min(c, remaining)
 
 
@@ -559,7 +563,7 @@ class MosaicIT:
     """Mosaic-IT over canonical records: ``MosaicIT(params).run(records)`` → :class:`MosaicResult`."""
 
     method = "mosaic_it"
-    version = "1.0"
+    version = "1.1"  # 1.1: the pareto chunk mode draws the reference's np.random.pareto(1) - 1
     Params = MosaicParams
 
     def __init__(self, params: dict[str, Any] | MosaicParams | None = None, tokenizer: Any = None):

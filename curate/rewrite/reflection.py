@@ -20,26 +20,40 @@ such rows with reason ``skipped_input``.
 tail (by tokens, at a token's character boundary) to fit; if fewer than ``min_answer_tokens`` would
 remain the row is dropped with reason ``skipped_too_long``. The cut is recorded.
 
+**Reply budget.** As in the reference, a reply gets ``max_tokens`` = min(``decoding.max_tokens``
+(2048 by default), the context − the longest prompt of its batch): ``context_tokens``, else the local
+teacher's ``max_position_embeddings`` (``hf``, ``vllm``), else no limit but ``max_tokens``
+(:meth:`ReflectionBase.fit_replies`). A reply that hits its limit (engine status ``truncated``, or
+finish reason ``length``) keeps its text in the record but is never parsed as an answer nor asked
+again: the operation is ``truncated``.
+
 **Parsing** (:func:`parse_tagged`): a tag's segment runs from the tag to ``[End]``, the next known
 tag, or the end of the text — never to a bare word "End". Tags match case-insensitively, with
-optional spaces inside the brackets. A field is ``missing`` (no tag), ``empty``, ``placeholder``
-(e.g. "your answer", "N/A", "[Your Answer]") or ``ambiguous`` (two different non-empty segments for
-one tag); repeated identical segments count once; a Q′ equal to the instruction it was asked to
-replace (up to case and spacing) is ``unchanged``, and so is an A′ equal to the row's answer (a new
-instruction with the old answer is no pair either). A Q′ row is emitted only when both Q′ and A′ are
-``ok``: never an old instruction with a new answer. A reply that does not parse is asked again once
-(``parse_retry``; ``Call.attempt=1``, same prompt — its own cache entry), then the operation is
-``parse_failed``. A better answer A* equal to the row's answer makes no new row (the row passes
-through, reason ``unchanged``). With ``match_reference: true`` the reference's per-field fallback
-applies instead: a field that failed after the retry takes the original's value (so an old
-instruction *can* meet a new answer, as in the reference), placeholders are found by substring, and
-a row whose every field fell back is the original again and passes through (``fallback_unchanged``).
+optional spaces inside the brackets. A segment not closed by ``[End]`` loses a list number left
+alone on its last line ("…\\n\\n3." before ``[New Answer]``, as the reference strips it). A field is
+``missing`` (no tag), ``empty``, ``placeholder`` (the whole text is a filler, e.g. "your answer",
+"N/A", "[Your Answer]"; not a real answer such as "None." or "Write an analysis.") or ``ambiguous``
+(two different non-empty segments for one tag); repeated segments that differ only in case or
+spacing count once; a Q′ equal to the instruction it was asked to replace (up to case and spacing)
+is ``unchanged``, and so is an A′ equal to the row's answer (a new instruction with the old answer
+is no pair either). A Q′ row is emitted only when both Q′ and A′ are ``ok``: never an old
+instruction with a new answer. A reply that does not parse is asked again once (``parse_retry``;
+``Call.attempt=1``, same prompt — its own cache entry), then the operation is ``parse_failed``. A
+better answer A* equal to the row's answer makes no new row (the row passes through, reason
+``unchanged``). With ``match_reference: true`` the reference's rules apply instead: a field's value
+is its first segment (a better answer needs exactly one); its placeholder tests are substrings,
+case-sensitive, per field ("your instruction" in Q′; "N/A" or "your answer" in A′; none for A*);
+the retry is made only when neither Q′ nor A′ has a non-empty segment, or when the reply has not
+exactly one ``[Better Answer]`` segment (:func:`wants_retry`); and a field that failed takes the
+original's value (so an old instruction *can* meet a new answer, as in the reference). A row whose
+every field fell back is the original again and passes through (``fallback_unchanged``).
 
 **Dispositions.** Every input row gets one: ``used`` when at least one derived row came from it;
 ``passthrough`` for rows the method does not apply to (``multiturn``, ``system``, ``tool_use``:
 methods.md E3), ``fallback_unchanged`` and ``unchanged``; ``dropped`` with the reason of the first
-failed operation otherwise — ``parse_failed``, ``error`` (the model call failed after the engine's
-retries), ``budget_exhausted`` (a cap refused the call), ``skipped_too_long``, ``skipped_input``.
+failed operation otherwise — ``parse_failed``, ``truncated`` (the reply hit its token limit),
+``error`` (the model call failed after the engine's retries), ``budget_exhausted`` (a cap refused the
+call), ``skipped_too_long``, ``skipped_input``.
 
 Every call goes through the step's call engine (:class:`~curate.rewrite.llm.LLMRewriter`): cached
 by (model, messages, decoding, seed, attempt), budget caps checked before each call. The
@@ -60,7 +74,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from curate.lm.calls import Call, Reply
+from curate.lm.calls import Call, Decoding, Reply
 from curate.prompts import (
     REFLECT_COMPRESS,
     REFLECT_COMPRESS_SYSTEM,
@@ -92,13 +106,30 @@ END = "End"
 _TAG_RE = re.compile(r"\[\s*(" + "|".join(r"\s+".join(w.split()) for w in [*TAGS.values(), END]) + r")\s*\]", re.IGNORECASE)
 _NAME_OF = {" ".join(w.lower().split()): k for k, w in TAGS.items()}
 
-#: whole-text placeholders (compared after :func:`_normalise_placeholder`)
-_PLACEHOLDER_WORDS = {"", "n/a", "na", "none", "null", "nil", "tbd", "todo", "...", "…", "-", "xxx", "placeholder"}
+#: whole-text placeholders (compared after :func:`_normalise_placeholder`); words that can be a real
+#: answer ("None.", "null", "Na" for sodium) are not among them
+_PLACEHOLDER_WORDS = {"", "n/a", "tbd", "todo", "...", "…", "-", "xxx", "placeholder"}
+_NOUN = (r"(?:new|better|improved|merged|rewritten|revised)?\s*(?:instruction|answer|response|question|text|analysis)"
+         r"(?:\s+to\s+the\s+(?:new\s+)?instruction)?")
 _PLACEHOLDER_RE = re.compile(
-    r"^(?:(?:insert|write|put|enter|add)\s+)?(?:your|the|a|an|my)?\s*(?:new|better|improved|merged|rewritten|revised)?\s*"
-    r"(?:instruction|answer|response|question|text|analysis)(?:\s+to\s+the\s+(?:new\s+)?instruction)?(?:\s+(?:here|goes here|text))?$")
-#: the reference's substring test (match_reference)
-_REFERENCE_PLACEHOLDERS = ("your instruction", "your answer", "n/a")
+    # a filler noun phrase on its own: "answer", "the new instruction", "your better answer here"
+    r"^(?:your|the|a|an|my)?\s*" + _NOUN + r"(?:\s+(?:here|goes here|text))?$"
+    # a slot-filling verb: "insert the new instruction", "enter your answer here"
+    r"|^(?:insert|put|enter)\s+(?:your|the|a|an|my)?\s*" + _NOUN + r"(?:\s+(?:here|goes here|text))?$"
+    # "write"/"add" only when they point at the reader's slot: "write your answer", "write the answer here"
+    # ("Write an analysis." is an instruction, not a filler)
+    r"|^(?:write|add)\s+(?:(?:your|my)\s+" + _NOUN + r"(?:\s+(?:here|goes here|text))?"
+    r"|(?:the|a|an)?\s*" + _NOUN + r"\s+(?:here|goes here))$")
+#: the reference's substring tests per field (match_reference; case-sensitive, as there): the new
+#: instruction falls back on "your instruction", the new answer on "N/A" or "your answer"; the better
+#: answer has none (only an empty one falls back)
+_REFERENCE_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "new_instruction": ("your instruction",),
+    "new_answer": ("N/A", "your answer"),
+    "better_answer": (),
+}
+#: a list number left on its own last line, e.g. "\n\n3." before "[New Answer]" when "[End]" is missing
+_TRAILING_NUMBER_RE = re.compile(r"\n[ \t]*(?:\*\*)?\d{1,2}[.)](?:\*\*)?$")
 
 
 def _normalise_placeholder(text: str) -> str:
@@ -107,14 +138,14 @@ def _normalise_placeholder(text: str) -> str:
     return " ".join(t.split())
 
 
-def is_placeholder(text: str, match_reference: bool = False) -> bool:
+def is_placeholder(text: str, match_reference: bool = False, name: str | None = None) -> bool:
     """A text that stands for content without being any (our test: the whole text, once stripped of
     brackets, quotes and markup, is a filler word or "your/the new … instruction/answer (here)").
-    ``match_reference``: the reference's test — it contains "your instruction", "your answer" or
-    "N/A" anywhere (case-insensitive)."""
-    if match_reference:
-        low = text.lower()
-        return any(p in low for p in _REFERENCE_PLACEHOLDERS)
+    ``match_reference`` and ``name`` one of the reference's fields (``new_instruction``,
+    ``new_answer``, ``better_answer``): the reference's test for that field — the text contains one
+    of its strings, case-sensitively (:data:`_REFERENCE_PLACEHOLDERS`)."""
+    if match_reference and name in _REFERENCE_PLACEHOLDERS:
+        return any(p in text for p in _REFERENCE_PLACEHOLDERS[name])
     t = _normalise_placeholder(text)
     return t in _PLACEHOLDER_WORDS or bool(_PLACEHOLDER_RE.match(t))
 
@@ -131,22 +162,45 @@ def _clean(segment: str) -> str:
     return s
 
 
-def segments(text: str, name: str) -> list[str]:
+@dataclass(frozen=True)
+class Segment:
+    """One tag's segment: its cleaned text and what ended it — ``end`` (``[End]``), ``tag`` (the next
+    known tag) or ``eof`` (the end of the text)."""
+
+    text: str
+    stop: str
+
+
+def tag_segments(text: str, name: str) -> list[Segment]:
     """Every segment of tag ``name`` (a key of :data:`TAGS`) in ``text``: from the tag to ``[End]``,
-    the next known tag, or the end of the text; cleaned and stripped, in order."""
+    the next known tag, or the end of the text; cleaned and stripped, in order. A segment not closed
+    by ``[End]`` loses a list number left alone on its last line ("…\\n\\n3." before the next tag)."""
     marks = [(m.start(), m.end(), " ".join(m.group(1).lower().split())) for m in _TAG_RE.finditer(text)]
     out = []
     for i, (_, end, word) in enumerate(marks):
         if _NAME_OF.get(word) != name:
             continue
-        stop = marks[i + 1][0] if i + 1 < len(marks) else len(text)
-        out.append(_clean(text[end:stop]))
+        if i + 1 < len(marks):
+            stop, how = marks[i + 1][0], "end" if marks[i + 1][2] == END.lower() else "tag"
+        else:
+            stop, how = len(text), "eof"
+        seg = _clean(text[end:stop])
+        if how != "end":
+            seg = _TRAILING_NUMBER_RE.sub("", seg).rstrip()
+        out.append(Segment(seg, how))
     return out
+
+
+def segments(text: str, name: str) -> list[str]:
+    """The texts of :func:`tag_segments`."""
+    return [g.text for g in tag_segments(text, name)]
 
 
 @dataclass
 class FieldParse:
-    status: str  # ok | missing | empty | placeholder | ambiguous | unchanged (a "new" instruction equal to the old one)
+    # ok | missing | empty | placeholder | ambiguous | unchanged (a "new" instruction equal to the old one)
+    # | truncated (the reply was cut off by max_tokens inside this field)
+    status: str
     value: str | None = None
     n_segments: int = 0
 
@@ -154,30 +208,60 @@ class FieldParse:
         return {"status": self.status, "n_segments": self.n_segments}
 
 
-def parse_field(text: str, name: str, match_reference: bool = False) -> FieldParse:
-    """The value of one tag: its one distinct non-empty, non-placeholder segment (see module docstring)."""
-    segs = segments(text, name)
+def _fold(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def parse_field(text: str, name: str, match_reference: bool = False, truncated: bool = False) -> FieldParse:
+    """The value of one tag (see module docstring). Ours: its one distinct non-empty, non-placeholder
+    segment (repeats that differ only in case or spacing count once). ``match_reference`` (the
+    reference's fields): its first segment, and for ``better_answer`` exactly one segment.
+    ``truncated``: the reply was cut off by its token limit, so a segment that runs to the end of
+    the text is ``truncated``, never a value."""
+    segs = tag_segments(text, name)
     if not segs:
         return FieldParse("missing")
-    real = list(dict.fromkeys(s for s in segs if s and not is_placeholder(s, match_reference)))
+    n = len(segs)
+    if truncated and segs[-1].stop == "eof" and segs[-1].text:
+        return FieldParse("truncated", None, n)
+    if match_reference and name in _REFERENCE_PLACEHOLDERS:
+        if name == "better_answer" and n != 1:
+            return FieldParse("ambiguous", None, n)
+        first = segs[0].text
+        if not first:
+            return FieldParse("empty", None, n)
+        return FieldParse("placeholder", None, n) if is_placeholder(first, True, name) else FieldParse("ok", first, n)
+    real: dict[str, str] = {}
+    for g in segs:
+        if g.text and not is_placeholder(g.text, match_reference, name):
+            real.setdefault(_fold(g.text), g.text)
     if len(real) == 1:
-        return FieldParse("ok", real[0], len(segs))
+        return FieldParse("ok", next(iter(real.values())), n)
     if len(real) > 1:
-        return FieldParse("ambiguous", None, len(segs))
-    return FieldParse("empty" if all(not s for s in segs) else "placeholder", None, len(segs))
+        return FieldParse("ambiguous", None, n)
+    return FieldParse("empty" if all(not g.text for g in segs) else "placeholder", None, n)
 
 
 def _same_text(text: str, *others: str | None) -> bool:
     """Equal up to case and whitespace."""
-    def norm(t: str) -> str:
-        return " ".join(t.casefold().split())
-
-    return any(o is not None and norm(text) == norm(o) for o in others)
+    return any(o is not None and _fold(text) == _fold(o) for o in others)
 
 
-def parse_tagged(text: str, names: tuple[str, ...], match_reference: bool = False) -> dict[str, FieldParse]:
+def parse_tagged(text: str, names: tuple[str, ...], match_reference: bool = False, truncated: bool = False) -> dict[str, FieldParse]:
     """Each field of ``names`` parsed from ``text``."""
-    return {n: parse_field(text, n, match_reference) for n in names}
+    return {n: parse_field(text, n, match_reference, truncated) for n in names}
+
+
+def wants_retry(kind: str, parsed: dict[str, FieldParse], match_reference: bool) -> bool:
+    """Whether a reply that did not give every field is asked again. Ours: any field not ``ok``. The
+    reference's rule (``match_reference``): instruction reflection only when neither field has a
+    non-empty segment; response reflection when the reply has not exactly one ``[Better Answer]``
+    segment (a placeholder or an empty single segment is not retried: it falls back)."""
+    if match_reference and kind == "instruction":
+        return all(f.status in ("missing", "empty") for f in parsed.values())
+    if match_reference and kind == "response":
+        return parsed["better_answer"].n_segments != 1
+    return any(f.status != "ok" for f in parsed.values())
 
 
 # -- rows -----------------------------------------------------------------------------------------
@@ -251,6 +335,11 @@ class PromptPair:
     def messages(self, **fields: str) -> list[dict[str, Any]]:
         return [{"role": "system", "content": self.system.text}, {"role": "user", "content": self.user.text.format(**fields)}]
 
+    @property
+    def shape(self) -> dict[str, Any] | None:
+        """The reply's declared output shape: the user prompt's."""
+        return self.user.shape
+
 
 INSTRUCTION = PromptPair(REFLECT_INSTRUCTION_SYSTEM, REFLECT_INSTRUCTION)
 INSTRUCTION_INPUT = PromptPair(REFLECT_INSTRUCTION_SYSTEM, REFLECT_INSTRUCTION_INPUT)
@@ -294,9 +383,10 @@ class Job:
 
 @dataclass
 class Outcome:
-    """What a job gave: ``status`` ok | parse_failed | error | budget_exhausted | fallback (some
-    field took the original's value; match_reference only), the field values, the calls made
-    (name, call, reply) for the generation record, and the parse of each field."""
+    """What a job gave: ``status`` ok | parse_failed | truncated (the reply hit its token limit) |
+    error | budget_exhausted | fallback (some field took the original's value; match_reference
+    only), the field values, the calls made (name, call, reply) for the generation record, and the
+    parse of each field."""
 
     status: str
     values: dict[str, str] = field(default_factory=dict)
@@ -310,12 +400,12 @@ class Outcome:
         return self.status in ("ok", "fallback")
 
 
-def parse_reply(job: Job, text: str, match_reference: bool = False) -> dict[str, FieldParse]:
+def parse_reply(job: Job, text: str, match_reference: bool = False, truncated: bool = False) -> dict[str, FieldParse]:
     """The fields of ``job``'s kind parsed from a reply. A new instruction equal to the one shown (or
     to the row's user message) is ``unchanged``: emitting it would pair an old instruction with a new
     answer; so is a new answer equal to the answer shown (or the row's): a new instruction with the
-    old answer is no pair either."""
-    parsed = parse_tagged(text, KIND_FIELDS[job.kind], match_reference)
+    old answer is no pair either. ``truncated``: see :func:`parse_field`."""
+    parsed = parse_tagged(text, KIND_FIELDS[job.kind], match_reference, truncated)
     for name, old in (("new_instruction", job.instruction), ("new_answer", job.answer)):
         f = parsed.get(name)
         if f is not None and f.status == "ok" and _same_text(f.value, old, job.fallback.get(name)):
@@ -328,10 +418,31 @@ def job_seed(run_seed: int, method: str, job: Job, attempt: int) -> int:
     return int(sha256_hex(str(run_seed), method, job.key, job.kind, str(attempt))[:15], 16)
 
 
+def cut_off(reply: Reply, call: Call) -> bool:
+    """A reply that hit its token limit: status ``truncated``, finish reason ``length``, or — when the
+    finish reason is unknown (a reply cached before it was recorded) — ``max_tokens`` tokens
+    generated. Its text is kept for the record, never parsed as an answer."""
+    if reply.status == "truncated":
+        return True
+    finish = getattr(reply, "finish_reason", None)
+    if finish is not None:
+        return finish == "length"
+    return reply.status == "ok" and reply.n_tokens >= call.decoding.max_tokens
+
+
+def _truncated(job: Job, exchanges: list[tuple[str, Call, Reply]], match_reference: bool) -> Outcome:
+    _, call, reply = exchanges[-1]
+    parsed = parse_reply(job, reply.text or "", match_reference, truncated=True)  # for the record only: never a value
+    return Outcome("truncated", exchanges=exchanges, parse={k: f.record() for k, f in parsed.items()},
+                   detail=f"{job.kind}: the reply reached max_tokens ({call.decoding.max_tokens}) and was cut off")
+
+
 def reflect(rewriter: ReflectionBase, jobs: list[Job]) -> list[Outcome]:
     """Run ``jobs`` on the teacher (one batch, then one batch of retries for the replies that did not
-    parse) and parse the replies. The calls are named by the job's kind in the generation record
-    (``<kind>``, ``<kind>_retry``)."""
+    parse; :func:`wants_retry`) and parse the replies. Each batch's replies get the tokens the context
+    leaves (:meth:`ReflectionBase.fit_replies`). A reply cut off by its token limit
+    (:func:`cut_off`) is ``truncated``: never parsed as an answer, never retried. The calls are named
+    by the job's kind in the generation record (``<kind>``, ``<kind>_retry``)."""
     mr, retry = rewriter.params.match_reference, rewriter.params.parse_retry
 
     def make(job: Job, attempt: int) -> Call:
@@ -341,13 +452,16 @@ def reflect(rewriter: ReflectionBase, jobs: list[Job]) -> list[Outcome]:
     def read(job: Job, reply: Reply) -> dict[str, FieldParse]:
         return parse_reply(job, reply.text or "", mr)
 
-    calls = [make(j, 0) for j in jobs]
+    calls = rewriter.fit_replies([make(j, 0) for j in jobs])
     replies = rewriter.ask(calls)
     outcomes: list[Outcome | None] = [None] * len(jobs)
     first: dict[int, dict[str, FieldParse]] = {}
     again: list[int] = []
     for i, (job, call, reply) in enumerate(zip(jobs, calls, replies)):
         label = job.kind
+        if cut_off(reply, call):
+            outcomes[i] = _truncated(job, [(label, call, reply)], mr)
+            continue
         if reply.status != "ok":
             outcomes[i] = Outcome(reply.status, exchanges=[(label, call, reply)], detail=f"{job.kind}: {reply.error or reply.status}")
             continue
@@ -356,15 +470,19 @@ def reflect(rewriter: ReflectionBase, jobs: list[Job]) -> list[Outcome]:
         if all(f.status == "ok" for f in parsed.values()):
             outcomes[i] = Outcome("ok", {k: f.value for k, f in parsed.items()}, [(label, call, reply)],
                                   {k: f.record() for k, f in parsed.items()})
-        elif retry:
+        elif retry and wants_retry(job.kind, parsed, mr):
             again.append(i)
         else:
-            outcomes[i] = _failed(job, [(label, call, reply)], parsed, mr, "no retry (parse_retry false)")
+            why = "no retry (parse_retry false)" if not retry else "not retried (the reference's retry rule)"
+            outcomes[i] = _failed(job, [(label, call, reply)], parsed, mr, why)
     if again:
-        retry_calls = [make(jobs[i], 1) for i in again]
+        retry_calls = rewriter.fit_replies([make(jobs[i], 1) for i in again])
         for i, call, reply in zip(again, retry_calls, rewriter.ask(retry_calls)):
             job, label = jobs[i], jobs[i].kind
             exchanges = [(label, calls[i], replies[i]), (f"{label}_retry", call, reply)]
+            if cut_off(reply, call):
+                outcomes[i] = _truncated(job, exchanges, mr)
+                continue
             if reply.status != "ok":
                 outcomes[i] = _failed(job, exchanges, first[i], mr, f"the retry was not made or failed: {reply.error or reply.status}")
                 continue
@@ -389,8 +507,22 @@ def _failed(job: Job, exchanges, parsed: dict[str, FieldParse], match_reference:
 
 # -- the rewriter ---------------------------------------------------------------------------------
 
+class ReflectionDecoding(Decoding):
+    """The teacher's decoding; ``max_tokens`` defaults to the reference's 2048."""
+
+    max_tokens: int = Field(2048, gt=0, description="Most new tokens per reply (reference: 2048); the context left by "
+                                                    "the longest prompt of a batch lowers it (context_tokens).")
+
+
 class ReflectionCommon(LLMParams):
     """Parameters shared by Reflection-Tuning and Selective Reflection-Tuning."""
+
+    decoding: ReflectionDecoding = Field(default_factory=ReflectionDecoding,
+                                         description="How the teacher generates (greedy; max_tokens 2048 by default).")
+    context_tokens: int | None = Field(
+        None, gt=0, description="Tokens a prompt and its reply share (the reference: 4050 for gpt-3.5-turbo). Each batch's "
+                                "max_tokens is min(decoding.max_tokens, context_tokens - its longest prompt). None: the local "
+                                "teacher's max_position_embeddings (hf, vllm); no limit but max_tokens for openai.")
 
     input_policy: Literal["include", "compress", "skip"] = Field(
         "include", description="Rows with an alpaca input: show it (include), merge it into the instruction first "
@@ -422,6 +554,30 @@ class ReflectionBase(LLMRewriter):
         from curate.rewrite.tokens import load_tokenizer
 
         return load_tokenizer(self.guard_tokenizer_name())
+
+    def reply_context(self) -> int | None:
+        """The tokens a prompt and its reply share: ``context_tokens``, else the local teacher's
+        context window (:func:`model_context`), else None (no limit but ``max_tokens``)."""
+        if self.params.context_tokens is not None:
+            return self.params.context_tokens
+        if not hasattr(self, "_context_window"):
+            self._context_window = model_context(self.engine.backend)
+        return self._context_window
+
+    def fit_replies(self, calls: list[Call]) -> list[Call]:
+        """The reference's reply budget (methods.md C1): the calls of one batch get ``max_tokens`` =
+        min(``decoding.max_tokens``, context − the longest prompt of the batch, at least 1), the
+        prompts counted with the teacher's tokenizer and chat template. Unchanged without a context
+        (:meth:`reply_context`)."""
+        limit = self.reply_context() if calls else None
+        if limit is None:
+            return calls
+        longest = max(self.engine.prompt_tokens(c) for c in calls)
+        out = []
+        for c in calls:
+            n = max(1, min(c.decoding.max_tokens, limit - longest))
+            out.append(c if n == c.decoding.max_tokens else replace(c, decoding=c.decoding.model_copy(update={"max_tokens": n})))
+        return out
 
     def fingerprint(self) -> dict[str, Any]:
         from curate.models import model_revision
@@ -496,6 +652,31 @@ class ReflectionBase(LLMRewriter):
         return kept, jobs, failed
 
 
+def model_context(backend: Any) -> int | None:
+    """The context window of a local teacher (``hf``, ``vllm``): ``max_position_embeddings`` of its
+    config; None for other backends (an openai server's model is not known here) or when the
+    config does not say."""
+    r = getattr(backend, "resolved", None) if getattr(backend, "name", None) in ("hf", "vllm") else None
+    if r is None:
+        return None
+    import json
+    from pathlib import Path
+
+    path = Path(r.location) / "config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(r.location, revision=r.revision if r.source == "hub" else None).to_dict()
+        except (OSError, ValueError):
+            return None
+    config = {**(config.get("text_config") or {}), **config}
+    n = config.get("max_position_embeddings")
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def user_assistant(user: str, assistant: str) -> list[dict[str, Any]]:
     return [message("user", user), message("assistant", assistant)]
 
@@ -509,7 +690,9 @@ class ReflectionTuning(ReflectionBase):
     """The ``reflection`` rewrite step (methods.md C1; see the module docstring)."""
 
     method = "reflection"
-    version = "1.1"  # 1.1: an A′ equal to the row's answer is unchanged; a repeated A* passes the row through as unchanged
+    # 1.1: an A′ equal to the row's answer is unchanged; a repeated A* passes the row through as unchanged;
+    # 1.2: max_tokens 2048 less the context the prompt takes, truncated replies, parser fixes, the reference's retry rule
+    version = "1.2"
     Params = ReflectionParams
 
     def guard_tokenizer_name(self) -> str:

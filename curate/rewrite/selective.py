@@ -24,23 +24,29 @@ row ``undecidable``: nothing is emitted. ``emit_unimproved`` decides what a row 
 nothing (a "counted, not emitted" leaf, a failed gate, or an A″/A* that did not parse) becomes:
 ``none`` (the reference: nothing; the row is dropped, reason ``unimproved``, or ``parse_failed``),
 ``ori`` (the original passes through, reason ``unimproved``) or ``Q`` (on the Q′ side of the tree the
-Q variant is emitted; on the other side nothing).
+Q variant is emitted; on the other side nothing). The offered variant must pass the gates the
+reference applies to the Q and ori rows it counts: IFD < 1 and r-IFD < 1 (a NaN fails); its r-IFD
+is scored when the tree did not need it (``ori`` on the Q′ side, or after an A″/A* that did not
+parse). A row whose variant fails the gates is dropped as with ``none``; the rationale records
+``unimproved_gate`` (passed | failed | undecidable).
 
 **Early branching** (exact): phase 1 runs instruction reflection and scores IFD(ori) and IFD(Q); the
 one response reflection a row still needs is then made on Q (when IFD(Q) > IFD(ori)) or on ori
 (otherwise), and only that side's r-IFD / IFD passes run. So a row costs two teacher calls (plus a
 merge call under ``input_policy: compress`` and a retry per reply that does not parse) instead of
 the reference's three, and the numbers of the other side are never computed (NaN in the rationale).
-A Q′ that does not parse after its retry is no Q variant: the row takes the "reject Q′" side, which
-is where the reference's per-field fallback (Q′ := Q0, A′ := A0, so IFD(Q) = IFD(ori)) sends it
-too. A teacher call that fails (``error``) or is refused by a cap (``budget_exhausted``) stops the
-row with that reason, and so does a Q variant that the length guard of its response reflection
-refuses (``skipped_too_long``).
+A Q′ that does not parse after its retry, or whose reply was cut off by its token limit, is no Q
+variant: the row takes the "reject Q′" side, which is where the reference's per-field fallback
+(Q′ := Q0, A′ := A0, so IFD(Q) = IFD(ori)) sends it too. A teacher call that fails (``error``) or is
+refused by a cap (``budget_exhausted``), and a response reflection cut off by its token limit
+(``truncated``: never parsed), stop the row with that reason, and so does a Q variant that the
+length guard of its response reflection refuses (``skipped_too_long``).
 
 **Rationale.** Every decided or undecidable row records the leaf (``branch``: ``QA``, ``Q_kept``,
 ``QA_gate_failed``, ``QA_parse_failed``, ``A``, ``ori_kept``, ``A_gate_failed``, ``A_parse_failed``,
-``undecidable``; or ``error``, ``budget_exhausted``, ``skipped_too_long``), the eight numbers (IFD and r-IFD of ori, A, Q, QA; JSON ``null`` = NaN: not
-computed, or the scorer's status was not ok) with each variant's scorer status, and the teacher
+``undecidable``; or ``error``, ``budget_exhausted``, ``truncated``, ``skipped_too_long``), the eight
+numbers (IFD and r-IFD of ori, A, Q, QA; JSON ``null`` = NaN: not computed, or the scorer's status
+was not ok) with each variant's scorer status, and the teacher
 statuses — in the generation record of an emitted row and in the disposition ``detail`` (JSON) of
 every other row. Emitted rows have origin ``selective_reflection:QA`` / ``:A`` / ``:Q`` and the original
 row as their parent.
@@ -71,6 +77,10 @@ from curate.rewrite.reflection import (
 
 VARIANTS = ("ori", "A", "Q", "QA")
 NAN = math.nan
+#: teacher statuses that stop a row with that reason (a truncated response reflection is no parse failure)
+STOPS = ("error", "budget_exhausted", "truncated")
+#: the leaves where the tree emits nothing
+NO_EMIT = ("Q_kept", "QA_gate_failed", "QA_parse_failed", "ori_kept", "A_gate_failed", "A_parse_failed")
 
 
 class StudentParams(LMParams):
@@ -86,7 +96,8 @@ class StudentParams(LMParams):
 class SelectiveParams(ReflectionCommon):
     student: StudentParams = Field(default_factory=StudentParams, description="The student that scores the variants.")
     emit_unimproved: Literal["none", "ori", "Q"] = Field(
-        "none", description="What a row whose tree emits nothing becomes: nothing (reference), its original, or its Q variant.")
+        "none", description="What a row whose tree emits nothing becomes: nothing (reference), its original, or its Q "
+                            "variant; the original or Q only if it passes IFD < 1 and r-IFD < 1 (the reference's gates).")
 
 
 # -- the decision tree ----------------------------------------------------------------------------
@@ -151,6 +162,7 @@ class RowState:
     numbers: Numbers = field(default_factory=Numbers)
     statuses: dict[str, dict[str, str]] = field(default_factory=dict)
     guard_detail: str | None = None
+    unimproved_gate: str | None = None  # emit_unimproved: passed | failed | undecidable (the offered variant's gates)
 
     @property
     def q(self) -> tuple[str, str] | None:
@@ -159,14 +171,19 @@ class RowState:
 
     def rationale(self) -> dict[str, Any]:
         teacher = {k: o.status for k, o in (("instruction", self.instruction), ("response", self.response)) if o is not None}
-        return {"branch": self.branch, "side": self.side, **self.numbers.record(), "scorer_status": self.statuses, "teacher": teacher}
+        out = {"branch": self.branch, "side": self.side, **self.numbers.record(), "scorer_status": self.statuses, "teacher": teacher}
+        if self.unimproved_gate is not None:
+            out["unimproved_gate"] = self.unimproved_gate
+        return out
 
 
 class SelectiveReflection(ReflectionBase):
     """The ``selective_reflection`` rewrite step (methods.md C2; see the module docstring)."""
 
     method = "selective_reflection"
-    version = "1.1"  # 1.1: an A′ equal to the row's answer is unchanged (no Q variant)
+    # 1.1: an A′ equal to the row's answer is unchanged (no Q variant); 1.2: the parser and reply budget of
+    # reflection 1.2, truncated replies, emit_unimproved gated by IFD < 1 and r-IFD < 1
+    version = "1.2"
     Params = SelectiveParams
 
     def __init__(self, name, params=None, context=None):
@@ -244,7 +261,7 @@ class SelectiveReflection(ReflectionBase):
         for st in states.values():
             o = st.instruction
             count(stats, "instruction", o.status)
-            if o.status in ("error", "budget_exhausted"):
+            if o.status in ("error", "budget_exhausted"):  # a truncated Q′ is no Q variant, as one that does not parse
                 st.branch = o.status
             else:
                 live.append(st)
@@ -275,7 +292,7 @@ class SelectiveReflection(ReflectionBase):
         for st, o in zip(todo, reflect(self, rjobs)):
             st.response = o
             count(stats, "response", o.status)
-            if o.status in ("error", "budget_exhausted"):
+            if o.status in STOPS:
                 st.branch = o.status
             elif not o.ok:
                 st.branch = "QA_parse_failed" if st.side == "Q" else "A_parse_failed"
@@ -294,6 +311,8 @@ class SelectiveReflection(ReflectionBase):
         for st in scored:
             st.branch = second_branch(st.side, st.numbers)
 
+        self.score_unimproved(list(states.values()))
+
         for st in states.values():
             count(stats, "branch", st.branch)
             self._emit(st, out, stats)
@@ -302,9 +321,13 @@ class SelectiveReflection(ReflectionBase):
         return out
 
     def _emit(self, st: RowState, out: UnitResult, stats: dict[str, Any]) -> None:
-        p, x = self.params, st.pair
+        x = st.pair
+        variant = self.unimproved_variant(st)
+        if variant is not None:  # the reference's gates on the Q / ori leaves it counts: IFD < 1 and r-IFD < 1
+            i, r = st.numbers.ifd[variant], st.numbers.rifd[variant]
+            st.unimproved_gate = "undecidable" if _nan(i, r) else "passed" if i < 1 and r < 1 else "failed"
         detail = json.dumps(st.rationale(), sort_keys=True)
-        if st.branch in ("error", "budget_exhausted"):
+        if st.branch in STOPS:
             o = st.response if st.response is not None and st.response.status == st.branch else st.instruction
             out.dispositions[x.sample_id] = ("dropped", st.branch, f"{o.detail}; rationale {detail}")
             return
@@ -320,14 +343,35 @@ class SelectiveReflection(ReflectionBase):
             return
         # the tree emits nothing: Q_kept, QA_gate_failed, QA_parse_failed, ori_kept, A_gate_failed, A_parse_failed
         parse_failed = st.branch.endswith("_parse_failed")
-        if p.emit_unimproved == "Q" and st.side == "Q":
-            self._derive(st, "Q", *st.q, out, stats)
-            return
-        if p.emit_unimproved == "ori":
+        if variant is not None and st.unimproved_gate == "passed":
+            if variant == "Q":
+                self._derive(st, "Q", *st.q, out, stats)
+                return
             out.dispositions[x.sample_id] = ("passthrough", "unimproved", detail)
             count(stats, "emitted", "ori")
             return
+        if variant is not None:
+            count(stats, "unimproved_gate", st.unimproved_gate)
         out.dispositions[x.sample_id] = ("dropped", "parse_failed" if parse_failed else "unimproved", detail)
+
+    def unimproved_variant(self, st: RowState) -> str | None:
+        """The variant ``emit_unimproved`` offers for a row whose tree emits nothing: ``Q`` (on the Q′
+        side only) or ``ori``; None for the other rows and with ``none``."""
+        e = self.params.emit_unimproved
+        if st.branch not in NO_EMIT or e == "none" or (e == "Q" and st.side != "Q"):
+            return None
+        return e
+
+    def score_unimproved(self, states: list[RowState]) -> None:
+        """``emit_unimproved``: the variant a row falls back to must pass the reference's gates, so
+        score the r-IFD the tree did not need (Q after ``QA_parse_failed``; ori on the Q′ side or
+        after ``A_parse_failed``)."""
+        self.score("rifd", [(st, v, self._variant_messages(st, v)) for st in states
+                            if (v := self.unimproved_variant(st)) is not None and "rifd" not in st.statuses.get(v, {})])
+
+    @staticmethod
+    def _variant_messages(st: RowState, variant: str) -> list[dict[str, Any]]:
+        return user_assistant(*st.q) if variant == "Q" else user_assistant(st.pair.user, st.pair.answer)
 
     def _derive(self, st: RowState, variant: str, q: str, a: str, out: UnitResult, stats: dict[str, Any]) -> None:
         p, x = self.params, st.pair
