@@ -33,6 +33,13 @@ class Prompt:
         """What enters a score fingerprint."""
         return {"id": self.id, "version": self.version, "hash": self.hash}
 
+    @property
+    def shape(self) -> dict | None:
+        """The declared output shape of a reply to this prompt (:data:`SHAPES`, at the end of this
+        module), or None. Not part of :attr:`hash`: it enters a reply's key only when a call is
+        constrained (``decoding.constrain``)."""
+        return SHAPES.get(self.id)
+
 
 # -- trained formats (reproduced exactly; see module docstring) ----------------------------------
 
@@ -277,9 +284,12 @@ AIDE_ANSWER_FORM_BINARY = Prompt(
     "aide_answer_form_binary", "1",
     "- The new instruction must be a question that is answered with Yes or No.\n",
 )
+# Version 2: the <Response> is a reply to the new question, part of the training instruction (methods.md C4 2a);
+# the Yes/No label comes from the answer call (version 1 asked for the label itself).
 AIDE_RESPONSE_FORM = Prompt(
-    "aide_response_form", "1",
-    "Then write the correct answer to the new instruction, Yes or No, inside <Response></Response>.\n",
+    "aide_response_form", "2",
+    "Then, inside <Response></Response>, write a reply of more than two words to the new question, as another person "
+    "might say it: either a reply that answers it without a plain yes or no, or a reply about something unrelated.\n",
 )
 _AIDE_REWRITE_HEAD = (
     "You write instructions for training an assistant in {use_case}. Rewrite the instruction at the end so that it "
@@ -315,12 +325,14 @@ _AIDE_CREATE_TAIL = (
     "{answer_form}"
     "- Keep it concise.\n"
     "- Do not mention the words \"given instruction\", \"created instruction\" or any tag names in it.\n"
-    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n\n"
+    "Put only the new instruction inside <Created Prompt></Created Prompt>.\n"
+    "{response_form}\n"
     "{examples}"
     "Instruction: {instruction}"
 )
+# The create prompts are version 2: their tail gained {response_form}, as the rewrite tail (empty: the version-1 text).
 AIDE_CREATE_PERSONA = Prompt(
-    "aide_create_persona", "1",
+    "aide_create_persona", "2",
     "You write instructions for training an assistant in {use_case}. Imagine you are this person: {persona}\n"
     "Write one new instruction that this person would ask. Requirements:\n"
     "- It must be related to the topic \"{topic}\" but differ from the instruction at the end, covering "
@@ -328,7 +340,7 @@ AIDE_CREATE_PERSONA = Prompt(
     + _AIDE_CREATE_TAIL,
 )
 AIDE_CREATE = Prompt(
-    "aide_create", "1",
+    "aide_create", "2",
     "You write instructions for training an assistant in {use_case}. Write one new instruction. Requirements:\n"
     "- Choose a subject related to the topic \"{topic}\" in the same field, and make the new instruction more varied "
     "than the instruction at the end.\n"
@@ -347,6 +359,13 @@ AIDE_ANSWER_BINARY = Prompt(
     "aide_answer_binary", "1",
     "Think about the question below step by step, then write the answer, Yes or No, inside <Choices></Choices>.\n\n"
     "Question: {instruction}",
+)
+AIDE_ANSWER_BINARY_SPEAKERS = Prompt(
+    "aide_answer_binary_speakers", "1",
+    "Below, Speaker 1 asks a question and Speaker 2 replies. Think step by step about whether Speaker 2's reply answers "
+    "the question, plainly or by implication. Then write Yes (it answers it) or No (it does not) inside "
+    "<Choices></Choices>.\n\n"
+    "Dialogue: {instruction}",
 )
 AIDE_ANSWER_FREE = Prompt(
     "aide_answer_free", "1",
@@ -418,23 +437,28 @@ _AIDE_EXAMPLE_SETS = {
 }
 
 
-# The answers of the yes/no rewrite examples: a binary rewrite also writes <Response> (AIDE_RESPONSE_FORM).
-_AIDE_YESNO_RESPONSES = {"reasoning": "No", "concrete": "No", "constraint": "Yes"}
+# The replies of the yes/no examples: a binary rewrite or created prompt also writes <Response>, a reply to its
+# question (AIDE_RESPONSE_FORM) that answers it by implication or is about something unrelated.
+_AIDE_YESNO_RESPONSES = {"reasoning": "Every one of those I have checked had no other divisors.",
+                         "concrete": "My train leaves at seven tomorrow morning.",
+                         "constraint": "Trying 2, 3 and 4 is enough, and none of them divides it.",
+                         "create": "Nine is a square, and it is odd."}
 
 
 def _aide_example(domain: str, kind: str) -> Prompt:
-    """One worked example; the yes/no rewrite examples (version 2) also show the ``<Response>``."""
+    """One worked example; the yes/no examples (version 3) also show the ``<Response>``, a reply to the question."""
     seed, outs = _AIDE_EXAMPLE_SETS[domain]
     tag = "Created Prompt" if kind == "create" else "Rewritten Prompt"
     text = f"Example\nInstruction: {seed}\n<{tag}>{outs[kind]}</{tag}>\n"
     if domain == "yesno" and kind in _AIDE_YESNO_RESPONSES:
-        return Prompt(f"aide_example_{domain}_{kind}", "2", text + f"<Response>{_AIDE_YESNO_RESPONSES[kind]}</Response>\n\n")
+        return Prompt(f"aide_example_{domain}_{kind}", "3", text + f"<Response>{_AIDE_YESNO_RESPONSES[kind]}</Response>\n\n")
     return Prompt(f"aide_example_{domain}_{kind}", "1", text + "\n")
 
 
 AIDE_EXAMPLES = {(d, k): _aide_example(d, k) for d in _AIDE_EXAMPLE_SETS for k in ("reasoning", "concrete", "constraint", "create")}
 AIDE_PROMPTS = (AIDE_TOPIC, AIDE_KG_EXPAND, AIDE_RESIDUAL, AIDE_ANSWER_FORM_BINARY, AIDE_RESPONSE_FORM, AIDE_REWRITE_REASONING,
                 AIDE_REWRITE_CONCRETE, AIDE_REWRITE_CONSTRAINT, AIDE_CREATE_PERSONA, AIDE_CREATE, AIDE_ANSWER_MULTI, AIDE_ANSWER_BINARY,
+                AIDE_ANSWER_BINARY_SPEAKERS,
                 AIDE_ANSWER_FREE, AIDE_GRADE_RELEVANCE, AIDE_GRADE_DIVERSITY, AIDE_IMPROVE, AIDE_FEEDBACK_TOO_LONG,
                 AIDE_FEEDBACK_NOT_RELEVANT, AIDE_FEEDBACK_TOO_SIMILAR, AIDE_CHECK_CHOICES, *AIDE_EXAMPLES.values())
 ALL.update({p.id: p for p in AIDE_PROMPTS})
@@ -463,3 +487,82 @@ PAIRWISE_JUDGE = Prompt(
     "Answer B:\n{answer_b}\n\n"
     "Which answer is better? Give your reasons, then the verdict: [[A]], [[B]] or [[C]].",
 )
+
+# -- output shapes (decoding.constrain) -------------------------------------------------------------
+# What a reply to a prompt must look like, for the backends that can enforce it while decoding (hf through
+# xgrammar, vllm's structured outputs, an OpenAI-compatible server's response_format): a regex over the
+# whole reply, or a JSON schema. Each shape is the layout its parser reads (curate/rewrite/reflection.py,
+# curate/rewrite/aide.py, curate/scorers/judge.py, curate/scorers/ds2.py), with every free-text part
+# bounded in characters, so a model that would ramble is made to close its tags (a field cut at its
+# bound is kept as written) instead of running into max_tokens. An answer prefix (the judges'
+# answer_prefix) is the start of the reply: it must match the shape.
+
+
+def _regex(pattern: str) -> dict:
+    return {"type": "regex", "pattern": pattern}
+
+
+def _json(properties: dict, required: list[str]) -> dict:
+    return {"type": "json_schema", "schema": {"type": "object", "properties": properties, "required": required,
+                                              "additionalProperties": False}}
+
+
+def _bracket_body(n: int) -> str:
+    """A Reflection field of 1..n characters: it starts with no space, and a ``[`` in it is followed by
+    neither a letter, a space nor a ``[`` (so it never opens a tag: ``[0]`` and ``["a"]`` may appear)."""
+    safe = r"(?:[^\[]|\[[^\[A-Za-z\s])"
+    return r"(?:[^\[\s]|\[[^\[A-Za-z\s])" + safe + "{0," + str(n - 1) + "}"
+
+
+def _angle_body(n: int, newlines: bool = True) -> str:
+    """An AIDE tag body of 1..n characters without ``<`` or ``>`` (newlines only when allowed)."""
+    chars = r"[^<>]" if newlines else r"[^<>\n]"
+    return r"[^<>\s]" + chars + "{0," + str(n - 1) + "}"
+
+
+_ANALYSIS = r"Analysis: [^\[\n]{1,240}\n"
+_ITEM = r"[^<>\n,\s][^<>\n,]{0,39}"
+_QUOTED = r'"[^"\\\n]{1,60}"'
+_REASONING = r"[^<]{0,400}"  # room to work the answer out before the tagged verdict
+_YES_NO = r"(?:Yes|No)"
+
+#: the output shape of each prompt that expects tags or a score (by prompt id)
+SHAPES: dict[str, dict] = {
+    REFLECT_INSTRUCTION.id: _regex(_ANALYSIS + r"\[New Instruction\] " + _bracket_body(400) + r" \[End\]\n"
+                                   r"\[New Answer\] " + _bracket_body(1000) + r" \[End\]"),
+    REFLECT_RESPONSE.id: _regex(_ANALYSIS + r"\[Better Answer\] " + _bracket_body(1000) + r" \[End\]"),
+    REFLECT_COMPRESS.id: _regex(r"\[Merged Instruction\] " + _bracket_body(600) + r" \[End\]"),
+    AIDE_TOPIC.id: _regex(r"<Topic>" + _ITEM + r"</Topic>\n<Related knowledge>" + _ITEM + r"(?:, " + _ITEM + r"){2}"
+                          r"</Related knowledge>"),
+    AIDE_KG_EXPAND.id: _regex(r"(?:\[" + _QUOTED + ", " + _QUOTED + ", " + _QUOTED + r"\]\n){0,7}"
+                              r"\[" + _QUOTED + ", " + _QUOTED + ", " + _QUOTED + r"\]"),
+    AIDE_REWRITE_REASONING.id: _regex(r"<Rewritten Prompt>" + _angle_body(400) + r"</Rewritten Prompt>"),
+    AIDE_CREATE.id: _regex(r"<Created Prompt>" + _angle_body(400) + r"</Created Prompt>"),
+    AIDE_ANSWER_MULTI.id: _regex(_REASONING + r"<Choices>\nCorrect: " + _angle_body(100, False)
+                                 + (r"\nIncorrect: " + _angle_body(100, False)) * 3 + r"\n</Choices>"),
+    AIDE_ANSWER_BINARY.id: _regex(_REASONING + r"<Choices>" + _YES_NO + r"</Choices>"),
+    # a free answer may hold "<" (code, comparisons) but no closing tag
+    AIDE_ANSWER_FREE.id: _regex(r"<Choices>[^<\s](?:[^<]|<[^/<]){0,799}</Choices>"),
+    AIDE_GRADE_RELEVANCE.id: _regex(r"<Score>(?:10|[1-9])</Score>"),
+    AIDE_IMPROVE.id: _regex(r"<Improved Prompt>" + _angle_body(400) + r"</Improved Prompt>"),
+    AIDE_CHECK_CHOICES.id: _regex(_REASONING + r"<Response>" + _YES_NO + r"</Response>"),
+    # the score line is what the judge reads; the explanation after it is left free (a bounded last
+    # part took xgrammar seconds to compile, and a cut explanation costs the rating nothing)
+    RUBRIC_ACCURACY_0_5.id: _regex(r"Score: [0-5]\n[^\n]*"),
+    RUBRIC_QUALITY_1_10_JSON.id: _json({"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                                        "reason": {"type": "string", "minLength": 1, "maxLength": 200}}, ["score", "reason"]),
+    DS2_USER.id: _json({k: {"type": "integer", "minimum": 1, "maximum": 10}
+                        for k in ("Rarity", "Complexity", "Informativeness", "Overall rating")},
+                       ["Rarity", "Complexity", "Informativeness", "Overall rating"]),
+}
+SHAPES.update({REFLECT_INSTRUCTION_INPUT.id: SHAPES[REFLECT_INSTRUCTION.id], REFLECT_RESPONSE_INPUT.id: SHAPES[REFLECT_RESPONSE.id],
+               AIDE_REWRITE_CONCRETE.id: SHAPES[AIDE_REWRITE_REASONING.id], AIDE_REWRITE_CONSTRAINT.id: SHAPES[AIDE_REWRITE_REASONING.id],
+               AIDE_CREATE_PERSONA.id: SHAPES[AIDE_CREATE.id], AIDE_ANSWER_BINARY_SPEAKERS.id: SHAPES[AIDE_ANSWER_BINARY.id],
+               AIDE_GRADE_DIVERSITY.id: SHAPES[AIDE_GRADE_RELEVANCE.id]})
+#: what a binary rewrite or created prompt adds after its tag (AIDE_RESPONSE_FORM): a reply of three or more words
+AIDE_RESPONSE_SHAPE = r"\n<Response>[^<>\s]{1,30}(?: [^<>\s]{1,30}){2,40}</Response>"
+
+
+def with_response(shape: dict) -> dict:
+    """A rewrite or create shape followed by the binary ``<Response>`` (:data:`AIDE_RESPONSE_SHAPE`)."""
+    return _regex(shape["pattern"] + AIDE_RESPONSE_SHAPE)

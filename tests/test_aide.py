@@ -1,6 +1,8 @@
 """AIDE (methods.md C4): tag parsing on real SmolLM2 replies and hand-written cases, persona choice,
-near-duplicate pruning, multiple-choice sanitising, tree-size bounds (arithmetic and a real run), and
-a real end-to-end run whose second run makes no model call.
+near-duplicate pruning, multiple-choice sanitising, binary questions with their reply, the sampled
+redo loops, the answer check's token room and truncated replies, fair breadth-first allocation under
+the node cap, tree-size bounds (arithmetic and a real run), and a real end-to-end run whose second
+run makes no model call.
 
 The recorded replies (tests/data/aide_smollm2_replies.json) were made once with
 ``.venv/bin/python tests/data/record_aide_smollm2.py``: every AIDE prompt, filled for two Code Alpaca
@@ -16,20 +18,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from curate.records import sample_id
+from curate import prompts as P
+from curate.records import canonical_json, sample_id
 from curate.rewrite import RewriteContext, rewriter_class
 from curate.rewrite.aide import (
+    DIRECTIONS,
     AIDEStep,
     Child,
     ChildSpec,
     Node,
     allocate,
     choose_personas,
+    join_reply,
+    speaker_1,
     greedy_dedup,
     parse_attributes,
     parse_choices,
     parse_grade,
-    parse_response,
     parse_tag,
     parse_triples,
     parse_yes_no,
@@ -85,21 +90,17 @@ def test_attribute_triple_choice_grade_and_yes_no_parsers():
     assert parse_yes_no("<Response>Maybe yes</Response>", "Response") == (None, "not_yes_no")
 
 
-def test_response_parser_last_match_lowercase_fallback_and_yes_no_normalisation():
-    # the last <Response> wins; the capitalised tag is used whenever it is there
-    assert parse_response("<Response>No</Response> on second thought <Response>Yes</Response>") == ("Yes", "ok")
-    assert parse_response("<Response>No</Response> <response>yes</response>") == ("No", "ok")
-    assert parse_response("<response>no</response>") == ("No", "ok_lowercase")
-    # normalised by the first word, any case, leading punctuation skipped
-    assert [parse_response(f"<Response>{b}</Response>")[0] for b in ("YES.", " no, because 91 = 7 * 13", "**Yes**", "\"No\"")] == [
-        "Yes", "No", "Yes", "No"]
-    # anything else is no answer, with its reason: never a guessed Yes or No
-    assert parse_response("<Response>Maybe yes</Response>") == (None, "not_yes_no")
-    assert parse_response("<Response>Nope</Response>") == (None, "not_yes_no")
-    assert parse_response("<Response> </Response>") == (None, "empty")
-    assert parse_response("<Rewritten Prompt>Is 91 prime?</Rewritten Prompt> The answer is Yes.") == (None, "missing_tag")
-    assert parse_response("<RESPONSE>Yes</RESPONSE>") == (None, "missing_tag")
-    assert parse_response(None) == (None, "missing_tag")
+def test_binary_layouts_join_the_question_and_its_reply_and_the_speakers_question_is_recovered():
+    q, r = "Do you like that theory?", "I find social ties a strong motive."
+    assert join_reply(q, r, "append") == "Do you like that theory?\nI find social ties a strong motive."
+    both = join_reply(q, r, "speakers")
+    assert both == "Speaker 1: 'Do you like that theory?' Speaker 2: 'I find social ties a strong motive.'"
+    assert speaker_1(both) == q and speaker_1(" " + both + "\n") == q
+    # quotes inside the question are kept (the last "' Speaker 2: '" splits)
+    assert speaker_1(join_reply("Is it 'fair'?", "Maybe so, I think.", "speakers")) == "Is it 'fair'?"
+    # an improved text no longer in the layout: no question part
+    assert speaker_1("Do you like that theory, given the evidence?") is None
+    assert speaker_1("Speaker 1: '' Speaker 2: 'hm, well then'") is None
 
 
 def test_parsers_on_recorded_smollm2_replies_give_statuses_not_values():
@@ -228,22 +229,23 @@ def test_rewrites_use_the_current_node_and_the_residual_connection(match_referen
 def _scripted(gen, replies: dict[str, str | list[str]]) -> list:
     """Drive a child's generator with hand-written replies, keyed by prompt id (the bundled 135M model
     never writes AIDE's tags, so it cannot reach the grade and check loops); a list gives one reply per
-    call of that prompt, in order. A call of a prompt with no reply fails the test. Returns the calls
-    made and the child."""
+    call of that prompt, in order; a text is an ``ok`` reply, a :class:`Reply` is sent as it is. A call
+    of a prompt with no reply fails the test. Returns the calls made and the child."""
     from curate.lm.calls import Reply
 
     queues = {k: list(v) for k, v in replies.items() if isinstance(v, list)}
 
-    def reply(c) -> str:
+    def reply(c) -> Reply:
         pid = c.prompt["id"]
-        return queues[pid].pop(0) if pid in queues else replies[pid]
+        r = queues[pid].pop(0) if pid in queues else replies[pid]
+        return r if isinstance(r, Reply) else Reply(r, "ok", "k" * 64)
 
     made = []
     try:
         calls = next(gen)
         while True:
             made += calls
-            calls = gen.send([Reply(reply(c), "ok", "k" * 64) for c in calls])
+            calls = gen.send([reply(c) for c in calls])
     except StopIteration as stop:
         return made, stop.value
 
@@ -269,7 +271,7 @@ def test_a_failed_choice_check_redoes_the_answer_only_when_the_teacher_samples(t
 
 
 def test_grading_stops_when_an_unchanged_text_would_be_graded_again_greedy():
-    s = step({**TINY, "max_reflection_relevance": 4})
+    s = step({**TINY, "max_reflection_relevance": 4, "decoding": {"max_tokens": 48, "temperature": 0}})
     seed_node = Node(0, "0", 1, "Write a factorial function.", topic="factorial", seed_sid="s")
     text = "Write a factorial function without recursion."
     replies = {"aide_rewrite_reasoning": f"<Rewritten Prompt>{text}</Rewritten Prompt>", "aide_answer_free": "<Choices>x</Choices>",
@@ -279,34 +281,93 @@ def test_grading_stops_when_an_unchanged_text_would_be_graded_again_greedy():
     assert (child.reject, child.grades) == ("reflection_rejected", [2])
 
 
-# -- binary tasks: the rewrite's <Response> is the answer ------------------------------------------
+def test_the_default_teacher_samples_as_the_reference_so_redos_are_new_draws():
+    """The reference samples (temperature 1, top_p 0.95): by default, and when a flow names only some
+    decoding keys, the grade/improve loop and the answer-in-choices loop run to their limits with a
+    new seed per call — the redo loops are not no-ops."""
+    assert step({"use_case": "code"}).params.decoding.model_dump(include={"temperature", "top_p", "max_tokens"}) == {
+        "temperature": 1.0, "top_p": 0.95, "max_tokens": 2048}
+    s = step({**TINY, "max_reflection_relevance": 3, "max_choice_checks_relevance": 2})  # TINY names only max_tokens
+    assert (s.params.decoding.temperature, s.params.decoding.top_p, s.params.decoding.max_tokens) == (1.0, 0.95, 48) and s.sampled
+    seed_node = Node(0, "0", 1, "Write a factorial function.", topic="factorial", seed_sid="s")
+    text = "Write a factorial function without recursion."
+    replies = {"aide_rewrite_reasoning": f"<Rewritten Prompt>{text}</Rewritten Prompt>", "aide_answer_free": "<Choices>x</Choices>",
+               "aide_grade_relevance": ["<Score>2</Score>", "<Score>3</Score>", "<Score>7</Score>"],
+               "aide_improve": f"<Improved Prompt>{text}</Improved Prompt>", "aide_check_choices": "<Response>No</Response>"}
+    made, child = _scripted(s.grow(ChildSpec(seed_node, 0, "relevance", direction="reasoning", skill="loops"), seed_node.text), replies)
+    assert [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1", "improve_1", "grade_2", "improve_2", "grade_3",
+                                                        "check_1", "check_1_answer", "check_2"]
+    assert (child.reject, child.grades) == ("answer_not_in_choices", [2, 3, 7])
+    assert all(c.seed is not None and c.decoding.temperature == 1.0 for c in made)
+    assert len({c.seed for c in made}) == len({s.engine.key(c) for c in made}) == len(made)
+
+
+def test_the_answer_check_gets_room_to_work_the_answer_out_and_a_truncated_reply_is_a_failed_call():
+    """The check prompt asks to work the answer out before Yes/No: its call gets the whole
+    decoding.max_tokens (judge_max_tokens caps grade calls only). A reply that hit the token limit
+    (status truncated) is never parsed — here its partial text even holds a <Response>Yes — and the
+    child fails with reason truncated."""
+    from curate.lm.calls import Reply
+
+    s = step({**TINY, "judge_max_tokens": 16, "decoding": {"max_tokens": 300}})
+    seed_node = Node(0, "0", 1, "Write a factorial function.", topic="factorial", seed_sid="s")
+    cut = Reply("5! = 120, and 120 is the first choice, so <Response>Yes</Response> ... and for 0! we", "truncated", "k" * 64)
+    replies = {"aide_rewrite_reasoning": "<Rewritten Prompt>Write a factorial function without recursion.</Rewritten Prompt>",
+               "aide_answer_free": "<Choices>def f(n): ...</Choices>", "aide_grade_relevance": "<Score>8</Score>",
+               "aide_check_choices": cut}
+    made, child = _scripted(s.grow(ChildSpec(seed_node, 0, "relevance", direction="reasoning", skill="loops"), seed_node.text), replies)
+    tokens = {c.prompt["id"]: c.decoding.max_tokens for c in made}
+    assert tokens == {"aide_rewrite_reasoning": 300, "aide_answer_free": 300, "aide_grade_relevance": 16, "aide_check_choices": 300}
+    assert child.reject == "truncated" and [name for name, _, _ in child.exchanges][-1] == "check_1"
+    assert not any(x.startswith("check_1:") for x in child.statuses)  # not parsed
+    assert step(TINY).params.judge_max_tokens is None  # by default grades get the whole budget too
+    # a truncated analysis: the node fails with that reason, its partial tags unread
+    node = Node(0, "0", 1, "Write a factorial function.", seed_sid="s")
+    gen = s.analyse(node, True)
+    next(gen)
+    with pytest.raises(StopIteration) as stop:
+        gen.send([Reply("<Topic>factorial</Topic><Related knowledge>loops, rec", "truncated", "k" * 64)])
+    assert stop.value.value == "truncated" and (node.topic, node.status) == (None, "truncated")
+
+
+# -- binary tasks: the <Response> is a reply inside the instruction; the label comes from the answer call ----
 
 BINARY = {**TINY, "use_case": "yes/no questions about numbers", "choice_type": "binary", "personas": None}
 PRIME = Node(0, "0", 1, "Is 17 a prime number?", topic="primes", seed_sid="s")
+REWRITE_91 = ("<Rewritten Prompt>Is 91, the number of days in a quarter, prime?</Rewritten Prompt>\n"
+              "<Response>Yes</Response>\nOn second thought:\n<Response>Seven times thirteen is ninety-one.</Response>")
 
 
-def test_a_binary_rewrite_asks_for_a_response_and_its_child_carries_it_as_the_answer():
-    s = step(BINARY)
-    replies = {"aide_rewrite_concrete": "<Rewritten Prompt>Is 91, the number of days in a quarter, prime?</Rewritten Prompt>\n"
-                                        "<Response>Yes</Response>\nWait: 91 = 7 * 13.\n<Response>no.</Response>",
-               "aide_grade_relevance": "<Score>8</Score>"}  # no aide_answer_binary reply: an answer call would fail the test
+@pytest.mark.parametrize("layout,text,answer_prompt", [
+    ("append", "Is 91, the number of days in a quarter, prime?\nSeven times thirteen is ninety-one.", "aide_answer_binary"),
+    ("speakers", "Speaker 1: 'Is 91, the number of days in a quarter, prime?' Speaker 2: 'Seven times thirteen is ninety-one.'",
+     "aide_answer_binary_speakers")])
+def test_a_binary_rewrite_writes_a_reply_that_joins_the_instruction_and_the_answer_call_labels_it(layout, text, answer_prompt):
+    """methods.md C4 2a/2c, the reference's call_relevance_synthesis → generate_binary_choice: the
+    rewrite's <Response> (last match) is a reply inside the question; Yes/No comes from an answer call
+    on the joined text, never from the rewrite."""
+    s = step(BINARY if layout == "append" else {**BINARY, "binary_layout": layout})  # append: the default
+    replies = {"aide_rewrite_concrete": REWRITE_91, answer_prompt: "Seven divides it, so it is not prime.\n<Choices>No</Choices>",
+               "aide_grade_relevance": "<Score>8</Score>"}
     made, child = _scripted(s.grow(ChildSpec(PRIME, 1, "relevance", direction="concrete", skill="divisors"), PRIME.text), replies)
     asked = made[0].messages[0]["content"]
-    assert made[0].prompt["id"] == "aide_rewrite_concrete" and made[0].prompt["version"] == "2"
-    assert "Yes or No, inside <Response></Response>." in asked and "<Response>No</Response>" in asked  # the request and the example
-    assert child.reject is None and [name for name, _, _ in child.exchanges] == ["rewrite", "grade_1"]
-    assert (child.text, child.answer, child.answer_call) == ("Is 91, the number of days in a quarter, prime?", "No", "rewrite")
+    assert made[0].prompt["id"] == "aide_rewrite_concrete"
+    assert "a reply of more than two words" in asked and "<Response>My train leaves at seven tomorrow morning.</Response>" in asked
+    assert child.reject is None and [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1"]
+    assert made[1].prompt["id"] == answer_prompt and made[1].messages[0]["content"].endswith(text)
+    assert (child.text, child.answer, child.answer_call) == (text, "No", "answer")
     assert "response:ok" in child.statuses
-    assert s.render(child) == ([{"role": "user", "content": child.text}, {"role": "assistant", "content": "No"}],
-                               {"instruction": child.text, "answer": "No"})
-    # the other answer forms do not ask for it: their filled rewrite prompt is the version-1 text
+    assert s.render(child) == ([{"role": "user", "content": text}, {"role": "assistant", "content": "No"}],
+                               {"instruction": text, "answer": "No"})
+    # the next hop rewrites the joined text (append) or Speaker 1's question (speakers), as the reference
+    assert s.next_text(child.text) == (text if layout == "append" else "Is 91, the number of days in a quarter, prime?")
+    # the other answer forms do not ask for a reply: their filled rewrite prompt is the version-1 text
     free = _first_prompt(step(TINY), ChildSpec(PRIME, 1, "relevance", direction="concrete", skill="divisors"), PRIME.text)
     assert "<Response>" not in free and "</Rewritten Prompt>.\n\nExample\n" in free
 
 
-@pytest.mark.parametrize("reply,status", [("no response tag, the answer is Yes", "missing_tag"),
-                                          ("<Response>It depends</Response>", "not_yes_no")])
-def test_a_binary_rewrite_without_a_yes_no_response_is_rejected_not_answered(reply, status):
+@pytest.mark.parametrize("reply,status", [("no response tag, the answer is Yes", "missing_tag"), ("<Response> </Response>", "empty")])
+def test_a_binary_rewrite_without_a_reply_is_rejected_not_answered(reply, status):
     s = step(BINARY)
     replies = {"aide_rewrite_reasoning": f"<Rewritten Prompt>Is 97 prime?</Rewritten Prompt> {reply}"}
     _, child = _scripted(s.grow(ChildSpec(PRIME, 0, "relevance", direction="reasoning", skill="divisors"), PRIME.text), replies)
@@ -314,28 +375,29 @@ def test_a_binary_rewrite_without_a_yes_no_response_is_rejected_not_answered(rep
     assert [name for name, _, _ in child.exchanges] == ["rewrite"] and child.statuses == ["rewrite:ok", f"response:{status}"]
 
 
-def test_a_changed_binary_text_is_answered_again_and_diversity_children_use_the_answer_call():
-    """The rewrite's <Response> answered the rewritten text; once an improve call changes it, the
-    answer call answers the new text. Diversity children never get a <Response> request."""
+def test_a_changed_binary_text_is_answered_again_and_diversity_children_also_write_a_reply():
     s = step({**BINARY, "max_reflection_relevance": 2})
-    replies = {"aide_rewrite_reasoning": "<Rewritten Prompt>Is 97 prime?</Rewritten Prompt><Response>Yes</Response>",
+    replies = {"aide_rewrite_reasoning": "<Rewritten Prompt>Is 97 prime?</Rewritten Prompt><Response>I only know 1 and 97 divide it."
+                                         "</Response>",
+               "aide_answer_binary": ["<Choices>Yes</Choices>", "<Choices>No</Choices>"],
                "aide_grade_relevance": ["<Score>2</Score>", "<Score>9</Score>"],
-               "aide_improve": "<Improved Prompt>Is 91 prime?</Improved Prompt>", "aide_answer_binary": "<Choices>No</Choices>"}
+               "aide_improve": "<Improved Prompt>Is 91 prime? Seven divides it.</Improved Prompt>"}
     _, child = _scripted(s.grow(ChildSpec(PRIME, 0, "relevance", direction="reasoning", skill="divisors"), PRIME.text), replies)
-    assert [name for name, _, _ in child.exchanges] == ["rewrite", "grade_1", "improve_1", "improve_1_answer", "grade_2"]
+    assert [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1", "improve_1", "improve_1_answer", "grade_2"]
     assert (child.reject, child.text, child.answer, child.answer_call, child.grades) == (
-        None, "Is 91 prime?", "No", "improve_1_answer", [2, 9])
-    replies = {"aide_create": "<Created Prompt>Is every cube odd?</Created Prompt><Response>Yes</Response>",
+        None, "Is 91 prime? Seven divides it.", "No", "improve_1_answer", [2, 9])
+    replies = {"aide_create": "<Created Prompt>Is every cube odd?</Created Prompt><Response>Eight is a cube, you know.</Response>",
                "aide_answer_binary": "<Choices>No</Choices>", "aide_grade_diversity": "<Score>7</Score>"}
     made, child = _scripted(s.grow(ChildSpec(PRIME, 3, "diversity"), PRIME.text), replies)
-    assert "<Response>" not in made[0].messages[0]["content"]
+    assert made[0].prompt == P.AIDE_CREATE.ref() and "a reply of more than two words" in made[0].messages[0]["content"]
     assert [name for name, _, _ in child.exchanges] == ["rewrite", "answer", "grade_1"]
-    assert (child.answer, child.answer_call) == ("No", "answer")
+    assert (child.text, child.answer, child.answer_call) == ("Is every cube odd?\nEight is a cube, you know.", "No", "answer")
 
 
-def test_binary_rewrites_in_a_run_count_a_missing_response_and_record_where_the_answer_came_from(tmp_path):
+def test_binary_rewrites_in_a_run_count_a_missing_reply_and_record_where_the_answer_came_from(tmp_path):
     """A whole (scripted) run: of two binary relevance children one has a <Response> and becomes a row
-    answered by it, the other has none and is counted as response_parse_failed."""
+    whose instruction holds that reply and whose label is the answer call's; the other has none and is
+    counted as response_parse_failed."""
     from curate.lm.calls import Reply
 
     s = step({**BINARY, "max_attributes": 2, "d_depth": 0, "directions": ["concrete"]}, tmp_path)
@@ -348,9 +410,12 @@ def test_binary_rewrites_in_a_run_count_a_missing_response_and_record_where_the_
                 r = "<Topic>primes</Topic><Related knowledge>divisors, squares</Related knowledge>"
             elif pid == "aide_rewrite_concrete" and '"divisors"' in text:
                 r = ("<Rewritten Prompt>Is 91, the number of days in a quarter of a year, a prime number?</Rewritten Prompt>"
-                     "<Response>No</Response>")
+                     "<Response>Seven times thirteen gives it.</Response>")
             elif pid == "aide_rewrite_concrete":
                 r = "<Rewritten Prompt>Is the square of a whole number ever prime?</Rewritten Prompt> Answer: No"
+            elif pid == "aide_answer_binary":
+                assert text.endswith("a prime number?\nSeven times thirteen gives it."), text
+                r = "<Choices>No</Choices>"
             else:
                 assert pid == "aide_grade_relevance", pid
                 r = "<Score>8</Score>"
@@ -364,8 +429,9 @@ def test_binary_rewrites_in_a_run_count_a_missing_response_and_record_where_the_
     assert st["rejected"] == {"response_parse_failed": 1} and st["accepted"] == 1
     assert st["statuses"]["response:ok"] == 1 and st["statuses"]["response:missing_tag"] == 1
     (row,) = res.derived
+    assert row.messages[0]["content"].endswith("a prime number?\nSeven times thirteen gives it.")
     assert row.messages[1]["content"] == "No" and row.variant == "relevance:concrete"
-    assert row.generation["answer_call"] == "rewrite" and set(row.generation["calls"]) == {"topic", "rewrite", "grade_1"}
+    assert row.generation["answer_call"] == "answer" and set(row.generation["calls"]) == {"topic", "rewrite", "answer", "grade_1"}
     assert res.dispositions[seed["sample_id"]][0] == "used"
 
 
@@ -413,6 +479,35 @@ def test_breadth_first_allocation_matches_the_bound_and_never_passes_the_node_ca
         assert analysed <= 3 * b["analysed"]
 
 
+def test_children_are_dealt_breadth_first_and_fairly_under_the_node_cap():
+    """The default tree (5 attributes x 3 directions + 1 created prompt = 16 children a node, cap 50):
+    the seed issues its 16, and the 34 left are shared by all 16 level-2 nodes — 3 for the first two,
+    2 for the rest — instead of the first nodes taking them all. A node's first children differ in
+    attribute and direction; without a cap every child is issued (methods.md C4: every node expanded)."""
+    attrs = [f"a{i}" for i in range(5)]
+    seed = Node(0, "0", 1, "seed", topic="t", attributes=attrs, seed_sid="s")
+    other = Node(1, "0", 1, "other seed", topic="t", attributes=attrs[:1], seed_sid="o")
+    issued: Counter = Counter()
+    specs, capped = allocate([seed, other], True, True, DIRECTIONS, [], 50, issued)
+    assert [x.slot for x in specs if x.parent is seed] == list(range(16)) and not capped and issued == Counter({0: 16, 1: 4})
+    level2 = [Node(0, f"0.{x.slot}", 2, "c", parent=seed, topic="t", attributes=attrs, seed_sid="s") for x in specs if x.parent is seed]
+    specs2, capped2 = allocate(level2, True, True, DIRECTIONS, [], 50, issued)
+    per_node = Counter(x.parent.path for x in specs2)
+    assert [per_node[n.path] for n in level2] == [3, 3] + [2] * 14
+    assert capped2 == Counter({0: 16 * 16 - 34}) and issued[0] == 50
+    order = [(level2.index(x.parent), x.slot) for x in specs2]
+    assert order == sorted(order)  # in tree order: node, then slot
+    first = [(x.skill, x.direction) for x in specs2 if x.parent is level2[0]]
+    assert first == [("a0", "reasoning"), ("a1", "concrete"), ("a2", "constraint")]
+    # the nodes start at different groups, so the level mixes attributes, and the created prompt (group 6) appears
+    assert [(x.kind, x.skill, x.direction) for x in specs2 if x.parent is level2[5]] == [
+        ("relevance", "a0", "reasoning"), ("diversity", None, None)]
+    assert len({x.skill for x in specs2 if x.kind == "relevance"}) == 5
+    # a full cap leaves a level with nothing; no cap: everything
+    assert allocate(level2, True, True, DIRECTIONS, [], 50, issued)[0] == []
+    assert len(allocate(level2, True, True, DIRECTIONS, [], None, Counter())[0]) == 16 * 16
+
+
 def test_plan_calls_arithmetic():
     # defaults: 5 attributes (3 + 2 KG) x 3 directions = 15 relevance + 1 created prompt per node, depth 2, cap 50
     s = step({"use_case": "code"})
@@ -426,10 +521,10 @@ def test_plan_calls_arithmetic():
     # no reflection: rewrite + answer per child
     s = step({"use_case": "code", "reflection": False, "max_nodes_per_seed": None, "r_depth": 1, "d_depth": 1, "ex_kg": False})
     assert s.child_costs() == (2, 2) and s.tree_bound()["calls"] == 1 + 2 * (9 + 1)
-    # binary: no choice checks, and a relevance child's rewrite carries its answer (one call less)
+    # binary: no choice checks; every child's label comes from an answer call
     s = step({"use_case": "code", "choice_type": "binary", "max_reflection_relevance": 2, "max_reflection_diversity": 1})
-    assert s.child_costs() == (3 * 2 + 1, 3 * 1 + 2)
-    assert step({"use_case": "code", "choice_type": "binary", "reflection": False}).child_costs() == (1, 2)
+    assert s.child_costs() == (3 * 2 + 2, 3 * 1 + 2)
+    assert step({"use_case": "code", "choice_type": "binary", "reflection": False}).child_costs() == (2, 2)
     # the flow's tiny tree: 1 analysis + 2 children x (3*1 + 2*1 + 1) calls
     assert step(TINY).tree_bound()["calls"] == 1 + 2 * 6 == 13
 
@@ -455,7 +550,8 @@ def test_real_level_of_children_is_batched_capped_and_counted(tmp_path):
     children = s.drive([s.grow(x, seeds[x.parent.seed].text) for x in specs], [x.parent.seed for x in specs], per_seed)
     assert all(ch.reject for ch in children)
     reasons = Counter(ch.reject for ch in children)
-    assert set(reasons) <= {"rewrite_parse_failed", "answer_parse_failed", "reflection_rejected", "grade_parse_failed", "answer_not_in_choices"}
+    assert set(reasons) <= {"truncated", "rewrite_parse_failed", "answer_parse_failed", "reflection_rejected", "grade_parse_failed",
+                            "answer_not_in_choices"}
     c_rel, c_div = s.child_costs()
     assert all(per_seed[i] <= 2 * c_rel + c_div for i in (0, 1))
     assert asked[0] == 6 and sum(asked) == sum(per_seed.values()) == s.engine.spent.calls
@@ -463,26 +559,51 @@ def test_real_level_of_children_is_batched_capped_and_counted(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_on_one_seed_then_the_rerun_makes_no_model_call(tmp_path):
+    """A whole run with the real model for every child call; only the seed's analysis is given as data
+    (SmolLM2-135M never writes <Topic>). With 8 new tokens no rewrite can close its tag: each of the
+    two children of TINY's tree ends as ``truncated`` — the reply hit the limit and is not parsed —
+    or, had the model stopped first, ``rewrite_parse_failed``; never a generic call failure. Every
+    model call is sampled as the reference (temperature 1, top_p 0.95) with its own seed. The rerun
+    reads everything from the call cache."""
+    from curate.lm.calls import Reply
+
     seed = record("Write a Python function to calculate the factorial of a given number.",
                   "def factorial(n):\n    f = 1\n    for i in range(1, n + 1):\n        f *= i\n    return f")
     multi = {"sample_id": "m", "tools": None, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                                                             {"role": "user", "content": "more"}, {"role": "assistant", "content": "ok"}]}
-    first = step(TINY, tmp_path / "store")
-    a = first.run_unit("all", [seed, multi])
+    params = {**TINY, "decoding": {"max_tokens": 8}}
+    analysis = Reply("<Topic>factorial</Topic><Related knowledge>loops, recursion</Related knowledge>", "ok", "t" * 64)
+
+    def run(s: AIDEStep, seen: list):
+        real = s.ask
+
+        def ask(calls):
+            model = [c for c in calls if c.prompt["id"] != "aide_topic"]
+            got = iter(real(model) if model else [])
+            out = [analysis if c.prompt["id"] == "aide_topic" else next(got) for c in calls]
+            seen.extend((c, r) for c, r in zip(calls, out) if c.prompt["id"] != "aide_topic")
+            return out
+
+        s.ask = ask
+        return s.run_unit("all", [seed, multi])
+
+    first, seen = step(params, tmp_path / "store"), []
+    a = run(first, seen)
     st = a.stats
-    assert first.engine.spent.made >= 1 and st["seeds"] == 1 and st["not_single_turn"] == 1
-    assert first.engine.spent.calls <= first.plan_calls(1) == 13
-    assert st["max_calls_per_seed"] <= st["bound"]["calls"] and st["max_children_per_seed"] <= 2
-    assert st["personas"] and "Python" in st["personas"][0]["persona"]
-    assert set(a.dispositions) == {seed["sample_id"], "m"} and a.dispositions["m"][:2] == ("passthrough", "not_single_turn")
-    what, reason, detail = a.dispositions[seed["sample_id"]]
-    if a.derived:
-        assert what == "used" and all(d.parents == [seed["sample_id"]] and d.variant.split(":")[0] in ("relevance", "diversity")
-                                      for d in a.derived)
-    else:  # what SmolLM2-135M does: no <Topic> tag, so the seed stops at its analysis, counted
-        assert (what, reason) == ("passthrough", "analysis_failed") and st["analysis"] == {"topic_missing_tag": 1}, (what, reason, st)
-    again = rewriter_class("aide")("aide", TINY, RewriteContext(seed=0, torch_threads=1, base_dir=str(ROOT), store_dir=str(tmp_path / "store")))
-    b = again.run_unit("all", [seed, multi])
-    assert again.engine.spent.made == 0 and again.engine.spent.cache_hits == first.engine.spent.made
-    assert b.dispositions == a.dispositions and [d.messages for d in b.derived] == [d.messages for d in a.derived]
+    assert st["seeds"] == 1 and st["not_single_turn"] == 1 and st["analysis"] == {"ok": 1}
+    assert st["issued"] == 2 and st["levels"][0]["issued"] == 2  # one relevance (1 attribute x 1 direction), one persona child
+    assert sorted(c.prompt["id"] for c, _ in seen) == ["aide_create_persona", "aide_rewrite_reasoning"]
+    assert all(c.decoding.temperature == 1.0 and c.decoding.top_p == 0.95 and c.seed is not None for c, _ in seen)
+    assert len({c.seed for c, _ in seen}) == 2 and first.engine.spent.made == 2
+    n_cut = sum(r.status == "truncated" for _, r in seen)
+    assert n_cut >= 1 and st["rejected"] == {k: v for k, v in {"truncated": n_cut, "rewrite_parse_failed": 2 - n_cut}.items() if v}
+    assert a.derived == [] and a.dispositions["m"][:2] == ("passthrough", "not_single_turn")
+    assert a.dispositions[seed["sample_id"]] == ("passthrough", "no_accepted_children",
+                                                 f"children rejected: {canonical_json(st['rejected'])}")
+    assert st["max_calls_per_seed"] <= st["bound"]["calls"] and first.engine.spent.calls <= first.plan_calls(1)
+    again, seen_again = step(params, tmp_path / "store"), []
+    b = run(again, seen_again)
+    assert again.engine.spent.made == 0 and again.engine.spent.cache_hits == 2
+    assert [r.text for _, r in seen_again] == [r.text for _, r in seen]
+    assert b.dispositions == a.dispositions
     assert {k: v for k, v in b.stats.items() if k != "budget"} == {k: v for k, v in st.items() if k != "budget"}

@@ -12,8 +12,7 @@ layer L+1:
   of reasoning, ``concrete`` — specific details, ``constraint`` — added requirements) one rewrite of
   the *node's* text into ``<Rewritten Prompt>``; past layer ``sk_conn`` the prompt also asks to stay
   close to the seed (the residual connection: every direction; ``match_reference: true`` — reasoning
-  only, as the reference code behaves); for ``choice_type: binary`` the rewrite also writes the new
-  question's answer, Yes or No, in ``<Response>`` (C4 2a);
+  only, as the reference code behaves);
 - **diversity hops** (L ≤ ``d_depth``): per chosen persona one ``<Created Prompt>`` in that
   persona's voice, related to the node's topic but different from its text; without a persona file,
   one created prompt per node. Personas come from a local file (one per line); the ``persona_k``
@@ -21,17 +20,25 @@ layer L+1:
   similarities: the lower line first) are used — none passing: no diversity hops. Their similarities are cached under
   ``<store>/aide/personas/`` by (use case hash, persona file hash, embedder key).
 
+**Binary tasks** (``choice_type: binary``), as the reference's ``call_relevance_synthesis`` /
+``call_diversity_synthesis``: the rewritten or created prompt is a Yes/No question, and the teacher's
+reply also holds, in ``<Response>``, a reply of more than two words to that question — one that answers
+it by implication, or one about something unrelated (the length is asked, not checked). That reply is
+part of the training instruction, laid out by ``binary_layout``: ``append`` — the question, a newline,
+the reply (the reference concatenates them with nothing between); ``speakers`` — ``Speaker 1:
+'<question>' Speaker 2: '<reply>'`` (the reference's implicature layout). A reply without a
+``<Response>`` (last match, lowercase fallback) or with an empty one rejects the child
+(``response_parse_failed``; the reference would go on with an empty reply, or for a created prompt with
+the teacher's whole reply). The Yes/No label always comes from the separate answer call on the joined
+instruction. The next hop rewrites the joined text (``append``) or the Speaker 1 question (``speakers``,
+where the text still has that layout), as the reference does.
+
 Each child then gets an **answer** (``choice_type``: ``multi_choice`` — one ``Correct:`` and three
-``Incorrect:`` options in ``<Choices>``; ``binary`` — Yes or No in ``<Choices>``; ``free_form`` — the
-answer in ``<Choices>``). A binary *relevance* child makes no answer call: its answer is the
-rewrite's ``<Response>`` (last match, lowercase fallback, normalised to ``Yes``/``No`` by its first
-word; missing or neither word: the child is rejected, ``response_parse_failed``, never a guessed
-answer) — our reading of C4 2a with 2c "binary — Yes/No". Where the spec is silent we chose: a
-diversity child is answered by the answer call (the ``<Response>`` belongs to the rewrite step only),
-and once a shortening or improve call changes a binary child's text its answer is redone by the
-answer call, since the rewrite's ``<Response>`` answered the old text. The generation record names
-the call that gave the answer (``answer_call``). An implicature-style task is a ``binary`` one here
-(no separate mode, no task-specific text wrappers).
+``Incorrect:`` options in ``<Choices>``; ``binary`` — Yes or No in ``<Choices>``: whether the
+question is answered Yes (``append``) or whether Speaker 2's reply answers Speaker 1 (``speakers``);
+``free_form`` — the answer in ``<Choices>``). Once a shortening or improve call changes a child's
+text its answer is redone. The generation record names the call that gave the answer
+(``answer_call``).
 
 With ``reflection``, each child then goes through **self-reflection**: if the instruction is longer
 than ``len_token`` tokens (teacher tokenizer) one improve call shortens it; a grader scores it 1–10
@@ -40,11 +47,18 @@ accepted when the score is > 4, else an improve call gets the feedback and the a
 to ``max_reflection_relevance`` / ``max_reflection_diversity`` grades; after acceptance an
 answer-in-choices check (not for ``binary``) redoes the answer until the check says Yes, up to
 ``max_choice_checks_relevance`` / ``_diversity`` checks. A child that is never accepted, or whose
-check never passes, is **rejected** (the reference keeps it). Each sampled call has its own seed,
-from the run seed and the call's place in the tree (:meth:`AIDEStep.ask_one`), so a redone answer or
-grade is a new draw; with greedy decoding (``temperature: 0``) the same prompt would get the same
-reply, so a failed check is final and the grading stops once an improve call leaves the text as it
-was.
+check never passes, is **rejected** (the reference keeps it). The check prompt asks the teacher to
+work the answer out first, so a check call gets the whole ``decoding.max_tokens`` (the reference sets
+no smaller limit for it); ``judge_max_tokens`` caps only the grade calls.
+
+**Decoding.** The teacher samples by default as the reference's OpenAI path sets it (temperature 1,
+top_p 0.95, max_tokens 2048; its default Claude path sets none, and Claude's default temperature is 1);
+a flow's ``decoding`` keys replace only the keys it names. Each sampled call has its own seed, from the
+run seed and the call's place in the tree (:meth:`AIDEStep.ask_one`), so a redone answer or grade is a
+new draw and a new cache entry; with greedy decoding (``temperature: 0``) the same prompt would get the
+same reply, so a failed check is final and the grading stops once an improve call leaves the text as it
+was. A reply that stops at the token limit (status ``truncated``) is never parsed: its node or child
+fails with reason ``truncated`` (a truncated KG-expansion reply only adds no attributes).
 
 **Post-processing**, per level, before a child may expand: length filter (instruction tokens ≤
 ``len_token``), multiple-choice sanitising (exactly one correct option, at least
@@ -54,13 +68,15 @@ shuffled), then near-duplicate removal — the instruction is embedded with the 
 or to an earlier kept child is > ``dedup_threshold`` is dropped, so near-duplicate branches are
 pruned before they grow.
 
-**Bounds.** Children are issued level by level in tree order (node, then attribute × direction,
-then persona); once a seed has ``max_nodes_per_seed`` children issued, no more are (counted as
-``node_cap``). Every call goes through the call engine, whose budget caps (``max_calls``,
-``max_new_tokens_total``, ``max_cost``) are checked before each call; a refused call rejects its
-child (``budget_exhausted``). :meth:`AIDEStep.plan_calls` is the arithmetic upper bound of calls.
-Each round of the children's work (all nodes of all seeds at one level) is one ``ask()`` — one
-batch for the engine.
+**Bounds.** Children are issued level by level (breadth first). Under ``max_nodes_per_seed`` (children
+per seed, all levels) a level's children are dealt out fairly (:func:`allocate`): one per node in turn,
+over all of the seed's nodes of that level, so every node gets its share (the counts differ by at most
+one; a node gets fewer only when it has no more) before any node gets more, and a level is served before
+the next; the children left out are counted as ``node_cap``. Every call goes through the call engine,
+whose budget caps (``max_calls``, ``max_new_tokens_total``, ``max_cost``) are checked before each call;
+a refused call rejects its child (``budget_exhausted``). :meth:`AIDEStep.plan_calls` is the arithmetic
+upper bound of calls. Each round of the children's work (all nodes of all seeds at one level) is one
+``ask()`` — one batch for the engine.
 
 Every accepted child is a derived row ``[user, assistant]`` with origin
 ``aide:relevance:<direction>`` or ``aide:diversity``, parents ``[seed sample_id]`` and a generation
@@ -83,11 +99,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from curate import prompts as P
 from curate.config import EmbedSpec
-from curate.lm.calls import Call, Reply
+from curate.lm.calls import Call, Decoding, Reply
 from curate.records import canonical_json, sample_id, sha256_hex
 from curate.rewrite.base import UnitResult
 from curate.rewrite.llm import LLMParams, LLMRewriter
@@ -207,18 +223,20 @@ def parse_yes_no(text: str | None, tag: str) -> tuple[bool | None, str]:
     return (None, "not_yes_no") if yn is None else (yn, "ok")
 
 
-def parse_response(text: str | None) -> tuple[str | None, str]:
-    """The answer a binary rewrite writes in ``<Response>`` (methods.md C4 2a), normalised to ``"Yes"`` or
-    ``"No"`` by its first word (``YES.``, ``no, because …``): the last ``<Response>`` wins, ``<response>``
-    is the fallback. Status: ``ok``, ``ok_lowercase``, ``missing_tag``, ``empty`` or ``not_yes_no``;
-    anything but a Yes or No gives None — no answer is guessed."""
-    body, status = parse_tag(text, "Response")
-    if body is None:
-        return None, status
-    yn = _yes_no(body)
-    if yn is None:
-        return None, "not_yes_no"
-    return ("Yes" if yn else "No"), status
+def join_reply(question: str, reply: str, layout: str) -> str:
+    """The instruction of a binary child: its question and the reply written to it (``binary_layout``)."""
+    if layout == "speakers":
+        return f"Speaker 1: '{question}' Speaker 2: '{reply}'"
+    return f"{question}\n{reply}"
+
+
+_SPEAKERS = re.compile(r"Speaker 1: '(.*)' Speaker 2: '.*'", re.S)
+
+
+def speaker_1(text: str) -> str | None:
+    """Speaker 1's question in a ``speakers`` instruction; None when the text is not in that layout."""
+    m = _SPEAKERS.fullmatch(text.strip())
+    return m.group(1).strip() if m and m.group(1).strip() else None
 
 
 def choose_personas(similarities: np.ndarray, k: int, threshold: float) -> list[int]:
@@ -250,10 +268,20 @@ def greedy_dedup(X: np.ndarray, n_fixed: int, threshold: float) -> tuple[list[in
 
 # -- parameters -----------------------------------------------------------------------------------
 
+#: the reference's sampling (its OpenAI path: temperature 1, top_p 0.95, max_tokens 2048)
+AIDE_DECODING: dict[str, Any] = {"temperature": 1.0, "top_p": 0.95, "max_tokens": 2048}
+
+
 class AIDEParams(LLMParams):
+    decoding: Decoding = Field(default_factory=lambda: Decoding(**AIDE_DECODING),
+                               description="How the teacher generates; default sampled as the reference (temperature 1, top_p 0.95, "
+                               "max_tokens 2048); the keys given replace only those.")
     use_case: str = Field(min_length=1, description="The target task in words, e.g. 'Python code generation'; it enters every prompt.")
     choice_type: Literal["multi_choice", "binary", "free_form"] = Field(
         "multi_choice", description="Answer form: four options with one correct, Yes/No, or a free answer.")
+    binary_layout: Literal["append", "speakers"] = Field(
+        "append", description="Binary tasks: how a question and the reply written to it form the instruction: the reply on the "
+        "next line, or Speaker 1: '…' Speaker 2: '…' (implicature).")
     directions: tuple[Direction, ...] = Field(DIRECTIONS, min_length=1, description="Relevance-hop directions.")
     r_depth: int = Field(2, ge=0, description="Relevance hops expand nodes of layer ≤ r_depth (the seed is layer 1).")
     d_depth: int = Field(2, ge=0, description="Diversity hops expand nodes of layer ≤ d_depth.")
@@ -276,10 +304,17 @@ class AIDEParams(LLMParams):
     max_nodes_per_seed: int | None = Field(50, ge=0, description="Most children issued per seed (all layers); none: no cap.")
     dedup_threshold: float = Field(0.95, description="Cosine similarity above which a child is a near duplicate.")
     num_target_scores: int = Field(4, ge=2, description="Options per multiple-choice row (one correct).")
-    judge_max_tokens: int = Field(64, gt=0, description="max_tokens of grade and check calls.")
+    judge_max_tokens: int | None = Field(None, gt=0, description="max_tokens of grade calls (none: the decoding's); check "
+                                         "calls always get the decoding's, to work the answer out first.")
     embed: EmbedSpec | None = Field(None, description="Embedder for personas and dedup; default: the flow's (passed by the "
                                     "pipeline), else MiniLM.")
     match_reference: bool = Field(False, description="Residual connection on the reasoning direction only.")
+
+    @field_validator("decoding", mode="before")
+    @classmethod
+    def _decoding_defaults(cls, value: Any) -> Any:
+        """A partial ``decoding`` mapping keeps AIDE's defaults for the keys it leaves out."""
+        return {**AIDE_DECODING, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _check(self) -> AIDEParams:
@@ -322,7 +357,7 @@ class Child:
     text: str | None = None
     answer: Any = None  # multi: [(option, 1|0)]; binary: "Yes"/"No"; free: str
     answer_raw: str | None = None
-    answer_call: str | None = None  # the name of the call whose reply gave the answer ("rewrite": its <Response>)
+    answer_call: str | None = None  # the name of the call whose reply gave the answer ("answer", "improve_1_answer", …)
     grades: list[int | None] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)
     exchanges: list[tuple[str, Call, Reply]] = field(default_factory=list)
@@ -336,33 +371,74 @@ class Child:
 
 
 def failed_call(reply: Reply) -> str:
-    """The reason a call that did not return text gives its node or child."""
-    return "budget_exhausted" if reply.status == "budget_exhausted" else "call_failed"
+    """The reason a call whose reply is not ``ok`` gives its node or child: ``budget_exhausted``,
+    ``truncated`` (the reply hit the token limit; its text is never parsed) or ``call_failed``."""
+    return reply.status if reply.status in ("budget_exhausted", "truncated") else "call_failed"
+
+
+def candidates(node: Node, want_rel: bool, want_div: bool, directions: tuple[str, ...], personas: list[str]) -> list[ChildSpec]:
+    """Every child a node can have, each with its fixed slot (its place in the node's path): the
+    relevance children (attribute × direction) then the diversity children (one per persona, or one
+    without personas)."""
+    kinds: list[ChildSpec] = []
+    if want_rel:
+        kinds += [ChildSpec(node, 0, "relevance", direction=d, skill=a) for a in node.attributes for d in directions]
+    if want_div:
+        kinds += [ChildSpec(node, 0, "diversity", persona=x) for x in (personas or [None])]
+    for slot, spec in enumerate(kinds):
+        spec.slot = slot
+    return kinds
+
+
+def deal_order(kinds: list[ChildSpec], n_dir: int, turn: int) -> list[ChildSpec]:
+    """The order in which a node's children are handed out under a cap: groups (one per attribute,
+    its directions rotated by the attribute's index; then the diversity children) taken one child
+    each in turn, starting at group ``turn`` (mod the number of groups) — so a node's first children
+    differ in attribute and direction, and nodes of a level start at different groups."""
+    rel = [k for k in kinds if k.kind == "relevance"]
+    groups = [rel[i:i + n_dir] for i in range(0, len(rel), n_dir)]
+    groups = [g[j % len(g):] + g[:j % len(g)] for j, g in enumerate(groups)]
+    div = [k for k in kinds if k.kind == "diversity"]
+    if div:
+        groups.append(div)
+    if not groups:
+        return []
+    t = turn % len(groups)
+    groups = groups[t:] + groups[:t]
+    return [g[r] for r in range(max(map(len, groups))) for g in groups if r < len(g)]
 
 
 def allocate(frontier: list[Node], want_rel: bool, want_div: bool, directions: tuple[str, ...], personas: list[str],
              cap: int | None, issued: Counter) -> tuple[list[ChildSpec], Counter]:
-    """The children of one level, in tree order: per analysed node (topic known) its relevance
-    children (attribute × direction) then its diversity children (one per persona, or one without
-    personas). A seed whose ``issued`` count reached ``cap`` gets no more (``issued`` is updated).
-    Returns the specs and the children refused by the cap, per seed."""
-    specs: list[ChildSpec] = []
-    capped: Counter = Counter()
-    for node in frontier:
+    """The children of one level, breadth first and fair under the cap. Each analysed node (topic
+    known) has its :func:`candidates`. Without a cap all are issued. With one, a seed may issue
+    ``cap − issued[seed]`` more; they are dealt round-robin over the seed's nodes of this level in
+    tree order, one child per node per round (each node's next child by :func:`deal_order`, its
+    ``turn`` the node's index among them), so the counts per node differ by at most one, earlier
+    nodes taking the extra ones. ``issued`` is updated. Returns the specs in tree order (node, then
+    slot) and the children refused by the cap, per seed."""
+    per_seed: dict[int, list[list[ChildSpec]]] = {}
+    position: dict[int, int] = {}
+    for i, node in enumerate(frontier):
         if node.topic is None:
             continue
-        kinds: list[ChildSpec] = []
-        if want_rel:
-            kinds += [ChildSpec(node, 0, "relevance", direction=d, skill=a) for a in node.attributes for d in directions]
-        if want_div:
-            kinds += [ChildSpec(node, 0, "diversity", persona=x) for x in (personas or [None])]
-        for slot, spec in enumerate(kinds):
-            if cap is not None and issued[node.seed] >= cap:
-                capped[node.seed] += 1
-                continue
-            spec.slot = slot
-            issued[node.seed] += 1
-            specs.append(spec)
+        position[id(node)] = i
+        own = per_seed.setdefault(node.seed, [])
+        own.append(deal_order(candidates(node, want_rel, want_div, directions, personas), len(directions), len(own)))
+    specs: list[ChildSpec] = []
+    capped: Counter = Counter()
+    for seed, orders in per_seed.items():
+        left = None if cap is None else max(cap - issued[seed], 0)
+        taken = 0
+        for r in range(max(map(len, orders), default=0)):
+            for order in orders:
+                if r < len(order) and (left is None or taken < left):
+                    specs.append(order[r])
+                    taken += 1
+        issued[seed] += taken
+        if (refused := sum(map(len, orders)) - taken) > 0:
+            capped[seed] += refused
+    specs.sort(key=lambda x: (position[id(x.parent)], x.slot))
     return specs, capped
 
 
@@ -373,7 +449,9 @@ class AIDEStep(LLMRewriter):
     # 1.1: seeds whose analysis fails are passed through as analysis_failed; 1.2: each sampled call has its own seed
     # (a redone answer or grade is a new draw, not the cached reply), and greedy decoding does not repeat a prompt;
     # 1.3: a binary relevance rewrite also writes <Response>, the child's answer (no answer call; missing: rejected)
-    version = "1.3"
+    # 1.4: children dealt fairly under the node cap; binary <Response> is a reply inside the instruction, labelled by the
+    # answer call; sampled decoding by default; check calls get the whole max_tokens; a truncated reply fails its call
+    version = "1.4"
     Params = AIDEParams
     prompts: ClassVar[tuple[P.Prompt, ...]] = P.AIDE_PROMPTS
 
@@ -420,8 +498,8 @@ class AIDEStep(LLMRewriter):
         """Most calls one relevance child and one diversity child can make."""
         p: AIDEParams = self.params
 
-        def cost(rounds: int, checks: int, answer_call: bool) -> int:
-            c = 1 + answer_call  # rewrite (+ answer; a binary rewrite's <Response> is the answer)
+        def cost(rounds: int, checks: int) -> int:
+            c = 2  # rewrite + answer
             if not p.reflection:
                 return c
             c += 2 + rounds + 2 * (rounds - 1)  # shorten + answer, grades, improve + answer between grades
@@ -429,8 +507,8 @@ class AIDEStep(LLMRewriter):
                 c += checks + (checks - 1)  # checks, answer redone between checks
             return c
 
-        return (cost(p.max_reflection_relevance, p.max_choice_checks_relevance, p.choice_type != "binary"),
-                cost(p.max_reflection_diversity, p.max_choice_checks_diversity, True))
+        return (cost(p.max_reflection_relevance, p.max_choice_checks_relevance),
+                cost(p.max_reflection_diversity, p.max_choice_checks_diversity))
 
     def tree_bound(self) -> dict[str, int]:
         """Largest tree of one seed: children per layer with every node having the most attributes
@@ -487,21 +565,30 @@ class AIDEStep(LLMRewriter):
             domain = next((d for d, words in EXAMPLE_DOMAINS if any(w in uc for w in words)), "general")
         return P.AIDE_EXAMPLES[(domain, kind)].text
 
+    def next_text(self, text: str) -> str:
+        """The text a child's own children start from: its instruction, or for a binary ``speakers``
+        instruction still in that layout Speaker 1's question (as the reference's next hop)."""
+        p: AIDEParams = self.params
+        if p.choice_type == "binary" and p.binary_layout == "speakers":
+            return speaker_1(text) or text
+        return text
+
     @property
     def sampled(self) -> bool:
         """Whether the teacher samples: only then can asking the same prompt again give another reply."""
         return self.params.decoding.temperature > 0
 
-    def ask_one(self, prompt: P.Prompt, where: str, judge: bool = False, **fields) -> Call:
+    def ask_one(self, prompt: P.Prompt, where: str, judge: bool = False, shape: dict | None = None, **fields) -> Call:
         """A call of ``prompt`` filled with ``fields``. ``where`` names the call's place in the tree
         (``<seed sample_id>/<node path>/<call name>``): a sampled call's seed derives from it and the run
         seed (methods.md E2), so each call of a tree, a redone answer or grade included, has its own
-        seed and cache entry."""
+        seed and cache entry. ``shape``: the reply's output shape when it is not the prompt's own
+        (used with ``decoding.constrain``)."""
         d = self.params.decoding
-        if judge:
+        if judge and self.params.judge_max_tokens is not None:
             d = d.model_copy(update={"max_tokens": min(d.max_tokens, self.params.judge_max_tokens)})
         seed = int(sha256_hex(str(self.context.seed), self.method, where)[:15], 16)
-        return self.call(prompt, [{"role": "user", "content": prompt.text.format(**fields)}], seed=seed, decoding=d)
+        return self.call(prompt, [{"role": "user", "content": prompt.text.format(**fields)}], seed=seed, decoding=d, shape=shape)
 
     def drive(self, tasks: list[Generator], seeds_of: list[int], calls_per_seed: Counter) -> list[Any]:
         """Run generator tasks that yield lists of calls and receive their replies: each round sends
@@ -558,7 +645,9 @@ class AIDEStep(LLMRewriter):
         """Ask for the answer of ``child.text``; sets ``child.answer`` (and ``answer_call`` to ``name``);
         returns a failure reason or None."""
         p: AIDEParams = self.params
-        c = self.ask_one(ANSWER_PROMPTS[p.choice_type], child.where(name), instruction=child.text)
+        speakers = p.choice_type == "binary" and p.binary_layout == "speakers"
+        prompt = P.AIDE_ANSWER_BINARY_SPEAKERS if speakers else ANSWER_PROMPTS[p.choice_type]
+        c = self.ask_one(prompt, child.where(name), instruction=child.text)
         (r,) = yield [c]
         child.exchanges.append((name, c, r))
         if r.status != "ok":
@@ -601,9 +690,9 @@ class AIDEStep(LLMRewriter):
         return (yield from self._answer(child, f"{name}_answer")), True
 
     def grow(self, spec: ChildSpec, seed_text: str) -> Generator:
-        """One child: rewrite or create, answer (a binary rewrite's own ``<Response>``, else an answer
-        call), then (with reflection) the length check, graded acceptance and the answer-in-choices
-        check. Returns the :class:`Child`."""
+        """One child: rewrite or create (binary: the question and a reply to it, joined by
+        ``binary_layout``), the answer call, then (with reflection) the length check, graded acceptance
+        and the answer-in-choices check. Returns the :class:`Child`."""
         p: AIDEParams = self.params
         child = Child(spec)
         node = spec.parent
@@ -614,8 +703,7 @@ class AIDEStep(LLMRewriter):
                 residual = P.AIDE_RESIDUAL.text.format(seed=seed_text)
             prompt = REWRITE_PROMPTS[spec.direction]
             fields = dict(use_case=p.use_case, topic=node.topic, skill=spec.skill, residual=residual,
-                          examples=self.examples(spec.direction),
-                          response_form=P.AIDE_RESPONSE_FORM.text if p.choice_type == "binary" else "")
+                          examples=self.examples(spec.direction))
             tag = "Rewritten Prompt"
         else:
             prompt = P.AIDE_CREATE_PERSONA if spec.persona else P.AIDE_CREATE
@@ -623,8 +711,11 @@ class AIDEStep(LLMRewriter):
             if spec.persona:
                 fields["persona"] = spec.persona
             tag = "Created Prompt"
-        fields["answer_form"] = P.AIDE_ANSWER_FORM_BINARY.text if p.choice_type == "binary" else ""
-        c = self.ask_one(prompt, child.where("rewrite"), instruction=node.text, **fields)
+        binary = p.choice_type == "binary"
+        fields["answer_form"] = P.AIDE_ANSWER_FORM_BINARY.text if binary else ""
+        fields["response_form"] = P.AIDE_RESPONSE_FORM.text if binary else ""
+        shape = P.with_response(prompt.shape) if binary else None  # the binary <Response> follows the tag (constrain)
+        c = self.ask_one(prompt, child.where("rewrite"), shape=shape, instruction=node.text, **fields)
         (r,) = yield [c]
         child.exchanges.append(("rewrite", c, r))
         if r.status != "ok":
@@ -635,21 +726,19 @@ class AIDEStep(LLMRewriter):
         if text is None:
             child.reject, child.detail = "rewrite_parse_failed", status
             return child
-        child.text = text
-        if relevance and p.choice_type == "binary":
-            # methods.md C4 2a/2c: a binary rewrite writes its Yes/No in <Response>; that is the answer
-            answer, status = parse_response(r.text)
+        if binary:
+            # methods.md C4 2a: the <Response> is a reply inside the question; the label comes from the answer call
+            reply, status = parse_tag(r.text, "Response")
             child.statuses.append(f"response:{status}")
-            if answer is None:
+            if reply is None:
                 child.reject, child.detail = "response_parse_failed", status
                 return child
-            child.answer = child.answer_raw = answer
-            child.answer_call = "rewrite"
-        else:
-            why = yield from self._answer(child, "answer")
-            if why:
-                child.reject = why
-                return child
+            text = join_reply(text, reply, p.binary_layout)
+        child.text = text
+        why = yield from self._answer(child, "answer")
+        if why:
+            child.reject = why
+            return child
         if not p.reflection:
             return child
         original = seed_text if relevance else node.text
@@ -691,7 +780,7 @@ class AIDEStep(LLMRewriter):
             return child
         checks = p.max_choice_checks_relevance if relevance else p.max_choice_checks_diversity
         for k in range(1, checks + 1):
-            c = self.ask_one(P.AIDE_CHECK_CHOICES, child.where(f"check_{k}"), judge=True, instruction=child.text, choices=child.answer_raw)
+            c = self.ask_one(P.AIDE_CHECK_CHOICES, child.where(f"check_{k}"), instruction=child.text, choices=child.answer_raw)
             (r,) = yield [c]
             child.exchanges.append((f"check_{k}", c, r))
             if r.status != "ok":
@@ -806,7 +895,7 @@ class AIDEStep(LLMRewriter):
             for i in keep:
                 ch, messages, original = survivors[i - n_fixed]
                 spec = ch.spec
-                node = Node(spec.parent.seed, f"{spec.parent.path}.{spec.slot}", layer + 1, ch.text,
+                node = Node(spec.parent.seed, f"{spec.parent.path}.{spec.slot}", layer + 1, self.next_text(ch.text),
                             f"relevance:{spec.direction}" if spec.kind == "relevance" else "diversity", spec.parent,
                             sample_id=sample_id(messages), seed_sid=spec.parent.seed_sid)
                 gen = self.generation(spec.parent.analysis + ch.exchanges, node=node.path, layer=node.layer,
