@@ -73,6 +73,85 @@ def s3_bucket():
         server.stop()
 
 
+#: seconds `transformers serve` gets to load the model and answer a first request (under a minute on a busy 2-core machine)
+SERVE_START_S = 300
+
+
+@pytest.fixture(scope="session")
+def transformers_server(tmp_path_factory):
+    """A real OpenAI-compatible server: ``transformers serve --continuous-batching`` on a free
+    127.0.0.1 port, serving the bundled SmolLM2 (de-quantised once into a local HF directory by
+    curate's model resolver), offline. Ready once a chat request is answered; if it exits or is not
+    ready within :data:`SERVE_START_S` seconds, the test fails with the server's log. Stopped (SIGTERM,
+    then SIGKILL to its process group) at the end of the session. Yields ``base_url``, ``model`` (the
+    name requests give: the model directory the server is pinned to) and ``log`` (its output file).
+
+    The continuous-batching KV cache is sized by flags (32 pages of 256 tokens, 2048 tokens per
+    step): left to itself, on CPU, it takes 90% of free RAM (13 GB here)."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    import httpx
+
+    from curate.models import resolve_model
+
+    model_dir = resolve_model("smollm2-135m-instruct").location
+    with socket.socket() as s:  # a free port (closed again just before the server binds it)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("transformers-serve") / "serve.log"
+    cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model_dir, "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cpu", "--continuous-batching", "--cb-num-blocks", "32", "--cb-max-batch-tokens", "2048", "--enable-log-requests"]
+    # one torch thread: the tests' own process computes too, and on shared cores two threads that wait for each
+    # other at every operation made SmolLM2's plain `generate` 8x slower than one (measured at load average 8)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()  # uvicorn shuts down; the model's process exits with its parent
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left of its session (start_new_session: its own group)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+    def fail(why: str) -> None:
+        stop()
+        pytest.fail(f"transformers serve {why}: {' '.join(cmd)}\n--- its log ({log}) ---\n{log.read_text(errors='replace')[-6000:]}")
+
+    deadline, ready = time.monotonic() + SERVE_START_S, False
+    probe = {"model": model_dir, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    while not ready:
+        if proc.poll() is not None:
+            fail(f"exited with code {proc.returncode} before answering")
+        if time.monotonic() > deadline:
+            fail(f"did not answer a chat request within {SERVE_START_S} s")
+        try:
+            resp = httpx.post(f"{base_url}/chat/completions", json=probe, timeout=60)
+        except httpx.HTTPError:  # not listening yet
+            resp = None
+        if resp is not None and resp.status_code != 200:
+            fail(f"answered a first chat request with HTTP {resp.status_code}: {resp.text[:300]}")
+        ready = resp is not None
+        if not ready:
+            time.sleep(0.5)
+    try:
+        yield SimpleNamespace(base_url=base_url, model=model_dir, log=log, proc=proc)
+    finally:
+        stop()
+
+
 @pytest.fixture(scope="session")
 def shared_store(tmp_path_factory) -> Path:
     """A store shared by tests that only need embeddings to exist (computed once per session)."""
