@@ -487,15 +487,24 @@ PAIRWISE_JUDGE = Prompt(
     "Answer B:\n{answer_b}\n\n"
     "Which answer is better? Give your reasons, then the verdict: [[A]], [[B]] or [[C]].",
 )
+# verdict_token mode: the user prompt asks, as the system prompt does, for the verdict only (no reasons)
+PAIRWISE_JUDGE_VERDICT = Prompt(
+    "pairwise_judge_verdict", "1",
+    "User request:\n{question}\n\n"
+    "Answer A:\n{answer_a}\n\n"
+    "Answer B:\n{answer_b}\n\n"
+    "Which answer is better? Reply with the verdict only: [[A]], [[B]] or [[C]].",
+)
 
 # -- output shapes (decoding.constrain) -------------------------------------------------------------
 # What a reply to a prompt must look like, for the backends that can enforce it while decoding (hf through
 # xgrammar, vllm's structured outputs, an OpenAI-compatible server's response_format): a regex over the
 # whole reply, or a JSON schema. Each shape is the layout its parser reads (curate/rewrite/reflection.py,
-# curate/rewrite/aide.py, curate/scorers/judge.py, curate/scorers/ds2.py), with every free-text part
-# bounded in characters, so a model that would ramble is made to close its tags (a field cut at its
-# bound is kept as written) instead of running into max_tokens. An answer prefix (the judges'
-# answer_prefix) is the start of the reply: it must match the shape.
+# curate/rewrite/aide.py, curate/scorers/judge.py, curate/scorers/ds2.py), with the free-text parts
+# bounded in characters (all but the judge's explanation after its score line), so a model that would
+# ramble is made to close its tags (a field cut at its bound is kept as written) instead of running into
+# max_tokens. An answer prefix (the judges' answer_prefix) is the start of the reply: on hf it must
+# match the shape.
 
 
 def _regex(pattern: str) -> dict:
@@ -508,10 +517,11 @@ def _json(properties: dict, required: list[str]) -> dict:
 
 
 def _bracket_body(n: int) -> str:
-    """A Reflection field of 1..n characters: it starts with no space, and a ``[`` in it is followed by
-    neither a letter, a space nor a ``[`` (so it never opens a tag: ``[0]`` and ``["a"]`` may appear)."""
-    safe = r"(?:[^\[]|\[[^\[A-Za-z\s])"
-    return r"(?:[^\[\s]|\[[^\[A-Za-z\s])" + safe + "{0," + str(n - 1) + "}"
+    """A Reflection field of 1..n characters, starting with no space, without ``[`` (it never opens a
+    tag). Every bounded part of a shape is one character class: xgrammar fills the token mask of a
+    bounded repetition of a class in well under a millisecond, of a bounded alternation in hundreds of
+    milliseconds (docs/benchmarks.md, constrained decoding)."""
+    return r"[^\[\s][^\[]{0," + str(n - 1) + "}"
 
 
 def _angle_body(n: int, newlines: bool = True) -> str:
@@ -520,31 +530,31 @@ def _angle_body(n: int, newlines: bool = True) -> str:
     return r"[^<>\s]" + chars + "{0," + str(n - 1) + "}"
 
 
-_ANALYSIS = r"Analysis: [^\[\n]{1,240}\n"
+_ANALYSIS = r"Analysis: [^\[\n]{1,200}\n"
 _ITEM = r"[^<>\n,\s][^<>\n,]{0,39}"
 _QUOTED = r'"[^"\\\n]{1,60}"'
-_REASONING = r"[^<]{0,400}"  # room to work the answer out before the tagged verdict
+_REASONING = r"[^<]{0,300}"  # room to work the answer out before the tagged verdict
 _YES_NO = r"(?:Yes|No)"
 
 #: the output shape of each prompt that expects tags or a score (by prompt id)
 SHAPES: dict[str, dict] = {
-    REFLECT_INSTRUCTION.id: _regex(_ANALYSIS + r"\[New Instruction\] " + _bracket_body(400) + r" \[End\]\n"
-                                   r"\[New Answer\] " + _bracket_body(1000) + r" \[End\]"),
-    REFLECT_RESPONSE.id: _regex(_ANALYSIS + r"\[Better Answer\] " + _bracket_body(1000) + r" \[End\]"),
+    REFLECT_INSTRUCTION.id: _regex(_ANALYSIS + r"\[New Instruction\] " + _bracket_body(300) + r" \[End\]\n"
+                                   r"\[New Answer\] " + _bracket_body(800) + r" \[End\]"),
+    REFLECT_RESPONSE.id: _regex(_ANALYSIS + r"\[Better Answer\] " + _bracket_body(800) + r" \[End\]"),
     REFLECT_COMPRESS.id: _regex(r"\[Merged Instruction\] " + _bracket_body(600) + r" \[End\]"),
     AIDE_TOPIC.id: _regex(r"<Topic>" + _ITEM + r"</Topic>\n<Related knowledge>" + _ITEM + r"(?:, " + _ITEM + r"){2}"
                           r"</Related knowledge>"),
     AIDE_KG_EXPAND.id: _regex(r"(?:\[" + _QUOTED + ", " + _QUOTED + ", " + _QUOTED + r"\]\n){0,7}"
                               r"\[" + _QUOTED + ", " + _QUOTED + ", " + _QUOTED + r"\]"),
-    AIDE_REWRITE_REASONING.id: _regex(r"<Rewritten Prompt>" + _angle_body(400) + r"</Rewritten Prompt>"),
-    AIDE_CREATE.id: _regex(r"<Created Prompt>" + _angle_body(400) + r"</Created Prompt>"),
-    AIDE_ANSWER_MULTI.id: _regex(_REASONING + r"<Choices>\nCorrect: " + _angle_body(100, False)
-                                 + (r"\nIncorrect: " + _angle_body(100, False)) * 3 + r"\n</Choices>"),
+    AIDE_REWRITE_REASONING.id: _regex(r"<Rewritten Prompt>" + _angle_body(300) + r"</Rewritten Prompt>"),
+    AIDE_CREATE.id: _regex(r"<Created Prompt>" + _angle_body(300) + r"</Created Prompt>"),
+    AIDE_ANSWER_MULTI.id: _regex(_REASONING + r"<Choices>\nCorrect: " + _angle_body(80, False)
+                                 + (r"\nIncorrect: " + _angle_body(80, False)) * 3 + r"\n</Choices>"),
     AIDE_ANSWER_BINARY.id: _regex(_REASONING + r"<Choices>" + _YES_NO + r"</Choices>"),
-    # a free answer may hold "<" (code, comparisons) but no closing tag
-    AIDE_ANSWER_FREE.id: _regex(r"<Choices>[^<\s](?:[^<]|<[^/<]){0,799}</Choices>"),
+    # a free answer may hold a few "<" (code, comparisons), none opening a closing tag
+    AIDE_ANSWER_FREE.id: _regex(r"<Choices>[^<\s][^<]{0,399}(?:<[^/<][^<]{0,99}){0,4}</Choices>"),
     AIDE_GRADE_RELEVANCE.id: _regex(r"<Score>(?:10|[1-9])</Score>"),
-    AIDE_IMPROVE.id: _regex(r"<Improved Prompt>" + _angle_body(400) + r"</Improved Prompt>"),
+    AIDE_IMPROVE.id: _regex(r"<Improved Prompt>" + _angle_body(300) + r"</Improved Prompt>"),
     AIDE_CHECK_CHOICES.id: _regex(_REASONING + r"<Response>" + _YES_NO + r"</Response>"),
     # the score line is what the judge reads; the explanation after it is left free (a bounded last
     # part took xgrammar seconds to compile, and a cut explanation costs the rating nothing)

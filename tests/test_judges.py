@@ -250,7 +250,7 @@ def test_default_judge_rates_with_the_default_model(rows):
     hosted = scorer_class("llm_rating")("llm_rating", {"backend": "openai", "base_url": "http://127.0.0.1:9/v1"}, CTX)
     assert hosted._setup()[-1] == ""  # a plain OpenAI API cannot continue a reply: no cue by default
     cued = judge.score_records(rows)
-    bare = scorer_class("llm_rating")("llm_rating", {"max_tokens": 16, "answer_prefix": ""}, CTX).score_records(rows)
+    bare = scorer_class("llm_rating")("llm_rating", {"max_tokens": 16, "answer_prefix": "", "constrain": False}, CTX).score_records(rows)
     assert all(o.raw_output.startswith("Score:") for o in cued) and sum(o.status == "ok" for o in cued) >= 2
     assert all(o.status == "parse_failed" for o in bare)  # without the cue SmolLM2 writes prose, not a rating
     # "1. Invest in …" is a list item, not a rating: unrated, never 1.0 (the old first-number guess)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from curate.lm.base import resolve_device
@@ -82,17 +84,52 @@ class HFBackend:
         return out
 
     def chat(self, conversations: list[list[dict]], decoding: dict, seeds: list[int] | None = None, progress=None,
-             prefix: str = "") -> list[dict]:
+             prefix: str = "", shapes: list[dict | None] | None = None) -> list[dict]:
         """Reply to each conversation (rendered by :func:`chat_prompt_ids`). ``prefix`` starts the
-        reply; the returned text includes it."""
+        reply; the returned text includes it. ``shapes`` (one per conversation; None: free text) limit
+        each reply to its regex or JSON schema (:meth:`constraints`: xgrammar masks the tokens the shape
+        does not allow at each step); those rows say ``constrained: True``."""
         tok = self.tokenizer
-        out = self.generate([chat_prompt_ids(tok, conv, prefix) for conv in conversations], decoding, seeds, progress)
-        for o in out:
+        constraints = self.constraints(shapes, prefix) if shapes is not None and any(s is not None for s in shapes) else None
+        out = self.generate([chat_prompt_ids(tok, conv, prefix) for conv in conversations], decoding, seeds, progress, constraints)
+        for i, o in enumerate(out):
             if o["text"] is not None:
                 o["text"] = prefix + o["text"]
+            if shapes is not None:
+                o["constrained"] = True if shapes[i] is not None else None
         return out
 
-    def generate(self, prompts: list[list[int]], decoding: dict, seeds: list[int] | None = None, progress=None) -> list[dict]:
+    def constraints(self, shapes: list[dict | None], prefix: str = "") -> list[Constraint | None]:
+        """A :class:`Constraint` per shape (None stays None): each shape is compiled once per process
+        and model. Raises :class:`~curate.errors.CurateError` for an unknown shape type, or when
+        ``prefix`` (the reply's start) cannot begin a reply of that shape."""
+        from curate.errors import CurateError, require
+
+        xgr = require("xgrammar", "decoding.constrain on the hf backend", XGRAMMAR_INSTALL)
+        r = self.resolved
+        tok, model, eos = self.tokenizer, self.model, self._eos_ids()
+        vocab = model.get_output_embeddings().weight.shape[0]
+
+        def compiler():
+            info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=eos)
+            return xgr.GrammarCompiler(info, max_threads=max(1, self.torch_threads or 1))
+
+        comp = cached(("xgrammar-compiler", r.location, r.revision, vocab), compiler)
+        out: list[Constraint | None] = []
+        for shape in shapes:
+            if shape is None:
+                out.append(None)
+                continue
+            key = json.dumps(shape, sort_keys=True)
+            grammar = cached(("xgrammar-grammar", r.location, r.revision, vocab, key), lambda: compile_shape(comp, shape))
+            if prefix and not xgr.GrammarMatcher(grammar).accept_string(prefix):
+                raise CurateError(f"decoding.constrain: the answer prefix {prefix!r} cannot start a reply of the shape {key[:200]}; "
+                                  "change the prefix (or set it to '') or turn constrain off")
+            out.append(Constraint(grammar, prefix, vocab))
+        return out
+
+    def generate(self, prompts: list[list[int]], decoding: dict, seeds: list[int] | None = None, progress=None,
+                 constraints: list[Constraint | None] | None = None) -> list[dict]:
         """Continuations of token-id prompts: ``{"text", "n_tokens", "status"}`` per prompt, in order.
 
         Greedy (temperature 0): prompts are sorted by length (longest first) and generated in
@@ -101,6 +138,7 @@ class HFBackend:
         so a failing row gets ``status="error"`` and no other row moves. Sampled (temperature > 0):
         one prompt at a time with its own seed, so a row's text depends on nothing but its prompt
         and seed — HF ``generate`` draws from one global generator, so batched rows would share it.
+        ``constraints`` (one per prompt, None: free) limit each row's tokens to its grammar.
         """
         set_torch_threads(self.torch_threads)
         max_new = int(decoding.get("max_tokens", 128))
@@ -118,7 +156,8 @@ class HFBackend:
         out: list[dict | None] = [None] * len(prompts)
         for batch in batches:
             seed = (int(seeds[batch[0]]) if seeds else 0) if temperature > 0 else None
-            for i, res in zip(batch, self._generate_rows([prompts[i] for i in batch], kwargs, seed)):
+            cons = [constraints[i] for i in batch] if constraints else None
+            for i, res in zip(batch, self._generate_rows([prompts[i] for i in batch], kwargs, seed, cons)):
                 out[i] = res
             if progress is not None:
                 progress.advance(len(batch))
@@ -133,17 +172,18 @@ class HFBackend:
         eos = self.tokenizer.eos_token_id if eos is None else eos
         return [eos] if isinstance(eos, int) else list(eos)
 
-    def _generate_rows(self, rows: list[list[int]], kwargs: dict, seed: int | None) -> list[dict]:
+    def _generate_rows(self, rows: list[list[int]], kwargs: dict, seed: int | None, cons: list | None = None) -> list[dict]:
         """Generate ``rows`` as one batch; on any exception split it in halves (single rows fail alone)."""
         try:
-            return self._generate_batch(rows, kwargs, seed)
+            return self._generate_batch(rows, kwargs, seed, cons)
         except Exception as exc:  # noqa: BLE001 - a failed row becomes its own status
             if len(rows) == 1:
                 return [{"text": None, "n_tokens": 0, "status": "error", "error_class": type(exc).__name__, "message": str(exc)[:500]}]
         half = len(rows) // 2
-        return self._generate_rows(rows[:half], kwargs, seed) + self._generate_rows(rows[half:], kwargs, seed)
+        c1, c2 = (cons[:half], cons[half:]) if cons else (None, None)
+        return self._generate_rows(rows[:half], kwargs, seed, c1) + self._generate_rows(rows[half:], kwargs, seed, c2)
 
-    def _generate_batch(self, rows: list[list[int]], kwargs: dict, seed: int | None) -> list[dict]:
+    def _generate_batch(self, rows: list[list[int]], kwargs: dict, seed: int | None, cons: list | None = None) -> list[dict]:
         """One ``generate`` call over left-padded rows; each row's new tokens end at its first EOS."""
         import torch
 
@@ -156,16 +196,25 @@ class HFBackend:
         if seed is not None:
             torch.manual_seed(seed)
         kwargs = dict(kwargs)
-        if kwargs.get("stop"):
-            kwargs["stopping_criteria"] = StopInNewText.make(self.tokenizer, kwargs["stop"], width)
-        kwargs.pop("stop", None)
+        stop = kwargs.pop("stop", None) or []
+        if stop:
+            kwargs["stopping_criteria"] = StopInNewText.make(self.tokenizer, stop, width)
+        if cons and any(c is not None for c in cons):
+            kwargs["logits_processor"] = GrammarMask.make(cons)
         with torch.inference_mode():
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         eos = set(kwargs["eos_token_id"])
         out = []
         for new in gen[:, width:].tolist():
-            end = next((j + 1 for j, t in enumerate(new) if t in eos), len(new))
-            out.append({"text": self.tokenizer.decode(new[:end], skip_special_tokens=True), "n_tokens": end, "status": "ok"})
+            end = next((j + 1 for j, t in enumerate(new) if t in eos), None)
+            text = self.tokenizer.decode(new[:end], skip_special_tokens=True)
+            if end is not None:
+                reason = "stop"  # its end-of-sequence token
+            else:  # no EOS: it ended at a stop string, or ran out of max_new_tokens
+                end = len(new)
+                hit = any(s in text for s in stop)
+                reason = "stop" if hit or end < kwargs["max_new_tokens"] else "length"
+            out.append({"text": text, "n_tokens": end, "status": "ok", "finish_reason": reason})
         return out
 
 
@@ -192,6 +241,74 @@ class StopInNewText:
 
         criterion = type("StopInNewTextCriteria", (cls, StoppingCriteria), {})(tokenizer, stop, width)
         return StoppingCriteriaList([criterion])
+
+
+XGRAMMAR_INSTALL = "pip install 'curate[constrained]'  (xgrammar)"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One row's output grammar (an ``xgrammar.CompiledGrammar``), the reply's prefix already in the
+    prompt (fed to the grammar first), and the logits' vocabulary size."""
+
+    grammar: Any
+    prefix: str
+    vocab: int
+
+
+def compile_shape(compiler, shape: dict):
+    """An ``xgrammar.CompiledGrammar`` for a declared output shape (:data:`curate.prompts.SHAPES`):
+    ``{"type": "regex", "pattern"}`` or ``{"type": "json_schema", "schema"}`` (compact JSON: no free
+    whitespace, so a model cannot fill its tokens with blanks)."""
+    from curate.lm.shapes import check
+
+    if check(shape) == "regex":
+        return compiler.compile_regex(shape["pattern"])
+    return compiler.compile_json_schema(json.dumps(shape["schema"]), any_whitespace=False)
+
+
+class GrammarMask:
+    """Limits each constrained row's next token to those its grammar allows after what the row has
+    generated (xgrammar's token bitmask); rows without a constraint are left alone, and so is a row
+    once its grammar has ended or once it stopped some other way (a stop string: padding follows).
+    Built by :meth:`make` (a ``transformers.LogitsProcessor``, imported only then)."""
+
+    def __init__(self, cons: list[Constraint | None]):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matchers = []
+        for c in cons:
+            m = None if c is None else xgr.GrammarMatcher(c.grammar)
+            if m is not None and c.prefix:
+                m.accept_string(c.prefix)
+            self.matchers.append(m)
+        vocab = next(c.vocab for c in cons if c is not None)
+        self.mask = xgr.allocate_token_bitmask(len(cons), vocab)
+        self.started = False
+
+    def __call__(self, input_ids, scores):
+        if self.started:  # the token each row took last step
+            last = input_ids[:, -1].tolist()
+            for i, m in enumerate(self.matchers):
+                if m is not None and not m.is_terminated() and not m.accept_token(last[i]):
+                    self.matchers[i] = None
+        self.started = True
+        rows = [i for i, m in enumerate(self.matchers) if m is not None and not m.is_terminated()]
+        if rows:
+            for i in rows:
+                self.matchers[i].fill_next_token_bitmask(self.mask, i)
+            if scores.device.type == "cpu":
+                self.xgr.apply_token_bitmask_inplace(scores, self.mask, indices=rows)
+            else:
+                self.xgr.apply_token_bitmask_inplace(scores, self.mask.to(scores.device), indices=rows)
+        return scores
+
+    @classmethod
+    def make(cls, cons: list[Constraint | None]):
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        return LogitsProcessorList([type("GrammarMaskProcessor", (cls, LogitsProcessor), {})(cons)])
 
 
 def greedy_batches(lengths: list[int], budget: int) -> list[list[int]]:

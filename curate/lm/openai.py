@@ -200,18 +200,29 @@ class OpenAIBackend:
         return d
 
     def chat(self, conversations: list[list[dict]], decoding: dict[str, Any] | None = None, seeds: list[int] | None = None,
-             progress=None, prefix: str = "") -> list[dict]:
+             progress=None, prefix: str = "", shapes: list[dict | None] | None = None) -> list[dict]:
         """One chat completion per conversation: ``{"text", "status", …}`` per row. A ``prefix`` is sent
         as a final assistant message to continue (vLLM's ``continue_final_message``; ``server: vllm``
-        only — the plain OpenAI API has no way to continue a message)."""
+        only — the plain OpenAI API has no way to continue a message).
+
+        ``shapes`` (one per conversation; None: free text) are asked for where this server can enforce
+        them (:func:`curate.lm.shapes.request_fields`: ``response_format`` for a JSON schema, vLLM's
+        ``structured_outputs`` for a regex with ``server: vllm``; nothing with a ``prefix``, which the
+        server's grammar would not include); a request refused with 400 or 422 is sent again without
+        those fields. Each shaped row says ``constrained``: the shape was asked for and the reply has
+        it (:func:`curate.lm.shapes.conforms`; a server that ignores the field is not taken at its word)."""
+        from curate.lm.shapes import conforms, request_fields
+
         if prefix and self.params.server != "vllm":
             raise CurateError(f"openai backend: an answer prefix ({prefix!r}) needs vLLM's continue_final_message, which the "
                               "plain OpenAI API does not have: set server: vllm for a `vllm serve` endpoint, or leave answer_prefix empty")
         model = self.params.served_name or self.params.model
         d = self._request_decoding(decoding)
+        asked = [request_fields(s, self.params.server) if shapes is not None and not prefix else None
+                 for s in (shapes or [None] * len(conversations))]
         bodies = []
         for i, conv in enumerate(conversations):
-            body = {"model": model, "messages": conv, **d}
+            body = {"model": model, "messages": conv, **d, **(asked[i] or {})}
             if prefix:
                 body.update(messages=conv + [{"role": "assistant", "content": prefix}], add_generation_prompt=False, continue_final_message=True)
             if seeds is not None:
@@ -219,13 +230,28 @@ class OpenAIBackend:
             bodies.append(body)
         out = []
         attempts = [[0] for _ in bodies]
-        for resp, tries in zip(self._run_all("/chat/completions", bodies, progress, attempts), attempts):
+        results = self._run_all("/chat/completions", bodies, progress, attempts)
+        refused = [k for k, r in enumerate(results) if asked[k] and isinstance(r, RequestError) and r.status in (400, 422)]
+        if refused:  # the server does not take the constraint fields: ask again without them (free, recorded)
+            if "constrain" not in self._warned:
+                self._warned.add("constrain")
+                logging.getLogger("curate").warning(f"openai backend: {self.base_url} refused the output-shape fields "
+                                                    f"({str(results[refused[0]])[:200]}); those replies are unconstrained")
+            more = [[0] for _ in refused]
+            plain = [{f: v for f, v in bodies[k].items() if f not in asked[k]} for k in refused]
+            for k, r, tries in zip(refused, self._run_all("/chat/completions", plain, None, more), more):
+                results[k], asked[k] = r, None
+                attempts[k][0] += tries[0]
+        for k, (resp, tries) in enumerate(zip(results, attempts)):
             retries = max(tries[0] - 1, 0)
             if isinstance(resp, Exception):
-                out.append({"text": None, "status": "error", "error_class": type(resp).__name__, "message": str(resp)[:500],
-                            "retries": retries})
+                row = {"text": None, "status": "error", "error_class": type(resp).__name__, "message": str(resp)[:500], "retries": retries}
             else:
-                out.append(chat_row(resp, prefix, retries))
+                row = chat_row(resp, prefix, retries)
+            if shapes is not None:
+                shape = shapes[k]
+                row["constrained"] = None if shape is None else bool(asked[k]) and row["status"] == "ok" and conforms(shape, row["text"])
+            out.append(row)
         return out
 
 

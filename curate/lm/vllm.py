@@ -89,20 +89,32 @@ class VLLMBackend:
         return res
 
     def chat(self, conversations: list[list[dict]], decoding: dict, seeds: list[int] | None = None, progress=None,
-             prefix: str = "") -> list[dict]:
+             prefix: str = "", shapes: list[dict | None] | None = None) -> list[dict]:
+        """Reply to each conversation with ``LLM.chat``. ``shapes`` (one per conversation; None: free text)
+        go to vLLM's structured outputs (:func:`curate.lm.shapes.sampling_constraint`); with a ``prefix``
+        they are not sent (vLLM's grammar would begin after the prefix, which is the start of the shape)
+        and those rows say ``constrained: False``."""
+        import vllm.sampling_params as vsp
         from vllm import SamplingParams
+
+        from curate.lm.shapes import sampling_constraint
 
         if prefix:  # the reply starts with the prefix: continue a final assistant message
             conversations = [conv + [{"role": "assistant", "content": prefix}] for conv in conversations]
         params = [SamplingParams(max_tokens=int(decoding.get("max_tokens", 128)), temperature=float(decoding.get("temperature", 0.0)),
                                  top_p=float(decoding.get("top_p", 1.0)), top_k=int(decoding.get("top_k", 0)) or -1,
-                                 seed=None if seeds is None else int(seeds[i]), stop=list(decoding.get("stop") or []) or None)
+                                 seed=None if seeds is None else int(seeds[i]), stop=list(decoding.get("stop") or []) or None,
+                                 **(sampling_constraint(vsp, shapes[i]) if shapes and shapes[i] is not None and not prefix else {}))
                   for i in range(len(conversations))]
         kw = {"add_generation_prompt": False, "continue_final_message": True} if prefix else {}
         outs = self.llm.chat(conversations, params, use_tqdm=False, **kw)
         # vLLM's finish_reason: "stop" (EOS or a stop string) or "length" (max_tokens reached)
-        return [{"text": prefix + o.outputs[0].text, "n_tokens": len(o.outputs[0].token_ids), "status": "ok",
+        rows = [{"text": prefix + o.outputs[0].text, "n_tokens": len(o.outputs[0].token_ids), "status": "ok",
                  "finish_reason": o.outputs[0].finish_reason} for o in outs]
+        if shapes is not None:
+            for row, shape in zip(rows, shapes):
+                row["constrained"] = None if shape is None else not prefix
+        return rows
 
 
 def spans_from_token_logprobs(seq: Seq, lps: np.ndarray, keep: bool) -> SeqResult:

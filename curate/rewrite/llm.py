@@ -88,13 +88,16 @@ class LLMRewriter(Rewriter):
             self._engine.spent.carry(charged)
 
     def call(self, prompt: Prompt, messages: list[dict[str, Any]], seed: int | None = None, decoding: Decoding | None = None,
-             attempt: int = 0) -> Call:
+             attempt: int = 0, shape: dict[str, Any] | None = None) -> Call:
         """A call of ``prompt`` (already filled in ``messages``) with the step's decoding; sampled
-        decoding gets ``seed`` (default: the run seed). ``attempt`` > 0 makes a retry its own call."""
+        decoding gets ``seed`` (default: the run seed). ``attempt`` > 0 makes a retry its own call.
+        The call carries the prompt's declared output ``shape`` (or the ``shape`` given, for a prompt
+        whose filled text asks for more), enforced when the decoding says ``constrain``."""
         d = decoding or self.params.decoding
         if d.temperature > 0 and seed is None:
             seed = self.context.seed
-        return Call(messages, prompt.ref(), d, seed if d.temperature > 0 else None, attempt)
+        return Call(messages, prompt.ref(), d, seed if d.temperature > 0 else None, attempt,
+                    shape=shape if shape is not None else prompt.shape)
 
     def ask(self, calls: list[Call], progress=None) -> list[Reply]:
         return self.engine.run(calls, progress)

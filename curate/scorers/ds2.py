@@ -7,7 +7,9 @@ rating noise is part of the method, and the curation step (the ``ds2`` selection
 Each row's seed is derived from the run seed and its sample_id, so ratings do not depend on sharding
 or batch order. An answer without a parsable JSON object is regenerated (new seed) up to
 ``max_attempts`` times; after that the row is ``parse_failed`` (quarantined; the reference's class
-0 only with ``match_reference``). The prompts are ours (:mod:`curate.prompts`); the conversation is
+0 only with ``match_reference``). With ``constrain`` (the default) the reply is held to the JSON object
+of the four ratings while decoding (DS2_USER's shape; see :mod:`curate.lm.shapes`). The prompts are ours
+(:mod:`curate.prompts`); the conversation is
 rendered as ``### {role}: {content}`` lines.
 
 Truncation (methods.md E4): the prompt as the model reads it (both prompts, the chat template, the
@@ -73,6 +75,9 @@ class DS2Params(RatingParams):
                                "which helps small models answer in the format; part of the fingerprint.")
     max_tokens: int = Field(128, gt=0)
     max_attempts: int = Field(3, ge=1, description="Generations per row before parse_failed.")
+    constrain: bool = Field(True, description="Constrain the reply to the JSON object of the four ratings (DS2_USER's declared "
+                            "shape) while decoding: hf through xgrammar (an answer_prefix must be the start of that object), "
+                            "vllm's structured outputs, an OpenAI-compatible server's response_format where it has one.")
 
 
 class DS2RatingScorer(PromptScorer):
@@ -94,6 +99,8 @@ class DS2RatingScorer(PromptScorer):
     def fingerprint(self) -> dict[str, Any]:
         fp = self.base_fingerprint([DS2_SYSTEM, DS2_USER])
         fp["decoding"] = self.decoding()
+        if self.params.constrain:
+            fp["shape"] = DS2_USER.shape
         return fp
 
     def fitted_prompt(self, messages: list[dict]) -> Fitted:
@@ -123,8 +130,9 @@ class DS2RatingScorer(PromptScorer):
             if not pending:
                 break
             convs = [rating_conversation(records[i]["messages"], fits[i].bodies) for i in pending]
+            shaped = {"shapes": [DS2_USER.shape] * len(convs)} if p.constrain else {}
             replies = self.backend().chat(convs, self.decoding(), prefix=self.params.answer_prefix,
-                                          seeds=[self.seed_for(records[i]["sample_id"], attempt) for i in pending])
+                                          seeds=[self.seed_for(records[i]["sample_id"], attempt) for i in pending], **shaped)
             still = []
             for i, rep in zip(pending, replies):
                 if rep["status"] != "ok":

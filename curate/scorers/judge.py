@@ -8,7 +8,10 @@ message is the one judged). Any backend: local ``hf`` (chat template + generate)
 
 The reply starts with ``answer_prefix``, by default the answer format's cue (``Score:`` /
 ``{"score": ``), so that even the bundled 135M model writes its rating where the parser looks (not
-for a plain OpenAI API, which cannot continue a reply: ``server: openai``).
+for a plain OpenAI API, which cannot continue a reply: ``server: openai``). With ``constrain`` (the
+default) the reply is held to the rubric's declared shape (:data:`curate.prompts.SHAPES`) while
+decoding; where the shape is enforced after the prefix by the server (vllm, openai) no cue is sent by
+default; ``components.constrained`` says whether the backend enforced it.
 
 Parsing: the rubric's declared format first (``first_line``: the first line after the prefix is the
 number; ``json``: the last JSON object's ``score``), then one tolerant fallback (``score: x``). A
@@ -130,6 +133,9 @@ class JudgeParams(RatingParams):
                                       "'' for none. Part of the fingerprint.")
     max_tokens: int = Field(64, gt=0)
     n_samples: int = Field(1, ge=1)
+    constrain: bool = Field(True, description="Constrain the judge's reply to the rubric's declared output shape (curate.prompts.SHAPES: "
+                            "the score line, or the JSON object) while decoding: hf through xgrammar, vllm's structured outputs, "
+                            "an OpenAI-compatible server's response_format where it has one (else the reply is free; recorded).")
 
 
 class JudgeScorer(PromptScorer):
@@ -152,7 +158,10 @@ class JudgeScorer(PromptScorer):
         (lo, hi), fmt = RUBRIC_DEFAULTS[p.rubric]
         fmt = fmt if p.answer_format == "auto" else p.answer_format
         can_continue = p.backend != "openai" or p.server == "vllm"  # the plain OpenAI API cannot continue a reply
-        prefix = p.answer_prefix if p.answer_prefix is not None else (ANSWER_CUES[fmt] if can_continue else "")
+        # a constraint applies to what the server generates, after a prefix, except on hf (which feeds the prefix to the
+        # grammar first): elsewhere the shape does the cue's work
+        cue = can_continue and not (p.constrain and p.backend != "hf" and RUBRICS[p.rubric].shape is not None)
+        prefix = p.answer_prefix if p.answer_prefix is not None else (ANSWER_CUES[fmt] if cue else "")
         lo = p.scale_min if p.scale_min is not None else lo
         hi = p.scale_max if p.scale_max is not None else hi
         return RUBRICS[p.rubric], lo, hi, fmt, prefix
@@ -164,6 +173,8 @@ class JudgeScorer(PromptScorer):
         rubric, lo, hi, fmt, prefix = self._setup()
         fp = self.base_fingerprint([rubric])
         fp.update(rubric_hash=rubric.hash, scale=[lo, hi], answer_format=fmt, answer_prefix=prefix, decoding=self.decoding())
+        if self.params.constrain and rubric.shape is not None:
+            fp["shape"] = rubric.shape
         return fp
 
     @staticmethod
@@ -194,7 +205,8 @@ class JudgeScorer(PromptScorer):
                 convs.append(self.conversation(rubric, rec["messages"], fits[r_i].bodies))
                 seeds.append(int(sha256_hex(str(self.context.seed), self.method, rec["sample_id"], str(s))[:8], 16))
                 where.append(r_i)
-        replies = self.backend().chat(convs, self.decoding(), prefix=prefix, seeds=seeds) if convs else []
+        shaped = {"shapes": [rubric.shape] * len(convs)} if p.constrain and rubric.shape is not None else {}
+        replies = self.backend().chat(convs, self.decoding(), prefix=prefix, seeds=seeds, **shaped) if convs else []
         per_row: dict[int, list[dict]] = {r_i: [] for r_i in fits}
         for r_i, rep in zip(where, replies):
             per_row[r_i].append(rep)
@@ -211,6 +223,8 @@ class JudgeScorer(PromptScorer):
         parsed = [parse_rating(r["text"], fmt, lo, hi, prefix=prefix) for r in reps]
         values = [v for v, _ in parsed if v is not None]
         comp = {"parsed": [v for v, _ in parsed], "parse_path": [path for _, path in parsed], "rubric_hash": rubric.hash}
+        if any("constrained" in r for r in reps):  # asked for: whether the backend enforced the shape
+            comp["constrained"] = all(bool(r.get("constrained")) for r in reps)
         if len(values) < len(reps):
             if self.params.match_reference:
                 comp["raw_parsed"] = [-1 if v is None else v for v, _ in parsed]
