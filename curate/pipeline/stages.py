@@ -270,7 +270,8 @@ class RewriteStage(Stage):
         spec = run.spec
         (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.sets[self.source], step=self.step, context=rewrite_context(spec),
                                                           store_dir=str(spec.local_store),
-                                                          out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size)])
+                                                          out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size,
+                                                          max_error_rate=spec.runtime.max_error_rate)])
         run.rewrites.append(ref)
         run.sets[self.step.label] = ref.derived
         return {"stage": self.name, "tasks": 1, "rows": ref.n_derived, "computed_rows": ref.n_derived if ref.computed_units else 0,
@@ -331,7 +332,8 @@ class ExportStage(Stage):
                                                     for layout in spec.export.layouts], task="export-{layout}")
         files = [f for group in files for f in group]
         (export,), secs2 = run.map(self, export_finalize, [dict(selection=selection, ledger=ledger, spec=spec.export, files=files,
-                                                                out_dir=str(run.out), keys=keys)], task="export-configs")
+                                                                out_dir=str(run.out), keys=keys, derived=bool(run.rewrites))],
+                                   task="export-configs")
         run.results["export"] = export
         run.results["keys"] = keys
         return {"stage": "export", "tasks": len(spec.export.layouts) + 1, "rows": selection.n_selected, "seconds": secs + secs2}

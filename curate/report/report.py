@@ -68,6 +68,49 @@ def _outcomes(ledger_path: str, ids: list[str]) -> list[str]:
     return out
 
 
+def _reasons(stats: dict[str, Any]) -> str:
+    reasons = stats.get("reasons") or {}
+    return "; ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def empty_rewrites(summary: dict[str, Any]) -> list[str]:
+    """One line per rewrite step that made no row: how many rows it had and why it used none."""
+    out = []
+    for name, r in ((summary.get("derived") or {}).get("rewrites") or {}).items():
+        if not r.get("derived_rows"):
+            why = _reasons(r)
+            out.append(f"rewrite `{name}` made no rows from its {r.get('input_rows', 0)} input rows" + (f" ({why})" if why else ""))
+    return out
+
+
+def empty_selection(summary: dict[str, Any]) -> str | None:
+    """When the run selected no row (input or derived): where the rows ran out, as one sentence
+    starting "no rows selected:"; None when some row was selected. Read from the summary's counts,
+    inputs, selection rounds and rewrite stats."""
+    counts, derived = summary["counts"], summary.get("derived")
+    if counts.get("selected", 0) or (derived and derived["counts"].get("selected", 0)):
+        return None
+    n_input = summary["n_input"]
+    if not n_input:
+        return "no rows selected: the inputs hold no rows"
+    if not sum(s.get("n_valid", 0) for s in summary.get("inputs", [])):
+        return f"no rows selected: none of the {n_input} input rows passed ingest (all quarantined; see the outcomes below)"
+    rounds = derived["rounds"] if derived else [{"round": "select", "steps": summary["steps"], "selected": counts.get("selected", 0)}]
+    for k, rnd in enumerate(rounds):
+        if rnd["selected"]:
+            continue
+        steps = rnd["steps"]
+        if steps and steps[0]["in"]:
+            s = next((s for s in steps if not s["kept"]), steps[-1])
+            return (f"no rows selected: {rnd['round']} step {s['step']} ({s['name']}) kept none of the {s['in']} rows that reached it "
+                    f"(they are {s['outcome_of_dropped']})")
+        if k == 0:
+            return f"no rows selected: {rnd['round']} had an empty pool ({counts.get('quarantined', 0)} rows quarantined before it)"
+        why = "a rewrite above made no rows" if empty_rewrites(summary) else "the rewrites left it no row"
+        return f"no rows selected: {rnd['round']} had an empty pool ({why})"
+    return "no rows selected"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The run summary as markdown (used for the report and the Prefect artifact)."""
     counts = summary["counts"]
@@ -85,6 +128,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
            f"**{summary['derived']['counts'].get('selected', 0)} selected**, {summary['derived']['counts'].get('not_selected', 0)} not selected, "
            f"{summary['derived']['counts'].get('filtered', 0)} filtered, {summary['derived']['counts'].get('quarantined', 0)} quarantined "
            f"(reconciled: {summary['derived']['reconciled']})"] if summary.get("derived") else []),
+        *[f"- {html.escape(line, quote=False)}" for line in empty_rewrites(summary)],
+        *([f"- **{html.escape(note, quote=False)}**"] if (note := empty_selection(summary)) else []),
         f"- wall time {summary['seconds']:.1f} s",
         "",
         *(["## Warnings", "", *[f"- {w}" for w in warnings], ""] if warnings else []),

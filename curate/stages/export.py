@@ -54,6 +54,8 @@ def selected_records(selection: SelectionRef) -> tuple[list[dict], pa.Table]:
     table = read_records(selection.selected)
     scores = pq.read_table(selection.path)
     sel = scores.filter(pc.equal(scores.column("selected"), True))
+    if not sel.num_rows:  # an empty selection: nothing to order (its id column may even be untyped)
+        return table.to_pylist(), sel
     position = pc.index_in(sel.column("sample_id"), value_set=table.column("sample_id"))
     sel = sel.take(pc.sort_indices(position))
     return table.to_pylist(), sel
@@ -85,6 +87,29 @@ def _extras(sel: pa.Table, records: list[dict]) -> dict[str, dict[str, Any]]:
     return out
 
 
+_MESSAGE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+#: each layout's columns (after ``id``) as an empty Parquet file declares them; a file with rows infers
+#: its own (optional columns such as ``system``/``tools`` appear only where some row has one)
+LAYOUT_SCHEMAS = {
+    "messages": [("messages", _MESSAGE)],
+    "prompt_completion": [("prompt", _MESSAGE), ("completion", _MESSAGE)],
+    "alpaca": [("instruction", pa.string()), ("input", pa.string()), ("output", pa.string())],
+    "sharegpt": [("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())])))],
+}
+
+
+def empty_layout_table(layout: str, sel: pa.Table, extra_columns: bool) -> pa.Table:
+    """A zero-row table for an empty selection: ``id``, the layout's columns and (``extra_columns``)
+    the provenance and score columns a file with rows would carry, so that a trainer reading it finds
+    the columns its config names."""
+    fields = [("id", pa.string()), *LAYOUT_SCHEMAS[layout]]
+    if extra_columns:
+        fields += [("curate.source", pa.string()), ("curate.source_index", pa.int64()), ("curate.rank", pa.int64())]
+        fields += [(f"score.{c}", pa.float64() if pa.types.is_null(sel.schema.field(c).type) else sel.schema.field(c).type)
+                   for c in sel.column_names if c not in META_COLUMNS and not c.endswith(".status")]
+    return pa.schema(fields).empty_table()
+
+
 def folder(layout: str, file_type: str) -> str:
     return layout if file_type == "jsonl" else f"{layout}_{file_type}"
 
@@ -113,7 +138,7 @@ def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_di
                     for r in rows:
                         f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
             else:
-                write_parquet(path, pa.Table.from_pylist(rows))
+                write_parquet(path, pa.Table.from_pylist(rows) if rows else empty_layout_table(layout, sel, spec.extra_columns))
             infos.append({"layout": layout, "file_type": file_type, "path": rel, "n_rows": len(rows), "sha256": file_sha256(path),
                           "skipped": [{"id": sid, "why": why} for sid, why in skipped],
                           "has": sorted({k for r in rows[:1] for k in r})})
@@ -144,15 +169,17 @@ def _prune(stage: Path, keep: set[str]) -> None:
 
 
 def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], out_dir: str,
-                    keys: dict[str, Any]) -> ExportRef:
-    """Sidecar, ledgers, trainer configs and manifest, after every layout is written."""
+                    keys: dict[str, Any], derived: bool | None = None) -> ExportRef:
+    """Sidecar, ledgers, trainer configs and manifest, after every layout is written. ``derived``: the
+    flow has a rewrite stage, so the derived ledger and lineage are exported even when it made no row
+    (None: only when the ledger holds derived rows)."""
     export_dir = Path(out_dir) / spec.dir
     stage = staging_dir(export_dir)
     missing = [f["path"] for f in files if not (stage / f["path"]).is_file()]
     if missing:
         raise RuntimeError(f"export: {stage} lacks {missing}, which this export's layout tasks wrote (was it removed meanwhile?)")
     try:
-        manifest = _finalize(selection, ledger, spec, files, stage, keys)
+        manifest = _finalize(selection, ledger, spec, files, stage, keys, derived)
         _prune(stage, {f["path"] for f in files} | set(manifest["sidecars"].values())
                | {"dataset_info.json", "axolotl_datasets.yaml", "trl_load.py", "manifest.json"})
         swap_dir(stage, export_dir)
@@ -164,12 +191,12 @@ def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec
 
 
 def _finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], export_dir: Path,
-              keys: dict[str, Any]) -> dict[str, Any]:
+              keys: dict[str, Any], derived: bool | None = None) -> dict[str, Any]:
     """Write the sidecars, trainer configs and (last) the manifest into ``export_dir``; returns the manifest."""
     records, sel = selected_records(selection)
     sidecar = sel.rename_columns(["id" if c == "sample_id" else c for c in sel.column_names])
     sidecar = sidecar.append_column("original", pa.array([r["original"] for r in records], pa.string()))
-    derived = ledger.n_derived > 0
+    derived = ledger.n_derived > 0 if derived is None else derived
     if derived:
         sidecar = sidecar.append_column("origin", pa.array([r["origin"] for r in records], pa.string()))
         sidecar = sidecar.append_column("parents", pa.array([r["parents"] or [] for r in records], pa.list_(pa.string())))

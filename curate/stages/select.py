@@ -61,7 +61,8 @@ def select_stage(
     round, quarantined included). ``embed_spec``/``torch_threads``: the flow's embedder, handed to
     the steps (decontaminate embeds its eval set with it). ``prior_ledger``: ledger rows decided
     before this round (the ingest outcomes), copied into this round's ledger file. A row whose content repeats an earlier row of the
-    pool (a rewrite can reproduce its parent) is ``filtered`` as ``exact_duplicate``."""
+    pool (a rewrite can reproduce its parent) is ``filtered`` as ``exact_duplicate``. A step whose pool is
+    empty is not run: it keeps nothing and its stats say ``skipped: empty pool``."""
     out = Path(out_dir)
     meta = pool_meta(pool_sets, exclude_rows)
     book = _Ledger(meta)
@@ -98,12 +99,15 @@ def select_stage(
     if needs_emb:
         if embed_key is None:
             raise RuntimeError("a selection step needs embeddings but the flow has no embed stage")
-        embeddings, emb_status = load_embeddings(store_dir, embed_key, meta.column("sample_id"))
-        emb_status = np.asarray(emb_status, dtype=object)
-        bad = np.flatnonzero(alive & (emb_status != "ok"))
-        book.add(bad, "quarantined", "embed", [st.split(":", 1)[-1] for st in emb_status[bad]],
-                 [f"embedding failed ({st})" for st in emb_status[bad]])
-        alive[bad] = False
+        if alive.any():
+            embeddings, emb_status = load_embeddings(store_dir, embed_key, meta.column("sample_id"))
+            emb_status = np.asarray(emb_status, dtype=object)
+            bad = np.flatnonzero(alive & (emb_status != "ok"))
+            book.add(bad, "quarantined", "embed", [st.split(":", 1)[-1] for st in emb_status[bad]],
+                     [f"embedding failed ({st})" for st in emb_status[bad]])
+            alive[bad] = False
+        else:  # no row reaches the steps: no vector is read (an empty pool may have none in the store)
+            embeddings = np.zeros((n, 0), dtype=np.float32)
 
     pool_idx = np.flatnonzero(alive)
 
@@ -129,8 +133,12 @@ def select_stage(
     context = {"embed": embed_spec, "embed_key": embed_key, "store_dir": store_dir, "torch_threads": torch_threads}
     for s_i, step in enumerate(steps):
         selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir, context=context)
-        res = selector.select(pool)
         stage = f"{prefix}:{s_i}:{step.label}"
+        if not len(pool):  # an empty pool (everything dropped before, or nothing to select from): the step is not run
+            step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": 0, "kept": 0, "outcome_of_dropped": "–",
+                               "skipped": "empty pool"})
+            continue
+        res = selector.select(pool)
         dropped = np.flatnonzero(~res.keep)
         book.add(pool_idx[dropped], res.outcome, stage, _take(res.reason, dropped), _take(res.detail, dropped))
         step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": len(pool), "kept": int(res.keep.sum()),
@@ -248,8 +256,9 @@ def _take(values, idx: np.ndarray) -> pa.Array:
 
 def _inferred(col: pa.ChunkedArray) -> pa.Array:
     """A provenance column as the score table stores it: its own type, or Arrow's null type when it
-    holds no value at all (the type a column of only None infers to)."""
-    return pa.nulls(len(col)) if col.null_count == len(col) else col.combine_chunks()
+    has rows and every one is None (the type a column of only None infers to). An empty pool keeps
+    the column's own type, so later stages can match its (zero) ids against typed columns."""
+    return pa.nulls(len(col)) if len(col) and col.null_count == len(col) else col.combine_chunks()
 
 
 def fixed_width_strings(col) -> np.ndarray:
