@@ -260,7 +260,8 @@ def eval_(
 ) -> None:
     """Evaluate a model on an eval set: held-out loss and perplexity (batched masked-CE scoring),
     greedy answers to the eval prompts, and a pairwise judge against the set's reference answers
-    with the answer order swapped (position bias cancels)."""
+    in both orders; a judge that fails its validity checks (position bias, consistency after the swap,
+    verdict-token mass) is reported not valid, with no win rate."""
     from pydantic import ValidationError
 
     from curate.config import apply_override, format_validation_error, parse_override
@@ -298,19 +299,36 @@ def eval_(
         return
     t = Table("metric", "value", title=f"eval: {model}")
     loss, gen, jd = rec.get("loss") or {}, rec.get("generation") or {}, rec.get("judge") or {}
+    fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
+    ci = lambda c: "" if not c else f" (95% CI {c[0]:.3f}–{c[1]:.3f})"  # noqa: E731
     if loss:
-        t.add_row("held-out loss (nats/token)", f"{loss['loss']:.4f}")
-        t.add_row("perplexity", f"{loss['ppl']:.3f}")
+        se = f" ± {loss['se']:.4f}" if loss.get("se") else ""
+        t.add_row("held-out loss (nats/token)", f"{loss['loss']:.4f}{se}" + ci(loss.get("ci95")))
+        t.add_row("perplexity", f"{loss['ppl']:.3f}" + ci(loss.get("ppl_ci95")))
         t.add_row("scored tokens / rows", f"{loss['n_tokens']} / {loss['n_rows']}")
     if gen:
         t.add_row("answers generated", f"{gen['n_ok']} ({gen.get('n_truncated', 0)} cut by max_tokens, {gen['n_failed']} failed), "
                                            f"mean {gen['mean_tokens']:.0f} tokens")
+        if gen.get("avg_length") is not None:
+            ref_len = gen.get("reference_avg_length")
+            ref = "–" if ref_len is None else f"{ref_len:.0f}"
+            t.add_row("answer length (characters)", f"{gen['avg_length']:.0f} (reference {ref}); "
+                                                    f"{gen['truncated_rate']:.0%} cut by the token limit")
     if jd:
-        fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
-        t.add_row("win rate vs reference", f"{fmt(jd['win_rate'])} ({jd['wins']} won, {jd['ties']} tied, {jd['losses']} lost of {jd['n_judged']})")
-        t.add_row("soft win rate", fmt(jd.get("soft_win_rate")))
-        t.add_row("verdicts agreeing after the swap", fmt(jd["consistent"]))
-        t.add_row("first-position verdicts", fmt(jd["first_position_rate"]))
+        se, cis = jd.get("se") or {}, jd.get("ci95") or {}
+        rate = lambda k: fmt(jd.get(k)) + (f" ± {se[k]:.3f}" if se.get(k) else "") + ci(cis.get(k))  # noqa: E731
+        if jd.get("valid", True):
+            t.add_row("judge", "valid (position bias, swap consistency and verdict mass within the thresholds)")
+            counts = f"{jd['wins']} won, {jd['ties']} tied, {jd['losses']} lost of {jd['n_judged']}"
+            t.add_row("win rate vs reference", f"{rate('win_rate')} ({counts})")
+            t.add_row("length-controlled win rate", rate("lc_win_rate"))
+            t.add_row("soft win rate", rate("soft_win_rate"))
+        else:
+            t.add_row("judge", "NOT VALID, no win rate: " + "; ".join(jd["invalid_reasons"]))
+        t.add_row("verdicts agreeing after the swap", rate("consistent"))
+        t.add_row("decisive verdicts for the first answer", rate("first_position_rate"))
+        if jd.get("verdict_mass") is not None:
+            t.add_row("verdict-token probability mass", fmt(jd["verdict_mass"]))
     console.print(t)
 
 
@@ -333,11 +351,17 @@ def compare(
     except CurateError as exc:
         _fail(exc)
         return
-    cols = ("selection", "budget", "selected", "train_loss_last", "eval_loss", "eval_ppl", "win_rate", "soft_win_rate")
+    cols = ("selection", "budget", "selected", "train_loss_last", "eval_loss", "eval_loss_ci95", "judge", "win_rate", "win_rate_ci95",
+            "lc_win_rate")
     t = Table(*cols, title=f"compare: {spec.name} (every column: compare.md)")
     for r in res["table"]:
         t.add_row(*["–" if r[c] is None else str(r[c]) for c in cols])
     console.print(t)
+    from curate.compare import judge_note
+
+    note = judge_note(res["cells"])
+    if note:
+        console.print(note.replace("**", ""), highlight=False)
     out = Path(res["output_dir"])
     console.print(f"table: {out / 'compare.md'}\nplot:  {out / 'compare.png'}", highlight=False)
 

@@ -21,7 +21,10 @@ evaluates the result (an eval flow). ``cells/<cell>/cell.json`` records the cell
 the keys of what it ran and its numbers; a cell whose key (flow fingerprint, train and eval
 settings) is already recorded is not run again, so re-running adds only new cells. The results go to
 ``compare.md`` (the table), ``compare.json`` and ``compare.png`` (budget on x, one line per
-selection, one panel per metric), and to the Prefect UI as a table and a markdown artifact.
+selection, one panel per metric, 95% bootstrap intervals as error bars), and to the Prefect UI as a
+table and a markdown artifact. The table's ``judge`` column says whether the judge passed its
+validity checks in that cell; where it did not, the win rates are empty, and ``compare.md``, the
+markdown artifact and the plot's win-rate panels say why in words.
 """
 
 from __future__ import annotations
@@ -199,20 +202,50 @@ def _eval(spec: CompareSpec, model: str, store: Path) -> dict[str, Any]:
     return evaluate(model, spec.eval, store_dir=store, base_dir=base)
 
 
-METRICS = (("held-out loss (nats/token)", lambda c: (c["eval"].get("loss") or {}).get("loss")),
-           ("win rate vs reference", lambda c: (c["eval"].get("judge") or {}).get("win_rate")),
-           ("soft win rate vs reference", lambda c: (c["eval"].get("judge") or {}).get("soft_win_rate")))
+def _judge(c: dict[str, Any]) -> dict[str, Any]:
+    return c["eval"].get("judge") or {}
+
+
+def _ci(c: dict[str, Any], key: str) -> list[float] | None:
+    if key == "eval_loss":
+        return (c["eval"].get("loss") or {}).get("ci95")
+    return (_judge(c).get("ci95") or {}).get(key)
+
+
+#: plotted metrics: (label, key for the interval, value); the judge's rates are null where it is not valid
+METRICS = (("held-out loss (nats/token)", "eval_loss", lambda c: (c["eval"].get("loss") or {}).get("loss")),
+           ("win rate vs reference", "win_rate", lambda c: _judge(c).get("win_rate")),
+           ("length-controlled win rate", "lc_win_rate", lambda c: _judge(c).get("lc_win_rate")),
+           ("soft win rate vs reference", "soft_win_rate", lambda c: _judge(c).get("soft_win_rate")))
+JUDGE_METRICS = ("win_rate", "lc_win_rate", "soft_win_rate")
+
+
+def judge_status(judge: dict[str, Any]) -> str | None:
+    """The judge column in words: "valid", "NOT VALID" or None (no judge)."""
+    if not judge:
+        return None
+    return "valid" if judge.get("valid", True) else "NOT VALID"
+
+
+def _span(ci: list[float] | None) -> str | None:
+    return None if not ci else f"{ci[0]:.4f}–{ci[1]:.4f}"
 
 
 def table(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for c in cells:
         loss = c["eval"].get("loss") or {}
-        judge = c["eval"].get("judge") or {}
+        judge = _judge(c)
+        gen = c["eval"].get("generation") or {}
         rows.append({"selection": c["selection"], "budget": c["budget"], "selected": c["curation"]["selected"],
                      "train_steps": c["train"]["steps"], "train_loss_first": _r(c["train"]["first_loss"]),
-                     "train_loss_last": _r(c["train"]["last_loss"]), "eval_loss": _r(loss.get("loss")), "eval_ppl": _r(loss.get("ppl")),
-                     "win_rate": _r(judge.get("win_rate")), "soft_win_rate": _r(judge.get("soft_win_rate")),
+                     "train_loss_last": _r(c["train"]["last_loss"]), "eval_loss": _r(loss.get("loss")),
+                     "eval_loss_ci95": _span(loss.get("ci95")), "eval_ppl": _r(loss.get("ppl")),
+                     "judge": judge_status(judge),
+                     "win_rate": _r(judge.get("win_rate")), "win_rate_ci95": _span(_ci(c, "win_rate")),
+                     "lc_win_rate": _r(judge.get("lc_win_rate")), "soft_win_rate": _r(judge.get("soft_win_rate")),
+                     "first_position_rate": _r(judge.get("first_position_rate")), "consistent": _r(judge.get("consistent")),
+                     "avg_length": _r(gen.get("avg_length"), 1), "truncated": _r(gen.get("truncated_rate")),
                      "judged": judge.get("n_judged")})
     return rows
 
@@ -221,31 +254,66 @@ def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None else round(float(x), nd)
 
 
-def markdown(spec: CompareSpec, rows: list[dict[str, Any]]) -> str:
+def judge_note(cells: list[dict[str, Any]]) -> str | None:
+    """A sentence per distinct reason the judge was not valid, with the cells it holds for; None when it was valid everywhere."""
+    bad: dict[str, list[str]] = {}
+    for c in cells:
+        for reason in _judge(c).get("invalid_reasons") or []:
+            bad.setdefault(reason, []).append(c["cell"])
+    if not bad:
+        return None
+    n_bad = sum(1 for c in cells if _judge(c) and not _judge(c).get("valid", True))
+    lines = [f"**The judge is not valid** in {n_bad} of {len(cells)} cells: their win rates are left empty (not 0.5), "
+             "because its verdicts there do not measure the answers:"]
+    lines += [f"- {reason} ({', '.join(names)})" for reason, names in bad.items()]
+    return "\n".join(lines)
+
+
+def markdown(spec: CompareSpec, rows: list[dict[str, Any]], cells: list[dict[str, Any]] | None = None) -> str:
     cols = list(rows[0]) if rows else []
     lines = [f"# compare: {spec.name}", "", spec.description, "",
              f"Pool: `{spec.flow}`; train: {spec.train.method} on `{spec.train.model}` ({spec.train.layout}); "
-             f"eval: `{spec.eval.eval_set.path or spec.eval.eval_set.hub}`.", "",
+             f"eval: `{spec.eval.eval_set.path or spec.eval.eval_set.hub}`"
+             + (f"; judge: `{spec.eval.judge.model}` ({spec.eval.judge.mode})." if spec.eval.judge else "."), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["", "Intervals: 95% percentile bootstrap over the eval rows "
+              f"({spec.eval.bootstrap} resamples, seed {spec.eval.seed}); lengths in characters; truncated: the share of answers "
+              "cut by the token limit."]
+    note = judge_note(cells or [])
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
 def plot(cells: list[dict[str, Any]], path: Path) -> None:
+    import textwrap
+
     from curate.report.plots import pyplot, save_png
 
     plt = pyplot()
-    metrics = [(label, get) for label, get in METRICS if any(get(c) is not None for c in cells)]
+    judged = any(_judge(c) for c in cells)
+    metrics = [(label, key, get) for label, key, get in METRICS
+               if any(get(c) is not None for c in cells) or (judged and key in JUDGE_METRICS[:1])]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 3.6), dpi=100, squeeze=False)
-    for ax, (label, get) in zip(axes[0], metrics):
+    invalid = sorted({r for c in cells for r in (_judge(c).get("invalid_reasons") or [])})
+    for ax, (label, key, get) in zip(axes[0], metrics):
         for sel in dict.fromkeys(c["selection"] for c in cells):
-            pts = sorted((c["budget"], get(c)) for c in cells if c["selection"] == sel and get(c) is not None)
+            pts = sorted((c["budget"], get(c), _ci(c, key)) for c in cells if c["selection"] == sel and get(c) is not None)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=sel)
+                x, y = [p[0] for p in pts], [p[1] for p in pts]
+                err = [[p[1] - p[2][0] if p[2] else 0 for p in pts], [p[2][1] - p[1] if p[2] else 0 for p in pts]]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=sel)
+        if key in JUDGE_METRICS and invalid:
+            n_bad = sum(1 for c in cells if _judge(c) and not _judge(c).get("valid", True))
+            text = f"judge not valid in {n_bad} of {len(cells)} cells (no win rate):\n" + "\n".join(
+                textwrap.fill(r, 48) for r in invalid[:4]) + ("\n… (compare.md)" if len(invalid) > 4 else "")
+            ax.text(0.02, 0.98, text, transform=ax.transAxes, va="top", ha="left", fontsize=6.5, color="#a00000", wrap=True)
         ax.set_xlabel("budget")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
     save_png(fig, path)
 
 
@@ -256,7 +324,7 @@ def compare(spec: CompareSpec) -> dict[str, Any]:
     out = spec.resolve(spec.output_dir)
     cells = [run_cell(spec, sel, b) for sel in spec.selections for b in spec.budgets]
     rows = table(cells)
-    md = markdown(spec, rows)
+    md = markdown(spec, rows, cells)
     write_text(out / "compare.md", md)
     write_json(out / "compare.json", {"name": spec.name, "cells": cells, "table": rows})
     plot(cells, out / "compare.png")

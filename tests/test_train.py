@@ -185,18 +185,30 @@ def test_full_fine_tuning_on_the_parquet_export(small_run, tmp_path):
 # -- evaluation --------------------------------------------------------------------------------------
 
 
-def test_pairwise_judge_cancels_position_bias():
+def test_always_first_judge_is_not_valid_and_reports_no_win_rate():
+    """A judge that always picks the first answer used to report win_rate 0.5 as a finding; now it is
+    not valid, says why, and its win rates are null. A consistent, unbiased judge keeps its rate."""
     from curate.evaluate.judge import model_points, summarise, verdict
 
     assert verdict("because … [[B]]") == "B" and verdict("[[A]] no wait [[C]]") == "C" and verdict("A is better") is None
     always_a = [{"verdict_model_first": "A", "verdict_model_second": "A",
                  "points_model_first": model_points("A", True), "points_model_second": model_points("A", False)}] * 3
     s = summarise(always_a)
-    assert s["win_rate"] == 0.5 and s["first_position_rate"] == 1.0 and s["consistent"] == 0.0 and s["ties"] == 3
+    assert s["first_position_rate"] == 1.0 and s["consistent"] == 0.0 and s["ties"] == 3
+    assert s["valid"] is False and s["win_rate"] is None and s["soft_win_rate"] is None and s["ci95"]["win_rate"] is None
+    assert s["invalid_reasons"] == [
+        "position bias: 100% of its decisive verdicts picked the answer shown first (allowed 25%–75%)",
+        "inconsistent: 0% of the rows got the same verdict after the answers were swapped (at least 40% required)"]
     prefers_model = [{"verdict_model_first": "A", "verdict_model_second": "B", "points_model_first": 1.0, "points_model_second": 1.0},
+                     {"verdict_model_first": "B", "verdict_model_second": "A", "points_model_first": 0.0, "points_model_second": 0.0},
+                     {"verdict_model_first": "A", "verdict_model_second": "B", "points_model_first": 1.0, "points_model_second": 1.0},
                      {"verdict_model_first": "C", "verdict_model_second": None, "points_model_first": 0.5, "points_model_second": None}]
     s = summarise(prefers_model)
-    assert s["win_rate"] == 1.0 and s["wins"] == 1 and s["n_judged"] == 1 and s["n_parse_failed"] == 1 and s["consistent"] == 1.0
+    assert s["valid"] and s["invalid_reasons"] == [] and s["first_position_rate"] == 0.5 and s["consistent"] == 1.0
+    assert s["win_rate"] == pytest.approx(2 / 3) and s["wins"] == 2 and s["n_judged"] == 3 and s["n_parse_failed"] == 1
+    assert s["se"]["win_rate"] == pytest.approx((1 / 3) ** 0.5 / 3 ** 0.5)  # sample sd of (1, 0, 1) over √3
+    lo, hi = s["ci95"]["win_rate"]
+    assert 0 <= lo < s["win_rate"] < hi <= 1
 
 
 def test_eval_generates_and_judges_on_a_tiny_set(tmp_path):
@@ -207,7 +219,10 @@ def test_eval_generates_and_judges_on_a_tiny_set(tmp_path):
     assert rec["eval_set"]["n_rows"] == 2 and rec["loss"]["n_rows"] == 2 and rec["loss"]["ppl"] > 1
     assert rec["generation"]["n_ok"] == 2 and 0 < rec["generation"]["mean_tokens"] <= 8
     j = rec["judge"]
-    assert j["n_judged"] == 2 and j["n_parse_failed"] == 0 and 0 <= j["win_rate"] <= 1 and 0 < j["soft_win_rate"] < 1
+    # the bundled SmolLM2 judge picks the first answer: not valid, so no win rate (measured: docs/training.md)
+    assert j["n_judged"] == 2 and j["n_parse_failed"] == 0 and j["first_position_rate"] == 1.0 and j["consistent"] == 0.0
+    assert j["valid"] is False and j["win_rate"] is None and j["soft_win_rate"] is None and j["lc_win_rate"] is None
+    assert j["invalid_reasons"][0].startswith("position bias: 100% of its decisive verdicts picked the answer shown first")
     judged = rows_of(tmp_path / "ev" / "judgments.jsonl")
     for r in judged:  # the verdict is the likeliest of A, B, C (full-vocabulary probabilities: their sum is at most 1)
         p = r["model_first"]["probs"]
@@ -306,8 +321,12 @@ def test_compare_two_selections_one_budget(prefect_harness, run_dir, tmp_path):
     out = tmp_path / "out"
     table = json.loads((out / "compare.json").read_text())["table"]
     assert [(r["selection"], r["budget"], r["selected"], r["train_steps"]) for r in table] == [("shortest", 4, 4, 2), ("random", 4, 4, 2)]
-    assert all(r["eval_loss"] > 0 and r["win_rate"] is not None for r in table)
-    assert (out / "compare.png").stat().st_size > 0 and "| shortest | 4 | 4 | 2 |" in (out / "compare.md").read_text()
+    # the bundled judge is not valid: the judge column says so, the win rates are empty, compare.md says why
+    assert all(r["eval_loss"] > 0 and r["judge"] == "NOT VALID" and r["win_rate"] is None and r["eval_loss_ci95"] for r in table)
+    md = (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 0 and "| shortest | 4 | 4 | 2 |" in md
+    assert "**The judge is not valid** in 2 of 2 cells" in md and "position bias:" in md
+    assert "The judge is not valid in 2 of 2 cells" in res.output
     cell = json.loads((out / "cells" / "shortest-4" / "cell.json").read_text())
     assert cell["select"][0]["budget"] == 4 and Path(cell["train"]["dir"], "train.json").exists()
     assert json.loads((out / "cells" / "shortest-4" / "run" / "export" / "manifest.json").read_text())["n_selected"] == 4

@@ -6,6 +6,10 @@
       generate: {max_tokens: 256}                  # greedy answers to the eval prompts
       judge: {model: smollm2-135m-instruct}        # any backend (hf, vllm, openai …); null: no judging
       reference: answers                           # the eval set's own answers, or a model whose answers are the reference
+      bootstrap: 1000                              # resamples of the eval rows for the 95% intervals (seeded by seed)
+
+The judge's ``validity`` thresholds decide whether its verdicts are reported as a finding
+(:class:`JudgeValidity`; docs/training.md gives the measurement that set the defaults).
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ from curate.lm.calls import Decoding
 from curate.lm.spec import LMParams
 
 
+class JudgeValidity(BaseModel):
+    """When a judge's verdicts count. A judgment set that fails any check is reported ``valid: false``
+    with the reasons, and its win rates are null. Defaults: docs/training.md (the bundled SmolLM2
+    judge, measured, fails them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_position_bias: float = Field(0.25, ge=0, le=0.5, description="The share of decisive verdicts (A or B) that picked the answer "
+                                     "shown first may differ from 0.5 by at most this (0.25: 0.25 to 0.75).")
+    min_consistent: float = Field(0.4, ge=0, le=1, description="At least this share of the rows judged in both orders gets the same "
+                                  "verdict once the swap is undone.")
+    min_verdict_mass: float = Field(0.5, ge=0, le=1, description="verdict_token mode: the mean next-token probability held by the "
+                                    "verdict tokens A, B and C together must be at least this.")
+
+
 class JudgeSpec(LMParams):
     """The judge model (flat LM keys, as for scorers) and how it replies."""
 
@@ -27,6 +46,8 @@ class JudgeSpec(LMParams):
         "probabilities of A, B and C decide (one forward per comparison, nothing to parse; small local judges); generate: "
         "the judge reasons in free text and its last [[A]]/[[B]]/[[C]] is the verdict (strong judges, any API).")
     decoding: Decoding = Field(default_factory=lambda: Decoding(max_tokens=512), description="mode generate: how the judge replies.")
+    validity: JudgeValidity = Field(default_factory=JudgeValidity, description="The checks a judgment set must pass for its win rates "
+                                    "to be reported.")
 
     @model_validator(mode="after")
     def _mode_for_backend(self):
@@ -52,6 +73,8 @@ class EvalSpec(BaseModel):
     judge: JudgeSpec | None = Field(default_factory=JudgeSpec, description="The pairwise judge; null = no generation or judging.")
     reference: str = Field("answers", description="answers: the eval set's own final replies; else a model (name or dir) whose "
                            "greedy answers, made with the same decoding, are the reference.")
+    bootstrap: int = Field(1000, ge=0, description="Resamples of the eval rows (with replacement, drawn with seed) for the 95% "
+                           "intervals of the win rates and the held-out loss; 0: none.")
     seed: int = 0
     torch_threads: int | None = Field(None, gt=0)
 
