@@ -516,12 +516,18 @@ def _json(properties: dict, required: list[str]) -> dict:
                                               "additionalProperties": False}}
 
 
+#: the start of a Reflection field: not a space, and not "your" in any case — the prompts' layout names
+#: each slot "your …" ("[Better Answer] your better answer [End]"), and a small model copies the slot's
+#: name instead of filling it (SmolLM2-135M did so on every row it was asked)
+_NOT_YOUR = r"(?:[^\[\syY]|[yY](?:[^\[oO]|[oO](?:[^\[uU]|[uU](?:[^\[rR]|[rR][^\[\s]))))"
+
+
 def _bracket_body(n: int) -> str:
-    """A Reflection field of 1..n characters, starting with no space, without ``[`` (it never opens a
-    tag). Every bounded part of a shape is one character class: xgrammar fills the token mask of a
-    bounded repetition of a class in well under a millisecond, of a bounded alternation in hundreds of
-    milliseconds (docs/benchmarks.md, constrained decoding)."""
-    return r"[^\[\s][^\[]{0," + str(n - 1) + "}"
+    """A Reflection field of about 1..n characters, without ``[`` (it never opens a tag), starting as
+    :data:`_NOT_YOUR` says. Every bounded part of a shape is one character class: xgrammar fills the
+    token mask of a bounded repetition of a class in well under a millisecond, of a bounded alternation
+    in hundreds of milliseconds (docs/benchmarks.md, constrained decoding)."""
+    return _NOT_YOUR + r"[^\[]{0," + str(n - 1) + "}"
 
 
 def _angle_body(n: int, newlines: bool = True) -> str:
