@@ -27,18 +27,19 @@ FLOWS = ROOT / "flows"
 SELECT_CUT = ["inputs.0.limit=3", "inputs.1.limit=3", "inputs.2.limit=3", "inputs.3.limit=2", "inputs.4.limit=1", "inputs.5.limit=3",
               "select.4.budget=4"]
 
-#: name -> overrides that cut the flow to a few rows (none: it runs as shipped)
+#: flow file -> overrides that cut the flow to a few rows (none: it runs as shipped)
 CUTS: dict[str, list[str]] = {
     # cherry_alpaca 10 and code_alpaca 6 are the rows the superfiltering-10pct / deita-6k preset tests score into the shared store
-    "superfilter": ["inputs.0.limit=1", "inputs.1.limit=10", "inputs.2.limit=6", "inputs.3.limit=1", "inputs.4.limit=1",
+    "flows/superfilter.yaml": ["inputs.0.limit=1", "inputs.1.limit=10", "inputs.2.limit=6", "inputs.3.limit=1", "inputs.4.limit=1",
                     "inputs.5.limit=1"],
-    "deita": ["inputs.0.limit=1", "inputs.1.limit=6", "inputs.2.limit=1", "select.0.budget=3"],
-    "ds2": ["inputs.0.limit=3", "inputs.1.limit=3", "select.0.budget=2"],
-    "selectit": ["inputs.0.limit=2", "inputs.1.limit=3"],
-    "smart": [],  # 396 short prompts, embeddings only (the smart-mixture preset test embeds the same rows into the shared store)
-    "mosaic": ["inputs.0.limit=8", "inputs.1.limit=6", "inputs.2.limit=2"],
-    "reflection": [],  # as shipped: 3 rows, 6 teacher calls (two rows keep their Q variant: derived rows)
-    "aide": ["inputs.0.limit=1"],  # one seed, its tree capped at 4 nodes
+    "flows/deita.yaml": ["inputs.0.limit=1", "inputs.1.limit=6", "inputs.2.limit=1", "select.0.budget=3"],
+    "flows/ds2.yaml": ["inputs.0.limit=3", "inputs.1.limit=3", "select.0.budget=2"],
+    "flows/selectit.yaml": ["inputs.0.limit=2", "inputs.1.limit=3"],
+    # 396 short prompts, embeddings only (the smart-mixture preset test embeds the same rows into the shared store)
+    "flows/smart.yaml": [],
+    "flows/mosaic.yaml": ["inputs.0.limit=8", "inputs.1.limit=6", "inputs.2.limit=2"],
+    "flows/reflection.yaml": [],  # as shipped: 3 rows, 6 teacher calls (two rows keep their Q variant: derived rows)
+    "flows/aide.yaml": ["inputs.0.limit=1"],  # one seed, its tree capped at 4 nodes
 }
 #: flows whose rewrite must emit rows with the bundled SmolLM2 (constrained decoding; issue 20, item 12)
 MUST_DERIVE = {"reflection", "aide"}
@@ -89,9 +90,10 @@ def test_the_default_flow_under_prefect(prefect_harness, tmp_path, shared_store)
     assert s["n_input"] == 15 and s["counts"]["selected"] == 4 and [st["method"] for st in s["steps"]][-1] == "kcenter"
 
 
-@pytest.mark.parametrize("name", sorted(CUTS))
-def test_shipped_flow_runs_end_to_end(name, tmp_path, shared_store):
-    s = _run(name, tmp_path / "out", shared_store, CUTS[name])
+@pytest.mark.parametrize("flow_file", sorted(CUTS))
+def test_shipped_flow_runs_end_to_end(flow_file, tmp_path, shared_store):
+    name = Path(flow_file).stem
+    s = _run(name, tmp_path / "out", shared_store, CUTS[flow_file])
     out = check_run(s)
     spec = load_flow(FLOWS / f"{name}.yaml")
     if spec.rewrite is None:
