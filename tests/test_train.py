@@ -74,9 +74,6 @@ def test_train_config_is_validated(run_dir, tmp_path):
         locate_export(run_dir, "alpaca")
     with pytest.raises(ConfigError, match="no export here"):
         locate_export(tmp_path, "messages")
-    # SmolLM2's own template has no {% generation %} markers: refused before any weights load
-    with pytest.raises(ConfigError, match="generation %} markers"):
-        train(TrainSpec(layout="messages"), run_dir, tmp_path / "t")
     with pytest.raises(ConfigError, match="neither a named template"):
         train(TrainSpec(layout="messages", chat_template="no-such-template"), run_dir, tmp_path / "t")
 
@@ -92,8 +89,8 @@ def test_flow_train_section_and_compare_file_errors(tmp_path):
     assert plain.fingerprint() == spec.fingerprint()  # training settings do not change what curation computes
     with pytest.raises(ConfigError, match=r"f\.yaml:\d+: train\.epochs"):
         load_flow(flow, ["train.epochs=0"])
-    with pytest.raises(ConfigError, match="train reads the prompt_completion jsonl export: add 'prompt_completion' to export.layouts"):
-        load_flow(flow, ["export.layouts=[messages]"])
+    with pytest.raises(ConfigError, match="train reads the messages jsonl export: add 'messages' to export.layouts"):
+        load_flow(flow, ["export.layouts=[prompt_completion]"])
     bad = tmp_path / "c.yaml"
     bad.write_text("name: c\nflow: f.yaml\nbudgets: [5]\nselections:\n  - name: r\n    select: [{method: random, budget: 5}]\n"
                    "eval:\n  eval_set: {path: x.json}\n  judge: {mode: vibes}\n")
@@ -104,34 +101,92 @@ def test_flow_train_section_and_compare_file_errors(tmp_path):
 # -- the real consumer: TRL's SFTTrainer on our files ---------------------------------------------
 
 
-@pytest.mark.parametrize("layout", ["prompt_completion", "messages"])
-def test_loss_is_on_assistant_tokens_only(layout, run_dir, tmp_path):
-    """The tokens left unmasked in TRL's labels are exactly the assistant replies (+ end of turn):
-    the final reply for prompt_completion, every reply (our chatml template's markers) for messages."""
+def expected_loss_mask(tok, messages: list[dict], only_last: bool) -> tuple[list[int], list[bool]]:
+    """The row rendered by the training template, its tokens, and for each token whether it lies in an
+    assistant reply or the end-of-turn token after it (with ``only_last``: the final reply to the end)."""
+    text = tok.apply_chat_template(messages, tokenize=False)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, at = [], 0
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        start = text.index("<|im_start|>assistant\n" + m["content"] + "<|im_end|>", at) + len("<|im_start|>assistant\n")
+        at = start + len(m["content"]) + len("<|im_end|>")
+        spans.append((start, at))
+    if only_last:  # TRL's completion-only loss: the whole completion text, its trailing newline included
+        spans = [(spans[-1][0], len(text))]
+    mask = [any(s <= a < e for s, e in spans) for a, _ in enc["offset_mapping"]]
+    return enc["input_ids"], mask
+
+
+@pytest.mark.parametrize("setup", ["default", "prompt_completion", "chatml"])
+def test_loss_is_on_assistant_tokens_only(setup, run_dir, tmp_path):
+    """Token by token, the tokens TRL leaves unmasked are exactly the assistant replies (+ end of
+    turn): by default (messages, SmolLM2's own template with generation markers: ``smollm2``) and with
+    ``chatml``, every reply of a multi-turn row and no user or system token (SmolLM2's default system
+    prompt included); with ``prompt_completion``, the final reply only."""
     from curate.train import TrainSpec, locate_export
     from curate.train.sft import prepare
 
-    spec = TrainSpec(layout=layout, chat_template="chatml" if layout == "messages" else None, max_steps=1)
-    export = locate_export(run_dir, layout)
+    spec = {"default": TrainSpec(max_steps=1), "prompt_completion": TrainSpec(layout="prompt_completion", max_steps=1),
+            "chatml": TrainSpec(chat_template="chatml", max_steps=1)}[setup]
+    export = locate_export(run_dir, spec.layout)
     prep = prepare(spec, export, tmp_path)
+    tok = prep.tokenizer
     rows = {r["id"]: r for r in rows_of(export.path)}
     ds = prep.trainer.train_dataset
     assert len(ds) == len(rows) == export.n_rows  # nothing dropped or truncated away
-    multi = 0
+    multi = default_system = 0
     for r in ds:
-        trained = prep.tokenizer.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
         src = rows[r["id"]]
-        if layout == "prompt_completion":
-            assert trained == src["completion"][0]["content"] + "<|im_end|>\n"
+        messages = src["messages"] if "messages" in src else src["prompt"] + src["completion"]
+        ids, mask = expected_loss_mask(tok, messages, only_last=setup == "prompt_completion")
+        assert list(r["input_ids"]) == ids
+        assert [lab != -100 for lab in r["labels"]] == mask  # every token: trained iff inside an assistant reply
+        assert all(lab == t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100)
+        replies = [m["content"] for m in messages if m["role"] == "assistant"]
+        trained = tok.decode([t for t, lab in zip(r["input_ids"], r["labels"]) if lab != -100])
+        if setup == "prompt_completion":
+            assert trained == replies[-1] + "<|im_end|>\n"
         else:
-            replies = [m["content"] for m in src["messages"] if m["role"] == "assistant"]
-            multi += len(replies) > 1
             assert trained == "".join(c + "<|im_end|>" for c in replies)
-    assert layout == "prompt_completion" or multi >= 1  # a multi-turn row had every reply trained
+            multi += len(replies) > 1
+        default_system += "You are a helpful AI assistant named SmolLM" in tok.decode(r["input_ids"])
+    assert setup == "prompt_completion" or multi >= 1  # a multi-turn row had every reply trained
+    assert default_system == (0 if setup == "chatml" else len(ds))  # SmolLM2's own text; ChatML adds no system prompt
+    sources = {"default": "model-equivalent:smollm2", "prompt_completion": "model", "chatml": "named:chatml"}
+    assert tok.curate_template_source == sources[setup]
     # the trainer's own batches (collator, padding) keep exactly those label tokens
     batches = list(prep.trainer.get_train_dataloader())
     assert sum(int(b["input_ids"].shape[0]) for b in batches) == len(ds)
     assert sum(int((b["labels"] != -100).sum()) for b in batches) == sum(sum(lab != -100 for lab in r["labels"]) for r in ds)
+
+
+def test_training_template_choice(run_dir, tmp_path):
+    """Which template a run trains with, chosen before any weights load."""
+    from transformers import AutoTokenizer
+
+    from curate.models import resolve_model
+    from curate.train import TrainSpec, train
+    from curate.train.chat_templates import CHATML, SMOLLM2, end_of_turn_id, renders_same, training_template
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct").location)
+    own = tok.chat_template
+    assert "{% generation %}" not in own
+    assert renders_same(tok, SMOLLM2, own) and not renders_same(tok, CHATML, own)  # ChatML drops the default system prompt
+    assert training_template(tok, None, "messages", "m") == (SMOLLM2, "model-equivalent:smollm2")
+    assert training_template(tok, None, "prompt_completion", "m") == (own, "model")
+    assert training_template(tok, "chatml", "messages", "m") == (CHATML, "named:chatml")
+    assert end_of_turn_id(tok, SMOLLM2) == end_of_turn_id(tok, CHATML) == tok.convert_tokens_to_ids("<|im_end|>")
+    plain = tmp_path / "plain.jinja"
+    plain.write_text(own)
+    with pytest.raises(ConfigError, match="has none"):  # an explicit template without markers cannot train every reply
+        train(TrainSpec(chat_template=str(plain)), run_dir, tmp_path / "t")
+    other = tmp_path / "other.jinja"
+    other.write_text(own.replace("<|im_end|>", "<|endoftext|>"))
+    tok.chat_template = other.read_text()
+    with pytest.raises(ConfigError, match="none of ours"):
+        training_template(tok, None, "messages", "m")
 
 
 def test_train_lowers_loss_and_the_adapter_loads_back(small_run, tmp_path):
@@ -146,7 +201,13 @@ def test_train_lowers_loss_and_the_adapter_loads_back(small_run, tmp_path):
     assert len(rec["loss_curve"]) == 4 and all(c["loss"] > 0 for c in rec["loss_curve"])
     files = json.loads((small_run / "export" / "manifest.json").read_text())["files"]
     assert rec["versions"]["trl"] and rec["versions"]["peft"]
-    assert rec["export"]["sha256"] == next(f["sha256"] for f in files if f["layout"] == "prompt_completion" and f["file_type"] == "jsonl")
+    assert rec["export"]["layout"] == "messages" and rec["chat_template"] == "model-equivalent:smollm2"  # the default: every reply
+    assert rec["export"]["sha256"] == next(f["sha256"] for f in files if f["layout"] == "messages" and f["file_type"] == "jsonl")
+    # tokens: every row in each of the 4 steps, no padding counted; tokens/s over this process's training seconds
+    # (two rows' prompts, with SmolLM2's default system prompt, fill max_length: TRL drops them, the record says so)
+    assert rec["rows_trained"] == 2 and not rec["resumed"]
+    assert rec["tokens_trained"] == rec["tokens_this_run"] == 4 * 2 * 64
+    assert rec["tokens_per_s"] == pytest.approx(rec["tokens_trained"] / rec["train_seconds"])
     weights = Path(rec["weights"])
     assert (weights / "adapter_config.json").exists() and (weights.parent / "loss.png").stat().st_size > 0
     assert not (weights.parent / "checkpoints").exists()
@@ -180,6 +241,96 @@ def test_full_fine_tuning_on_the_parquet_export(small_run, tmp_path):
     first = model_revision(str(weights))
     other = train(spec.model_copy(update={"learning_rate": 1e-6}), small_run, tmp_path / "full")
     assert other["key"] != rec["key"] and model_revision(str(weights)) != first  # same folder, same sizes, another model
+
+
+def test_same_seed_same_adapter_other_seed_other_init(small_run, tmp_path):
+    """Two trainings with one config and seed write byte-identical adapters; seed 1 starts from other
+    LoRA weights (lora_A uncorrelated with seed 0's)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from curate.train import TrainSpec, locate_export, train
+    from curate.train.sft import prepare
+
+    spec = TrainSpec(max_steps=1, max_length=64, batch_tokens=256, lora={"r": 4, "alpha": 8})
+    a, b = train(spec, small_run, tmp_path / "a"), train(spec, small_run, tmp_path / "b")
+    fa, fb = (Path(r["weights"]) / "adapter_model.safetensors" for r in (a, b))
+    assert a["key"] == b["key"] and fa.read_bytes() == fb.read_bytes()
+    seed0 = {k: v for k, v in load_file(str(fa)).items() if "lora_A" in k}
+    prep = prepare(spec.model_copy(update={"seed": 1}), locate_export(small_run, spec.layout), tmp_path / "c")
+    seed1 = {k.replace(".default", ""): p.detach().numpy() for k, p in prep.trainer.model.named_parameters() if "lora_A" in k}
+    assert sorted(seed1) == sorted(seed0) and len(seed0) > 100
+    x = np.concatenate([seed0[k].ravel() for k in sorted(seed0)])
+    y = np.concatenate([seed1[k].ravel() for k in sorted(seed0)])
+    assert x.std() > 0 and abs(np.corrcoef(x, y)[0, 1]) < 0.05
+
+
+def test_eval_split_and_early_option_errors(small_run, tmp_path):
+    """eval_fraction holds rows out by seed; their loss is recorded at eval_steps (and drawn). Options
+    that cannot work here fail before any weights load, naming the fix."""
+    import importlib.util
+
+    import datasets
+
+    from curate.errors import CurateError
+    from curate.train import TrainSpec, locate_export, train
+    from curate.train.sft import split_eval
+
+    for name in ("tensorboard", "wandb"):
+        if importlib.util.find_spec(name) is None:
+            with pytest.raises(ConfigError, match=f"pip install {name}"):
+                train(TrainSpec(report_to=name), small_run, tmp_path / "t")
+    with pytest.raises(ConfigError, match="padding_free without packing"):
+        train(TrainSpec(padding_free=True), small_run, tmp_path / "t")
+    with pytest.raises(ConfigError, match="GPU runs with flash attention; the device here is cpu"):
+        train(TrainSpec(packing=True, device="cpu"), small_run, tmp_path / "t")
+    with pytest.raises(CurateError, match="too few to hold out 4"):
+        train(TrainSpec(eval_fraction=0.9, device="cpu"), small_run, tmp_path / "t")
+
+    spec = TrainSpec(max_steps=2, max_length=160, batch_tokens=1_000_000, eval_fraction=0.25, eval_steps=1, lora={"r": 4, "alpha": 8})
+    export = locate_export(small_run, spec.layout)
+    rows = datasets.load_dataset("json", data_files=str(export.path), split="train")
+    held = list(split_eval(spec, rows)[1]["id"])
+    assert held == list(split_eval(spec, rows)[1]["id"]) and len(held) == 1  # the same seed holds out the same row
+    rec = train(spec, small_run, tmp_path / "ev")
+    assert rec["eval_rows"] == 1 and rec["eval_ids"] == held and rec["rows_trained"] == 3 and rec["batch"]["rows_per_step"] == 3
+    assert [c["step"] for c in rec["eval_curve"]] == [1, 2] and all(c["eval_loss"] > 0 for c in rec["eval_curve"])
+    assert rec["eval_loss"] == rec["eval_curve"][-1]["eval_loss"] and rec["eval_seconds"] > 0
+    assert [c["step"] for c in rec["loss_curve"]] == [1, 2] and (tmp_path / "ev" / "loss.png").stat().st_size > 0
+
+
+def test_generation_stops_at_the_trained_end_of_turn(small_run, tmp_path):
+    """A base whose EOS is <|endoftext|> (SmolLM2's weights, its EOS set as a base checkpoint's is)
+    trained with ChatML: the adapter's generation_config.json adds <|im_end|> to eos_token_id, and
+    curate's hf generation with the adapter stops there."""
+    import shutil
+
+    from curate.lm.hf import HFBackend
+    from curate.lm.spec import LMParams
+    from curate.models import resolve_model
+    from curate.train import TrainSpec, train
+
+    src = Path(resolve_model("smollm2-135m-instruct").location)
+    base = tmp_path / "base"
+    base.mkdir()
+    for f in src.iterdir():
+        if f.name == "model.safetensors":
+            (base / f.name).symlink_to(f)
+        else:
+            shutil.copy(f, base / f.name)
+    for name, key, value in (("generation_config.json", "eos_token_id", 0), ("config.json", "eos_token_id", 0),
+                             ("tokenizer_config.json", "eos_token", "<|endoftext|>")):
+        d = json.loads((base / name).read_text())
+        d[key] = value
+        (base / name).write_text(json.dumps(d))
+    rec = train(TrainSpec(model=str(base), chat_template="chatml", max_steps=1, max_length=64, batch_tokens=256,
+                          lora={"r": 4, "alpha": 8}), small_run, tmp_path / "t")
+    weights = Path(rec["weights"])
+    backend = HFBackend(LMParams(model=str(weights), device="cpu"))
+    (out,) = backend.chat([[{"role": "user", "content": "What is the capital of France? One word."}]], {"max_tokens": 40})
+    assert out["status"] == "ok" and out["finish_reason"] == "stop" and out["n_tokens"] < 40, out
+    assert backend._eos_ids() == [0, 2]
+    assert rec["eos_token_id"] == [2, 0] == json.loads((weights / "generation_config.json").read_text())["eos_token_id"]
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -247,7 +398,7 @@ def test_flow_train_section_trains_after_the_run_and_curate_train_reuses_it(smal
     flow = write_flow(tmp_path, name="with-train", base_dir=str(ROOT), store_dir=str(src.store), output_dir=str(tmp_path / "out"),
                       inputs=[i.model_dump(exclude_none=True) for i in src.inputs], score=[{"method": "heuristic"}],
                       select=[s.model_dump(exclude_none=True) for s in src.select],
-                      export={"layouts": ["prompt_completion"], "file_types": ["jsonl"], "max_length": 256},
+                      export={"layouts": ["messages"], "file_types": ["jsonl"], "max_length": 256},
                       report={"plots": False}, train={"max_steps": 3, "max_length": 64})
     res = CliRunner().invoke(app, ["run", str(flow), "--set", "train.max_steps=1"])
     assert res.exit_code == 0, res.output
@@ -298,7 +449,8 @@ def test_eval_on_a_prompts_only_set_against_a_reference_model(tmp_path):
 
 @pytest.mark.prefect
 def test_compare_two_selections_one_budget(prefect_harness, run_dir, tmp_path):
-    """The compare flow as real Prefect flow runs; a re-run adds nothing."""
+    """The compare flow as real Prefect flow runs, with the base model's row added by default (the file's own
+    random selection is the random baseline); a re-run adds nothing."""
     from prefect.client.orchestration import get_client
     from typer.testing import CliRunner
 
@@ -320,14 +472,15 @@ def test_compare_two_selections_one_budget(prefect_harness, run_dir, tmp_path):
     assert res.exit_code == 0, res.output
     out = tmp_path / "out"
     table = json.loads((out / "compare.json").read_text())["table"]
-    assert [(r["selection"], r["budget"], r["selected"], r["train_steps"]) for r in table] == [("shortest", 4, 4, 2), ("random", 4, 4, 2)]
+    assert [(r["selection"], r["budget"], r["selected"], r["train_steps"]) for r in table] == [
+        ("base model", None, 0, 0), ("shortest", 4, 4, 2), ("random", 4, 4, 2)]
     # the bundled judge is not valid: the judge column says so, the win rates are empty, compare.md says why
     assert all(r["eval_loss"] > 0 and r["judge"] == "NOT VALID" and r["win_rate"] is None and r["eval_loss_ci95"] for r in table)
     md = (out / "compare.md").read_text()
-    assert (out / "compare.png").stat().st_size > 0 and "| shortest | 4 | 4 | 2 |" in md
-    assert "**The judge is not valid** in 2 of 2 cells" in md and "position bias:" in md
-    assert "The judge is not valid in 2 of 2 cells" in res.output
-    cell = json.loads((out / "cells" / "shortest-4" / "cell.json").read_text())
+    assert (out / "compare.png").stat().st_size > 0 and "| shortest | 4 | 1 | 4 |" in md and "| base model |  | 1 | 0 |" in md
+    assert "**The judge is not valid** in 3 of 3 cells" in md and "position bias:" in md
+    assert "The judge is not valid in 3 of 3 cells" in res.output
+    cell = json.loads((out / "cells" / "shortest-4-s0" / "cell.json").read_text())
     assert cell["select"][0]["budget"] == 4 and Path(cell["train"]["dir"], "train.json").exists()
     assert json.loads((out / "cells" / "shortest-4" / "run" / "export" / "manifest.json").read_text())["n_selected"] == 4
 

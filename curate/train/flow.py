@@ -28,6 +28,11 @@ def _publish(record: dict[str, Any]) -> None:
     md = (f"# curate train\n\n- model: `{record['base_model']['name']}` ({record['method']})\n- export: `{record['export']['file']}` "
           f"(sha256 `{record['export']['sha256'][:16]}…`, {record['export']['n_rows']} rows)\n- steps: {record['steps']}, "
           f"loss {record['first_loss']} → {record['last_loss']}\n- weights: `{record['weights']}`\n")
+    if record.get("eval_loss") is not None:
+        md += f"- eval loss (held-out {record['eval_rows']} rows): {record['eval_loss']}\n"
+    if record.get("tokens_trained") is not None:
+        md += (f"- tokens trained: {record['tokens_trained']}; tokens/s: {record['tokens_per_s']}"
+               f"{' (resumed from step ' + str(record['resumed_from_step']) + ')' if record.get('resumed') else ''}\n")
     create_markdown_artifact(key="curate-train", markdown=md, description="curate train run")
     if curve:
         create_table_artifact(key="curate-train-loss", table=curve, description="training loss per logged step")

@@ -9,20 +9,36 @@ train directory::
                         the batch it chose, the loss curve, tokens/s, where the weights are
       adapter/          the LoRA adapter and tokenizer (method: lora; loads back with curate.models)
       model/            the full model and tokenizer (method: full)
-      loss.png          the loss curve
+      loss.png          the loss curve (and the eval loss, with eval_fraction > 0)
       checkpoints/      the last checkpoint while running (a killed run resumes from it)
+      tensorboard/      event files (report_to: tensorboard)
 
 The key hashes the config and the data file's sha256: a finished key is not trained again.
 
-Loss is on assistant tokens only: the ``prompt_completion`` layout uses TRL's completion-only loss
-(the final reply; earlier turns are context), the ``messages`` layout TRL's ``assistant_only_loss``
-(every reply), which needs a chat template with ``{% generation %}`` markers (``chat_template:
-chatml``; the base model's own template otherwise, checked before anything loads).
+Loss is on assistant tokens only: the ``messages`` layout (the default) uses TRL's
+``assistant_only_loss`` (every reply of a multi-turn row), which needs a chat template with
+``{% generation %}`` markers: the base model's own when it has them, else TRL's training variant of
+it, else ours when it renders the same text (SmolLM2: ``smollm2``), else an error before anything
+loads (:func:`curate.train.chat_templates.training_template`); the ``prompt_completion`` layout
+uses TRL's completion-only loss (the final reply; earlier turns are context). The template's
+end-of-turn token (ChatML: ``<|im_end|>``) joins ``eos_token_id`` in the weights'
+``generation_config.json``, so generation stops where training taught the model to.
+
+Resume: a checkpoint every ``save_steps``; a run killed and started again with the same key resumes
+from its newest complete checkpoint (``train.json``: ``resumed``, ``resumed_from_step``; the loss
+curve holds the steps of both processes). ``tokens_trained`` is the non-padding tokens of every
+training step of the run (transformers' ``num_input_tokens_seen``, kept in the checkpoint);
+``tokens_per_s`` is this process's tokens over this process's training seconds (eval excluded).
 
 Batch by tokens: rows per optimizer step = ``batch_tokens`` / the mean tokenized row length;
 rows per forward = ``micro_batch_tokens`` / the longest row; gradient accumulation makes up the
 difference. Rows are grouped by length to pad less. GPU: bf16 where supported, gradient
 checkpointing, ``device_map`` passed through; CPU: fp32, ``torch_threads`` threads.
+
+Several processes (``torchrun`` / ``accelerate launch``; :mod:`curate.train.distributed`): rows per
+step is the whole step over all of them, each process taking its share; only rank 0 writes the
+train directory, the others return its record; ``tokens_trained`` counts every process's tokens
+(the trainer gathers them); ``fsdp`` / ``deepspeed`` pass through to the trainer.
 """
 
 from __future__ import annotations
@@ -37,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from curate.errors import ConfigError, CurateError, require
+from curate.train import distributed
 from curate.train.spec import TrainSpec
 
 log = logging.getLogger("curate.train")
@@ -108,7 +125,15 @@ def run_key(spec: TrainSpec, export: ExportFile) -> str:
     from curate.models import model_revision
     from curate.train.chat_templates import chat_template_text
 
-    template = hashlib.sha256(chat_template_text(spec.chat_template).encode()).hexdigest() if spec.chat_template else None
+    if spec.chat_template:
+        text = chat_template_text(spec.chat_template)
+    else:  # the model's own (its revision is in the key) unless it is replaced for the messages layout
+        from curate.models import resolve_model
+
+        base = resolve_model(spec.model, spec.revision)
+        tok = _tokenizer(spec, base.location, base.revision if base.source == "hub" else None)
+        text = None if tok.curate_template_is_own else tok.chat_template
+    template = hashlib.sha256(text.encode()).hexdigest() if text else None
     return spec.key(export.sha256, _resolved(spec), model_revision(spec.model, spec.revision), template)
 
 
@@ -138,6 +163,7 @@ def train(spec: TrainSpec, source: str | os.PathLike | ExportFile, out_dir: str 
     """Train ``spec`` on the export at ``source``; return the train record (also ``train.json``).
     A finished run with the same key is returned as it is; a killed one resumes from its checkpoint."""
     export = source if isinstance(source, ExportFile) else locate_export(source, spec.layout, spec.file_type)
+    _check_options(spec, _device(spec))
     key = run_key(spec, export)
     out = Path(out_dir) if out_dir else train_dir(export, key)
     done = finished(out, key)
@@ -164,26 +190,49 @@ def _resolved(spec: TrainSpec) -> dict[str, Any]:
         import torch
 
         bf16_ok = torch.cuda.is_bf16_supported()
-    return spec.resolved(gpu, bf16_ok)
+    resolved = spec.resolved(gpu, bf16_ok)
+    n = distributed.world_size()  # several processes split each step another way (the key differs; one process: unchanged)
+    return {**resolved, "world_size": n} if n > 1 else resolved
 
 
 def _tokenizer(spec: TrainSpec, location: str, revision: str | None = None):
+    """The tokenizer with the chat template this run trains with (see :func:`training_template`);
+    ``tok.curate_template_source`` says where the template came from."""
     from transformers import AutoTokenizer
 
-    from curate.train.chat_templates import chat_template_text, has_generation_markers
+    from curate.train.chat_templates import training_template
 
     tok = AutoTokenizer.from_pretrained(location, revision=revision)
-    if spec.chat_template:
-        tok.chat_template = chat_template_text(spec.chat_template)
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"train.model {spec.model!r}: its tokenizer has no chat template; set train.chat_template (e.g. chatml)")
-    if spec.layout == "messages" and not has_generation_markers(tok.chat_template):
-        raise ConfigError(f"train.layout messages puts the loss on assistant turns only, which needs a chat template with "
-                          f"{{% generation %}} markers; {spec.model!r}'s own has none: set train.chat_template: chatml "
-                          f"(or a .jinja file with markers), or use layout: prompt_completion")
+    own = tok.chat_template if isinstance(getattr(tok, "chat_template", None), str) else None
+    text, source = training_template(tok, spec.chat_template, spec.layout, spec.model)
+    tok.chat_template = text
+    tok.curate_template_source = source
+    tok.curate_template_is_own = text == own
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _check_options(spec: TrainSpec, device: str) -> None:
+    """Options that cannot work here, refused before anything loads."""
+    import importlib.util
+
+    if spec.report_to == "tensorboard":  # what transformers' TensorBoardCallback imports (or tensorboardX)
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:
+            if importlib.util.find_spec("tensorboardX") is None:
+                raise ConfigError(f"train.report_to: tensorboard is not installed here ({exc}): pip install tensorboard "
+                                  "(or report_to: none)") from None
+    if spec.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("train.report_to: wandb is not installed here: pip install wandb (or report_to: none)")
+    if spec.padding_free and not spec.packing:
+        raise ConfigError("train.padding_free without packing: TRL then does not cut rows at max_length (it refuses the "
+                          "combination); set packing: true as well (TRL's packing is padding-free) or padding_free: false")
+    distributed.check(spec)  # deepspeed installed, not with fsdp
+    if (spec.packing or spec.padding_free) and not device.startswith("cuda"):
+        raise ConfigError(f"train.packing / padding_free are for GPU runs with flash attention; the device here is {device}: "
+                          "on a CPU they make one long sequence per batch, attended as a whole (no speed-up), so they are off there")
 
 
 @dataclass
@@ -199,6 +248,7 @@ class Prepared:
     checkpointing: bool
     max_length: int
     ckpt_dir: Path
+    eval_dataset: Any = None
 
 
 def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
@@ -214,7 +264,8 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
 
     silence_library_bars(before_loading=True)  # one log line per logged step instead (train)
     device = _device(spec)
-    set_torch_threads(spec.torch_threads or min(2, os.cpu_count() or 1))
+    _check_options(spec, device)
+    set_torch_threads(spec.torch_threads or distributed.default_threads())
     gpu = device.startswith("cuda")
     resolved = _resolved(spec)
     bf16 = resolved["bf16"]
@@ -230,12 +281,14 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
         dataset = datasets.load_dataset("parquet", data_files=str(export.path), split="train")
     if len(dataset) == 0:
         raise CurateError(f"{export.path}: the export has no rows to train on")
+    dataset, eval_dataset = split_eval(spec, dataset)
     log.info("train: %s on %s (%d rows, %s, %s) → %s", spec.model, export.path, len(dataset), spec.layout, spec.method, out)
 
     # LoRA: the frozen base in bf16 (the adapter's weights stay fp32 in PEFT); full fine-tuning: fp32
     # master weights with bf16 autocast (bf16 weights would round most AdamW updates away)
+    extra = {"attn_implementation": spec.attn_implementation} if spec.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(base.location, dtype=torch.bfloat16 if bf16 and spec.method == "lora" else torch.float32,
-                                                 device_map=spec.device_map, revision=hub_revision)
+                                                 device_map=spec.device_map, revision=hub_revision, **extra)
     peft_config = None
     if spec.method == "lora":
         from peft import LoraConfig
@@ -243,7 +296,8 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
         peft_config = LoraConfig(r=spec.lora.r, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                                  target_modules=spec.lora.target_modules, task_type="CAUSAL_LM")
     ckpt_dir = out / "checkpoints"
-    batch = _token_batch(spec, row_lengths(tok, dataset, max_length), resolved["micro_batch_tokens"])
+    batch = _token_batch(spec, row_lengths(tok, dataset, max_length), resolved["micro_batch_tokens"], max_length if spec.packing else None,
+                         distributed.world_size())
     args = dict(
         output_dir=str(ckpt_dir), learning_rate=spec.lr, lr_scheduler_type=spec.lr_scheduler,
         weight_decay=spec.weight_decay, num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
@@ -251,13 +305,39 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
         max_length=max_length, assistant_only_loss=spec.layout == "messages",
         seed=spec.seed, data_seed=spec.seed, bf16=bf16, use_cpu=not gpu,
         logging_steps=spec.logging_steps, logging_first_step=True, save_steps=spec.save_steps, save_total_limit=1,
-        report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        report_to=spec.report_to, disable_tqdm=True, dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", packing=spec.packing, padding_free=spec.padding_free,
         **_version_args(SFTConfig, spec.warmup_ratio, checkpointing),
     )
+    args.update(distributed.launch_args(spec, device))  # several processes: gloo on CPU; fsdp / deepspeed as given
     if spec.layout == "prompt_completion":
         args["completion_only_loss"] = True
-    trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, processing_class=tok, peft_config=peft_config)
-    return Prepared(trainer, tok, base, batch, device, bf16, checkpointing, max_length, ckpt_dir)
+    if eval_dataset is not None:
+        args.update(eval_strategy="steps", eval_steps=spec.eval_steps, per_device_eval_batch_size=batch["rows_per_forward"])
+    saved = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if spec.report_to == "tensorboard":  # read when the trainer builds its callback; checkpoints/ (the default) is removed at the end
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    try:
+        trainer = SFTTrainer(model=model, args=SFTConfig(**args), train_dataset=dataset, eval_dataset=eval_dataset,
+                             processing_class=tok, peft_config=peft_config)
+    finally:
+        if spec.report_to == "tensorboard":
+            os.environ.pop("TENSORBOARD_LOGGING_DIR", None) if saved is None else os.environ.__setitem__("TENSORBOARD_LOGGING_DIR", saved)
+    return Prepared(trainer, tok, base, batch, device, bf16, checkpointing, max_length, ckpt_dir, eval_dataset)
+
+
+def split_eval(spec: TrainSpec, dataset):
+    """(train rows, held-out rows or None): ``eval_fraction`` of the rows (rounded, at least one, and at
+    least one left to train on), drawn with ``seed`` — the same export and seed hold out the same rows."""
+    if not spec.eval_fraction:
+        return dataset, None
+    n = len(dataset)
+    n_eval = max(1, round(n * spec.eval_fraction))
+    if n - n_eval < 1:
+        raise CurateError(f"train.eval_fraction {spec.eval_fraction}: the export has {n} row(s), "
+                          f"too few to hold out {n_eval} and train on the rest")
+    parts = dataset.train_test_split(test_size=n_eval, seed=spec.seed, shuffle=True)
+    return parts["train"], parts["test"]
 
 
 def _version_args(config_cls, warmup_ratio: float, checkpointing: bool) -> dict[str, Any]:
@@ -282,23 +362,40 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
     prep = prepare(spec, export, out)
     trainer, tok, base, batch, ckpt_dir = prep.trainer, prep.tokenizer, prep.base, prep.batch, prep.ckpt_dir
     device, bf16, checkpointing, max_length = prep.device, prep.bf16, prep.checkpointing, prep.max_length
-    log.info("train: %d rows per step (%d per forward × %d accumulated; mean row %.0f tokens, longest %d)",
-             batch["rows_per_step"], batch["rows_per_forward"], batch["accumulation"], batch["mean_tokens"], batch["max_tokens"])
+    log.info("train: %d rows per step (%d per forward × %d accumulated × %d processes; mean row %.0f tokens, longest %d)",
+             batch["rows_per_step"], batch["rows_per_forward"], batch["accumulation"], batch["world_size"], batch["mean_tokens"],
+             batch["max_tokens"])
 
-    class LogLines(TrainerCallback):
+    class Track(TrainerCallback):
+        """Log lines; this process's starting token count and eval seconds (for tokens/s)."""
+
+        tokens_at_start = 0
+        eval_seconds = 0.0
+
+        def on_train_begin(self, args, state, control, **kw):
+            Track.tokens_at_start = state.num_input_tokens_seen
+
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 log.info("train: step %d/%d loss %.4f", state.global_step, state.max_steps, logs["loss"])
+            if logs and "eval_loss" in logs:
+                Track.eval_seconds += logs.get("eval_runtime") or 0.0
+                log.info("train: step %d/%d eval loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
 
     trainer.remove_callback(PrinterCallback)
-    trainer.add_callback(LogLines())
-    marker = ckpt_dir / "KEY"
-    if ckpt_dir.exists() and (not marker.exists() or marker.read_text().strip() != key):
-        _cleanup(ckpt_dir)  # checkpoints of another config or export: never resumed
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    resume = any(ckpt_dir.glob("checkpoint-*"))
-    marker.write_text(key + "\n")
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.add_callback(Track())
+    distributed.same_order(trainer, spec.seed)  # several processes: one row order per epoch in all of them
+    rows_trained = len(trainer.train_dataset)
+    held_out = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
+    if rows_trained < export.n_rows - held_out:  # TRL drops rows left without a trained token by the cut at max_length
+        log.warning("train: %d of %d rows have no assistant token within max_length %d and do not train",
+                    export.n_rows - held_out - rows_trained, export.n_rows - held_out, max_length)
+    distributed.agree("the run's key", key)  # several processes: the same config, export and template everywhere
+    resume_from = distributed.from_main(_resume_checkpoint, ckpt_dir, key)  # rank 0 cleans up and picks; the others take its pick
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    state = trainer.state
+    if prep.eval_dataset is not None and not any(h.get("step") == state.global_step and "eval_loss" in h for h in state.log_history):
+        trainer.evaluate()  # the eval loss of the final weights
     seconds = time.perf_counter() - t0
 
     weights = out / ("adapter" if spec.method == "lora" else "model")
@@ -306,16 +403,25 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
         # the adapter names its base as curate does (a bundled name or hub id as written, a local path made
         # absolute), so it loads back anywhere curate can resolve the base
         trainer.model.peft_config["default"].base_model_name_or_path = base.location if base.source == "local" else spec.model
-    trainer.save_model(str(weights))
+    trainer.save_model(str(weights))  # every process (FSDP / DeepSpeed gather the weights in it); only rank 0 writes
+    if not distributed.is_main():  # rank 0 writes the rest; the others wait for it and return its record
+        distributed.barrier()
+        return json.loads((out / "train.json").read_text())
     tok.save_pretrained(str(weights))
+    eos = _save_generation_config(trainer.model, tok, weights)
     # the run's key inside the weights dir: two trainings into one folder never share a model revision
     from curate.io import write_json
 
     write_json(weights / "curate_train.json", {"key": key, "base_model": spec.model, "base_revision": base.revision})
     curve = [{"step": h["step"], "epoch": round(h.get("epoch", 0.0), 4), "loss": h["loss"], "learning_rate": h.get("learning_rate")}
-             for h in trainer.state.log_history if "loss" in h]
-    epochs_done = trainer.state.epoch or 0.0
-    tokens = batch["total_tokens"] * epochs_done
+             for h in state.log_history if "loss" in h]
+    eval_curve = [{"step": h["step"], "epoch": round(h.get("epoch", 0.0), 4), "eval_loss": h["eval_loss"]}
+                  for h in state.log_history if "eval_loss" in h]
+    epochs_done = state.epoch or 0.0
+    tokens_trained = int(state.num_input_tokens_seen)
+    tokens_this_run = tokens_trained - int(Track.tokens_at_start)
+    train_seconds = result.metrics.get("train_runtime")
+    busy = (train_seconds - Track.eval_seconds) if train_seconds else None
     record = {
         "status": "done", "key": key, "config": spec.model_dump(mode="json"),
         "base_model": {"name": spec.model, "location": base.location, "revision": base.revision, "source": base.source},
@@ -323,20 +429,64 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
                    "sha256": export.sha256, "n_rows": export.n_rows, "layout": export.layout,
                    "config_hash": export.manifest.get("keys", {}).get("config_hash")},
         "versions": versions(), "device": device, "bf16": bf16, "gradient_checkpointing": checkpointing, "max_length": max_length,
-        "batch": batch, "steps": trainer.state.global_step, "epochs": epochs_done, "resumed": resume,
+        "chat_template": tok.curate_template_source, "eos_token_id": eos,
+        "batch": batch, "rows_trained": rows_trained, "steps": state.global_step, "epochs": epochs_done,
+        "resumed": resume_from is not None, "resumed_from_step": int(resume_from.name.split("-")[-1]) if resume_from else None,
         "train_loss": result.training_loss, "loss_curve": curve,
         "first_loss": curve[0]["loss"] if curve else None, "last_loss": curve[-1]["loss"] if curve else None,
-        "seconds": seconds, "train_seconds": result.metrics.get("train_runtime"),
-        "tokens_per_s": tokens / result.metrics["train_runtime"] if result.metrics.get("train_runtime") else None,
+        "eval_rows": len(prep.eval_dataset) if prep.eval_dataset is not None else 0,
+        "eval_ids": list(prep.eval_dataset["id"]) if prep.eval_dataset is not None and "id" in prep.eval_dataset.column_names else None,
+        "eval_curve": eval_curve, "eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
+        "seconds": seconds, "train_seconds": train_seconds, "eval_seconds": Track.eval_seconds,
+        "tokens_trained": tokens_trained, "tokens_this_run": tokens_this_run,
+        "tokens_per_s": tokens_this_run / busy if busy else None,
         "weights": str(weights), "method": spec.method,
     }
-    _plot(curve, out / "loss.png", f"{spec.model} · {spec.method} · {export.n_rows} rows")
-    from curate.io import write_json
-
+    _plot(curve, out / "loss.png", f"{spec.model} · {spec.method} · {export.n_rows} rows", eval_curve)
     write_json(out / "train.json", record)
     _cleanup(ckpt_dir)
+    distributed.barrier()  # the record is written: the other processes read it back
     log.info("train: done in %.0f s, loss %.4f → %.4f; %s", seconds, record["first_loss"] or math.nan, record["last_loss"] or math.nan, weights)
     return record
+
+
+def _resume_checkpoint(ckpt_dir: Path, key: str) -> Path | None:
+    """The newest complete checkpoint of this key in ``ckpt_dir`` (its ``trainer_state.json`` is
+    written last and parses), or None; checkpoints of another key, and incomplete ones (a kill while
+    saving), are removed."""
+    import shutil
+
+    marker = ckpt_dir / "KEY"
+    if ckpt_dir.exists() and (not marker.exists() or marker.read_text().strip() != key):
+        _cleanup(ckpt_dir)  # checkpoints of another config or export: never resumed
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
+    complete = []
+    for c in ckpt_dir.glob("checkpoint-*"):
+        try:
+            json.loads((c / "trainer_state.json").read_text())
+            complete.append((int(c.name.split("-")[-1]), c))
+        except (OSError, ValueError):
+            shutil.rmtree(c, ignore_errors=True)
+    return max(complete)[1] if complete else None
+
+
+def _save_generation_config(model, tok, weights: Path) -> list[int]:
+    """Write ``generation_config.json`` into the weights dir with the training template's end-of-turn
+    token added to the base's ``eos_token_id``; returns the ids."""
+    import copy
+
+    from curate.train.chat_templates import end_of_turn_id
+
+    gen = copy.deepcopy(model.generation_config)
+    eos = gen.eos_token_id if gen.eos_token_id is not None else tok.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eot = end_of_turn_id(tok, tok.chat_template)
+    if eot is not None and eot not in eos:
+        eos = [eot, *eos]
+    gen.eos_token_id = eos
+    gen.save_pretrained(str(weights))
+    return eos
 
 
 def row_lengths(tok, dataset, max_length: int) -> list[int]:
@@ -351,28 +501,38 @@ def row_lengths(tok, dataset, max_length: int) -> list[int]:
     return out
 
 
-def _token_batch(spec: TrainSpec, lengths: list[int], micro: int) -> dict[str, Any]:
-    """Rows per optimizer step and per forward from the rows' token lengths (see module docstring)."""
+def _token_batch(spec: TrainSpec, lengths: list[int], micro: int, packed_length: int | None = None, world: int = 1) -> dict[str, Any]:
+    """Rows per optimizer step and per forward from the rows' token lengths (see module docstring).
+    ``packed_length`` (packing): the rows are sequences of that length, as many as the tokens fill.
+    ``world``: processes sharing each step (DDP): ``rows_per_step`` is the whole step, over all of
+    them; ``rows_per_forward`` × ``accumulation`` is one process's share (rounded up to whole rows)."""
+    total = sum(lengths)
+    if packed_length:
+        lengths = [packed_length] * max(1, math.ceil(total / packed_length))
     mean = sum(lengths) / len(lengths)
     longest = max(lengths)
     per_step = max(1, min(len(lengths), round(spec.batch_tokens / mean)))
-    per_forward = max(1, min(per_step, micro // longest))
-    accumulation = math.ceil(per_step / per_forward)
-    per_forward = math.ceil(per_step / accumulation)  # spread evenly: a step holds per_step rows, not up to per_forward - 1 more
-    return {"rows_per_step": min(per_forward * accumulation, len(lengths)), "rows_per_forward": per_forward, "accumulation": accumulation,
-            "mean_tokens": mean, "max_tokens": longest, "total_tokens": sum(lengths), "batch_tokens": spec.batch_tokens,
-            "micro_batch_tokens": micro}
+    per_process = math.ceil(per_step / world)
+    per_forward = max(1, min(per_process, micro // longest))
+    accumulation = math.ceil(per_process / per_forward)
+    per_forward = math.ceil(per_process / accumulation)  # spread evenly: a step holds per_step rows, not up to per_forward - 1 more
+    return {"rows_per_step": min(per_forward * accumulation * world, len(lengths)), "rows_per_forward": per_forward,
+            "accumulation": accumulation, "world_size": world, "mean_tokens": mean, "max_tokens": longest, "total_tokens": total,
+            "batch_tokens": spec.batch_tokens, "micro_batch_tokens": micro, "packed": bool(packed_length)}
 
 
-def _plot(curve: list[dict], path: Path, title: str) -> None:
+def _plot(curve: list[dict], path: Path, title: str, eval_curve: list[dict] | None = None) -> None:
     if not curve:
         return
     from curate.report.plots import pyplot, save_png
 
     fig, ax = pyplot().subplots(figsize=(6, 3.5))
-    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], marker="o", markersize=3)
+    ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], marker="o", markersize=3, label="train")
+    if eval_curve:
+        ax.plot([c["step"] for c in eval_curve], [c["eval_loss"] for c in eval_curve], marker="s", markersize=3, label="eval (held out)")
+        ax.legend(fontsize=8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (nats/token)")
+    ax.set_ylabel("loss (nats/token)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     save_png(fig, path)

@@ -2,7 +2,7 @@
 
     train:
       model: smollm2-135m-instruct      # bundled short name, local dir, .gguf file or hub id
-      layout: prompt_completion         # or messages (needs a chat template with generation markers)
+      layout: messages                  # loss on every assistant reply; or prompt_completion (the final reply)
       method: lora                      # or full
       lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}
       learning_rate: 2.0e-4
@@ -10,6 +10,7 @@
       batch_tokens: 16384               # tokens per optimizer step (rows per step from the data's mean length)
       max_length: null                  # null: the export manifest's max_length
       seed: 0
+      eval_fraction: 0                  # rows held out (by seed) for an eval loss every eval_steps
 """
 
 from __future__ import annotations
@@ -37,12 +38,18 @@ class TrainSpec(BaseModel):
 
     model: str = Field("smollm2-135m-instruct", description="The base model: bundled short name, local dir, .gguf file or hub id.")
     revision: str | None = None
-    layout: Literal["prompt_completion", "messages"] = Field(
-        "prompt_completion", description="Which export file to train on, read unchanged. prompt_completion: loss on the final "
-        "assistant reply (earlier turns are context); messages: loss on every assistant reply (needs a chat template with "
-        "{% generation %} markers, e.g. chat_template: chatml).")
+    layout: Literal["messages", "prompt_completion"] = Field(
+        "messages", description="Which export file to train on, read unchanged. messages (default): the loss on every "
+        "assistant reply of a multi-turn row (TRL's assistant_only_loss, which needs a chat template with {% generation %} "
+        "markers: see chat_template); prompt_completion: the loss on the final reply only (TRL's completion-only loss; "
+        "earlier turns are context).")
     file_type: Literal["jsonl", "parquet"] = "jsonl"
-    chat_template: str | None = Field(None, description="null: the base model's own; a named one (chatml); or a path to a .jinja file.")
+    chat_template: str | None = Field(
+        None, description="null: the base model's own. For layout messages, a template without {% generation %} markers "
+        "is replaced by TRL's training variant of it (when TRL has one) or by ours that renders the same text (SmolLM2: "
+        "smollm2, its own template with markers, default system prompt included); otherwise an error. Or a named one "
+        "(chatml: ChatML without a default system prompt; smollm2), or a path to a .jinja file. The end-of-turn token of "
+        "the template trained with joins eos_token_id in the weights' generation_config.json.")
     method: Literal["lora", "full"] = "lora"
     lora: LoRASpec = Field(default_factory=LoRASpec)
     learning_rate: float | None = Field(None, gt=0, description="Default 2e-4 for LoRA, 2e-5 for full fine-tuning.")
@@ -63,6 +70,27 @@ class TrainSpec(BaseModel):
     logging_steps: int = Field(1, gt=0, description="The loss curve's resolution, in optimizer steps.")
     save_steps: int = Field(500, gt=0, description="Checkpoint every this many steps; a killed run resumes from the last one.")
     torch_threads: int | None = Field(None, gt=0, description="CPU threads (default: min(2, CPU count)).")
+    report_to: Literal["none", "tensorboard", "wandb"] = Field(
+        "none", description="Where the trainer also logs: tensorboard (event files in <train dir>/tensorboard; needs "
+        "pip install tensorboard) or wandb (needs pip install wandb and its login).")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the export's rows held out (drawn with seed) for "
+                                 "an eval loss every eval_steps and at the end; 0: none. At least one row each side.")
+    eval_steps: int = Field(50, gt=0, description="Eval loss every this many optimizer steps (with eval_fraction > 0).")
+    packing: bool = Field(False, description="TRL's packing: rows packed into max_length sequences (best-fit decreasing, "
+                          "padding-free). Meant for GPU runs with flash attention (attn_implementation).")
+    padding_free: bool = Field(False, description="TRL's padding_free: each batch flattened into one sequence, no padding; "
+                               "meant for GPU runs with flash attention. Needs packing (without it TRL does not cut rows at max_length).")
+    attn_implementation: str | None = Field(None, description="Passed to from_pretrained (e.g. flash_attention_2); null: "
+                                            "transformers' default.")
+    fsdp: bool | str | None = Field(None, description="Several processes (torchrun / accelerate launch): the trainer's fsdp "
+                                    "option, passed unchanged (true, with the settings in fsdp_config; older transformers: a "
+                                    "string such as 'full_shard auto_wrap'); null: DDP (each process holds the whole model). "
+                                    "Not in the key: it shards the same step over the processes.")
+    fsdp_config: dict | str | None = Field(None, description="The trainer's fsdp_config (a dict or a JSON file), passed "
+                                           "unchanged. Not in the key.")
+    deepspeed: str | dict | None = Field(None, description="The trainer's deepspeed option: a DeepSpeed JSON config file or "
+                                         "the config itself, passed unchanged (needs pip install deepspeed). In the key (a file by "
+                                         "its content): a DeepSpeed config can set its own optimizer, scheduler and precision.")
 
     @property
     def lr(self) -> float:
@@ -76,7 +104,24 @@ class TrainSpec(BaseModel):
     def key(self, data_sha256: str, resolved: dict | None = None, model_revision: str | None = None, template_sha256: str | None = None) -> str:
         """Hash of what the run computes: this config (minus how it runs: device, threads, logging,
         checkpointing), the values it resolves to on this machine, the base model's revision, the
-        training template's text and the exact data file."""
-        how = {"device", "device_map", "logging_steps", "save_steps", "torch_threads", "gradient_checkpointing"}
-        return sha256_hex(canonical_json({"train": self.model_dump(mode="json", exclude=how), "resolved": resolved,
+        training template's text and the exact data file. Of the several-process settings, ``fsdp`` and
+        ``fsdp_config`` are how it runs (the same step, sharded), ``deepspeed`` is in (a config file by
+        its content's sha256; unset, it adds nothing); the world size is in ``resolved`` (sft.py)."""
+        how = {"device", "device_map", "logging_steps", "save_steps", "torch_threads", "gradient_checkpointing", "report_to",
+               "fsdp", "fsdp_config", "deepspeed"}
+        train = self.model_dump(mode="json", exclude=how)
+        if self.deepspeed is not None:
+            train["deepspeed"] = _file_sha256(self.deepspeed) if isinstance(self.deepspeed, str) else self.deepspeed
+        return sha256_hex(canonical_json({"train": train, "resolved": resolved,
                                           "model_revision": model_revision, "template": template_sha256, "data": data_sha256}))
+
+
+def _file_sha256(path: str) -> str:
+    """``sha256:<hex>`` of a config file's bytes; the path as written when there is no such file."""
+    import hashlib
+    import os
+
+    if not os.path.isfile(path):
+        return path
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()
