@@ -164,7 +164,9 @@ def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds 
 
 
 def _run_train(spec, source: str, out: Optional[Path], prefect: bool) -> dict:
-    if prefect:
+    from curate.train.distributed import is_main
+
+    if prefect and is_main():  # several processes (torchrun): one flow run, rank 0's; the others train beside it
         from curate.train.flow import train_flow
 
         return train_flow(spec=spec.model_dump(mode="json"), source=str(source), out_dir=str(out) if out else None)
@@ -231,6 +233,7 @@ def train(
     Reads the export's prompt_completion (or messages) file unchanged; loss on assistant tokens only.
     Writes train.json (config, export sha256, trainer versions, loss curve), loss.png and the adapter
     (or model). A run with the same config and data is not trained again. Needs: pip install 'curate[train]'.
+    Several processes (GPUs, or CPUs over gloo): torchrun --nproc_per_node N -m curate train SOURCE …
     """
     from curate.errors import CurateError
 
@@ -240,7 +243,10 @@ def train(
     except CurateError as exc:
         _fail(exc)
         return
-    _print_train(rec)
+    from curate.train.distributed import is_main
+
+    if is_main():  # several processes: one summary
+        _print_train(rec)
 
 
 @app.command(name="eval")
@@ -351,11 +357,11 @@ def compare(
     except CurateError as exc:
         _fail(exc)
         return
-    cols = ("selection", "budget", "selected", "train_loss_last", "eval_loss", "eval_loss_ci95", "judge", "win_rate", "win_rate_ci95",
-            "lc_win_rate")
+    cols = ("selection", "budget", "seeds", "selected", "train_steps", "train_tokens", "eval_loss", "eval_loss_ci95", "loss_vs_random",
+            "judge", "win_rate", "win_rate_ci95")
     t = Table(*cols, title=f"compare: {spec.name} (every column: compare.md)")
     for r in res["table"]:
-        t.add_row(*["–" if r[c] is None else str(r[c]) for c in cols])
+        t.add_row(*["–" if r.get(c) is None else str(r[c]) for c in cols])
     console.print(t)
     from curate.compare import judge_note
 

@@ -11,7 +11,8 @@ from prefect import flow
 
 @flow(name="curate-compare", flow_run_name="curate-compare-{name}", persist_result=False, validate_parameters=True)
 def compare_flow(spec: dict[str, Any], path: str, name: str = "") -> dict[str, Any]:
-    """Curate, train and evaluate every selection × budget of a compare file; publish the table."""
+    """Curate, train and evaluate every selection × budget × seed of a compare file (and the base model);
+    publish the table."""
     from curate.compare import CompareSpec, compare
 
     cs = CompareSpec.model_validate(spec)

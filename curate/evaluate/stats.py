@@ -15,6 +15,10 @@ Everything here is plain numpy and deterministic: the same values and seed give 
   where it is undefined are left out).
 - :func:`length_controlled_win_rate`: the length-controlled win rate of Dubois et al. (2024),
   "Length-Controlled AlpacaEval", as the ``alpaca_eval`` package fits it (see the function).
+- :func:`seed_row_bootstrap` / :func:`paired_difference`: a metric measured on the same eval rows
+  under several training seeds (``curate compare``): its mean over the seeds and a 95% percentile
+  bootstrap interval that resamples the eval rows and the seeds, each with replacement; for two
+  arms, the interval of their difference with the same rows and seeds drawn for both (paired).
 """
 
 from __future__ import annotations
@@ -66,6 +70,92 @@ def interval(idx: np.ndarray, stat: Callable[[np.ndarray], float | None]) -> lis
     if len(idx) == 0:
         return None
     return percentile_interval([stat(i) for i in idx])
+
+
+# -- several seeds on the same eval rows (curate compare) ------------------------------------------
+
+
+def seed_row_weights(n_seeds: int, n_rows: int, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(n_resamples, n_seeds)`` and ``(n_resamples, n_rows)`` counts: how often each seed and each
+    eval row is drawn in each resample (``n_seeds`` seeds and ``n_rows`` rows drawn with replacement,
+    from ``numpy.random.default_rng(seed)``; rows first, then seeds). Empty when either is 0."""
+    if n_seeds == 0 or n_rows == 0 or n_resamples == 0:
+        return np.zeros((0, n_seeds)), np.zeros((0, n_rows))
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, n_rows, size=(n_resamples, n_rows))
+    seeds = rng.integers(0, n_seeds, size=(n_resamples, n_seeds))
+
+    def counts(idx: np.ndarray, n: int) -> np.ndarray:
+        flat = idx + (np.arange(n_resamples) * n)[:, None]
+        return np.bincount(flat.ravel(), minlength=n_resamples * n).reshape(n_resamples, n).astype(float)
+
+    return counts(seeds, n_seeds), counts(rows, n_rows)
+
+
+def _seed_ratios(num: np.ndarray, den: np.ndarray, row_w: np.ndarray) -> np.ndarray:
+    """``(n_resamples, n_seeds)``: per resample and seed, Σ w·num / Σ w·den over the rows (NaN where Σ w·den is 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = (row_w @ num.T) / (row_w @ den.T)
+    return np.where(np.isfinite(r), r, np.nan)
+
+
+def _seed_mean(per_seed: np.ndarray, seed_w: np.ndarray) -> np.ndarray:
+    """Mean over the drawn seeds (each counted as often as it was drawn)."""
+    safe = np.where(seed_w > 0, per_seed, 0.0)
+    undefined = ((seed_w > 0) & np.isnan(per_seed)).any(axis=1)
+    out = (safe * seed_w).sum(axis=1) / seed_w.sum(axis=1)
+    return np.where(undefined, np.nan, out)
+
+
+def _check(num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    num, den = np.atleast_2d(np.asarray(num, dtype=float)), np.atleast_2d(np.asarray(den, dtype=float))
+    if num.shape != den.shape:
+        raise ValueError(f"num and den differ in shape: {num.shape} vs {den.shape}")
+    return num, den
+
+
+def seed_row_bootstrap(num, den, n_resamples: int, seed: int) -> dict:
+    """A ratio-of-sums metric measured under several seeds on the same rows.
+
+    ``num``, ``den``: ``(n_seeds, n_rows)``; the metric under seed s is Σ_i num[s, i] / Σ_i den[s, i]
+    (the token-weighted loss: num = a row's nats, den = its tokens; a mean of points: den = 1).
+    Returns ``value`` (its mean over the seeds), ``per_seed`` and ``ci95``: the 2.5th and 97.5th
+    percentiles of that mean over ``n_resamples`` resamples, each drawing the rows and the seeds with
+    replacement (:func:`seed_row_weights`; None below two defined resamples). With one seed it is the
+    plain row bootstrap."""
+    num, den = _check(num, den)
+    k, n = num.shape
+    per_seed = _seed_ratios(num, den, np.ones((1, n)))[0] if n else np.full(k, np.nan)
+    seed_w, row_w = seed_row_weights(k, n, n_resamples, seed)
+    ci = percentile_interval(_seed_mean(_seed_ratios(num, den, row_w), seed_w).tolist()) if len(row_w) else None
+    value = float(per_seed.mean()) if k and not np.isnan(per_seed).any() else None
+    return {"value": value, "per_seed": [None if math.isnan(x) else float(x) for x in per_seed], "ci95": ci,
+            "n_rows": n, "n_seeds": k, "n_resamples": len(row_w), "seed": seed}
+
+
+def paired_difference(a_num, a_den, b_num, b_den, n_resamples: int, seed: int) -> dict:
+    """Arm a minus arm b, paired: the same ``(n_seeds, n_rows)`` layout for both (row i and seed s of a
+    measured on the same eval row and with the same training seed as those of b). ``difference``:
+    the mean over seeds of (a's metric − b's metric) under each seed (the metric as in
+    :func:`seed_row_bootstrap`); ``ci95``: its 95% percentile interval over resamples that draw the
+    same rows and seeds for both arms; ``excludes_zero``: whether that interval lies wholly above or
+    below 0 (False without an interval)."""
+    a_num, a_den = _check(a_num, a_den)
+    b_num, b_den = _check(b_num, b_den)
+    if a_num.shape != b_num.shape:
+        raise ValueError(f"the arms differ in shape: {a_num.shape} vs {b_num.shape}")
+    k, n = a_num.shape
+    ones = np.ones((1, n))
+    point = (_seed_ratios(a_num, a_den, ones) - _seed_ratios(b_num, b_den, ones))[0] if n else np.full(k, np.nan)
+    seed_w, row_w = seed_row_weights(k, n, n_resamples, seed)
+    ci = None
+    if len(row_w):
+        diffs = _seed_ratios(a_num, a_den, row_w) - _seed_ratios(b_num, b_den, row_w)
+        ci = percentile_interval(_seed_mean(diffs, seed_w).tolist())
+    value = float(point.mean()) if k and not np.isnan(point).any() else None
+    return {"difference": value, "per_seed": [None if math.isnan(x) else float(x) for x in point], "ci95": ci,
+            "excludes_zero": bool(ci is not None and (ci[0] > 0 or ci[1] < 0)),
+            "n_rows": n, "n_seeds": k, "n_resamples": len(row_w), "seed": seed}
 
 
 # -- length-controlled win rate -----------------------------------------------------------------------

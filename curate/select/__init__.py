@@ -13,6 +13,7 @@ SELECTORS: dict[str, str] = {
     "threshold": "curate.select.threshold:ThresholdFilter",
     "top_k": "curate.select.topk:TopK",
     "random": "curate.select.random:RandomSample",
+    "token_budget": "curate.select.token_budget:TokenBudget",
     "kcenter": "curate.select.kcenter:KCenter",
     "ds2": "curate.select.ds2:DS2Select",
     "repr_filter": "curate.select.repr_filter:ReprFilter",

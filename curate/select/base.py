@@ -33,7 +33,9 @@ class Pool:
     (quarantined and duplicate rows included: the base of ``rate_base: input``, methods.md B0);
     ``sources`` / ``tasks``: per-row source name and task label (None when absent; lists or numpy arrays); ``texts``: a
     callable giving ``(prompt, response)`` per row of this pool, read only by steps that need the
-    text (DELIFT).
+    text (DELIFT); ``rank``: (n,) int64, the order the previous step ranked these rows in (lower
+    first; input-row order for the first step), or None for a pool built outside a run (a step that
+    reads it then takes input-row order).
     """
 
     rows: np.ndarray
@@ -47,6 +49,7 @@ class Pool:
     tasks: list | None = None
     text_loader: Any = None  # (row indices into the first pool) -> [(prompt, response)]
     origin: np.ndarray | None = None  # positions of these rows in the first pool
+    rank: np.ndarray | None = None  # (n,) int64: the previous step's rank of each row (see above)
 
     def texts(self) -> list[tuple[str, str]]:
         if self.text_loader is None:
@@ -85,6 +88,7 @@ class Pool:
             tasks=_take(self.tasks, idx),
             text_loader=self.text_loader,
             origin=(np.arange(len(self.rows)) if self.origin is None else self.origin)[idx],
+            rank=None if self.rank is None else self.rank[idx],
         )
         pool._emb_base, pool._emb_index = self._emb_base, (None if self._emb_base is None else index)
         return pool

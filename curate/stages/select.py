@@ -127,6 +127,7 @@ def select_stage(
                 sources=shared_strings(meta.column("source")), tasks=shared_strings(meta.column("task")),
                 text_loader=text_loader).take(alive)
     rank = np.arange(len(pool), dtype=np.int64)
+    pool.rank = rank  # the first step sees input order; each later one the rank order of the step before it
     step_stats = []
     step_columns: dict[str, np.ndarray] = {}
     prefix = "select" if name == "select" else name
@@ -150,6 +151,7 @@ def select_stage(
         rank = res.rank[res.keep]
         pool_idx = pool_idx[res.keep]
         pool = pool.take(res.keep)
+        pool.rank = rank
 
     order = np.argsort(rank, kind="stable")
     chosen = pool_idx[order]
