@@ -27,7 +27,7 @@
 # ~130 MiB (GGUF 94 MiB; polars' runtime alone is 52 MiB as a wheel, 30 MiB under xz), hence three
 # calls; issue them back to back (the machine goes back after 30 s idle). SIZE=smoke runs the same
 # loop at a toy size, and NO_INSTALL=1 uses the current Python's packages and the GGUF found here
-# (a CPU dry run: PYTHON=.venv/bin/python NO_INSTALL=1 SIZE=smoke bash bench/gpu_check.sh run).
+# (a CPU dry run, with more time: RUN_LIMIT=1200 PYTHON=.venv/bin/python NO_INSTALL=1 SIZE=smoke bash bench/gpu_check.sh run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=bench/.gpu

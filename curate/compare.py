@@ -74,7 +74,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -316,11 +316,9 @@ def run_cell(spec: CompareSpec, selection: Selection, budget: int | float, seed:
     key = cell_key(flow, spec, train, evaluation)
     cell_dir = flow.out.parent.parent / cell_name(selection, budget, seed)
     record_path = cell_dir / "cell.json"
-    if record_path.exists():
-        old = json.loads(record_path.read_text())
-        if old.get("key") == key:
-            log.info("compare: cell %s is recorded, not run again", cell_dir.name)
-            return old
+    old = _recorded(record_path, key)
+    if old:
+        return old
     log.info("compare: cell %s (%d steps)", cell_dir.name, steps)
     if not curated["selected"]:
         raise ConfigError(f"compare: selection '{selection.name}' keeps no row at budget {budget} ({flow.out}): nothing to train on")
@@ -348,6 +346,16 @@ def run_cell(spec: CompareSpec, selection: Selection, budget: int | float, seed:
     return record
 
 
+def _recorded(record_path: Path, key: str) -> dict[str, Any] | None:
+    """The cell record at ``record_path`` when it was made with ``key`` (then the cell is not run again)."""
+    if record_path.exists():
+        old = json.loads(record_path.read_text())
+        if old.get("key") == key:
+            log.info("compare: cell %s is recorded, not run again", record_path.parent.name)
+            return old
+    return None
+
+
 def base_cell(spec: CompareSpec, seed: int, store: Path) -> dict[str, Any]:
     """Evaluate the untrained ``train.model`` with the eval settings under ``seed`` (or read it back)."""
     from curate.io import write_json
@@ -360,11 +368,9 @@ def base_cell(spec: CompareSpec, seed: int, store: Path) -> dict[str, Any]:
                                      "files": _content(None, spec)}))
     cell_dir = spec.resolve(spec.output_dir) / "cells" / f"{BASE_DIR}-s{seed}"
     record_path = cell_dir / "cell.json"
-    if record_path.exists():
-        old = json.loads(record_path.read_text())
-        if old.get("key") == key:
-            log.info("compare: cell %s is recorded, not run again", cell_dir.name)
-            return old
+    old = _recorded(record_path, key)
+    if old:
+        return old
     log.info("compare: cell %s (the untrained %s)", cell_dir.name, spec.train.model)
     evaluated = _eval(spec, evaluation, spec.train.model, store, out_dir=cell_dir / "eval")
     record = {"key": key, "cell": cell_dir.name, "selection": BASE, "budget": None, "seed": seed, "select": None,
@@ -719,12 +725,16 @@ def plot(spec: CompareSpec, cells: list[dict[str, Any]], path: Path) -> None:
     save_png(fig, path)
 
 
-def compare(spec: CompareSpec) -> dict[str, Any]:
-    """Curate, train and evaluate every cell (or read it back), then write the table, the plot and the artifacts."""
+def compare(spec: CompareSpec, on_cell: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+    """Curate, train and evaluate every cell (or read it back), then write the table, the plot and the artifacts.
+
+    ``on_cell``, when given, is called after every cell with the cell records so far (the base model's
+    first): e.g. to write a partial table that survives a run stopped half way (bench/gpu_check.sh)."""
     from curate.io import write_json, write_text
 
     out = spec.resolve(spec.output_dir)
     sels = selections(spec)
+    base: list[dict[str, Any]] = []
     cells: list[dict[str, Any]] = []
     budget_info = []
     store = None
@@ -735,10 +745,17 @@ def compare(spec: CompareSpec) -> dict[str, Any]:
         budget_info.append({"budget": budget, "unit": spec.budget_unit, "train_steps": steps,
                             "export_tokens": {sel.name: c["export_tokens"] for sel, c in zip(sels, curated)}})
         log.info("compare: budget %s %s: %d optimizer steps for every cell", budget, spec.budget_unit, steps)
+        if spec.baselines.base_model and not base:  # the reference first: a partial table already has it
+            for seed in spec.seeds:
+                base.append(base_cell(spec, seed, store))
+                if on_cell:
+                    on_cell(base + cells)
         for sel, cur in zip(sels, curated):
-            cells += [run_cell(spec, sel, budget, seed, cur, steps) for seed in spec.seeds]
-    if spec.baselines.base_model:
-        cells = [base_cell(spec, seed, store) for seed in spec.seeds] + cells
+            for seed in spec.seeds:
+                cells.append(run_cell(spec, sel, budget, seed, cur, steps))
+                if on_cell:
+                    on_cell(base + cells)
+    cells = base + cells
     diffs = differences(spec, cells)
     rows = table(spec, cells, diffs)
     md = markdown(spec, rows, cells, diffs)
