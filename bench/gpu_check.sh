@@ -111,6 +111,7 @@ import curate.train.sft, curate.evaluate.run, curate.compare, curate.stages.inge
   fi
   left=$(( ${RUN_LIMIT:-450} - ($(date +%s) - T0) ))
   echo "gpu_check: $(( $(date +%s) - T0 )) s to unpack and check; the loop gets $left s"
+  if [ "$left" -lt 60 ]; then echo "gpu_check: under 60 s left of RUN_LIMIT=${RUN_LIMIT:-450}: not starting the loop" | tee "$OUT_DIR/error.txt"; exit 4; fi
   # the bench rewrites results.md / results.json in $OUT_DIR after every cell: a timeout keeps what finished
   set -o pipefail
   timeout --signal=TERM --kill-after=10 "$left" "$PY" bench/select_train_eval.py --model "$MODEL" --pool "${pool[@]}" \

@@ -28,7 +28,9 @@ response tokens by default).
 same number of optimizer steps (``train.max_steps`` is set for the cell); rows per step stay
 ``train.batch_tokens`` / the data's mean tokenized length, so each step holds about
 ``batch_tokens`` tokens (fewer only when a selection holds fewer tokens than that in all). Tokens:
-steps = max(1, round(epochs × budget / batch_tokens)). Rows: every selection of the budget is curated
+steps = max(1, epochs × budget / batch_tokens rounded half up); the budget counts
+``token_budget``'s tokens (the heuristic scorer's by default: words and punctuation marks), the steps
+count training tokens, so the epochs are approximate. Rows: every selection of the budget is curated
 first, its export's tokens counted with the training tokenizer
 (:func:`curate.train.tokens.export_token_count`), and steps = the least over the selections of
 max(1, ceil(epochs × export tokens / batch_tokens)). A ``train.max_steps`` in the compare file caps
@@ -41,13 +43,16 @@ The table has one row per selection × budget: each metric's mean over the seeds
 from a percentile bootstrap that resamples the eval rows and the seeds with replacement
 (:func:`curate.evaluate.stats.seed_row_bootstrap`, ``eval.bootstrap`` resamples drawn with the compare
 file's ``eval.seed``), from the per-row losses and judgments each eval writes. The per-seed rows are
-in ``compare.json`` (``per_seed``).
+in ``compare.json`` (``per_seed``). The length-controlled and soft win rates are means over the
+seeds without an interval (the win rate has one).
 
 **Differences.** At each budget every selection is compared with the random baseline and with the
 base model on the same eval rows and seeds: the mean over seeds of the difference in held-out loss
 (and in win rate where the judge is valid in both), with a 95% paired bootstrap interval
 (:func:`curate.evaluate.stats.paired_difference`). It is called "better" or "worse" only when that
-interval excludes 0; otherwise "no difference shown".
+interval excludes 0; otherwise "no difference shown". The random baseline is one draw, curated once
+and trained with every seed: the intervals hold the seeds' and the eval rows' variation, not that of
+another random draw.
 
 **Baselines.** Unless ``baselines.random: false``, a selection ``random`` is added (a selection the
 file already names ``random`` is used as it is): ``baselines.random_before`` (e.g. the selections'
@@ -60,7 +65,9 @@ is shared, so nothing is scored twice; ``curation.json`` records its key and exp
 seed trains on that export (a train flow) and evaluates (an eval flow), recorded in
 ``cells/<selection>-<budget>-s<seed>/cell.json``; the base model in ``cells/base-model-s<seed>``. A
 cell whose key (flow fingerprint, files, train settings with its seed and steps, eval settings) is
-already recorded is not run again, so re-running adds only new cells. The results go to
+already recorded is not run again, so re-running adds only new cells — except with ``budget_unit:
+rows``, where a new selection with fewer tokens lowers the budget's steps and so re-runs its cells;
+how a cell runs (threads, devices, logging, checkpoints, ``report_to``, FSDP) is not in the key. The results go to
 ``compare.md`` (the table and the differences), ``compare.json`` and ``compare.png`` (budget on x,
 one line per selection, the base model as a band, one panel per metric, 95% intervals as error
 bars), and to the Prefect UI as a table and a markdown artifact. The ``judge`` column says whether
@@ -249,13 +256,15 @@ def _content(flow, spec: CompareSpec) -> list[str]:
     return [file_sha256(f) for f in files]
 
 
+#: how a cell runs, not what it computes (as TrainSpec.key leaves them out): changing them re-runs no cell
 HOW = {"torch_threads"}
+TRAIN_HOW = HOW | {"device", "device_map", "logging_steps", "save_steps", "gradient_checkpointing", "report_to", "fsdp", "fsdp_config"}
 
 
 def cell_key(flow, spec: CompareSpec, train: TrainSpec | None = None, evaluation: EvalSpec | None = None) -> str:
     """What a cell computes: the curation flow, the files it reads, the train and eval settings (a seed's own)."""
     train, evaluation = train or spec.train, evaluation or spec.eval
-    return sha256_hex(canonical_json({"flow": flow.fingerprint(), "train": train.model_dump(mode="json", exclude=HOW | {"device_map"}),
+    return sha256_hex(canonical_json({"flow": flow.fingerprint(), "train": train.model_dump(mode="json", exclude=TRAIN_HOW),
                                       "eval": evaluation.model_dump(mode="json", exclude=HOW), "eval_backend": evaluation.resolved_backend(),
                                       "files": _content(flow, spec)}))
 
@@ -300,7 +309,7 @@ def natural_steps(spec: CompareSpec, tokens: int) -> int:
 def budget_steps(spec: CompareSpec, budget: int | float, curated: list[dict[str, Any]]) -> int:
     """The optimizer steps of every cell at ``budget`` (see the module docstring), capped by ``train.max_steps``."""
     if spec.budget_unit == "tokens":
-        steps = max(1, round(spec.train.epochs * budget / spec.train.batch_tokens))
+        steps = max(1, math.floor(spec.train.epochs * budget / spec.train.batch_tokens + 0.5))  # halves up
     else:
         steps = min(natural_steps(spec, c["export_tokens"]) for c in curated)
     return min(steps, spec.train.max_steps) if spec.train.max_steps else steps
@@ -464,9 +473,15 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 def row_values(cell: dict[str, Any], metric: str) -> dict[str, tuple[float, float]]:
     """Per eval row id: (numerator, denominator) of ``metric`` in this cell's eval — ``eval_loss``: the
     row's nats and scored tokens (losses.jsonl); ``win_rate``: the row's points (both orders judged,
-    ties ½) and 1 (judgments.jsonl). Empty when the eval wrote no such file."""
+    ties ½) and 1 (judgments.jsonl). Empty when the cell has no such metric; a cell that reports the
+    metric but whose per-row file is gone raises ConfigError (its intervals cannot be drawn)."""
     d = Path(cell["eval"].get("dir") or "")
     out: dict[str, tuple[float, float]] = {}
+    name = "losses.jsonl" if metric == "eval_loss" else "judgments.jsonl"
+    has = cell["eval"].get("loss") if metric == "eval_loss" else _judge(cell)
+    if has and not (d / name).exists():
+        raise ConfigError(f"compare: cell {cell.get('cell')} reports {metric} but {d / name} is missing: its per-row values "
+                          "give the intervals and paired differences; delete the cell's cell.json to run it again")
     if metric == "eval_loss":
         for r in _jsonl(d / "losses.jsonl"):
             if r.get("loss") is not None and r.get("n_tokens"):
@@ -571,7 +586,9 @@ def differences(spec: CompareSpec, cells: list[dict[str, Any]]) -> list[dict[str
 
 
 def verdict(d: dict[str, Any], lower_is_better: bool) -> str:
-    """"better" / "worse" only when the paired interval excludes 0; otherwise "no difference shown"."""
+    """"better" / "worse" only when the paired interval excludes 0; otherwise "no difference shown". The random baseline is one draw, curated once
+and trained with every seed: the intervals hold the seeds' and the eval rows' variation, not that of
+another random draw."""
     if not d.get("excludes_zero"):
         return "no difference shown"
     below = d["ci95"][1] < 0
@@ -667,7 +684,8 @@ def markdown(spec: CompareSpec, rows: list[dict[str, Any]], cells: list[dict[str
                   "Selection minus baseline at the same budget, on the same eval rows and seeds: the mean over seeds of the "
                   "difference, and a 95% paired bootstrap interval (the same rows and seeds drawn for both). Held-out loss: lower "
                   "is better; win rate: higher is better. \"better\" / \"worse\" only when the interval excludes 0; otherwise "
-                  "\"no difference shown\" (which is not evidence that they are equal).", "",
+                  "\"no difference shown\" (which is not evidence that they are equal). The random baseline is one draw trained with "
+                  "every seed: the interval holds the seeds' and the eval rows' variation, not another random draw's.", "",
                   "| budget | selection | against | metric | difference | 95% interval | verdict | rows | seeds |", "|---|---|---|---|---|---|---|---|---|"]
         for d in diffs:
             ci = "–" if not d["ci95"] else f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}"

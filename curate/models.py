@@ -306,10 +306,30 @@ def merged_model_dir(adapter: str) -> str:
         import torch
         from transformers import AutoTokenizer
 
-        load_causal_lm(adapter, torch.float32).save_pretrained(tmp)
+        model = load_causal_lm(adapter, torch.float32)
+        add_adapter_stop_tokens(model, adapter)  # the trained end-of-turn token stops vLLM's generation too
+        model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)
 
     return str(_made_once(cache_dir() / "merged" / _dir_revision(Path(adapter)), "config.json", make))
+
+
+def add_adapter_stop_tokens(model, location: str) -> None:
+    """A ``curate train`` adapter's ``generation_config.json`` lists the end-of-turn token of the
+    template it was trained with among its ``eos_token_id`` (the merged model carries its base's
+    generation config): they join the model's ``generation_config.eos_token_id``, so generation stops on
+    them too (:mod:`curate.lm.hf`, and vLLM through :func:`merged_model_dir`). A full model dir's own
+    config loads with it."""
+    import json
+
+    f = Path(location) / "generation_config.json"
+    if not (is_adapter(location) and f.exists()):
+        return
+    extra = json.loads(f.read_text()).get("eos_token_id")
+    extra = [extra] if isinstance(extra, int) else list(extra or [])
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    model.generation_config.eos_token_id = eos + [t for t in extra if t not in eos]
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

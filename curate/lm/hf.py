@@ -9,7 +9,7 @@ from typing import Any
 from curate.lm.base import resolve_device
 from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult
 from curate.lm.spec import LMParams
-from curate.models import cached, is_adapter, is_gguf, load_causal_lm, model_revision, resolve_model, set_torch_threads
+from curate.models import add_adapter_stop_tokens, cached, is_gguf, load_causal_lm, model_revision, resolve_model, set_torch_threads
 
 
 class HFBackend:
@@ -54,7 +54,7 @@ class HFBackend:
 
         def load():
             m = load_causal_lm(r.location, getattr(torch, p.dtype), p.trust_remote_code, p.revision if r.source == "hub" else None)
-            _adapter_stop_tokens(m, r.location)
+            add_adapter_stop_tokens(m, r.location)
             return m.to(self.device).eval()
 
         return cached(("lm", r.location, r.revision, p.dtype, self.device, p.trust_remote_code), load)
@@ -310,22 +310,6 @@ class GrammarMask:
         from transformers import LogitsProcessor, LogitsProcessorList
 
         return LogitsProcessorList([type("GrammarMaskProcessor", (cls, LogitsProcessor), {})(cons)])
-
-
-def _adapter_stop_tokens(model, location: str) -> None:
-    """A ``curate train`` adapter's ``generation_config.json`` lists the end-of-turn token of the
-    template it was trained with among its ``eos_token_id`` (the merged model carries its base's
-    generation config): generation stops on those too. (A full model dir's own config loads with it.)"""
-    from pathlib import Path
-
-    f = Path(location) / "generation_config.json"
-    if not (is_adapter(location) and f.exists()):
-        return
-    extra = json.loads(f.read_text()).get("eos_token_id")
-    extra = [extra] if isinstance(extra, int) else list(extra or [])
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    model.generation_config.eos_token_id = eos + [t for t in extra if t not in eos]
 
 
 def greedy_batches(lengths: list[int], budget: int) -> list[list[int]]:

@@ -8,7 +8,8 @@ step before ranked them in; input-row order for a first step or a pool without a
 running total stays within ``tokens``; the first row that would take the total past the budget
 ends the selection, and it and every row after it are ``not_selected`` (``over_token_budget``).
 Rows are never skipped to fill the budget with shorter ones further down the ranking: the kept rows
-are a prefix of the ranking. A row whose count is NaN (not scored) is never kept (``unscored``) and
+are a prefix of the ranking. Put rule steps (``threshold``, ``decontaminate``) before the ranking
+step: a rule step ranks its kept rows in input order, so one placed between would cut in that order. A row whose count is NaN (not scored) is never kept (``unscored``) and
 does not stop the rows after it.
 
 Shapes: every count score is (n,) float64 in tokens; ``keep`` / ``rank`` are (n,); ``stats``

@@ -127,18 +127,17 @@ def agree(what: str, value: Any) -> None:
 
 
 def same_order(trainer, seed: int) -> None:
-    """With several processes, make every process draw the same row order each epoch.
+    """Make the row order of each epoch a function of ``seed`` and the epoch alone.
 
     The trainer groups rows by length (transformers' ``LengthGroupedSampler``), which shuffles with
-    the global torch generator. The processes start with the same seed, but dropout draws as many
-    random numbers as its process's rows have tokens, so from the second epoch on each process would
-    shuffle differently: some rows trained twice in an epoch, others not at all (accelerate keeps
-    only a sampler's own generator in step, and this sampler has none). Here the sampler gets a
-    generator of its own at each epoch's start, seeded with ``seed`` and the epoch's number: the
-    same order in every process, and a resumed epoch shuffles as the killed one did. One process:
-    nothing changes."""
-    if world_size() < 2:
-        return
+    the global torch generator, and dropout moves that generator on by as many draws as its rows
+    have tokens. With several processes each one would then shuffle differently from the second
+    epoch on (some rows trained twice in an epoch, others not at all: accelerate keeps only a
+    sampler's own generator in step, and this sampler has none); with one, a run resumed in a later
+    epoch would shuffle that epoch otherwise than the killed run did (the checkpoint's generator
+    state is restored only after the epoch's order is drawn). Here the sampler gets a generator of
+    its own at each epoch's start, seeded with ``seed`` and the epoch's number: the same order in
+    every process, and a resumed epoch shuffles as the killed one did."""
     from transformers import TrainerCallback
 
     class SameOrder(TrainerCallback):

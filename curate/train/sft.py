@@ -360,8 +360,7 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
 
     t0 = time.perf_counter()
     prep = prepare(spec, export, out)
-    trainer, tok, base, batch, ckpt_dir = prep.trainer, prep.tokenizer, prep.base, prep.batch, prep.ckpt_dir
-    device, bf16, checkpointing, max_length = prep.device, prep.bf16, prep.checkpointing, prep.max_length
+    trainer, base, batch, ckpt_dir, max_length = prep.trainer, prep.base, prep.batch, prep.ckpt_dir, prep.max_length
     log.info("train: %d rows per step (%d per forward × %d accumulated × %d processes; mean row %.0f tokens, longest %d)",
              batch["rows_per_step"], batch["rows_per_forward"], batch["accumulation"], batch["world_size"], batch["mean_tokens"],
              batch["max_tokens"])
@@ -384,7 +383,7 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
 
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Track())
-    distributed.same_order(trainer, spec.seed)  # several processes: one row order per epoch in all of them
+    distributed.same_order(trainer, spec.seed)  # each epoch's row order from the seed: the same in every process and after a resume
     rows_trained = len(trainer.train_dataset)
     held_out = len(prep.eval_dataset) if prep.eval_dataset is not None else 0
     if rows_trained < export.n_rows - held_out:  # TRL drops rows left without a trained token by the cut at max_length
@@ -394,6 +393,7 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
     resume_from = distributed.from_main(_resume_checkpoint, ckpt_dir, key)  # rank 0 cleans up and picks; the others take its pick
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     state = trainer.state
+    eval_seconds_in_train = Track.eval_seconds  # the evals inside train_runtime (the final one below is not)
     if prep.eval_dataset is not None and not any(h.get("step") == state.global_step and "eval_loss" in h for h in state.log_history):
         trainer.evaluate()  # the eval loss of the final weights
     seconds = time.perf_counter() - t0
@@ -406,7 +406,23 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
     trainer.save_model(str(weights))  # every process (FSDP / DeepSpeed gather the weights in it); only rank 0 writes
     if not distributed.is_main():  # rank 0 writes the rest; the others wait for it and return its record
         distributed.barrier()
-        return json.loads((out / "train.json").read_text())
+        record_path = out / "train.json"
+        if not record_path.exists() or json.loads(record_path.read_text()).get("key") != key:
+            raise CurateError(f"train: rank 0 did not write {record_path} (see its error above); this process's weights are not recorded")
+        return json.loads(record_path.read_text())
+    try:
+        return _write_record(spec, export, key, out, prep, trainer, result, resume_from, rows_trained, seconds, weights,
+                             Track.tokens_at_start, eval_seconds_in_train, Track.eval_seconds)
+    finally:
+        distributed.barrier()  # reached on an error too: the other processes stop waiting and report it
+
+
+def _write_record(spec, export, key, out, prep, trainer, result, resume_from, rows_trained, seconds, weights,
+                  tokens_at_start, eval_seconds_in_train, eval_seconds) -> dict[str, Any]:
+    """Rank 0: the tokenizer, generation config, key file, train.json and loss.png beside the weights."""
+    tok, base, batch, ckpt_dir = prep.tokenizer, prep.base, prep.batch, prep.ckpt_dir
+    device, bf16, checkpointing, max_length = prep.device, prep.bf16, prep.checkpointing, prep.max_length
+    state = trainer.state
     tok.save_pretrained(str(weights))
     eos = _save_generation_config(trainer.model, tok, weights)
     # the run's key inside the weights dir: two trainings into one folder never share a model revision
@@ -419,9 +435,9 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
                   for h in state.log_history if "eval_loss" in h]
     epochs_done = state.epoch or 0.0
     tokens_trained = int(state.num_input_tokens_seen)
-    tokens_this_run = tokens_trained - int(Track.tokens_at_start)
+    tokens_this_run = tokens_trained - int(tokens_at_start)
     train_seconds = result.metrics.get("train_runtime")
-    busy = (train_seconds - Track.eval_seconds) if train_seconds else None
+    busy = (train_seconds - eval_seconds_in_train) if train_seconds else None
     record = {
         "status": "done", "key": key, "config": spec.model_dump(mode="json"),
         "base_model": {"name": spec.model, "location": base.location, "revision": base.revision, "source": base.source},
@@ -437,7 +453,7 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
         "eval_rows": len(prep.eval_dataset) if prep.eval_dataset is not None else 0,
         "eval_ids": list(prep.eval_dataset["id"]) if prep.eval_dataset is not None and "id" in prep.eval_dataset.column_names else None,
         "eval_curve": eval_curve, "eval_loss": eval_curve[-1]["eval_loss"] if eval_curve else None,
-        "seconds": seconds, "train_seconds": train_seconds, "eval_seconds": Track.eval_seconds,
+        "seconds": seconds, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
         "tokens_trained": tokens_trained, "tokens_this_run": tokens_this_run,
         "tokens_per_s": tokens_this_run / busy if busy else None,
         "weights": str(weights), "method": spec.method,
@@ -445,7 +461,6 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
     _plot(curve, out / "loss.png", f"{spec.model} · {spec.method} · {export.n_rows} rows", eval_curve)
     write_json(out / "train.json", record)
     _cleanup(ckpt_dir)
-    distributed.barrier()  # the record is written: the other processes read it back
     log.info("train: done in %.0f s, loss %.4f → %.4f; %s", seconds, record["first_loss"] or math.nan, record["last_loss"] or math.nan, weights)
     return record
 
@@ -514,8 +529,11 @@ def _token_batch(spec: TrainSpec, lengths: list[int], micro: int, packed_length:
     per_step = max(1, min(len(lengths), round(spec.batch_tokens / mean)))
     per_process = math.ceil(per_step / world)
     per_forward = max(1, min(per_process, micro // longest))
-    accumulation = math.ceil(per_process / per_forward)
-    per_forward = math.ceil(per_process / accumulation)  # spread evenly: a step holds per_step rows, not up to per_forward - 1 more
+    fewest = math.ceil(per_process / per_forward)
+    # accumulation: the fewest forwards whose equal shares make up per_process rows exactly, looking up to twice the
+    # fewest (e.g. 5 rows at most 2 a forward: 5 × 1, not 3 × 2 = 6 rows); else the fewest, one share rounded up
+    accumulation = next((a for a in range(fewest, min(2 * fewest, per_process) + 1) if per_process % a == 0), fewest)
+    per_forward = math.ceil(per_process / accumulation)
     return {"rows_per_step": min(per_forward * accumulation * world, len(lengths)), "rows_per_forward": per_forward,
             "accumulation": accumulation, "world_size": world, "mean_tokens": mean, "max_tokens": longest, "total_tokens": total,
             "batch_tokens": spec.batch_tokens, "micro_batch_tokens": micro, "packed": bool(packed_length)}
