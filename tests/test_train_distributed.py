@@ -145,5 +145,9 @@ def test_launch_settings_pass_through_and_the_key(tiny_run, tmp_path, monkeypatc
     one, two = _token_batch(spec, [100] * 10, 4096), _token_batch(spec, [100] * 10, 4096, world=2)
     assert (one["rows_per_step"], one["rows_per_forward"], one["accumulation"], one["world_size"]) == (5, 5, 1, 1)
     assert (two["rows_per_step"], two["rows_per_forward"], two["accumulation"], two["world_size"]) == (6, 3, 1, 2)
-    small = _token_batch(spec, [100] * 10, 200, world=2)  # 2 rows per forward at most: 3 rows a process = 2 forwards of 2
-    assert (small["rows_per_step"], small["rows_per_forward"], small["accumulation"]) == (8, 2, 2)
+    small = _token_batch(spec, [100] * 10, 200, world=2)  # 2 rows per forward at most: 3 rows a process = 3 forwards of 1, not 2 of 2
+    assert (small["rows_per_step"], small["rows_per_forward"], small["accumulation"]) == (6, 1, 3)
+    odd = _token_batch(TrainSpec(batch_tokens=700), [100] * 10, 200)  # 7 rows, 2 a forward at most: 7 forwards of 1 (within 2 × 4)
+    assert (odd["rows_per_step"], odd["rows_per_forward"], odd["accumulation"]) == (7, 1, 7)
+    big = _token_batch(TrainSpec(batch_tokens=1300), [100] * 20, 200)  # 13 rows: no divisor in 7..13 but 13 itself → 13 × 1
+    assert big["rows_per_step"] == 13
