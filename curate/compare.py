@@ -32,7 +32,7 @@ steps = max(1, epochs × budget / batch_tokens rounded half up); the budget coun
 ``token_budget``'s tokens (the heuristic scorer's by default: words and punctuation marks), the steps
 count training tokens, so the epochs are approximate. Rows: every selection of the budget is curated
 first, its export's tokens counted with the training tokenizer
-(:func:`curate.train.tokens.export_token_count`), and steps = the least over the selections of
+(:func:`curate.train.sft.export_token_count`), and steps = the least over the selections of
 max(1, ceil(epochs × export tokens / batch_tokens)). A ``train.max_steps`` in the compare file caps
 that number (the same cap for every cell). The table gives ``train_steps`` and ``train_tokens``: the
 tokens the trainer saw (``tokens_trained`` in the train record) or, for a record without it, the
@@ -280,7 +280,7 @@ def curate_cell(spec: CompareSpec, selection: Selection, budget: int | float) ->
     """Curate one selection × budget (or read it back when its key is recorded) and count its export's tokens."""
     from curate.io import write_json
     from curate.launch import run as run_flow
-    from curate.train.tokens import export_token_count
+    from curate.train.sft import export_token_count
 
     flow, steps = cell_flow(spec, selection, budget)
     key = curation_key(flow, spec)

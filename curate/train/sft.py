@@ -270,7 +270,7 @@ def prepare(spec: TrainSpec, export: ExportFile, out: Path) -> Prepared:
     resolved = _resolved(spec)
     bf16 = resolved["bf16"]
     checkpointing = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else gpu
-    max_length = spec.max_length or int(export.manifest.get("max_length") or 1024)
+    max_length = run_max_length(spec, export)
     base = resolve_model(spec.model, spec.revision)
     hub_revision = base.revision if base.source == "hub" else None
     tok = _tokenizer(spec, base.location, hub_revision)
@@ -502,6 +502,30 @@ def _save_generation_config(model, tok, weights: Path) -> list[int]:
     gen.eos_token_id = eos
     gen.save_pretrained(str(weights))
     return eos
+
+
+def run_max_length(spec: TrainSpec, export: ExportFile) -> int:
+    """Tokens per row a run cuts at: ``spec.max_length``, else the export manifest's, else 1024."""
+    return spec.max_length or int(export.manifest.get("max_length") or 1024)
+
+
+def export_token_count(spec: TrainSpec, source: str | os.PathLike) -> int:
+    """The tokens of the export at ``source`` (a run's output_dir or its export folder) as a run of
+    ``spec`` would see them: the ``spec.layout`` / ``spec.file_type`` file, each row rendered by the
+    training tokenizer's chat template and cut at :func:`run_max_length` (:func:`row_lengths`). Only
+    the tokenizer loads, not the model (``curate compare`` sizes its steps with it)."""
+    from curate.models import resolve_model
+
+    export = locate_export(source, spec.layout, spec.file_type)
+    base = resolve_model(spec.model, spec.revision)
+    tok = _tokenizer(spec, base.location, base.revision if base.source == "hub" else None)
+    if export.file_type == "jsonl":
+        rows = [json.loads(line) for line in export.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(export.path).to_pylist()
+    return int(sum(row_lengths(tok, rows, run_max_length(spec, export))))
 
 
 def row_lengths(tok, dataset, max_length: int) -> list[int]:
