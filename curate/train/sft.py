@@ -28,7 +28,8 @@ Resume: a checkpoint every ``save_steps``; a run killed and started again with t
 from its newest complete checkpoint (``train.json``: ``resumed``, ``resumed_from_step``; the loss
 curve holds the steps of both processes). ``tokens_trained`` is the non-padding tokens of every
 training step of the run (transformers' ``num_input_tokens_seen``, kept in the checkpoint);
-``tokens_per_s`` is this process's tokens over this process's training seconds (eval excluded).
+``tokens_per_s`` is the tokens this launch trained (every process's, when there are several) over its
+training seconds less the evals inside training: a resumed run counts only its own steps and time.
 
 Batch by tokens: rows per optimizer step = ``batch_tokens`` / the mean tokenized row length;
 rows per forward = ``micro_batch_tokens`` / the longest row; gradient accumulation makes up the
