@@ -4,8 +4,8 @@
 # model, held-out loss (batched scoring) and a position-swapped pairwise judge on 200 AlpacaEval
 # prompts, training and scoring tokens/s, and the table.
 #
-# One 15-minute lease holds it: the machine's start (≤ 4 min), three transfers (about 20 s each) and
-# at most 8 minutes of work (`run` stops its own work at RUN_LIMIT, 450 s by default). Every finished
+# Planned to fit one 15-minute lease (not yet run on a GPU: none has been lent): the machine's start
+# (≤ 4 min), three transfers of 44 MB (not timed) and at most 8 minutes of work (`run` stops its own work at RUN_LIMIT, 450 s by default). Every finished
 # cell's results are written to $OUT at once (results.md / results.json rewritten after each cell), so
 # a timeout keeps what finished.
 #
