@@ -107,6 +107,19 @@ def turns(messages: list[dict[str, Any]]) -> list[tuple[list[dict], dict]]:
     return out
 
 
+def chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The conversation as chat templates take it: ``{"role", "content"}`` per message, a message's
+    ``tool_calls`` (JSON text) on a line after its content — what the ``messages`` and
+    ``prompt_completion`` exports write, and so the text a training run's chat template renders."""
+    return [{"role": m["role"], "content": _flat_content(m)} for m in messages]
+
+
+def _flat_content(m: dict[str, Any]) -> str:
+    if m.get("tool_calls"):
+        return f"{m['content']}\n{m['tool_calls']}" if m["content"] else m["tool_calls"]
+    return m["content"]
+
+
 def prompt_text(messages: list[dict[str, Any]]) -> str:
     """All non-assistant text (system, user, tool), joined by blank lines."""
     return "\n\n".join(m["content"] for m in messages if m["role"] != "assistant" and m["content"])

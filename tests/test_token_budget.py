@@ -30,11 +30,26 @@ def test_keeps_a_prefix_of_the_rank_order_within_the_budget():
     assert r.outcome == "not_selected" and r.reason == ["over_token_budget", None, "over_token_budget", None]
     # row 0 (10 tokens) would fit after row 2 stops the selection, but the kept rows are a prefix of the ranking
     assert r.detail[2] == "rank 3 in the previous step's order; the rows up to it hold 90 tokens (30 its own), over the budget of 60"
-    assert r.stats == {"tokens": 60, "tokens_kept": 60.0, "rows_kept": 2, "count": ["heuristic.prompt_tokens", "heuristic.response_tokens"]}
+    assert r.stats == {"tokens": 60, "tokens_kept": 60.0, "rows_kept": 2, "count": ["heuristic.prompt_tokens", "heuristic.response_tokens"],
+                       "fill": False}
     assert run(p, tokens=59).keep.sum() == 1  # exactly at the budget is kept, one token under is not
     # no rank (a pool built outside a run): input order
     r = run(pool([5, 10, 15, 20], [5, 10, 15, 20]), tokens=35)
     assert np.flatnonzero(r.keep).tolist() == [0, 1] and r.stats["tokens_kept"] == 30.0
+
+
+def test_fill_skips_a_row_that_does_not_fit_and_keeps_later_ones_that_do():
+    # the same order, rows 1 (20), 3 (40), 2 (30), 0 (10): at 70, row 2 does not fit beside 60, row 0 does
+    p = pool([5, 10, 15, 20], [5, 10, 15, 20], rank=[3, 0, 2, 1])
+    r = run(p, tokens=70, fill=True)
+    assert np.flatnonzero(r.keep).tolist() == [0, 1, 3] and r.rank[[1, 3, 0]].tolist() == [0, 1, 2]  # rank order kept
+    assert r.stats["tokens_kept"] == 70.0 and r.stats["rows_kept"] == 3 and r.stats["fill"] is True
+    assert r.reason == [None, None, "over_token_budget", None]
+    assert r.detail[2] == "rank 3 in the previous step's order; 30 tokens do not fit beside the 60 kept before it (budget 70)"
+    assert run(p, tokens=70).stats["tokens_kept"] == 60.0  # without fill: the prefix only
+    # a first row over the budget no longer empties the selection; NaN rows are still never kept
+    r = run(pool([100, 1, np.nan, 2], [100, 1, 1, 2]), tokens=5, fill=True)
+    assert r.keep.tolist() == [False, True, False, False] and r.reason == ["over_token_budget", None, "unscored", "over_token_budget"]
 
 
 def test_a_row_longer_than_the_budget_an_empty_pool_and_unscored_rows():
@@ -83,3 +98,29 @@ def test_in_a_flow_it_follows_the_previous_step_and_fills_the_ledger(tmp_path):
                      export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False}, output_dir="out2")
     with pytest.raises(Exception, match="method: heuristic"):
         execute(load_flow(bad))
+
+
+def test_chat_tokens_counts_what_the_trainer_counts():
+    """The chat_tokens scorer (compare's token count) equals the trainer's row_lengths on the exported row, for a
+    multi-turn row with a system prompt, a tool call and tool schemas, and is cut at max_length."""
+    from curate.export.layouts import to_messages
+    from curate.models import resolve_model
+    from curate.records import message
+    from curate.scorers import scorer_class
+    from curate.train.sft import _tokenizer, row_lengths
+    from curate.train.spec import TrainSpec
+
+    tools = json.dumps({"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}})
+    rows = [{"messages": [message("user", "Hello there"), message("assistant", "Hi! How can I help?")], "tools": None},
+            {"messages": [message("system", "Be short."), message("user", "Add 2 and 2."),
+                          message("assistant", "", tool_calls='[{"name": "add", "arguments": {"a": 2, "b": 2}}]'),
+                          message("tool", "4"), message("assistant", "It is 4.")], "tools": tools}]
+    counts = [s.values["tokens"] for s in scorer_class("chat_tokens")("chat_tokens", {"model": "smollm2-135m-instruct"}).score_records(rows)]
+    spec = TrainSpec(model="smollm2-135m-instruct")
+    tok = _tokenizer(spec, resolve_model(spec.model).location)  # the training template (SmolLM2: ours, rendering the model's text)
+    exported = [{**to_messages(r), "tools": json.dumps([json.loads(tools)]) if r["tools"] else None} for r in rows]
+    assert counts == row_lengths(tok, exported, 10_000) and counts[1] > counts[0] > 20  # the template's default system prompt counts
+    cut = scorer_class("chat_tokens")("chat_tokens", {"model": "smollm2-135m-instruct", "max_length": 30}).score_records(rows)
+    assert [s.values["tokens"] for s in cut] == [min(c, 30) for c in counts]
+    a, b = (scorer_class("chat_tokens")("chat_tokens", {"model": "smollm2-135m-instruct", "max_length": m}) for m in (30, 31))
+    assert a.key != b.key and "model_revision" in a.fingerprint()

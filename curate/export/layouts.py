@@ -27,19 +27,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from curate.records import normalise_text
+from curate.records import chat_messages, normalise_text
 
 LAYOUTS = ("messages", "prompt_completion", "alpaca", "sharegpt")
 
 
 class Unrepresentable(ValueError):
     """The row cannot be written in this layout (e.g. tool turns in alpaca)."""
-
-
-def _content(m: dict) -> str:
-    if m.get("tool_calls"):
-        return f"{m['content']}\n{m['tool_calls']}" if m["content"] else m["tool_calls"]
-    return m["content"]
 
 
 def tools_list_json(tools: str | None) -> str | None:
@@ -52,11 +46,11 @@ def tools_list_json(tools: str | None) -> str | None:
 
 
 def to_messages(rec: dict) -> dict[str, Any]:
-    return {"messages": [{"role": m["role"], "content": _content(m)} for m in rec["messages"]]}
+    return {"messages": chat_messages(rec["messages"])}
 
 
 def to_prompt_completion(rec: dict) -> dict[str, Any]:
-    msgs = [{"role": m["role"], "content": _content(m)} for m in rec["messages"]]
+    msgs = chat_messages(rec["messages"])
     return {"prompt": msgs[:-1], "completion": msgs[-1:]}
 
 
