@@ -19,24 +19,29 @@ selections to try; ``{budget}`` in a selection's steps is replaced by each budge
     output_dir: ../out/compare
 
 **Budgets.** ``budget_unit: rows``: ``{budget}`` is a row budget (a count or a fraction, as selection
-steps take it). ``budget_unit: tokens``: ``{budget}`` is a token budget, and every selection must hand
-it to a ``token_budget`` step (``tokens: "{budget}"``), which keeps rows in the previous step's rank
-order up to that many tokens (counted as that step counts them: the heuristic scorer's prompt +
-response tokens by default).
+steps take it). ``budget_unit: tokens``: ``{budget}`` is a budget in training tokens, and every
+selection must hand it to a ``token_budget`` step (``tokens: "{budget}"``), which keeps rows in the
+previous step's rank order up to that many tokens. Compare counts them as the trainer will: it adds a
+``chat_tokens`` scorer for ``train.model`` to the pool flow (each row rendered by the model's chat
+template, cut at the run's max_length) and makes it the ``count`` of every ``token_budget`` step that
+names none. With ``fill: true`` on that step (the random baseline has it) a selection's tokens come
+within the shortest remaining row of the budget; without it, within the row that stopped the prefix.
 
 **Equal compute per budget.** Every cell at one budget — every selection, every seed — trains the
-same number of optimizer steps (``train.max_steps`` is set for the cell); rows per step stay
-``train.batch_tokens`` / the data's mean tokenized length, so each step holds about
-``batch_tokens`` tokens (fewer only when a selection holds fewer tokens than that in all). Tokens:
-steps = max(1, epochs × budget / batch_tokens rounded half up); the budget counts
-``token_budget``'s tokens (the heuristic scorer's by default: words and punctuation marks), the steps
-count training tokens, so the epochs are approximate. Rows: every selection of the budget is curated
-first, its export's tokens counted with the training tokenizer
-(:func:`curate.train.sft.export_token_count`), and steps = the least over the selections of
-max(1, ceil(epochs × export tokens / batch_tokens)). A ``train.max_steps`` in the compare file caps
-that number (the same cap for every cell). The table gives ``train_steps`` and ``train_tokens``: the
-tokens the trainer saw (``tokens_trained`` in the train record) or, for a record without it, the
-export's tokens × the epochs trained, marked ``estimate`` in ``train_tokens_from``.
+same number of optimizer steps (``train.max_steps`` is set for the cell). Tokens: each pass over a
+selection's rows takes spe = max(1, budget / batch_tokens rounded half up) steps (``train.steps_per_epoch``:
+rows per step = ceil(rows / spe), the last step of a pass takes the rest), steps = epochs × spe, so
+with whole ``epochs`` every cell trains each of its rows exactly ``epochs`` times and the cells' tokens
+differ only as their selections' tokens do. (When a selection has too few rows for spe equal steps,
+e.g. 9 rows in 4 steps, its passes take fewer steps and the fixed step count runs into a further pass:
+compare logs it.) Rows: every selection of the budget is curated first, its export's tokens counted
+with the training tokenizer (:func:`curate.train.sft.export_token_count`), steps = the least over the
+selections of max(1, ceil(epochs × export tokens / batch_tokens)), rows per step ``batch_tokens`` /
+the data's mean tokenized length. A ``train.max_steps`` in the compare file caps that number (the same
+cap for every cell). The table gives ``selected_tokens`` (the export's tokens under the training
+tokenizer), ``train_steps`` and ``train_tokens``: the tokens the trainer saw (``tokens_trained`` in the
+train record) or, for a record without it, the export's tokens × the epochs trained, marked
+``estimate`` in ``train_tokens_from``.
 
 **Seeds.** Each cell trains and evaluates once per seed (``train.seed`` and ``eval.seed`` set to it).
 The table has one row per selection × budget: each metric's mean over the seeds, and a 95% interval
@@ -191,8 +196,9 @@ def selections(spec: CompareSpec) -> list[Selection]:
     out = list(spec.selections)
     if spec.baselines.random and all(s.name != RANDOM for s in out):
         before = [s.model_dump(exclude_none=True) for s in spec.baselines.random_before]
-        if spec.budget_unit == "tokens":
-            steps = [*before, {"method": "random", "budget": 1.0, "rate_base": "pool"}, {"method": "token_budget", "tokens": "{budget}"}]
+        if spec.budget_unit == "tokens":  # a random order has no best rows to keep first: fill the budget
+            steps = [*before, {"method": "random", "budget": 1.0, "rate_base": "pool"},
+                     {"method": "token_budget", "tokens": "{budget}", "fill": True}]
         else:
             steps = [*before, {"method": "random", "budget": "{budget}"}]
         out.append(Selection(name=RANDOM, select=steps))
@@ -219,10 +225,15 @@ def cell_flow(spec: CompareSpec, selection: Selection, budget: int | float):
     from curate.config import load_flow
 
     steps = _with_budget([s.model_dump(exclude_none=True) for s in selection.select], budget)
+    if spec.budget_unit == "tokens":  # count what the trainer will see (see the module docstring)
+        steps = [{**st, "count": [f"{TOKENS_SCORER}.tokens"]} if st["method"] == "token_budget" and "count" not in st else st
+                 for st in steps]
     out = spec.resolve(spec.output_dir) / "cells" / cell_name(selection, budget) / "run"
     overrides = list(spec.set) + [f"select={json.dumps(steps)}", f"output_dir={out}", "report.plots=false",
                                   f"runtime.prefect={'true' if spec.prefect else 'false'}"]
     flow = load_flow(spec.resolve(spec.flow), overrides)
+    if spec.budget_unit == "tokens" and all(s.label != TOKENS_SCORER for s in flow.score):
+        flow = flow.model_copy(update={"score": [*flow.score, tokens_scorer(spec, flow)]})
     scorers = {s.label for s in flow.score}
     for i, st in enumerate(flow.select):
         if st.method == "token_budget":
@@ -238,6 +249,20 @@ def cell_flow(spec: CompareSpec, selection: Selection, budget: int | float):
     export = flow.export.model_copy(update={"layouts": sorted(layouts), "file_types": sorted(file_types)})
     # the cell's run.json records the train section, so `curate train <cell>/run` trains on it as the compare file says
     return flow.model_copy(update={"export": export, "train": spec.train}), steps
+
+
+#: the scorer compare adds with budget_unit tokens (its label in the pool flow)
+TOKENS_SCORER = "chat_tokens"
+
+
+def tokens_scorer(spec: CompareSpec, flow) -> StepSpec:
+    """A ``chat_tokens`` scorer counting rows as a run of ``spec.train`` on ``flow``'s export sees them:
+    ``train.model``'s chat template, cut at the run's max_length (``train.max_length``, else the export's)."""
+    t = spec.train
+    params = {"model": t.model, "max_length": t.max_length or flow.export.max_length}
+    if t.revision:
+        params["revision"] = t.revision
+    return StepSpec(method=TOKENS_SCORER, **params)
 
 
 def _content(flow, spec: CompareSpec) -> list[str]:
@@ -295,6 +320,11 @@ def curate_cell(spec: CompareSpec, selection: Selection, budget: int | float) ->
            "selected": run["counts"]["selected"], "output_dir": str(flow.out),
            "export_tokens": export_token_count(spec.train, flow.out) if run["counts"]["selected"] else 0,
            "steps": [{k: v for k, v in st.items() if k in ("method", "in", "kept", "tokens", "tokens_kept", "budget")} for st in run.get("steps", [])]}
+    budgeted = [st for st in rec["steps"] if st.get("method") == "token_budget"]
+    if spec.budget_unit == "tokens" and budgeted and rec["selected"] and budgeted[-1].get("tokens_kept") != rec["export_tokens"]:
+        log.warning("compare: %s: its token_budget step kept %s tokens, the training tokenizer counts %s in its export (the "
+                    "step counts otherwise, or train.chat_template renders other text than the model's own): its cells train "
+                    "on the export's tokens", flow.out.parent.name, budgeted[-1].get("tokens_kept"), rec["export_tokens"])
     write_json(path, rec)
     write_json(flow.out.parent / "selection.json", {"selection": selection.name, "budget": budget, "select": steps,
                                                     "flow": str(spec.resolve(spec.flow))})
@@ -306,10 +336,15 @@ def natural_steps(spec: CompareSpec, tokens: int) -> int:
     return max(1, math.ceil(spec.train.epochs * tokens / spec.train.batch_tokens))
 
 
+def steps_per_pass(spec: CompareSpec, budget: int | float) -> int | None:
+    """With ``budget_unit: tokens``, the optimizer steps of one pass over a selection: budget / batch_tokens, halves up."""
+    return max(1, math.floor(budget / spec.train.batch_tokens + 0.5)) if spec.budget_unit == "tokens" else None
+
+
 def budget_steps(spec: CompareSpec, budget: int | float, curated: list[dict[str, Any]]) -> int:
     """The optimizer steps of every cell at ``budget`` (see the module docstring), capped by ``train.max_steps``."""
     if spec.budget_unit == "tokens":
-        steps = max(1, math.floor(spec.train.epochs * budget / spec.train.batch_tokens + 0.5))  # halves up
+        steps = max(1, math.floor(spec.train.epochs * steps_per_pass(spec, budget) + 0.5))
     else:
         steps = min(natural_steps(spec, c["export_tokens"]) for c in curated)
     return min(steps, spec.train.max_steps) if spec.train.max_steps else steps
@@ -320,7 +355,7 @@ def run_cell(spec: CompareSpec, selection: Selection, budget: int | float, seed:
     from curate.io import write_json
 
     flow = curated["flow"]
-    train = spec.train.model_copy(update={"seed": seed, "max_steps": steps})
+    train = spec.train.model_copy(update={"seed": seed, "max_steps": steps, "steps_per_epoch": steps_per_pass(spec, budget)})
     evaluation = spec.eval.model_copy(update={"seed": seed})
     key = cell_key(flow, spec, train, evaluation)
     cell_dir = flow.out.parent.parent / cell_name(selection, budget, seed)
@@ -331,6 +366,11 @@ def run_cell(spec: CompareSpec, selection: Selection, budget: int | float, seed:
     log.info("compare: cell %s (%d steps)", cell_dir.name, steps)
     if not curated["selected"]:
         raise ConfigError(f"compare: selection '{selection.name}' keeps no row at budget {budget} ({flow.out}): nothing to train on")
+    spe, n = train.steps_per_epoch, curated["selected"]
+    if spe and math.ceil(n / math.ceil(n / spe)) != spe:
+        log.warning("compare: %s: %d rows cannot make %d equal steps a pass (%d rows a step make %d): its %d steps run "
+                    "past %s passes, so it trains more tokens than the other cells", cell_dir.name, n, spe, math.ceil(n / spe),
+                    math.ceil(n / math.ceil(n / spe)), steps, spec.train.epochs)
     trained = _train(spec, train, flow.out)
     evaluated = _eval(spec, evaluation, trained["weights"], flow.local_store)
     from curate.evaluate.run import default_out
@@ -669,8 +709,12 @@ def markdown(spec: CompareSpec, rows: list[dict[str, Any]], cells: list[dict[str
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
     lines += ["", "Each row: the mean over its seeds (the base model: the untrained model, evaluated once per seed). "
-              "Every cell at one budget trains the same number of optimizer steps (`train_steps`) of about "
-              f"{spec.train.batch_tokens} tokens each; `train_tokens`: the tokens the trainer saw "
+              + ("Every cell at one budget trains the same number of optimizer steps (`train_steps`), each pass over its rows in "
+                 "budget / batch_tokens steps, each row once a pass; the budget counts tokens as the trainer does; "
+                 if spec.budget_unit == "tokens" else
+                 f"Every cell at one budget trains the same number of optimizer steps (`train_steps`) of about {spec.train.batch_tokens} "
+                 "tokens each; ")
+              + "`train_tokens`: the tokens the trainer saw "
               "(`train_tokens_from`: `trainer` when the train record counts them, `estimate` = the export's tokens × the epochs trained). "
               "`selected_tokens`: the export's tokens under the training tokenizer.",
               "",

@@ -34,11 +34,11 @@ def compare_file(directory: Path, pool: Path, **spec) -> Path:
     return path
 
 
-def by_length(name: str, descending: bool, unit: str = "tokens") -> dict:
-    """Rows ranked by response length, then cut by the budget (tokens: a token_budget step)."""
+def by_length(name: str, descending: bool, unit: str = "tokens", fill: bool = True) -> dict:
+    """Rows ranked by response length, then cut by the budget (tokens: a token_budget step, filling by default)."""
     if unit == "tokens":
         return {"name": name, "select": [{"method": "top_k", "score": "heuristic.response_tokens", "budget": 1.0, "rate_base": "pool",
-                                          "descending": descending}, {"method": "token_budget", "tokens": "{budget}"}]}
+                                          "descending": descending}, {"method": "token_budget", "tokens": "{budget}", "fill": fill}]}
     return {"name": name, "select": [{"method": "top_k", "score": "heuristic.response_tokens", "budget": "{budget}", "descending": descending}]}
 
 
@@ -62,9 +62,16 @@ def test_compare_file_errors(pool_flow, tmp_path):
         load(budgets=[3], selections=[{**random_rows, "name": "base-model"}])
     with pytest.raises(ConfigError, match=r"baselines\.randm"):
         load(budgets=[3], selections=[random_rows], baselines={"randm": False})
-    # a token_budget step in a flow without the heuristic scorer: said before anything runs
-    spec = load(budget_unit="tokens", budgets=[500], selections=[{"name": "tb", "select": [{"method": "token_budget", "tokens": "{budget}"}]}],
-                set=["score=[]"])
+    # budget_unit tokens: the trainer's count (a chat_tokens scorer for train.model, cut at its max_length) is added to
+    # the pool flow and counts every token_budget step that names no count of its own
+    tb = {"name": "tb", "select": [{"method": "token_budget", "tokens": "{budget}"}]}
+    spec = load(budget_unit="tokens", budgets=[500], selections=[tb], set=["score=[]"], train={"max_length": 300})
+    flow, steps = cell_flow(spec, spec.selections[0], 500)
+    assert [(s.method, s.params) for s in flow.score] == [("chat_tokens", {"model": "smollm2-135m-instruct", "max_length": 300})]
+    assert steps == [{"method": "token_budget", "tokens": 500, "count": ["chat_tokens.tokens"]}] and flow.select[0].params["count"] == steps[0]["count"]
+    # a step counting with scores the flow does not compute: said before anything runs
+    spec = load(budget_unit="tokens", budgets=[500], set=["score=[]"],
+                selections=[{"name": "tb", "select": [{**tb["select"][0], "count": ["heuristic.response_tokens"]}]}])
     with pytest.raises(ConfigError, match=r"no scorer heuristic.*add '- method: heuristic'"):
         cell_flow(spec, spec.selections[0], 500)
     # the random baseline: added by default (after the random_before steps), not when the file has one or it is turned off
@@ -72,6 +79,7 @@ def test_compare_file_errors(pool_flow, tmp_path):
                 baselines={"random_before": [{"method": "threshold", "score": "heuristic.degenerate", "max": 0}]})
     assert [s.name for s in selections(spec)] == ["short", "random"]
     assert [st.method for st in selections(spec)[1].select] == ["threshold", "random", "token_budget"]
+    assert selections(spec)[1].select[-1].params["fill"] is True  # a random order fills its budget
     assert [s.name for s in selections(load(budgets=[3], selections=[{**random_rows, "name": "random"}]))] == ["random"]
     assert [s.name for s in selections(load(budgets=[3], selections=[random_rows], baselines={"random": False}))] == ["r"]
     assert [st.method for st in selections(load(budgets=[3], selections=[random_rows]))[1].select] == ["random"]
@@ -160,9 +168,11 @@ def test_differences_are_called_only_when_the_paired_interval_excludes_zero(tmp_
 # -- end to end -------------------------------------------------------------------------------------------
 
 
-def test_token_budget_gives_every_cell_the_same_steps_and_about_the_same_tokens(pool_flow, tmp_path):
+def test_token_budget_gives_every_cell_the_same_steps_and_the_same_tokens(pool_flow, tmp_path):
     """Shortest-first and longest-first rows at one token budget: different row counts, the same optimizer steps,
-    and tokens trained within a step's rounding of each other. Baselines turned off: only the two selections."""
+    the budget counted in the trainer's tokens (the chat_tokens scorer compare adds), every row trained once a
+    pass, so the tokens trained are each selection's tokens × the epochs, within the shortest row of the budget.
+    Baselines turned off: only the two selections."""
     from curate.compare import load_compare, run_compare
 
     spec = load_compare(compare_file(tmp_path, pool_flow, budget_unit="tokens", budgets=[1600],
@@ -176,12 +186,24 @@ def test_token_budget_gives_every_cell_the_same_steps_and_about_the_same_tokens(
     steps = round(1 * 1600 / 800)
     assert rows["short"]["train_steps"] == rows["long"]["train_steps"] == steps
     assert rows["short"]["selected"] > rows["long"]["selected"] >= 2  # the same budget holds more short rows
-    t_short, t_long = rows["short"]["train_tokens"], rows["long"]["train_tokens"]
-    assert 0.8 < t_short / t_long < 1.25 and abs(t_short - steps * 800) < 0.25 * steps * 800, (t_short, t_long)
     cells = {c["selection"]: c for c in res["cells"]}
-    for c in cells.values():
+    for name, c in cells.items():
         rec = json.loads((Path(c["train"]["dir"]) / "train.json").read_text())
-        assert rec["steps"] == steps and rec["config"]["max_steps"] == steps
+        assert rec["steps"] == steps and rec["config"]["max_steps"] == steps and rec["config"]["steps_per_epoch"] == steps
+        cur = json.loads((tmp_path / "out" / "cells" / f"{name}-1600" / "curation.json").read_text())
+        budgeted = [st for st in cur["steps"] if st["method"] == "token_budget"][0]
+        # the step counted what the trainer counts, and the trainer saw every row once: tokens trained = the selection's
+        assert budgeted["tokens_kept"] == cur["export_tokens"] == c["train"]["tokens_trained"] == rows[name]["selected_tokens"]
+        assert rec["batch"]["rows_per_step"] == -(-rows[name]["selected"] // steps)
+        # fill: every row left out is longer than the room it left, so the selection is within its shortest left-out row
+        import polars as pl
+        import re
+
+        ledger = pl.read_parquet(tmp_path / "out" / "cells" / f"{name}-1600" / "run" / "ledger.parquet")
+        left = [int(re.search(r"; (\d+) tokens do not fit", d).group(1)) for d in ledger.filter(pl.col("reason") == "over_token_budget")["detail"]]
+        assert left and 1600 - min(left) < rows[name]["train_tokens"] <= 1600, (name, rows[name]["train_tokens"], sorted(left)[:3])
+    run = json.loads((tmp_path / "out" / "cells" / "short-1600" / "run" / "run.json").read_text())
+    assert run["fingerprints"]["score:chat_tokens"]["params"]["model"] == "smollm2-135m-instruct"  # compare added the trainer's count
     out = tmp_path / "out"
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["long-1600", "long-1600-s0", "short-1600", "short-1600-s0"]
     info = json.loads((out / "compare.json").read_text())["budgets"][0]

@@ -31,7 +31,8 @@ training step of the run (transformers' ``num_input_tokens_seen``, kept in the c
 ``tokens_per_s`` is the tokens this launch trained (every process's, when there are several) over its
 training seconds less the evals inside training: a resumed run counts only its own steps and time.
 
-Batch by tokens: rows per optimizer step = ``batch_tokens`` / the mean tokenized row length;
+Batch by tokens: rows per optimizer step = ``batch_tokens`` / the mean tokenized row length (or,
+with ``steps_per_epoch``, ceil(rows / steps_per_epoch): that many steps a pass, each row once);
 rows per forward = ``micro_batch_tokens`` / the longest row; gradient accumulation makes up the
 difference. Rows are grouped by length to pad less. GPU: bf16 where supported, gradient
 checkpointing, ``device_map`` passed through; CPU: fp32, ``torch_threads`` threads.
@@ -551,7 +552,10 @@ def _token_batch(spec: TrainSpec, lengths: list[int], micro: int, packed_length:
         lengths = [packed_length] * max(1, math.ceil(total / packed_length))
     mean = sum(lengths) / len(lengths)
     longest = max(lengths)
-    per_step = max(1, min(len(lengths), round(spec.batch_tokens / mean)))
+    if spec.steps_per_epoch:  # a fixed number of steps a pass: the last step of each pass takes the rows left
+        per_step = math.ceil(len(lengths) / spec.steps_per_epoch)
+    else:
+        per_step = max(1, min(len(lengths), round(spec.batch_tokens / mean)))
     per_process = math.ceil(per_step / world)
     per_forward = max(1, min(per_process, micro // longest))
     fewest = math.ceil(per_process / per_forward)

@@ -59,6 +59,9 @@ class TrainSpec(BaseModel):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_tokens: int = Field(16384, gt=0, description="Tokens per optimizer step: rows per step = batch_tokens / the data's mean tokenized length.")
+    steps_per_epoch: int | None = Field(None, gt=0, description="Optimizer steps per pass over the rows instead: rows per step = "
+                                        "ceil(rows / steps_per_epoch), every row once a pass (the last step of a pass takes the rest); "
+                                        "curate compare sets it so cells of equal tokens train equal steps. null: from batch_tokens.")
     micro_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward (gradient accumulation makes up the rest); "
                                            "default 1024 on CPU (activations in fp32 take ~4.5 MB per token for SmolLM2-135M: 4096 took 18 GB), 32768 on GPU.")
     max_length: int | None = Field(None, gt=1, description="Tokens per row (longer rows are cut at the end); null: the export manifest's max_length.")
@@ -110,6 +113,8 @@ class TrainSpec(BaseModel):
         how = {"device", "device_map", "logging_steps", "save_steps", "torch_threads", "gradient_checkpointing", "report_to",
                "fsdp", "fsdp_config", "deepspeed"}
         train = self.model_dump(mode="json", exclude=how)
+        if train.get("steps_per_epoch") is None:  # added later: unset, the keys of earlier runs stay as they were
+            train.pop("steps_per_epoch", None)
         if self.deepspeed is not None:
             train["deepspeed"] = _file_sha256(self.deepspeed) if isinstance(self.deepspeed, str) else self.deepspeed
         return sha256_hex(canonical_json({"train": train, "resolved": resolved,
