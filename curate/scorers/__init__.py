@@ -8,6 +8,7 @@ from curate.scorers.base import Score, Scorer, ScorerContext
 SCORERS: dict[str, str] = {
     "heuristic": "curate.scorers.heuristic:HeuristicScorer",
     "chat_tokens": "curate.scorers.chat_tokens:ChatTokensScorer",
+    "lang": "curate.scorers.lang:LangScorer",
     "ifd": "curate.scorers.ifd:IFDScorer",
     "superfiltering": "curate.scorers.superfiltering:SuperfilteringScorer",
     "rifd": "curate.scorers.rifd:RIFDScorer",
