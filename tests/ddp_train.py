@@ -2,7 +2,9 @@
 tests/test_train_distributed.py: launched as ``python -m torch.distributed.run --nproc_per_node 2
 tests/ddp_train.py <curate arguments>``. Every call of the trainer's ``training_step`` (one forward
 and backward) appends the rows it got — their non-padding token ids, the epoch it runs in and the
-optimizer step — to ``$CURATE_TEST_BATCHES/rank<RANK>.jsonl``, then runs the real step."""
+optimizer step — to ``$CURATE_TEST_BATCHES/rank<RANK>.jsonl``, then runs the real step. With
+``$CURATE_TEST_FAIL_RANK0_WRITE`` set, rank 0's loss plot (written before its train.json) raises
+OSError, as a full disk would."""
 
 from __future__ import annotations
 
@@ -29,5 +31,13 @@ def training_step(self, model, inputs, *args, **kwargs):
 
 
 SFTTrainer.training_step = training_step
+
+if os.environ.get("CURATE_TEST_FAIL_RANK0_WRITE") and os.environ.get("RANK") == "0":  # rank 0 cannot write its record
+    import curate.train.sft
+
+    def _plot(*args, **kwargs):
+        raise OSError("No space left on device (test)")
+
+    curate.train.sft._plot = _plot
 sys.argv = ["curate", *sys.argv[1:]]
 runpy.run_module("curate", run_name="__main__", alter_sys=True)

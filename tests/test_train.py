@@ -302,6 +302,14 @@ def test_eval_split_and_early_option_errors(small_run, tmp_path):
     assert [c["step"] for c in rec["eval_curve"]] == [1, 2] and all(c["eval_loss"] > 0 for c in rec["eval_curve"])
     assert rec["eval_loss"] == rec["eval_curve"][-1]["eval_loss"] and rec["eval_seconds"] > 0
     assert [c["step"] for c in rec["loss_curve"]] == [1, 2] and (tmp_path / "ev" / "loss.png").stat().st_size > 0
+    # tokens/s leaves out the evals inside training (both here) ...
+    assert rec["tokens_per_s"] == pytest.approx(rec["tokens_this_run"] / (rec["train_seconds"] - rec["eval_seconds"]))
+    # ... and the final one when eval_steps is past the last step: the eval loss of the final weights is still recorded
+    # (transformers 5 evaluates at the last step inside train(); sft.py evaluates after it where a trainer does not),
+    # and its seconds are not training seconds
+    late = train(spec.model_copy(update={"eval_steps": 50}), small_run, tmp_path / "late")
+    assert [c["step"] for c in late["eval_curve"]] == [2] and late["eval_seconds"] > 0 and late["eval_loss"] > 0
+    assert late["tokens_per_s"] == pytest.approx(late["tokens_this_run"] / (late["train_seconds"] - late["eval_seconds"]))
 
 
 def test_generation_stops_at_the_trained_end_of_turn(small_run, tmp_path):

@@ -42,13 +42,13 @@ def tiny_run(tmp_path_factory):
     return d / "out"
 
 
-def torchrun(run: Path, batches: Path) -> subprocess.CompletedProcess:
+def torchrun(run: Path, batches: Path, settings: dict | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     batches.mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "ddp_train.py"), "train", str(run), "--no-prefect"]
-    for k, v in SETTINGS.items():
+    for k, v in (settings or SETTINGS).items():
         cmd += ["--set", f"{k}={v}"]
-    env = {**os.environ, "CURATE_TEST_BATCHES": str(batches), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "CURATE_TEST_BATCHES": str(batches), "OMP_NUM_THREADS": "1", **(env or {})}
     env.pop("WORLD_SIZE", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -111,6 +111,19 @@ def test_two_processes_train_each_row_once_per_epoch_and_write_one_record(tiny_r
     assert not list((tmp_path / "again").iterdir())  # no training step in either process
 
 
+@pytest.mark.slow
+def test_when_rank_0_fails_to_write_the_record_every_process_fails(tiny_run, tmp_path):
+    """Rank 0 cannot write the record (its loss plot raises, as a full disk would): it fails with that error, the
+    other process stops waiting for it and fails naming rank 0, the launch exits non-zero, and no record is left."""
+    settings = {**SETTINGS, "max_steps": 1}  # another key than the test above; one step
+    res = torchrun(tiny_run, tmp_path / "batches", settings, env={"CURATE_TEST_FAIL_RANK0_WRITE": "1"})
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    assert "OSError: No space left on device (test)" in out and "rank 0 did not write" in out, out[-6000:]
+    records = [json.loads(p.read_text()) for p in (tiny_run / "train").glob("*/train.json")]
+    assert all(r["config"].get("max_steps") != 1 for r in records)  # the failed run left no record
+
+
 def test_launch_settings_pass_through_and_the_key(tiny_run, tmp_path, monkeypatch):
     """fsdp / fsdp_config / deepspeed reach the trainer's arguments unchanged; gloo on CPU with
     several processes; which of them change the key; DeepSpeed missing is named before anything loads."""
@@ -151,3 +164,7 @@ def test_launch_settings_pass_through_and_the_key(tiny_run, tmp_path, monkeypatc
     assert (odd["rows_per_step"], odd["rows_per_forward"], odd["accumulation"]) == (7, 1, 7)
     big = _token_batch(TrainSpec(batch_tokens=1300), [100] * 20, 200)  # 13 rows: no divisor in 7..13 but 13 itself → 13 × 1
     assert big["rows_per_step"] == 13
+    # steps_per_epoch (curate compare's tokens budgets): rows per step from the row count, not from batch_tokens
+    per_pass = _token_batch(TrainSpec(batch_tokens=100, steps_per_epoch=2), [100] * 31, 1024)
+    assert (per_pass["rows_per_step"], per_pass["rows_per_forward"] * per_pass["accumulation"]) == (16, 16)  # steps of 16 and 15
+    assert _token_batch(TrainSpec(steps_per_epoch=4), [100] * 9, 1024)["rows_per_step"] == 3  # 3 steps a pass: compare warns

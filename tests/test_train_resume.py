@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -65,6 +66,14 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     last = max(before)
     assert 2 <= last < STEPS
     logged_before = [(h["step"], h["loss"]) for h in before[last]["log_history"] if "loss" in h]
+    # a kill while the next checkpoint was being saved leaves it without trainer_state.json (the trainer writes it
+    # last) and with files cut short: make that state (the kill may have left it already) — it must not be resumed
+    half = out / "checkpoints" / f"checkpoint-{last + 1}"
+    if not half.exists():
+        shutil.copytree(out / "checkpoints" / f"checkpoint-{last}", half)
+    (half / "trainer_state.json").unlink(missing_ok=True)
+    for f in half.glob("*.pt"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
     rec = train(spec, tmp_path / "out", out)
     assert rec["resumed"] and rec["resumed_from_step"] == last and rec["steps"] == STEPS
