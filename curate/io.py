@@ -7,6 +7,11 @@ over the process's size limit raises :class:`DiskFull` (a :class:`~curate.errors
 the path and the bytes written; the temporary file is removed and the file under the final name, if
 any, is left as it was. :func:`swap_dir` puts a finished folder in place of an old one.
 
+Files and folders curate makes get the permissions the user's umask gives (``0o666 & ~umask`` for a
+file, ``0o777 & ~umask`` for a folder, as ``open`` and ``mkdir`` do): the temporary files are made by
+:func:`temp_file` and :func:`temp_dir`, not by :mod:`tempfile`, whose 0600 / 0700 would carry over to
+the final names.
+
 The store may live at an fsspec URL (``s3://bucket/store``, ``gs://…``): :func:`location` gives a
 ``pathlib``-like path for either kind, and :func:`atomic_path` writes a file for a URL locally first,
 then uploads it whole (one PUT, or a multipart upload that becomes visible only when complete: an
@@ -20,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -50,6 +56,35 @@ class DiskFull(CurateError):
 def no_room(exc: BaseException) -> bool:
     """True for an OSError (Python's or pyarrow's, which sets errno too) that means the disk is full."""
     return isinstance(exc, OSError) and exc.errno in NO_ROOM
+
+
+def temp_file(folder: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """Create a new empty file ``<folder>/<prefix><random><suffix>`` with mode ``0o666 & ~umask`` (the
+    mode ``open`` gives; :func:`tempfile.mkstemp` would give 0600) and return its path."""
+    folder = Path(folder)
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder / prefix))
+
+
+def temp_dir(folder: str | os.PathLike, prefix: str) -> Path:
+    """Create a new empty folder ``<folder>/<prefix><random>`` with mode ``0o777 & ~umask`` (the mode
+    ``mkdir`` gives; :func:`tempfile.mkdtemp` would give 0700) and return its path."""
+    folder = Path(folder)
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder / prefix))
 
 
 def _fsync(path: Path) -> None:
@@ -117,9 +152,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_file(path.parent, prefix=f".{path.name}.")  # 0o666 & ~umask, kept by the rename
     try:
         try:
             yield tmp_path

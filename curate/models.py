@@ -29,7 +29,6 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -122,7 +121,9 @@ def _made_once(target: Path, marker: str, make: Callable[[Path], None]) -> Path:
     if (target / marker).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    from curate.io import temp_dir
+
+    tmp = temp_dir(target.parent, prefix=f".{target.name}.")  # 0o777 & ~umask (mkdtemp's 0700 would stay after the rename)
     try:
         make(tmp)
         try:

@@ -44,7 +44,7 @@ def read_prompts(spec: InputSpec, field: str, base_dir: str = ".") -> tuple[list
 
     records, bad, first_bad = [], 0, None
     for path in expand_paths(spec.path, Path(base_dir)):
-        for n, raw in enumerate(read_file(path, spec.split, spec.json_field)):
+        for n, raw in enumerate(read_file(path, spec.split, spec.json_field, getattr(spec, "delimiter", None))):
             if spec.limit is not None and n >= spec.limit:
                 break
             value = raw.record.get(field) if raw.record else None

@@ -1,25 +1,37 @@
 """File readers: JSON, JSONL, Parquet, CSV, saved HF datasets and hub datasets.
 
+A text file (JSON, JSONL, CSV, TSV) may be compressed — ``data.jsonl.gz``, ``x.csv.zst``,
+``y.json.bz2``, ``z.tsv.xz`` — and is decompressed as it is read; its format is the suffix under the
+compression suffix. A CSV/TSV file's delimiter is the one given (``delimiter:``) or the one of
+``,`` tab ``;`` ``|`` that splits its header into the most columns.
+
 Each reader yields :class:`RawRow` items in file order: the row's 0-based index in the file, the
 1-based line where it starts (when the file has lines), and either the decoded record or a
 :class:`~curate.errors.RecordError`. A problem with one row never stops the others; a problem with the
 whole file (missing, empty, undecodable JSON array) raises :class:`~curate.errors.IngestError`.
 
 Large files are read in pieces, never whole: JSONL by byte ranges that :func:`plan_jsonl` cuts at
-line ends (in the same single pass that hashes the file), CSV/TSV as a stream, Parquet by record
-batches, saved HF datasets by batches. A JSON array (or an object holding one) is decoded whole:
-its items are located by line one after another in the decoded text.
+line ends (in the same single pass that hashes the file; a compressed JSONL file is streamed
+instead), CSV/TSV as a stream, Parquet by record batches, saved HF datasets by batches. A JSON array
+(or an object holding one) is decoded whole: its items are located by line one after another in the
+decoded text. A JSON object of equal-length lists (column format, ``{"instruction": [...],
+"output": [...]}``) is read as rows.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import contextlib
 import csv
 import glob
+import gzip
 import hashlib
 import io
 import json
+import lzma
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +40,12 @@ from typing import Any
 from curate.errors import IngestError, RecordError
 
 FILE_TYPES = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".csv": "csv", ".tsv": "tsv"}
+
+#: compression suffixes read transparently (the file's format is the suffix under it)
+COMPRESSIONS = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+
+#: CSV/TSV delimiters tried on the header when the input sets none
+DELIMITERS = (",", "\t", ";", "|")
 
 
 @dataclass
@@ -39,22 +57,44 @@ class RawRow:
 
 
 def expand_paths(pattern: str, base: Path) -> list[Path]:
-    """Resolve a file, directory or glob relative to ``base``; sorted, never empty."""
+    """Resolve a file, directory or glob relative to ``base``; sorted, never empty. A path that exists
+    as written is used as it is, glob characters and all (``data/my data [v2].jsonl``); ``base``
+    itself is never read as a pattern."""
     p = Path(pattern)
     if not p.is_absolute():
         p = base / p
+    if p.exists():
+        return [p]
     if any(ch in pattern for ch in "*?["):
-        matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-        if not matches:
+        root = None if Path(pattern).is_absolute() else str(base)
+        found = glob.glob(pattern, root_dir=root, recursive=True)
+        matches = sorted(q for q in (Path(m) if root is None else base / m for m in found) if q.is_file())
+        if not matches and any(ch in pattern for ch in "*?"):
             raise IngestError(f"{pattern}: the pattern matches no file (looked in {base})")
+        if not matches:  # brackets only: most likely a file name as written
+            raise IngestError(f"{pattern}: no such file or directory (looked in {base}; read as a glob pattern, it matches no file either)")
         return matches
-    if not p.exists():
-        raise IngestError(f"{pattern}: no such file or directory (looked in {base})")
-    return [p]
+    raise IngestError(f"{pattern}: no such file or directory (looked in {base})")
 
 
 def is_hf_saved_dir(path: Path) -> bool:
     return path.is_dir() and any((path / n).exists() for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def compression(path: Path) -> str | None:
+    """The compression of a file from its name (``gzip``, ``zstd``, ``bz2``, ``xz``), or None."""
+    return COMPRESSIONS.get(path.suffix.lower()) if path.suffix else None
+
+
+def _format_suffix(path: Path) -> str:
+    """The suffix that names the format: ``.jsonl`` for ``data.jsonl`` and for ``data.jsonl.gz``."""
+    return Path(path.stem).suffix if compression(path) else path.suffix
+
+
+def file_stem(path: Path) -> str:
+    """The file's name without its format and compression suffixes (``data`` for ``data.jsonl.gz``)."""
+    name = path.stem if compression(path) else path.name
+    return Path(name).stem
 
 
 def file_type(path: Path) -> str:
@@ -62,10 +102,44 @@ def file_type(path: Path) -> str:
         if is_hf_saved_dir(path):
             return "hf_disk"
         raise IngestError(f"{path}: a directory that is not a saved HF dataset; give a file or a glob such as '{path}/*.jsonl'")
-    kind = FILE_TYPES.get(path.suffix.lower())
+    suffix = _format_suffix(path)
+    kind = FILE_TYPES.get(suffix.lower())
     if kind is None:
-        raise IngestError(f"{path}: unknown file type '{path.suffix}' (known: {', '.join(sorted(FILE_TYPES))})")
+        shown = "".join(path.suffixes[-2:]) if compression(path) else path.suffix
+        raise IngestError(f"{path}: unknown file type '{shown}' (known: {', '.join(sorted(FILE_TYPES))}, "
+                          f"each also compressed: {', '.join(sorted(set(COMPRESSIONS) - {'.gzip', '.zstd'}))})")
+    if kind == "parquet" and compression(path):
+        raise IngestError(f"{path}: a compressed Parquet file; Parquet compresses its own columns, so give the .parquet file "
+                          "itself (decompress this one first)")
     return kind
+
+
+def open_bytes(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, decompressed when its name ends in a compression suffix (a stream: read in order)."""
+    kind = compression(path)
+    if kind is None:
+        return open(path, "rb")
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "bz2":
+        return bz2.open(path, "rb")
+    if kind == "xz":
+        return lzma.open(path, "rb")
+    import pyarrow as pa  # zstd: pyarrow's codec (a base dependency), no extra package
+
+    return io.BufferedReader(pa.input_stream(str(path), compression="zstd"), buffer_size=1 << 20)
+
+
+@contextlib.contextmanager
+def _decompressing(path: Path) -> Iterator[None]:
+    """Turn a decompression failure (not that format, cut short) into an IngestError naming the file."""
+    try:
+        yield
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        kind = compression(path)
+        if kind is None or isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError)):
+            raise
+        raise IngestError(f"{path}: cannot decompress it as {kind} ({exc}); is the file complete, and is its suffix right?") from None
 
 
 def _as_record(obj: Any, index: int, line: int | None) -> RawRow:
@@ -117,8 +191,11 @@ def read_jsonl(path: Path, start: int = 0, end: int | None = None, first_line: i
     of the whole file)."""
     index = first_index
     pos = start
-    with open(path, "rb") as f:
-        f.seek(start)
+    if compression(path) is not None and (start or end is not None):
+        raise ValueError(f"{path}: a compressed file is read whole, not by byte ranges")
+    with open_bytes(path) as f, _decompressing(path):
+        if start:
+            f.seek(start)
         for line_no, raw in enumerate(f, start=first_line):
             if end is not None and pos >= end:
                 break
@@ -144,35 +221,58 @@ def read_jsonl(path: Path, start: int = 0, end: int | None = None, first_line: i
 
 
 def file_digest(path: Path, check_utf8: bool = False, block: int = 1 << 20) -> str:
-    """sha256 of a file, read once in blocks; with ``check_utf8``, invalid UTF-8 raises an
-    :class:`IngestError` naming the line and byte (the check of a text file that is then streamed)."""
+    """sha256 of a file (its stored bytes), read once in blocks; with ``check_utf8``, invalid UTF-8
+    raises an :class:`IngestError` naming the line and byte (the check of a text file that is then
+    streamed; for a compressed file the decompressed text is checked, in a second pass)."""
     h = hashlib.sha256()
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    fed = newlines = 0
     with open(path, "rb") as f:
+        if check_utf8 and compression(path) is None:
+            _check_utf8(_Hashing(f, h), path, block)
+            return h.hexdigest()
         while data := f.read(block):
             h.update(data)
-            if check_utf8:
-                pending = len(decoder.getstate()[0])
-                try:
-                    decoder.decode(data)
-                except UnicodeDecodeError as exc:
-                    at = fed - pending + exc.start
-                    line = newlines + data[: max(0, at - fed)].count(b"\n") + 1
-                    raise IngestError(f"{path}:{line}: invalid UTF-8 at byte {at}; re-encode the file as UTF-8") from None
-                newlines += data.count(b"\n")
-            fed += len(data)
     if check_utf8:
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as exc:
-            at = fed - len(exc.object) + exc.start
-            raise IngestError(f"{path}:{newlines + 1}: invalid UTF-8 at byte {at}; re-encode the file as UTF-8") from None
+        with open_bytes(path) as f, _decompressing(path):
+            _check_utf8(f, path, block)
     return h.hexdigest()
 
 
+class _Hashing:
+    """A binary file whose bytes also go into a hash as they are read."""
+
+    def __init__(self, f, h):
+        self.f, self.h = f, h
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        return data
+
+
+def _check_utf8(f, path: Path, block: int = 1 << 20) -> None:
+    """Read ``f`` to its end; invalid UTF-8 raises an :class:`IngestError` naming the line and byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    fed = newlines = 0
+    while data := f.read(block):
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(data)
+        except UnicodeDecodeError as exc:
+            at = fed - pending + exc.start
+            line = newlines + data[: max(0, at - fed)].count(b"\n") + 1
+            raise IngestError(f"{path}:{line}: invalid UTF-8 at byte {at}; re-encode the file as UTF-8") from None
+        newlines += data.count(b"\n")
+        fed += len(data)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:
+        at = fed - len(exc.object) + exc.start
+        raise IngestError(f"{path}:{newlines + 1}: invalid UTF-8 at byte {at}; re-encode the file as UTF-8") from None
+
+
 def _decode_file(path: Path) -> str:
-    data = path.read_bytes()
+    with open_bytes(path) as f, _decompressing(path):
+        data = f.read()
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
     try:
@@ -182,8 +282,10 @@ def _decode_file(path: Path) -> str:
         raise IngestError(f"{path}:{line}: invalid UTF-8 at byte {exc.start}; re-encode the file as UTF-8") from None
 
 
-def read_json(path: Path, field: str | None = None) -> Iterator[RawRow]:
-    """A JSON array of objects (or an object holding one under ``field``), with line numbers."""
+def read_json(path: Path, field: str | None = None, fields: dict[str, str] | None = None) -> Iterator[RawRow]:
+    """A JSON array of objects (or an object holding one under ``field``), with line numbers; a JSON
+    object of equal-length lists (column format) as one row per position. ``fields`` (the input's
+    column mapping) tells a single record from an object that wraps the records."""
     text = _decode_file(path)
     if not text.strip():
         return
@@ -219,14 +321,57 @@ def read_json(path: Path, field: str | None = None) -> Iterator[RawRow]:
         raise IngestError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}{hint}") from None
     if field is not None:
         if not isinstance(obj, dict) or field not in obj:
-            raise IngestError(f"{path}: expected an object with a '{field}' list")
+            keys = _list_keys(obj) if isinstance(obj, dict) else []
+            have = f"; its lists are under {', '.join(repr(k) for k in keys)}" if keys else ""
+            raise IngestError(f"{path}: json_field: {field}, but the file is not an object with a '{field}' key{have}")
         obj = obj[field]
     if isinstance(obj, dict):
+        columns = _columns(obj, path)
+        if columns is not None:
+            yield from columns
+            return
+        wrapped = _wrapped(obj, fields or {})
+        if wrapped is not None and field is None:
+            key, n = wrapped
+            raise IngestError(f"{path}: a JSON object that holds its records under '{key}' (a list of {n} objects), "
+                              f"not an array of records; set json_field: {key} on this input")
         obj = [obj]
     if not isinstance(obj, list):
         raise IngestError(f"{path}: expected a JSON array of records, got a {type(obj).__name__}")
     for i, item in enumerate(obj):
         yield _as_record(item, i, None)
+
+
+def _list_keys(obj: dict) -> list[str]:
+    return [k for k, v in obj.items() if isinstance(v, list)]
+
+
+def _columns(obj: dict, path: Path) -> Iterator[RawRow] | None:
+    """Column-format JSON (``{"instruction": [...], "output": [...]}``: every value a list, of one
+    length) as rows; None when ``obj`` is not that. An object whose lists all hold objects is a single
+    record (``{"messages": [{...}, {...}]}``), not columns."""
+    if not obj or not all(isinstance(v, list) for v in obj.values()):
+        return None
+    if all(isinstance(item, dict) for v in obj.values() for item in v):
+        return None
+    lengths = {k: len(v) for k, v in obj.items()}
+    if len(set(lengths.values())) > 1:
+        raise IngestError(f"{path}: column-format JSON (an object of lists) needs lists of one length, but "
+                          + ", ".join(f"'{k}' has {n}" for k, n in lengths.items()))
+    keys = list(obj)
+    n = next(iter(lengths.values()))
+    return (RawRow(i, None, record={k: obj[k][i] for k in keys}) for i in range(n))
+
+
+def _wrapped(obj: dict, fields: dict[str, str]) -> tuple[str, int] | None:
+    """(key, length) of the longest list of objects in ``obj`` when ``obj`` is not itself a record of
+    a known layout (``{"version": 1, "data": [{...}, …]}``); else None."""
+    from curate.ingest.formats import detect_format
+
+    if detect_format(obj, fields) is not None:
+        return None
+    lists = [(k, len(v)) for k, v in obj.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)]
+    return max(lists, key=lambda kv: kv[1]) if lists else None
 
 
 def _skip_ws(text: str, pos: int) -> int:
@@ -236,14 +381,69 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
+def normalise_delimiter(value: str | None) -> str | None:
+    """An input's ``delimiter:`` as one character (``tab`` and a written ``\\t`` mean a tab)."""
+    if value is None:
+        return None
+    value = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}.get(value.lower(), value)
+    if len(value) != 1 or value in "\r\n\"":
+        raise IngestError(f"delimiter: {value!r} must be one character (or 'tab'), e.g. delimiter: ';'")
+    return value
+
+
+def _header_text(path: Path, size: int = 1 << 16) -> str:
+    with open_bytes(path) as f, _decompressing(path):
+        data = f.read(size)
+    return data.decode("utf-8-sig", errors="replace")
+
+
+def _split_header(text: str, delimiter: str) -> list[str]:
+    try:
+        return next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error:
+        return []
+
+
+def csv_delimiter(path: Path, kind: str, given: str | None = None) -> str:
+    """The delimiter of a CSV/TSV file: ``given`` (the input's ``delimiter:``), else the one of
+    ``,`` tab ``;`` ``|`` that splits the header into the most columns (ties: the file type's own,
+    ``,`` for .csv and tab for .tsv)."""
+    given = normalise_delimiter(given)
+    if given is not None:
+        return given
+    default = "\t" if kind == "tsv" else ","
+    text = _header_text(path)
+    counts = {d: len(_split_header(text, d)) for d in DELIMITERS}
+    best = max(counts.values(), default=0)
+    if best <= 1 or counts[default] == best:
+        return default
+    return next(d for d in DELIMITERS if counts[d] == best)
+
+
+def delimiter_hint(path: Path, delimiter: str) -> str:
+    """A hint for a CSV/TSV header that did not split into columns: the delimiter that seems to be
+    used (the most frequent punctuation in the header) and the ``delimiter:`` option."""
+    header = next(iter(_header_text(path).splitlines()), "")
+    marks = [c for c in header if not (c.isalnum() or c in "_- \"'")]
+    guess = max(sorted(set(marks)), key=marks.count) if marks else None
+    shown = "tab" if delimiter == "\t" else repr(delimiter)
+    suggest = f"delimiter: {guess!r}" if guess and guess != delimiter else "delimiter: <the character between the columns>"
+    return (f"; the header did not split into columns with the delimiter {shown}: "
+            f"set the input's delimiter (e.g. {suggest}; 'tab' for tabs)")
+
+
 def read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRow]:
     """The rows of a CSV/TSV file, streamed (a header line, then one row per record; a quoted cell
-    may span lines). Invalid UTF-8 raises :class:`IngestError` (:func:`file_digest` checks it first)."""
-    with open(path, "rb") as fb, io.TextIOWrapper(fb, encoding="utf-8-sig", newline="") as text:
+    may span lines). A row's line is where it starts in the file, the header being line 1. Invalid
+    UTF-8 raises :class:`IngestError` (:func:`file_digest` checks it first)."""
+    if csv.field_size_limit() < 1 << 30:  # a long response is one cell: the default limit is 128 KiB
+        csv.field_size_limit(1 << 30)
+    with open_bytes(path) as fb, _decompressing(path), io.TextIOWrapper(fb, encoding="utf-8-sig", newline="") as text:
         reader = csv.DictReader(text, delimiter=delimiter)
         index = 0
-        line = reader.line_num + 1
         try:
+            reader.fieldnames  # reads the header
+            line = reader.line_num + 1
             for row in reader:
                 rec = {k: v for k, v in row.items() if k is not None}
                 if None in row:
@@ -255,6 +455,8 @@ def read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRow]:
         except UnicodeDecodeError:
             file_digest(path, check_utf8=True)  # names the line and byte
             raise
+        except csv.Error as exc:
+            raise IngestError(f"{path}:{reader.line_num}: not readable as CSV with the delimiter {delimiter!r}: {exc}") from None
 
 
 def read_parquet(path: Path) -> Iterator[RawRow]:
@@ -330,16 +532,14 @@ def read_hub(name: str, split: str, revision: str | None = None) -> Iterator[Raw
     yield from _iter_hf(ds)
 
 
-def read_file(path: Path, split: str = "train", field: str | None = None) -> Iterator[RawRow]:
+def read_file(path: Path, split: str = "train", field: str | None = None, delimiter: str | None = None) -> Iterator[RawRow]:
     kind = file_type(path)
     if kind == "jsonl":
         return read_jsonl(path)
     if kind == "json":
         return read_json(path, field)
-    if kind == "csv":
-        return read_csv(path)
-    if kind == "tsv":
-        return read_csv(path, "\t")
+    if kind in ("csv", "tsv"):
+        return read_csv(path, csv_delimiter(path, kind, delimiter))
     if kind == "parquet":
         return read_parquet(path)
     return read_hf_disk(path, split)

@@ -2,10 +2,10 @@
 
 ``read_input`` runs once per input spec (one Prefect task each). It cuts every file into *chunks*
 of about ``ingest.shard_size`` rows — JSONL by byte ranges split at line ends (one streaming pass
-hashes the file and counts its lines, so every chunk knows its first line and row index), Parquet by
-record batches, CSV streamed, saved HF datasets in batches, a JSON array decoded whole and then cut
-— and each chunk is parsed, converted, validated and hashed on its own, in ``runtime.ingest_workers``
-processes. A chunk's records, quarantined rows (and precomputed vectors) are written to the ingest
+hashes the file and counts its lines, so every chunk knows its first line and row index; a compressed
+JSONL file is streamed), Parquet by record batches, CSV streamed, saved HF datasets in batches, a
+JSON array decoded whole and then cut — and each chunk is parsed, converted, validated and hashed on
+its own, in ``runtime.ingest_workers`` processes. A chunk's records, quarantined rows (and precomputed vectors) are written to the ingest
 cache (the store's ``ingest/``, keyed by the file's sha256, the chunk's range, the reader code and
 the read settings) with a done-marker last: a killed ingest loses at most the chunks in flight, and
 a folder that grows re-reads only new files.
@@ -39,8 +39,8 @@ import pyarrow.parquet as pq
 from curate.config import EmbedSpec, IngestSpec, InputSpec
 from curate.errors import IngestError, RecordError
 from curate.ingest.formats import CONVERTERS, detect_format, required_fields
-from curate.ingest.readers import (RawRow, expand_paths, file_digest, file_type, hf_row_batches, load_hf_disk, plan_jsonl, read_csv,
-                                   read_hub, read_json, read_jsonl, read_parquet_tables)
+from curate.ingest.readers import (RawRow, compression, csv_delimiter, delimiter_hint, expand_paths, file_digest, file_stem, file_type,
+                                   hf_row_batches, load_hf_disk, plan_jsonl, read_csv, read_hub, read_json, read_jsonl, read_parquet_tables)
 from curate.ingest.validate import normalise_messages, validate_messages
 from curate.io import relpath, write_json, write_parquet
 from curate.ledger import LEDGER_SCHEMA
@@ -88,11 +88,11 @@ def _location(file_label: str, line: int | None, index: int) -> str:
     return f"{file_label}:{line}" if line is not None else f"{file_label} (row {index})"
 
 
-def _check_declared(fmt: str, record: dict, spec: InputSpec, where: str) -> None:
+def _check_declared(fmt: str, record: dict, spec: InputSpec, where: str, csv_hint: str = "") -> None:
     missing = [f for f in required_fields(fmt, spec.fields) if f not in record]
     if missing:
         seen = detect_format(record)
-        hint = f"; it looks like '{seen}' (set format: {seen} or auto)" if seen else ""
+        hint = f"; it looks like '{seen}' (set format: {seen} or auto)" if seen else csv_hint
         raise IngestError(
             f"{where}: declared format '{fmt}' needs field(s) {', '.join(repr(m) for m in missing)}, "
             f"but the row has {', '.join(repr(k) for k in list(record)[:8]) or 'no fields'}{hint}"
@@ -389,20 +389,22 @@ def _first_record(rows: Iterator[RawRow]) -> RawRow | None:
     return None
 
 
-def _file_format(spec: InputSpec, first: RawRow | None, label: str) -> str | None:
-    """The file's layout, from its first decodable row (as the rows are read, so the same error)."""
+def _file_format(spec: InputSpec, first: RawRow | None, label: str, csv_file: tuple[Path, str] | None = None) -> str | None:
+    """The file's layout, from its first decodable row (as the rows are read, so the same error).
+    ``csv_file``: (path, delimiter) of a CSV/TSV file, for the hint when its header did not split."""
     if first is None:
         return None
     where = _location(label, first.line, first.index)
+    csv_hint = delimiter_hint(*csv_file) if csv_file is not None and len(first.record) <= 1 else ""
     if spec.format != "auto":
-        _check_declared(spec.format, first.record, spec, where)
+        _check_declared(spec.format, first.record, spec, where, csv_hint)
         return spec.format
     fmt = detect_format(first.record, spec.fields)
     if fmt is None:
         raise IngestError(
             f"{where}: cannot tell the format from the fields "
-            f"{', '.join(repr(k) for k in list(first.record)[:8])}; set format: alpaca | sharegpt | openai | prompt_completion"
-            " (and fields: to map column names)"
+            f"{', '.join(repr(k) for k in list(first.record)[:8])}{csv_hint}; "
+            "set format: alpaca | sharegpt | openai | prompt_completion (and fields: to map column names)"
         )
     return fmt
 
@@ -480,9 +482,9 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
         paths = expand_paths(spec.path, base)
         files = []
         for f in paths:
-            name = spec.name or f.stem
+            name = spec.name or file_stem(f)
             if spec.name and len(paths) > 1:
-                name = f"{spec.name}/{f.stem}"
+                name = f"{spec.name}/{file_stem(f)}"
             files.append((name, relpath(f, base), f))
 
     plans: list[_FilePlan] = []
@@ -492,6 +494,9 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
     with _Runner(workers) as runner:
         for source, label, path in files:
             kind = "hub" if path is None else file_type(path)
+            if kind == "jsonl" and compression(path) is not None:
+                kind = "jsonl_stream"  # a compressed JSONL file: streamed, not cut by byte ranges
+            delimiter = csv_delimiter(path, kind, getattr(spec, "delimiter", None)) if kind in ("csv", "tsv") else None
             if kind == "jsonl":
                 sha, ranges = plan_jsonl(path, rows_per_chunk, spec.limit)
             else:
@@ -509,10 +514,10 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
                 first_rows = (r for c in ranges for r in read_jsonl(path, c.start, c.end, c.first_line, c.first_index))
                 batches = None
             else:
-                batches = _row_batches(kind, path, spec, rows_per_chunk)
+                batches = _row_batches(kind, path, spec, rows_per_chunk, delimiter)
                 first_batch = next(batches, None)
                 first_rows = iter(() if first_batch is None else _batch_raw_rows(first_batch))
-            fmt = _file_format(spec, _first_record(first_rows), label)
+            fmt = _file_format(spec, _first_record(first_rows), label, (path, delimiter) if delimiter else None)
             if emb is not None and emb.field is not None and dim is None:
                 if kind == "jsonl":
                     dim = _field_dim((r for c in ranges for r in read_jsonl(path, c.start, c.end, c.first_line, c.first_index)), emb.field)
@@ -559,7 +564,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
             files_cached += 1
         local_row += n_file
 
-    name = spec.name or (files[0][0] if len(files) == 1 else Path(spec.path or "input").stem)
+    name = spec.name or (files[0][0] if len(files) == 1 else file_stem(Path(spec.path or "input")))
     rec_dir = work / f"input-{input_index:03d}.records"
     q_dir = work / f"input-{input_index:03d}.quarantine"
     _link_parts(rec_dir, [c.records_path for c in chunks_out])
@@ -606,9 +611,10 @@ def _chain(first, rest):
         yield from rest
 
 
-def _row_batches(kind: str, path: Path | None, spec: InputSpec, rows: int) -> Iterator[pa.Table | list[tuple]]:
-    """A non-JSONL file's rows in batches of ``rows`` (``limit`` applied): Arrow tables for Parquet,
-    else lists of (index, line, record, error) tuples."""
+def _row_batches(kind: str, path: Path | None, spec: InputSpec, rows: int, delimiter: str | None = None) -> Iterator[pa.Table | list[tuple]]:
+    """A file's rows in batches of ``rows`` (``limit`` applied) — any file but an uncompressed JSONL
+    one (cut by byte ranges): Arrow tables for Parquet, else lists of (index, line, record, error)
+    tuples. ``delimiter``: a CSV/TSV file's."""
     limit = spec.limit
     if kind == "parquet":
         yield from read_parquet_tables(path, rows, limit)
@@ -627,9 +633,11 @@ def _row_batches(kind: str, path: Path | None, spec: InputSpec, rows: int) -> It
             return
         raws = read_hub(spec.hub, spec.split, spec.revision)
     elif kind == "json":
-        raws = read_json(path, spec.json_field)
+        raws = read_json(path, spec.json_field, spec.fields)
+    elif kind == "jsonl_stream":
+        raws = read_jsonl(path)
     else:
-        raws = read_csv(path, "\t" if kind == "tsv" else ",")
+        raws = read_csv(path, delimiter or ("\t" if kind == "tsv" else ","))
     batch: list[tuple] = []
     for n, raw in enumerate(raws):
         if limit is not None and n >= limit:
