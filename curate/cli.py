@@ -23,6 +23,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -35,7 +36,8 @@ app = typer.Typer(
 console = Console(stderr=False)
 err = Console(stderr=True)
 
-SET_HELP = "Override a flow value: KEY=VALUE with a dotted path, list items by index (e.g. select.1.budget=50). Repeatable."
+SET_HELP = ("Override a flow value, e.g. select[1].budget=50 (or select.1.budget=50), select[-1].budget=20 (the last step), "
+            "'select[+]={method: random, budget: 10}' (append a step); a value is YAML, other text stays text. Repeatable.")
 
 
 def _load(flow: Path, overrides: list[str]):
@@ -45,8 +47,14 @@ def _load(flow: Path, overrides: list[str]):
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+    """The one message of an expected error (user text as written: ``[…]`` is never read as markup), exit code 2."""
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, markup=True, soft_wrap=True)  # paths print as written: [v2] too
     raise typer.Exit(2)
+
+
+def _say(text: str) -> None:
+    """Print text that holds user values (paths, names, patterns) as written."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -86,6 +94,9 @@ def run(
     except CurateError as exc:
         _fail(exc)
         return
+    except (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:  # the folders changed under the run
+        _fail(f"{exc.filename}: {exc.strerror} (check output_dir and store_dir in {flow})")
+        return
 
 
 @app.command()
@@ -110,25 +121,49 @@ def plan(
     if as_json:
         console.print_json(json.dumps(p))
         return
-    console.print(f"[bold]{p['flow']}[/]: {p['n_input']} input rows, {p['n_valid']} valid, {p['n_quarantined']} quarantined, "
-                  f"{p['n_duplicates']} duplicates; {p['n_shards']} shards; ~{p['tokens']:,} tokens (words and punctuation)")
-    t = Table("source", "format", "files", "rows", "valid", "quarantined", title="inputs")
+    _print_plan(p, console.width)
+
+
+def _print_plan(p: dict, width: int) -> None:
+    """The plan as indented lines wrapped at the terminal's width (readable at 80 columns): the inputs,
+    then each stage with what it reads and writes, what it does, its cached rows and its estimate."""
+    import textwrap
+
+    width = max(width, 40)
+
+    def say(text: str, indent: int = 0, hang: int = 2) -> None:
+        _say(textwrap.fill(text, width=width, initial_indent=" " * indent, subsequent_indent=" " * (indent + hang),
+                           break_on_hyphens=False, break_long_words=False) if len(text) + indent > width else " " * indent + text)
+
+    say(f"{p['flow']}: {p['n_input']} input rows, {p['n_valid']} valid, {p['n_quarantined']} quarantined, {p['n_duplicates']} duplicates; "
+        f"{p['n_shards']} shard{'s' if p['n_shards'] != 1 else ''}; ~{p['tokens']:,} tokens (words and punctuation)")
+    _say("\ninputs")
     for s in p["inputs"]:
-        t.add_row(s["source"], s["format"], ", ".join(s["files"]), str(s["n_rows"]), str(s["n_valid"]), str(s["n_quarantined"]))
-    console.print(t)
-    t = Table("stage", "reads → writes", "what", "cached rows", "to compute", "work", "estimate", title="stages")
-    for s in p["stages"]:
-        work = f"{s['work']:,} {s['unit']} at {s['rate']:,.0f}/s" if "work" in s else s.get("note", "")
-        est = f"{s['estimate_s']:.0f} s" if "estimate_s" in s else ""
-        flow = f"{', '.join(s.get('reads', []))} → {', '.join(s.get('writes', []))}"
-        t.add_row(s["stage"], flow, str(s.get("what", "")), str(s.get("cached_rows", "")), str(s.get("to_compute", "") or ""), work, est)
-    console.print(t)
-    for s in p["stages"]:
-        if "max_calls" in s:
-            console.print(f"{s['stage']}: {s['note']}", highlight=False, soft_wrap=True)
+        say(f"{s['source']} ({s['format']}): {s['n_rows']} rows, {s['n_valid']} valid, {s['n_quarantined']} quarantined — "
+            f"{', '.join(s['files'])}", 2, 4)
+    _say("\nstages")
+    for i, s in enumerate(p["stages"], 1):
+        say(f"{i}. {s['stage']} ({', '.join(s.get('reads', []))} → {', '.join(s.get('writes', []))})", 2, 5)
+        what = str(s.get("what", ""))
+        parts = (what.split("; ") if s.get("kind") == "select" else [what]) if what else []
+        facts = []
+        if "cached_rows" in s:
+            facts.append(f"{s['cached_rows']:,} rows cached, {s.get('to_compute') or 0:,} to compute")
+        if "work" in s:
+            facts.append(f"{s['work']:,} {s['unit']} at {s['rate']:,.0f}/s")
+        if "estimate_s" in s:
+            facts.append(f"~{s['estimate_s']:.0f} s")
+        if parts and facts and s.get("kind") != "select":
+            parts[-1] += ": " + "; ".join(facts)
+        elif facts:
+            parts.append("; ".join(facts))
+        if s.get("note"):
+            parts.append(s["note"])
+        for part in parts:
+            say(part, 5, 4)
     if p["estimate_s"]:
-        console.print(f"estimated model time: {p['estimate_s']:.0f} s (plus start-up and model loading)")
-    console.print(f"output: {p['output_dir']}\nstore:  {p['store_dir']}")
+        say(f"\nestimated model time: {p['estimate_s']:.0f} s (plus start-up and model loading)")
+    _say(f"\noutput: {p['output_dir']}\nstore:  {p['store_dir']}")
 
 
 @app.command()
@@ -146,20 +181,20 @@ def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds 
 
     t = Table("outcome", "stage", "reason", "rows", title="why input rows ended where they did")
     for row in reason_rows(str(out_dir / "ledger.parquet"), limit=40):
-        t.add_row(*map(str, row))
+        t.add_row(*(escape(str(x)) for x in row))
     console.print(t)
     derived = summary.get("derived")
     if derived and (out_dir / "derived_ledger.parquet").exists():
         t = Table("outcome", "stage", "reason", "rows", title="why derived rows ended where they did")
         for row in reason_rows(str(out_dir / "derived_ledger.parquet"), limit=40):
-            t.add_row(*map(str, row))
+            t.add_row(*(escape(str(x)) for x in row))
         console.print(t)
     rounds = derived["rounds"] if derived else [{"round": "select", "steps": summary["steps"]}]
     for r in rounds:
         if r["steps"]:
             t = Table("#", "step", "in", "kept", "dropped as", title=f"selection steps ({r['round']})")
             for s in r["steps"]:
-                t.add_row(str(s["step"]), s["name"], str(s["in"]), str(s["kept"]), s["outcome_of_dropped"])
+                t.add_row(str(s["step"]), escape(s["name"]), str(s["in"]), str(s["kept"]), s["outcome_of_dropped"])
             console.print(t)
 
 
@@ -178,10 +213,10 @@ def _run_train(spec, source: str, out: Optional[Path], prefect: bool) -> dict:
 def _print_train(rec: dict) -> None:
     b = rec["batch"]
     loss = "" if rec.get("first_loss") is None else f", loss {rec['first_loss']:.4f} → {rec['last_loss']:.4f}"
-    console.print(f"[bold]train[/]: {rec['base_model']['name']} ({rec['method']}) on {rec['export']['n_rows']} rows of "
-                  f"{rec['export']['file']}: {rec['steps']} steps ({b['rows_per_step']} rows each){loss}, {rec['seconds']:.0f} s" + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
+    console.print(f"[bold]train[/]: {escape(str(rec['base_model']['name']))} ({rec['method']}) on {rec['export']['n_rows']} rows of "
+                  f"{escape(str(rec['export']['file']))}: {rec['steps']} steps ({b['rows_per_step']} rows each){loss}, {rec['seconds']:.0f} s" + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
                   highlight=False, soft_wrap=True)
-    console.print(f"weights: {rec['weights']}\nrecord:  {Path(rec['weights']).parent / 'train.json'}", highlight=False, soft_wrap=True)
+    _say(f"weights: {rec['weights']}\nrecord:  {Path(rec['weights']).parent / 'train.json'}")
 
 
 def _train_spec(source: Path, flow: Optional[Path], overrides: list[str]):
@@ -233,6 +268,7 @@ def train(
     Reads the export's prompt_completion (or messages) file unchanged; loss on assistant tokens only.
     Writes train.json (config, export sha256, trainer versions, loss curve), loss.png and the adapter
     (or model). A run with the same config and data is not trained again. Needs: pip install 'curate[train]'.
+
     Several processes (GPUs, or CPUs over gloo): torchrun --nproc_per_node N -m curate train SOURCE …
     """
     from curate.errors import CurateError
@@ -303,7 +339,7 @@ def eval_(
     except (CurateError, ValueError) as exc:
         _fail(exc)
         return
-    t = Table("metric", "value", title=f"eval: {model}")
+    t = Table("metric", "value", title=f"eval: {escape(model)}")
     loss, gen, jd = rec.get("loss") or {}, rec.get("generation") or {}, rec.get("judge") or {}
     fmt = lambda x: "–" if x is None else f"{x:.3f}"  # noqa: E731
     ci = lambda c: "" if not c else f" (95% CI {c[0]:.3f}–{c[1]:.3f})"  # noqa: E731
@@ -359,17 +395,17 @@ def compare(
         return
     cols = ("selection", "budget", "seeds", "selected", "train_steps", "train_tokens", "eval_loss", "eval_loss_ci95", "loss_vs_random",
             "judge", "win_rate", "win_rate_ci95")
-    t = Table(*cols, title=f"compare: {spec.name} (every column: compare.md)")
+    t = Table(*cols, title=f"compare: {escape(spec.name)} (every column: compare.md)")
     for r in res["table"]:
-        t.add_row(*["–" if r.get(c) is None else str(r[c]) for c in cols])
+        t.add_row(*["–" if r.get(c) is None else escape(str(r[c])) for c in cols])
     console.print(t)
     from curate.compare import judge_note
 
     note = judge_note(res["cells"])
     if note:
-        console.print(note.replace("**", ""), highlight=False)
+        console.print(note.replace("**", ""), highlight=False, markup=False)
     out = Path(res["output_dir"])
-    console.print(f"table: {out / 'compare.md'}\nplot:  {out / 'compare.png'}", highlight=False)
+    _say(f"table: {out / 'compare.md'}\nplot:  {out / 'compare.png'}")
 
 
 @app.command()
@@ -440,8 +476,7 @@ def deploy(
         _fail(exc)
         return
     out.write_text(text, encoding="utf-8")
-    console.print(f"wrote {out}: register with `prefect deploy --all --prefect-file {out}`, run `prefect worker start --pool {pool}`",
-                  highlight=False)
+    _say(f"wrote {out}: register with `prefect deploy --all --prefect-file {out}`, run `prefect worker start --pool {pool}`")
 
 
 def _print_summary(summary: dict) -> None:
@@ -463,9 +498,35 @@ def _print_summary(summary: dict) -> None:
     console.print(t)
     exp = summary.get("export")
     if exp:
-        console.print(f"export: {exp['dir']}")
+        _say(f"export: {exp['dir']}")
     if summary.get("report"):
-        console.print(f"report: {summary['report']}")
+        _say(f"report: {summary['report']}")
+
+
+def _plain_help(typer_app: typer.Typer) -> None:
+    """Help as the source says it: each paragraph of a command's docstring is one line for the terminal
+    to wrap (the rich help keeps the docstring's own line breaks, cutting sentences in two), ``[…]`` in
+    help text prints as written (``pip install 'curate[train]'``), and flags show no ``<bool>``."""
+    import inspect as _inspect
+
+    from typer.models import ParameterInfo
+
+    for info in typer_app.registered_commands:
+        cb = info.callback
+        if cb.__doc__:
+            paragraphs = _inspect.cleandoc(cb.__doc__).split("\n\n")
+            cb.__doc__ = "\n\n".join(escape(" ".join(line.strip() for line in par.splitlines())) for par in paragraphs)
+        for param in _inspect.signature(cb).parameters.values():
+            opt = param.default
+            if not isinstance(opt, ParameterInfo):
+                continue
+            if opt.help:
+                opt.help = escape(opt.help)
+            if param.annotation in (bool, "bool", Optional[bool], "Optional[bool]") and opt.metavar is None:
+                opt.metavar = ""
+
+
+_plain_help(app)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,8 +1,14 @@
 """The flow spec: one YAML file, validated by pydantic.
 
-Unknown keys and bad values are errors that name the file, the field path and the YAML line::
+Unknown keys and bad values are errors that name the file, the field path and the YAML line (and the
+``--set`` item when an override gave the value)::
 
-    flows/select.yaml:23: select[1].budget: Input should be greater than 0
+    flows/select.yaml:23: select[1].budget: budget must be at least 1 row, got 0 (from --set select[1].budget=0)
+
+Everything else a flow refers to is checked when it is read, before any row is: the scores its
+selection steps read (with the closest name), budgets and rates, the output folder
+(:func:`check_flow` repeats the checks that need the flow as it will run, for ``curate plan`` and the
+start of a run).
 
 Relative paths resolve against ``base_dir``, which is itself relative to the flow file's folder
 (``base_dir: ..`` in ``flows/select.yaml`` makes paths relative to the project root).
@@ -10,6 +16,7 @@ Relative paths resolve against ``base_dir``, which is itself relative to the flo
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -54,6 +61,8 @@ class InputSpec(Strict):
     format: Literal["auto", "alpaca", "sharegpt", "openai", "prompt_completion"] = "auto"
     fields: dict[str, str] = Field(default_factory=dict, description="Canonical field -> source column.")
     json_field: str | None = Field(None, description="For a JSON object file: the key that holds the records.")
+    delimiter: str | None = Field(None, description="CSV/TSV: the character between columns (',', ';', '|', 'tab'); "
+                                  "default: detected from the header.")
     task: str | None = Field(None, description="A constant task label for every row of this input.")
     task_field: str | None = Field(None, description="Column that holds each row's task label.")
     limit: int | None = Field(None, gt=0, description="Read only the first N rows (per file).")
@@ -259,52 +268,117 @@ class FlowSpec(Strict):
         if data.get("embed") and data["embed"].get("storage") == "float32":
             data["embed"].pop("storage")
         for inp in data.get("inputs", []):
-            if inp.get("embedding") is None:
-                inp.pop("embedding", None)
+            for key in ("embedding", "delimiter"):
+                if inp.get(key) is None:
+                    inp.pop(key, None)
         return sha256_hex(canonical_json(data))
 
 
 # -- loading --------------------------------------------------------------------------------------
 
 
-def parse_override(item: str) -> tuple[list[str | int], Any]:
-    """``select.0.budget=50`` -> (["select", 0, "budget"], 50); the value is parsed as YAML."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set select.0.budget=50")
-    key, raw = item.split("=", 1)
-    parts: list[str | int] = [int(p) if p.isdigit() else p for p in key.strip().split(".") if p]
+#: the key part ``[+]`` (or ``.+``): append a new item to a list (see :func:`parse_override`)
+APPEND = "+"
+_KEY_PART = re.compile(r"\[([^\]]*)\]|([^.\[\]]+)")
+
+
+def _key_parts(key: str, item: str) -> list[str | int]:
+    """``select[2].budget`` / ``select.2.budget`` / ``select[-1].budget`` / ``select[+]`` -> parts."""
+    parts: list[str | int] = []
+    pos, key = 0, key.strip()
+    while pos < len(key):
+        if key[pos] == "." and parts:
+            pos += 1
+        m = _KEY_PART.match(key, pos)
+        if m is None:
+            raise ConfigError(f"--set {item}: cannot read the key {key!r} at {key[pos:]!r} (write e.g. select[2].budget, "
+                              "select.2.budget, select[-1].budget or select[+] to append)")
+        text = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
+        bracket = m.group(1) is not None
+        if re.fullmatch(r"-?\d+", text):
+            parts.append(int(text))
+        elif text == APPEND:
+            parts.append(APPEND)
+        elif bracket:
+            raise ConfigError(f"--set {item}: [{text}] is not a list index (a number, negative from the end, or + to append)")
+        else:
+            parts.append(text)
+        pos = m.end()
     if not parts:
         raise ConfigError(f"--set {item!r}: empty key")
+    return parts
+
+
+def parse_value(raw: str) -> Any:
+    """A ``--set`` value: YAML (``50``, ``0.5``, ``true``, ``[a, b]``, ``{method: top_k, budget: 5}``,
+    ``"quoted text"``), except that text YAML would read as a block mapping or list (``hello: world``,
+    ``- x``) or as a comment stays the text as written: only ``{…}`` and ``[…]`` make mappings and lists."""
+    text = raw.strip()
+    if not text:
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
-        value = raw
-    return parts, value
+        return text
+    if isinstance(value, dict) and not text.startswith("{"):
+        return text
+    if isinstance(value, list) and not text.startswith("["):
+        return text
+    if value is None and text not in ("null", "Null", "NULL", "~"):
+        return text
+    return value
 
 
-def apply_override(data: dict, parts: list[str | int], value: Any, item: str) -> None:
+def parse_override(item: str) -> tuple[list[str | int], Any]:
+    """``select.0.budget=50`` -> (["select", 0, "budget"], 50); keys as errors print them
+    (``select[0].budget``), negative indices (``select[-1]``) and ``[+]`` (append) are read too; the
+    value as :func:`parse_value` reads it."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set select[0].budget=50")
+    key, raw = item.split("=", 1)
+    return _key_parts(key, item), parse_value(raw)
+
+
+def _path_text(parts) -> str:
+    return _fmt_loc(tuple(parts))
+
+
+def apply_override(data: dict, parts: list[str | int], value: Any, item: str) -> tuple:
+    """Set ``value`` at ``parts`` in ``data`` (creating mappings on the way); returns the path it set,
+    with negative indices and ``+`` (append) turned into the item's index."""
     node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(part, int):
-            if not isinstance(node, list) or part >= len(node):
-                raise ConfigError(f"--set {item}: no list item {part} at '{'.'.join(map(str, parts[:i + 1]))}'")
-            node = node[part]
+    done: list[str | int] = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        nxt = None if last else parts[i + 1]
+        fresh = [] if isinstance(nxt, int) or nxt == APPEND else {}
+        if isinstance(part, int) or part == APPEND:
+            where = _path_text(done)
+            if not isinstance(node, list):
+                raise ConfigError(f"--set {item}: '{where}' is not a list, so [{part}] does not apply")
+            if part == APPEND:
+                node.append(value if last else fresh)
+                part = len(node) - 1
+            else:
+                if not -len(node) <= part < len(node):
+                    have = f"it has {len(node)} item{'s' if len(node) != 1 else ''}: 0 to {len(node) - 1}" if node else "it is empty"
+                    raise ConfigError(f"--set {item}: no list item {part} at '{where}' ({have}; [+] appends one)")
+                part = part % len(node)
+                if last:
+                    node[part] = value
+                elif node[part] is None:
+                    node[part] = fresh
         else:
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {item}: '{'.'.join(map(str, parts[:i]))}' is not a mapping")
-            if part not in node or node[part] is None:
-                node[part] = [] if isinstance(nxt, int) else {}
+                raise ConfigError(f"--set {item}: '{_path_text(done)}' is not a mapping, so it has no key '{part}'")
+            if last:
+                node[part] = value
+            elif part not in node or node[part] is None:
+                node[part] = fresh
+        done.append(part)
+        if not last:
             node = node[part]
-    last = parts[-1]
-    if isinstance(last, int):
-        if not isinstance(node, list) or last >= len(node):
-            raise ConfigError(f"--set {item}: no list item {last}")
-        node[last] = value
-    else:
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {item}: the parent of '{last}' is not a mapping")
-        node[last] = value
+    return tuple(done)
 
 
 def _yaml_lines(text: str) -> dict[tuple, int]:
@@ -340,8 +414,28 @@ def _fmt_loc(loc: tuple) -> str:
 _UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
 
 
-def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = ()) -> str:
-    """One line per field: ``file:line: path.to.field: message`` (union alternatives merged)."""
+def _override_note(loc: tuple, overridden: dict[tuple, str] | None) -> str:
+    """`` (from --set KEY=VALUE)`` when the value at ``loc`` (or one inside it, or the item it is part of) came from ``--set``."""
+    for path, item in (overridden or {}).items():
+        n = min(len(path), len(loc))
+        if path[:n] == loc[:n]:
+            return f" (from --set {item})"
+    return ""
+
+
+def _where(source: str, lines: dict[tuple, int], loc: tuple, overridden: dict[tuple, str] | None = None) -> str:
+    """``file:line`` of the field at ``loc`` (or of the nearest field above it in the file); just the file
+    when ``--set`` made the field or an item above it (an appended step has no line)."""
+    if any(path == loc[:len(path)] and path not in lines for path in overridden or {}):
+        return source
+    line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
+    return f"{source}:{line}" if line else source
+
+
+def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple, int], prefix: tuple = (),
+                            overridden: dict[tuple, str] | None = None) -> str:
+    """One line per field: ``file:line: path.to.field: message`` (union alternatives merged; `` (from --set …)``
+    where an override gave the value)."""
     merged: dict[tuple, list[str]] = {}
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
@@ -349,23 +443,33 @@ def format_validation_error(exc: ValidationError, source: str, lines: dict[tuple
             loc = loc[:-1]  # union member tags such as budget.int / budget.float
         loc = prefix + loc
         msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
         if err["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; docs/flows.md lists every key)"
+        elif err["type"] == "string_pattern_mismatch":
+            pattern = (err.get("ctx") or {}).get("pattern", "")
+            msg = f"{err.get('input')!r} does not match the pattern {pattern}"
+            if loc == ("name",):
+                msg += f": lowercase letters, digits and dashes, starting with a letter or digit (e.g. name: {slug(str(err.get('input')))})"
         if msg not in merged.setdefault(loc, []):
             merged[loc].append(msg)
     out = []
     for loc, msgs in merged.items():
-        line = next((lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in lines), None)
-        where = f"{source}:{line}" if line else source
-        out.append(f"{where}: {_fmt_loc(loc)}: {' / '.join(msgs)}")
+        out.append(f"{_where(source, lines, loc, overridden)}: {_fmt_loc(loc)}: {' / '.join(msgs)}{_override_note(loc, overridden)}")
     return "\n".join(out)
 
 
-def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> FlowSpec:
-    """Read, override and validate a flow YAML. Raises ConfigError with file, line and field."""
+def load_flow(path: str | os.PathLike, overrides: list[str] | None = None, check_output: bool = True) -> FlowSpec:
+    """Read, override and validate a flow YAML: its keys and values, each step's parameters, the scores
+    its selection steps read, and (``check_output``; not for a flow that runs on another host) that its
+    output folder can be made and written here. Raises ConfigError with file, line and field (and the
+    ``--set`` item when an override gave the value)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such flow file")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a flow file")
     text = path.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)
@@ -375,18 +479,39 @@ def load_flow(path: str | os.PathLike, overrides: list[str] | None = None) -> Fl
         raise ConfigError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a flow file must be a YAML mapping (name:, inputs:, …)")
+    overridden: dict[tuple, str] = {}
     for item in overrides or []:
         parts, value = parse_override(item)
-        apply_override(data, parts, value, item)
+        overridden[apply_override(data, parts, value, item)] = item
     expand_presets(data, path)
     lines = _yaml_lines(text)
     try:
         spec = FlowSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path), lines)) from None
+        raise ConfigError(format_validation_error(exc, str(path), lines, overridden=overridden)) from None
     spec.flow_path = str(path.resolve())
-    _validate_steps(spec, str(path), lines)
+    _validate_steps(spec, str(path), lines, overridden)
+    if check_output:
+        check_output_dir(spec, str(path), lines, overridden)
     return spec
+
+
+def check_output_dir(spec: FlowSpec, source: str | None = None, lines: dict[tuple, int] | None = None,
+                     overridden: dict[tuple, str] | None = None) -> None:
+    """The output folder can be made and written: it (or the nearest folder above it that exists) is a
+    folder this process may write in, and nothing on the way is a file. Creates nothing."""
+    out = spec.out
+    where = _where(source or spec.flow_path or "flow", lines or {}, ("output_dir",), overridden)
+    note = _override_note(("output_dir",), overridden)
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        what = "is a file" if probe == out else f"cannot be made: {probe} is a file"
+        raise ConfigError(f"{where}: output_dir: {out} {what}; set output_dir to a folder{note}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == out else f"cannot be made: {probe} is not writable"
+        raise ConfigError(f"{where}: output_dir: {out} {what} by this user; set output_dir to a folder you can write{note}")
 
 
 def preset_dirs(data: dict, flow_path: Path) -> list[Path]:
@@ -432,8 +557,10 @@ def expand_presets(data: dict, flow_path: Path) -> None:
     data["select"] = out
 
 
-def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> None:
-    """Check each scorer/selector's parameters against its class (unknown methods, bad params)."""
+def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int], overridden: dict[tuple, str] | None = None) -> None:
+    """Check each scorer/selector's parameters against its class (unknown methods, bad params), that
+    steps needing embeddings have them, and that every score a selection step reads is an output of
+    one of the flow's scorers (:func:`score_reference_errors`)."""
     from curate.rewrite import REWRITERS, rewriter_class
     from curate.scorers import SCORERS, scorer_class
     from curate.select import SELECTORS, selector_class
@@ -449,43 +576,117 @@ def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int]) -> Non
         for i, step in enumerate(steps):
             loc = (*prefix, i)
             if step.method not in registry:
-                line = lines.get(loc + ("method",))
-                where = f"{source}:{line}" if line else source
-                errors.append(f"{where}: {section}[{i}].method: unknown method '{step.method}' (known: {', '.join(sorted(registry))})")
+                known = sorted(registry)
+                close = difflib.get_close_matches(step.method, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                at = loc + ("method",)
+                errors.append(f"{_where(source, lines, at, overridden)}: {section}[{i}].method: unknown method '{step.method}' "
+                              f"(known: {', '.join(known)}){hint}{_override_note(at, overridden)}")
                 continue
             cls = get(step.method)
             try:
                 params[loc] = cls.Params.model_validate(step.params)
             except ValidationError as exc:
-                errors.append(format_validation_error(exc, source, lines, loc))
+                errors.append(format_validation_error(exc, source, lines, loc, overridden))
     if spec.embed is not None:
         from curate.embed import EMBEDDERS
 
         if spec.embed.method not in EMBEDDERS:
-            line = lines.get(("embed", "method"))
-            where = f"{source}:{line}" if line else source
-            errors.append(f"{where}: embed.method: unknown embedder '{spec.embed.method}' (known: {', '.join(sorted(EMBEDDERS))})")
-    score_names = {s.label for s in spec.score}
-    select_sections = [(("select",), spec.select)] + ([(("rewrite", "select"), spec.rewrite.select)] if spec.rewrite else [])
-    for prefix, steps in select_sections:
+            errors.append(f"{_where(source, lines, ('embed', 'method'))}: embed.method: unknown embedder '{spec.embed.method}' "
+                          f"(known: {', '.join(sorted(EMBEDDERS))})")
+    for prefix, steps in _select_sections(spec):
         for i, step in enumerate(steps):
             loc = (*prefix, i)
-            if loc not in params:
-                continue
-            where = f"{'.'.join(prefix)}[{i}]"
-            cls = selector_class(step.method)
-            if getattr(cls, "needs_embeddings", False) and spec.embed is None:
-                errors.append(f"{source}: {where} ({step.method}) needs embeddings: add an 'embed:' section")
-            score = getattr(params[loc], "score", None)
-            if score:
-                scorer = score.split(".", 1)[0]
-                if scorer not in score_names:
-                    errors.append(
-                        f"{source}: {where}.score: '{score}' names no scorer of this flow "
-                        f"(scorers: {', '.join(sorted(score_names)) or 'none'}; write <scorer>.<output>)"
-                    )
+            if loc in params and getattr(selector_class(step.method), "needs_embeddings", False) and spec.embed is None:
+                errors.append(f"{_where(source, lines, loc + ('method',))}: {_fmt_loc(loc)} ({step.method}) needs embeddings: "
+                              "add an 'embed:' section")
+    errors += score_reference_errors(spec, source, lines, overridden, params, missing_scorers_in_count=False)
     if errors:
         raise ConfigError("\n".join(errors))
+
+
+def _select_sections(spec: FlowSpec) -> list[tuple[tuple, list[StepSpec]]]:
+    return [(("select",), spec.select)] + ([(("rewrite", "select"), spec.rewrite.select)] if spec.rewrite else [])
+
+
+def flow_scores(spec: FlowSpec) -> dict[str, str]:
+    """Every score the flow's scorers write: ``<scorer name>.<output>`` -> the scorer's method."""
+    from curate.scorers import SCORERS, scorer_class
+
+    return {f"{s.label}.{o}": s.method for s in spec.score if s.method in SCORERS for o in scorer_class(s.method).outputs}
+
+
+def score_reference_errors(spec: FlowSpec, source: str | None = None, lines: dict[tuple, int] | None = None,
+                           overridden: dict[tuple, str] | None = None, params: dict[tuple, Any] | None = None,
+                           missing_scorers_in_count: bool = True) -> list[str]:
+    """One message per score a selection step reads (``score``; ``token_budget``'s ``count``) that no
+    scorer of the flow writes, with the closest name (difflib) when there is one.
+
+    ``missing_scorers_in_count=False`` leaves out ``count`` entries whose scorer the flow lacks
+    altogether (``curate compare`` adds its ``chat_tokens`` scorer after loading the flow): the run and
+    ``curate plan`` check them (:func:`check_flow`) before ingest."""
+    from curate.select import SELECTORS, selector_class
+
+    source = source or spec.flow_path or "flow"
+    lines = lines or {}
+    available = flow_scores(spec)
+    labels = {s.label for s in spec.score}
+    from curate.scorers import SCORERS
+
+    unknown = {s.label for s in spec.score if s.method not in SCORERS}
+    names = sorted(available)
+    errors = []
+
+    def check(name: Any, loc: tuple, count: bool) -> None:
+        if not isinstance(name, str) or name in available:
+            return
+        scorer = name.split(".", 1)[0]
+        if scorer in unknown:  # its method is unknown: that error is already given
+            return
+        if count and not missing_scorers_in_count and scorer not in labels:
+            return
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        if scorer in labels:
+            outputs = [n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == scorer]
+            output = name.split(".", 1)[1] if "." in name else ""
+            why = f"scorer '{scorer}' has no output '{output}' ({hint}its outputs: {', '.join(outputs)})"
+        else:
+            why = (f"'{name}' names no scorer of this flow ({hint}scores: {', '.join(names) or 'none — add a score: section'}; "
+                   "write <scorer>.<output>)")
+            if count and scorer == "heuristic":
+                why += "; add '- method: heuristic' to the score: section"
+        errors.append(f"{_where(source, lines, loc, overridden)}: {_fmt_loc(loc)}: {why}{_override_note(loc, overridden)}")
+
+    for prefix, steps in _select_sections(spec):
+        for i, step in enumerate(steps):
+            loc = (*prefix, i)
+            if step.method not in SELECTORS:
+                continue
+            p = (params or {}).get(loc)
+            if p is None:
+                try:
+                    p = selector_class(step.method).Params.model_validate(step.params)
+                except ValidationError:
+                    continue
+            check(getattr(p, "score", None), loc + ("score",), False)
+            count = getattr(p, "count", None)
+            if isinstance(count, list):
+                for j, name in enumerate(count):
+                    check(name, loc + ("count", j), True)
+    return errors
+
+
+def check_flow(spec: FlowSpec) -> None:
+    """What a run and ``curate plan`` check before ingest, on the flow as it will run (after
+    ``curate compare`` added its scorer): every score the selection steps read, and the output folder."""
+    lines: dict[tuple, int] = {}
+    if spec.flow_path and Path(spec.flow_path).is_file():
+        lines = _yaml_lines(Path(spec.flow_path).read_text(encoding="utf-8"))
+    errors = score_reference_errors(spec, spec.flow_path, lines)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    check_output_dir(spec, spec.flow_path, lines)
 
 
 def slug(text: str) -> str:

@@ -35,7 +35,11 @@ def check_inputs(spec: FlowSpec) -> None:
 
 
 def run(spec: FlowSpec) -> dict[str, Any]:
-    """Run a validated flow. Missing input files are reported before anything starts."""
+    """Run a validated flow. Missing input files, scores no scorer writes and an output folder that
+    cannot be written are reported before anything starts."""
+    from curate.config import check_flow
+
+    check_flow(spec)
     check_inputs(spec)
     if not spec.runtime.prefect:
         from curate.executors import LocalExecutor

@@ -148,7 +148,7 @@ def prefect_yaml(flow_files: list[str | os.PathLike], pool: str, overrides: list
     entries = []
     for f in flow_files:
         path = Path(f).resolve()
-        spec = load_flow(path, list(overrides or []))
+        spec = load_flow(path, list(overrides or []), check_output=False)  # its output_dir is on the workers' hosts
         sched = {"cron": cron, "timezone": timezone or "UTC"} if cron else {"interval": interval, "timezone": timezone or "UTC"}
         entries.append({
             "name": spec.name, "description": spec.description or f"curate {spec.name}",

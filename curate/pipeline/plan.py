@@ -88,8 +88,11 @@ def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str,
     counts and a short measured warm-up (this loads the models). Writes nothing under output_dir."""
     import pyarrow.compute as pc
 
+    from curate.config import check_flow
     from curate.recordset import read_records
     from curate.scorers.heuristic import _TOKEN
+
+    check_flow(spec)  # what the run checks before ingest: the scores the steps read, the output folder
 
     with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
         run = Run(spec=spec.model_copy(update={"output_dir": tmp}), executor=LocalExecutor())  # flow_path is copied too

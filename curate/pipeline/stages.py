@@ -235,7 +235,8 @@ class SelectStage(Stage):
             embed_spec=spec.embed, torch_threads=torch_threads(spec))])
         run.selections.append(selection)
         run.sets[self.name] = selection.selected
-        return {"stage": self.name, "tasks": 1, "rows": selection.n_selected, "seconds": secs}
+        return {"stage": self.name, "tasks": 1, "rows": selection.n_selected, "seconds": secs,
+                "warnings": [s["warning"] for s in selection.steps if s.get("warning")]}
 
     def pool(self, run: Run) -> tuple[list, list[int], int]:
         """(record sets, rows decided earlier and left out, the base of a fractional budget)."""

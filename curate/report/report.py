@@ -150,7 +150,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["steps"]:
         lines.append(_table(["#", "method", "in", "kept", "dropped as", "details"],
                             [[s["step"], s["name"], s["in"], s["kept"], s["outcome_of_dropped"],
-                              ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("step", "method", "name", "in", "kept", "outcome_of_dropped", "radius_curve"))]
+                              ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("step", "method", "name", "in", "kept", "outcome_of_dropped", "radius_curve", "warning"))]
                              for s in summary["steps"]]))
     else:
         lines.append("No selection steps: every valid row is selected.")

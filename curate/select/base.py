@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from curate.records import sha256_hex
 
@@ -174,6 +174,25 @@ class BudgetParams(BaseModel):
     rate_base: Literal["input", "pool", "valid"] = Field(
         "input", description="What a fractional budget is a fraction of: all input rows (quarantined included), this step's rows, or its scored rows."
     )
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget_not_bool(cls, b):
+        if isinstance(b, bool):
+            raise ValueError(f"budget must be a number of rows (e.g. 100) or a fraction in (0, 1] (e.g. 0.25), got {b}")
+        return b
+
+    @field_validator("budget")
+    @classmethod
+    def _budget_in_range(cls, b):
+        """Checked when the flow is read (the run would stop on it after scoring): a count ≥ 1, or a fraction in (0, 1]."""
+        if isinstance(b, int) and b <= 0:
+            raise ValueError(f"budget must be at least 1 row, got {b} (a fraction is written as 0.25)")
+        if isinstance(b, float) and not (0 < b <= 1):
+            if b > 1 and b.is_integer():
+                raise ValueError(f"a fractional budget must be in (0, 1], got {b}; for a count of rows write {int(b)}")
+            raise ValueError(f"a fractional budget must be in (0, 1], got {b} (a count of rows is a whole number such as 100)")
+        return b
 
     def resolve_budget(self, pool: Pool, n_valid: int | None = None) -> int:
         b = self.budget

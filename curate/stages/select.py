@@ -19,6 +19,7 @@ Arrow columns (each step's rows taken from its :class:`~curate.select.base.StepR
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,13 @@ def select_stage(
         dropped = np.flatnonzero(~res.keep)
         book.add(pool_idx[dropped], res.outcome, stage, _take(res.reason, dropped), _take(res.detail, dropped))
         step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": len(pool), "kept": int(res.keep.sum()),
-                           "outcome_of_dropped": res.outcome, **res.stats})
+                           "outcome_of_dropped": res.outcome, **budget_record(selector.params, len(pool), pool.n_input, res.stats,
+                                                                               f"step {s_i} ({step.label})"),
+                           **res.stats})
+        if "warning" in step_stats[-1]:
+            from curate.progress import logger
+
+            logger.warning("%s: %s", name, step_stats[-1]["warning"])
         for col_name, values in res.columns.items():  # aligned to the step's pool; NaN for rows it never saw
             col = np.full(n, np.nan)
             col[pool_idx] = values
@@ -178,6 +185,42 @@ def select_stage(
     kept = write_recordset(take_records(pool_sets, rows=rows[pool_idx]), out, name, name, config, shard_size)
     return SelectionRef(name=name, path=str(path), ledger_path=str(ledger_path), selected=kept, n_selected=len(chosen),
                         counts=ledger_counts(ledger_t), steps=step_stats)
+
+
+def budget_record(params, n_pool: int, n_input: int, stats: dict, where: str) -> dict:
+    """The budget a step was asked for and the one it applied (``budget_asked``, ``budget_applied``; a
+    fraction also gives the rows it came to, ``budget_rows``), and a ``warning`` when the budget is larger
+    than the rows that reach the step (every row is kept: a budget of 5000 on 894 rows applies 894).
+    A token budget (``tokens``) is larger than its pool when every row fits with tokens to spare."""
+    from curate.select.base import BudgetParams
+
+    if isinstance(params, BudgetParams):
+        asked = params.budget
+        if isinstance(asked, float):
+            base = {"input": n_input, "pool": n_pool, "valid": n_pool}[params.rate_base]
+            rows = int(math.floor(asked * base))
+            what = f"{asked} of {params.rate_base} ({base} rows) = {rows} rows"
+        else:
+            rows, what = int(asked), f"{asked} rows"
+    elif isinstance(getattr(params, "budget", None), int) and not isinstance(params.budget, bool):
+        asked = rows = params.budget
+        what = f"{asked} rows"
+    elif isinstance(getattr(params, "tokens", None), int) and "tokens_kept" in stats:
+        asked, kept = params.tokens, stats["tokens_kept"]
+        every = stats.get("rows_kept") == n_pool
+        rec = {"budget_asked": f"{asked} tokens", "budget_applied": f"{kept if every else asked} tokens"}
+        if every and n_pool and kept < asked:
+            rec["warning"] = (f"{where}: the budget of {asked} tokens is larger than the {kept} tokens of the {n_pool} rows that "
+                              f"reach it: every row is kept ({kept} tokens applied)")
+        return rec
+    else:
+        return {}
+    applied = min(rows, n_pool)
+    rec = {"budget_asked": asked, **({"budget_rows": rows} if rows != asked else {}), "budget_applied": applied}
+    if rows > n_pool:
+        rec["warning"] = (f"{where}: the budget of {what} is larger than the {n_pool} rows that reach it: "
+                          f"every row is kept ({applied} applied)")
+    return rec
 
 
 def pool_meta(pool_sets: list[RecordSetRef], exclude_rows=None) -> pa.Table:
