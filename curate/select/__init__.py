@@ -25,6 +25,7 @@ SELECTORS: dict[str, str] = {
     "smart": "curate.select.smart:Smart",
     "delift": "curate.select.delift:Delift",
     "decontaminate": "curate.select.decontaminate:Decontaminate",
+    "minhash_dedup": "curate.select.minhash:MinHashDedup",
 }
 
 
