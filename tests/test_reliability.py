@@ -130,8 +130,10 @@ def reference(pool, tmp_path_factory):
 
 # -- kill -9 ----------------------------------------------------------------------------------------
 
-#: the stage each seed aims at (the fifth draws one); which stage the kill hit is read from the log
-TARGETS = {0: "ingest", 1: "score:heuristic", 2: "select", 3: "ledger/export", 4: None}
+#: the stage each seed aims at (None: the seed draws one); which stage the kill hit is read from the log. One
+#: kill per stage: a fifth seed that drew a stage again (it drew one of these four) cost a kill and a resume
+#: (~15 s of the suite) and checked nothing the four do not
+TARGETS = {0: "ingest", 1: "score:heuristic", 2: "select", 3: "ledger/export"}
 #: the log line that ends the stage before each target (None: wait for the run to take the output folder's lock)
 ANCHOR = {"ingest": None, "score:heuristic": "ingest", "select": "score:heuristic", "ledger/export": "select"}
 STAGE_LINE = re.compile(r"curate - stage (\S+): ")
@@ -200,7 +202,7 @@ def export_is_whole_or_absent(out: Path) -> None:
 
 
 def test_kill_9_at_random_points_then_resume_gives_identical_output(pool, reference, tmp_path):
-    """Five seeded kills, each followed by a resume that must reproduce the uninterrupted run. The kill
+    """Four seeded kills (one aimed at each stage), each followed by a resume that must reproduce the uninterrupted run. The kill
     time is drawn from the reference run's stage times; a stage can run faster than it did there (a
     machine less loaded), so a kill that lands past its target stage is checked like any other and the
     seed tries again, earlier in the window (at most three tries), until each stage has been hit."""

@@ -17,8 +17,12 @@ from curate.pipeline import execute
 
 pytest.importorskip("trl")
 
+# bf16=False: SFTConfig's default (bf16=True) autocasts to bf16 on CPU too, where the backward's bf16 GEMMs run on
+# torch's reference kernel (no oneDNN/AMX here): two steps took 40-80 s; in fp32 (MKL) they take 3-4 s. Precision
+# is no part of what these tests check (the export loads, is tokenised and masked as its layout says, and trains)
 TRAIN = dict(max_steps=2, per_device_train_batch_size=1, max_length=256, learning_rate=1e-5, report_to="none",
-             save_strategy="no", logging_steps=1, activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True, seed=0)
+             save_strategy="no", logging_steps=1, activation_checkpointing=False, dataloader_num_workers=0, disable_tqdm=True, use_cpu=True, seed=0,
+             bf16=False)
 
 
 @pytest.fixture(scope="module")
