@@ -4,6 +4,7 @@
     curate run flows/select.yaml --set select.1.budget=50
     curate plan flows/select.yaml                  dry run: rows, tokens, stages, cache
     curate inspect out/select                      summary of a finished run
+    curate show out/select --outcome filtered      a run's rows: text, scores, outcome and reason
     curate train out/select                        fine-tune on the export (LoRA on the bundled SmolLM2)
     curate eval out/select/train/<key>/adapter --on data/eval/alpaca_eval_40.json
     curate compare flows/compare.yaml              selections × budgets → train → eval → one table
@@ -196,6 +197,32 @@ def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds 
             for s in r["steps"]:
                 t.add_row(str(s["step"]), escape(s["name"]), str(s["in"]), str(s["kept"]), s["outcome_of_dropped"])
             console.print(t)
+
+
+@app.command()
+def show(
+    out_dir: Path = typer.Argument(..., help="A run's output_dir (holds run.json), or its flow YAML."),
+    outcome: Optional[str] = typer.Option(None, "--outcome", help="Only rows with this outcome: selected, not_selected, filtered or quarantined."),
+    reason: Optional[str] = typer.Option(None, "--reason", help="Only rows with this reason, e.g. below_min, beyond_budget, exact_duplicate."),
+    source: Optional[str] = typer.Option(None, "--source", help="Only rows of this input (its name), or rewrite:<step> for derived rows."),
+    sort: Optional[str] = typer.Option(None, "--sort", help="Sort by this score (heuristic.response_tokens, or response_tokens when one "
+                                       "scorer has it), or by rank; default: row order."),
+    desc: bool = typer.Option(False, "--desc", help="Sort descending (highest first)."),
+    limit: int = typer.Option(10, "--limit", "-n", min=0, help="Show at most this many rows."),
+    full: bool = typer.Option(False, "--full", help="Whole texts and every message (default: previews cut with …)."),
+) -> None:
+    """Show a finished run's rows: text, scores, outcome, reason and detail, wrapped at the terminal's width.
+
+    Filters combine (--outcome not_selected --reason beyond_budget); a derived row shows its parents beside it
+    (under it below 120 columns). Reads the run's Parquet lazily: a large run is filtered and sorted without loading its text.
+    """
+    from curate.errors import CurateError
+    from curate.view.show import show as show_rows
+
+    try:
+        show_rows(out_dir, Console(highlight=False), outcome, reason, source, sort, desc, limit, full)
+    except CurateError as exc:
+        _fail(exc)
 
 
 def _run_train(spec, source: str, out: Optional[Path], prefect: bool) -> dict:

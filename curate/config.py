@@ -69,6 +69,22 @@ class InputSpec(Strict):
     embedding: PrecomputedEmbedding | None = Field(
         None, description="Vectors that come with this input (a column of its rows, or a side file keyed by an id field); "
         "`embed: {method: precomputed, model: <producer>}` uses them instead of computing embeddings.")
+    keep_columns: Literal["all", "none"] | list[str] = Field(
+        "none", description="The input's own columns to carry beside the conversation into the ledger and every export file: "
+        "`all` (every column the reader did not map to the conversation), `none`, or a list of names. The user's `id` becomes "
+        "`source_id`; docs/exports.md. Default `none`: exports stay as they were.")
+    license: str | None = Field(None, description="The input's licence as a Hub licence id (apache-2.0, cc-by-4.0, cc-by-nc-4.0, "
+                                "mit, other, …): written into the export's dataset card (README.md).")
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _column_names(cls, v):
+        if isinstance(v, list):
+            if not v or any(not isinstance(c, str) or not c for c in v):
+                raise ValueError("keep_columns: give all, none, or a non-empty list of column names")
+            if len(set(v)) != len(v):
+                raise ValueError(f"keep_columns names a column twice: {sorted(c for c in set(v) if v.count(c) > 1)}")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -139,6 +155,7 @@ class ReportSpec(Strict):
     enabled: bool = True
     plots: bool = True
     max_points: int = Field(5000, gt=0, description="Points drawn in the embedding map.")
+    sample_rows: int = Field(3, ge=0, description="Rows shown per outcome and reason in the report's rows section (the first by row number); 0: no rows section.")
 
 
 class RuntimeSpec(Strict):
@@ -268,9 +285,11 @@ class FlowSpec(Strict):
         if data.get("embed") and data["embed"].get("storage") == "float32":
             data["embed"].pop("storage")
         for inp in data.get("inputs", []):
-            for key in ("embedding", "delimiter"):
+            for key in ("embedding", "delimiter", "license"):
                 if inp.get(key) is None:
                     inp.pop(key, None)
+            if inp.get("keep_columns") == "none":
+                inp.pop("keep_columns")
         return sha256_hex(canonical_json(data))
 
 

@@ -48,6 +48,7 @@ NOT_ON_THE_GPU_PATH = {
     "sentence_transformers": "the embed stage (the check's pool has none)",
     "upath": "store_dir given as a URL",
     "httpx": "the openai backend and the schedule client (in the image anyway)",
+    "lingua": "the lang scorer (not in the check's pool; curate[lang])",
     "typer": "the CLI (in the image anyway)",
     "vllm": "the vllm backend (never carried: too large)",
     "xgrammar": "decoding.constrain on the hf backend",

@@ -295,6 +295,15 @@ class RewriteStage(Stage):
         return row
 
 
+def _keep_args(run: Run) -> dict[str, Any]:
+    """The inputs' own columns to carry into the ledger and the exports (``inputs[i].keep_columns``);
+    no argument at all when no input keeps one, so those tasks are called as before."""
+    from curate.export.columns import keep_plan
+
+    plan = keep_plan(run.spec.inputs, run.dataset.sources)
+    return {} if plan is None else {"keep": plan, "sources": run.dataset.sources}
+
+
 class LedgerStage(Stage):
     """Assemble the final ledgers (input rows, derived rows) and the lineage table; reconcile both."""
 
@@ -308,7 +317,7 @@ class LedgerStage(Stage):
 
         (ref,), secs = run.map(self, ledger_stage, [dict(selections=run.selections, rewrites=run.rewrites, n_input=run.dataset.n_input,
                                                          input_set=run.sets["input"], pool=run.spec.rewrite.pool if run.spec.rewrite else "derived",
-                                                         out_dir=str(run.out))])
+                                                         out_dir=str(run.out), **_keep_args(run))])
         run.results["ledger"] = ref
         return {"stage": "ledger", "tasks": 1, "rows": ref.n_input + ref.n_derived, "seconds": secs}
 
@@ -329,11 +338,14 @@ class ExportStage(Stage):
         selection = run.selections[-1]
         ledger = run.results["ledger"]
         keys = {"config_hash": spec.fingerprint(), **{k: v["key"] for k, v in run.fingerprints.items()}}
-        files, secs = run.map(self, export_layout, [dict(selection=selection, spec=spec.export, layout=layout, out_dir=str(run.out))
+        keep = _keep_args(run)
+        files, secs = run.map(self, export_layout, [dict(selection=selection, spec=spec.export, layout=layout, out_dir=str(run.out),
+                                                         **({"keep": keep["keep"]} if keep else {}))
                                                     for layout in spec.export.layouts], task="export-{layout}")
         files = [f for group in files for f in group]
         (export,), secs2 = run.map(self, export_finalize, [dict(selection=selection, ledger=ledger, spec=spec.export, files=files,
-                                                                out_dir=str(run.out), keys=keys, derived=bool(run.rewrites))],
+                                                                out_dir=str(run.out), keys=keys, derived=bool(run.rewrites),
+                                                                flow=spec, sources=run.dataset.sources)],
                                    task="export-configs")
         run.results["export"] = export
         run.results["keys"] = keys
@@ -362,7 +374,8 @@ class ReportStage(Stage):
         summary = finish_summary(run_summary(run), time.perf_counter() - run.started)
         (path,), secs = run.map(self, make_report, [dict(summary=summary, selection_path=selection.path, ledger_path=run.results["ledger"].path,
                                                         embed_key=run.embed_key, store_dir=run.store_dir, out_dir=str(run.out),
-                                                        plots=spec.report.plots, max_points=spec.report.max_points, seed=spec.seed)])
+                                                        plots=spec.report.plots, max_points=spec.report.max_points, seed=spec.seed,
+                                                        sample_rows=spec.report.sample_rows)])
         run.results["report"] = path
         return {"stage": "report", "tasks": 1, "seconds": secs}
 

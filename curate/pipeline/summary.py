@@ -68,7 +68,7 @@ def finish_summary(summary: dict[str, Any], seconds: float) -> dict[str, Any]:
 
 
 def make_report(summary: dict, selection_path: str, ledger_path: str, embed_key: str | None, store_dir: str, out_dir: str,
-                plots: bool, max_points: int, seed: int) -> str:
+                plots: bool, max_points: int, seed: int, sample_rows: int = 3) -> str:
     import pyarrow.parquet as pq
 
     from curate.recordset import load_embeddings
@@ -79,7 +79,7 @@ def make_report(summary: dict, selection_path: str, ledger_path: str, embed_key:
         ids = pq.read_table(selection_path, columns=["sample_id"]).column(0).to_pylist()
         if ids:
             embeddings, statuses = load_embeddings(store_dir, embed_key, ids)
-    return write_report(summary, selection_path, ledger_path, out_dir, embeddings, plots, max_points, seed)
+    return write_report(summary, selection_path, ledger_path, out_dir, embeddings, plots, max_points, seed, sample_rows)
 
 
 def counts_table(summary: dict[str, Any], run: Run) -> list[dict[str, Any]]:

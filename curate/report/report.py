@@ -157,8 +157,23 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rows_section(summary: dict[str, Any], out_dir: str, n: int) -> list[str]:
+    """The rows section (:mod:`curate.report.rows`) of the run in ``out_dir``; a note instead when the
+    run's files cannot be read as rows (the report is still written)."""
+    import polars as pl
+
+    from curate.report.rows import rows_markdown
+    from curate.view.rows import NotARun, run_files
+
+    try:
+        return rows_markdown(run_files(out_dir, summary), n, summary.get("output_dir") or out_dir)
+    except (OSError, NotARun, pl.exceptions.PolarsError) as exc:
+        return ["## Rows", "", f"Rows could not be read for this section: {html.escape(str(exc), quote=False)}", ""]
+
+
 def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, out_dir: str,
-                 embeddings: np.ndarray | None = None, plots_on: bool = True, max_points: int = 5000, seed: int = 0) -> str:
+                 embeddings: np.ndarray | None = None, plots_on: bool = True, max_points: int = 5000, seed: int = 0,
+                 sample_rows: int = 3) -> str:
     out = Path(out_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     md = [summary_markdown(summary)]
@@ -211,6 +226,7 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                 plots.embedding_map_by(xy, [str(s) for s in shown.column("source").to_pylist()], out / "embedding-map-source.png",
                                        "embedding map by source")
                 md += ["![embedding map by source](embedding-map-source.png)", ""]
+    md += rows_section(summary, out_dir, sample_rows)  # before Exports: html.py links file names only after that heading
     exp = summary.get("export")
     if exp:
         md += ["## Exports", "", _table(["file", "layout", "rows", "sha256"],

@@ -12,6 +12,10 @@ Layout of ``<output_dir>/export/`` (one file type per folder, as LLaMA-Factory r
     derived_ledger.parquet   every derived row's outcome (flows with a rewrite stage)
     lineage.parquet          derived rows → parents, with what made them (flows with a rewrite stage)
     manifest.json            files, row counts, sha256, keys, max_length, validation report
+    README.md                the dataset card: Hub YAML header + the flow, counts, sources (curate.export.card)
+
+With ``keep_columns`` on an input, its own columns follow the layout's fields in every file (and the
+ledger holds them for every input row): :mod:`curate.export.columns`.
 
 Rows are written in input order with a rank column (methods.md B0). The bytes depend only on the
 data and the config (no timestamps), so the same config and seed give byte-identical exports.
@@ -39,6 +43,8 @@ import pyarrow.parquet as pq
 
 from curate import __version__
 from curate.config import ExportSpec
+from curate.export.card import dataset_card
+from curate.export.columns import carried
 from curate.export.layouts import check_rules, convert_rows
 from curate.export.trainers import axolotl_yaml, dataset_info, trl_snippet
 from curate.io import atomic_path, file_sha256, swap_dir, write_json, write_parquet, write_text
@@ -114,11 +120,17 @@ def folder(layout: str, file_type: str) -> str:
     return layout if file_type == "jsonl" else f"{layout}_{file_type}"
 
 
-def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_dir: str) -> list[dict]:
-    """Write one layout in every configured file type; returns file infos for the manifest."""
+def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_dir: str, keep: dict | None = None) -> list[dict]:
+    """Write one layout in every configured file type; returns file infos for the manifest. ``keep``
+    (:func:`curate.export.columns.keep_plan`): the inputs' own columns to add after the layout's fields."""
     export_dir = Path(out_dir) / spec.dir
     records, sel = selected_records(selection)
     rows, skipped = convert_rows(records, layout)
+    columns: dict[str, Any] = {}
+    if keep is not None:  # decided over every selected row, so that every layout writes the same columns and types
+        own, columns = carried(records, keep)
+        by_id = {r["sample_id"]: c for r, c in zip(records, own)}
+        rows = [{**r, **by_id[r["id"]]} for r in rows]
     if spec.extra_columns:
         extras = _extras(sel, records)
         rows = [{**r, **extras[r["id"]]} for r in rows]
@@ -138,10 +150,11 @@ def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_di
                     for r in rows:
                         f.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
             else:
-                write_parquet(path, pa.Table.from_pylist(rows) if rows else empty_layout_table(layout, sel, spec.extra_columns))
+                write_parquet(path, _parquet_table(rows, columns) if rows else empty_layout_table(layout, sel, spec.extra_columns))
             infos.append({"layout": layout, "file_type": file_type, "path": rel, "n_rows": len(rows), "sha256": file_sha256(path),
                           "skipped": [{"id": sid, "why": why} for sid, why in skipped],
-                          "has": sorted({k for r in rows[:1] for k in r})})
+                          "has": sorted({k for r in rows[:1] for k in r}),
+                          **({"columns": {k: v for k, v in columns.items() if k != "types"}} if columns else {})})
     except BaseException:
         for file_type in spec.file_types:
             shutil.rmtree(stage / folder(layout, file_type), ignore_errors=True)
@@ -149,6 +162,19 @@ def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_di
             stage.rmdir()
         raise
     return infos
+
+
+def _parquet_table(rows: list[dict], columns: dict[str, Any]) -> pa.Table:
+    """The rows as an Arrow table; the carried columns get the type decided over every selected row
+    (a column null in every row of this layout's rows stays typed)."""
+    if not columns:
+        return pa.Table.from_pylist(rows)
+    types = columns["types"]
+    table = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in types} for r in rows])
+    at = len([k for k in rows[0] if k not in types and not k.startswith(("curate.", "score."))])
+    for i, (name, typ) in enumerate(types.items()):
+        table = table.add_column(at + i, pa.field(name, typ), pa.array([r[name] for r in rows], typ))
+    return table
 
 
 def _copy(src: str, dst: Path) -> None:
@@ -169,19 +195,21 @@ def _prune(stage: Path, keep: set[str]) -> None:
 
 
 def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], out_dir: str,
-                    keys: dict[str, Any], derived: bool | None = None) -> ExportRef:
-    """Sidecar, ledgers, trainer configs and manifest, after every layout is written. ``derived``: the
-    flow has a rewrite stage, so the derived ledger and lineage are exported even when it made no row
-    (None: only when the ledger holds derived rows)."""
+                    keys: dict[str, Any], derived: bool | None = None, flow: Any = None, sources: list | None = None) -> ExportRef:
+    """Sidecar, ledgers, trainer configs, the dataset card and the manifest, after every layout is
+    written. ``derived``: the flow has a rewrite stage, so the derived ledger and lineage are exported
+    even when it made no row (None: only when the ledger holds derived rows). ``flow`` (the FlowSpec)
+    and ``sources`` (the run's IngestRefs): what the dataset card ``README.md`` describes (no card
+    without ``flow``)."""
     export_dir = Path(out_dir) / spec.dir
     stage = staging_dir(export_dir)
     missing = [f["path"] for f in files if not (stage / f["path"]).is_file()]
     if missing:
         raise RuntimeError(f"export: {stage} lacks {missing}, which this export's layout tasks wrote (was it removed meanwhile?)")
     try:
-        manifest = _finalize(selection, ledger, spec, files, stage, keys, derived)
+        manifest = _finalize(selection, ledger, spec, files, stage, keys, derived, flow, sources)
         _prune(stage, {f["path"] for f in files} | set(manifest["sidecars"].values())
-               | {"dataset_info.json", "axolotl_datasets.yaml", "trl_load.py", "manifest.json"})
+               | {"dataset_info.json", "axolotl_datasets.yaml", "trl_load.py", "manifest.json"})  # sidecars: README.md too
         swap_dir(stage, export_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -191,7 +219,7 @@ def export_finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec
 
 
 def _finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, files: list[dict], export_dir: Path,
-              keys: dict[str, Any], derived: bool | None = None) -> dict[str, Any]:
+              keys: dict[str, Any], derived: bool | None = None, flow: Any = None, sources: list | None = None) -> dict[str, Any]:
     """Write the sidecars, trainer configs and (last) the manifest into ``export_dir``; returns the manifest."""
     records, sel = selected_records(selection)
     sidecar = sel.rename_columns(["id" if c == "sample_id" else c for c in sel.column_names])
@@ -237,5 +265,8 @@ def _finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, file
         "validation": {"rules": "system first; user/assistant alternation; ends on assistant; no empty turns; unique ids",
                        "broken_rows": 0, "unique_ids": len({r['sample_id'] for r in records}) == len(records)},
     }
+    if flow is not None:  # the Hub's dataset card: YAML header (licence, size, configs) and what made the subset
+        write_text(export_dir / "README.md", dataset_card(flow, spec, files, manifest, sel, records, sources or [], ledger.path))
+        manifest["sidecars"]["card"] = "README.md"
     write_json(export_dir / "manifest.json", manifest)
     return manifest

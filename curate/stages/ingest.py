@@ -108,7 +108,8 @@ def _file_key(spec: InputSpec, source: str, label: str, sha: str, ingest: Ingest
     """What decides one file's records: its bytes, how it is read (format, fields, limit, embedding
     …), its source name and label (they go into every record), the conversation rules and the chunk
     size (it places the chunk boundaries)."""
-    how = spec.model_dump(mode="json", exclude={"path", "name", "hub", "revision"})
+    # keep_columns and license change only the ledger, the exports and the card: not what a file's records are
+    how = spec.model_dump(mode="json", exclude={"path", "name", "hub", "revision", "keep_columns", "license"})
     return sha256_hex(canonical_json({"v": INGEST_CACHE_VERSION, "code": _reader_code(), "file": sha, "source": source, "label": label, "read": how,
                                       "max_chars": ingest.max_chars, "chunk_rows": ingest.shard_size}))
 

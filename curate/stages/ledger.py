@@ -79,7 +79,9 @@ def _arrow(frame, schema: pa.Schema) -> pa.Table:
 
 
 def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_input: int, input_set: RecordSetRef, pool: str,
-                 out_dir: str) -> LedgerRef:
+                 out_dir: str, keep: dict | None = None, sources: list | None = None) -> LedgerRef:
+    """``keep`` (:func:`curate.export.columns.keep_plan`, with the run's IngestRefs ``sources``): the
+    inputs' own columns to add to ``ledger.parquet`` after its columns (none when None)."""
     import polars as pl
 
     out = Path(out_dir)
@@ -121,6 +123,11 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     counts = reconcile(ledger_t, n_input)
     derived_t = _arrow(derived, DERIVED_LEDGER_SCHEMA)
     derived_counts = reconcile(derived_t, n_derived, first_row=n_input)
+    if keep is not None:  # reconciled and sorted: position i holds row i
+        from curate.export.columns import ledger_columns
+
+        for name, array in ledger_columns(keep, sources or [], n_input)[0].items():
+            ledger_t = ledger_t.append_column(name, array)
     path = write_parquet(out / "ledger.parquet", ledger_t)
     derived_path = write_parquet(out / "derived_ledger.parquet", derived_t)
 
