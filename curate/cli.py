@@ -553,6 +553,27 @@ def _plain_help(typer_app: typer.Typer) -> None:
                 opt.metavar = ""
 
 
+@app.command()
+def browse(
+    out_dir: Path = typer.Argument(..., help="A run's output_dir (holds run.json), or its flow YAML."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port on 127.0.0.1; 0 (the default): a free one."),
+    open_: bool = typer.Option(False, "--open", help="Also open the page in the default web browser."),
+) -> None:
+    """Browse a finished run's rows in a local web page on 127.0.0.1, until Ctrl-C.
+
+    Filter by outcome, reason, source and score range, search prompts and responses, sort by any score or row,
+    50 rows a page, derived rows with their parents. Reads the run's Parquet lazily: a million-row run pages
+    without being loaded.
+    """
+    from curate.errors import CurateError
+    from curate.view.browse import browse as browse_rows
+
+    try:
+        browse_rows(out_dir, port, open_, say=_say)
+    except CurateError as exc:
+        _fail(exc)
+
+
 _plain_help(app)
 
 
