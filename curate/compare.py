@@ -286,11 +286,30 @@ HOW = {"torch_threads"}
 TRAIN_HOW = HOW | {"device", "device_map", "logging_steps", "save_steps", "gradient_checkpointing", "report_to", "fsdp", "fsdp_config"}
 
 
+#: settings added after cells were first recorded, with their defaults: left out of a cell's key while at the
+#: default, so a cell recorded before they existed keeps its key (TrainSpec.steps_per_epoch; the eval set's
+#: InputSpec.delimiter / keep_columns / license)
+LATER_DEFAULTS = {"steps_per_epoch": None, "delimiter": None, "keep_columns": "none", "license": None}
+
+
+def key_dump(model: BaseModel, exclude: set[str]) -> dict[str, Any]:
+    """``model.model_dump(mode="json", exclude=exclude)`` without the :data:`LATER_DEFAULTS` still at their
+    default, at any depth: what a cell key hashes."""
+    def drop(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: drop(v) for k, v in node.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+        if isinstance(node, list):
+            return [drop(v) for v in node]
+        return node
+
+    return drop(model.model_dump(mode="json", exclude=exclude))
+
+
 def cell_key(flow, spec: CompareSpec, train: TrainSpec | None = None, evaluation: EvalSpec | None = None) -> str:
     """What a cell computes: the curation flow, the files it reads, the train and eval settings (a seed's own)."""
     train, evaluation = train or spec.train, evaluation or spec.eval
-    return sha256_hex(canonical_json({"flow": flow.fingerprint(), "train": train.model_dump(mode="json", exclude=TRAIN_HOW),
-                                      "eval": evaluation.model_dump(mode="json", exclude=HOW), "eval_backend": evaluation.resolved_backend(),
+    return sha256_hex(canonical_json({"flow": flow.fingerprint(), "train": key_dump(train, TRAIN_HOW),
+                                      "eval": key_dump(evaluation, HOW), "eval_backend": evaluation.resolved_backend(),
                                       "files": _content(flow, spec)}))
 
 
@@ -413,7 +432,7 @@ def base_cell(spec: CompareSpec, seed: int, store: Path) -> dict[str, Any]:
     evaluation = spec.eval.model_copy(update={"seed": seed})
     key = sha256_hex(canonical_json({"base_model": spec.train.model, "revision": spec.train.revision,
                                      "model_revision": model_revision(spec.train.model, spec.train.revision),
-                                     "eval": evaluation.model_dump(mode="json", exclude=HOW), "eval_backend": evaluation.resolved_backend(),
+                                     "eval": key_dump(evaluation, HOW), "eval_backend": evaluation.resolved_backend(),
                                      "files": _content(None, spec)}))
     cell_dir = spec.resolve(spec.output_dir) / "cells" / f"{BASE_DIR}-s{seed}"
     record_path = cell_dir / "cell.json"

@@ -259,3 +259,19 @@ def test_seeds_baselines_and_paired_differences_end_to_end(pool_flow, tmp_path):
     assert len(stamp) == 8
     run_compare(load_compare(cfile))
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+
+
+def test_settings_added_later_leave_recorded_cells_their_keys():
+    """A cell key hashes the train and eval settings without the ones added after cells were first recorded while
+    they are at their default (TrainSpec.steps_per_epoch; the eval set's delimiter, keep_columns, license): a
+    user's recorded cells are not run again after an upgrade; set, they are in the key."""
+    from curate.compare import HOW, TRAIN_HOW, key_dump
+    from curate.evaluate.spec import EvalSpec
+    from curate.train.spec import TrainSpec
+
+    ev = key_dump(EvalSpec(eval_set=EVAL_SET), HOW)
+    assert ev["eval_set"] == {k: v for k, v in EvalSpec(eval_set=EVAL_SET).model_dump(mode="json")["eval_set"].items()
+                              if k not in ("delimiter", "keep_columns", "license")}
+    assert "steps_per_epoch" not in key_dump(TrainSpec(), TRAIN_HOW)
+    assert key_dump(TrainSpec(steps_per_epoch=2), TRAIN_HOW)["steps_per_epoch"] == 2
+    assert key_dump(EvalSpec(eval_set={**EVAL_SET, "keep_columns": "all"}), HOW)["eval_set"]["keep_columns"] == "all"
