@@ -34,7 +34,8 @@ rows per step = ceil(rows / spe), the last step of a pass takes the rest), steps
 with whole ``epochs`` every cell trains each of its rows exactly ``epochs`` times and the cells' tokens
 differ only as their selections' tokens do. (When a selection has too few rows for spe equal steps,
 e.g. 9 rows in 4 steps, its passes take fewer steps and the fixed step count runs into a further pass:
-compare logs it.) Rows: every selection of the budget is curated first, its export's tokens counted
+compare logs it; with several processes a step rounds up to whole rows a process, and the trainer
+logs when a pass then takes fewer steps.) Rows: every selection of the budget is curated first, its export's tokens counted
 with the training tokenizer (:func:`curate.train.sft.export_token_count`), steps = the least over the
 selections of max(1, ceil(epochs × export tokens / batch_tokens)), rows per step ``batch_tokens`` /
 the data's mean tokenized length. A ``train.max_steps`` in the compare file caps that number (the same

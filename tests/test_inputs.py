@@ -199,6 +199,10 @@ def test_single_records_with_message_lists_stay_single_records(tmp_path):
     pc = {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]}
     (tmp_path / "pc.json").write_text(json.dumps(pc))
     assert [r.record for r in read_json(tmp_path / "pc.json")] == [pc]
+    # a record with other list fields beside its turns (of another length) is still one record, not columns
+    tagged = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], "tags": ["greeting", "a", "b"]}
+    (tmp_path / "tagged.json").write_text(json.dumps(tagged))
+    assert [r.record for r in read_json(tmp_path / "tagged.json")] == [tagged]
 
 
 def test_a_wrapped_array_names_json_field(tmp_path):

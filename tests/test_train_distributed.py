@@ -168,3 +168,6 @@ def test_launch_settings_pass_through_and_the_key(tiny_run, tmp_path, monkeypatc
     per_pass = _token_batch(TrainSpec(batch_tokens=100, steps_per_epoch=2), [100] * 31, 1024)
     assert (per_pass["rows_per_step"], per_pass["rows_per_forward"] * per_pass["accumulation"]) == (16, 16)  # steps of 16 and 15
     assert _token_batch(TrainSpec(steps_per_epoch=4), [100] * 9, 1024)["rows_per_step"] == 3  # 3 steps a pass: compare warns
+    # 7 rows a step at most 3 a forward: 7 forwards of 1, not 3 × 3 = 9 rows (16 steps a pass instead of 20)
+    exact = _token_batch(TrainSpec(steps_per_epoch=20), [300] * 140, 1024)
+    assert (exact["rows_per_step"], exact["steps_per_pass"], exact["rows_per_forward"], exact["accumulation"]) == (7, 20, 1, 7)

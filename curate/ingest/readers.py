@@ -348,11 +348,12 @@ def _list_keys(obj: dict) -> list[str]:
 
 def _columns(obj: dict, path: Path) -> Iterator[RawRow] | None:
     """Column-format JSON (``{"instruction": [...], "output": [...]}``: every value a list, of one
-    length) as rows; None when ``obj`` is not that. An object whose lists all hold objects is a single
-    record (``{"messages": [{...}, {...}]}``), not columns."""
+    length, none of them holding objects) as rows; None when ``obj`` is not that. An object with a list
+    of objects is a single record (``{"messages": [{...}, {...}], "tags": ["a", "b"]}``: its turns),
+    not columns."""
     if not obj or not all(isinstance(v, list) for v in obj.values()):
         return None
-    if all(isinstance(item, dict) for v in obj.values() for item in v):
+    if any(isinstance(item, dict) for v in obj.values() for item in v):
         return None
     lengths = {k: len(v) for k, v in obj.items()}
     if len(set(lengths.values())) > 1:

@@ -366,6 +366,10 @@ def _train(spec: TrainSpec, export: ExportFile, key: str, out: Path) -> dict[str
     log.info("train: %d rows per step (%d per forward × %d accumulated × %d processes; mean row %.0f tokens, longest %d)",
              batch["rows_per_step"], batch["rows_per_forward"], batch["accumulation"], batch["world_size"], batch["mean_tokens"],
              batch["max_tokens"])
+    if spec.steps_per_epoch and batch["steps_per_pass"] != spec.steps_per_epoch:
+        log.warning("train: %d rows make %d steps a pass at %d rows a step, not the %d of steps_per_epoch (%d processes): "
+                    "with max_steps the rows do not all train the same number of times", len(trainer.train_dataset),
+                    batch["steps_per_pass"], batch["rows_per_step"], spec.steps_per_epoch, batch["world_size"])
 
     class Track(TrainerCallback):
         """Log lines; this process's starting token count and eval seconds (for tokens/s)."""
@@ -561,9 +565,12 @@ def _token_batch(spec: TrainSpec, lengths: list[int], micro: int, packed_length:
     fewest = math.ceil(per_process / per_forward)
     # accumulation: the fewest forwards whose equal shares make up per_process rows exactly, looking up to twice the
     # fewest (e.g. 5 rows at most 2 a forward: 5 × 1, not 3 × 2 = 6 rows); else the fewest, one share rounded up
-    accumulation = next((a for a in range(fewest, min(2 * fewest, per_process) + 1) if per_process % a == 0), fewest)
+    # with steps_per_epoch the step must hold exactly per_process rows (else a pass takes fewer steps): look up to per_process
+    upto = per_process if spec.steps_per_epoch else min(2 * fewest, per_process)
+    accumulation = next((a for a in range(fewest, upto + 1) if per_process % a == 0), fewest)
     per_forward = math.ceil(per_process / accumulation)
-    return {"rows_per_step": min(per_forward * accumulation * world, len(lengths)), "rows_per_forward": per_forward,
+    rows_per_step = min(per_forward * accumulation * world, len(lengths))
+    return {"rows_per_step": rows_per_step, "steps_per_pass": math.ceil(len(lengths) / rows_per_step), "rows_per_forward": per_forward,
             "accumulation": accumulation, "world_size": world, "mean_tokens": mean, "max_tokens": longest, "total_tokens": total,
             "batch_tokens": spec.batch_tokens, "micro_batch_tokens": micro, "packed": bool(packed_length)}
 
