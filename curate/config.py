@@ -331,7 +331,8 @@ def _key_parts(key: str, item: str) -> list[str | int]:
 def parse_value(raw: str) -> Any:
     """A ``--set`` value: YAML (``50``, ``0.5``, ``true``, ``[a, b]``, ``{method: top_k, budget: 5}``,
     ``"quoted text"``), except that text YAML would read as a block mapping or list (``hello: world``,
-    ``- x``) or as a comment stays the text as written: only ``{…}`` and ``[…]`` make mappings and lists."""
+    ``- x``), as a comment (``run #3``) or as a date stays the text as written: only ``{…}`` and ``[…]``
+    make mappings and lists. (``yes``/``no`` stay YAML's booleans.)"""
     text = raw.strip()
     if not text:
         return ""
@@ -345,6 +346,12 @@ def parse_value(raw: str) -> Any:
         return text
     if value is None and text not in ("null", "Null", "NULL", "~"):
         return text
+    if isinstance(value, str) and value != text and not (text[0] in "'\"" and text[-1] == text[0]):
+        return text  # YAML dropped something (a trailing "# comment"): the text as written
+    import datetime
+
+    if isinstance(value, datetime.date):
+        return text  # 2024-01-01 stays text (YAML would make a date no field takes)
     return value
 
 
@@ -434,10 +441,11 @@ _UNION_TAGS = {"int", "float", "str", "bool", "none", "list", "dict"}
 
 
 def _override_note(loc: tuple, overridden: dict[tuple, str] | None) -> str:
-    """`` (from --set KEY=VALUE)`` when the value at ``loc`` (or one inside it, or the item it is part of) came from ``--set``."""
+    """`` (from --set KEY=VALUE)`` when the value at ``loc`` came from ``--set``: set there, or inside an item
+    (or value) that ``--set`` set as a whole (an override of ``inputs[0].limit`` says nothing about an
+    error on ``inputs[0]`` as a whole)."""
     for path, item in (overridden or {}).items():
-        n = min(len(path), len(loc))
-        if path[:n] == loc[:n]:
+        if loc[:len(path)] == path:
             return f" (from --set {item})"
     return ""
 
@@ -578,8 +586,8 @@ def expand_presets(data: dict, flow_path: Path) -> None:
 
 def _validate_steps(spec: FlowSpec, source: str, lines: dict[tuple, int], overridden: dict[tuple, str] | None = None) -> None:
     """Check each scorer/selector's parameters against its class (unknown methods, bad params), that
-    steps needing embeddings have them, and that every score a selection step reads is an output of
-    one of the flow's scorers (:func:`score_reference_errors`)."""
+    steps needing embeddings have them, and that the scores a selection step names (its ``score`` and a
+    ``token_budget``'s ``count``) are outputs of the flow's scorers (:func:`score_reference_errors`)."""
     from curate.rewrite import REWRITERS, rewriter_class
     from curate.scorers import SCORERS, scorer_class
     from curate.select import SELECTORS, selector_class

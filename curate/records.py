@@ -120,6 +120,23 @@ def _flat_content(m: dict[str, Any]) -> str:
     return m["content"]
 
 
+def tools_list_json(tools: str | None) -> str | None:
+    """A record's tool schemas as the JSON string of a list (a single schema object is wrapped), or
+    None when it has none — what TRL's ``json.loads`` + ``apply_chat_template(tools=…)`` expects."""
+    if not tools:
+        return None
+    value = json.loads(tools)
+    return tools if isinstance(value, list) else json.dumps([value], ensure_ascii=False, sort_keys=True)
+
+
+def tool_schemas(tools: str | None) -> list | None:
+    """A record's tool schemas as the list a chat template's ``tools=`` takes, parsed from
+    :func:`tools_list_json` (the text every export writes), so a count made from the record renders
+    what training on the export renders; None when it has none."""
+    text = tools_list_json(tools)
+    return json.loads(text) if text else None
+
+
 def prompt_text(messages: list[dict[str, Any]]) -> str:
     """All non-assistant text (system, user, tool), joined by blank lines."""
     return "\n\n".join(m["content"] for m in messages if m["role"] != "assistant" and m["content"])

@@ -19,6 +19,7 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_PREFECT_HOME, "hf-datasets")  # datasets.load_dataset caches here, not in ~/.cache
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["CURATE_NO_PROGRESS"] = "1"
 

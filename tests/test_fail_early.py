@@ -168,6 +168,9 @@ def test_set_reads_keys_as_errors_print_them_negative_indices_and_append(tmp_pat
 def test_set_values_quoted_text_stays_a_string():
     assert parse_override('description="hello world: with colon"') == (["description"], "hello world: with colon")
     assert parse_override("description=hello world: with colon") == (["description"], "hello world: with colon")
+    assert parse_override("description=run #3") == (["description"], "run #3")  # not cut at a YAML comment
+    assert parse_override("description=2024-01-01") == (["description"], "2024-01-01")  # not a date
+    assert parse_override("description='run #3'") == (["description"], "run #3")  # quotes: the text inside them
     assert parse_override("description=#1 pick") == (["description"], "#1 pick")
     assert parse_override('seed="7"') == (["seed"], "7")
     assert parse_override("select[0].budget=0.5") == (["select", 0, "budget"], 0.5)

@@ -223,3 +223,12 @@ def test_unify_decides_one_type_per_column():
     assert unify([{"a": 1}, {"b": 1}]) == (['{"a":1}', '{"b":1}'], pa.string(), "json")
     assert unify([{}, None]) == (["{}", None], pa.string(), "json")  # Parquet cannot hold a struct without fields
     assert unify([2**70]) == ([str(2**70)], pa.string(), "string")
+
+
+def test_renames_do_not_depend_on_the_column_order():
+    from curate.export.columns import column_names
+
+    for names in (["id", "source_id"], ["source_id", "id"]):
+        assert column_names(names) == {"id": "source_id", "source_id": "source_source_id"}
+    for names in (["text", "source_text", "lang"], ["lang", "source_text", "text"]):
+        assert column_names(names) == {"text": "source_source_text", "source_text": "source_text", "lang": "lang"}

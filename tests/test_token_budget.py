@@ -103,23 +103,26 @@ def test_in_a_flow_it_follows_the_previous_step_and_fills_the_ledger(tmp_path):
 def test_chat_tokens_counts_what_the_trainer_counts():
     """The chat_tokens scorer (compare's token count) equals the trainer's row_lengths on the exported row, for a
     multi-turn row with a system prompt, a tool call and tool schemas, and is cut at max_length."""
-    from curate.export.layouts import to_messages
+    from curate.export.layouts import convert_rows
     from curate.models import resolve_model
     from curate.records import message
     from curate.scorers import scorer_class
     from curate.train.sft import _tokenizer, row_lengths
     from curate.train.spec import TrainSpec
 
-    tools = json.dumps({"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}})
-    rows = [{"messages": [message("user", "Hello there"), message("assistant", "Hi! How can I help?")], "tools": None},
-            {"messages": [message("system", "Be short."), message("user", "Add 2 and 2."),
+    # one schema object (not a list), its keys out of order: the export wraps it and sorts its keys; the count must too
+    tools = json.dumps({"type": "function", "function": {"parameters": {"type": "object"}, "name": "add"}})
+    rows = [{"sample_id": "a", "messages": [message("user", "Hello there"), message("assistant", "Hi! How can I help?")], "tools": None},
+            {"sample_id": "b", "messages": [message("system", "Be short."), message("user", "Add 2 and 2."),
                           message("assistant", "", tool_calls='[{"name": "add", "arguments": {"a": 2, "b": 2}}]'),
                           message("tool", "4"), message("assistant", "It is 4.")], "tools": tools}]
     counts = [s.values["tokens"] for s in scorer_class("chat_tokens")("chat_tokens", {"model": "smollm2-135m-instruct"}).score_records(rows)]
     spec = TrainSpec(model="smollm2-135m-instruct")
     tok = _tokenizer(spec, resolve_model(spec.model).location)  # the training template (SmolLM2: ours, rendering the model's text)
-    exported = [{**to_messages(r), "tools": json.dumps([json.loads(tools)]) if r["tools"] else None} for r in rows]
-    assert counts == row_lengths(tok, exported, 10_000) and counts[1] > counts[0] > 20  # the template's default system prompt counts
+    for layout in ("messages", "prompt_completion"):
+        exported, skipped = convert_rows(rows, layout)  # the rows as the export writes them
+        assert not skipped and counts == row_lengths(tok, exported, 10_000), layout
+    assert counts[1] > counts[0] > 20  # the template's default system prompt counts
     cut = scorer_class("chat_tokens")("chat_tokens", {"model": "smollm2-135m-instruct", "max_length": 30}).score_records(rows)
     assert [s.values["tokens"] for s in cut] == [min(c, 30) for c in counts]
     a, b = (scorer_class("chat_tokens")("chat_tokens", {"model": "smollm2-135m-instruct", "max_length": m}) for m in (30, 31))

@@ -62,7 +62,9 @@ def _language(flow, sel: pa.Table) -> tuple[list[str] | None, str | None]:
     for step in flow.score:
         if step.method != "lang":
             continue
-        langs = list(step.params.get("languages") or ["en"])
+        from curate.scorers import scorer_class
+
+        langs = list(scorer_class("lang").Params.model_validate(step.params).languages)  # validated: lower case, the default
         col = f"{step.label}.lang"
         if col not in sel.column_names or not sel.num_rows:
             return None, None

@@ -57,23 +57,26 @@ RESERVED = frozenset({
 
 
 def column_names(names: list[str]) -> dict[str, str]:
-    """Input column -> the name it is written under (``id`` -> ``source_id``, a reserved name ->
-    ``source_<name>``, again until it clashes with nothing)."""
-    taken = set(names)
+    """Input column -> the name it is written under: ``id`` -> ``source_id`` (always: it is named first),
+    a reserved name -> ``source_<name>``, prefixed again until it clashes with nothing; whatever the
+    order of ``names``."""
+    others = set(names)
     out: dict[str, str] = {}
-    for name in names:
+    used: set[str] = set()
+    for name in sorted(names, key=lambda n: n != "id"):
         if name == "id":
             new = "source_id"
         elif name in RESERVED or name.startswith(("curate.", "score.")):
             new = f"source_{name}"
         else:
-            out[name] = name
-            continue
-        while new in taken or new in RESERVED and new != "source_id" or new in out.values():
+            new = name
+        is_ids = name == "id" and new == "source_id"
+        while new in used or (new != name and new in others and not is_ids) or (new in RESERVED and not is_ids):
             new = f"source_{new}"
+            is_ids = False
         out[name] = new
-        taken.add(new)
-    return out
+        used.add(new)
+    return {n: out[n] for n in names}
 
 
 def keep_plan(inputs: list, sources: list) -> dict[str, dict] | None:

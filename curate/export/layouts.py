@@ -27,22 +27,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from curate.records import chat_messages, normalise_text
+from curate.records import chat_messages, normalise_text, tools_list_json
 
 LAYOUTS = ("messages", "prompt_completion", "alpaca", "sharegpt")
 
 
 class Unrepresentable(ValueError):
     """The row cannot be written in this layout (e.g. tool turns in alpaca)."""
-
-
-def tools_list_json(tools: str | None) -> str | None:
-    """A record's tool schemas as the JSON string of a list (a single schema object is wrapped), or
-    None when it has none — what TRL's ``json.loads`` + ``apply_chat_template(tools=…)`` expects."""
-    if not tools:
-        return None
-    value = json.loads(tools)
-    return tools if isinstance(value, list) else json.dumps([value], ensure_ascii=False, sort_keys=True)
 
 
 def to_messages(rec: dict) -> dict[str, Any]:

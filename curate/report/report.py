@@ -132,7 +132,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         *([f"- **{html.escape(note, quote=False)}**"] if (note := empty_selection(summary)) else []),
         f"- wall time {summary['seconds']:.1f} s",
         "",
-        *(["## Warnings", "", *[f"- {w}" for w in warnings], ""] if warnings else []),
+        *(["## Warnings", "", *[f"- {html.escape(w, quote=False)}" for w in warnings], ""] if warnings else []),
         "## Stages",
         "",
         _table(["stage", "tasks", "rows", "computed rows", "seconds"],

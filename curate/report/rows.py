@@ -25,6 +25,13 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 _SPACE = re.compile(r"\s+")
 
 
+def _code(text: str) -> str:
+    """``text`` as a markdown code span, as written (markdown escapes its ``&``, ``<`` and ``>`` itself; a
+    backtick inside widens the fence)."""
+    fence = "``" if "`" in text else "`"
+    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+
+
 def md_text(text: Any) -> str:
     """User text as one markdown table cell that renders as the text itself: markdown's inline syntax
     (links, emphasis, code, pipes) backslash-escaped, ``<`` ``>`` ``&`` as entities, whitespace runs
@@ -100,7 +107,7 @@ def rows_markdown(files: RunFiles, n: int = 3, out_label: str = "OUT_DIR") -> li
 
     md = ["## Rows", "",
           f"The first {n} rows (by row number) of each outcome and reason, with a preview of their text and their scores. "
-          f"`curate show {md_text(out_label)} --outcome OUTCOME --reason REASON --full` prints any of them whole.", "",
+          f"{_code(f'curate show {out_label} --outcome OUTCOME --reason REASON --full')} prints any of them whole.", "",
           "### Rows per source", "", *per_source(ledgers), ""]
     for kind, outcome, reason, count, *_ in groups.iter_rows():
         rows = by_group.get((kind, outcome, reason), [])

@@ -18,12 +18,11 @@ Only the tokenizer loads (no weights); about 1–2 ms a row on one core.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import Field
 
-from curate.records import chat_messages
+from curate.records import chat_messages, tool_schemas
 from curate.scorers.base import Score, Scorer
 
 
@@ -66,10 +65,8 @@ class ChatTokensScorer(Scorer):
         tok = self._tokenizer()
         out = []
         for rec in records:
-            tools = json.loads(rec["tools"]) if rec.get("tools") else None
-            if isinstance(tools, dict):
-                tools = [tools]
-            ids = tok.apply_chat_template(chat_messages(rec["messages"]), tools=tools or None, tokenize=True, return_dict=False)
+            ids = tok.apply_chat_template(chat_messages(rec["messages"]), tools=tool_schemas(rec.get("tools")), tokenize=True,
+                                          return_dict=False)
             n = len(ids) if self.params.max_length is None else min(len(ids), self.params.max_length)
             out.append(Score({"tokens": float(n)}, n_tokens_in=len(ids), n_tokens_used=n))
         return out

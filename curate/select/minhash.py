@@ -406,6 +406,7 @@ class MinHashDedup(Selector):
             "candidate_probability_at_threshold": round(candidate_probability(p.threshold, bands, rows), 4),
             "seed": int(seed),
             "keep_order": "rank" if by_rank else "input",
+            "polars": pl.__version__,  # the token hashes are polars': stable within one polars version
         }
         return StepResult(keep, rank, "filtered", reason, detail, stats,
                           columns={"cluster_size": cluster_size, "jaccard_to_kept": jaccard_to_kept})

@@ -20,7 +20,7 @@ gives ``tokens`` (the budget), ``tokens_kept`` (the kept rows' total) and ``rows
     select:
       - {method: top_k, score: superfiltering.ifd, budget: 0.5, rate_base: pool}   # ranks the rows
       - {method: token_budget, tokens: 20000}                                      # the best rows up to 20,000 tokens
-    - {method: token_budget, tokens: 20000, fill: true}                          # … then shorter rows further down that fit
+      - {method: token_budget, tokens: 20000, fill: true}                        # … then shorter rows further down that fit
 """
 
 from __future__ import annotations
