@@ -17,7 +17,7 @@ from typing import Any
 import polars as pl
 
 from curate.ledger import OUTCOMES
-from curate.view.rows import RunFiles, run_rows, score_columns, with_text
+from curate.view.rows import RunFiles, format_value, run_rows, score_columns, with_text
 
 PREVIEW_CHARS = 160
 MAX_GROUPS = 30
@@ -45,12 +45,7 @@ def preview(text: Any, chars: int = PREVIEW_CHARS) -> str:
     return s if len(s) <= chars else s[:chars].rstrip() + " …"
 
 
-def _num(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return "nan" if v != v else (str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}")
-    return str(v)
+_num = format_value
 
 
 def _score_names(scores: list[str]) -> dict[str, str]:

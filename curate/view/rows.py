@@ -51,6 +51,18 @@ _TYPES: dict[str, pl.DataType] = {
 }
 
 
+def format_value(v: Any) -> str:
+    """A score or count as ``curate show`` and the report print it: ``–`` for none, whole floats as
+    integers, else 4 significant digits."""
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+    return str(v)
+
+
 class NotARun(CurateError):
     """The folder (or flow file) given does not lead to a finished run's output folder."""
 

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from curate.errors import CurateError
 from curate.ledger import OUTCOMES
-from curate.view.rows import RunFiles, kept_columns, run_rows, score_columns, with_text
+from curate.view.rows import RunFiles, format_value, kept_columns, run_rows, score_columns, with_text
 
 #: a preview: at most this many characters and lines of each message, at most this many messages
 PREVIEW_CHARS, PREVIEW_LINES, PREVIEW_MESSAGES = 300, 6, 4
@@ -116,16 +116,7 @@ def take_rows(files: RunFiles, outcome: str | None = None, reason: str | None = 
 # -- rendering --------------------------------------------------------------------------------------
 
 
-def _num(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        if v != v:
-            return "nan"
-        if v.is_integer() and abs(v) < 1e15:
-            return str(int(v))
-        return f"{v:.4g}"
-    return str(v)
+_num = format_value
 
 
 def cut(text: str, chars: int | None, lines: int | None = None) -> str:
