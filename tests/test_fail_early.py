@@ -147,6 +147,21 @@ def test_budget_larger_than_pool_warns_and_records_asked_and_applied(tmp_path):
     assert (step["budget_asked"], step["budget_rows"], step["budget_applied"]) == (0.5, 6, 6) and "warning" not in step
 
 
+def test_the_budget_applied_is_what_the_step_could_keep():
+    """top_k keeps only scored rows: 100 asked of 120 rows, 50 scored → 50 applied, with a warning; a fraction of
+    valid rows is resolved by the step on its scored rows: the rows it kept are the budget applied."""
+    from curate.select import selector_class
+    from curate.stages.select import budget_record
+
+    params = selector_class("top_k").Params.model_validate({"score": "s.x", "budget": 100})
+    rec = budget_record(params, 120, 120, {}, "step 0 (top_k)", kept=50)
+    assert rec["budget_asked"] == 100 and rec["budget_applied"] == 50
+    assert "larger than the 50 rows the step kept of the 120 that reach it" in rec["warning"]
+    assert budget_record(params, 120, 120, {}, "step 0", kept=100) == {"budget_asked": 100, "budget_applied": 100}
+    valid = selector_class("top_k").Params.model_validate({"score": "s.x", "budget": 0.5, "rate_base": "valid"})
+    assert budget_record(valid, 120, 120, {}, "step 0", kept=25) == {"budget_asked": 0.5, "budget_applied": 25}
+
+
 # -- item 7: --set -------------------------------------------------------------------------------
 
 def test_set_reads_keys_as_errors_print_them_negative_indices_and_append(tmp_path):

@@ -145,7 +145,7 @@ def select_stage(
         book.add(pool_idx[dropped], res.outcome, stage, _take(res.reason, dropped), _take(res.detail, dropped))
         step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": len(pool), "kept": int(res.keep.sum()),
                            "outcome_of_dropped": res.outcome, **budget_record(selector.params, len(pool), pool.n_input, res.stats,
-                                                                               f"step {s_i} ({step.label})"),
+                                                                               f"step {s_i} ({step.label})", int(res.keep.sum())),
                            **res.stats})
         if "warning" in step_stats[-1]:
             from curate.progress import logger
@@ -187,17 +187,22 @@ def select_stage(
                         counts=ledger_counts(ledger_t), steps=step_stats)
 
 
-def budget_record(params, n_pool: int, n_input: int, stats: dict, where: str) -> dict:
+def budget_record(params, n_pool: int, n_input: int, stats: dict, where: str, kept: int | None = None) -> dict:
     """The budget a step was asked for and the one it applied (``budget_asked``, ``budget_applied``; a
-    fraction also gives the rows it came to, ``budget_rows``), and a ``warning`` when the budget is larger
-    than the rows that reach the step (every row is kept: a budget of 5000 on 894 rows applies 894).
-    A token budget (``tokens``) is larger than its pool when every row fits with tokens to spare."""
+    fraction of ``input`` or ``pool`` also gives the rows it came to, ``budget_rows``), and a ``warning``
+    when the budget is larger than the rows the step could keep: the rows that reach it (a budget of 5000
+    on 894 rows applies 894), or fewer — ``kept``, the rows it kept, when that is less (a ``top_k`` keeps
+    only rows with a score). A fraction of ``valid`` rows is resolved by the step on its scored rows: the
+    rows it kept are then the budget applied. A token budget (``tokens``) is larger than its pool when
+    every row fits with tokens to spare."""
     from curate.select.base import BudgetParams
 
     if isinstance(params, BudgetParams):
         asked = params.budget
+        if isinstance(asked, float) and params.rate_base == "valid":
+            return {"budget_asked": asked, **({"budget_applied": kept} if kept is not None else {})}
         if isinstance(asked, float):
-            base = {"input": n_input, "pool": n_pool, "valid": n_pool}[params.rate_base]
+            base = {"input": n_input, "pool": n_pool}[params.rate_base]
             rows = int(math.floor(asked * base))
             what = f"{asked} of {params.rate_base} ({base} rows) = {rows} rows"
         else:
@@ -216,10 +221,15 @@ def budget_record(params, n_pool: int, n_input: int, stats: dict, where: str) ->
     else:
         return {}
     applied = min(rows, n_pool)
+    if kept is not None and kept < applied:
+        applied = kept
     rec = {"budget_asked": asked, **({"budget_rows": rows} if rows != asked else {}), "budget_applied": applied}
     if rows > n_pool:
         rec["warning"] = (f"{where}: the budget of {what} is larger than the {n_pool} rows that reach it: "
                           f"every row is kept ({applied} applied)")
+    elif rows > applied:
+        rec["warning"] = (f"{where}: the budget of {what} is larger than the {applied} rows the step kept of the "
+                          f"{n_pool} that reach it (e.g. a top_k keeps only rows with a score): {applied} applied")
     return rec
 
 
