@@ -184,3 +184,19 @@ def copy_sample(directory: Path, *names: str) -> list[str]:
 @pytest.fixture
 def flow_dir(tmp_path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Debian Chromium through Playwright (Playwright cannot download its own browsers here):
+    ``$CURATE_CHROMIUM`` or ``chromium`` on PATH; the UI, report and ``curate browse`` tests share it."""
+    pytest.importorskip("playwright")
+    from playwright.sync_api import sync_playwright
+
+    path = os.environ.get("CURATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.fail("no Chromium: `bash scripts/setup.sh --test` installs Debian's chromium (or set CURATE_CHROMIUM)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
+        yield b
+        b.close()

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -269,20 +267,6 @@ def test_browse_blocks_until_ctrl_c_and_a_taken_port_is_one_error(run_dir, serve
 
 
 # -- the page in a headless Chromium ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    pytest.importorskip("playwright")
-    from playwright.sync_api import sync_playwright
-
-    path = os.environ.get("CURATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail("no Chromium: `bash scripts/setup.sh --test` installs Debian's chromium (or set CURATE_CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def test_the_page_filters_searches_sorts_pages_and_expands(browser, server, truth, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,19 +20,6 @@ from curate.config import load_flow
 from curate.pipeline import execute
 
 pytest.importorskip("playwright")
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    path = os.environ.get("CURATE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if not path:
-        pytest.fail("no Chromium: `bash scripts/setup.sh --test` installs Debian's chromium (or set CURATE_CHROMIUM)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=path, args=["--no-sandbox"])
-        yield b
-        b.close()
 
 
 def test_html_report_shows_its_plots_counts_and_export_links(browser, tmp_path, shared_store):

@@ -43,7 +43,6 @@ requests (e.g. the counts and a page) side by side.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -60,7 +59,7 @@ import polars as pl
 
 from curate.errors import CurateError
 from curate.ledger import OUTCOMES
-from curate.view.rows import RunFiles, find_run, kept_columns, run_files, run_rows, score_columns, with_text
+from curate.view.rows import RunFiles, did_you_mean, find_run, kept_columns, listing, run_files, run_rows, score_columns, with_text
 
 #: rows per page
 PAGE_SIZE = 50
@@ -81,16 +80,6 @@ class BrowseError(CurateError):
 
 class PortInUse(CurateError):
     """The port asked for is taken."""
-
-
-def _hint(value: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(value, known, n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'? " if close else ""
-
-
-def _listing(known: list[str], most: int = 12) -> str:
-    shown = ", ".join(known[:most])
-    return (shown + (f", … ({len(known) - most} more)" if len(known) > most else "")) or "none"
 
 
 def _jsonable(v: Any) -> Any:
@@ -150,7 +139,7 @@ class Browser:
                 if v not in known:
                     what = {"outcome": "outcomes", "reason": "reasons in this run", "source": "sources in this run"}[name]
                     raise BrowseError(f"{name} {v}: no such {name}{'' if name == 'outcome' else ' in this run'}; "
-                                      f"{_hint(v, known)}{what}: {_listing(known)}")
+                                      f"{did_you_mean(v, known)}{what}: {listing(known)}")
             if values:
                 cond &= pl.col(name).is_in(values)
         need_scores = False
@@ -234,8 +223,8 @@ class Browser:
         if len(short) > 1:
             raise BrowseError(f"{param} {name}: more than one scorer has it; give one of {', '.join(short)}")
         keys = list(ROW_KEYS) if param == "sort" else []
-        raise BrowseError(f"{param} {name}: no such score; {_hint(name, self.scores + [s.split('.', 1)[1] for s in self.scores])}"
-                          f"scores in this run: {_listing(self.scores)}{' (or row, rank)' if keys else ''}")
+        raise BrowseError(f"{param} {name}: no such score; {did_you_mean(name, self.scores + [s.split('.', 1)[1] for s in self.scores])}"
+                          f"scores in this run: {listing(self.scores)}{' (or row, rank)' if keys else ''}")
 
     def search(self, q: str) -> pl.Series:
         """The rows (sorted row numbers) any of whose messages holds ``q`` in any case, or whose raw text

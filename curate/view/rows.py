@@ -51,6 +51,20 @@ _TYPES: dict[str, pl.DataType] = {
 }
 
 
+def did_you_mean(name: str, known: list[str]) -> str:
+    """``did you mean 'x'? `` for the closest of ``known`` (difflib), or "" when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def listing(known: list[str], most: int = 12) -> str:
+    """The first ``most`` of ``known``, comma-separated, with how many more; ``none`` when empty."""
+    shown = ", ".join(known[:most])
+    return (shown + (f", … ({len(known) - most} more)" if len(known) > most else "")) or "none"
+
+
 def format_value(v: Any) -> str:
     """A score or count as ``curate show`` and the report print it: ``–`` for none, whole floats as
     integers, else 4 significant digits."""

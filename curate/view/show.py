@@ -7,10 +7,8 @@ parsed as markup: ``[bold]`` and ``<script>`` print as written.
 
 from __future__ import annotations
 
-import difflib
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import polars as pl
 from rich.console import Console, Group, RenderableType
@@ -21,7 +19,7 @@ from rich.text import Text
 
 from curate.errors import CurateError
 from curate.ledger import OUTCOMES
-from curate.view.rows import RunFiles, format_value, kept_columns, run_rows, score_columns, with_text
+from curate.view.rows import RunFiles, did_you_mean, format_value, kept_columns, listing, run_rows, score_columns, with_text
 
 #: a preview: at most this many characters and lines of each message, at most this many messages
 PREVIEW_CHARS, PREVIEW_LINES, PREVIEW_MESSAGES = 300, 6, 4
@@ -37,16 +35,6 @@ class ShowError(CurateError):
     """A filter or sort key that names nothing in the run."""
 
 
-def _hint(name: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'? " if close else ""
-
-
-def _listing(known: list[str], most: int = 12) -> str:
-    shown = ", ".join(known[:most])
-    return shown + (f", … ({len(known) - most} more)" if len(known) > most else "")
-
-
 def sort_key(name: str, scores: list[str]) -> str:
     """The column ``--sort NAME`` means: a score's full name (``heuristic.response_tokens``), the part
     after its scorer when no other scorer has it (``response_tokens``), ``row`` or ``rank``."""
@@ -59,8 +47,8 @@ def sort_key(name: str, scores: list[str]) -> str:
         raise ShowError(f"--sort {name}: more than one scorer has it; give one of {', '.join(short)}")
     if not scores:
         raise ShowError(f"--sort {name}: this run has no scores; sort by row or rank")
-    raise ShowError(f"--sort {name}: no such score; {_hint(name, scores + [s.split('.', 1)[1] for s in scores])}"
-                    f"scores in this run: {_listing(scores)} (or row, rank)")
+    raise ShowError(f"--sort {name}: no such score; {did_you_mean(name, scores + [s.split('.', 1)[1] for s in scores])}"
+                    f"scores in this run: {listing(scores)} (or row, rank)")
 
 
 @dataclass
@@ -84,7 +72,7 @@ def take_rows(files: RunFiles, outcome: str | None = None, reason: str | None = 
     scores = score_columns(files)
     lazy = run_rows(files, text=False)
     if outcome is not None and outcome not in OUTCOMES:
-        raise ShowError(f"--outcome {outcome}: no such outcome; {_hint(outcome, list(OUTCOMES))}outcomes: {', '.join(OUTCOMES)}")
+        raise ShowError(f"--outcome {outcome}: no such outcome; {did_you_mean(outcome, list(OUTCOMES))}outcomes: {', '.join(OUTCOMES)}")
     key = sort_key(sort, scores) if sort is not None else None
     ledgers = run_rows(files, text=False, scores=False)  # filters and counts need no score
     facts = ledgers.select("outcome", "reason", "source").unique().collect()
@@ -92,8 +80,8 @@ def take_rows(files: RunFiles, outcome: str | None = None, reason: str | None = 
         if value is not None:
             known = sorted(v for v in facts.get_column(col).unique().to_list() if v is not None)
             if value not in known:
-                raise ShowError(f"{flag} {value}: no row of this run has it; {_hint(value, known)}"
-                                f"{'reasons' if col == 'reason' else 'sources'} in this run: {_listing(known) or 'none'}")
+                raise ShowError(f"{flag} {value}: no row of this run has it; {did_you_mean(value, known)}"
+                                f"{'reasons' if col == 'reason' else 'sources'} in this run: {listing(known)}")
     cond = pl.lit(True)  # the filters (on ledger columns): Polars pushes them below the score join
     if outcome is not None:
         cond &= pl.col("outcome") == outcome
