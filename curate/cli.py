@@ -168,10 +168,18 @@ def _print_plan(p: dict, width: int) -> None:
 
 
 @app.command()
-def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds run.json and ledger.parquet).")) -> None:
+def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds run.json and ledger.parquet), or its flow YAML.")) -> None:
     """Summarise a finished run: outcome counts, reasons, selection steps and exported files."""
     from curate.history import run_dir
 
+    if out_dir.is_file():  # a flow file: followed to its output_dir (as `curate show` does)
+        from curate.errors import CurateError
+        from curate.view.rows import find_run
+
+        try:
+            out_dir = find_run(out_dir)
+        except CurateError as exc:
+            _fail(exc)
     out_dir = run_dir(out_dir)  # a versioned output folder: its latest run
     run_json = out_dir / "run.json"
     if not run_json.exists():

@@ -168,6 +168,11 @@ class RuntimeSpec(Strict):
                                 "'ray://head:10001'); without it, dask/ray start a local cluster for the run.")
     torch_threads: int | None = Field(None, gt=0, description="Default: min(2, CPU count).")
     progress: bool | None = Field(None, description="Progress bars; default: on in a terminal, off under CI.")
+    progress_interval_s: float = Field(30.0, ge=0, description="Without bars (CI, a log file, a Prefect worker, --quiet): one line "
+                                       "per running stage this often, with rows done, rate and time left; 0: none.")
+    commit_interval_s: float = Field(30.0, ge=0, description="A score or embed shard that runs longer than this stores the rows it "
+                                     "has computed at the end of its next batch (and so on), so a killed run loses at most about this "
+                                     "much of a shard's work; 0: after every batch. Outputs do not depend on it.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="A stage fails above this fraction of failed rows.")
     versioned: bool = Field(False, description="Each run writes output_dir/runs/<number>-<UTC time>/ and then points output_dir/latest at it "
                             "(atomically); curate serve turns it on.")

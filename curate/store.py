@@ -10,7 +10,8 @@ Layout (``store_dir`` in the flow, shared by every run of a project)::
 
 Keys are sha256 hashes of the fingerprint, rows are keyed by ``sample_id`` (a hash of the content),
 so nothing already computed is computed again, whatever run, file or row order it came from. Parts are
-written atomically; a run killed mid-shard loses only the shard in flight.
+written atomically; a run killed mid-shard loses only the rows of the shard in flight not yet committed
+(a slow shard commits its finished batches every ``runtime.commit_interval_s``: curate.stages.shardwork).
 
 Damage is detected, never read as data: a done-marker records the name and size of every part
 present when it was written, so a marker whose part is gone, or whose part changed size and no

@@ -21,7 +21,7 @@ def execute(spec: FlowSpec, executor: LocalExecutor | None = None) -> dict[str, 
     The output folder is locked for the run (a second run of it waits); the previous run's record,
     ledger and selection table are kept in ``previous/`` and the summary holds the diff against them."""
     executor = executor or LocalExecutor()
-    progress.configure(spec.runtime.progress)
+    progress.configure(spec.runtime.progress, spec.runtime.progress_interval_s)
     if executor.name == "local":
         progress.attach_console_log()
     spec.out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,8 @@ def _execute(spec: FlowSpec, executor: LocalExecutor, previous) -> dict[str, Any
     run = Run(spec=spec, executor=executor, previous=previous)
     run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
     for stage in build_stages(spec):
-        row = stage.run(run)
+        with progress.stage_watch(stage.name):  # without bars: a line with rows, rate and time left every progress_interval_s
+            row = stage.run(run)
         run.summaries.append(row)
         logger.info("stage %s: %s rows in %.1f s", stage.name, row.get("rows", "–"), row["seconds"])
     summary = finish_summary(run_summary(run), time.perf_counter() - run.started)

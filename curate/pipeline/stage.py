@@ -125,3 +125,46 @@ def work_summary(stage: str, refs: list[WorkRef], seconds: float) -> dict[str, A
     return {"stage": stage, "tasks": len(refs), "rows": sum(r.n_rows for r in refs), "computed_rows": sum(r.computed_rows for r in refs),
             "computed_shards": sum(1 for r in refs if r.computed_rows), "statuses": statuses, "seconds": seconds,
             "warnings": [w for r in refs for w in r.warnings]}
+
+
+def model_resume(stage: Stage, calls: list[dict[str, Any]]) -> int:
+    """Before a score or embed stage runs its shards: which are done (their marker is in the store) and
+    how many rows of the others the store already holds (a killed run's committed batches, another
+    flow's rows). Says so once, in one line, when any work was found done — e.g. ``score:superfiltering:
+    4 of 6 shards already computed, and 256 rows of the other 2; computing 944 rows in 2 shards`` — and
+    sets the stage's progress total. Returns the rows to compute."""
+    from curate import progress
+    from curate.recordset import read_shard
+
+    cache = stage.cache
+    n_done = rows_stored = rows_todo = shards_todo = 0
+    has_parts: dict[str, bool] = {}
+    for call in calls:
+        shard = call["shard"]
+        collection = cache.collection(call)
+        if collection.done(shard.sha256):
+            n_done += 1
+            continue
+        # rows stored without a marker: counted on a local store (its parts' id columns, which the shard
+        # tasks read anyway); a URL store's parts would be fetched whole here, so its shards count as to do
+        if not collection.remote and has_parts.setdefault(collection.key, bool(collection.parts())):
+            stored = int(collection.stored(read_shard(shard, ["sample_id"]).column(0)).sum())
+        else:  # nothing stored under this key yet (a first run): no need to read the shard's ids
+            stored = 0
+        rows_stored += stored
+        rows_todo += shard.n_rows - stored
+        shards_todo += shard.n_rows > stored
+    progress.set_total(rows_todo)
+    if n_done or rows_stored:
+        def shards(n: int) -> str:
+            return f"{n} shard{'s' if n != 1 else ''}"
+
+        found = []
+        if n_done:
+            found.append(f"{n_done} of {len(calls)} shards already computed" if n_done < len(calls)
+                         else f"all {n_done} shards already computed")
+        if rows_stored:
+            found.append(f"{rows_stored:,} rows of the {'other ' if n_done else ''}{shards(len(calls) - n_done)} already stored")
+        todo = f"computing {rows_todo:,} rows in {shards(shards_todo)}" if rows_todo else "nothing to compute"
+        progress.logger.info("%s: %s; %s", stage.name, ", and ".join(found), todo)
+    return rows_todo

@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from curate.config import FlowSpec, StepSpec
-from curate.pipeline.stage import Run, ShardCache, Stage, work_summary
+from curate.pipeline.stage import Run, ShardCache, Stage, model_resume, work_summary
 
 #: bump when a model stage's code changes what it returns (Prefect's task cache ignores called code)
 SCORE_CACHE = ShardCache("scores", "score", "1")
@@ -135,6 +135,7 @@ class IngestStage(Stage):
         refs, secs = run.map(self, read_input, [dict(spec=inp, input_index=i, base_dir=str(spec.base), work_dir=work_dir, ingest=spec.ingest,
                                                      cache_dir=cache_dir, workers=spec.runtime.ingest_workers) for i, inp in enumerate(spec.inputs)],
                               task="ingest-{input_index}")
+        _ingest_resume(refs)
         (dataset,), secs2 = run.map(self, build_dataset, [dict(inputs=refs, out_dir=str(run.out), ingest=spec.ingest, store_dir=str(spec.store),
                                                                embed=spec.embed)], task="shard")
         run.dataset = dataset
@@ -146,6 +147,25 @@ class IngestStage(Stage):
 
     def estimate(self, plan) -> dict[str, Any]:
         return {**self.describe(), "what": f"{len(plan.spec.inputs)} inputs"}
+
+
+def _ingest_resume(refs: list) -> None:
+    """One line when ingest found chunks of the inputs read before (kept in the store's ``ingest/``)."""
+    from curate.progress import logger
+
+    chunks = sum(len(r.chunks) for r in refs)
+    cached = sum(r.chunks_cached for r in refs)
+    if not cached:
+        return
+    files = sum(len(r.files) for r in refs)
+    whole = sum(r.files_cached for r in refs)
+    rows = sum(c.n_rows for r in refs for c in r.chunks)
+    if cached == chunks:
+        logger.info("ingest: all %d chunks of the %d input file%s already read before (%s rows, in the store); nothing parsed again",
+                    chunks, files, "s" if files != 1 else "", f"{rows:,}")
+    else:
+        logger.info("ingest: %d of %d chunks already read before (%d of %d files whole); read the other %d", cached, chunks, whole, files,
+                    chunks - cached)
 
 
 class EmbedStage(Stage):
@@ -167,8 +187,11 @@ class EmbedStage(Stage):
         spec = run.spec
         Store(run.store_dir).embeddings(run.embed_key).describe({k: v for k, v in run.fingerprints["embed"].items() if k != "key"})
         shards = shared_shards(run.sets[self.recordset].shards, run.store_dir)
-        work, secs = run.map(self, embed_shard, [dict(shard=s, spec=spec.embed, key=run.embed_key, store_dir=run.store_dir,
-                                                      torch_threads=torch_threads(spec)) for s in shards])
+        calls = [dict(shard=s, spec=spec.embed, key=run.embed_key, store_dir=run.store_dir, torch_threads=torch_threads(spec),
+                      commit_s=spec.runtime.commit_interval_s) for s in shards]
+        if spec.embed.method != "precomputed":  # precomputed vectors came with ingest: nothing is computed here
+            model_resume(self, calls)
+        work, secs = run.map(self, embed_shard, calls)
         check_error_budget(self.name, work, spec.runtime.max_error_rate)
         return work_summary(self.name, work, secs)
 
@@ -197,8 +220,10 @@ class ScoreStage(Stage):
 
         step, key = run.scorers[self.step.label]
         ctx = scorer_context(run.spec)
-        work, secs = run.map(self, score_shard, [dict(shard=s, step=step, key=key, store_dir=run.store_dir, context=ctx)
-                                                 for s in shared_shards(run.sets[self.recordset].shards, run.store_dir)])
+        calls = [dict(shard=s, step=step, key=key, store_dir=run.store_dir, context=ctx, commit_s=run.spec.runtime.commit_interval_s)
+                 for s in shared_shards(run.sets[self.recordset].shards, run.store_dir)]
+        model_resume(self, calls)
+        work, secs = run.map(self, score_shard, calls)
         cls = scorer_class(step.method)
         hints = getattr(cls, "status_hints", {})
         warnings = status_warnings(work, getattr(cls, "status_warn_share", {}), hints)

@@ -34,7 +34,8 @@ def embedding_table(ids: list[str] | pa.Array, vectors: np.ndarray, statuses: li
     )
 
 
-def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torch_threads: int | None = None) -> WorkRef:
+def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torch_threads: int | None = None,
+                commit_s: float | None = None) -> WorkRef:
     embedder = build_embedder(spec, torch_threads)
     collection = Store(store_dir).embeddings(key)
     if spec.method == "precomputed":
@@ -62,7 +63,8 @@ def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torc
         return sorted(range(len(records)), key=lambda i: (-lengths[i], i))
 
     collection.describe(embedder.fingerprint())
-    return run_shard("embed", spec.model, collection, shard, compute, chunk_rows=spec.batch_size * 8, order=by_length)
+    return run_shard("embed", spec.model, collection, shard, compute, chunk_rows=spec.batch_size * 8, order=by_length,
+                     commit_s=commit_s)
 
 
 def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:

@@ -46,6 +46,7 @@ from curate.io import relpath, write_json, write_parquet
 from curate.ledger import LEDGER_SCHEMA
 from curate.manifests import DatasetRef, IngestChunk, IngestRef
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
+from curate import progress
 from curate.progress import logger
 from curate.recordset import RecordSetWriter
 from curate.store import fixed_bytes
@@ -357,18 +358,22 @@ class _Runner:
 
     def submit(self, slot: int, job: ChunkJob) -> None:
         if self.pool is None:
-            self.results[slot] = process_chunk(job)
+            self._done(slot, process_chunk(job))
             return
         self.pending.append((slot, self.pool.submit(process_chunk, job)))
         while len(self.pending) > 2 * self.workers:
             s, fut = self.pending.pop(0)
-            self.results[s] = fut.result()
+            self._done(s, fut.result())
 
     def finish(self) -> dict[int, dict]:
         for s, fut in self.pending:
-            self.results[s] = fut.result()
+            self._done(s, fut.result())
         self.pending = []
         return self.results
+
+    def _done(self, slot: int, result: dict) -> None:
+        self.results[slot] = result
+        progress.advance(result["n_rows"])  # the ingest stage's progress line (curate.progress)
 
     def __exit__(self, *exc):
         if self.pool is not None:
@@ -534,6 +539,7 @@ def read_input(spec: InputSpec, input_index: int, base_dir: str, work_dir: str, 
                 meta = _done(job_paths) if cacheable else None
                 if meta is not None:
                     jobs_cached[slot] = meta
+                    progress.skip(meta["n_rows"])
                 else:
                     runner.submit(slot, ChunkJob(ctx=ctx, paths=job_paths, **job_args))
                 plan.chunks.append(slot)

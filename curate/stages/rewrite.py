@@ -83,7 +83,9 @@ def rewrite_stage(source: RecordSetRef, step: StepSpec, context: RewriteContext,
     records = read_records(source).to_pylist()
     results: list[UnitResult] = []
     computed = pending = 0
-    for unit in rewriter.units(len(records)):
+    units = list(rewriter.units(len(records)))
+    _resume_note(step, [folder / f"unit-{sha256_hex(u)[:24]}.json" for u in units])
+    for unit in units:
         path = folder / f"unit-{sha256_hex(unit)[:24]}.json"
         stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
         if stored is not None and stored.get("format") == UNIT_FORMAT:
@@ -121,6 +123,18 @@ def rewrite_stage(source: RecordSetRef, step: StepSpec, context: RewriteContext,
             ref.stats["calls"]["first_error"] = spent["first_error"]
         ref.stats["units_not_stored"] = pending
     return ref
+
+
+def _resume_note(step: StepSpec, paths: list) -> None:
+    """One line when units of this step were finished by an earlier run (the rest also reuse every
+    reply cached before: only calls never answered are made)."""
+    stored = sum(1 for p in paths if p.exists())
+    if stored == len(paths):
+        logger.info("rewrite:%s: all %d unit%s already done before (in the store); nothing to ask", step.label, stored,
+                    "s" if stored != 1 else "")
+    elif stored:
+        logger.info("rewrite:%s: %d of %d units already done before; running the other %d (replies cached before are reused)",
+                    step.label, stored, len(paths), len(paths) - stored)
 
 
 def _stop(step: StepSpec, failed: int, spent: dict[str, Any], why: str) -> None:

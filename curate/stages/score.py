@@ -51,8 +51,8 @@ def build_scorer(step: StepSpec, context: ScorerContext) -> Scorer:
     return cls(step.label, step.params, context)
 
 
-def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, context: ScorerContext) -> WorkRef:
-    """Score the rows of ``shard`` that the store lacks for this scorer."""
+def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, context: ScorerContext, commit_s: float | None = None) -> WorkRef:
+    """Score the rows of ``shard`` that the store lacks for this scorer (``commit_s``: see :func:`run_shard`)."""
     scorer = build_scorer(step, context)
     if scorer.key != key:  # the orchestrator and the task must agree on what is being computed
         raise RuntimeError(f"scorer key mismatch for {step.label}: {scorer.key} != {key}")
@@ -72,7 +72,8 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
     columnar = scorer.columnar
     ref = run_shard("score", step.label, collection, shard, compute, scorer.table_rows if columnar else scorer.batch_rows,
                     check=lambda table: collapse_warnings(scorer, step.label, shard.shard_id, table), check_columns=("variant", "score"),
-                    compute_table=compute_table if columnar else None, table_columns=scorer.table_columns)
+                    compute_table=compute_table if columnar else None, table_columns=scorer.table_columns,
+                    commit_s=commit_s)
     _log_warnings(ref.warnings)
     return ref
 
