@@ -186,10 +186,12 @@ def flow_dir(tmp_path) -> Path:
     return tmp_path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """Headless Debian Chromium through Playwright (Playwright cannot download its own browsers here):
-    ``$CURATE_CHROMIUM`` or ``chromium`` on PATH; the UI, report and ``curate browse`` tests share it."""
+    ``$CURATE_CHROMIUM`` or ``chromium`` on PATH; for the UI, report and ``curate browse`` tests. Module-scoped:
+    Playwright's sync API keeps an asyncio loop running in this thread while it is open, and a later test that
+    calls ``asyncio.run`` (the stand-in and OpenAI-client servers) would fail inside it."""
     pytest.importorskip("playwright")
     from playwright.sync_api import sync_playwright
 
