@@ -27,8 +27,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+class _FlagHelp:
+    """Click's ``--help`` option without the ``<bool>`` type typer's rich help gives it (a flag takes no value)."""
+
+    def get_help_option(self, ctx):
+        opt = super().get_help_option(ctx)
+        if opt is not None:
+            opt.metavar = ""
+        return opt
+
+
+class HelpGroup(_FlagHelp, typer.core.TyperGroup):
+    pass
+
+
+class HelpCommand(_FlagHelp, typer.core.TyperCommand):
+    pass
+
+
 app = typer.Typer(
     name="curate",
+    cls=HelpGroup,
     help="Instruction-data curation: ingest, score, select and export the rows that train the best model.",
     no_args_is_help=True,
     add_completion=False,
@@ -541,12 +560,14 @@ def _print_summary(summary: dict) -> None:
 def _plain_help(typer_app: typer.Typer) -> None:
     """Help as the source says it: each paragraph of a command's docstring is one line for the terminal
     to wrap (the rich help keeps the docstring's own line breaks, cutting sentences in two), ``[…]`` in
-    help text prints as written (``pip install 'curate[train]'``), and flags show no ``<bool>``."""
+    help text prints as written (``pip install 'curate[train]'``), and flags (``--help`` too) show no ``<bool>``."""
     import inspect as _inspect
 
     from typer.models import ParameterInfo
 
     for info in typer_app.registered_commands:
+        if info.cls in (None, typer.core.TyperCommand):
+            info.cls = HelpCommand
         cb = info.callback
         if cb.__doc__:
             paragraphs = _inspect.cleandoc(cb.__doc__).split("\n\n")

@@ -238,6 +238,9 @@ def test_help_says_what_the_source_says():
     assert "select[-1].budget=20" in r.output and "select[+]" in r.output
     flag = next(line for line in r.output.splitlines() if "--no-prefect" in line)
     assert "<bool>" not in flag
+    for args in (["--help"], ["run", "--help"], ["show", "--help"], ["compare", "--help"]):  # click's own --help is a flag too
+        out = runner.invoke(app, args, env={"COLUMNS": "200"}).output
+        assert "--help" in out and "<bool>" not in out, args
 
 
 def test_plan_is_readable_at_80_columns(tmp_path, monkeypatch):
