@@ -171,3 +171,53 @@ def test_inspect_follows_a_flow_file_to_its_output_dir(tmp_path):
     r = runner.invoke(app, ["inspect", str(flow)])
     assert r.exit_code == 0, r.output
     assert "5 selected" in r.output and "beyond_budget" in r.output
+
+
+def test_a_real_model_shard_killed_mid_shard_resumes_from_its_committed_batches(tmp_path):
+    """The real embedder (all-MiniLM-L6-v2) on one 64-row shard in chunks of 16 rows, committing each finished chunk
+    (``runtime.commit_interval_s: 0``): SIGKILL the run once a batch is stored and before the shard is done,
+    re-run; the re-run embeds only the rows not stored yet, and every vector equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from curate.recordset import load_embeddings
+
+    (tmp_path / "rows.jsonl").write_text(_rows(64))
+    common = dict(inputs=[{"path": str(tmp_path / "rows.jsonl")}], ingest={"shard_size": 64}, score=[{"method": "heuristic"}],
+                  embed={"model": "all-MiniLM-L6-v2", "batch_size": 2}, select=[{"method": "kcenter", "budget": 5}],
+                  export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False})
+    store = tmp_path / "store"
+    flow = write_flow(tmp_path / "killed", name="killed", output_dir=str(tmp_path / "killed" / "out"), store_dir=str(store),
+                      runtime={"prefect": False, "torch_threads": 1, "progress": False, "commit_interval_s": 0}, **common)
+    proc = subprocess.Popen([sys.executable, "-m", "curate", "run", str(flow), "--no-prefect", "--quiet"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    parts = lambda: list(store.glob("embeddings/*/part-*.parquet"))  # noqa: E731
+    deadline = time.time() + 300
+    while not parts() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list(store.glob("embeddings/*/done/*.json")), "killed after the shard finished: nothing to resume"
+    kept = sum(pq.read_metadata(p).num_rows for p in parts())
+    assert 16 <= kept < 64  # whole chunks (batch_size × 8 = 16 rows)
+
+    resumed = execute(load_flow(flow))
+    embed = next(s for s in resumed["stages"] if s["stage"] == "embed")
+    assert embed["computed_rows"] == 64 - kept  # the committed batches are not embedded again
+    ref = execute(load_flow(write_flow(tmp_path / "ref", name="ref", output_dir=str(tmp_path / "ref" / "out"),
+                                       store_dir=str(tmp_path / "ref-store"), runtime={"prefect": False, "torch_threads": 1,
+                                                                                       "progress": False}, **common)))
+    key = ref["keys"]["embed"]
+    assert resumed["keys"]["embed"] == key
+    ids = pq.read_table(Path(ref["output_dir"]) / "select" / "scores.parquet", columns=["sample_id"]).column(0).to_pylist()
+    va, _ = load_embeddings(str(store), key, ids)
+    vb, _ = load_embeddings(str(tmp_path / "ref-store"), key, ids)
+    assert np.array_equal(va, vb)  # the same batches as an uninterrupted run: bit-identical vectors
+    assert (Path(resumed["output_dir"]) / "select" / "selected_ids.txt").read_bytes() == \
+        (Path(ref["output_dir"]) / "select" / "selected_ids.txt").read_bytes()
