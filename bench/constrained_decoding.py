@@ -40,8 +40,9 @@ from curate import prompts as P  # noqa: E402
 from curate.lm import hf as hf_mod  # noqa: E402
 from curate.lm.hf import HFBackend  # noqa: E402
 from curate.lm.spec import LMParams  # noqa: E402
-from curate.rewrite import aide  # noqa: E402
-from curate.rewrite.reflection import KIND_FIELDS, parse_tagged  # noqa: E402
+from curate.rewrite import tags  # noqa: E402
+from curate.rewrite.reflection import KIND_FIELDS  # noqa: E402
+from curate.rewrite.tags import parse_tagged  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 
@@ -55,27 +56,27 @@ def aide_parsed(prompt_id: str, text: str | None, fields: dict) -> bool:
     if text is None:
         return False
     if prompt_id == "aide_topic":
-        return aide.parse_attributes(text, 3)[2].startswith("ok")
+        return tags.parse_attributes(text, 3)[2].startswith("ok")
     if prompt_id == "aide_kg_expand":
-        return bool(aide.parse_triples(text, [], int(fields.get("n", 2))))
+        return bool(tags.parse_triples(text, [], int(fields.get("n", 2))))
     if prompt_id.startswith("aide_rewrite"):
-        return aide.parse_tag(text, "Rewritten Prompt")[0] is not None
+        return tags.parse_tag(text, "Rewritten Prompt")[0] is not None
     if prompt_id.startswith("aide_create"):
-        return aide.parse_tag(text, "Created Prompt")[0] is not None
+        return tags.parse_tag(text, "Created Prompt")[0] is not None
     if prompt_id == "aide_answer_multi":
-        body = aide.parse_tag(text, "Choices")[0]
-        opts = aide.parse_choices(body or "")
+        body = tags.parse_tag(text, "Choices")[0]
+        opts = tags.parse_choices(body or "")
         return sum(c for _, c in opts) == 1 and len(opts) >= 2
     if prompt_id == "aide_answer_binary":
-        return aide.parse_yes_no(text, "Choices")[0] is not None
+        return tags.parse_yes_no(text, "Choices")[0] is not None
     if prompt_id == "aide_answer_free":
-        return aide.parse_tag(text, "Choices")[0] is not None
+        return tags.parse_tag(text, "Choices")[0] is not None
     if prompt_id.startswith("aide_grade"):
-        return aide.parse_grade(text)[0] is not None
+        return tags.parse_grade(text)[0] is not None
     if prompt_id == "aide_improve":
-        return aide.parse_tag(text, "Improved Prompt")[0] is not None
+        return tags.parse_tag(text, "Improved Prompt")[0] is not None
     if prompt_id == "aide_check_choices":
-        return aide.parse_yes_no(text, "Response")[0] is not None
+        return tags.parse_yes_no(text, "Response")[0] is not None
     raise ValueError(prompt_id)
 
 

@@ -49,7 +49,7 @@ from curate.embed import build_embedder  # noqa: E402
 from curate.embed.base import embed_text  # noqa: E402
 from curate.ingest.eval_set import read_eval_set  # noqa: E402
 from curate.records import message, prompt_text, sample_id  # noqa: E402
-from curate.select import Pool  # noqa: E402
+from curate.select import Pool, SelectContext  # noqa: E402
 from curate.select.decontaminate import Decontaminate, cached_vectors  # noqa: E402
 
 SHARED = Path("/work/shared/data")
@@ -183,14 +183,14 @@ def make_pool(pairs: list[tuple[str, str]], vectors: np.ndarray | None) -> Pool:
                 n_input=len(pairs), text_loader=lambda positions: [pairs[i] for i in positions])
 
 
-def run(params: dict | None, pool: Pool, spec: InputSpec, ctx: dict, old=None):
+def run(params: dict | None, pool: Pool, spec: InputSpec, ctx: SelectContext, old=None):
     t0 = time.perf_counter()
     if params is None:
         cls = old.Decontaminate
         params = {"max_similarity": None}
     else:
         cls = Decontaminate
-    step = cls({"eval_set": spec.model_dump(exclude_none=True), **params}, base_dir=str(ROOT), context=ctx)
+    step = cls("decontaminate", {"eval_set": spec.model_dump(exclude_none=True), **params}, ctx)
     res = step.select(pool)
     return res, time.perf_counter() - t0
 
@@ -207,8 +207,8 @@ def main() -> None:
     embedder = build_embedder(prompt_spec, torch_threads=2)
     conv_spec = EmbedSpec(text="conversation")
     conv = build_embedder(conv_spec, torch_threads=2)
-    ctx = {"embed": prompt_spec, "embed_key": embedder.key, "store_dir": str(STORE), "torch_threads": 2}
-    conv_ctx = {"embed": conv_spec, "embed_key": conv.key, "store_dir": str(STORE), "torch_threads": 2}
+    ctx = SelectContext(base_dir=str(ROOT), embed=prompt_spec, embed_key=embedder.key, store_dir=str(STORE), torch_threads=2)
+    conv_ctx = SelectContext(base_dir=str(ROOT), embed=conv_spec, embed_key=conv.key, store_dir=str(STORE), torch_threads=2)
     lines = [f"# Decontamination vs AlpacaEval ({n_eval} prompts)", "",
              "`.venv/bin/python bench/decontamination.py` (text in the script's docstring). Detection: the share of constructed",
              "contaminated rows flagged. Real pools: rows flagged (they were not built from the eval set; which of them are",
@@ -251,8 +251,8 @@ def main() -> None:
         cpool_conv = make_pool(all_pairs, None)
         cpool_conv.embeddings = cached_vectors(conv, str(STORE), cpool_conv.ids,
                                                lambda pos: [embed_text(conv_records[i], "conversation") for i in pos])[0]
-        ostep = old.Decontaminate({"eval_set": spec.model_dump(exclude_none=True), "max_ngram_overlap": None, "max_similarity": 0.95},
-                                  base_dir=str(ROOT), context=conv_ctx)
+        ostep = old.Decontaminate("decontaminate", {"eval_set": spec.model_dump(exclude_none=True), "max_ngram_overlap": None,
+                                                    "max_similarity": 0.95}, conv_ctx)
         ores = ostep.select(cpool_conv)
         row_of("old embedding (conversation view ≥ 0.95)", ~ores.keep)
         dres, _ = run({}, cpool, spec, ctx)

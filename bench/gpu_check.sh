@@ -96,7 +96,7 @@ import transformers, trl, peft, datasets, pydantic, yaml, pyarrow, polars, markd
 print({d: m.version(d) for d in ('torch', 'transformers', 'trl', 'peft', 'datasets', 'pydantic', 'polars', 'pyarrow', 'huggingface-hub', 'accelerate')},
       'cuda', torch.cuda.is_available())
 from trl import SFTConfig, SFTTrainer
-import curate.train.sft, curate.evaluate.run, curate.compare, curate.stages.ingest, curate.stages.select, curate.report.report" 2>&1 | tee "$OUT_DIR/preflight.txt"
+import curate.train.sft, curate.evaluate.run, curate.compare, curate.stages.ingest, curate.ingest.read, curate.stages.select, curate.report.report" 2>&1 | tee "$OUT_DIR/preflight.txt"
   # the data as pack lays it out (flat), or ../shared/data's own layout (a CPU dry run)
   pick() { for f in "$@"; do if [ -f "$f" ]; then echo "$f"; return; fi; done; echo "gpu_check: none of $* exists" >&2; exit 3; }
   demo=$(pick "$DATA/alpaca_en_demo.json" "$DATA/llama_factory/alpaca_en_demo.json")

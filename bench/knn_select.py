@@ -65,7 +65,7 @@ def child(vectors: str, method: str, budget: int, knn: int, index: str, out: str
     pool = Pool(rows=np.arange(n, dtype=np.int64), ids=np.array([f"r{i}" for i in range(n)]), scores={}, orientation={},
                 embeddings=E, n_input=n, seed=0, tasks=tasks)
     t = time.perf_counter()
-    res = selector_class(method)(params).select(pool)
+    res = selector_class(method)(method, params).select(pool)
     wall = time.perf_counter() - t
     graphs = res.stats["instance_knn"] if method == "smart" else [res.stats["knn_graph"]]
     graph_s = sum(g["build_s"] + g["search_s"] for g in graphs)

@@ -191,7 +191,7 @@ def main() -> None:
     for kv in args.set:
         k, v = kv.split("=", 1)
         params[k] = yaml.safe_load(v)
-    step = selector_class("minhash_dedup")(params)
+    step = selector_class("minhash_dedup")("minhash_dedup", params)
     rss0 = rss_now_mb()
     t = time.perf_counter()
     res = step.select(pool)

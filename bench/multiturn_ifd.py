@@ -46,7 +46,7 @@ def flow_rows_and_params(method: str) -> tuple[list[dict], dict]:
 
     from curate.config import load_flow
     from curate.records import turns
-    from curate.stages.ingest import read_input
+    from curate.ingest.read import read_input
 
     spec = load_flow(ROOT / "flows/select.yaml")
     rows = []

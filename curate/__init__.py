@@ -6,7 +6,7 @@ ingest → score → select → (rewrite) → export → (train), as a Prefect f
     summary = run(load_flow("flows/select.yaml"))
 """
 
-__version__ = "0.1.0"
+from curate.version import __version__
 
 
 def __getattr__(name):  # keep `import curate` light: heavy modules load on first use

@@ -124,7 +124,8 @@ def plan(
     flow: Path = typer.Argument(..., help="The flow YAML file."),
     set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON."),
-    warmup: bool = typer.Option(True, "--warmup/--no-warmup", help="Estimate model stages' time from a short measured warm-up (loads the models)."),
+    warmup: bool = typer.Option(True, "--warmup/--no-warmup",
+                                help="Estimate model stages' time from a short measured warm-up (loads the models)."),
 ) -> None:
     """Dry run: read and validate the inputs, count rows and tokens, and show each stage with how many
     rows the store already holds and, with the warm-up, how long it will take. Writes nothing."""
@@ -229,8 +230,10 @@ def inspect(out_dir: Path = typer.Argument(..., help="A run's output_dir (holds 
 @app.command()
 def show(
     out_dir: Path = typer.Argument(..., help="A run's output_dir (holds run.json), or its flow YAML."),
-    outcome: Optional[str] = typer.Option(None, "--outcome", help="Only rows with this outcome: selected, not_selected, filtered or quarantined."),
-    reason: Optional[str] = typer.Option(None, "--reason", help="Only rows with this reason, e.g. below_min, beyond_budget, exact_duplicate."),
+    outcome: Optional[str] = typer.Option(None, "--outcome",
+                                          help="Only rows with this outcome: selected, not_selected, filtered or quarantined."),
+    reason: Optional[str] = typer.Option(None, "--reason",
+                                         help="Only rows with this reason, e.g. below_min, beyond_budget, exact_duplicate."),
     source: Optional[str] = typer.Option(None, "--source", help="Only rows of this input (its name), or rewrite:<step> for derived rows."),
     sort: Optional[str] = typer.Option(None, "--sort", help="Sort by this score (heuristic.response_tokens, or response_tokens when one "
                                        "scorer has it), or by rank; default: row order."),
@@ -268,7 +271,9 @@ def _print_train(rec: dict) -> None:
     b = rec["batch"]
     loss = "" if rec.get("first_loss") is None else f", loss {rec['first_loss']:.4f} → {rec['last_loss']:.4f}"
     console.print(f"[bold]train[/]: {escape(str(rec['base_model']['name']))} ({rec['method']}) on {rec['export']['n_rows']} rows of "
-                  f"{escape(str(rec['export']['file']))}: {rec['steps']} steps ({b['rows_per_step']} rows each){loss}, {rec['seconds']:.0f} s" + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
+                  f"{escape(str(rec['export']['file']))}: {rec['steps']} steps ({b['rows_per_step']} rows each)"
+                  f"{loss}, {rec['seconds']:.0f} s"
+                  + (f", {rec['tokens_per_s']:.0f} tokens/s" if rec.get("tokens_per_s") else ""),
                   highlight=False, soft_wrap=True)
     _say(f"weights: {rec['weights']}\nrecord:  {Path(rec['weights']).parent / 'train.json'}")
 
@@ -342,14 +347,16 @@ def train(
 @app.command(name="eval")
 def eval_(
     model: str = typer.Argument(..., help="A model: a curate train adapter or model dir, a bundled name, a local dir or a hub id."),
-    on: Path = typer.Option(..., "--on", help="The eval set (JSON/JSONL/Parquet/CSV in any supported layout), e.g. data/eval/alpaca_eval_40.json."),
+    on: Path = typer.Option(..., "--on", help="The eval set (JSON/JSONL/Parquet/CSV in any supported layout), "
+                                              "e.g. data/eval/alpaca_eval_40.json."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N eval rows."),
     judge: Optional[str] = typer.Option(None, "--judge", help="The judge model (default: the bundled SmolLM2)."),
     no_judge: bool = typer.Option(False, "--no-judge", help="Held-out loss only: no generation, no judging."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Judge against this model's answers instead of the set's own."),
     prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="A prompts-only set (e.g. Koala: prompt, Vicuna: turns): "
                                                "the field with each request; needs --reference."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Override an eval key: --set generate.max_tokens=128 --set judge.backend=openai."),
+    set_: list[str] = typer.Option([], "--set", "-s",
+                                   help="Override an eval key: --set generate.max_tokens=128 --set judge.backend=openai."),
     out: Optional[Path] = typer.Option(None, "--out", help="Eval directory (default: beside a trained model, else out/eval/<key>)."),
     store: Optional[Path] = typer.Option(None, "--store", help="Cache generations and judge replies here (default: the eval directory)."),
     no_prefect: bool = typer.Option(False, "--no-prefect", help="Evaluate in-process, without a Prefect flow run."),
@@ -440,7 +447,8 @@ def compare(
     from curate.errors import CurateError
 
     try:
-        from curate.compare import load_compare, run_compare
+        from curate.compare import load_compare
+        from curate.compare_flow import run_compare
 
         spec = load_compare(compare_file, list(set_) + (["prefect=false"] if no_prefect else []))
         res = run_compare(spec)
@@ -493,8 +501,10 @@ def serve(
     cron: Optional[str] = typer.Option(None, "--cron", help=SCHEDULE_HELP),
     interval: Optional[float] = typer.Option(None, "--interval", help="Seconds between runs (instead of --cron)."),
     timezone: Optional[str] = typer.Option(None, "--timezone", help="IANA time zone of the schedule (default UTC), e.g. Europe/Berlin."),
-    set_: list[str] = typer.Option([], "--set", "-s", help=SET_HELP + " Stored as the deployment's overrides parameter (editable in the UI)."),
-    versioned: bool = typer.Option(True, "--versioned/--in-place", help="A new output folder per run (runs/<number>-<UTC time>/) with a `latest` "
+    set_: list[str] = typer.Option([], "--set", "-s",
+                                   help=SET_HELP + " Stored as the deployment's overrides parameter (editable in the UI)."),
+    versioned: bool = typer.Option(True, "--versioned/--in-place",
+                                   help="A new output folder per run (runs/<number>-<UTC time>/) with a `latest` "
                                    "link moved atomically (default), or every run in output_dir itself."),
 ) -> None:
     """Serve the flows on a schedule (needs a running server: `curate ui`). Runs started from the UI
@@ -543,7 +553,8 @@ def _print_summary(summary: dict) -> None:
     if derived:
         d = derived["counts"]
         console.print(
-            f"derived rows: {derived['n_derived']} made → [green]{d.get('selected', 0)} selected[/], {d.get('not_selected', 0)} not selected, "
+            f"derived rows: {derived['n_derived']} made → [green]{d.get('selected', 0)} selected[/], "
+            f"{d.get('not_selected', 0)} not selected, "
             f"{d.get('filtered', 0)} filtered, {d.get('quarantined', 0)} quarantined (lineage.parquet links them to their parents)"
         )
     t = Table("stage", "tasks", "rows", "computed", "seconds", title="stages")

@@ -92,10 +92,10 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from curate.config import StepSpec, format_validation_error, _yaml_lines
+from curate.config import StepSpec, format_validation_error, yaml_lines
 from curate.errors import ConfigError
 from curate.evaluate.spec import EvalSpec
-from curate.records import canonical_json, sha256_hex
+from curate.records import canonical_json, drop_defaults, sha256_hex
 from curate.train.spec import TrainSpec
 
 log = logging.getLogger("curate.compare")
@@ -154,7 +154,8 @@ class CompareSpec(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"selections: each name once (got {', '.join(names)})")
         if self.baselines.base_model and BASE_DIR in names:
-            raise ValueError(f"selections: '{BASE_DIR}' is the base model's cells; name the selection otherwise or set baselines.base_model: false")
+            raise ValueError(f"selections: '{BASE_DIR}' is the base model's cells; "
+                             "name the selection otherwise or set baselines.base_model: false")
         if self.budget_unit == "tokens":
             bad = [b for b in self.budgets if isinstance(b, bool) or not isinstance(b, int) or b <= 0]
             if bad:
@@ -187,7 +188,7 @@ def load_compare(path: str | Path, overrides: list[str] | None = None) -> Compar
     try:
         spec = CompareSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path), _yaml_lines(text))) from None
+        raise ConfigError(format_validation_error(exc, str(path), yaml_lines(text))) from None
     spec.path = str(path.resolve())
     return spec
 
@@ -298,7 +299,7 @@ def key_dump(model: BaseModel, exclude: set[str]) -> dict[str, Any]:
     default, at any depth: what a cell key hashes."""
     def drop(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: drop(v) for k, v in node.items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+            return {k: drop(v) for k, v in drop_defaults(node, LATER_DEFAULTS).items()}
         if isinstance(node, list):
             return [drop(v) for v in node]
         return node
@@ -339,7 +340,8 @@ def curate_cell(spec: CompareSpec, selection: Selection, budget: int | float) ->
     rec = {"key": key, "selection": selection.name, "budget": budget, "select": steps, "config_hash": run["config_hash"],
            "selected": run["counts"]["selected"], "output_dir": str(flow.out),
            "export_tokens": export_token_count(spec.train, flow.out) if run["counts"]["selected"] else 0,
-           "steps": [{k: v for k, v in st.items() if k in ("method", "in", "kept", "tokens", "tokens_kept", "budget")} for st in run.get("steps", [])]}
+           "steps": [{k: v for k, v in st.items() if k in ("method", "in", "kept", "tokens", "tokens_kept", "budget")}
+                     for st in run.get("steps", [])]}
     budgeted = [st for st in rec["steps"] if st.get("method") == "token_budget"]
     if spec.budget_unit == "tokens" and budgeted and rec["selected"] and budgeted[-1].get("tokens_kept") != rec["export_tokens"]:
         log.warning("compare: %s: its token_budget step kept %s tokens, the training tokenizer counts %s in its export (the "
@@ -370,7 +372,8 @@ def budget_steps(spec: CompareSpec, budget: int | float, curated: list[dict[str,
     return min(steps, spec.train.max_steps) if spec.train.max_steps else steps
 
 
-def run_cell(spec: CompareSpec, selection: Selection, budget: int | float, seed: int, curated: dict[str, Any], steps: int) -> dict[str, Any]:
+def run_cell(spec: CompareSpec, selection: Selection, budget: int | float, seed: int, curated: dict[str, Any],
+             steps: int) -> dict[str, Any]:
     """Train and evaluate one seed of a curated selection × budget (or read it back when its key is recorded)."""
     from curate.io import write_json
 
@@ -520,7 +523,8 @@ def per_seed_table(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "win_rate_ci95": _span((judge.get("ci95") or {}).get("win_rate")),
                      "lc_win_rate": _r(judge.get("lc_win_rate")), "soft_win_rate": _r(judge.get("soft_win_rate")),
                      "first_position_rate": _r(judge.get("first_position_rate")), "consistent": _r(judge.get("consistent")),
-                     "avg_length": _r(gen.get("avg_length"), 1), "truncated": _r(gen.get("truncated_rate")), "judged": judge.get("n_judged")})
+                     "avg_length": _r(gen.get("avg_length"), 1), "truncated": _r(gen.get("truncated_rate")),
+                     "judged": judge.get("n_judged")})
     return rows
 
 
@@ -646,9 +650,9 @@ def differences(spec: CompareSpec, cells: list[dict[str, Any]]) -> list[dict[str
 
 
 def verdict(d: dict[str, Any], lower_is_better: bool) -> str:
-    """"better" / "worse" only when the paired interval excludes 0; otherwise "no difference shown". The random baseline is one draw, curated once
-and trained with every seed: the intervals hold the seeds' and the eval rows' variation, not that of
-another random draw."""
+    """"better" / "worse" only when the paired interval excludes 0; otherwise "no difference shown". The random baseline is one draw,
+curated once and trained with every seed: the intervals hold the seeds' and the eval rows' variation, not
+that of another random draw."""
     if not d.get("excludes_zero"):
         return "no difference shown"
     below = d["ci95"][1] < 0
@@ -678,7 +682,8 @@ def table(spec: CompareSpec, cells: list[dict[str, Any]], diffs: list[dict[str, 
                      "train_tokens_from": "/".join(froms),
                      "train_loss_first": _r(_mean([c["train"]["first_loss"] for c in cs])),
                      "train_loss_last": _r(_mean([c["train"]["last_loss"] for c in cs])),
-                     "eval_loss": _r(loss), "eval_loss_ci95": _span(g["eval_loss_ci95"]), "eval_ppl": _r(math.exp(loss) if loss is not None else None),
+                     "eval_loss": _r(loss), "eval_loss_ci95": _span(g["eval_loss_ci95"]),
+                     "eval_ppl": _r(math.exp(loss) if loss is not None else None),
                      "loss_vs_random": verdict_of(RANDOM), "loss_vs_base": verdict_of(BASE),
                      "judge": None if not any(judge) else ("valid" if valid else "NOT VALID"),
                      "win_rate": _r(g["win_rate"]), "win_rate_ci95": _span(g["win_rate_ci95"]),
@@ -686,7 +691,8 @@ def table(spec: CompareSpec, cells: list[dict[str, Any]], diffs: list[dict[str, 
                      "lc_win_rate": _r(g["lc_win_rate"]), "soft_win_rate": _r(g["soft_win_rate"]),
                      "first_position_rate": _r(_mean([j.get("first_position_rate") for j in judge])),
                      "consistent": _r(_mean([j.get("consistent") for j in judge])),
-                     "avg_length": _r(_mean([x.get("avg_length") for x in gens]), 1), "truncated": _r(_mean([x.get("truncated_rate") for x in gens])),
+                     "avg_length": _r(_mean([x.get("avg_length") for x in gens]), 1),
+                     "truncated": _r(_mean([x.get("truncated_rate") for x in gens])),
                      "judged": _r(_mean([j.get("n_judged") for j in judge]), 1)})
     if rows and all(r["win_vs_random"] is None for r in rows):  # no valid judge anywhere: not a column of its own
         for r in rows:
@@ -724,7 +730,8 @@ def markdown(spec: CompareSpec, rows: list[dict[str, Any]], cells: list[dict[str
     seeds = ", ".join(str(s) for s in spec.seeds)
     lines = [f"# compare: {spec.name}", "", spec.description, "",
              f"Pool: `{spec.flow}`; budgets in {spec.budget_unit}; seeds {seeds}; train: {spec.train.method} on `{spec.train.model}` "
-             f"({spec.train.layout}, {spec.train.batch_tokens} tokens per step); eval: `{spec.eval.eval_set.path or spec.eval.eval_set.hub}`"
+             f"({spec.train.layout}, {spec.train.batch_tokens} tokens per step); "
+             f"eval: `{spec.eval.eval_set.path or spec.eval.eval_set.hub}`"
              + (f"; judge: `{spec.eval.judge.model}` ({spec.eval.judge.mode})." if spec.eval.judge else "."), "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in cols) + " |" for r in rows]
@@ -750,7 +757,8 @@ def markdown(spec: CompareSpec, rows: list[dict[str, Any]], cells: list[dict[str
                   "is better; win rate: higher is better. \"better\" / \"worse\" only when the interval excludes 0; otherwise "
                   "\"no difference shown\" (which is not evidence that they are equal). The random baseline is one draw trained with "
                   "every seed: the interval holds the seeds' and the eval rows' variation, not another random draw's.", "",
-                  "| budget | selection | against | metric | difference | 95% interval | verdict | rows | seeds |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| budget | selection | against | metric | difference | 95% interval | verdict | rows | seeds |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for d in diffs:
             ci = "–" if not d["ci95"] else f"{d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f}"
             lines.append(f"| {d['budget']} | {d['selection']} | {d['against']} | {d['metric']} | {_fmt(d['difference'])} | {ci} | "
@@ -770,12 +778,13 @@ JUDGE_METRICS = ("win_rate", "lc_win_rate", "soft_win_rate")
 def plot(spec: CompareSpec, cells: list[dict[str, Any]], path: Path) -> None:
     import textwrap
 
-    from curate.report.plots import pyplot, save_png
+    from curate.plotting import pyplot, save_png
 
     plt = pyplot()
     groups = aggregate(spec, cells)
     judged = any(_judge(c) for c in cells)
-    metrics = [(label, key) for label, key in METRICS if any(g.get(key) is not None for g in groups) or (judged and key == JUDGE_METRICS[0])]
+    metrics = [(label, key) for label, key in METRICS
+               if any(g.get(key) is not None for g in groups) or (judged and key == JUDGE_METRICS[0])]
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 3.6), dpi=100, squeeze=False)
     invalid = sorted({r for c in cells for r in (_judge(c).get("invalid_reasons") or [])})
     for ax, (label, key) in zip(axes[0], metrics):
@@ -859,12 +868,3 @@ def _publish(spec: CompareSpec, md: str, rows: list[dict[str, Any]]) -> None:
     create_markdown_artifact(key=f"curate-compare-{spec.name}", markdown=md, description=f"curate compare: {spec.name}")
     create_table_artifact(key=f"curate-compare-table-{spec.name}", table=rows,
                           description="one row per selection × budget: means over the seeds, 95% intervals over eval rows and seeds")
-
-
-def run_compare(spec: CompareSpec) -> dict[str, Any]:
-    """:func:`compare` as a Prefect flow run (``prefect: true``, the default) or in-process."""
-    if not spec.prefect:
-        return compare(spec)
-    from curate.compare_flow import compare_flow
-
-    return compare_flow(spec=spec.model_dump(mode="json"), path=spec.path, name=spec.name)

@@ -25,8 +25,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from curate.embed.spec import EmbedSpec
 from curate.errors import ConfigError
-from curate.records import canonical_json, sha256_hex
+from curate.records import canonical_json, drop_defaults, sha256_hex
 from curate.train.spec import TrainSpec
 
 
@@ -115,28 +116,14 @@ class StepSpec(BaseModel):
         return self.name or self.method
 
 
-class EmbedSpec(Strict):
-    method: str = Field("sentence_transformers", description="The embedder (curate/embed/__init__.py lists them).")
-    model: str = Field("all-MiniLM-L6-v2", description="Model id, local dir, or a bundled short name.")
-    revision: str | None = None
-    text: Literal["conversation", "prompt", "response"] = "conversation"
-    batch_size: int = Field(64, gt=0)
-    max_seq_length: int | None = Field(None, gt=0, description="Default: the model's own (MiniLM: 256).")
-    normalize: bool = True
-    device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    trust_remote_code: bool = False
-    storage: Literal["float32", "float16"] = Field(
-        "float32", description="How vectors are kept in the store: float16 halves the disk and memory traffic of large-pool selection "
-        "(recorded in the store key).")
-
-
 class RewriteSpec(Strict):
     """Make new rows from the selected ones, re-score them, and select again (methods.md Part C)."""
 
-    steps: list[StepSpec] = Field(min_length=1, description="Rewrite steps (curate/rewrite/__init__.py lists them), each applied to the selection.")
+    steps: list[StepSpec] = Field(min_length=1,
+                                  description="Rewrite steps (curate/rewrite/__init__.py lists them), each applied to the selection.")
     pool: Literal["derived", "selected_and_derived"] = Field(
-        "derived", description="Who meets the next selection: the derived rows (and the originals no step used), or every selected original too.")
+        "derived", description="Who meets the next selection: the derived rows (and the originals no step used), "
+        "or every selected original too.")
     select: list[StepSpec] = Field(default_factory=list, description="Selection steps over that pool, after re-scoring (empty: keep all).")
 
 
@@ -155,7 +142,8 @@ class ReportSpec(Strict):
     enabled: bool = True
     plots: bool = True
     max_points: int = Field(5000, gt=0, description="Points drawn in the embedding map.")
-    sample_rows: int = Field(3, ge=0, description="Rows shown per outcome and reason in the report's rows section (the first by row number); 0: no rows section.")
+    sample_rows: int = Field(3, ge=0, description="Rows shown per outcome and reason in the report's rows section "
+                             "(the first by row number); 0: no rows section.")
 
 
 class RuntimeSpec(Strict):
@@ -163,7 +151,8 @@ class RuntimeSpec(Strict):
     workers: int = Field(1, gt=0, description="Prefect thread-pool size; model stages run one at a time.")
     ingest_workers: int = Field(1, gt=0, description="Processes that parse and validate input files (chunks of large files in parallel).")
     task_runner: Literal["threads", "dask", "ray"] = Field(
-        "threads", description="Where Prefect runs the shard tasks: a thread pool here, or a Dask / Ray cluster (pip install 'curate[cluster]').")
+        "threads", description="Where Prefect runs the shard tasks: a thread pool here, or a Dask / Ray cluster "
+        "(pip install 'curate[cluster]').")
     address: str | None = Field(None, description="An existing Dask scheduler or Ray cluster to use (e.g. 'tcp://10.0.0.5:8786', "
                                 "'ray://head:10001'); without it, dask/ray start a local cluster for the run.")
     torch_threads: int | None = Field(None, gt=0, description="Default: min(2, CPU count).")
@@ -174,7 +163,8 @@ class RuntimeSpec(Strict):
                                      "has computed at the end of its next batch (and so on), so a killed run loses at most about this "
                                      "much of a shard's work; 0: after every batch. Outputs do not depend on it.")
     max_error_rate: float = Field(0.01, ge=0, le=1, description="A stage fails above this fraction of failed rows.")
-    versioned: bool = Field(False, description="Each run writes output_dir/runs/<number>-<UTC time>/ and then points output_dir/latest at it "
+    versioned: bool = Field(False, description="Each run writes output_dir/runs/<number>-<UTC time>/ "
+                            "and then points output_dir/latest at it "
                             "(atomically); curate serve turns it on.")
 
 
@@ -281,20 +271,13 @@ class FlowSpec(Strict):
         (output_dir, store_dir), how it runs (runtime) and the report settings are left out, so the
         same work in another folder has the same hash."""
         exclude = {"flow_path", "output_dir", "store_dir", "runtime", "report", "description", "train"}
-        data = self.model_dump(mode="json", exclude=exclude)
         # keys added in later versions enter the hash only when set, so a flow keeps its hash
-        if data.get("rewrite") is None:
-            data.pop("rewrite", None)
-        if data.get("embed") and data["embed"].get("method") == "sentence_transformers":
-            data["embed"].pop("method")
-        if data.get("embed") and data["embed"].get("storage") == "float32":
-            data["embed"].pop("storage")
-        for inp in data.get("inputs", []):
-            for key in ("embedding", "delimiter", "license"):
-                if inp.get(key) is None:
-                    inp.pop(key, None)
-            if inp.get("keep_columns") == "none":
-                inp.pop("keep_columns")
+        data = drop_defaults(self.model_dump(mode="json", exclude=exclude), {"rewrite": None})
+        if data.get("embed"):
+            data["embed"] = drop_defaults(data["embed"], {"method": "sentence_transformers", "storage": "float32"})
+        if "inputs" in data:
+            data["inputs"] = [drop_defaults(inp, {"embedding": None, "delimiter": None, "license": None, "keep_columns": "none"})
+                              for inp in data["inputs"]]
         return sha256_hex(canonical_json(data))
 
 
@@ -412,7 +395,7 @@ def apply_override(data: dict, parts: list[str | int], value: Any, item: str) ->
     return tuple(done)
 
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
+def yaml_lines(text: str) -> dict[tuple, int]:
     """Map each field path in a YAML document to its 1-based line number."""
     lines: dict[tuple, int] = {}
 
@@ -516,7 +499,7 @@ def load_flow(path: str | os.PathLike, overrides: list[str] | None = None, check
         parts, value = parse_override(item)
         overridden[apply_override(data, parts, value, item)] = item
     expand_presets(data, path)
-    lines = _yaml_lines(text)
+    lines = yaml_lines(text)
     try:
         spec = FlowSpec.model_validate(data)
     except ValidationError as exc:
@@ -714,7 +697,7 @@ def check_flow(spec: FlowSpec) -> None:
     ``curate compare`` added its scorer): every score the selection steps read, and the output folder."""
     lines: dict[tuple, int] = {}
     if spec.flow_path and Path(spec.flow_path).is_file():
-        lines = _yaml_lines(Path(spec.flow_path).read_text(encoding="utf-8"))
+        lines = yaml_lines(Path(spec.flow_path).read_text(encoding="utf-8"))
     errors = score_reference_errors(spec, spec.flow_path, lines)
     if errors:
         raise ConfigError("\n".join(errors))

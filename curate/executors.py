@@ -118,7 +118,8 @@ class PrefectExecutor(LocalExecutor):
             task = self._task(stage, fn, task_name)
             futures = [self.local_runner.submit(task, parameters=kw) for kw in calls]
         else:
-            futures = [self._submit(self._task(stage, fn, task_name, stage.cache is not None and stage.cache.stale(kw)), kw) for kw in calls]
+            futures = [self._submit(self._task(stage, fn, task_name, stage.cache is not None and stage.cache.stale(kw)), kw)
+                       for kw in calls]
         wait(futures)  # every future resolves before we look at any, so none is left unfinished
         results = [f.result() for f in futures]  # raises the first failure
         # a Cached task replays the manifest of the run that computed it; in this run it computed nothing

@@ -37,6 +37,7 @@ from curate.config import FlowSpec, RuntimeSpec  # noqa: E402
 from curate.errors import ConfigError, MissingDependency  # noqa: E402
 from curate.executors import PrefectExecutor  # noqa: E402
 from curate.pipeline import execute  # noqa: E402
+from curate.store import prefect_results_dir  # noqa: E402
 
 
 class _ExpectedErrorsWithoutTraceback(logging.Filter):
@@ -63,7 +64,7 @@ def curate_flow(spec: dict[str, Any], flow_path: str | None = None, name: str = 
     flow_spec.flow_path = flow_path
     if config_hash and flow_spec.fingerprint() != config_hash:
         raise RuntimeError(f"the flow spec does not match its hash ({config_hash[:12]} → {flow_spec.fingerprint()[:12]})")
-    result_dir = flow_spec.store / "prefect-results"
+    result_dir = prefect_results_dir(flow_spec.store)
     if flow_spec.runtime.task_runner == "threads":
         return execute(flow_spec, PrefectExecutor(result_dir))
     # a cluster runs the model stages' shards; the stages that run once stay here, on threads

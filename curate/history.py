@@ -152,7 +152,8 @@ def score_drift(previous: Path, current: Path, bins: int = 10) -> dict[str, dict
             continue
         lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         edges = np.linspace(lo, hi if hi > lo else lo + 1, bins + 1)
-        out[name] = {"n_previous": len(x), "n_current": len(y), "median_previous": float(np.median(x)), "median_current": float(np.median(y)),
+        out[name] = {"n_previous": len(x), "n_current": len(y), "median_previous": float(np.median(x)),
+                     "median_current": float(np.median(y)),
                      "ks": _ks(x, y), "bins": edges.tolist(), "hist_previous": np.histogram(x, edges)[0].tolist(),
                      "hist_current": np.histogram(y, edges)[0].tolist()}
     return out
@@ -190,7 +191,8 @@ def diff_markdown(diff: dict[str, Any]) -> str:
     """The diff as a report / artifact section."""
     p = diff["previous_run"]
     lines = ["## Changes since the previous run", "",
-             f"Previous run: {p.get('finished_at')} (flow run {p.get('flow_run_id') or '–'}, config `{(p.get('config_hash') or '')[:12]}`).",
+             (f"Previous run: {p.get('finished_at')} (flow run {p.get('flow_run_id') or '–'}, "
+              f"config `{(p.get('config_hash') or '')[:12]}`)."),
              f"Selection: **{diff['added']} added**, **{diff['removed']} removed**, {diff['unchanged']} unchanged; "
              f"{diff['new_rows']} input rows are new, {diff['gone_rows']} are gone.", ""]
     for key, title in (("added_examples", "Added (first 20)"), ("removed_examples", "Removed (first 20)")):

@@ -47,7 +47,8 @@ class DiskFull(CurateError):
     def __init__(self, path: Path, written: int, cause: OSError):
         reason = os.strerror(cause.errno) if cause.errno else str(cause)
         super().__init__(f"{path}: disk full / file too large ({reason}) after {written} bytes were written; "
-                         "nothing was put under that name (what was there before is unchanged). Free space or raise the limit, then run again.")
+                         "nothing was put under that name (what was there before is unchanged). "
+                         "Free space or raise the limit, then run again.")
         self.path = Path(path)
         self.written = written
         self.errno = cause.errno

@@ -42,7 +42,8 @@ class IngestChunk(BaseModel):
     file: str
     records_path: str
     quarantine_path: str
-    vectors_path: str | None = Field(None, description="Precomputed vectors of its rows (sample_id, row, vector), when the input carries them.")
+    vectors_path: str | None = Field(None, description="Precomputed vectors of its rows (sample_id, row, vector), "
+                                     "when the input carries them.")
     row_offset: int = Field(description="The input-local row number of the file's row 0.")
     n_rows: int
     n_valid: int

@@ -333,17 +333,18 @@ def add_adapter_stop_tokens(model, location: str) -> None:
     model.generation_config.eos_token_id = eos + [t for t in extra if t not in eos]
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
-    """The tokenizer of any model :func:`resolve_model` knows (a GGUF's without its weights), loaded
-    once per process per name (resolving a bundled GGUF hashes the file, so the name is the key)."""
-    return cached(("tokenizer", name, trust_remote_code), lambda: read_tokenizer(name, trust_remote_code))
+def load_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None):
+    """The tokenizer of any model :func:`resolve_model` knows (a GGUF's without its weights; a hub model at
+    ``revision``, default its main branch), loaded once per process per name and revision (resolving a
+    bundled GGUF hashes the file, so the name is the key)."""
+    return cached(("tokenizer", name, trust_remote_code, revision), lambda: read_tokenizer(name, trust_remote_code, revision))
 
 
-def read_tokenizer(name: str, trust_remote_code: bool = False):
+def read_tokenizer(name: str, trust_remote_code: bool = False, revision: str | None = None):
     """:func:`load_tokenizer` without the process cache (a bundled GGUF's tokenizer is read from the
     GGUF once, then kept as a tokenizer dir under the curate cache)."""
     from transformers import AutoTokenizer
 
-    resolved = resolve_model(name, weights=False)
+    resolved = resolve_model(name, revision, weights=False)
     return AutoTokenizer.from_pretrained(resolved.location, revision=None if resolved.source != "hub" else resolved.revision,
                                          trust_remote_code=trust_remote_code)

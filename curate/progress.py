@@ -307,11 +307,14 @@ def stage_progress(description: str, total: int | None) -> Iterator[_Bar]:
             _progress.start()
         _active += 1
         task_id = _progress.add_task(description, total=total)
+    finished = False
     try:
         yield _Bar(_progress, task_id, stage)
+        finished = True
     finally:
         with _lock:
-            _progress.update(task_id, completed=total)
+            if finished:  # a failed unit's bar stays where it stopped
+                _progress.update(task_id, completed=total)
             _active -= 1
             if _active == 0:
                 _progress.stop()

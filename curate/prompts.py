@@ -78,7 +78,8 @@ ALL = {p.id: p for p in (ALPACA_NO_INPUT, ALPACA_WITH_INPUT, VICUNA_SYSTEM, RIFD
 # src/deita/selection/scorer/llama_scorer.py, Apache-2.0): a trained format, reproduced byte for byte.
 DEITA_COMPLEXITY = Prompt(
     "deita_complexity_trained", "1",
-    "You are a helpful assistant. Please identify the complexity score of the following user query. \n##Query: {instruction}  \n##Complexity: ",
+    "You are a helpful assistant. Please identify the complexity score of the following user query. "
+    "\n##Query: {instruction}  \n##Complexity: ",
     source="hkust-nlp/deita llama_scorer.py (Apache-2.0), trained format",
 )
 DEITA_QUALITY = Prompt(

@@ -59,6 +59,13 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+def drop_defaults(data: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``data`` without the keys of ``defaults`` whose value is still that default: settings added after
+    keys were first recorded enter a hash only once set, so a key recorded before they existed stays valid
+    (flow fingerprints, training keys, compare's cell keys)."""
+    return {k: v for k, v in data.items() if not (k in defaults and v == defaults[k])}
+
+
 def sha256_hex(*parts: str | bytes) -> str:
     """sha256 over the parts, each length-prefixed so that ("ab", "c") != ("a", "bc")."""
     h = hashlib.sha256()

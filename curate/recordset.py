@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.io import is_url, read_parquet, write_json, write_parquet
-from curate.manifests import RecordSetRef, ShardRef
+from curate.manifests import RecordSetRef, RewriteRef, ShardRef
 from curate.records import RECORD_SCHEMA, sha256_hex
-from curate.store import Collection, Store
+from curate.store import NO_VECTOR, Collection, Store, matrix_dir, shard_copies_dir
 
 #: score statuses that take a row out of selection: a failed call, or a judge answer with no rating
 QUARANTINE_STATUSES = ("error", "parse_failed")
@@ -70,7 +70,8 @@ class RecordSetWriter:
         i = len(self.shards)
         path = self.folder / f"shard-{i:05d}.parquet"
         write_parquet(path, part)
-        self.shards.append(ShardRef(shard_id=i, path=str(path), sha256=shard_hash(part.column("sample_id").to_pylist()), n_rows=part.num_rows))
+        self.shards.append(ShardRef(shard_id=i, path=str(path), sha256=shard_hash(part.column("sample_id").to_pylist()),
+                                    n_rows=part.num_rows))
         self.n_rows += part.num_rows
 
     def close(self) -> RecordSetRef:
@@ -100,9 +101,7 @@ def shared_shards(shards: list[ShardRef], store_dir: str) -> list[ShardRef]:
     again) and the returned refs point there."""
     if not is_url(store_dir):
         return list(shards)
-    from curate.io import location
-
-    folder = location(store_dir) / "shards"
+    folder = shard_copies_dir(store_dir)
     folder.fs.invalidate_cache(folder.path)
     have = {p.name for p in folder.glob("*.parquet")} if folder.exists() else set()
     out = []
@@ -138,6 +137,17 @@ def scan_records(sets: RecordSetRef | list[RecordSetRef], columns: list[str]):
 def iter_shards(sets: list[RecordSetRef]) -> Iterator[ShardRef]:
     for rs in sets:
         yield from rs.shards
+
+
+def rows_leaving_pool(rewrites: list[RewriteRef]) -> list[int]:
+    """The rows of a rewrite's source set that it used or dropped (its dispositions file): with
+    ``pool: derived`` they leave the next selection round (the ledger stage records why)."""
+    import polars as pl
+
+    if not rewrites:
+        return []
+    disp = pl.concat([pl.scan_parquet(rw.dispositions_path).select("row", "disposition") for rw in rewrites], how="vertical_relaxed")
+    return disp.filter(pl.col("disposition").is_in(["used", "dropped"])).select(pl.col("row").unique().sort()).collect()["row"].to_list()
 
 
 def take_records(sets: list[RecordSetRef], ids=None, rows=None) -> pa.Table:
@@ -272,7 +282,7 @@ def load_embeddings(store_dir: str, key: str, ids) -> tuple[np.ndarray, list[str
     """(vectors (len(ids), dim) in the order of ``ids``, status per id).
 
     The vectors are a read-only ``np.memmap`` of ``<store>/embeddings/<key>/matrix/<hash of ids>.npy``
-    (for a URL store, of a local file under ``$CURATE_CACHE_DIR/matrix/``: see :func:`_matrix_dir`),
+    (for a URL store, of a local file under ``$CURATE_CACHE_DIR/matrix/``: see :func:`curate.store.matrix_dir`),
     in the stored dtype (float32, or float16 with ``embed.storage: float16``). The file is assembled
     once, part by part, into a temporary file renamed into place; a later call for the same ids over
     the same store parts reuses it (``<hash>.json`` records the parts, ``<hash>.status.parquet`` the
@@ -288,7 +298,7 @@ def load_embeddings(store_dir: str, key: str, ids) -> tuple[np.ndarray, list[str
         return np.empty((0, len(first[0]) if len(first) else 0), dtype=pc.list_flatten(first).type.to_pandas_dtype()), []
     id_array = _arrow(ids, pa.string())
     digest = _ordered_ids_digest(id_array)
-    folder = _matrix_dir(collection)
+    folder = matrix_dir(collection)
     path, meta_path, status_path = folder / f"{digest}.npy", folder / f"{digest}.json", folder / f"{digest}.status.parquet"
     part_names = [p.name for p in parts]
     cached = _cached_matrix(path, meta_path, status_path, part_names, len(ids))
@@ -320,17 +330,6 @@ def _sweep_abandoned(folder: Path) -> None:
                 tmp.unlink()
         except FileNotFoundError:
             continue
-
-
-def _matrix_dir(collection: Collection) -> Path:
-    """Where the assembled matrices of ``collection`` go: beside its parts for a local store; for a URL
-    store a local folder (``$CURATE_CACHE_DIR/matrix/<hash of the collection's URL>``), since a
-    memory map needs a local file."""
-    if not collection.remote:
-        return collection.dir / "matrix"
-    from curate.models import cache_dir
-
-    return cache_dir() / "matrix" / sha256_hex(str(collection.dir))[:24]
 
 
 def _ordered_ids_digest(id_array: pa.Array) -> str:
@@ -372,7 +371,8 @@ def _status_list(column) -> list[str]:
     return [names[c] for c in enc.indices.to_numpy(zero_copy_only=False).tolist()]
 
 
-def _build_matrix(collection: Collection, parts: list[Path], id_array: pa.Array, path: Path, status_path: Path, allow_missing: bool) -> None:
+def _build_matrix(collection: Collection, parts: list[Path], id_array: pa.Array, path: Path, status_path: Path,
+                  allow_missing: bool) -> None:
     """Fill ``path`` (.npy, the stored dtype) part by part; the first stored row of an id wins."""
     from curate.io import atomic_path
 
@@ -428,8 +428,6 @@ def _build_matrix(collection: Collection, parts: list[Path], id_array: pa.Array,
         if len(missing):
             if not allow_missing:
                 raise RuntimeError(f"{len(missing)} rows have no stored embedding (first: {id_array[int(missing[0])].as_py()})")
-            from curate.embed.precomputed import NO_VECTOR
-
             mat[missing] = 0
             names.append(NO_VECTOR)
             status_codes[missing] = len(names) - 1

@@ -1,15 +1,16 @@
 """Registries map a method name to ``"module:Class"``; classes are imported on first use, so heavy
-dependencies load only when a flow uses the method."""
+dependencies load only when a flow uses the method. The type is :class:`curate.plugin.Registry`."""
 
 from __future__ import annotations
 
-import importlib
+from curate.plugin import Registry
 
 
-def load_class(registry: dict[str, str], kind: str, method: str) -> type:
-    try:
-        target = registry[method]
-    except KeyError:
-        raise KeyError(f"unknown {kind} '{method}' (known: {', '.join(sorted(registry))})") from None
-    module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls)
+def load_class(registry: Registry | dict[str, str], kind: str, method: str) -> type:
+    """The class ``method`` names in ``registry`` (a :class:`Registry`, or a plain ``{method: "module:Class"}`` dict)."""
+    if isinstance(registry, Registry):
+        return registry.get(method)
+    return Registry(kind, registry).get(method)
+
+
+__all__ = ["Registry", "load_class"]

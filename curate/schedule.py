@@ -51,6 +51,7 @@ def scheduled_curation(flow_file: str, overrides: list[str] | None = None) -> di
     from curate.executors import PrefectExecutor
     from curate.launch import check_inputs
     from curate.pipeline import execute
+    from curate.store import prefect_results_dir
 
     spec = load_flow(flow_file, list(overrides or []))
     check_inputs(spec)
@@ -58,7 +59,7 @@ def scheduled_curation(flow_file: str, overrides: list[str] | None = None) -> di
         from curate.flow import run_prefect
 
         return run_prefect(spec)
-    return execute(spec, PrefectExecutor(spec.store / "prefect-results"))
+    return execute(spec, PrefectExecutor(prefect_results_dir(spec.store)))
 
 
 # -- deployments ----------------------------------------------------------------------------------

@@ -5,8 +5,20 @@ Layout (``store_dir`` in the flow, shared by every run of a project)::
     <store>/scores/<scorer_key>/fingerprint.json      what the key means (method, params, model…)
     <store>/scores/<scorer_key>/part-<hash>.parquet   long rows: sample_id, variant, score, status…
     <store>/scores/<scorer_key>/done/<shard>.json     shard marker: every row of that shard is stored
-    <store>/embeddings/<embedder_key>/…               the same, with a ``vector`` column
+    <store>/embeddings/<embedder_key>/…               the same, with a ``vector`` column (:func:`embedding_table`)
+    <store>/embeddings/<embedder_key>/matrix/…        assembled matrices selection memory-maps (:func:`matrix_dir`)
+    <store>/embeddings/<embedder_key>/vector_dim.json a precomputed producer's vector length (:func:`noted_dim`)
     <store>/rewrites/<rewrite_key>/unit-<hash>.json   a rewrite step's finished units (see curate.stages.rewrite)
+    <store>/calls/…                                   the LLM call cache (:func:`calls_dir`, curate.lm.calls)
+    <store>/requests/…                                API scorers' response cache (:func:`request_cache`)
+    <store>/ingest/…                                  input chunks read before (:func:`ingest_cache_dir`)
+    <store>/aide/personas/<key>.json                  AIDE's persona pools (:func:`persona_cache`)
+    <store>/shards/<shard sha256>.parquet             a URL store's copies of the shards (:func:`shard_copies_dir`)
+    <store>/prefect-results/…                         Prefect's task results (:func:`prefect_results_dir`)
+    <store>/store_id                                  the store's identity (:meth:`Store.identity`)
+
+Every ``<store>/…`` path and every part schema (:data:`SCORE_SCHEMA`, :func:`embedding_table`,
+:data:`NO_VECTOR`) is named here, and only here: the stages, record sets, flows and plug-ins ask.
 
 Keys are sha256 hashes of the fingerprint, rows are keyed by ``sample_id`` (a hash of the content),
 so nothing already computed is computed again, whatever run, file or row order it came from. Parts are
@@ -55,7 +67,8 @@ class StoreCorrupt(CurateError):
     """A stored part does not read; it was set aside and the next run computes its rows again."""
 
 
-def _string_array(ids: pa.Array | pa.ChunkedArray | list[str]) -> pa.Array:
+def string_array(ids: pa.Array | pa.ChunkedArray | list[str]) -> pa.Array:
+    """``ids`` (a list, Array or ChunkedArray of n strings) as one ``pa.string()`` Array of length n."""
     if isinstance(ids, pa.ChunkedArray):
         ids = ids.combine_chunks() if ids.num_chunks else pa.array([], pa.string())
     return (ids if isinstance(ids, pa.Array) else pa.array(list(ids), pa.string())).cast(pa.string())
@@ -63,7 +76,7 @@ def _string_array(ids: pa.Array | pa.ChunkedArray | list[str]) -> pa.Array:
 
 def _binary(ids) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, bytes) of ``ids`` as one contiguous UTF-8 buffer (offsets start at 0)."""
-    arr = _string_array(ids).cast(pa.large_binary())
+    arr = string_array(ids).cast(pa.large_binary())
     n = len(arr)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
     data = arr.buffers()[2]
@@ -89,7 +102,7 @@ def _ids_digest(ids) -> str:
     """``sha256_hex(*sorted(set(ids)))`` computed on Arrow buffers (no Python string per id)."""
     import hashlib
 
-    uniq = pc.unique(_string_array(ids))
+    uniq = pc.unique(string_array(ids))
     offsets, raw = _binary(uniq.take(pc.sort_indices(uniq)))  # UTF-8 byte order = code point order = str order
     lengths = np.diff(offsets)
     n = len(lengths)
@@ -339,7 +352,7 @@ class Collection:
         if not parts:
             return None
         tables = []
-        id_array = pc.unique(_string_array(ids)) if ids is not None else None  # typed: an empty pool too
+        id_array = pc.unique(string_array(ids)) if ids is not None else None  # typed: an empty pool too
         for part in parts:
             t = self.read_part(part, columns)
             if t is None:  # corrupt (now set aside) or set aside meanwhile: its rows would silently be missing
@@ -353,7 +366,7 @@ class Collection:
             return None
         table = pa.concat_tables(tables, promote_options="default")
         keys = ["sample_id"] + (["variant"] if "variant" in table.column_names else [])
-        return _drop_duplicates(table, keys)
+        return drop_duplicates(table, keys)
 
     def fingerprint(self) -> dict[str, Any] | None:
         path = self.dir / "fingerprint.json"
@@ -362,11 +375,12 @@ class Collection:
 
 def first_occurrence(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Bool per entry of ``ids``: is it the first entry with that value? (one hash pass in Arrow)"""
-    ids = _string_array(ids)
+    ids = string_array(ids)
     return (pc.index_in(ids, value_set=ids).to_numpy(zero_copy_only=False) == np.arange(len(ids))) if len(ids) else np.zeros(0, dtype=bool)
 
 
-def _drop_duplicates(table: pa.Table, keys: list[str]) -> pa.Table:
+def drop_duplicates(table: pa.Table, keys: list[str]) -> pa.Table:
+    """The first row of each distinct ``keys`` value, rows in table order (every column kept)."""
     if table.num_rows == 0:
         return table
     idx = pa.array(range(table.num_rows), pa.int64())
@@ -375,6 +389,10 @@ def _drop_duplicates(table: pa.Table, keys: list[str]) -> pa.Table:
         return table
     keep = pc.sort_indices(first.column("_i_min"))
     return table.take(pc.take(first.column("_i_min"), keep))
+
+
+#: the store's collections of parts (:meth:`Store.collection`)
+COLLECTIONS = ("scores", "embeddings")
 
 
 class Store:
@@ -399,11 +417,17 @@ class Store:
                 pass
         return path.read_text(encoding="utf-8").strip()
 
+    def collection(self, kind: str, key: str) -> Collection:
+        """The collection ``kind`` (one of :data:`COLLECTIONS`) of ``key``."""
+        if kind not in COLLECTIONS:
+            raise ValueError(f"store collection '{kind}': one of {COLLECTIONS}")
+        return Collection(self.root, kind, key)
+
     def scores(self, key: str) -> Collection:
-        return Collection(self.root, "scores", key)
+        return self.collection("scores", key)
 
     def embeddings(self, key: str) -> Collection:
-        return Collection(self.root, "embeddings", key)
+        return self.collection("embeddings", key)
 
     def calls(self) -> Path:
         """The LLM call cache: one JSON reply per (backend, messages, decoding, seed) hash (see curate.lm.calls)."""
@@ -412,3 +436,108 @@ class Store:
     def rewrites(self, key: str) -> Path:
         """The folder of one rewrite step's finished units (key: its fingerprint + its input set's hash)."""
         return self.root / "rewrites" / key
+
+
+# -- the store's other folders: caches each named here, built by whoever fills them ---------------------
+
+
+def calls_dir(root: str | Path) -> Path:
+    """The LLM call cache: one JSON reply per (backend, messages, decoding, seed) hash (curate.lm.calls)."""
+    return Store(root).calls()
+
+
+def request_cache(root: str | Path) -> Path:
+    """API scorers' response cache (a scorer context's ``request_cache``)."""
+    return location(root) / "requests"
+
+
+def ingest_cache_dir(root: str | Path) -> Path:
+    """Input chunks ingest read before (same bytes, same settings), so they are not parsed again."""
+    return location(root) / "ingest"
+
+
+def persona_cache(root: str | Path, key: str) -> Path:
+    """One AIDE persona pool (``key``: what it was drawn from and how), as JSON."""
+    return location(root) / "aide" / "personas" / f"{key}.json"
+
+
+def shard_copies_dir(root: str | Path) -> Path:
+    """A URL store's copies of the shards (``<shard sha256>.parquet``), which every worker reads."""
+    return location(root) / "shards"
+
+
+def prefect_results_dir(root: str | Path) -> Path:
+    """Where Prefect keeps its task results and cache records (under the store: every worker reaches it)."""
+    return location(root) / "prefect-results"
+
+
+def matrix_dir(collection: Collection) -> Path:
+    """Where the assembled matrices of an embeddings ``collection`` go: beside its parts for a local
+    store; for a URL store a local folder (``$CURATE_CACHE_DIR/matrix/<hash of the collection's URL>``),
+    since a memory map needs a local file."""
+    if not collection.remote:
+        return collection.dir / "matrix"
+    from curate.models import cache_dir
+    from curate.records import sha256_hex
+
+    return cache_dir() / "matrix" / sha256_hex(str(collection.dir))[:24]
+
+
+# -- part schemas --------------------------------------------------------------------------------------
+
+#: the rows of a ``scores`` part: one per (sample, scorer output)
+SCORE_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("scorer_key", pa.string()),
+        ("method", pa.string()),
+        ("variant", pa.string()),
+        ("score", pa.float64()),
+        ("status", pa.string()),
+        ("error_class", pa.string()),
+        ("message", pa.string()),
+        ("components", pa.string()),
+        ("n_tokens_in", pa.int64()),
+        ("n_tokens_used", pa.int64()),
+        ("model_id", pa.string()),
+        ("model_revision", pa.string()),
+        ("dtype", pa.string()),
+        ("template_id", pa.string()),
+        ("template_hash", pa.string()),
+        ("max_length", pa.int64()),
+        ("seed", pa.int64()),
+        ("decoding", pa.string()),
+        ("raw_output", pa.string()),
+        ("created_at", pa.timestamp("s", tz="UTC")),
+        ("code_version", pa.string()),
+    ]
+)
+
+#: the status of a row whose input carried no vector for a precomputed producer (given by the matrix, never stored)
+NO_VECTOR = "error:no_vector"
+#: the status of a stored vector that cannot be used (NaN / inf, or zero when normalising)
+BAD_VECTOR = "error:bad_vector"
+
+
+def embedding_table(ids: list[str] | pa.Array, vectors: np.ndarray, statuses: list[str], storage: str = "float32") -> pa.Table:
+    """The rows of an ``embeddings`` part: ``sample_id``, ``status``, ``vector`` (fixed-size list of ``storage`` floats)."""
+    dim = vectors.shape[1]
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.dtype(storage)).reshape(-1))
+    return pa.table(
+        {
+            "sample_id": pa.array(ids, pa.string()),
+            "status": pa.array(statuses, pa.string()),
+            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    )
+
+
+def noted_dim(collection: Collection) -> int | None:
+    """The vector length noted beside an embeddings collection's parts (``vector_dim.json``), None if none."""
+    noted = collection.dir / "vector_dim.json"
+    return int(json.loads(noted.read_text())["dim"]) if noted.exists() else None
+
+
+def note_dim(collection: Collection, dim: int) -> None:
+    """Note the vector length of an embeddings collection (with its first vectors)."""
+    write_json(collection.dir / "vector_dim.json", {"dim": int(dim)})

@@ -4,7 +4,8 @@ A template renders a conversation to one string and reports where each assistant
 (character spans), plus the *assistant cue* used as the direct-pass prefix (``direct_prefix:
 header``). Whitespace is part of the contract: every string a template writes around the
 conversation's own text is in its ``contract()`` (the fields of its :class:`Layout` plus the joins all
-templates share), and ``template_hash`` is the sha256 of those exact bytes (methods.md A1/E1), so changing one byte of a layout changes the score key.
+templates share), and ``template_hash`` is the sha256 of those exact bytes (methods.md A1/E1), so
+changing one byte of a layout changes the score key.
 
 =============  =====================================================================================
 ``alpaca``     Stanford Alpaca: preamble, ``### Instruction:``, optional ``### Input:``,

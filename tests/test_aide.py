@@ -29,9 +29,10 @@ from curate.rewrite.aide import (
     Node,
     allocate,
     choose_personas,
-    join_reply,
-    speaker_1,
     greedy_dedup,
+)
+from curate.rewrite.aide_units import join_reply, speaker_1
+from curate.rewrite.tags import (
     parse_attributes,
     parse_choices,
     parse_grade,

@@ -35,6 +35,9 @@ ODD = [
                   "output": "Eat well, sleep enough and move every day."})] * 2,
     "{\"instruction\": \"broken",
     json.dumps({"instruction": "No output here [red]x[/red]", "input": ""}),
+    json.dumps({"instruction": "Où est le Café de Flore ?", "input": "",
+                "output": "Boulevard Saint-Germain ; le café y est cher, à 300 \u212a."}, ensure_ascii=False),
+    json.dumps({"instruction": "Ein Straßencafé ohne Antwort", "input": ""}, ensure_ascii=False),
 ]
 
 
@@ -192,6 +195,30 @@ def test_search_is_a_case_insensitive_substring_of_the_text(server, truth):
     want = truth.filter((pl.col("outcome") == "not_selected") & pl.col("text").str.to_lowercase().str.contains("the", literal=True))
     assert combined["total"] == want.height > 0
     assert rows_of(server, q="no such text anywhere 1234")["total"] == 0
+
+
+def test_search_folds_case_beyond_ascii_reads_raw_text_and_matches_the_files(server, truth, run_dir):
+    from curate.view.browse import Browser
+
+    def want(q: str) -> list[int]:
+        return [r["row"] for r in truth.iter_rows(named=True) if r["text"] and q.lower() in r["text"].lower()]
+
+    cafe = every_row(server, q="CAFÉ")  # É finds é, in messages and in a quarantined row's raw text
+    assert [r["row"] for r in cafe if r["outcome"] != "quarantined"] == want("café")
+    assert any("Flore" in r["messages"][0]["content"] for r in cafe if r["messages"])
+    assert [r["raw"] for r in cafe if r["outcome"] == "quarantined"] == [ODD[-1]]
+    assert [r["row"] for r in every_row(server, q="cAfÉ dE fLoRe")] == want("café de flore")
+    kelvin = every_row(server, q="300 k")  # the regex's Unicode folding: k finds the Kelvin sign
+    assert [r["row"] for r in kelvin] == want("300 \u212a") != []
+    raw = rows_of(server, q="EIN STRAẞENCAFÉ OHNE")  # a quarantined row's raw text, non-ASCII (ẞ finds ß)
+    assert [r["outcome"] for r in raw["rows"]] == ["quarantined"] and "Straßencafé" in raw["rows"][0]["raw"]
+    # the text index and a scan of the files find the same rows
+    assert server.browser.wait_index() is not None and "MB, built in" in server.browser.index_note
+    plain = Browser(run_dir, index_max_bytes=0)
+    assert plain.wait_index() is None and "turned off" in plain.index_note
+    assert Browser(run_dir, index_max_bytes=1000).wait_index() is None  # a run over the limit: no index
+    for q in ("CAFÉ", "python", "PYTHON", "the", "[red]x", "straßencafé", "sk", "zebra zebra", "tips for staying", "a.b", "no 1234"):
+        assert plain.search(q).to_list() == server.browser.search(q).to_list(), q
 
 
 def test_rows_carry_text_scores_detail_and_parents(server, run_dir):

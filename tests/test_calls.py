@@ -263,7 +263,7 @@ def test_plan_shows_the_most_model_calls_of_an_llm_rewrite_step(tmp_path, monkey
     from curate.cli import app
     from curate.rewrite import REWRITERS
 
-    monkeypatch.setitem(REWRITERS, "tiny_llm", "test_calls:TinyLLM")
+    monkeypatch.setitem(REWRITERS.targets, "tiny_llm", "test_calls:TinyLLM")
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"instruction": f"Say {w}.", "output": w}) + "\n"
                                                  for w in ("one", "two", "three", "four", "five")))
     flow = write_flow(tmp_path, inputs=[{"path": "rows.jsonl"}], rewrite={"steps": [{"method": "tiny_llm", "budget": {"max_calls": 4}}]})

@@ -173,7 +173,8 @@ def test_token_budget_gives_every_cell_the_same_steps_and_the_same_tokens(pool_f
     the budget counted in the trainer's tokens (the chat_tokens scorer compare adds), every row trained once a
     pass, so the tokens trained are each selection's tokens × the epochs, within the shortest row of the budget.
     Baselines turned off: only the two selections."""
-    from curate.compare import load_compare, run_compare
+    from curate.compare import load_compare
+    from curate.compare_flow import run_compare
 
     spec = load_compare(compare_file(tmp_path, pool_flow, budget_unit="tokens", budgets=[1600],
                                      selections=[by_length("short", False), by_length("long", True)],
@@ -216,7 +217,8 @@ def test_seeds_baselines_and_paired_differences_end_to_end(pool_flow, tmp_path):
     """Rows budget, two seeds, the default baselines: per-seed cells with their own train seed, one row per
     selection with a mean and an interval over rows and seeds, the random and base-model rows, paired differences;
     every cell of the budget trains the least natural step count; a re-run runs nothing."""
-    from curate.compare import load_compare, natural_steps, run_compare
+    from curate.compare import load_compare, natural_steps
+    from curate.compare_flow import run_compare
 
     cfile = compare_file(tmp_path, pool_flow, budgets=[3], seeds=[0, 1], selections=[by_length("short", False, "rows")],
                          train={"epochs": 1, "batch_tokens": 256, "max_length": 256}, eval={**FAST_EVAL, "judge": None})

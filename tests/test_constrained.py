@@ -16,8 +16,9 @@ from curate import prompts as P
 from curate.errors import CurateError
 from curate.lm import LMParams, load_backend
 from curate.lm.calls import Call, CallEngine, Decoding
-from curate.rewrite import aide
-from curate.rewrite.reflection import INSTRUCTION, KIND_FIELDS, parse_tagged
+from curate.rewrite import tags
+from curate.rewrite.reflection import INSTRUCTION, KIND_FIELDS
+from curate.rewrite.tags import parse_tagged
 
 pytest.importorskip("xgrammar", reason="the constrained extra (pip install 'curate[constrained]')")
 
@@ -64,15 +65,15 @@ def test_shapes_accept_what_the_parsers_read():
     assert not full(P.REFLECT_INSTRUCTION.shape, replies[P.REFLECT_INSTRUCTION].replace("1, 2, 3.", "[End] more"))  # no early tag
     assert INSTRUCTION.shape == P.REFLECT_INSTRUCTION.shape
     topic = "<Topic>sorting</Topic>\n<Related knowledge>lists, keys, stability</Related knowledge>"
-    assert full(P.AIDE_TOPIC.shape, topic) and aide.parse_attributes(topic, 3)[2] == "ok"
+    assert full(P.AIDE_TOPIC.shape, topic) and tags.parse_attributes(topic, 3)[2] == "ok"
     assert full(P.AIDE_GRADE_DIVERSITY.shape, "<Score>7</Score>") and not full(P.AIDE_GRADE_DIVERSITY.shape, "<Score>11</Score>")
     multi = "7 * 6 = 42.\n<Choices>\nCorrect: 42\nIncorrect: 36\nIncorrect: 48\nIncorrect: 13\n</Choices>"
-    assert full(P.AIDE_ANSWER_MULTI.shape, multi) and len(aide.parse_choices(aide.parse_tag(multi, "Choices")[0])) == 4
+    assert full(P.AIDE_ANSWER_MULTI.shape, multi) and len(tags.parse_choices(tags.parse_tag(multi, "Choices")[0])) == 4
     assert full(P.AIDE_ANSWER_FREE.shape, "<Choices>def f(x):\n    return x < 3 and x > 1</Choices>")  # "<" in code
     check = "It is 42, which is listed.\n<Response>Yes</Response>"
-    assert full(P.AIDE_CHECK_CHOICES.shape, check) and aide.parse_yes_no(check, "Response") == (True, "ok")
+    assert full(P.AIDE_CHECK_CHOICES.shape, check) and tags.parse_yes_no(check, "Response") == (True, "ok")
     triples = '["sorting", "uses", "comparison"]\n["sorting", "needs", "order"]'
-    assert full(P.AIDE_KG_EXPAND.shape, triples) and aide.parse_triples(triples, [], 2) == ["comparison", "order"]
+    assert full(P.AIDE_KG_EXPAND.shape, triples) and tags.parse_triples(triples, [], 2) == ["comparison", "order"]
     binary = P.with_response(P.AIDE_REWRITE_REASONING.shape)
     assert full(binary, "<Rewritten Prompt>Is 9 prime?</Rewritten Prompt>\n<Response>Nine is a square.</Response>")
     assert not full(binary, "<Rewritten Prompt>Is 9 prime?</Rewritten Prompt>\n<Response>No</Response>")  # a reply, not a label
@@ -101,10 +102,10 @@ def test_hf_constrained_reply_has_the_shape_where_the_free_one_does_not(hf):
     d = {"temperature": 0.0, "max_tokens": 12}
     shape = P.AIDE_GRADE_RELEVANCE.shape
     (free,) = hf.chat([GRADE], d)
-    assert not full(shape, free["text"]) and aide.parse_grade(free["text"])[0] is None
+    assert not full(shape, free["text"]) and tags.parse_grade(free["text"])[0] is None
     con, other = hf.chat([GRADE, GRADE], d, shapes=[shape, None])
     assert full(shape, con["text"]) and con["constrained"] is True and con["finish_reason"] == "stop"
-    assert aide.parse_grade(con["text"])[1] == "ok"
+    assert tags.parse_grade(con["text"])[1] == "ok"
     assert other["text"] == free["text"] and other["constrained"] is None
 
 

@@ -20,7 +20,7 @@ from curate.config import EmbedSpec, load_flow
 from curate.embed import build_embedder
 from curate.pipeline import execute
 from curate.records import message, sample_id
-from curate.select import Pool, selector_class
+from curate.select import Pool, SelectContext, selector_class
 from curate.select.decontaminate import EvalNgrams, Tokens, normalise, short_prompt_matches, words
 from conftest import ROOT, write_flow
 
@@ -53,14 +53,14 @@ def pool_of(prompts, responses, vectors) -> Pool:
 
 
 def run_step(embedder, store, **params):
-    step = selector_class("decontaminate")({**PARAMS, **params}, base_dir=str(ROOT),
-                                           context={"embed": SPEC, "embed_key": embedder.key, "store_dir": str(store), "torch_threads": 2})
+    context = SelectContext(base_dir=str(ROOT), embed=SPEC, embed_key=embedder.key, store_dir=str(store), torch_threads=2)
+    step = selector_class("decontaminate")("decontaminate", {**PARAMS, **params}, context)
     return step.select(pool_of(PROMPTS, RESPONSES, embedder.embed(PROMPTS)))
 
 
 def text_step(prompts, **params):
     """The step with the embedding check off, on rows with these prompts (no embedder needed)."""
-    step = selector_class("decontaminate")({**PARAMS, **TEXT_ONLY, **params}, base_dir=str(ROOT), context={})
+    step = selector_class("decontaminate")("decontaminate", {**PARAMS, **TEXT_ONLY, **params}, SelectContext(base_dir=str(ROOT)))
     return step.select(pool_of(prompts, ["An answer."] * len(prompts), None))
 
 
@@ -180,11 +180,10 @@ def test_embedding_compares_prompts_by_default(tmp_path):
     flow_embedder = build_embedder(conv, torch_threads=2)
     records = [{"messages": [message("user", p), message("assistant", r)]} for p, r in zip(PROMPTS, RESPONSES)]
     vectors = flow_embedder.embed_records(records)
-    ctx = {"embed": conv, "embed_key": flow_embedder.key, "store_dir": str(tmp_path / "store"), "torch_threads": 2}
+    ctx = SelectContext(base_dir=str(ROOT), embed=conv, embed_key=flow_embedder.key, store_dir=str(tmp_path / "store"), torch_threads=2)
 
     def run(**params):
-        step = selector_class("decontaminate")({**PARAMS, "exact_match": False, "max_ngram_overlap": None, **params},
-                                               base_dir=str(ROOT), context=ctx)
+        step = selector_class("decontaminate")("decontaminate", {**PARAMS, "exact_match": False, "max_ngram_overlap": None, **params}, ctx)
         return step.select(pool_of(PROMPTS, RESPONSES, vectors))
 
     first = run()

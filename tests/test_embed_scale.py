@@ -123,7 +123,7 @@ def test_precomputed_embed_stage_marks_rows_without_vector(tmp_path):
 
 
 def test_computed_collection_still_raises_on_missing_rows(tmp_path):
-    from curate.stages.embed import embedding_table
+    from curate.store import embedding_table
 
     coll = Store(tmp_path).embeddings("k")
     coll.describe({"method": "sentence_transformers"})
@@ -136,7 +136,7 @@ def test_computed_collection_still_raises_on_missing_rows(tmp_path):
 
 
 def test_matrix_built_once_reused_and_identical(tmp_path):
-    from curate.stages.embed import embedding_table
+    from curate.store import embedding_table
 
     coll = Store(tmp_path).embeddings("k")
     V = unit_rows(30, 8, seed=3)
@@ -231,7 +231,7 @@ def test_kcenter_unchanged_on_small_pools(metric):
 
 
 def test_kcenter_step_on_a_memmap_subset_and_float16(tmp_path):
-    from curate.stages.embed import embedding_table
+    from curate.store import embedding_table
 
     X = unit_rows(400, 24, seed=5, copies=4, noise=0.3)
     ids = [f"r{i}" for i in range(400)]
@@ -241,7 +241,7 @@ def test_kcenter_step_on_a_memmap_subset_and_float16(tmp_path):
         M, _ = load_embeddings(str(tmp_path / storage), "k", ids)
         keep = np.arange(400) % 3 != 0
         pool = Pool(rows=np.arange(400) * 10, ids=ids, scores={}, orientation={}, embeddings=M, n_input=400).take(keep)
-        res = selector_class("kcenter")({"budget": 25}).select(pool)
+        res = selector_class("kcenter")("kcenter", {"budget": 25}).select(pool)
         Xs = X[keep].astype(storage).astype(np.float32)
         first = int(np.argmax(Xs @ Xs.mean(axis=0)))
         order, _, _, _ = reference_kcenter(Xs, 25, first)
@@ -257,7 +257,7 @@ def test_repr_filter_reads_stored_rows_by_position():
     keep = np.arange(3000) % 4 != 1
     pool = Pool(rows=np.arange(3000), ids=[str(i) for i in range(3000)], scores={"d.s": scores},
                 orientation={"d.s": "higher_is_better"}, embeddings=X, n_input=3000).take(keep)
-    r = selector_class("repr_filter")({"score": "d.s", "max_similarity": 0.8, "budget": 300}).select(pool)
+    r = selector_class("repr_filter")("repr_filter", {"score": "d.s", "max_similarity": 0.8, "budget": 300}).select(pool)
     sub = X[keep]
     order = np.lexsort((np.arange(len(sub)), -scores[keep]))
     want = repr_filter_one_by_one(sub, order, 0.8, 300)

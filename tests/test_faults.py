@@ -32,7 +32,7 @@ class FaultInjectingScorer(HeuristicScorer):
 
 @pytest.fixture
 def faulty(monkeypatch):
-    monkeypatch.setitem(SCORERS, "faulty", "test_faults:FaultInjectingScorer")
+    monkeypatch.setitem(SCORERS.targets, "faulty", "test_faults:FaultInjectingScorer")
 
 
 def _rows(n_fail: int, n: int = 40) -> str:

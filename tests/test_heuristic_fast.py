@@ -16,7 +16,7 @@ from curate.manifests import ShardRef
 from curate.records import MESSAGE_TYPE, RECORD_SCHEMA, message, sample_id, sha256_hex
 from curate.scorers import ScorerContext
 from curate.scorers.heuristic import ALNUM, CP, SPACE, SPECIAL, WORD, HeuristicScorer, _reference_scores, _table
-from curate.stages.ingest import read_input
+from curate.ingest.read import read_input
 from curate.stages.score import score_shard
 from curate.store import Store, _ids_digest
 from conftest import ROOT

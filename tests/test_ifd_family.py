@@ -14,7 +14,7 @@ from curate.config import IngestSpec, InputSpec
 from curate.errors import MissingDependency
 from curate.lm import LMParams, Seq, load_backend
 from curate.scorers import ScorerContext, scorer_class
-from curate.stages.ingest import read_input
+from curate.ingest.read import read_input
 from curate.templates import message_text
 from conftest import FIXTURES, ROOT
 

@@ -12,10 +12,11 @@ import pytest
 from curate.config import IngestSpec, InputSpec
 from curate.errors import IngestError, RecordError
 from curate.ingest.formats import detect_format, from_sharegpt
+from curate.ingest.read import read_input
 from curate.ingest.readers import read_json, read_jsonl
 from curate.ingest.validate import validate_messages
 from curate.records import sample_id
-from curate.stages.ingest import build_dataset, read_input
+from curate.stages.ingest import build_dataset
 from conftest import SAMPLE
 
 

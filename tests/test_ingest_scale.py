@@ -15,7 +15,8 @@ import pytest
 from conftest import SAMPLE, write_flow
 from curate.config import EmbedSpec, IngestSpec, InputSpec, load_flow
 from curate.errors import ConfigError
-from curate.stages.ingest import build_dataset, read_input
+from curate.ingest.read import read_input
+from curate.stages.ingest import build_dataset
 from scale_rows import alpaca_rows, write_scale_pool
 
 ROWS = alpaca_rows([SAMPLE / "cherry_alpaca.jsonl", SAMPLE / "alpaca_gpt4_en.json"])

@@ -23,9 +23,10 @@ from conftest import ROOT, write_flow
 from curate.cli import app
 from curate.config import IngestSpec, InputSpec
 from curate.errors import IngestError
+from curate.ingest.read import read_input
 from curate.ingest.readers import csv_delimiter, expand_paths, file_type, read_json
 from curate.io import atomic_path, temp_dir, write_json, write_parquet, write_text
-from curate.stages.ingest import build_dataset, read_input
+from curate.stages.ingest import build_dataset
 
 ROWS = [{"instruction": f"Name colour number {i}.", "input": "", "output": f"Colour {i} is blue."} for i in range(5)]
 JSONL = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
@@ -84,6 +85,23 @@ def test_compressed_jsonl_quarantines_by_line_and_limit_applies(tmp_path):
     assert [(r["source_line"], r["error_class"]) for r in q] == [(2, "invalid_json")] and q[0]["message"].startswith("d.jsonl.gz:2:")
     ref, recs, q = ingest(tmp_path / "lim", path=str(tmp_path / "d.jsonl.gz"), limit=2)
     assert ref.n_rows == 2
+
+
+def test_a_row_that_is_not_a_record_keeps_its_text_in_the_quarantine(tmp_path):
+    """Invalid JSON, invalid UTF-8, a JSON array or string where an object belongs, a CSV row with more cells than
+    its header: each quarantined row keeps the text it was read as (``raw``), whatever the file type — so a curator
+    can read what was dropped (before, ``raw`` was null for all of these)."""
+    bad = [json.dumps(ROWS[0]).encode(), b'{"instruction": "cut', b"\xff\xfe bad bytes", b'[1, "AN ARRAY"]', b'"A STRING"']
+    (tmp_path / "plain.jsonl").write_bytes(b"\n".join(bad) + b"\n")
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(b"\n".join(bad[:2] + bad[3:]) + b"\n"))
+    (tmp_path / "a.json").write_text(json.dumps([ROWS[0], [1, "AN ARRAY"], "A STRING"]))
+    (tmp_path / "c.csv").write_text("instruction,input,output\nHi,,Hello\nextra,,cells,EXTRA CELL\n")
+    want = {"plain.jsonl": ['{"instruction": "cut', "\ufffd\ufffd bad bytes", '[1, "AN ARRAY"]', '"A STRING"'],
+            "d.jsonl.gz": ['{"instruction": "cut', '[1, "AN ARRAY"]', '"A STRING"'],
+            "a.json": ['[1, "AN ARRAY"]', '"A STRING"'], "c.csv": ["extra,,cells,EXTRA CELL"]}
+    for name, raws in want.items():
+        _, recs, q = ingest(tmp_path / name.replace(".", "-"), path=str(tmp_path / name))
+        assert len(recs) == 1 and [r["raw"] for r in q] == raws, (name, q)
 
 
 def test_broken_or_misnamed_compressed_file_is_one_clear_error(tmp_path):

@@ -21,7 +21,7 @@ from curate.scorers.judge import parse_rating
 from curate.scorers.selectit import REFERENCE_WEIGHTS, model_weights, sentence_level, token_level
 from curate.select import Pool, selector_class
 from curate.select.ds2 import consensus, fit_transition, long_tail, simifeat
-from curate.stages.ingest import read_input
+from curate.ingest.read import read_input
 from conftest import ROOT, write_flow
 
 CTX = ScorerContext(torch_threads=2)
@@ -124,7 +124,7 @@ def test_ds2_selection_order_and_long_tail():
     classes = np.array([5, 4, 4, 3, 5, 4, 0, 2, 4, np.nan, 1, 4], dtype=float)
     pool = Pool(rows=np.arange(12), ids=[f"r{i}" for i in range(12)], scores={"ds2.class": classes}, orientation={},
                 embeddings=X, n_input=12)
-    res = selector_class("ds2")({"budget": 5, "curate": False, "k": 3}).select(pool)
+    res = selector_class("ds2")("ds2", {"budget": 5, "curate": False, "k": 3}).select(pool)
     chosen = np.flatnonzero(res.keep)
     fours = [1, 2, 5, 8, 11]
     best_fours = sorted(fours, key=lambda i: (-lt[i], i))[:3]
@@ -315,7 +315,7 @@ def _ref(shard_id: int, statuses: dict[str, int]):
 
 
 def test_error_budget_counts_every_failure_status():
-    from curate.pipeline.stages import check_error_budget, status_warnings
+    from curate.pipeline.stage import check_error_budget, status_warnings
 
     judge_hints = scorer_class("llm_rating").status_hints
     check_error_budget("score:j", [_ref(0, {"ok": 90, "truncated_ok": 9, "parse_failed": 1})], 0.01)  # 1% is within 1%

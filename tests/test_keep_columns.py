@@ -212,7 +212,7 @@ def test_the_option_is_out_of_the_config_hash_until_set(tmp_path):
 
 
 def test_unify_decides_one_type_per_column():
-    from curate.export.columns import unify
+    from curate.ingest.columns import unify
 
     assert unify(["a", None, "b"]) == (["a", None, "b"], pa.string(), None)
     assert unify([1, 2.5]) == ([1.0, 2.5], pa.float64(), None)
@@ -226,7 +226,7 @@ def test_unify_decides_one_type_per_column():
 
 
 def test_renames_do_not_depend_on_the_column_order():
-    from curate.export.columns import column_names
+    from curate.ingest.columns import column_names
 
     for names in (["id", "source_id"], ["source_id", "id"]):
         assert column_names(names) == {"id": "source_id", "source_id": "source_source_id"}

@@ -135,8 +135,8 @@ def test_step_over_the_full_exact_graph_selects_as_the_dense_path(method, positi
         X = unit(np.abs(X))
     p = pool(X, seed=2)
     params = {"budget": 25, "lambda": 0.4} if method == "graph_cut" else {"budget": 25}
-    dense = selector_class(method)({**params, "kernel": "embedding"}).select(p)
-    sparse = selector_class(method)({**params, "knn": 239, "knn_threshold": 100, "knn_index": "exact"}).select(p)
+    dense = selector_class(method)(method, {**params, "kernel": "embedding"}).select(p)
+    sparse = selector_class(method)(method, {**params, "knn": 239, "knn_threshold": 100, "knn_index": "exact"}).select(p)
     assert "knn_graph" not in dense.stats and sparse.stats["knn_graph"]["index"] == "exact"
     assert sparse.stats["knn_graph"]["k"] == 239 and sparse.stats["knn_graph"]["recall_at_k"] == 1.0
     assert sparse.stats["kernel"].startswith("sparse kNN graph (k=239, exact")
@@ -151,33 +151,34 @@ def test_step_over_the_full_exact_graph_selects_as_the_dense_path(method, positi
 def test_step_above_the_threshold_records_the_graph_and_is_deterministic():
     X = clustered(3000, seed=9)
     params = {"budget": 100, "knn": 10, "knn_threshold": 1000, "knn_recall_sample": 300}
-    a = selector_class("facility_location")(params).select(pool(X, seed=4))
-    b = selector_class("facility_location")(params).select(pool(X, seed=4))
+    a = selector_class("facility_location")("facility_location", params).select(pool(X, seed=4))
+    b = selector_class("facility_location")("facility_location", params).select(pool(X, seed=4))
     g = a.stats["knn_graph"]
     assert g["index"] == "ivf" and g["recall_sample"] == 300 and 0.0 <= g["recall_at_k"] <= 1.0
     assert a.keep.sum() == 100 and a.rank.tolist() == b.rank.tolist() and a.stats == b.stats | {"knn_graph": a.stats["knn_graph"]}
     assert np.array_equal(a.columns["gain"], b.columns["gain"], equal_nan=True)
     assert {k: v for k, v in g.items() if not k.endswith("_s")} == {k: v for k, v in b.stats["knn_graph"].items() if not k.endswith("_s")}
-    below = selector_class("facility_location")({**params, "knn_threshold": 5000}).select(pool(X, seed=4))
+    below = selector_class("facility_location")("facility_location", {**params, "knn_threshold": 5000}).select(pool(X, seed=4))
     assert "knn_graph" not in below.stats and below.stats["kernel"].startswith("exact cosine")
 
 
 def test_log_determinant_refuses_the_graph():
     with pytest.raises(ValueError, match="positive semi-definite"):
-        selector_class("log_determinant")({"budget": 3, "kernel": "sparse"}).select(pool(clustered(50)))
+        selector_class("log_determinant")("log_determinant", {"budget": 3, "kernel": "sparse"}).select(pool(clustered(50)))
 
 
 def test_smart_stage_two_over_the_full_exact_graph_selects_as_dense():
     X = clustered(360, seed=10)
     tasks = [f"t{i % 3}" for i in range(360)]
     params = {"budget": 30, "num_tasks": 3}
-    dense = selector_class("smart")({**params, "kernel": "embedding"}).select(pool(X, tasks))
-    sparse = selector_class("smart")({**params, "knn": 119, "knn_threshold": 50, "knn_index": "exact"}).select(pool(X, tasks))
+    dense = selector_class("smart")("smart", {**params, "kernel": "embedding"}).select(pool(X, tasks))
+    sparse = selector_class("smart")("smart", {**params, "knn": 119, "knn_threshold": 50, "knn_index": "exact"}).select(pool(X, tasks))
     assert "instance_knn" not in dense.stats
     graphs = sparse.stats["instance_knn"]
     assert [g["group"] for g in graphs] == [f"task:{t}" for t in sparse.stats["tasks"]]
     assert all(g["k"] == 119 and g["recall_at_k"] == 1.0 for g in graphs)
     assert sparse.rank.tolist() == dense.rank.tolist()
     assert sparse.stats["instance_optimizer"] == ["lazy-incremental"] and dense.stats["instance_optimizer"] == ["lazy-batched"]
-    approx = selector_class("smart")({**params, "knn": 8, "knn_threshold": 50, "knn_index": "ivf", "knn_recall_sample": 60}).select(pool(X, tasks))
+    ivf = {**params, "knn": 8, "knn_threshold": 50, "knn_index": "ivf", "knn_recall_sample": 60}
+    approx = selector_class("smart")("smart", ivf).select(pool(X, tasks))
     assert approx.keep.sum() == 30 and all(0 <= g["recall_at_k"] <= 1 and g["index"] == "ivf" for g in approx.stats["instance_knn"])

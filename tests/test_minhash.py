@@ -64,7 +64,7 @@ def pool_of(pairs, rank=None) -> Pool:
 
 
 def run(pairs=PAIRS, rank=None, **params):
-    return selector_class("minhash_dedup")({"seed": 7, **params}).select(pool_of(pairs, rank))
+    return selector_class("minhash_dedup")("minhash_dedup", {"seed": 7, **params}).select(pool_of(pairs, rank))
 
 
 def test_the_constructed_pairs_are_what_they_claim():
@@ -147,9 +147,9 @@ def test_banding_rule_matches_datasketch_and_params_are_checked():
     assert optimal_bands(0.8, 128, 0.1, 0.9) == (14, 9)
     assert candidate_probability(0.8, 14, 9) > 0.85
     with pytest.raises(ValidationError, match="both 'bands' and 'rows'"):
-        selector_class("minhash_dedup")({"bands": 8})
+        selector_class("minhash_dedup")("minhash_dedup", {"bands": 8})
     with pytest.raises(ValidationError, match="exceeds num_perm"):
-        selector_class("minhash_dedup")({"bands": 20, "rows": 8})
+        selector_class("minhash_dedup")("minhash_dedup", {"bands": 20, "rows": 8})
 
 
 def test_empty_pool_and_rows_without_text():

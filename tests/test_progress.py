@@ -149,6 +149,28 @@ def test_a_killed_shard_keeps_the_batches_it_finished_and_resumes_with_the_same_
     assert a.equals(b)
 
 
+def test_a_repeated_sample_id_does_not_shift_the_resumed_chunks(tmp_path):
+    """Row 10 has row 0's sample_id (a derived set may repeat a row): it is computed once, at row 0, so a run killed
+    after the first chunk resumes with the uninterrupted run's chunks (found by review: the second copy dropped out on
+    resume and every later chunk shifted by one)."""
+    shard = _shard(tmp_path, 20)
+    table = pq.read_table(shard.path)
+    ids = table.column("sample_id").to_pylist()
+    ids[10] = ids[0]
+    path = tmp_path / "dup.parquet"
+    pq.write_table(table.set_column(table.schema.get_field_index("sample_id"), "sample_id", pa.array(ids)), path)
+    shard = ShardRef(shard_id=0, path=str(path), sha256=sha256_hex(*ids), n_rows=20)
+    whole = _Model()
+    run_shard("score", "stand-in", Store(tmp_path / "a").scores("k"), shard, whole, chunk_rows=4, commit_s=0)
+    assert sum(map(len, whole.batches)) == 19  # the repeated id once
+    killed, store = _Model(fail_at=1), Store(tmp_path / "b").scores("k")
+    with pytest.raises(KeyboardInterrupt):
+        run_shard("score", "stand-in", store, shard, killed, chunk_rows=4, commit_s=0)
+    resumed = _Model()
+    run_shard("score", "stand-in", store, shard, resumed, chunk_rows=4, commit_s=0)
+    assert killed.batches + resumed.batches == whole.batches
+
+
 def test_a_fast_shard_is_still_one_part(tmp_path):
     """Committing is time-based: a shard that ends within commit_s writes one part, as before."""
     shard = _shard(tmp_path, 50)

@@ -20,12 +20,10 @@ from curate.rewrite.reflection import (
     Pair,
     ReflectionTuning,
     guard,
-    is_placeholder,
-    parse_field,
-    parse_tagged,
     single_turn,
 )
 from curate.rewrite.selective import Numbers, RowState, SelectiveReflection, decide
+from curate.rewrite.tags import is_placeholder, parse_field, parse_tagged
 from curate.rewrite.tokens import load_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from curate.select import Pool, selector_class
+from curate.select import Pool, SelectContext, selector_class
 from curate.select.kcenter import kcenter_greedy
 
 
@@ -19,7 +19,7 @@ def pool(values=None, emb=None, n=None, seed=0):
 
 
 def run(method, p, **params):
-    return selector_class(method)(params).select(p)
+    return selector_class(method)(method, params).select(p)
 
 
 def test_threshold_bounds_and_reasons():
@@ -129,14 +129,15 @@ def test_kcenter_extends_a_preselected_set(tmp_path):
     X = unit(rng, 60, 8)
     p = pool(emb=X)
     (tmp_path / "before.txt").write_text("id4\nid9\nnot-in-pool\n")
-    r = selector_class("kcenter")({"budget": 6, "already_selected": "before.txt"}, base_dir=str(tmp_path)).select(p)
+    at = SelectContext(base_dir=str(tmp_path))
+    r = selector_class("kcenter")("kcenter", {"budget": 6, "already_selected": "before.txt"}, at).select(p)
     assert r.keep.sum() == 6 and not r.keep[4] and not r.keep[9]
     assert r.reason[4] == r.reason[9] == "already_selected"
     assert r.stats["n_already_selected"] == 2 and r.stats["init"] == "already_selected"
     expect = kcenter_greedy(X, 6, already_selected=np.array([4, 9]))
     assert np.flatnonzero(r.keep).tolist() == sorted(expect.order.tolist())
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        selector_class("kcenter")({"budget": 2, "already_selected": "missing.txt"}, base_dir=str(tmp_path)).select(p)
+        selector_class("kcenter")("kcenter", {"budget": 2, "already_selected": "missing.txt"}, at).select(p)
 
 
 def test_fractional_budget_input_base_counts_every_input_row(tmp_path):
@@ -187,7 +188,7 @@ def test_ds2_default_uses_the_pool_once_in_fp32():
     from curate.select.ds2 import knn
 
     p = ds2_pool()
-    res = selector_class("ds2")(DS2_FAST).select(p)
+    res = selector_class("ds2")("ds2", DS2_FAST).select(p)
     assert res.stats["working_rows"] == len(p) and res.keep.sum() == 30 and not res.stats["match_reference"]
     d, _ = knn(p.embeddings, 10)
     assert np.allclose(res.columns["long_tail"], np.tanh(d.mean(axis=1) / 2))  # the k nearest *other* rows, not rounded
@@ -199,8 +200,8 @@ def test_ds2_match_reference_duplicates_the_pool_fp16_and_rounds():
 
     p = ds2_pool()
     X = p.embeddings
-    default = selector_class("ds2")(DS2_FAST).select(p)
-    ref = selector_class("ds2")({**DS2_FAST, "match_reference": True}).select(p)
+    default = selector_class("ds2")("ds2", DS2_FAST).select(p)
+    ref = selector_class("ds2")("ds2", {**DS2_FAST, "match_reference": True}).select(p)
     assert ref.stats["working_rows"] == 2 * len(p) and ref.stats["match_reference"] and ref.keep.sum() == 30
     # a sampled row's copy is usually present and is its nearest neighbour, with the same label (A5)
     assert ref.stats["neighbour_agreement"] > 0.85 > default.stats["neighbour_agreement"] + 0.1
@@ -257,14 +258,14 @@ def test_delift_kernel_scales_each_kernel_alone_and_imputes_unknown_as_no_effect
 def test_delift_is_dense_by_default_and_neighbors_above_the_forward_limit():
     texts = [DELIFT_TEXTS[i] for i in (0, 1, 5, 6)]  # two pairs of related rows
     p = text_pool(texts, ["train"] * 3 + ["bench"])
-    flmi = selector_class("delift")({"budget": 2, "stage": "flmi", "query_source": "bench"}).select(p)
+    flmi = selector_class("delift")("delift", {"budget": 2, "stage": "flmi", "query_source": "bench"}).select(p)
     s = flmi.stats
     assert s["pairs"] == "all" and s["forwards"] == 3 * (1 + 3 + 1) and s["unknown_entries"] == 0 and "n_neighbors" not in s
     assert s["utilities"] == 3 * 4 and s["reference_unknown_entries"] == 0
     assert s["utility_range"] != s["reference_utility_range"]  # two kernels, two scales
     assert flmi.keep.sum() == 2 and not flmi.keep[3] and flmi.reason[3] == "query_set"
 
-    approx = selector_class("delift")({"budget": 2, "max_dense_forwards": 19, "n_neighbors": 2}).select(text_pool(texts))
+    approx = selector_class("delift")("delift", {"budget": 2, "max_dense_forwards": 19, "n_neighbors": 2}).select(text_pool(texts))
     s = approx.stats  # dense would take 4 × 5 = 20 forwards > 19
     assert s["pairs"] == "neighbors" and s["n_neighbors"] == 2 and s["forwards"] == 4 + 4 * 2
     assert s["utilities"] == 8 and s["unknown_entries"] == 16 - 8
@@ -286,7 +287,7 @@ def test_delift_unmeasurable_targets_get_a_status_and_leave_the_objective():
     with LocalCompletionsServer(hf.model, tokenizer=hf.tokenizer, fail_first=1) as server:
         params = {"budget": len(texts), "max_length": 96, "backend": "openai", "base_url": server.base_url,
                   "served_name": "local-smollm2", "max_retries": 0, "concurrency": 1}
-        res = selector_class("delift")(params).select(p)
+        res = selector_class("delift")("delift", params).select(p)
     assert res.reason[0] == "error" and "RequestError" in res.detail[0] and "HTTP 429" in res.detail[0]
     assert res.reason[3] == "skipped_too_long" and "over max_length 96" in res.detail[3]
     assert np.flatnonzero(res.keep).tolist() == [1, 2, 4, 5]  # the budget covers every row: only measurable ones

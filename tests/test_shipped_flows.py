@@ -119,7 +119,8 @@ def test_the_compare_flow(tmp_path, shared_store):
     2 eval rows, 4 generated tokens."""
     pytest.importorskip("trl")
     pytest.importorskip("peft")
-    from curate.compare import load_compare, run_compare
+    from curate.compare import load_compare
+    from curate.compare_flow import run_compare
 
     cut = [*SELECT_CUT[:-1], f"store_dir={shared_store}"]
     spec = load_compare(FLOWS / "compare.yaml", [f"set={json.dumps(cut)}", "budgets=[600]", "seeds=[0]", "baselines.base_model=false", "train.max_steps=2", "train.max_length=128",

@@ -317,3 +317,31 @@ def test_derived_rows_show_their_parents(tmp_path):
     assert "### derived rows: selected" in md and "| row | origin | derived row | scores | detail | parent rows | parent text |" in md
     line = next(x for x in md.splitlines() if x.startswith(f"| {min(lineage)} | mosaic"))
     assert f"**row {lineage[min(lineage)][0]}:** **prompt:**" in line
+
+
+def test_an_all_quarantined_run_shows_and_browses(tmp_path):
+    """Nothing parses: the run still finishes, and show, the browse API and the report's rows section read
+    its quarantined rows (raw text, file:line detail); a filter on an outcome no row has answers 0 rows."""
+    from curate.view.browse import Browser
+
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "", "input": "", "output": ""}\n{"instruction": "no output [b]x[/b]"}\nnot json at all\n')
+    flow = write_flow(tmp_path, name="all-bad", inputs=[{"path": "bad.jsonl"}], score=[{"method": "heuristic"}],
+                      select=[{"method": "top_k", "score": "heuristic.response_tokens", "budget": 2}],
+                      export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"plots": False})
+    r = runner.invoke(app, ["run", str(flow), "--no-prefect", "--quiet"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "out"
+    assert [x["outcome"] for x in ledger(out)] == ["quarantined"] * 3
+    r = show(out)
+    assert r.exit_code == 0, r.output
+    assert headers(r.output) == [(0, "quarantined"), (1, "quarantined"), (2, "quarantined")]
+    flat = " ".join(r.output.split())
+    assert "raw: not json at all" in flat and "no output [b]x[/b]" in flat and "bad.jsonl:2" in flat
+    r = show(out, "--outcome", "selected")
+    assert r.exit_code == 0 and "0 of 3 rows match (outcome selected)" in r.output, r.output
+    b = Browser(out)
+    page = b.rows({})
+    assert page["total"] == 3 and [x["outcome"] for x in page["rows"]] == ["quarantined"] * 3
+    assert b.rows({"q": ["NOT JSON"]})["total"] == 1 and b.rows({"outcome": ["selected"]})["total"] == 0
+    html = (out / "report" / "report.html").read_text()
+    assert "not json at all" in html and "bad.jsonl:3" in html  # the rows section samples the quarantined rows, raw text included

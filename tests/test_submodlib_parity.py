@@ -169,11 +169,12 @@ def test_lazy_accept_rule_on_equal_gains():
 def t0_pool():
     """The first 6 prompts of each of the 40 T0 task templates, embedded with the bundled MiniLM
     (64 tokens, to keep the test fast; both sides get the same vectors)."""
-    from curate.config import EmbedSpec
+    from curate.embed import EmbedContext, EmbedSpec
     from curate.embed.sentence_transformer import SentenceTransformerEmbedder
 
     df = pd.read_parquet(SAMPLE / "t0_40_tasks.parquet").groupby("task", sort=False).head(6).reset_index(drop=True)
-    X = SentenceTransformerEmbedder(EmbedSpec(text="prompt", max_seq_length=64), torch_threads=2).embed(df["prompt"].tolist())
+    spec = EmbedSpec(text="prompt", max_seq_length=64)
+    X = SentenceTransformerEmbedder("embed", spec, EmbedContext(torch_threads=2)).embed(df["prompt"].tolist())
     n = len(df)
     return Pool(rows=np.arange(n), ids=[str(i) for i in range(n)], scores={}, orientation={}, embeddings=X, n_input=n,
                 tasks=df["task"].tolist(), sources=["t0"] * n)
@@ -248,7 +249,8 @@ def test_smart_stages_equal_the_reference_on_t0(t0_pool, task_fn, num_tasks, bud
     different rounding; the orderings must agree up to such a tie and the reference's must stay
     greedy for our objective after it."""
     orderings, chosen, gains, budgets = reference_smart(t0_pool, num_tasks, budget, task_fn)
-    res = selector_class("smart")({"budget": budget, "num_tasks": num_tasks, "task_objective": task_fn, "ties": ties}).select(t0_pool)
+    params = {"budget": budget, "num_tasks": num_tasks, "task_objective": task_fn, "ties": ties}
+    res = selector_class("smart")("smart", params).select(t0_pool)
     assert res.stats["tasks"] == chosen
     np.testing.assert_allclose(res.stats["task_gains"], np.round(gains, 4), atol=2e-4)
     assert res.stats["task_budgets"] == budgets and sum(budgets) == budget

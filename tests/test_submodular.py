@@ -189,7 +189,7 @@ def test_repr_filter_step_keeps_the_better_duplicate():
     X[4] = X[1]  # an exact duplicate of row 1, scored higher
     pool = Pool(rows=np.arange(6), ids=[f"r{i}" for i in range(6)], scores={"d.evol": np.array([5, 3, 4, 2, 9, np.nan])},
                 orientation={"d.evol": "higher_is_better"}, embeddings=X, n_input=6)
-    res = selector_class("repr_filter")({"score": "d.evol"}).select(pool)
+    res = selector_class("repr_filter")("repr_filter", {"score": "d.evol"}).select(pool)
     assert res.keep.tolist() == [True, False, True, True, True, False]
     assert res.reason[1] == "too_similar" and "to kept row 4" in res.detail[1] and res.reason[5] == "unscored"
     assert res.rank[4] == 0  # visited by score: 9, 5, 4, 3 (blocked), 2
@@ -256,7 +256,7 @@ def test_smart_step_on_task_labels():
     tasks = [f"t{i // 40}" for i in range(200)]
     pool = Pool(rows=np.arange(200), ids=[str(i) for i in range(200)], scores={}, orientation={}, embeddings=X, n_input=200,
                 tasks=tasks, sources=["s"] * 200)
-    res = selector_class("smart")({"budget": 30, "num_tasks": 3}).select(pool)
+    res = selector_class("smart")("smart", {"budget": 30, "num_tasks": 3}).select(pool)
     assert res.keep.sum() == 30 and sum(res.stats["task_budgets"]) == 30 and len(res.stats["tasks"]) == 3
     chosen = {tasks[i] for i in np.flatnonzero(res.keep)}
     assert chosen == set(res.stats["tasks"])
@@ -272,11 +272,12 @@ def test_smart_lambda_defaults_per_objective():
     tasks = [f"t{i % 6}" for i in range(60)]
     pool = Pool(rows=np.arange(60), ids=[str(i) for i in range(60)], scores={}, orientation={}, embeddings=X, n_input=60,
                 tasks=tasks, sources=["s"] * 60)
-    logdet = selector_class("smart")({"budget": 10, "num_tasks": 3, "task_objective": "log_determinant"}).select(pool)
+    logdet = selector_class("smart")("smart", {"budget": 10, "num_tasks": 3, "task_objective": "log_determinant"}).select(pool)
     assert logdet.stats["task_gains"][0] == pytest.approx(math.log(2), abs=1e-4)
-    explicit = selector_class("smart")({"budget": 10, "num_tasks": 3, "task_objective": "log_determinant", "task_lambda": 0.4}).select(pool)
+    explicit = selector_class("smart")("smart", {"budget": 10, "num_tasks": 3, "task_objective": "log_determinant", "task_lambda": 0.4})
+    explicit = explicit.select(pool)
     assert explicit.stats["task_gains"][0] == pytest.approx(math.log(1.4), abs=1e-4)
-    gc = selector_class("smart")({"budget": 10, "num_tasks": 3}).select(pool)
+    gc = selector_class("smart")("smart", {"budget": 10, "num_tasks": 3}).select(pool)
     T = np.stack([X[np.array(tasks) == t].mean(axis=0) for t in sorted(set(tasks))])
     T /= np.linalg.norm(T, axis=1, keepdims=True)
     assert gc.stats["task_gains"][0] == pytest.approx(float((T @ T.T).sum(axis=0).max() - 0.4), abs=1e-4)
@@ -289,7 +290,7 @@ def test_submodular_steps_with_query_and_private_sets():
     pool = Pool(rows=np.arange(80), ids=[str(i) for i in range(80)], scores={}, orientation={}, embeddings=X, n_input=80, sources=sources)
     for method, extra in (("facility_location", {}), ("graph_cut", {"lambda": 0.2}), ("log_determinant", {}),
                           ("flmi", {"query_source": "target"}), ("flcg", {"private_source": "target"})):
-        res = selector_class(method)({"budget": 10, **extra}).select(pool)
+        res = selector_class(method)(method, {"budget": 10, **extra}).select(pool)
         assert res.keep.sum() == 10, method
         assert res.stats["optimizer_variant"] == ("lazy-heap" if method == "graph_cut" else "lazy-batched"), method  # signed cosine
         if "source" in str(extra):
@@ -305,7 +306,7 @@ def test_delift_utility_sign_on_a_constructed_pair():
     texts = [("What is the code word for the vault?", "The code word is zebra kettle forty three."),
              ("What is the code word for the vault?", "The code word is zebra kettle forty three."),
              ("Write a haiku about autumn leaves.", "Red leaves drift and fall / quiet wind carries them home / the branches stand bare")]
-    step = Delift({"budget": 1})
+    step = Delift("delift", {"budget": 1})
     u = step.utilities(texts, np.array([0]), [np.array([1, 2])], load_backend(LMParams(), torch_threads=2))
     raw, forwards = u.raw, u.forwards
     assert forwards == 3  # one baseline + one per example

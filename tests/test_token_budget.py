@@ -19,7 +19,7 @@ def pool(prompt, response, rank=None):
 
 
 def run(p, **params):
-    return selector_class("token_budget")(params).select(p)
+    return selector_class("token_budget")("token_budget", params).select(p)
 
 
 def test_keeps_a_prefix_of_the_rank_order_within_the_budget():

@@ -1,8 +1,10 @@
 """The embedder contract.
 
 An embedder turns records into vectors for diversity selection (k-center, Repr Filter, facility
-location …). Each is one file in ``curate/embed/`` plus one line in ``EMBEDDERS``
-(``curate/embed/__init__.py``); the flow picks one with ``embed.method``.
+location …). It is a plug-in (:mod:`curate.plugin`): one file in ``curate/embed/`` plus one line in
+``EMBEDDERS`` (``curate/embed/__init__.py``); the flow picks one with ``embed.method``. It is built as
+``cls(name, params: EmbedSpec, context: EmbedContext)`` (``build_embedder(spec, torch_threads)`` does it):
+its ``Params`` are the flow's ``embed:`` section (:class:`curate.embed.spec.EmbedSpec`, also ``self.spec``).
 
 - ``embed(texts) -> float32 array (n, dim)``, L2-normalised when ``spec.normalize``;
 - ``fingerprint()``: everything that changes the vectors (model id and revision, text view, length,
@@ -18,11 +20,13 @@ are the keys they always were) and ``{"storage": "float16"}`` otherwise.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from curate.config import EmbedSpec
+from curate.embed.spec import EmbedSpec
+from curate.plugin import Context, Plugin
 from curate.records import canonical_json, conversation_text, prompt_text, response_text, sha256_hex
 
 #: ``embed.text``: which text of a record is embedded
@@ -38,12 +42,28 @@ def embed_text(record: dict[str, Any], mode: str) -> str:
     return TEXTS[mode](record["messages"])
 
 
-class Embedder:
-    method: ClassVar[str]
+@dataclass
+class EmbedContext(Context):
+    """What an embedder gets from the run: ``torch_threads`` (None: the default, min(2, CPU count))."""
 
-    def __init__(self, spec: EmbedSpec, torch_threads: int | None = None):
-        self.spec = spec
-        self.torch_threads = torch_threads
+    torch_threads: int | None = None
+
+
+class Embedder(Plugin):
+    kind = "embedder"
+    Params = EmbedSpec
+    context_type = EmbedContext
+    params: EmbedSpec
+    context: EmbedContext
+
+    @property
+    def spec(self) -> EmbedSpec:
+        """The flow's ``embed:`` section (``self.params``)."""
+        return self.params
+
+    @property
+    def torch_threads(self) -> int | None:
+        return self.context.torch_threads
 
     def fingerprint(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -21,21 +21,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate.config import EmbedSpec
 from curate.embed.base import Embedder
+from curate.embed.spec import EmbedSpec
+from curate.store import BAD_VECTOR, NO_VECTOR  # noqa: F401  statuses of the store's embeddings schema (NO_VECTOR: no vector given)
 
 VERSION = "1.0"
-
-#: the status of a row whose input carried no vector for this producer
-NO_VECTOR = "error:no_vector"
-#: the status of a row whose vector cannot be used (NaN / inf, or zero when normalising)
-BAD_VECTOR = "error:bad_vector"
 
 
 class PrecomputedEmbedder(Embedder):
     """Vectors made elsewhere; ``embed.model`` is the producer's name. Computes nothing itself."""
 
     method = "precomputed"
+    version = VERSION
 
     def fingerprint(self) -> dict[str, Any]:
         return {
@@ -57,13 +54,13 @@ class PrecomputedEmbedder(Embedder):
 def stored_dim(collection) -> int | None:
     """The vector length of a collection's stored rows, None when empty: from ``vector_dim.json``
     (written with the first vectors), else from the first part's first row."""
-    import json
-
     import pyarrow.parquet as pq
 
-    noted = collection.dir / "vector_dim.json"
-    if noted.exists():
-        return int(json.loads(noted.read_text())["dim"])
+    from curate.store import noted_dim
+
+    noted = noted_dim(collection)
+    if noted is not None:
+        return noted
     parts = collection.parts()
     if not parts:
         return None
@@ -83,12 +80,11 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
     """
     from curate.embed import build_embedder
     from curate.errors import CurateError
-    from curate.stages.embed import embedding_table
-    from curate.store import Store, _string_array, first_occurrence
+    from curate.store import Store, embedding_table, first_occurrence, string_array
 
     if embed.method != "precomputed":
         raise ValueError(f"store_vectors needs embed.method 'precomputed', got '{embed.method}'")
-    ids = _string_array(sample_ids)
+    ids = string_array(sample_ids)
     vecs = np.asarray(vectors)
     if vecs.ndim != 2 or vecs.shape[0] != len(ids):
         raise ValueError(f"vectors must be (n, dim) with n = {len(ids)} ids, got shape {vecs.shape}")
@@ -117,6 +113,6 @@ def store_vectors(store_dir: str, embed: EmbedSpec, sample_ids: list[str] | pa.A
     statuses = np.where(good, "ok", BAD_VECTOR).tolist()
     collection.write(embedding_table(ids.take(pa.array(keep)), v, statuses, storage=embed.storage))
     if dim is None:
-        from curate.io import write_json
+        from curate.store import note_dim
 
-        write_json(collection.dir / "vector_dim.json", {"dim": int(vecs.shape[1])})
+        note_dim(collection, vecs.shape[1])

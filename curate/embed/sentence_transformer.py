@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from curate.config import EmbedSpec
-from curate.embed.base import Embedder
+from curate.embed.base import EmbedContext, Embedder
+from curate.embed.spec import EmbedSpec
 from curate.models import cached, resolve_model, set_torch_threads
 
 VERSION = "1.0"
@@ -23,10 +23,11 @@ class SentenceTransformerEmbedder(Embedder):
     """``embed(texts) -> float32 array (n, dim)``, L2-normalised when ``normalize``."""
 
     method = "sentence_transformers"
+    version = VERSION
 
-    def __init__(self, spec: EmbedSpec, torch_threads: int | None = None):
-        super().__init__(spec, torch_threads)
-        self.resolved = resolve_model(spec.model, spec.revision)
+    def __init__(self, name: str, params: EmbedSpec | dict[str, Any] | None = None, context: EmbedContext | None = None):
+        super().__init__(name, params, context)
+        self.resolved = resolve_model(self.spec.model, self.spec.revision)
         self._model = None
 
     @property
@@ -75,8 +76,10 @@ class SentenceTransformerEmbedder(Embedder):
                 modules = json.loads((root / "modules.json").read_text())
                 pool_dir = next(m["path"] for m in modules if m["type"].endswith("Pooling"))
                 pool = json.loads((root / pool_dir / "config.json").read_text())
-                modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens") for k, v in pool.items() if k.startswith("pooling_mode") and v is True]
-                return {"max_seq_length": int(bert["max_seq_length"]), "pooling": "+".join(modes), "dim": int(pool["word_embedding_dimension"])}
+                modes = [k.removeprefix("pooling_mode_").removesuffix("_tokens") for k, v in pool.items()
+                         if k.startswith("pooling_mode") and v is True]
+                return {"max_seq_length": int(bert["max_seq_length"]), "pooling": "+".join(modes),
+                        "dim": int(pool["word_embedding_dimension"])}
             except (OSError, KeyError, StopIteration, ValueError):
                 pass
         model = self.model

@@ -11,7 +11,8 @@ from curate.evaluate.spec import EvalSpec
 
 
 @flow(name="curate-eval", flow_run_name="curate-eval", persist_result=False, validate_parameters=True)
-def eval_flow(model: str, spec: dict[str, Any], out_dir: str | None = None, store_dir: str | None = None, base_dir: str = ".") -> dict[str, Any]:
+def eval_flow(model: str, spec: dict[str, Any], out_dir: str | None = None, store_dir: str | None = None,
+              base_dir: str = ".") -> dict[str, Any]:
     """Held-out loss, generation and pairwise judging of ``model`` on the eval set; returns the record."""
     from prefect.artifacts import create_markdown_artifact
 

@@ -92,7 +92,8 @@ def judge_pairs(backend, mode: str, decoding: Decoding, items: list[tuple[str, s
         soft = [_soft(first, True), _soft(second, False)]
         out.append({"verdict_model_first": first["verdict"], "verdict_model_second": second["verdict"],
                     "soft_points": sum(soft) / 2 if None not in soft else None,
-                    "points_model_first": model_points(first["verdict"], True), "points_model_second": model_points(second["verdict"], False),
+                    "points_model_first": model_points(first["verdict"], True),
+                    "points_model_second": model_points(second["verdict"], False),
                     "model_first": first, "model_second": second})
     return out
 
@@ -117,7 +118,8 @@ def _verdict_tokens(backend, conversations: list[list[dict[str, str]]]) -> list[
         ids = tok(PREFILL + letter, add_special_tokens=False)["input_ids"]
         base = tok(PREFILL, add_special_tokens=False)["input_ids"]
         if ids[: len(base)] != base or len(ids) != len(base) + 1:
-            raise ValueError(f"the judge's tokenizer does not split {PREFILL + letter!r} into {PREFILL!r} + one token; use judge.mode: generate")
+            raise ValueError(f"the judge's tokenizer does not split {PREFILL + letter!r} into {PREFILL!r} + one token; "
+                             "use judge.mode: generate")
         candidates.append(ids[-1])
     prompts = [chat_prompt_ids(tok, conv, PREFILL) for conv in conversations]
     out = []

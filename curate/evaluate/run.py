@@ -45,6 +45,7 @@ from curate.evaluate.spec import EvalSpec
 from curate.lm.calls import Call, CallEngine
 from curate.lm.spec import LMParams
 from curate.records import canonical_json, sha256_hex
+from curate.store import calls_dir as store_calls_dir
 
 log = logging.getLogger("curate.eval")
 GENERATE_REF = {"id": "eval_prompt", "version": "1", "hash": "the eval set's own prompt, sent as it is"}
@@ -85,7 +86,8 @@ def evaluate(model: str, spec: EvalSpec, out_dir: str | os.PathLike | None = Non
     judge = load_backend(LMParams.of(spec.judge), threads) if spec.judge else None
     key = sha256_hex(canonical_json({
         "protocol": PROTOCOL, "model": backend.fingerprint(), "rows": [r["sample_id"] for r in rows],
-        "spec": spec.model_dump(mode="json", exclude={"torch_threads", "eval_set"}), "judge": [judge.fingerprint(), prompt_refs(spec.judge.mode)] if judge else None,
+        "spec": spec.model_dump(mode="json", exclude={"torch_threads", "eval_set"}),
+        "judge": [judge.fingerprint(), prompt_refs(spec.judge.mode)] if judge else None,
         "reference": _reference_fingerprint(spec, lm, threads),
     }))
     out = Path(out_dir) if out_dir else default_out(model, key)
@@ -95,9 +97,10 @@ def evaluate(model: str, spec: EvalSpec, out_dir: str | os.PathLike | None = Non
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     # replies are cached across evals (a changed judge setting does not regenerate the answers)
-    calls_dir = Path(store_dir) / "calls" if store_dir else out.parent / "calls"
+    calls_dir = store_calls_dir(store_dir) if store_dir else out.parent / "calls"
     record: dict[str, Any] = {"key": key, "model": model, "model_fingerprint": backend.fingerprint(),
-                              "eval_set": {**spec.eval_set.model_dump(mode="json", exclude_none=True), "n_rows": len(rows), "n_invalid": n_bad},
+                              "eval_set": {**spec.eval_set.model_dump(mode="json", exclude_none=True), "n_rows": len(rows),
+                                           "n_invalid": n_bad},
                               "spec": spec.model_dump(mode="json")}
     log.info("eval: %s on %s (%d rows)", model, spec.eval_set.path or spec.eval_set.hub, len(rows))
     if spec.loss and not spec.prompt_field:  # a prompts-only set has no answers to score
@@ -105,7 +108,8 @@ def evaluate(model: str, spec: EvalSpec, out_dir: str | os.PathLike | None = Non
 
         record["loss"], per_row = held_out_loss(model, spec, rows, threads)
         write_jsonl(out / "losses.jsonl", per_row)
-        log.info("eval: held-out loss %.4f (ppl %.2f) over %d tokens", record["loss"]["loss"], record["loss"]["ppl"], record["loss"]["n_tokens"])
+        log.info("eval: held-out loss %.4f (ppl %.2f) over %d tokens", record["loss"]["loss"], record["loss"]["ppl"],
+                 record["loss"]["n_tokens"])
     if spec.judge:
         record.update(generate_and_judge(backend, judge, spec, rows, calls_dir, out, threads))
     record["seconds"] = time.perf_counter() - t0

@@ -42,7 +42,8 @@ class JudgeSpec(LMParams):
     """The judge model (flat LM keys, as for scorers) and how it replies."""
 
     mode: Literal["verdict_token", "generate"] | None = Field(
-        None, description="null: verdict_token for the hf and vllm backends, generate for openai. verdict_token: the judge's reply is prefilled up to the verdict and the next-token "
+        None, description="null: verdict_token for the hf and vllm backends, generate for openai. "
+        "verdict_token: the judge's reply is prefilled up to the verdict and the next-token "
         "probabilities of A, B and C decide (one forward per comparison, nothing to parse; small local judges); generate: "
         "the judge reasons in free text and its last [[A]]/[[B]]/[[C]] is the verdict (strong judges, any API).")
     decoding: Decoding = Field(default_factory=lambda: Decoding(max_tokens=512), description="mode generate: how the judge replies.")
@@ -81,7 +82,8 @@ class EvalSpec(BaseModel):
     @model_validator(mode="after")
     def _prompts_need_a_reference_model(self):
         if self.prompt_field and self.reference == "answers":
-            raise ValueError("a prompts-only eval set (prompt_field) has no reference answers: set reference to a model whose answers are the reference")
+            raise ValueError("a prompts-only eval set (prompt_field) has no reference answers: "
+                             "set reference to a model whose answers are the reference")
         return self
 
     def resolved_backend(self) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from curate import __version__
+from curate.version import __version__
 
 #: the Hub's size buckets (upper bound exclusive, label)
 SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),

@@ -21,7 +21,8 @@ def dataset_info(files: list[dict], name: str) -> dict[str, Any]:
         if layout == "messages":
             tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                     "system_tag": "system", "observation_tag": "tool"}
-            entry.update(formatting="sharegpt", columns={"messages": "messages", **({"tools": "tools"} if "tools" in has else {})}, tags=tags)
+            entry.update(formatting="sharegpt", columns={"messages": "messages", **({"tools": "tools"} if "tools" in has else {})},
+                         tags=tags)
         elif layout == "sharegpt":
             cols = {"messages": "conversations"}
             cols.update({c: c for c in ("system", "tools") if c in has})
@@ -61,7 +62,8 @@ def axolotl_yaml(files: list[dict], max_length: int) -> str:
                 "#    message_property_mappings: {role: from, content: value}\n"
                 "#    # axolotl's default roles map human/gpt only: without this, function_call and observation\n"
                 "#    # turns render under their own names and the tool call is not trained\n"
-                "#    roles: {user: [human, user], assistant: [gpt, assistant, function_call], system: [system], tool: [observation, tool]}\n"
+                "#    roles: {user: [human, user], assistant: [gpt, assistant, function_call], "
+                "system: [system], tool: [observation, tool]}\n"
             )
     return head + yaml.safe_dump(doc, sort_keys=False) + alt
 

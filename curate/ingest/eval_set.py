@@ -23,7 +23,7 @@ from curate.config import IngestSpec, InputSpec
 def read_eval_set(spec: InputSpec, base_dir: str = ".") -> tuple[list[dict[str, Any]], int]:
     """(the set's valid canonical records in file order, how many rows broke the conversation rules).
     Raises ValueError when no row is valid."""
-    from curate.stages.ingest import read_input
+    from curate.ingest.read import read_input
 
     with tempfile.TemporaryDirectory(prefix="curate-eval-") as work:
         ref = read_input(spec, 0, base_dir, work, IngestSpec(dedup=False))

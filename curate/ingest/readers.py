@@ -54,6 +54,8 @@ class RawRow:
     line: int | None
     record: dict[str, Any] | None = None
     error: RecordError | None = None
+    #: the row as read when it is not a record (invalid JSON or UTF-8, a JSON array): kept for the quarantine's ``raw``
+    text: str | None = None
 
 
 def expand_paths(pattern: str, base: Path) -> list[Path]:
@@ -145,7 +147,8 @@ def _decompressing(path: Path) -> Iterator[None]:
 def _as_record(obj: Any, index: int, line: int | None) -> RawRow:
     if isinstance(obj, dict):
         return RawRow(index, line, record=obj)
-    return RawRow(index, line, error=RecordError("not_an_object", f"the row is a JSON {type(obj).__name__}, not an object"))
+    return RawRow(index, line, error=RecordError("not_an_object", f"the row is a JSON {type(obj).__name__}, not an object"),
+                  text=json.dumps(obj, ensure_ascii=False, default=str))
 
 
 @dataclass(frozen=True)
@@ -207,13 +210,15 @@ def read_jsonl(path: Path, start: int = 0, end: int | None = None, first_line: i
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(index, line_no, error=RecordError("invalid_utf8", f"invalid UTF-8 at byte {exc.start} of the line"))
+                yield RawRow(index, line_no, error=RecordError("invalid_utf8", f"invalid UTF-8 at byte {exc.start} of the line"),
+                             text=raw.decode("utf-8", errors="replace").rstrip("\r\n"))
                 index += 1
                 continue
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield RawRow(index, line_no, error=RecordError("invalid_json", f"invalid JSON at column {exc.colno}: {exc.msg}"))
+                yield RawRow(index, line_no, error=RecordError("invalid_json", f"invalid JSON at column {exc.colno}: {exc.msg}"),
+                             text=text.rstrip("\r\n"))
                 index += 1
                 continue
             yield _as_record(obj, index, line_no)
@@ -448,7 +453,10 @@ def read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRow]:
             for row in reader:
                 rec = {k: v for k, v in row.items() if k is not None}
                 if None in row:
-                    yield RawRow(index, line, error=RecordError("wrong_type", f"the row has {len(row[None])} more cells than the header"))
+                    cells = io.StringIO()
+                    csv.writer(cells, delimiter=delimiter, lineterminator="").writerow([*rec.values(), *row[None]])
+                    yield RawRow(index, line, error=RecordError("wrong_type", f"the row has {len(row[None])} more cells than the header"),
+                                 text=cells.getvalue())
                 else:
                     yield RawRow(index, line, record=rec)
                 index += 1

@@ -9,8 +9,8 @@ from curate import progress
 from curate.config import FlowSpec
 from curate.executors import LocalExecutor
 from curate.io import write_json
+from curate.pipeline.build import build_stages, model_keys
 from curate.pipeline.stage import Run
-from curate.pipeline.stages import build_stages, model_keys
 from curate.pipeline.summary import counts_table, finish_summary, run_summary
 from curate.history import keep_previous, latest_run, log_run, new_run_dir, output_lock, point_latest
 from curate.progress import logger
@@ -53,17 +53,18 @@ def _remove_stale_temporaries(out) -> None:
 def _execute(spec: FlowSpec, executor: LocalExecutor, previous) -> dict[str, Any]:
     run = Run(spec=spec, executor=executor, previous=previous)
     run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
-    for stage in build_stages(spec):
+    stages = build_stages(spec)
+    for stage in stages:
         with progress.stage_watch(stage.name):  # without bars: a line with rows, rate and time left every progress_interval_s
             row = stage.run(run)
         run.summaries.append(row)
         logger.info("stage %s: %s rows in %.1f s", stage.name, row.get("rows", "–"), row["seconds"])
     summary = finish_summary(run_summary(run), time.perf_counter() - run.started)
-    if "report" in run.results:
-        summary["report"] = run.results["report"]
+    if "report" in run.outputs:
+        summary["report"] = run.outputs["report"]
     write_json(spec.out / "run.json", summary)
 
     from curate.report.report import summary_markdown
 
-    executor.publish(summary, summary_markdown(summary), counts_table(summary, run))
+    executor.publish(summary, summary_markdown(summary), counts_table(summary, run, stages))
     return summary

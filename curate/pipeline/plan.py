@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from curate.config import FlowSpec
 from curate.executors import LocalExecutor
+from curate.pipeline.build import build_stages, model_keys
 from curate.pipeline.stage import Run, Stage
-from curate.pipeline.stages import IngestStage, build_stages, model_keys, scorer_context, torch_threads
 
 
 def _estimate(measure, todo: list[dict], warmup_rows: int, cost) -> dict[str, Any]:
@@ -54,31 +55,25 @@ class Plan:
 
         return read_records(self.run.sets["input"]).filter(pa.array(mask)).to_pylist()
 
-    def model_stage(self, stage: Stage, kind: str, key: str, step=None) -> dict[str, Any]:
-        """Cached and to-compute rows of an embed or score stage, and its estimated time."""
+    def model_stage(self, stage: Stage, key: str, what: str,
+                    measure: Callable[[], tuple[Callable, int, Callable | None]]) -> dict[str, Any]:
+        """Cached and to-compute rows of a model stage (one with a per-shard ``cache``: its store
+        collection), and its estimated time: ``measure()`` loads the model and gives (the function to
+        time on a list of records, the warm-up rows, the cost of a list of records in tokens or None to
+        count rows)."""
         from curate.store import Store
 
-        row = {**stage.describe(), "what": self.spec.embed.model if kind == "embed" else step.method, "key": key[:12]}
+        row = {**stage.describe(), "what": what, "key": key[:12]}
         recordset = stage.reads[0]
         if recordset not in self.run.sets:
             return {**row, "to_compute": None, "note": f"rows of '{recordset}' exist only after the rewrite runs"}
-        store = Store(self.spec.store)
-        stored = (store.embeddings(key) if kind == "embed" else store.scores(key)).stored(self.ids())
+        stored = Store(self.spec.store).collection(stage.cache.kind, key).stored(self.ids())
         n_todo = int((~stored).sum())
         row.update(shards=len(self.run.sets[recordset].shards), cached_rows=len(stored) - n_todo, to_compute=n_todo)
         if self.warmup and n_todo:
             todo = self.records(~stored)
-            if kind == "embed":
-                from curate.embed import build_embedder
-
-                embedder = build_embedder(self.spec.embed, torch_threads(self.spec))
-                row.update(_estimate(embedder.embed_records, todo, max(self.warmup_rows, 32), len), unit="rows")
-            else:
-                from curate.stages.score import build_scorer
-
-                scorer = build_scorer(step, scorer_context(self.spec))
-                cost = getattr(scorer, "cost", None)
-                row.update(_estimate(scorer.score_records, todo, self.warmup_rows, cost or len), unit="tokens" if cost else "rows")
+            fn, warmup_rows, cost = measure()
+            row.update(_estimate(fn, todo, warmup_rows, cost or len), unit="tokens" if cost else "rows")
         return row
 
 
@@ -90,19 +85,23 @@ def plan(spec: FlowSpec, warmup: bool = True, warmup_rows: int = 8) -> dict[str,
 
     from curate.config import check_flow
     from curate.recordset import read_records
-    from curate.scorers.heuristic import _TOKEN
+    from curate.scorers.heuristic import TOKEN
 
     check_flow(spec)  # what the run checks before ingest: the scores the steps read, the output folder
 
     with tempfile.TemporaryDirectory(prefix="curate-plan-") as tmp:
         run = Run(spec=spec.model_copy(update={"output_dir": tmp}), executor=LocalExecutor())  # flow_path is copied too
         run.scorers, run.embed_key, run.fingerprints = model_keys(spec)
-        IngestStage().run(run)
-        dataset = run.dataset
-        contents = pc.list_flatten(read_records(dataset.records, ["messages"]).column("messages")).combine_chunks().field("content").to_pylist()
-        n_tokens = sum(len(_TOKEN.findall(c or "")) for c in contents)
+        stages = build_stages(spec)
+        for stage in stages:
+            if stage.runs_in_plan:
+                stage.run(run)
+        dataset = run.outputs["input"]
+        contents = pc.list_flatten(
+            read_records(dataset.records, ["messages"]).column("messages")).combine_chunks().field("content").to_pylist()
+        n_tokens = sum(len(TOKEN.findall(c or "")) for c in contents)
         p = Plan(run, warmup, warmup_rows)
-        stages = [s.estimate(p) for s in build_stages(spec) if not isinstance(s, IngestStage)]
+        stages = [s.estimate(p) for s in stages if not s.runs_in_plan]
         return {
             "flow": spec.name,
             "output_dir": str(spec.out),

@@ -1,4 +1,4 @@
-"""PNG plots for the report (matplotlib, Agg backend, no display needed)."""
+"""PNG plots for the report (:mod:`curate.plotting`: matplotlib, Agg backend, no display needed)."""
 
 from __future__ import annotations
 
@@ -6,26 +6,11 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.io import atomic_path
+from curate.plotting import pyplot, save_png
 
 COLORS = {"selected": "#1b7837", "not_selected": "#9e9e9e", "filtered": "#e08214", "quarantined": "#b2182b"}
 
 
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    pyplot().close(fig)
-    return path
 
 
 def outcomes_bar(counts: dict[str, int], path: Path) -> Path:
@@ -79,7 +64,8 @@ def embedding_map_by(xy: np.ndarray, labels: list[str], path: Path, title: str, 
     for i, cat in enumerate([*top, "other"]):
         m = np.array([n == cat for n in names])
         if m.any():
-            ax.scatter(xy[m, 0], xy[m, 1], s=8, color=COLORS.get(cat, cmap(i % 10)), alpha=0.7, label=f"{cat} ({int(m.sum())})", linewidths=0)
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, color=COLORS.get(cat, cmap(i % 10)), alpha=0.7, label=f"{cat} ({int(m.sum())})",
+                       linewidths=0)
     ax.set_title(title)
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
@@ -92,7 +78,8 @@ def embedding_map(xy: np.ndarray, selected: np.ndarray, path: Path, title: str) 
     """The PCA map (``xy``: the rows' :func:`pca_2d`), selected rows highlighted."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
-    ax.scatter(xy[~selected, 0], xy[~selected, 1], s=6, c=COLORS["not_selected"], alpha=0.5, label=f"not selected ({(~selected).sum()})", linewidths=0)
+    ax.scatter(xy[~selected, 0], xy[~selected, 1], s=6, c=COLORS["not_selected"], alpha=0.5, label=f"not selected ({(~selected).sum()})",
+               linewidths=0)
     ax.scatter(xy[selected, 0], xy[selected, 1], s=12, c=COLORS["selected"], label=f"selected ({selected.sum()})", linewidths=0)
     ax.set_title(title)
     ax.set_xlabel("PC 1")

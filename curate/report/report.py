@@ -125,7 +125,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- {summary['n_input']} input rows → **{counts['selected']} selected**, {counts['not_selected']} not selected, "
         f"{counts['filtered']} filtered, {counts['quarantined']} quarantined (reconciled: {summary['reconciled']})",
         *([f"- {summary['derived']['n_derived']} derived rows (rewrites: {', '.join(summary['derived']['rewrites'])}) → "
-           f"**{summary['derived']['counts'].get('selected', 0)} selected**, {summary['derived']['counts'].get('not_selected', 0)} not selected, "
+           f"**{summary['derived']['counts'].get('selected', 0)} selected**, "
+           f"{summary['derived']['counts'].get('not_selected', 0)} not selected, "
            f"{summary['derived']['counts'].get('filtered', 0)} filtered, {summary['derived']['counts'].get('quarantined', 0)} quarantined "
            f"(reconciled: {summary['derived']['reconciled']})"] if summary.get("derived") else []),
         *[f"- {html.escape(line, quote=False)}" for line in empty_rewrites(summary)],
@@ -141,7 +142,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "## Inputs",
         "",
         _table(["source", "format", "files", "rows", "valid", "quarantined"],
-               [[s["source"], s["format"], ", ".join(s["files"]), s["n_rows"], s["n_valid"], s["n_quarantined"]] for s in summary["inputs"]]),
+               [[s["source"], s["format"], ", ".join(s["files"]), s["n_rows"], s["n_valid"], s["n_quarantined"]]
+                for s in summary["inputs"]]),
         "",
         *([diff_markdown(summary["diff"])] if summary.get("diff") else []),
         "## Selection steps",
@@ -150,7 +152,9 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     if summary["steps"]:
         lines.append(_table(["#", "method", "in", "kept", "dropped as", "details"],
                             [[s["step"], s["name"], s["in"], s["kept"], s["outcome_of_dropped"],
-                              ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("step", "method", "name", "in", "kept", "outcome_of_dropped", "radius_curve", "warning"))]
+                              ", ".join(f"{k}={v}" for k, v in s.items()
+                                        if k not in ("step", "method", "name", "in", "kept", "outcome_of_dropped",
+                                                     "radius_curve", "warning"))]
                              for s in summary["steps"]]))
     else:
         lines.append("No selection steps: every valid row is selected.")
@@ -184,7 +188,8 @@ def write_report(summary: dict[str, Any], scores_path: str, ledger_path: str, ou
                _table(["rewrite", "input rows", "derived", "used", "passthrough", "dropped", "quarantined"],
                       [[name, r["input_rows"], r["derived_rows"], r["used"], r["passthrough"], r["dropped"], r["quarantined"]]
                        for name, r in summary["derived"]["rewrites"].items()]), ""]
-        reasons = [[name, reason, n] for name, r in summary["derived"]["rewrites"].items() for reason, n in (r.get("reasons") or {}).items()]
+        reasons = [[name, reason, n] for name, r in summary["derived"]["rewrites"].items()
+                   for reason, n in (r.get("reasons") or {}).items()]
         if reasons:
             md += ["Rows a rewrite did not use, and what it produced but rejected, by reason:", "",
                    _table(["rewrite", "what: reason", "rows"], reasons), ""]

@@ -76,7 +76,12 @@ the next; the children left out are counted as ``node_cap``. Every call goes thr
 whose budget caps (``max_calls``, ``max_new_tokens_total``, ``max_cost``) are checked before each call;
 a refused call rejects its child (``budget_exhausted``). :meth:`AIDEStep.plan_calls` is the arithmetic
 upper bound of calls. Each round of the children's work (all nodes of all seeds at one level) is one
-``ask()`` — one batch for the engine.
+``ask()`` — one batch for the engine (:meth:`~curate.rewrite.llm.LLMRewriter.drive` runs each node's
+analysis and each child's calls as a generator task).
+
+**Code.** Each kind of call is one unit in :mod:`curate.rewrite.aide_units` (its prompt with its
+reply's parse, distilabel style); :meth:`AIDEStep.grow` is a child's sequence of units, the tag
+parsers are in :mod:`curate.rewrite.tags`.
 
 Every accepted child is a derived row ``[user, assistant]`` with origin
 ``aide:relevance:<direction>`` or ``aide:diversity``, parents ``[seed sample_id]`` and a generation
@@ -91,7 +96,6 @@ The whole input is one unit of work; a killed run repeats no finished call (the 
 from __future__ import annotations
 
 import random
-import re
 from collections import Counter
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -105,139 +109,33 @@ from curate import prompts as P
 from curate.config import EmbedSpec
 from curate.lm.calls import Call, Decoding, Reply
 from curate.records import canonical_json, sample_id, sha256_hex
+from curate.rewrite.aide_units import (
+    ANSWER,
+    CHECK,
+    DIVERSITY_HOP,
+    GRADE_DIVERSITY,
+    GRADE_RELEVANCE,
+    IMPROVE,
+    KG_EXPAND,
+    RELEVANCE_HOP,
+    TOPIC,
+    CallUnit,
+    speaker_1,
+)
 from curate.rewrite.base import UnitResult
 from curate.rewrite.llm import LLMParams, LLMRewriter
 
 Direction = Literal["reasoning", "concrete", "constraint"]
 DIRECTIONS: tuple[str, ...] = ("reasoning", "concrete", "constraint")
-REWRITE_PROMPTS = {"reasoning": P.AIDE_REWRITE_REASONING, "concrete": P.AIDE_REWRITE_CONCRETE, "constraint": P.AIDE_REWRITE_CONSTRAINT}
-ANSWER_PROMPTS = {"multi_choice": P.AIDE_ANSWER_MULTI, "binary": P.AIDE_ANSWER_BINARY, "free_form": P.AIDE_ANSWER_FREE}
 #: use-case keywords that pick a few-shot example set (first match wins; else "general")
 EXAMPLE_DOMAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("code", ("code", "program", "python", "software", "implementation", "function")),
     ("math", ("math", "arithmetic", "algebra", "geometry", "calculation")),
 )
-ACCEPT_ABOVE = 4  # a grade is an acceptance when > 4 (methods.md C4 step 4)
 OPTION_LETTERS = "ABCDEFGHIJ"
 
 
-# -- parsing --------------------------------------------------------------------------------------
-
-def parse_tag(text: str | None, tag: str) -> tuple[str | None, str]:
-    """The content of the last ``<tag>…</tag>`` in ``text`` (stripped), else of the last
-    ``<tag-lowercased>…</…>``. Status: ``ok``, ``ok_lowercase``, ``empty`` (a tag with nothing in it)
-    or ``missing_tag``."""
-    if text is None:
-        return None, "missing_tag"
-    for t, status in ((tag, "ok"), (tag.lower(), "ok_lowercase")):
-        found = re.findall(f"<{re.escape(t)}>(.*?)</{re.escape(t)}>", text, re.S)
-        if found:
-            value = found[-1].strip()
-            return (value, status) if value else (None, "empty")
-    return None, "missing_tag"
-
-
-def parse_attributes(text: str | None, cap: int) -> tuple[str | None, list[str], str]:
-    """(topic, attributes, status) from an analysis reply; attributes split on commas, stripped,
-    de-duplicated case-insensitively, at most ``cap``. Status: the worse of the two tags' statuses."""
-    topic, st_topic = parse_tag(text, "Topic")
-    body, st_attr = parse_tag(text, "Related knowledge")
-    attrs: list[str] = []
-    seen: set[str] = set()
-    for a in (body or "").split(","):
-        a = a.strip()
-        if a and a.lower() not in seen:
-            seen.add(a.lower())
-            attrs.append(a)
-    if topic is None:
-        return None, attrs[:cap], f"topic_{st_topic}"
-    if body is None:
-        return topic, [], f"attributes_{st_attr}"
-    return topic, attrs[:cap], "ok" if st_topic == st_attr == "ok" else "ok_lowercase"
-
-
-def parse_triples(text: str | None, known: list[str], n: int) -> list[str]:
-    """New concepts from KG-expansion lines ``[a, rel, b]``: the last quoted item of each bracketed
-    line, skipping ones already known (case-insensitive), at most ``n``."""
-    seen = {k.lower() for k in known}
-    out: list[str] = []
-    for line in (text or "").splitlines():
-        m = re.search(r"\[(.*)\]", line)
-        if not m:
-            continue
-        quoted = re.findall(r"[\"']([^\"']+)[\"']", m.group(1))
-        if not quoted:
-            continue
-        c = quoted[-1].strip()
-        if c and c.lower() not in seen:
-            seen.add(c.lower())
-            out.append(c)
-        if len(out) >= n:
-            break
-    return out
-
-
-_OPTION = re.compile(r"^\s*(?:[-*•]\s*)?(?:\(?[A-Ja-j1-9][).:]\s+)?(correct|incorrect)\s*[:.)\-–]\s*(.+?)\s*$", re.I)
-_LABEL = re.compile(r"^\s*\(?[A-Ja-j][).]\s+")
-
-
-def parse_choices(body: str) -> list[tuple[str, int]]:
-    """``Correct: x`` / ``Incorrect: y`` lines (optionally bulleted or lettered) → [(option, 1|0)];
-    a leading option label inside the text (``B) …``) is removed."""
-    out = []
-    for line in body.splitlines():
-        m = _OPTION.match(line)
-        if m:
-            text = _LABEL.sub("", m.group(2)).strip()
-            if text:
-                out.append((text, 1 if m.group(1).lower() == "correct" else 0))
-    return out
-
-
-def parse_grade(text: str | None) -> tuple[int | None, str]:
-    """The first integer in the last ``<Score>`` tag, if it is in 1..10. Status ``ok`` or why not."""
-    body, status = parse_tag(text, "Score")
-    if body is None:
-        return None, f"grade_{status}"
-    m = re.search(r"\d+", body)
-    if not m:
-        return None, "grade_not_a_number"
-    g = int(m.group())
-    return (g, "ok") if 1 <= g <= 10 else (None, "grade_out_of_range")
-
-
-def _yes_no(body: str) -> bool | None:
-    """True for a body whose first word is yes, False for no (any case, leading punctuation skipped), else None."""
-    word = re.match(r"\W*(\w+)", body)
-    w = word.group(1).lower() if word else ""
-    return True if w == "yes" else False if w == "no" else None
-
-
-def parse_yes_no(text: str | None, tag: str) -> tuple[bool | None, str]:
-    """Yes/No from the last ``<tag>`` (lowercase fallback) by its first word. Status ``ok`` (either
-    tag form), ``missing_tag``, ``empty`` or ``not_yes_no``."""
-    body, status = parse_tag(text, tag)
-    if body is None:
-        return None, status
-    yn = _yes_no(body)
-    return (None, "not_yes_no") if yn is None else (yn, "ok")
-
-
-def join_reply(question: str, reply: str, layout: str) -> str:
-    """The instruction of a binary child: its question and the reply written to it (``binary_layout``)."""
-    if layout == "speakers":
-        return f"Speaker 1: '{question}' Speaker 2: '{reply}'"
-    return f"{question}\n{reply}"
-
-
-_SPEAKERS = re.compile(r"Speaker 1: '(.*)' Speaker 2: '.*'", re.S)
-
-
-def speaker_1(text: str) -> str | None:
-    """Speaker 1's question in a ``speakers`` instruction; None when the text is not in that layout."""
-    m = _SPEAKERS.fullmatch(text.strip())
-    return m.group(1).strip() if m and m.group(1).strip() else None
-
+# -- personas and near-duplicates -----------------------------------------------------------------
 
 def choose_personas(similarities: np.ndarray, k: int, threshold: float) -> list[int]:
     """Indices of the ``k`` most similar personas with similarity > ``threshold``; equal
@@ -590,225 +488,130 @@ class AIDEStep(LLMRewriter):
         seed = int(sha256_hex(str(self.context.seed), self.method, where)[:15], 16)
         return self.call(prompt, [{"role": "user", "content": prompt.text.format(**fields)}], seed=seed, decoding=d, shape=shape)
 
-    def drive(self, tasks: list[Generator], seeds_of: list[int], calls_per_seed: Counter) -> list[Any]:
-        """Run generator tasks that yield lists of calls and receive their replies: each round sends
-        every pending call of every task in one ``ask()``. Returns each task's return value."""
-        results: list[Any] = [None] * len(tasks)
-        pending: dict[int, list[Call]] = {}
-
-        def step(i: int, value):
-            try:
-                pending[i] = tasks[i].send(value)
-            except StopIteration as stop:
-                results[i] = stop.value
-                pending.pop(i, None)
-
-        for i in range(len(tasks)):
-            step(i, None)
-        while pending:
-            order = sorted(pending)
-            calls = [c for i in order for c in pending[i]]
-            replies = self.ask(calls)
-            k = 0
-            for i in order:
-                n = len(pending[i])
-                got = replies[k:k + n]
-                k += n
-                calls_per_seed[seeds_of[i]] += sum(r.status != "budget_exhausted" for r in got)
-                step(i, got)
-        return results
-
-    # -- per-node work (generators) ---------------------------------------------------------------
-    def analyse(self, node: Node, want_rel: bool) -> Generator:
-        p: AIDEParams = self.params
-        c = self.ask_one(P.AIDE_TOPIC, f"{node.seed_sid}/{node.path}/topic", instruction=node.text)
+    # -- per-node work (generators run by :meth:`drive`; one call kind per unit: :mod:`curate.rewrite.aide_units`) ---
+    def run_call(self, log: list[tuple[str, Call, Reply]], unit: CallUnit, target: Node | Child, name: str, *args: Any) -> Generator:
+        """One call of ``unit`` for ``target`` named ``name`` (a round of its own), logged with its reply
+        in ``log`` (a node's ``analysis``, a child's ``exchanges``). Returns (:func:`failed_call`'s
+        reason, None) for a reply that is not ``ok`` (never parsed), else (None, what the unit's
+        ``format_output`` gives)."""
+        c = unit.format_input(self, target, name, *args)
         (r,) = yield [c]
-        node.analysis.append(("topic", c, r))
+        log.append((name, c, r))
         if r.status != "ok":
-            node.status = failed_call(r)
-            return node.status
-        topic, attrs, status = parse_attributes(r.text, p.max_attributes)
-        node.topic, node.status = topic, status
-        if topic is None:
-            return status
-        if want_rel and p.ex_kg and attrs and p.num_triples:
-            triples = "\n".join(f'["{topic}", "has", "{a}"]' for a in attrs)
-            c = self.ask_one(P.AIDE_KG_EXPAND, f"{node.seed_sid}/{node.path}/kg", topic=topic, triples=triples, n=p.num_triples)
-            (r,) = yield [c]
-            node.analysis.append(("kg", c, r))
-            if r.status == "ok":
-                attrs = attrs + parse_triples(r.text, attrs, p.num_triples)
-        node.attributes = attrs
+            return failed_call(r), None
+        return None, unit.format_output(self, target, name, r)
+
+    def analyse(self, node: Node, want_rel: bool) -> Generator:
+        """A node's analysis: its topic and attributes, then (relevance hops, ``ex_kg``) the
+        knowledge-graph expansion, whose failure only adds no attributes. Returns the analysis status."""
+        p: AIDEParams = self.params
+        why, status = yield from self.run_call(node.analysis, TOPIC, node, "topic")
+        if why:
+            node.status = why
+            return why
+        if node.topic is not None and want_rel and p.ex_kg and node.attributes and p.num_triples:
+            yield from self.run_call(node.analysis, KG_EXPAND, node, "kg")
         return status
 
-    def _answer(self, child: Child, name: str) -> Generator:
-        """Ask for the answer of ``child.text``; sets ``child.answer`` (and ``answer_call`` to ``name``);
-        returns a failure reason or None."""
-        p: AIDEParams = self.params
-        speakers = p.choice_type == "binary" and p.binary_layout == "speakers"
-        prompt = P.AIDE_ANSWER_BINARY_SPEAKERS if speakers else ANSWER_PROMPTS[p.choice_type]
-        c = self.ask_one(prompt, child.where(name), instruction=child.text)
-        (r,) = yield [c]
-        child.exchanges.append((name, c, r))
-        if r.status != "ok":
-            return failed_call(r)
-        body, status = parse_tag(r.text, "Choices")
-        child.statuses.append(f"{name}:{status}")
-        if body is None:
-            return "answer_parse_failed"
-        if p.choice_type == "multi_choice":
-            opts = parse_choices(body)
-            if not opts:
-                child.statuses.append(f"{name}:no_options")
-                return "answer_parse_failed"
-            child.answer, child.answer_raw = opts, body
-        elif p.choice_type == "binary":
-            yn = _yes_no(body)  # the <Choices> body parsed above (what parse_yes_no would parse again)
-            if yn is None:
-                child.statuses.append(f"{name}:not_yes_no")
-                return "answer_parse_failed"
-            child.answer = child.answer_raw = "Yes" if yn else "No"
-        else:
-            child.answer = child.answer_raw = body
-        child.answer_call = name
-        return None
+    def grow(self, spec: ChildSpec, seed_text: str) -> Generator:
+        """One child, as the sequence of its calls: the hop (a rewrite of the node's text, or a created
+        prompt; binary: the question and a reply to it, joined by ``binary_layout``), the answer, then
+        with ``reflection`` the self-reflection (:meth:`reflect`). Returns the :class:`Child`, with the
+        reason it is rejected if it is."""
+        child = Child(spec)
+        relevance = spec.kind == "relevance"
+        why, bad = yield from self.run_call(child.exchanges, RELEVANCE_HOP if relevance else DIVERSITY_HOP, child, "rewrite", seed_text)
+        why = why or bad
+        if why is None:
+            why = yield from self.answer(child, "answer")
+        if why is None and self.params.reflection:
+            why = yield from self.reflect(child, seed_text if relevance else spec.parent.text)
+        child.reject = why
+        return child
 
-    def _improve(self, child: Child, original: str, feedback: P.Prompt, name: str) -> Generator:
+    def answer(self, child: Child, name: str) -> Generator:
+        """The answer call ``name`` (:data:`~curate.rewrite.aide_units.ANSWER`); returns a failure reason or None."""
+        why, bad = yield from self.run_call(child.exchanges, ANSWER, child, name)
+        return why or bad
+
+    def improve(self, child: Child, original: str, feedback: P.Prompt, name: str) -> Generator:
         """One improve call; on a parsed reply that differs the text changes and the answer is redone.
         Returns (failure reason or None, whether the text changed)."""
-        c = self.ask_one(P.AIDE_IMPROVE, child.where(name), use_case=self.params.use_case, original=original, instruction=child.text,
-                         feedback=feedback.text)
-        (r,) = yield [c]
-        child.exchanges.append((name, c, r))
-        if r.status != "ok":
-            return failed_call(r), False
-        text, status = parse_tag(r.text, "Improved Prompt")
-        child.statuses.append(f"{name}:{status}")
+        why, text = yield from self.run_call(child.exchanges, IMPROVE, child, name, original, feedback)
+        if why:
+            return why, False
         if text is None or text == child.text:
             return None, False  # nothing changed: the old text and answer stand
         child.text = text
-        return (yield from self._answer(child, f"{name}_answer")), True
+        return (yield from self.answer(child, f"{name}_answer")), True
 
-    def grow(self, spec: ChildSpec, seed_text: str) -> Generator:
-        """One child: rewrite or create (binary: the question and a reply to it, joined by
-        ``binary_layout``), the answer call, then (with reflection) the length check, graded acceptance
-        and the answer-in-choices check. Returns the :class:`Child`."""
+    def reflect(self, child: Child, original: str) -> Generator:
+        """Self-reflection of an answered child against ``original`` (the seed for a relevance hop, the
+        parent's text for a diversity hop): one shortening improve call when it is longer than
+        ``len_token`` tokens, the graded acceptance (:meth:`grades`), then (not binary) the
+        answer-in-choices check (:meth:`choice_checks`). Returns why the child is rejected, or None."""
         p: AIDEParams = self.params
-        child = Child(spec)
-        node = spec.parent
-        relevance = spec.kind == "relevance"
-        if relevance:
-            residual = ""
-            if node.layer > p.sk_conn and (not p.match_reference or spec.direction == "reasoning"):
-                residual = P.AIDE_RESIDUAL.text.format(seed=seed_text)
-            prompt = REWRITE_PROMPTS[spec.direction]
-            fields = dict(use_case=p.use_case, topic=node.topic, skill=spec.skill, residual=residual,
-                          examples=self.examples(spec.direction))
-            tag = "Rewritten Prompt"
-        else:
-            prompt = P.AIDE_CREATE_PERSONA if spec.persona else P.AIDE_CREATE
-            fields = dict(use_case=p.use_case, topic=node.topic, examples=self.examples("create"))
-            if spec.persona:
-                fields["persona"] = spec.persona
-            tag = "Created Prompt"
-        binary = p.choice_type == "binary"
-        fields["answer_form"] = P.AIDE_ANSWER_FORM_BINARY.text if binary else ""
-        fields["response_form"] = P.AIDE_RESPONSE_FORM.text if binary else ""
-        shape = P.with_response(prompt.shape) if binary else None  # the binary <Response> follows the tag (constrain)
-        c = self.ask_one(prompt, child.where("rewrite"), shape=shape, instruction=node.text, **fields)
-        (r,) = yield [c]
-        child.exchanges.append(("rewrite", c, r))
-        if r.status != "ok":
-            child.reject = failed_call(r)
-            return child
-        text, status = parse_tag(r.text, tag)
-        child.statuses.append(f"rewrite:{status}")
-        if text is None:
-            child.reject, child.detail = "rewrite_parse_failed", status
-            return child
-        if binary:
-            # methods.md C4 2a: the <Response> is a reply inside the question; the label comes from the answer call
-            reply, status = parse_tag(r.text, "Response")
-            child.statuses.append(f"response:{status}")
-            if reply is None:
-                child.reject, child.detail = "response_parse_failed", status
-                return child
-            text = join_reply(text, reply, p.binary_layout)
-        child.text = text
-        why = yield from self._answer(child, "answer")
-        if why:
-            child.reject = why
-            return child
-        if not p.reflection:
-            return child
-        original = seed_text if relevance else node.text
         if self.n_tokens(child.text) > p.len_token:
-            why, _ = yield from self._improve(child, original, P.AIDE_FEEDBACK_TOO_LONG, "shorten")
+            why, _ = yield from self.improve(child, original, P.AIDE_FEEDBACK_TOO_LONG, "shorten")
             if why:
-                child.reject = why
-                return child
+                return why
+        why = yield from self.grades(child, original)
+        if why or p.choice_type == "binary":
+            return why
+        return (yield from self.choice_checks(child))
+
+    def grades(self, child: Child, original: str) -> Generator:
+        """Grades until one accepts, up to ``max_reflection_relevance`` / ``_diversity``, an improve call
+        with the grader's feedback between two. Returns None (accepted) or why not (the grades as detail)."""
+        p: AIDEParams = self.params
+        relevance = child.spec.kind == "relevance"
+        grade = GRADE_RELEVANCE if relevance else GRADE_DIVERSITY
         rounds = p.max_reflection_relevance if relevance else p.max_reflection_diversity
-        grader = P.AIDE_GRADE_RELEVANCE if relevance else P.AIDE_GRADE_DIVERSITY
-        feedback = P.AIDE_FEEDBACK_NOT_RELEVANT if relevance else P.AIDE_FEEDBACK_TOO_SIMILAR
-        accepted = False
         for k in range(1, rounds + 1):
-            c = self.ask_one(grader, child.where(f"grade_{k}"), judge=True, use_case=p.use_case, original=original, instruction=child.text)
-            (r,) = yield [c]
-            child.exchanges.append((f"grade_{k}", c, r))
-            if r.status != "ok":
-                child.reject = failed_call(r)
-                return child
-            g, status = parse_grade(r.text)
-            child.grades.append(g)
-            child.statuses.append(f"grade_{k}:{status}")
-            if g is not None and g > ACCEPT_ABOVE:
-                accepted = True
-                break
+            why, accepted = yield from self.run_call(child.exchanges, grade, child, f"grade_{k}", original)
+            if why:
+                return why
+            if accepted:
+                return None
             if k < rounds:
-                why, changed = yield from self._improve(child, original, feedback, f"improve_{k}")
+                why, changed = yield from self.improve(child, original, grade.feedback, f"improve_{k}")
                 if why:
-                    child.reject = why
-                    return child
+                    return why
                 if not changed and not self.sampled:
                     break  # greedy: the same text would get the same grade and the same improve reply again
-        if not accepted:
-            parsed = [g for g in child.grades if g is not None]
-            child.reject = "reflection_rejected" if parsed else "grade_parse_failed"
-            child.detail = f"grades {child.grades}"
-            return child
-        if p.choice_type == "binary":
-            return child
-        checks = p.max_choice_checks_relevance if relevance else p.max_choice_checks_diversity
+        child.detail = f"grades {child.grades}"
+        return "reflection_rejected" if any(g is not None for g in child.grades) else "grade_parse_failed"
+
+    def choice_checks(self, child: Child) -> Generator:
+        """Answer-in-choices checks until one says Yes, up to ``max_choice_checks_relevance`` /
+        ``_diversity``, the answer redone between two (sampled decoding only). Returns None or why not."""
+        p: AIDEParams = self.params
+        checks = p.max_choice_checks_relevance if child.spec.kind == "relevance" else p.max_choice_checks_diversity
         for k in range(1, checks + 1):
-            c = self.ask_one(P.AIDE_CHECK_CHOICES, child.where(f"check_{k}"), instruction=child.text, choices=child.answer_raw)
-            (r,) = yield [c]
-            child.exchanges.append((f"check_{k}", c, r))
-            if r.status != "ok":
-                child.reject = failed_call(r)
-                return child
-            ok, status = parse_yes_no(r.text, "Response")
-            child.statuses.append(f"check_{k}:{status}")
+            why, ok = yield from self.run_call(child.exchanges, CHECK, child, f"check_{k}")
+            if why:
+                return why
             if ok:
-                return child
+                return None
             if not self.sampled:
                 break  # greedy: the answer redone from the same prompt would be the same answer, and so the check
             if k < checks:
-                why = yield from self._answer(child, f"check_{k}_answer")
+                why = yield from self.answer(child, f"check_{k}_answer")
                 if why:
-                    child.reject = why
-                    return child
-        child.reject = "answer_not_in_choices"
-        return child
+                    return why
+        return "answer_not_in_choices"
 
     # -- personas ---------------------------------------------------------------------------------
     def persona_similarities(self) -> tuple[list[str], np.ndarray]:
         """The persona file's lines and their cosine similarity to ``use_case`` (cached in the store)."""
         import json
 
+        from curate.store import persona_cache
+
         raw, file_sha = self.persona_file()
         personas = [ln.strip() for ln in raw.decode("utf-8").splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         key = sha256_hex(sha256_hex(self.params.use_case), file_sha, self.embedder.key)
-        cache = Path(self.context.store_dir) / "aide" / "personas" / f"{key}.json" if self.context.store_dir else None
+        cache = persona_cache(self.context.store_dir, key) if self.context.store_dir else None
         if cache is not None and cache.exists():
             sims = np.asarray(json.loads(cache.read_text(encoding="utf-8"))["similarities"], dtype=np.float64)
             if len(sims) == len(personas):

@@ -1,7 +1,8 @@
 """The rewriter contract: rewriters make new rows from selected ones (methods.md Part C).
 
-A rewriter is one file in ``curate/rewrite/`` plus one line in ``REWRITERS``
-(``curate/rewrite/__init__.py``). It never changes a row in place: it returns *derived* rows, each
+A rewriter is a plug-in (:mod:`curate.plugin`): one file in ``curate/rewrite/`` plus one line in
+``REWRITERS`` (``curate/rewrite/__init__.py``), built as ``cls(name, params, context: RewriteContext)``
+with validated ``Params`` and optional ``requires``. It never changes a row in place: it returns *derived* rows, each
 with its ``parents`` (sample_ids), its ``origin`` (``<method>:<variant>``) and a ``generation``
 record (what made it: method, version and seed; an LLM rewriter adds its prompt id and hash, model,
 decoding, raw output and parse status), and says what became of every input row::
@@ -30,10 +31,9 @@ parameters (seeds derive from the run seed).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
+from curate.plugin import Context, Plugin
 from curate.records import canonical_json, sha256_hex
 
 #: what a rewrite did with one of its input rows
@@ -68,33 +68,16 @@ class UnitResult:
 
 
 @dataclass
-class RewriteContext:
-    """What a rewriter may need from the run."""
-
-    seed: int = 0
-    torch_threads: int = 1
-    base_dir: str | None = None
-    store_dir: str | None = None  # where LLM rewriters cache their calls (None: no cache)
-    extra: dict[str, Any] = field(default_factory=dict)
+class RewriteContext(Context):
+    """What a rewriter may need from the run: ``seed`` (in its key), ``torch_threads``, ``base_dir``,
+    ``store_dir`` (where LLM rewriters cache their calls; None: no cache) and in ``extra`` the flow's
+    ``embed`` spec (AIDE dedups and picks personas with it)."""
 
 
-class Rewriter:
-    method: ClassVar[str]
-    version: ClassVar[str] = "1.0"
-    #: Optional dependencies: (module, pip install line).
-    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, name: str, params: dict[str, Any] | BaseModel | None = None, context: RewriteContext | None = None):
-        from curate.errors import require
-
-        for module, install in self.requires:
-            require(module, f"rewriter '{self.method}'", install)
-        self.name = name
-        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
-        self.context = context or RewriteContext()
+class Rewriter(Plugin):
+    kind = "rewriter"
+    context_type = RewriteContext
+    context: RewriteContext
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the derived rows (models and prompts are added by subclasses)."""

@@ -17,10 +17,17 @@ budget caps checked before each call), so a re-run or a resumed run repeats no f
 generation record of a derived row (:meth:`generation`) holds the model and, per call, its prompt id
 and hash, decoding and seed, and the reply (raw output, status, token counts, retries); subclasses
 add the parse status.
+
+Rewriters whose rows take several dependent calls (AIDE's trees) write the work of each item as a
+generator task and run them all with :meth:`LLMRewriter.drive`: a task yields the list of calls it
+needs next and receives their replies, so every round of all tasks' pending calls is one batch for
+the engine.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Generator, Hashable, Sequence
 from typing import Any, ClassVar
 
 from pydantic import Field
@@ -101,6 +108,41 @@ class LLMRewriter(Rewriter):
 
     def ask(self, calls: list[Call], progress=None) -> list[Reply]:
         return self.engine.run(calls, progress)
+
+    def drive(self, tasks: list[Generator[list[Call], list[Reply], Any]], groups: Sequence[Hashable] | None = None,
+              counts: Counter | None = None) -> list[Any]:
+        """Run generator ``tasks`` together. A task yields a list of :class:`Call`\\ s and is sent the
+        list of their :class:`Reply`\\ s (same length, same order); what it returns is its result. Each
+        round sends every pending call of every task, in task order, in one :meth:`ask` (one batch for
+        the engine): the calls of all tasks that are at the same point go to the model together.
+        Returns each task's return value, in task order. ``groups`` (one key per task) and ``counts``:
+        ``counts[groups[i]]`` is raised by the calls of task ``i`` that were made (a reply other than
+        ``budget_exhausted``, which a cap refused before the call), e.g. AIDE's calls per seed."""
+        results: list[Any] = [None] * len(tasks)
+        pending: dict[int, list[Call]] = {}
+
+        def step(i: int, value):
+            try:
+                pending[i] = tasks[i].send(value)
+            except StopIteration as stop:
+                results[i] = stop.value
+                pending.pop(i, None)
+
+        for i in range(len(tasks)):
+            step(i, None)
+        while pending:
+            order = sorted(pending)
+            calls = [c for i in order for c in pending[i]]
+            replies = self.ask(calls)
+            k = 0
+            for i in order:
+                n = len(pending[i])
+                got = replies[k:k + n]
+                k += n
+                if counts is not None and groups is not None:
+                    counts[groups[i]] += sum(r.status != "budget_exhausted" for r in got)
+                step(i, got)
+        return results
 
     def generation(self, exchanges: list[tuple[str, Call, Reply]], **extra: Any) -> dict[str, Any]:
         """The generation record of a derived row: what made it and, per call (by name), its prompt

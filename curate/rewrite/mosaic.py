@@ -76,7 +76,8 @@ class MosaicParams(BaseModel):
         None, description="template: the target chat template + safety_margin (default); raw: instruction+response (reference).")
     tokenizer: str = Field("smollm2-135m-instruct", description="Target model whose tokenizer (and chat template) counts tokens.")
     safety_margin: int = Field(16, ge=0, description="Tokens kept free under max_length when counting with the template.")
-    force_numbering: bool | None = Field(None, description="Always number the instructions when permute or maskout is drawn (default True).")
+    force_numbering: bool | None = Field(None,
+                                         description="Always number the instructions when permute or maskout is drawn (default True).")
     alpha_sort: Literal["casefold", "case_sensitive"] | None = Field(
         None, description="ALPHA / REVERSE_ALPHA sort key: case-folded text (default) or Python's string order (reference).")
     passthrough_overlong: bool = Field(False, description="Emit rows that fit in no mosaic of any epoch unchanged.")

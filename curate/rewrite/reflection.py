@@ -27,26 +27,21 @@ teacher's ``max_position_embeddings`` (``hf``, ``vllm``), else no limit but ``ma
 finish reason ``length``) keeps its text in the record but is never parsed as an answer nor asked
 again: the operation is ``truncated``.
 
-**Parsing** (:func:`parse_tagged`): a tag's segment runs from the tag to ``[End]``, the next known
-tag, or the end of the text — never to a bare word "End". Tags match case-insensitively, with
-optional spaces inside the brackets. A segment not closed by ``[End]`` loses a list number left
-alone on its last line ("…\\n\\n3." before ``[New Answer]``, as the reference strips it). A field is
-``missing`` (no tag), ``empty``, ``placeholder`` (the whole text is a filler, e.g. "your answer",
-"N/A", "[Your Answer]"; not a real answer such as "None." or "Write an analysis.") or ``ambiguous``
-(two different non-empty segments for one tag); repeated segments that differ only in case or
-spacing count once; a Q′ equal to the instruction it was asked to replace (up to case and spacing)
-is ``unchanged``, and so is an A′ equal to the row's answer (a new instruction with the old answer
-is no pair either). A Q′ row is emitted only when both Q′ and A′ are ``ok``: never an old
-instruction with a new answer. A reply that does not parse is asked again once (``parse_retry``;
-``Call.attempt=1``, same prompt — its own cache entry), then the operation is ``parse_failed``. A
-better answer A* equal to the row's answer makes no new row (the row passes through, reason
-``unchanged``). With ``match_reference: true`` the reference's rules apply instead: a field's value
-is its first segment (a better answer needs exactly one); its placeholder tests are substrings,
-case-sensitive, per field ("your instruction" in Q′; "N/A" or "your answer" in A′; none for A*);
-the retry is made only when neither Q′ nor A′ has a non-empty segment, or when the reply has not
-exactly one ``[Better Answer]`` segment (:func:`wants_retry`); and a field that failed takes the
-original's value (so an old instruction *can* meet a new answer, as in the reference). A row whose
-every field fell back is the original again and passes through (``fallback_unchanged``).
+**Parsing** (:func:`curate.rewrite.tags.parse_tagged`; the tag syntax, the field statuses and the
+reference's parse under ``match_reference`` are described in :mod:`curate.rewrite.tags`): each field
+of a reply is the segment of its bracket tag (``[New Instruction]`` … ``[End]``), ``ok`` or
+``missing``, ``empty``, ``placeholder``, ``ambiguous``; a Q′ equal to the instruction it was asked to
+replace (up to case and spacing) is ``unchanged``, and so is an A′ equal to the row's answer (a new
+instruction with the old answer is no pair either). A Q′ row is emitted only when both Q′ and A′ are
+``ok``: never an old instruction with a new answer. A reply that does not parse is asked again once
+(``parse_retry``; ``Call.attempt=1``, same prompt — its own cache entry), then the operation is
+``parse_failed``. A better answer A* equal to the row's answer makes no new row (the row passes
+through, reason ``unchanged``). With ``match_reference: true`` the reference's rules apply instead:
+its parse (a field's value is its first segment; substring placeholder tests); the retry is made
+only when neither Q′ nor A′ has a non-empty segment, or when the reply has not exactly one
+``[Better Answer]`` segment (:func:`wants_retry`); and a field that failed takes the original's
+value (so an old instruction *can* meet a new answer, as in the reference). A row whose every field
+fell back is the original again and passes through (``fallback_unchanged``).
 
 **Dispositions.** Every input row gets one: ``used`` when at least one derived row came from it;
 ``passthrough`` for rows the method does not apply to (``multiturn``, ``system``, ``tool_use``:
@@ -62,13 +57,12 @@ generation record of a derived row holds, per call (``compress``, ``compress_ret
 ids, versions and hashes), decoding, seed and reply (text, raw output, status, token counts,
 engine retries), plus the parse result of each field, the length-guard record and the input policy.
 
-The building blocks (:func:`single_turn`, :func:`guard`, :func:`reflect`, :func:`parse_tagged`) are
-shared with Selective Reflection-Tuning (:mod:`curate.rewrite.selective`).
+The building blocks (:func:`single_turn`, :func:`guard`, :func:`reflect`; the parser
+:func:`~curate.rewrite.tags.parse_tagged`) are shared with Selective Reflection-Tuning (:mod:`curate.rewrite.selective`).
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -91,166 +85,10 @@ from curate.prompts import (
 from curate.records import message, sha256_hex
 from curate.rewrite.base import UnitResult
 from curate.rewrite.llm import LLMParams, LLMRewriter
+from curate.rewrite.tags import FieldParse, parse_tagged, same_text
 from curate.templates import alpaca_input
 
-# -- parsing --------------------------------------------------------------------------------------
-
-#: output tags: field name -> the words inside the brackets
-TAGS: dict[str, str] = {
-    "new_instruction": "New Instruction",
-    "new_answer": "New Answer",
-    "better_answer": "Better Answer",
-    "merged_instruction": "Merged Instruction",
-}
-END = "End"
-_TAG_RE = re.compile(r"\[\s*(" + "|".join(r"\s+".join(w.split()) for w in [*TAGS.values(), END]) + r")\s*\]", re.IGNORECASE)
-_NAME_OF = {" ".join(w.lower().split()): k for k, w in TAGS.items()}
-
-#: whole-text placeholders (compared after :func:`_normalise_placeholder`); words that can be a real
-#: answer ("None.", "null", "Na" for sodium) are not among them
-_PLACEHOLDER_WORDS = {"", "n/a", "tbd", "todo", "...", "…", "-", "xxx", "placeholder"}
-_NOUN = (r"(?:new|better|improved|merged|rewritten|revised)?\s*(?:instruction|answer|response|question|text|analysis)"
-         r"(?:\s+to\s+the\s+(?:new\s+)?instruction)?")
-_PLACEHOLDER_RE = re.compile(
-    # a filler noun phrase on its own: "answer", "the new instruction", "your better answer here"
-    r"^(?:your|the|a|an|my)?\s*" + _NOUN + r"(?:\s+(?:here|goes here|text))?$"
-    # a slot-filling verb: "insert the new instruction", "enter your answer here"
-    r"|^(?:insert|put|enter)\s+(?:your|the|a|an|my)?\s*" + _NOUN + r"(?:\s+(?:here|goes here|text))?$"
-    # "write"/"add" only when they point at the reader's slot: "write your answer", "write the answer here"
-    # ("Write an analysis." is an instruction, not a filler)
-    r"|^(?:write|add)\s+(?:(?:your|my)\s+" + _NOUN + r"(?:\s+(?:here|goes here|text))?"
-    r"|(?:the|a|an)?\s*" + _NOUN + r"\s+(?:here|goes here))$")
-#: the reference's substring tests per field (match_reference; case-sensitive, as there): the new
-#: instruction falls back on "your instruction", the new answer on "N/A" or "your answer"; the better
-#: answer has none (only an empty one falls back)
-_REFERENCE_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
-    "new_instruction": ("your instruction",),
-    "new_answer": ("N/A", "your answer"),
-    "better_answer": (),
-}
-#: a list number left on its own last line, e.g. "\n\n3." before "[New Answer]" when "[End]" is missing
-_TRAILING_NUMBER_RE = re.compile(r"\n[ \t]*(?:\*\*)?\d{1,2}[.)](?:\*\*)?$")
-
-
-def _normalise_placeholder(text: str) -> str:
-    t = text.strip().lower()
-    t = t.strip(" \t\r\n*_`\"'()[]{}<>:.")
-    return " ".join(t.split())
-
-
-def is_placeholder(text: str, match_reference: bool = False, name: str | None = None) -> bool:
-    """A text that stands for content without being any (our test: the whole text, once stripped of
-    brackets, quotes and markup, is a filler word or "your/the new … instruction/answer (here)").
-    ``match_reference`` and ``name`` one of the reference's fields (``new_instruction``,
-    ``new_answer``, ``better_answer``): the reference's test for that field — the text contains one
-    of its strings, case-sensitively (:data:`_REFERENCE_PLACEHOLDERS`)."""
-    if match_reference and name in _REFERENCE_PLACEHOLDERS:
-        return any(p in text for p in _REFERENCE_PLACEHOLDERS[name])
-    t = _normalise_placeholder(text)
-    return t in _PLACEHOLDER_WORDS or bool(_PLACEHOLDER_RE.match(t))
-
-
-def _clean(segment: str) -> str:
-    """A segment without the markup that hugs its tags: ``**[Tag]**: text **[End]**`` gives ``text``."""
-    s = segment
-    if s.startswith("**"):
-        s = s[2:]
-    s = re.sub(r"^[ \t]*:", "", s)
-    s = s.strip()
-    if s.endswith("**") and s.count("**") % 2 == 1:
-        s = s[:-2].rstrip()
-    return s
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One tag's segment: its cleaned text and what ended it — ``end`` (``[End]``), ``tag`` (the next
-    known tag) or ``eof`` (the end of the text)."""
-
-    text: str
-    stop: str
-
-
-def tag_segments(text: str, name: str) -> list[Segment]:
-    """Every segment of tag ``name`` (a key of :data:`TAGS`) in ``text``: from the tag to ``[End]``,
-    the next known tag, or the end of the text; cleaned and stripped, in order. A segment not closed
-    by ``[End]`` loses a list number left alone on its last line ("…\\n\\n3." before the next tag)."""
-    marks = [(m.start(), m.end(), " ".join(m.group(1).lower().split())) for m in _TAG_RE.finditer(text)]
-    out = []
-    for i, (_, end, word) in enumerate(marks):
-        if _NAME_OF.get(word) != name:
-            continue
-        if i + 1 < len(marks):
-            stop, how = marks[i + 1][0], "end" if marks[i + 1][2] == END.lower() else "tag"
-        else:
-            stop, how = len(text), "eof"
-        seg = _clean(text[end:stop])
-        if how != "end":
-            seg = _TRAILING_NUMBER_RE.sub("", seg).rstrip()
-        out.append(Segment(seg, how))
-    return out
-
-
-def segments(text: str, name: str) -> list[str]:
-    """The texts of :func:`tag_segments`."""
-    return [g.text for g in tag_segments(text, name)]
-
-
-@dataclass
-class FieldParse:
-    # ok | missing | empty | placeholder | ambiguous | unchanged (a "new" instruction equal to the old one)
-    # | truncated (the reply was cut off by max_tokens inside this field)
-    status: str
-    value: str | None = None
-    n_segments: int = 0
-
-    def record(self) -> dict[str, Any]:
-        return {"status": self.status, "n_segments": self.n_segments}
-
-
-def _fold(text: str) -> str:
-    return " ".join(text.casefold().split())
-
-
-def parse_field(text: str, name: str, match_reference: bool = False, truncated: bool = False) -> FieldParse:
-    """The value of one tag (see module docstring). Ours: its one distinct non-empty, non-placeholder
-    segment (repeats that differ only in case or spacing count once). ``match_reference`` (the
-    reference's fields): its first segment, and for ``better_answer`` exactly one segment.
-    ``truncated``: the reply was cut off by its token limit, so a segment that runs to the end of
-    the text is ``truncated``, never a value."""
-    segs = tag_segments(text, name)
-    if not segs:
-        return FieldParse("missing")
-    n = len(segs)
-    if truncated and segs[-1].stop == "eof" and segs[-1].text:
-        return FieldParse("truncated", None, n)
-    if match_reference and name in _REFERENCE_PLACEHOLDERS:
-        if name == "better_answer" and n != 1:
-            return FieldParse("ambiguous", None, n)
-        first = segs[0].text
-        if not first:
-            return FieldParse("empty", None, n)
-        return FieldParse("placeholder", None, n) if is_placeholder(first, True, name) else FieldParse("ok", first, n)
-    real: dict[str, str] = {}
-    for g in segs:
-        if g.text and not is_placeholder(g.text, match_reference, name):
-            real.setdefault(_fold(g.text), g.text)
-    if len(real) == 1:
-        return FieldParse("ok", next(iter(real.values())), n)
-    if len(real) > 1:
-        return FieldParse("ambiguous", None, n)
-    return FieldParse("empty" if all(not g.text for g in segs) else "placeholder", None, n)
-
-
-def _same_text(text: str, *others: str | None) -> bool:
-    """Equal up to case and whitespace."""
-    return any(o is not None and _fold(text) == _fold(o) for o in others)
-
-
-def parse_tagged(text: str, names: tuple[str, ...], match_reference: bool = False, truncated: bool = False) -> dict[str, FieldParse]:
-    """Each field of ``names`` parsed from ``text``."""
-    return {n: parse_field(text, n, match_reference, truncated) for n in names}
-
+# -- the retry rule -------------------------------------------------------------------------------
 
 def wants_retry(kind: str, parsed: dict[str, FieldParse], match_reference: bool) -> bool:
     """Whether a reply that did not give every field is asked again. Ours: any field not ``ok``. The
@@ -408,7 +246,7 @@ def parse_reply(job: Job, text: str, match_reference: bool = False, truncated: b
     parsed = parse_tagged(text, KIND_FIELDS[job.kind], match_reference, truncated)
     for name, old in (("new_instruction", job.instruction), ("new_answer", job.answer)):
         f = parsed.get(name)
-        if f is not None and f.status == "ok" and _same_text(f.value, old, job.fallback.get(name)):
+        if f is not None and f.status == "ok" and same_text(f.value, old, job.fallback.get(name)):
             parsed[name] = FieldParse("unchanged", None, f.n_segments)
     return parsed
 

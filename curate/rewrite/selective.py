@@ -87,10 +87,12 @@ class StudentParams(LMParams):
     """The student model and how it scores (the IFD and r-IFD scorers' parameters)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    template: Literal["alpaca", "wiz", "vicuna", "none", "chat"] = Field("vicuna", description="Template of both scorers (reference: vicuna).")
+    template: Literal["alpaca", "wiz", "vicuna", "none", "chat"] = Field("vicuna",
+                                                                         description="Template of both scorers (reference: vicuna).")
     max_length: int = Field(2048, gt=1, description="Tokens per scored sequence (reference: 2048).")
     ratio: Literal["ppl", "loss"] = Field("ppl", description="PPL ratios (reference) or loss ratios.")
-    direct_prefix: Literal["bare", "header"] = Field("bare", description="IFD's direct pass: the bare response (reference) or behind the cue.")
+    direct_prefix: Literal["bare", "header"] = Field("bare",
+                                                     description="IFD's direct pass: the bare response (reference) or behind the cue.")
 
 
 class SelectiveParams(ReflectionCommon):

@@ -1,11 +1,11 @@
-"""Scorers: one file each, one line each in ``SCORERS`` (imported lazily, by dotted path)."""
+"""Scorers: one file each, one line each in ``SCORERS`` (a :class:`curate.plugin.Registry`: imported lazily, by dotted path)."""
 
 from __future__ import annotations
 
-from curate.registry import load_class
+from curate.plugin import Registry
 from curate.scorers.base import Score, Scorer, ScorerContext
 
-SCORERS: dict[str, str] = {
+SCORERS = Registry("scorer", {
     "heuristic": "curate.scorers.heuristic:HeuristicScorer",
     "chat_tokens": "curate.scorers.chat_tokens:ChatTokensScorer",
     "lang": "curate.scorers.lang:LangScorer",
@@ -17,11 +17,11 @@ SCORERS: dict[str, str] = {
     "selectit": "curate.scorers.selectit:SelectITScorer",
     "llm_rating": "curate.scorers.judge:JudgeScorer",
     "ds2": "curate.scorers.ds2:DS2RatingScorer",
-}
+})
 
 
 def scorer_class(method: str) -> type[Scorer]:
-    return load_class(SCORERS, "scorer", method)
+    return SCORERS.get(method)
 
 
 __all__ = ["SCORERS", "Score", "Scorer", "ScorerContext", "scorer_class"]

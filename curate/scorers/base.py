@@ -1,7 +1,8 @@
 """The scorer contract.
 
-A scorer turns records into one or more named scores (its *outputs*). Each scorer is one file in
-``curate/scorers/`` plus one line in the registry (``curate/scorers/__init__.py``)::
+A scorer turns records into one or more named scores (its *outputs*). It is a plug-in
+(:mod:`curate.plugin`): one file in ``curate/scorers/`` plus one line in ``SCORERS``
+(``curate/scorers/__init__.py``), built as ``cls(name, params, context: ScorerContext)``::
 
     class LengthScorer(Scorer):
         method = "length"
@@ -13,6 +14,8 @@ A scorer turns records into one or more named scores (its *outputs*). Each score
 
         def score_batch(self, records):
             return [Score({"chars": float(len(response_text(r["messages"])))}) for r in records]
+
+Optional dependencies go in ``requires = (("module", "pip install …"),)`` (checked once per class).
 
 The fingerprint (method, version, parameters, model id/revision, template id) is hashed into the
 ``scorer_key`` under which results are stored: anything that changes a score changes the key, and a
@@ -33,13 +36,12 @@ the class that defines ``score_table`` is scored through ``score_batch`` (see :a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict
-
+from curate.plugin import Context, Plugin
 from curate.records import canonical_json, sha256_hex
 
 Orientation = Literal["higher_is_better", "lower_is_better", "band", "flag"]
@@ -154,7 +156,8 @@ class ScoreColumns:
             ("n_tokens_in", pa.int64()), ("n_tokens_used", pa.int64()), ("raw_output", pa.string()), ("decoding", pa.string()),
             ("seed", pa.int64()))}
         return [
-            Score({o: vals[o][i] for o in outputs}, status=cols["status"][i], error_class=cols["error_class"][i], message=cols["message"][i],
+            Score({o: vals[o][i] for o in outputs}, status=cols["status"][i], error_class=cols["error_class"][i],
+                  message=cols["message"][i],
                   components=None if cols["components"][i] is None else json.loads(cols["components"][i]),
                   n_tokens_in=cols["n_tokens_in"][i], n_tokens_used=cols["n_tokens_used"][i], raw_output=cols["raw_output"][i],
                   decoding=cols["decoding"][i], seed=cols["seed"][i])
@@ -163,20 +166,16 @@ class ScoreColumns:
 
 
 @dataclass
-class ScorerContext:
-    """What a scorer may need from the run: thread count, device, seed."""
-
-    torch_threads: int = 1
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+class ScorerContext(Context):
+    """What a scorer may need from the run: ``torch_threads``, ``seed``, and in ``extra`` the
+    ``request_cache`` folder of API scorers (a model's ``device`` is one of
+    its parameters, not context)."""
 
 
-class Scorer:
-    method: ClassVar[str]
-    version: ClassVar[str] = "1.0"
+class Scorer(Plugin):
+    kind = "scorer"
+    context_type = ScorerContext
     outputs: ClassVar[dict[str, Orientation]] = {}
-    #: Optional dependencies: (module, pip install line).
-    requires: ClassVar[tuple[tuple[str, str], ...]] = ()
     #: Rows per call of ``score_batch``.
     batch_rows: ClassVar[int] = 256
     #: Rows per call of ``score_table`` (columnar scorers only) and the columns it reads.
@@ -184,18 +183,7 @@ class Scorer:
     table_columns: ClassVar[tuple[str, ...]] = ("sample_id", "messages")
     #: Warn when a shard's scores collapse (methods.md E5); off for plain statistics such as counts.
     collapse_check: ClassVar[bool] = True
-
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    def __init__(self, name: str, params: dict[str, Any] | BaseModel | None = None, context: ScorerContext | None = None):
-        from curate.errors import require
-
-        for module, install in self.requires:
-            require(module, f"scorer '{self.method}'", install)
-        self.name = name
-        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
-        self.context = context or ScorerContext()
+    context: ScorerContext
 
     # -- identity ---------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:

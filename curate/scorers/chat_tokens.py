@@ -45,16 +45,9 @@ class ChatTokensScorer(Scorer):
 
     def _tokenizer(self):
         if self._tok is None:
-            from curate.models import load_tokenizer, resolve_model
+            from curate.models import load_tokenizer
 
-            p = self.params
-            if p.revision is None:
-                self._tok = load_tokenizer(p.model)
-            else:  # a hub model at a revision
-                from transformers import AutoTokenizer
-
-                resolved = resolve_model(p.model, p.revision, weights=False)
-                self._tok = AutoTokenizer.from_pretrained(resolved.location, revision=resolved.revision if resolved.source == "hub" else None)
+            self._tok = load_tokenizer(self.params.model, revision=self.params.revision)
             if not isinstance(getattr(self._tok, "chat_template", None), str):
                 from curate.errors import ConfigError
 

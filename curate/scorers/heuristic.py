@@ -56,7 +56,8 @@ from curate.arrays import concat_ranges
 from curate.records import prompt_text, response_text
 from curate.scorers.base import Score, ScoreColumns, Scorer
 
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+#: one token of ``tokenizer: regex`` (the token counts; plan's estimates): a run of word characters or one punctuation mark
+TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _WORD = re.compile(r"\w+", re.UNICODE)
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
 
@@ -171,7 +172,8 @@ def _counts(mask: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.nda
 
 class _Texts:
     """One string per row, decoded into code points (the rows back to back), with ``starts``/``lengths``
-    per row and, per code point: ``first`` (uint8, its first UTF-8 byte: the code point where < 0x80), ``low`` (uint32, ``str.lower`` of the code point alone,
+    per row and, per code point: ``first`` (uint8, its first UTF-8 byte: the code point where < 0x80),
+    ``low`` (uint32, ``str.lower`` of the code point alone,
     as in ``_table()``) and ``cls`` (uint8 ``C_*`` bits). ``wide``/``wide_cps``: position and code point of
     every non-ASCII character; ``special``: rows holding a ``SPECIAL`` code point.
 
@@ -184,11 +186,13 @@ class _Texts:
         n = len(strings)
         offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64, count=n + 1, offset=strings.offset * 8)
         data = strings.buffers()[2]
-        raw = np.zeros(0, np.uint8) if data is None or n == 0 else np.frombuffer(data, np.uint8, count=int(offsets[-1] - offsets[0]), offset=int(offsets[0]))
+        raw = np.zeros(0, np.uint8) if data is None or n == 0 else np.frombuffer(data, np.uint8, count=int(offsets[-1] - offsets[0]),
+                                                                                 offset=int(offsets[0]))
         self.n = n
         self.lengths = pc.utf8_length(strings).to_numpy(zero_copy_only=False).astype(np.int64)
         self.starts = np.cumsum(self.lengths) - self.lengths
-        wide_bytes = np.flatnonzero(raw >= 0xC0) if len(raw) and raw.max() >= 0x80 else np.zeros(0, np.int64)  # first bytes of non-ASCII characters
+        # first bytes of non-ASCII characters
+        wide_bytes = np.flatnonzero(raw >= 0xC0) if len(raw) and raw.max() >= 0x80 else np.zeros(0, np.int64)
         if len(wide_bytes):
             lead = raw[(raw & 0xC0) != 0x80]  # the first byte of every character
             cont = np.flatnonzero((raw & 0xC0) == 0x80)
@@ -339,7 +343,8 @@ def _pow_seq(n: int, base: Any) -> np.ndarray:
     return out
 
 
-def _ngram_repeats(t: _Texts, word_starts: np.ndarray, word_ends: np.ndarray, n_words: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ngram_repeats(t: _Texts, word_starts: np.ndarray, word_ends: np.ndarray, n_words: np.ndarray,
+                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per row of lower-cased text: (word n-grams, n-grams equal to an earlier one, rows to score by the
     reference because two different n-grams shared a hash).
 
@@ -480,7 +485,7 @@ class HeuristicScorer(Scorer):
 
     def _count_tokens(self, texts: list[str]) -> list[int]:
         if self.params.tokenizer == "regex":
-            return [len(_TOKEN.findall(t)) for t in texts]
+            return [len(TOKEN.findall(t)) for t in texts]
         if self._tok is None:
             from curate.models import load_tokenizer
 

@@ -78,7 +78,8 @@ class PromptScorer(Scorer):
         model = model or self.params.model
         if model not in self._backends:
             p = self.params
-            self._backends[model] = load_backend(LMParams.of(p, model=model), self.context.torch_threads, self.context.extra.get("request_cache"))
+            self._backends[model] = load_backend(LMParams.of(p, model=model), self.context.torch_threads,
+                                                 self.context.extra.get("request_cache"))
         return self._backends[model]
 
     def base_fingerprint(self, prompts: list[Prompt], models: list[str] | None = None) -> dict[str, Any]:

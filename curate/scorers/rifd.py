@@ -61,7 +61,8 @@ class RIFDScorer(LossScorer):
             q = self.question(record, user_text, len(turns) == 1)
             if not q.strip():
                 continue
-            msgs = ([message("system", system)] if system else []) + [message("user", RIFD_REVERSE.text.format(response=reply)), message("assistant", q)]
+            msgs = ([message("system", system)] if system else []) + [message("user", RIFD_REVERSE.text.format(response=reply)),
+                                                                      message("assistant", q)]
             rendered = self.template.render(msgs)
             ids, spans = self.token_spans(rendered, rendered.replies)
             s, e = spans[-1]

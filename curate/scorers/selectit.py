@@ -142,7 +142,7 @@ class SelectITScorer(PromptScorer):
                     return Score.failed(self.outputs, "skipped_too_long", "TooLong", "a SelectIT prompt does not fit max_length")
                 bad = next((res for res in results if res.status != "ok"), None)
                 if bad is not None:
-                    return Score.failed(self.outputs, "error" if bad.status == "error" else bad.status, bad.error_class or "MissingDigit",
+                    return Score.failed(self.outputs, bad.status, bad.error_class or "MissingDigit",
                                         bad.message or "rating digits unavailable")
                 probs = [res.probs for res in results]
                 levels = [token_level(pr, p.formula) for pr in probs]

@@ -1,4 +1,4 @@
-"""Selection steps: one file each, one line each in ``SELECTORS`` (imported lazily).
+"""Selection steps: one file each, one line each in ``SELECTORS`` (a :class:`curate.plugin.Registry`: imported lazily).
 
 Named ``curate.select`` (never a top-level ``selectors`` package, which would shadow the standard
 library module that asyncio needs). The YAML presets live in the top-level ``selectors/`` folder.
@@ -6,10 +6,10 @@ library module that asyncio needs). The YAML presets live in the top-level ``sel
 
 from __future__ import annotations
 
-from curate.registry import load_class
-from curate.select.base import Pool, Selector, StepResult
+from curate.plugin import Registry
+from curate.select.base import Pool, SelectContext, Selector, StepResult
 
-SELECTORS: dict[str, str] = {
+SELECTORS = Registry("selection method", {
     "threshold": "curate.select.threshold:ThresholdFilter",
     "top_k": "curate.select.topk:TopK",
     "random": "curate.select.random:RandomSample",
@@ -26,11 +26,11 @@ SELECTORS: dict[str, str] = {
     "delift": "curate.select.delift:Delift",
     "decontaminate": "curate.select.decontaminate:Decontaminate",
     "minhash_dedup": "curate.select.minhash:MinHashDedup",
-}
+})
 
 
 def selector_class(method: str) -> type[Selector]:
-    return load_class(SELECTORS, "selection method", method)
+    return SELECTORS.get(method)
 
 
-__all__ = ["SELECTORS", "Pool", "Selector", "StepResult", "selector_class"]
+__all__ = ["SELECTORS", "Pool", "SelectContext", "Selector", "StepResult", "selector_class"]

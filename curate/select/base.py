@@ -4,7 +4,9 @@ A selection step takes a :class:`Pool` (the candidate rows, their scores and emb
 a :class:`StepResult`: which rows it keeps, their rank, and for every row it drops the outcome
 (``filtered`` for rules, ``not_selected`` for budgets) with a reason code and a sentence for the
 ledger. Steps compose: each one sees only the rows the previous step kept (filter → score-first →
-diversity → budget). Each step is one file in ``curate/select/`` plus a line in the registry.
+diversity → budget). A step is a plug-in (:mod:`curate.plugin`): one file in ``curate/select/`` plus a
+line in ``SELECTORS`` (``curate/select/__init__.py``), built as ``cls(name, params, context: SelectContext)``
+with validated ``Params`` and optional ``requires``.
 
 Ties and order follow methods.md E2: stable sorts on (score in its better direction, input row
 ascending); NaN never ties with a number and is never selected by a score-based step unless
@@ -15,12 +17,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from curate.plugin import Context, Plugin
 from curate.records import sha256_hex
+
+if TYPE_CHECKING:
+    from curate.embed.spec import EmbedSpec
 
 
 @dataclass
@@ -142,21 +148,32 @@ class StepResult:
     columns: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-class Selector:
-    method: ClassVar[str]
+@dataclass
+class SelectContext(Context):
+    """What the run gives a step beyond its pool: ``step_index`` (its place in the flow's steps: seeds and
+    messages), ``base_dir`` (relative paths in parameters resolve against it), ``embed`` (the flow's
+    EmbedSpec or None) and ``embed_key`` (the store key of its vectors), ``store_dir`` and ``torch_threads``
+    (None: the default). A step built outside a run gets the defaults. Its seeds come from ``Pool.seed``."""
+
+    torch_threads: int | None = None
+    step_index: int = 0
+    embed: EmbedSpec | None = None
+    embed_key: str | None = None
+
+
+class Selector(Plugin):
+    kind = "selection step"
+    context_type = SelectContext
     needs_embeddings: ClassVar[bool] = False
+    context: SelectContext
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    @property
+    def step_index(self) -> int:
+        return self.context.step_index
 
-    def __init__(self, params: dict[str, Any] | BaseModel | None = None, step_index: int = 0, base_dir: str | None = None,
-                 context: dict[str, Any] | None = None):
-        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
-        self.step_index = step_index
-        self.base_dir = base_dir  # relative paths in parameters resolve against the flow's base_dir
-        # what the run gives a step beyond its pool: ``embed`` (the flow's EmbedSpec or None), ``embed_key``,
-        # ``store_dir``, ``torch_threads`` (empty when the step is built outside a run)
-        self.context = dict(context or {})
+    @property
+    def base_dir(self) -> str | None:
+        return self.context.base_dir
 
     def select(self, pool: Pool) -> StepResult:
         raise NotImplementedError
@@ -172,7 +189,8 @@ class BudgetParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     budget: int | float = Field(description="Rows to keep: a count, or a fraction in (0, 1].")
     rate_base: Literal["input", "pool", "valid"] = Field(
-        "input", description="What a fractional budget is a fraction of: all input rows (quarantined included), this step's rows, or its scored rows."
+        "input", description="What a fractional budget is a fraction of: all input rows (quarantined included), "
+        "this step's rows, or its scored rows."
     )
 
     @field_validator("budget", mode="before")

@@ -2,7 +2,7 @@
 
 The eval set is an input like any other (``eval_set:`` takes the keys of an ``inputs:`` entry —
 ``path``, ``format``, ``fields``, ``json_field``, ``limit`` …) and is read by the ingest code
-(:func:`curate.stages.ingest.read_input`: the same readers, layout converters and conversation
+(:func:`curate.ingest.read.read_input`: the same readers, layout converters and conversation
 rules); eval rows that break the rules are not used and are counted in the stats.
 
 Text is compared as *prompts*: every non-assistant message (:func:`curate.records.prompt_text`) of a
@@ -232,8 +232,7 @@ def max_cosine(X: np.ndarray, E: np.ndarray, block: int = 4096) -> tuple[np.ndar
 def cached_vectors(embedder, store_dir: str | None, ids: list[str], texts) -> tuple[np.ndarray, int]:
     """(vectors of ``ids`` from the store collection of ``embedder``; how many were computed now). ``texts(positions)``
     gives the texts of the rows not stored yet; they are embedded and written there."""
-    from curate.stages.embed import embedding_table
-    from curate.store import Store
+    from curate.store import Store, embedding_table
 
     ids = [str(s) for s in ids]
     vectors: dict[str, np.ndarray] = {}
@@ -297,36 +296,36 @@ class Decontaminate(Selector):
         """The flow's embedder, with its text view replaced by ``view`` when given."""
         from curate.embed import build_embedder
 
-        spec = self.context.get("embed")
+        spec = self.context.embed
         if spec is None:
             raise RuntimeError("decontaminate: needs the flow's embedder (an 'embed:' section), even with max_similarity: null")
         if view is not None and spec.text != view:
             spec = spec.model_copy(update={"text": view})
-        return build_embedder(spec, self.context.get("torch_threads"))
+        return build_embedder(spec, self.context.torch_threads)
 
     def eval_embeddings(self, records: list[dict[str, Any]], embedder=None) -> tuple[np.ndarray, int]:
         """(eval vectors from ``embedder`` (default: the flow's), how many were computed now); cached in the store."""
         from curate.embed.base import embed_text
 
         embedder = embedder or self.embedder()
-        if embedder.spec.text == self.context["embed"].text:
-            key = self.context.get("embed_key") or embedder.key
+        if embedder.spec.text == self.context.embed.text:
+            key = self.context.embed_key or embedder.key
             if key != embedder.key:
                 raise RuntimeError(f"decontaminate: the run's embedder key {key[:12]} differs from its embed spec's {embedder.key[:12]}")
-        return cached_vectors(embedder, self.context.get("store_dir"), [r["sample_id"] for r in records],
+        return cached_vectors(embedder, self.context.store_dir, [r["sample_id"] for r in records],
                               lambda pos: [embed_text(records[i], embedder.spec.text) for i in pos])
 
     def similarity(self, pool: Pool, records: list[dict[str, Any]], prompts: list[str] | None) -> tuple[np.ndarray, np.ndarray, dict]:
         """(largest cosine per row, the eval row, stats) in the configured view."""
         p = self.params
-        if p.embed_view == "flow" or self.context["embed"].text == "prompt":
+        if p.embed_view == "flow" or self.context.embed.text == "prompt":
             E, computed = self.eval_embeddings(records)
             X, pool_now = pool.embeddings, 0
         else:
             embedder = self.embedder("prompt")
             E, computed = self.eval_embeddings(records, embedder)
             prompts = prompts if prompts is not None else [t[0] for t in pool.texts()]
-            X, pool_now = cached_vectors(embedder, self.context.get("store_dir"), list(pool.ids), lambda pos: [prompts[i] for i in pos])
+            X, pool_now = cached_vectors(embedder, self.context.store_dir, list(pool.ids), lambda pos: [prompts[i] for i in pos])
         best, who = max_cosine(X, E, p.block)
         return best, who, {"eval_embedded_now": computed, "pool_prompts_embedded_now": pool_now}
 

@@ -279,7 +279,8 @@ class Delift(Selector):
         last = res.gains[-1] if len(res.gains) else float("nan")
         for i in np.flatnonzero(~keep):
             if special[i]:
-                reason[i], detail[i] = ("query_set" if p.stage == "flmi" else "private_set"), f"in the {p.stage} reference set ({ref_source})"
+                reason[i], detail[i] = (("query_set" if p.stage == "flmi" else "private_set"),
+                                        f"in the {p.stage} reference set ({ref_source})")
             elif u.status[int(i)] != "ok":
                 reason[i], detail[i] = u.status[int(i)], u.detail[int(i)]
             else:

@@ -248,7 +248,8 @@ class DS2Select(Selector):
             detail[i] = f"class {cls[i]}{was}, long-tail {fmt(lt[i])}: rank {pos + 1}; budget {k} filled down to class {cutoff_class}"
         for i in np.flatnonzero(~finite):
             reason[i], detail[i] = "unscored", f"{p.score} is NaN (no rating)"
-        stats.update(budget=k, match_reference=p.match_reference, cutoff_class=cutoff_class, classes_before=np.bincount(y[finite], minlength=6).tolist(),
+        stats.update(budget=k, match_reference=p.match_reference, cutoff_class=cutoff_class,
+                     classes_before=np.bincount(y[finite], minlength=6).tolist(),
                      classes_after=np.bincount(curated[finite], minlength=6).tolist())
         cols = {"class_rated": np.where(finite, y, np.nan), "class_curated": np.where(finite, curated, np.nan),
                 "confidence": conf, "flagged": flagged.astype(float), "long_tail": lt}

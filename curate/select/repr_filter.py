@@ -145,6 +145,7 @@ class ReprFilter(Selector):
             for i in nan_idx:
                 reason[i], detail[i] = "unscored", f"{p.score} is NaN (no valid score)"
         near = int(np.sum(np.abs(bsim[blocker >= 0] - p.max_similarity) < 1e-6))
-        stats = {"max_similarity": p.max_similarity, "budget": p.budget, "kept": int(len(kept)), "rejected_similar": int((blocker >= 0).sum()),
+        stats = {"max_similarity": p.max_similarity, "budget": p.budget, "kept": int(len(kept)),
+                 "rejected_similar": int((blocker >= 0).sum()),
                  "visited": len(reached), "near_ties": near}
         return StepResult(keep, rank, "not_selected", reason, detail, stats)

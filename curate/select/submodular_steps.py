@@ -90,7 +90,8 @@ class SubmodularSelector(Selector):
             if special[i]:
                 reason[i], detail[i] = self.special_reason, f"in the {self.special_reason.replace('_', ' ')} (source {self.special_source})"
             else:
-                reason[i], detail[i] = "low_gain", f"not among the {len(picked)} greedy picks of {self.method} (gain of the last pick {fmt(last)})"
+                reason[i], detail[i] = "low_gain", (f"not among the {len(picked)} greedy picks of {self.method} "
+                                                    f"(gain of the last pick {fmt(last)})")
         curve = res.gains[:: max(1, len(res.gains) // 20)].round(6).tolist() if len(res.gains) else []
         stats = {"budget": k, "objective": self.objective_name, "optimizer": p.optimizer, "optimizer_variant": res.variant,
                  "kernel": kernel_desc, "value": float(obj.value()), "gain_first": float(res.gains[0]) if len(res.gains) else None,
@@ -144,7 +145,8 @@ class LogDeterminantSelect(SubmodularSelector):
         if self.params.kernel == "sparse":
             raise ValueError("log_determinant: the kNN graph is not positive semi-definite; use kernel: embedding or auto")
         X = pool.embedding_rows(cand)
-        return LogDeterminant(EmbeddingKernel(X, self.params.metric), self.params.lambda_), f"exact {self.params.metric}, columns on the fly"
+        return (LogDeterminant(EmbeddingKernel(X, self.params.metric), self.params.lambda_),
+                f"exact {self.params.metric}, columns on the fly")
 
 
 class _ReferenceSetSelector(SubmodularSelector):

@@ -11,8 +11,8 @@ kept rows are a prefix of the ranking. ``fill: true`` instead skips a row that d
 on down the ranking, keeping every later row that still fits (greedy, in rank order), so the kept
 tokens come within the shortest remaining row of the budget — what equal-token comparisons need
 (``curate compare``'s random baseline fills). Put rule steps (``threshold``, ``decontaminate``) before the ranking
-step: a rule step ranks its kept rows in input order, so one placed between would cut in that order. A row whose count is NaN (not scored) is never kept (``unscored``) and
-does not stop the rows after it.
+step: a rule step ranks its kept rows in input order, so one placed between would cut in that order.
+A row whose count is NaN (not scored) is never kept (``unscored``) and does not stop the rows after it.
 
 Shapes: every count score is (n,) float64 in tokens; ``keep`` / ``rank`` are (n,); ``stats``
 gives ``tokens`` (the budget), ``tokens_kept`` (the kept rows' total) and ``rows_kept``.

@@ -10,6 +10,7 @@ and this stage only counts, per shard, the rows with a stored vector and those w
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,21 +18,10 @@ import pyarrow as pa
 from curate.config import EmbedSpec
 from curate.embed import build_embedder, embed_text
 from curate.manifests import ShardRef, WorkRef
+from curate.pipeline.context import torch_threads
+from curate.pipeline.stage import Run, ShardCache, Stage, check_error_budget, model_resume, set_suffix, work_counts, work_summary
 from curate.stages.shardwork import run_shard
-from curate.store import Store, first_occurrence
-
-
-def embedding_table(ids: list[str] | pa.Array, vectors: np.ndarray, statuses: list[str], storage: str = "float32") -> pa.Table:
-    """Store rows: ``sample_id``, ``status``, ``vector`` (fixed-size list of ``storage`` floats)."""
-    dim = vectors.shape[1]
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.dtype(storage)).reshape(-1))
-    return pa.table(
-        {
-            "sample_id": pa.array(ids, pa.string()),
-            "status": pa.array(statuses, pa.string()),
-            "vector": pa.FixedSizeListArray.from_arrays(flat, dim),
-        }
-    )
+from curate.store import NO_VECTOR, Store, embedding_table, first_occurrence
 
 
 def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torch_threads: int | None = None,
@@ -74,7 +64,7 @@ def _precomputed_shard(shard: ShardRef, spec: EmbedSpec, collection) -> WorkRef:
 
     import pyarrow.compute as pc
 
-    from curate.embed.precomputed import NO_VECTOR, stored_dim
+    from curate.embed.precomputed import stored_dim
     from curate.errors import CurateError
     from curate.recordset import read_shard
 
@@ -114,11 +104,54 @@ def _not_ok(collection) -> pa.Table:
     key = (str(collection.dir), parts)
     with _NOT_OK_LOCK:  # shards of one stage may run on several threads
         if key not in _NOT_OK:
-            tables = [t for p in parts if (t := collection.read_part(p, columns=["sample_id", "status"])) is not None]  # a damaged part is set aside
-            t = pa.concat_tables(tables) if tables else pa.table({"sample_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-            keep = first_occurrence(t.column("sample_id")) & pc.fill_null(pc.not_equal(t.column("status"), "ok"), False).to_numpy(zero_copy_only=False)
+            # a damaged part is set aside
+            tables = [t for p in parts if (t := collection.read_part(p, columns=["sample_id", "status"])) is not None]
+            t = pa.concat_tables(tables) if tables else pa.table({"sample_id": pa.array([], pa.string()),
+                                                                 "status": pa.array([], pa.string())})
+            keep = first_occurrence(t.column("sample_id")) & pc.fill_null(pc.not_equal(t.column("status"), "ok"),
+                                                                          False).to_numpy(zero_copy_only=False)
             _NOT_OK.clear()
             _NOT_OK[key] = t.filter(pa.array(keep)).combine_chunks()
         return _NOT_OK[key]
 
 
+# -- the stage ---------------------------------------------------------------------------------------
+
+#: bump when embed_shard's code changes what it returns (Prefect's task cache ignores called code)
+EMBED_CACHE = ShardCache("embeddings", "embed", "1")
+
+
+class EmbedStage(Stage):
+    """Embed one record set's rows, a task per shard; vectors go to the store."""
+
+    kind = "embed"
+    cache = EMBED_CACHE
+
+    def __init__(self, recordset: str):
+        super().__init__(f"embed{set_suffix(recordset)}", reads=(recordset,), writes=("embeddings",),
+                         task_name="embed-{shard.shard_id}" if recordset == "input" else f"embed-{recordset}-{{shard.shard_id}}")
+        self.recordset = recordset
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.recordset import shared_shards
+
+        spec = run.spec
+        Store(run.store_dir).embeddings(run.embed_key).describe({k: v for k, v in run.fingerprints["embed"].items() if k != "key"})
+        shards = shared_shards(run.records(self, self.recordset).shards, run.store_dir)
+        calls = [dict(shard=s, spec=spec.embed, key=run.embed_key, store_dir=run.store_dir, torch_threads=torch_threads(spec),
+                      commit_s=spec.runtime.commit_interval_s) for s in shards]
+        if spec.embed.method != "precomputed":  # precomputed vectors came with ingest: nothing is computed here
+            model_resume(self, calls)
+        work, secs = run.map(self, embed_shard, calls)
+        check_error_budget(self.name, work, spec.runtime.max_error_rate)
+        return work_summary(self.name, work, secs)
+
+    def estimate(self, plan) -> dict[str, Any]:
+        def measure():
+            embedder = build_embedder(plan.spec.embed, torch_threads(plan.spec))
+            return embedder.embed_records, max(plan.warmup_rows, 32), None
+
+        return plan.model_stage(self, plan.run.embed_key, plan.spec.embed.model, measure)
+
+    def counts(self, row: dict[str, Any], run: Run) -> list[dict[str, Any]]:
+        return work_counts(row)

@@ -15,7 +15,7 @@ Layout of ``<output_dir>/export/`` (one file type per folder, as LLaMA-Factory r
     README.md                the dataset card: Hub YAML header + the flow, counts, sources (curate.export.card)
 
 With ``keep_columns`` on an input, its own columns follow the layout's fields in every file (and the
-ledger holds them for every input row): :mod:`curate.export.columns`.
+ledger holds them for every input row): :mod:`curate.ingest.columns`.
 
 Rows are written in input order with a rank column (methods.md B0). The bytes depend only on the
 data and the config (no timestamps), so the same config and seed give byte-identical exports.
@@ -41,15 +41,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate import __version__
 from curate.config import ExportSpec
 from curate.export.card import dataset_card
-from curate.export.columns import carried
 from curate.export.layouts import check_rules, convert_rows
 from curate.export.trainers import axolotl_yaml, dataset_info, trl_snippet
+from curate.ingest.columns import carried
 from curate.io import atomic_path, file_sha256, swap_dir, write_json, write_parquet, write_text
 from curate.manifests import ExportRef, LedgerRef, SelectionRef
+from curate.pipeline.stage import Run, Stage
 from curate.recordset import read_records
+from curate.version import __version__
 
 META_COLUMNS = {"sample_id", "row", "source", "source_index", "source_line", "task", "selected", "rank"}
 
@@ -122,7 +123,7 @@ def folder(layout: str, file_type: str) -> str:
 
 def export_layout(selection: SelectionRef, spec: ExportSpec, layout: str, out_dir: str, keep: dict | None = None) -> list[dict]:
     """Write one layout in every configured file type; returns file infos for the manifest. ``keep``
-    (:func:`curate.export.columns.keep_plan`): the inputs' own columns to add after the layout's fields."""
+    (:func:`curate.ingest.columns.keep_plan`): the inputs' own columns to add after the layout's fields."""
     export_dir = Path(out_dir) / spec.dir
     records, sel = selected_records(selection)
     rows, skipped = convert_rows(records, layout)
@@ -270,3 +271,42 @@ def _finalize(selection: SelectionRef, ledger: LedgerRef, spec: ExportSpec, file
         manifest["sidecars"]["card"] = "README.md"
     write_json(export_dir / "manifest.json", manifest)
     return manifest
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+class ExportStage(Stage):
+    """Write the final selection in every layout (a task each), then the trainer configs and manifest.
+    Reads the last selection round, the ledger and ``input`` (the sources the card describes)."""
+
+    kind = "export"
+
+    def __init__(self, selection: str, derived: bool):
+        super().__init__("export", reads=(selection, "ledger", "input"), writes=("export",))
+        self.selection = selection
+        self.derived = derived  # the flow has a rewrite stage: the derived ledger and lineage are exported
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.ingest.columns import keep_plan
+
+        spec = run.spec
+        selection = run.read(self, self.selection)
+        ledger = run.read(self, "ledger")
+        dataset = run.read(self, "input")
+        keys = run.keys()
+        keep = keep_plan(spec.inputs, dataset.sources)
+        files, secs = run.map(self, export_layout, [dict(selection=selection, spec=spec.export, layout=layout, out_dir=str(run.out),
+                                                         **({"keep": keep} if keep is not None else {}))
+                                                    for layout in spec.export.layouts], task="export-{layout}")
+        files = [f for group in files for f in group]
+        (export,), secs2 = run.map(self, export_finalize, [dict(selection=selection, ledger=ledger, spec=spec.export, files=files,
+                                                                out_dir=str(run.out), keys=keys, derived=self.derived,
+                                                                flow=spec, sources=dataset.sources)],
+                                   task="export-configs")
+        run.write(self, "export", export)
+        return {"stage": "export", "tasks": len(spec.export.layouts) + 1, "rows": selection.n_selected, "seconds": secs + secs2}
+
+    def estimate(self, plan) -> dict[str, Any]:
+        spec = plan.spec
+        return {**self.describe(), "what": ", ".join(f"{lay}/{t}" for lay in spec.export.layouts for t in spec.export.file_types)}

@@ -18,26 +18,18 @@ numbers by a join on ``sample_id`` — no Python object per row.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
 from curate.io import write_parquet
 from curate.ledger import DERIVED_LEDGER_SCHEMA, LEDGER_SCHEMA, LINEAGE_SCHEMA, reconcile
 from curate.manifests import LedgerRef, RecordSetRef, RewriteRef, SelectionRef
+from curate.pipeline.stage import Run, Stage
 from curate.recordset import scan_records
 
 IDENTITY = ["sample_id", "source", "source_index", "source_line"]
 DECISION = ["outcome", "stage", "reason", "detail", "rank"]
-
-
-def rows_leaving_pool(rewrites: list[RewriteRef]) -> list[int]:
-    """Input rows a rewrite used or dropped: with ``pool: derived`` they leave the next round."""
-    import polars as pl
-
-    if not rewrites:
-        return []
-    disp = pl.concat([pl.scan_parquet(rw.dispositions_path).select("row", "disposition") for rw in rewrites], how="vertical_relaxed")
-    return disp.filter(pl.col("disposition").is_in(["used", "dropped"])).select(pl.col("row").unique().sort()).collect()["row"].to_list()
 
 
 def _rewrite_outcomes(rw: RewriteRef):
@@ -80,14 +72,15 @@ def _arrow(frame, schema: pa.Schema) -> pa.Table:
 
 def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_input: int, input_set: RecordSetRef, pool: str,
                  out_dir: str, keep: dict | None = None, sources: list | None = None) -> LedgerRef:
-    """``keep`` (:func:`curate.export.columns.keep_plan`, with the run's IngestRefs ``sources``): the
+    """``keep`` (:func:`curate.ingest.columns.keep_plan`, with the run's IngestRefs ``sources``): the
     inputs' own columns to add to ``ledger.parquet`` after its columns (none when None)."""
     import polars as pl
 
     out = Path(out_dir)
     book = pl.read_parquet(selections[0].ledger_path).select(LEDGER_SCHEMA.names)
     columns = ["row", "sample_id", "source", "source_index", "source_line", "origin", "parents", "generation"]
-    derived_rows = {rw.derived.name: scan_records(rw.derived, columns).collect() for rw in rewrites}  # read once: ledger provenance and lineage
+    # read once: ledger provenance and lineage
+    derived_rows = {rw.derived.name: scan_records(rw.derived, columns).collect() for rw in rewrites}
     ident = [f.select(columns[:-1]) for f in derived_rows.values()]  # derived row -> its provenance
     for rw in rewrites:
         if pool == "derived":
@@ -124,7 +117,7 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     derived_t = _arrow(derived, DERIVED_LEDGER_SCHEMA)
     derived_counts = reconcile(derived_t, n_derived, first_row=n_input)
     if keep is not None:  # reconciled and sorted: position i holds row i
-        from curate.export.columns import ledger_columns
+        from curate.ingest.columns import ledger_columns
 
         for name, array in ledger_columns(keep, sources or [], n_input)[0].items():
             ledger_t = ledger_t.append_column(name, array)
@@ -149,3 +142,32 @@ def ledger_stage(selections: list[SelectionRef], rewrites: list[RewriteRef], n_i
     lineage_path = write_parquet(out / "lineage.parquet", _arrow(lineage if lineage is not None else pl.DataFrame(), LINEAGE_SCHEMA))
     return LedgerRef(path=str(path), derived_path=str(derived_path), lineage_path=str(lineage_path), n_input=n_input, n_derived=n_derived,
                      counts=counts, derived_counts=derived_counts)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+class LedgerStage(Stage):
+    """Assemble the final ledgers (input rows, derived rows) and the lineage table; reconcile both.
+    Reads ``input`` and every selection round's and rewrite step's output, by name."""
+
+    kind = "ledger"
+
+    def __init__(self, selections: tuple[str, ...], rewrites: tuple[str, ...]):
+        super().__init__("ledger", reads=("input", *selections, *rewrites), writes=("ledger", "derived_ledger", "lineage"))
+        self.selections = selections
+        self.rewrites = rewrites
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.ingest.columns import keep_plan
+
+        dataset = run.read(self, "input")
+        keep = keep_plan(run.spec.inputs, dataset.sources)
+        carried = {} if keep is None else {"keep": keep, "sources": dataset.sources}  # no argument at all when no input keeps a column
+        (ref,), secs = run.map(self, ledger_stage, [dict(selections=[run.read(self, name) for name in self.selections],
+                                                         rewrites=[run.read(self, name) for name in self.rewrites], n_input=dataset.n_input,
+                                                         input_set=run.records(self, "input"),
+                                                         pool=run.spec.rewrite.pool if run.spec.rewrite else "derived",
+                                                         out_dir=str(run.out), **carried)])
+        run.write(self, "ledger", ref)
+        return {"stage": "ledger", "tasks": 1, "rows": ref.n_input + ref.n_derived, "seconds": secs}

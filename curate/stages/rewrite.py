@@ -22,6 +22,8 @@ from curate.errors import RecordError
 from curate.ingest.validate import normalise_messages, validate_messages
 from curate.io import write_json, write_parquet, write_text
 from curate.manifests import RecordSetRef, RewriteRef
+from curate.pipeline.context import rewrite_context
+from curate.pipeline.stage import Run, Stage
 from curate.progress import logger, stage_progress
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
 from curate.recordset import read_records, write_recordset
@@ -202,3 +204,48 @@ def _assemble(step: StepSpec, rewriter: Rewriter, key: str, source: RecordSetRef
     stats["reasons"] = dict(sorted(reasons.items()))
     return RewriteRef(name=name, key=key, derived=derived, dispositions_path=str(disp_path),
                       quarantine_path=str(out / "rewrite" / name / "quarantine.parquet"), n_derived=k, stats=stats, computed_units=computed)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+class RewriteStage(Stage):
+    """One rewrite step over a record set (one task; its units are stored and resumed)."""
+
+    kind = "rewrite"
+
+    def __init__(self, step: StepSpec, source: str):
+        super().__init__(f"rewrite:{step.label}", reads=(source,), writes=(step.label,), task_name=f"rewrite-{step.method}")
+        self.step = step
+        self.source = source
+
+    def run(self, run: Run) -> dict[str, Any]:
+        spec = run.spec
+        (ref,), secs = run.map(self, rewrite_stage, [dict(source=run.records(self, self.source), step=self.step,
+                                                          context=rewrite_context(spec), store_dir=str(spec.local_store),
+                                                          out_dir=str(run.out), row_offset=run.next_row, shard_size=spec.ingest.shard_size,
+                                                          max_error_rate=spec.runtime.max_error_rate)])
+        run.next_row += ref.n_derived
+        run.write(self, self.step.label, ref, records=ref.derived)
+        return {"stage": self.name, "tasks": 1, "rows": ref.n_derived, "computed_rows": ref.n_derived if ref.computed_units else 0,
+                "seconds": secs, "rewrite": {k: v for k, v in ref.stats.items() if k != "units"}}
+
+    def estimate(self, plan) -> dict[str, Any]:
+        rewriter = build_rewriter(self.step, rewrite_context(plan.spec))
+        row = {**self.describe(), "what": self.step.method, "key": rewriter.key[:12]}
+        # the rows it will see exist only after selection: the input rows bound them
+        n = plan.run.sets["input"].n_rows
+        calls = rewriter.plan_calls(n)
+        if calls is not None:
+            cap = getattr(getattr(rewriter.params, "budget", None), "max_calls", None)
+            row["max_calls"] = calls if cap is None else min(calls, cap)
+            why = f"budget max_calls {cap}; {calls} over all {n} input rows" if cap is not None and cap < calls else \
+                f"over all {n} input rows; fewer reach this step"
+            row["note"] = f"at most {row['max_calls']} model calls ({why})"
+        return row
+
+    def counts(self, row: dict[str, Any], run: Run) -> list[dict[str, Any]]:
+        rw = row.get("rewrite", {})
+        return [{"stage": row["stage"], "in": rw.get("input_rows"), "out": row["rows"],
+                 "note": f"used {rw.get('used')}, passthrough {rw.get('passthrough')}, dropped {rw.get('dropped')}, "
+                         f"quarantined {rw.get('quarantined')}"}]

@@ -10,40 +10,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from curate import __version__
 from curate.config import StepSpec
 from curate.manifests import ShardRef, WorkRef
+from curate.pipeline.context import scorer_context
+from curate.pipeline.stage import (Run, ShardCache, Stage, check_error_budget, model_resume, set_suffix, status_warnings, work_counts,
+                                   work_summary)
 from curate.scorers import Scorer, ScorerContext, scorer_class
 from curate.scorers.base import ScoreColumns
 from curate.stages.shardwork import run_shard
-from curate.store import Store
-
-SCORE_SCHEMA = pa.schema(
-    [
-        ("sample_id", pa.string()),
-        ("scorer_key", pa.string()),
-        ("method", pa.string()),
-        ("variant", pa.string()),
-        ("score", pa.float64()),
-        ("status", pa.string()),
-        ("error_class", pa.string()),
-        ("message", pa.string()),
-        ("components", pa.string()),
-        ("n_tokens_in", pa.int64()),
-        ("n_tokens_used", pa.int64()),
-        ("model_id", pa.string()),
-        ("model_revision", pa.string()),
-        ("dtype", pa.string()),
-        ("template_id", pa.string()),
-        ("template_hash", pa.string()),
-        ("max_length", pa.int64()),
-        ("seed", pa.int64()),
-        ("decoding", pa.string()),
-        ("raw_output", pa.string()),
-        ("created_at", pa.timestamp("s", tz="UTC")),
-        ("code_version", pa.string()),
-    ]
-)
+from curate.store import SCORE_SCHEMA, Store
+from curate.version import __version__
 
 
 def build_scorer(step: StepSpec, context: ScorerContext) -> Scorer:
@@ -51,7 +27,8 @@ def build_scorer(step: StepSpec, context: ScorerContext) -> Scorer:
     return cls(step.label, step.params, context)
 
 
-def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, context: ScorerContext, commit_s: float | None = None) -> WorkRef:
+def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, context: ScorerContext,
+                commit_s: float | None = None) -> WorkRef:
     """Score the rows of ``shard`` that the store lacks for this scorer (``commit_s``: see :func:`run_shard`)."""
     scorer = build_scorer(step, context)
     if scorer.key != key:  # the orchestrator and the task must agree on what is being computed
@@ -136,7 +113,8 @@ def collapse_warnings(scorer: Scorer, label: str, shard_id: int, table: pa.Table
         name = f"{label}.{variant}"
         values, counts = np.unique(v, return_counts=True)
         if counts.max() / len(v) > max_share:
-            out.append(f"shard {shard_id}: {name} = {values[counts.argmax()]:.6g} for {counts.max() / len(v):.0%} of {len(v)} rows (collapsed?)")
+            out.append(f"shard {shard_id}: {name} = {values[counts.argmax()]:.6g} for {counts.max() / len(v):.0%} "
+                       f"of {len(v)} rows (collapsed?)")
         if variant in floors and v.std() < floors[variant]:
             out.append(f"shard {shard_id}: {name} spread (std {v.std():.4f}) is below {floors[variant]} — the scorer may not discriminate")
         if orient == "band" and (v >= 1).mean() > 0.5:
@@ -157,3 +135,52 @@ def _log_warnings(warnings: list[str]) -> None:
         logger = logging.getLogger("curate")
     for w in warnings:
         logger.warning(w)
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+#: bump when score_shard's code changes what it returns (Prefect's task cache ignores called code)
+SCORE_CACHE = ShardCache("scores", "score", "1")
+
+
+class ScoreStage(Stage):
+    """Score one record set's rows with one scorer, a task per shard; scores go to the store."""
+
+    kind = "score"
+    cache = SCORE_CACHE
+
+    def __init__(self, step: StepSpec, recordset: str):
+        task = f"score-{step.method}-{{shard.shard_id}}" if recordset == "input" else f"score-{step.method}-{recordset}-{{shard.shard_id}}"
+        super().__init__(f"score:{step.label}{set_suffix(recordset)}", reads=(recordset,), writes=(f"score:{step.label}",), task_name=task)
+        self.step = step
+        self.recordset = recordset
+
+    def run(self, run: Run) -> dict[str, Any]:
+        from curate.progress import logger
+        from curate.recordset import shared_shards
+
+        step, key = run.scorers[self.step.label]
+        ctx = scorer_context(run.spec)
+        calls = [dict(shard=s, step=step, key=key, store_dir=run.store_dir, context=ctx, commit_s=run.spec.runtime.commit_interval_s)
+                 for s in shared_shards(run.records(self, self.recordset).shards, run.store_dir)]
+        model_resume(self, calls)
+        work, secs = run.map(self, score_shard, calls)
+        cls = scorer_class(step.method)
+        hints = getattr(cls, "status_hints", {})
+        warnings = status_warnings(work, getattr(cls, "status_warn_share", {}), hints)
+        for w in warnings:
+            logger.warning("%s: %s", self.name, w)
+        check_error_budget(self.name, work, run.spec.runtime.max_error_rate, hints)
+        summary = work_summary(self.name, work, secs)
+        summary["warnings"] += warnings
+        return summary
+
+    def estimate(self, plan) -> dict[str, Any]:
+        def measure():
+            scorer = build_scorer(self.step, scorer_context(plan.spec))
+            return scorer.score_records, plan.warmup_rows, getattr(scorer, "cost", None)
+
+        return plan.model_stage(self, plan.run.scorers[self.step.label][1], self.step.method, measure)
+
+    def counts(self, row: dict[str, Any], run: Run) -> list[dict[str, Any]]:
+        return work_counts(row)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,10 +32,12 @@ from curate.config import StepSpec
 from curate.io import write_parquet, write_text
 from curate.ledger import LEDGER_SCHEMA
 from curate.ledger import counts as ledger_counts
-from curate.manifests import RecordSetRef, SelectionRef
+from curate.manifests import RecordSetRef, RewriteRef, SelectionRef
+from curate.pipeline.context import torch_threads
+from curate.pipeline.stage import Run, Stage
 from curate.records import RECORD_SCHEMA, sha256_hex
 from curate.recordset import QUARANTINE_STATUSES, load_embeddings, scan_records, take_records, wide_scores, write_recordset
-from curate.select import Pool, selector_class
+from curate.select import Pool, SelectContext, selector_class
 
 META = ["sample_id", "row", "source", "source_index", "source_line", "task"]
 IDENTITY = ["row", "sample_id", "source", "source_index", "source_line"]  # the pool columns a ledger row carries
@@ -131,11 +134,11 @@ def select_stage(
     pool.rank = rank  # the first step sees input order; each later one the rank order of the step before it
     step_stats = []
     step_columns: dict[str, np.ndarray] = {}
-    prefix = "select" if name == "select" else name
-    context = {"embed": embed_spec, "embed_key": embed_key, "store_dir": store_dir, "torch_threads": torch_threads}
     for s_i, step in enumerate(steps):
-        selector = selector_class(step.method)(step.params, step_index=s_i, base_dir=base_dir, context=context)
-        stage = f"{prefix}:{s_i}:{step.label}"
+        context = SelectContext(step_index=s_i, base_dir=base_dir, embed=embed_spec, embed_key=embed_key, store_dir=store_dir,
+                                torch_threads=torch_threads)
+        selector = selector_class(step.method)(step.label, step.params, context)
+        stage = f"{name}:{s_i}:{step.label}"
         if not len(pool):  # an empty pool (everything dropped before, or nothing to select from): the step is not run
             step_stats.append({"step": s_i, "method": step.method, "name": step.label, "in": 0, "kept": 0, "outcome_of_dropped": "–",
                                "skipped": "empty pool"})
@@ -162,7 +165,7 @@ def select_stage(
 
     order = np.argsort(rank, kind="stable")
     chosen = pool_idx[order]
-    book.add(chosen, "selected", prefix, None, None, rank=np.arange(len(order), dtype=np.int64))
+    book.add(chosen, "selected", name, None, None, rank=np.arange(len(order), dtype=np.int64))
     final_rank = np.full(n, -1, dtype=np.int64)
     final_rank[chosen] = np.arange(len(order))
 
@@ -352,3 +355,58 @@ def _lines(ids: pa.Array) -> str:
     lines = pc.binary_join_element_wise(ids.cast(pa.string()), "", "\n")
     offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32)[lines.offset: lines.offset + len(lines) + 1]
     return lines.buffers()[2].to_pybytes()[offsets[0]: offsets[-1]].decode("utf-8")
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+
+class SelectStage(Stage):
+    """One selection round over one or more record sets (one global task); writes the kept rows.
+
+    The first round reads ``input`` (its record set, row count and ingest ledger); a later round reads
+    its pool's sets, and a rewrite's dispositions for the rows that leave the pool (``pool: derived``)."""
+
+    kind = "select"
+    counts_order = 2  # after the stages that make and score rows, as the counts table lists them
+
+    def __init__(self, name: str, pool: tuple[str, ...], steps: list[StepSpec], first: bool):
+        super().__init__(name, reads=pool, writes=(name,), task_name=name)
+        self.steps = steps
+        self.first = first
+
+    def run(self, run: Run) -> dict[str, Any]:
+        spec = run.spec
+        pool_sets, exclude, n_input, prior_ledger = self.pool(run)
+        (selection,), secs = run.map(self, select_stage, [dict(
+            pool_sets=pool_sets, steps=self.steps, scorers=run.scorers, embed_key=run.embed_key, store_dir=run.store_dir,
+            out_dir=str(run.out), n_input=n_input, seed=spec.seed, base_dir=str(spec.base), name=self.name, exclude_rows=exclude,
+            prior_ledger=prior_ledger, shard_size=spec.ingest.shard_size,
+            embed_spec=spec.embed, torch_threads=torch_threads(spec))])
+        run.write(self, self.name, selection, records=selection.selected)
+        return {"stage": self.name, "tasks": 1, "rows": selection.n_selected, "seconds": secs,
+                "warnings": [s["warning"] for s in selection.steps if s.get("warning")]}
+
+    def pool(self, run: Run) -> tuple[list, list[int], int, str | None]:
+        """(record sets, rows decided earlier and left out, the base of a fractional budget, the ledger
+        file of the rows decided before this round: ingest's, for the first)."""
+        if self.first:
+            dataset = run.read(self, "input")
+            return [run.records(self, "input")], [], dataset.n_input, dataset.ledger_path
+        from curate.recordset import rows_leaving_pool
+
+        sets = [run.records(self, name) for name in self.reads]
+        rewrites = [ref for name in self.reads if isinstance(ref := run.read(self, name), RewriteRef)]
+        exclude = rows_leaving_pool(rewrites) if run.spec.rewrite.pool == "derived" else []
+        n = sum(s.n_rows for s in sets) - len(exclude)
+        return sets, exclude, n, None
+
+    def estimate(self, plan) -> dict[str, Any]:
+        import json
+
+        what = "; ".join(f"{s.method} {json.dumps(s.params, sort_keys=True)}" for s in self.steps)
+        return {**self.describe(), "what": what or "keep all"}
+
+    def counts(self, row: dict[str, Any], run: Run) -> list[dict[str, Any]]:
+        selection = run.outputs[self.name]
+        return [{"stage": f"{selection.name}:{s['step']}:{s['name']}", "in": s["in"], "out": s["kept"],
+                 "note": f"dropped rows are {s['outcome_of_dropped']}"} for s in selection.steps]

@@ -8,9 +8,9 @@ marker. The rows are written as one part when the shard ends — and, when the s
 plus one chunk, never a whole slow shard.
 
 Committing does not change what is computed: the chunks are the same whatever was committed before.
-The rows still to do are the shard's rows minus whole chunks from the front of the computing order
-(rows in shard order, or ``order`` over them — a stable sort, so the rows left keep their relative
-order), so a resumed shard cuts its remaining rows into exactly the chunks an uninterrupted run would
+The rows still to do are the shard's rows (each sample_id once, at its first row) minus whole chunks
+from the front of the computing order (rows in shard order, or ``order`` over them — a stable sort, so
+the rows left keep their relative order), so a resumed shard cuts its remaining rows into exactly the chunks an uninterrupted run would
 have cut, and a model sees the same batches (padding included).
 """
 
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 from curate.manifests import ShardRef, WorkRef
 from curate.progress import logger, stage_progress
 from curate.recordset import read_shard
-from curate.store import Collection, _drop_duplicates
+from curate.store import Collection, drop_duplicates, first_occurrence
 
 
 def run_shard(
@@ -56,7 +56,9 @@ def run_shard(
         return WorkRef(stage=stage, name=name, key=collection.key, shard_id=shard.shard_id, shard_sha256=shard.sha256,
                        n_rows=shard.n_rows, computed_rows=0, statuses=marker.get("statuses", {}), warnings=marker.get("warnings", []))
     ids = read_shard(shard, ["sample_id"]).column(0)
-    todo_mask = ~collection.stored(ids)
+    # a repeated sample_id (possible in a derived set) is computed once, at its first row: so the rows still to do
+    # after a kill are always the first run's rows minus whole committed chunks, and the chunks come out the same
+    todo_mask = ~collection.stored(ids) & first_occurrence(ids)
     computed = int(todo_mask.sum())
     new = None
     if computed:
@@ -94,7 +96,7 @@ def run_shard(
         logger.info("%s %s shard %d: %d rows already in the store", stage, name, shard.shard_id, shard.n_rows)
     columns = sorted({"sample_id", "status", *check_columns})
     if new is not None and computed == len(todo_mask):  # every row was computed now: no need to read it back
-        stored = _drop_duplicates(new.select(columns), ["sample_id"] + (["variant"] if "variant" in new.column_names else []))
+        stored = drop_duplicates(new.select(columns), ["sample_id"] + (["variant"] if "variant" in new.column_names else []))
     else:
         stored = collection.read(ids, columns=columns)
     statuses = _statuses(stored)
@@ -108,6 +110,6 @@ def _statuses(table: pa.Table | None) -> dict[str, int]:
     if table is None or table.num_rows == 0:
         return {}
     # one status per sample (scores may hold several variants with the same status): each sample's first row
-    first = _drop_duplicates(table.select(["sample_id", "status"]), ["sample_id"])
+    first = drop_duplicates(table.select(["sample_id", "status"]), ["sample_id"])
     counts = pc.value_counts(first.column("status").combine_chunks())
     return dict(sorted(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())))

@@ -467,7 +467,8 @@ def _write_record(spec, export, key, out, prep, trainer, result, resume_from, ro
     _plot(curve, out / "loss.png", f"{spec.model} · {spec.method} · {export.n_rows} rows", eval_curve)
     write_json(out / "train.json", record)
     _cleanup(ckpt_dir)
-    log.info("train: done in %.0f s, loss %.4f → %.4f; %s", seconds, record["first_loss"] or math.nan, record["last_loss"] or math.nan, weights)
+    log.info("train: done in %.0f s, loss %.4f → %.4f; %s", seconds, record["first_loss"] or math.nan,
+             record["last_loss"] or math.nan, weights)
     return record
 
 
@@ -578,7 +579,7 @@ def _token_batch(spec: TrainSpec, lengths: list[int], micro: int, packed_length:
 def _plot(curve: list[dict], path: Path, title: str, eval_curve: list[dict] | None = None) -> None:
     if not curve:
         return
-    from curate.report.plots import pyplot, save_png
+    from curate.plotting import pyplot, save_png
 
     fig, ax = pyplot().subplots(figsize=(6, 3.5))
     ax.plot([c["step"] for c in curve], [c["loss"] for c in curve], marker="o", markersize=3, label="train")

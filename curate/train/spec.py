@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from curate.records import canonical_json, sha256_hex
+from curate.records import canonical_json, drop_defaults, sha256_hex
 
 
 class LoRASpec(BaseModel):
@@ -28,7 +28,8 @@ class LoRASpec(BaseModel):
     r: int = Field(16, gt=0, description="LoRA rank.")
     alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = Field("all-linear", description="Module names to adapt, or all-linear (every linear layer but the LM head).")
+    target_modules: str | list[str] = Field("all-linear",
+                                            description="Module names to adapt, or all-linear (every linear layer but the LM head).")
 
 
 class TrainSpec(BaseModel):
@@ -58,13 +59,16 @@ class TrainSpec(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
-    batch_tokens: int = Field(16384, gt=0, description="Tokens per optimizer step: rows per step = batch_tokens / the data's mean tokenized length.")
+    batch_tokens: int = Field(16384, gt=0, description="Tokens per optimizer step: rows per step = batch_tokens / "
+                              "the data's mean tokenized length.")
     steps_per_epoch: int | None = Field(None, gt=0, description="Optimizer steps per pass over the rows instead: rows per step = "
                                         "ceil(rows / steps_per_epoch), every row once a pass (the last step of a pass takes the rest); "
                                         "curate compare sets it so cells of equal tokens train equal steps. null: from batch_tokens.")
     micro_batch_tokens: int | None = Field(None, gt=0, description="Padded tokens per forward (gradient accumulation makes up the rest); "
-                                           "default 1024 on CPU (activations in fp32 take ~4.5 MB per token for SmolLM2-135M: 4096 took 18 GB), 32768 on GPU.")
-    max_length: int | None = Field(None, gt=1, description="Tokens per row (longer rows are cut at the end); null: the export manifest's max_length.")
+                                           "default 1024 on CPU (activations in fp32 take ~4.5 MB per token for SmolLM2-135M: "
+                                           "4096 took 18 GB), 32768 on GPU.")
+    max_length: int | None = Field(None, gt=1, description="Tokens per row (longer rows are cut at the end); "
+                                   "null: the export manifest's max_length.")
     seed: int = 0
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     bf16: bool | None = Field(None, description="null: on where the GPU supports bf16.")
@@ -104,7 +108,8 @@ class TrainSpec(BaseModel):
         return {"learning_rate": self.lr, "bf16": self.bf16 if self.bf16 is not None else (gpu and bf16_supported),
                 "micro_batch_tokens": self.micro_batch_tokens or (32768 if gpu else 1024)}
 
-    def key(self, data_sha256: str, resolved: dict | None = None, model_revision: str | None = None, template_sha256: str | None = None) -> str:
+    def key(self, data_sha256: str, resolved: dict | None = None, model_revision: str | None = None,
+            template_sha256: str | None = None) -> str:
         """Hash of what the run computes: this config (minus how it runs: device, threads, logging,
         checkpointing), the values it resolves to on this machine, the base model's revision, the
         training template's text and the exact data file. Of the several-process settings, ``fsdp`` and
@@ -112,9 +117,7 @@ class TrainSpec(BaseModel):
         its content's sha256; unset, it adds nothing); the world size is in ``resolved`` (sft.py)."""
         how = {"device", "device_map", "logging_steps", "save_steps", "torch_threads", "gradient_checkpointing", "report_to",
                "fsdp", "fsdp_config", "deepspeed"}
-        train = self.model_dump(mode="json", exclude=how)
-        if train.get("steps_per_epoch") is None:  # added later: unset, the keys of earlier runs stay as they were
-            train.pop("steps_per_epoch", None)
+        train = drop_defaults(self.model_dump(mode="json", exclude=how), {"steps_per_epoch": None})  # added later
         if self.deepspeed is not None:
             train["deepspeed"] = _file_sha256(self.deepspeed) if isinstance(self.deepspeed, str) else self.deepspeed
         return sha256_hex(canonical_json({"train": train, "resolved": resolved,

@@ -147,7 +147,6 @@ def run_files(out_dir: str | os.PathLike, summary: dict[str, Any] | None = None)
     if not ledger.is_file():
         raise NotARun(f"{out}: the run has no ledger.parquet (it stopped before its ledger stage)")
     shards: dict[str, list[Path]] = {}
-    stages: dict[str, str] = {}
     for name, rs in (summary.get("recordsets") or {}).items():
         folder = local(rs["dir"])
         manifest = folder / "manifest.json"
@@ -155,7 +154,6 @@ def run_files(out_dir: str | os.PathLike, summary: dict[str, Any] | None = None)
             shards[name] = [local(s["path"]) for s in json.loads(manifest.read_text(encoding="utf-8"))["shards"]]
         else:
             shards[name] = sorted(folder.glob("shard-*.parquet"))
-        stages[name] = rs.get("stage", "")
     derived = summary.get("derived")
     rounds = [r["round"] for r in derived["rounds"]] if derived else ["select"]
     tables = [out / r / "scores.parquet" for r in rounds]
@@ -175,7 +173,7 @@ def run_files(out_dir: str | os.PathLike, summary: dict[str, Any] | None = None)
                     derived_ledger=has(out / "derived_ledger.parquet") if derived else None,
                     lineage=has(out / "lineage.parquet") if derived else None,
                     input_shards=[p for p in shards.get("input", []) if p.is_file()],
-                    derived_shards=[p for name, ps in shards.items() if stages[name].startswith("rewrite:") for p in ps if p.is_file()],
+                    derived_shards=[p for name in (derived or {}).get("rewrites", {}) for p in shards.get(name, []) if p.is_file()],
                     score_tables=[t for t in tables if t.is_file()], quarantine=quarantine)
 
 

@@ -131,7 +131,7 @@ def _messages(row: dict, full: bool, chars: int = PREVIEW_CHARS, most: int = PRE
         content = m.get("content") or ""
         if m.get("tool_calls"):
             content = f"{content}\n[tool_calls] {m['tool_calls']}" if content else f"[tool_calls] {m['tool_calls']}"
-        label = ("assistant" if m["role"] == "assistant" else m["role"]) + ": "
+        label = m["role"] + ": "
         out.append(Text.assemble((label, "bold cyan" if m["role"] == "assistant" else "bold"),
                                  cut(content, None if full else chars, None if full else PREVIEW_LINES)))
     if len(shown) < len(msgs):

@@ -1,6 +1,6 @@
 """The submodular toolbox (methods.md B3): objectives — one file each — and greedy optimizers, a
-separate axis, as in apricot. Large pools use a sparse kNN graph (``knn.py``) as the kernel. ``maximize(objective, budget, optimizer)`` gives the ranking and the
-gains."""
+separate axis, as in apricot. Large pools use a sparse kNN graph (``knn.py``) as the kernel.
+``maximize(objective, budget, optimizer)`` gives the ranking and the gains."""
 
 from curate.select.submodular.facility_location import FacilityLocation
 from curate.select.submodular.graph_cut import GraphCut

@@ -22,8 +22,9 @@ pools too large for a dense kernel (methods.md B3, "sparse kNN kernels").
 
 Rows are added and searched in blocks of ``block`` rows, each converted to float32 on its own, so a
 float16 or memory-mapped matrix is never copied whole; the index itself holds one float32 copy
-(``exact`` / ``hnsw``: n·d·4 bytes; ``ivf`` keeps none — it gathers each probed list as it goes). FAISS runs on ``threads`` OpenMP threads (set, then
-restored), and the ``ivf`` join's numpy matrix products on as many BLAS threads. Equal input, equal ``seed`` and equal ``threads`` give the same graph.
+(``exact`` / ``hnsw``: n·d·4 bytes; ``ivf`` keeps none — it gathers each probed list as it goes).
+FAISS runs on ``threads`` OpenMP threads (set, then restored), and the ``ivf`` join's numpy matrix
+products on as many BLAS threads. Equal input, equal ``seed`` and equal ``threads`` give the same graph.
 
 Recall is measured on a seeded sample of ``recall_sample`` query rows against exact search over all
 rows (blocked matrix products, no second index): for each query, the neighbours the graph holds whose
@@ -268,13 +269,15 @@ class KnnParams(BaseModel):
                             "embedding / sparse: always that one.")
     knn: int = Field(64, gt=0, description="Neighbours per row of the kNN graph (the row itself is kept besides).")
     knn_index: Literal["auto", "exact", "ivf", "hnsw"] = Field(
-        "auto", description="FAISS search building the graph: exact (IndexFlatIP), ivf (FAISS k-means lists, each list joined with its nprobe nearest lists by BLAS), hnsw (IndexHNSWFlat); "
+        "auto", description="FAISS search building the graph: exact (IndexFlatIP), ivf (FAISS k-means lists, "
+                            "each list joined with its nprobe nearest lists by BLAS), hnsw (IndexHNSWFlat); "
                             "auto: exact up to knn_threshold rows, ivf above.")
     knn_threshold: int = Field(20_000, gt=0, description="Rows above which kernel: auto uses the kNN graph (and knn_index: auto uses IVF).")
     knn_nlist: int | None = Field(None, gt=0, description="IVF lists; default √n (at least 39 rows per list).")
     knn_nprobe: int = Field(8, gt=0, description="IVF: lists each list's rows are compared with (the nearest to its centroid).")
     knn_threads: int = Field(2, gt=0, description="FAISS OpenMP threads (the graph is reproducible for a given count).")
-    knn_recall_sample: int = Field(1000, ge=0, description="Query rows on which recall@k against exact search is measured (0: not measured).")
+    knn_recall_sample: int = Field(1000, ge=0,
+                                   description="Query rows on which recall@k against exact search is measured (0: not measured).")
 
     def use_graph(self, n: int) -> bool:
         return self.kernel == "sparse" or (self.kernel == "auto" and n > self.knn_threshold)

@@ -4,7 +4,8 @@ A record keeps its whole input row as JSON in ``original``; the *extra* columns 
 fields its reader did not map to the conversation (for an alpaca input everything but
 ``instruction``/``input``/``output``/``system``/``history``, through the input's ``fields:`` mapping),
 or the names an input lists. They go, under one name each, into ``ledger.parquet`` (every input row)
-and every export file (the selected rows), after the layout's own fields:
+and every export file (the selected rows), after the layout's own fields. Both the ledger stage
+(:func:`keep_plan`, :func:`ledger_columns`) and the export stage (:func:`carried`) read them from here:
 
 - the user's ``id`` becomes ``source_id`` (beside curate's ``sample_id`` / ``id``); a column whose name
   curate or a trainer already gives a meaning (:data:`RESERVED`: the layouts' fields, the ledger's
