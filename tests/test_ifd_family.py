@@ -369,3 +369,33 @@ def test_template_hash_covers_every_layout_byte(alpaca_history, multi_turn_rows,
     assert len(edited.chat_template) == len(tok.chat_template) and edited.chat_template != tok.chat_template
     assert T.get_template("chat", edited).fingerprint()["template_hash"] != chat.fingerprint()["template_hash"]
     assert T.get_template("chat", copy.copy(tok)).fingerprint() == chat.fingerprint()
+
+
+def test_dtype_auto_is_float32_without_amx_and_keys_like_it(monkeypatch):
+    """``dtype: auto`` (the loss scorers' default) on a CPU without AMX is float32: the same store key as
+    an explicit float32, with the choice and its reason in the fingerprint; told the CPU has AMX, bfloat16."""
+    from curate.lm import base
+
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    auto, fp32 = scorer("superfiltering", device="cpu"), scorer("superfiltering", device="cpu", dtype="float32")
+    assert auto.params.dtype == "auto" and auto.key == fp32.key
+    fp = auto.fingerprint()
+    assert fp["dtype"] == "float32" and "no AMX" in fp["dtype_reason"] and fp32.fingerprint()["dtype_reason"] == "set in the flow"
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512_bf16", "amx_tile", "amx_bf16"})
+    amx = scorer("ifd", device="cpu")
+    assert amx.fingerprint()["dtype"] == "bfloat16" and "AMX" in amx.fingerprint()["dtype_reason"]
+    assert amx.key == scorer("ifd", device="cpu", dtype="bfloat16").key != scorer("ifd", device="cpu", dtype="float32").key
+
+
+def test_bf16_ifd_ranks_like_fp32(cherry):
+    """The bf16 path (bf16 body; final norm, LM head and log-sum-exp in fp32): IFD within 2e-2 (relative)
+    of fp32 on real rows, and every pair of rows further apart than that in the same order (6 rows cut at
+    64 tokens: bf16 is slow on a CPU without AMX)."""
+    rows = cherry[:6]
+    ref = np.array([o.values["ifd"] for o in scorer("ifd", dtype="float32", device="cpu", max_length=64).score_records(rows)])
+    bf16 = scorer("ifd", dtype="bfloat16", device="cpu", max_length=64)
+    assert bf16.backend.engine().tail is not None
+    got = np.array([o.values["ifd"] for o in bf16.score_records(rows)])
+    np.testing.assert_allclose(got, ref, rtol=2e-2)
+    apart = np.abs(ref[:, None] - ref[None, :]) > 4e-2 * np.abs(ref)[:, None]
+    assert (np.sign(got[:, None] - got[None, :]) == np.sign(ref[:, None] - ref[None, :]))[apart].all()

@@ -133,3 +133,50 @@ def test_large_vocabulary_is_chunked_not_materialised():
     assert eng.chunk_rows == 24
     for got, s in zip(eng.score(items), items):
         np.testing.assert_allclose(got.nll, reference(model, s), rtol=1e-5)
+
+
+def test_fp32_tail_norms_and_heads_only_the_scored_states(tiny):
+    """With an fp32 model the fp32 tail (the final norm applied after the gather, through a hook that
+    makes the body's own norm the identity) gives the plain engine's numbers; the hook is removed."""
+    from curate.lm.engine import fp32_tail
+
+    items = seqs(8, seed=6)
+    plain = MaskedCE.for_model(tiny, 0, "cpu", 256).score(items)
+    tail = fp32_tail(tiny)
+    assert tail.norm_name == "norm" and tail.head.weight.dtype == torch.float32
+    eng = MaskedCE.for_model(tiny, 0, "cpu", 256, fp32_tail=tail)
+    for a, b in zip(plain, eng.score(items)):
+        np.testing.assert_allclose(a.nll, b.nll, rtol=1e-5, atol=1e-5)
+    prompts = [s.ids for s in items[:3]]
+    for a, b in zip(MaskedCE.for_model(tiny, 0, "cpu").next_token(prompts, [5, 9]), eng.next_token(prompts, [5, 9])):
+        np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a.lse, b.lse, rtol=1e-6)
+    assert not tiny.get_decoder().norm._forward_hooks  # the body is left as it was
+
+
+def test_bf16_body_with_fp32_tail_stays_close_to_fp32(tiny):
+    """A bf16 body with the final norm and head in fp32: every span's loss within 2e-2 (relative) of fp32."""
+    import copy
+
+    from curate.lm.engine import fp32_tail
+
+    items = seqs(8, seed=7)
+    ref = MaskedCE.for_model(tiny, 0, "cpu", 256).score(items)
+    bf16 = copy.deepcopy(tiny).to(torch.bfloat16)
+    eng = MaskedCE.for_model(bf16, 0, "cpu", 256, fp32_tail=fp32_tail(bf16))
+    assert eng.head.weight.dtype == torch.float32 and eng.tail.norm.weight.dtype == torch.float32
+    for a, b in zip(ref, eng.score(items)):
+        assert b.status == "ok"
+        np.testing.assert_allclose(b.nll, a.nll, rtol=2e-2, atol=1e-2)
+
+
+def test_dtype_auto_resolves_from_the_device_and_cpu_flags(monkeypatch):
+    from curate.lm import base
+
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # an AMD EPYC: bf16 instructions, no AMX
+    dtype, why = base.resolve_dtype("auto", "cpu")
+    assert dtype == "float32" and "no AMX" in why
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512_bf16", "amx_tile", "amx_bf16"})
+    assert base.resolve_dtype("auto", "cpu")[0] == "bfloat16"
+    assert base.resolve_dtype("float32", "cpu") == ("float32", "set in the flow")  # explicit values are kept
+    assert base.resolve_dtype("auto", "mps")[0] == "float32"

@@ -44,3 +44,37 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo`` on Linux; empty elsewhere or when unreadable).
+    Tests replace this function to pretend a CPU has (or lacks) AMX."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """(weights dtype, why) for a model on ``device`` (``cpu``, ``cuda``, ``cuda:1``…; ``auto`` is
+    resolved first). ``auto``: bfloat16 on a CUDA device that supports it and on a CPU with AMX
+    (``amx_bf16`` in the flags: bf16 matmuls in hardware), float32 elsewhere — bf16 without AMX is
+    slower than fp32 on a CPU. Any other value is kept as written."""
+    if dtype != "auto":
+        return dtype, "set in the flow"
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bfloat16", f"auto: {torch.cuda.get_device_name(torch.device(device))} supports bf16"
+        return "float32", "auto: this CUDA device has no bf16 support"
+    if device == "cpu":
+        if "amx_bf16" in cpu_flags():
+            return "bfloat16", "auto: this CPU has AMX (amx_bf16): bf16 matmuls in hardware"
+        return "float32", "auto: this CPU has no AMX (bf16 would be slower than fp32)"
+    return "float32", f"auto: float32 on device {device!r}"

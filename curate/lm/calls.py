@@ -9,8 +9,8 @@
 - **stop strings**: ``Decoding.stop`` is sent to the backend and the text is also cut at the first
   stop string here (exclusive, as the OpenAI API does), so every backend returns the same text;
 - **cache**: each finished reply is written to ``cache_dir`` under the sha256 of (backend
-  fingerprint, messages, decoding, seed, and ``attempt`` when it is a deliberate retry) as soon as its batch returns, with its raw text, token
-  counts and retries; a re-run or a resumed run reads it and makes no call. Calls go to the backend
+  fingerprint, messages, decoding, seed, and ``attempt`` when it is a deliberate retry) as soon as its batch returns, with its raw
+  text, token counts and retries; a re-run or a resumed run reads it and makes no call. Calls go to the backend
   in chunks (``flush_every``), so a killed run loses at most the chunk in flight. Failed calls are
   not cached (the next run tries them again);
 - **budget caps** (:class:`Budget`), checked *before* a call is made: ``max_calls``,
@@ -82,7 +82,8 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_calls: int | None = Field(None, ge=0, description="Most model calls (cached replies count: they were made for this output).")
-    max_new_tokens_total: int | None = Field(None, ge=0, description="Most generated tokens over all calls (a call reserves its max_tokens).")
+    max_new_tokens_total: int | None = Field(None, ge=0,
+                                             description="Most generated tokens over all calls (a call reserves its max_tokens).")
     max_cost: float | None = Field(None, ge=0, description="Most money, from the token prices below.")
     price_input_per_mtok: float = Field(0.0, ge=0, description="Price of a million prompt tokens.")
     price_output_per_mtok: float = Field(0.0, ge=0, description="Price of a million generated tokens.")

@@ -12,6 +12,10 @@ How it is fast with identical results:
 - the LM head is applied only to the hidden states just before scored positions, and the
   log-softmax runs over vocabulary rows in chunks (a 262k vocabulary never materialises full
   logits), in fp32 whatever the model dtype;
+- a bf16 (or fp16) model runs its transformer body in that dtype, but with an :class:`Fp32Tail`
+  (the hf backend's default) the final norm and the LM head run in fp32 — fp32 copies, applied to
+  the upcast hidden states at scored positions only — so bf16 ranks like fp32: on Cherry Alpaca the
+  head over 49k logits is most of bf16's error (bench/results/bf16_scoring.md);
 - per-span sums are reduced on the device with ``index_add`` in float64; one device→host copy per
   batch; no Python loop over tokens.
 
@@ -76,6 +80,33 @@ class EnginePlan:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Fp32Tail:
+    """fp32 copies of a low-precision model's last steps: ``head`` (the LM head) and ``norm`` (the final
+    norm, or None to keep the model's own); ``norm_name``: the body's attribute holding that norm."""
+
+    head: object
+    norm: object | None = None
+    norm_name: str | None = None
+
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_norm")
+
+
+def fp32_tail(model, norm: bool = True) -> Fp32Tail:
+    """An :class:`Fp32Tail` for a transformers causal LM (``norm``: the final norm too, when the body
+    names it as one of :data:`FINAL_NORM_NAMES`). The copies cost vocabulary × hidden × 4 bytes (113 MB
+    for SmolLM2-135M)."""
+    import copy
+
+    import torch
+
+    body = model.get_decoder()
+    name = next((n for n in FINAL_NORM_NAMES if norm and isinstance(getattr(body, n, None), torch.nn.Module)), None)
+    head = copy.deepcopy(model.get_output_embeddings()).float().eval()
+    return Fp32Tail(head, copy.deepcopy(getattr(body, name)).float().eval() if name else None, name)
+
+
 def _logsumexp_(x):
     """log Σ exp over the last dim, overwriting ``x`` (a chunk of logits we own): no temporary of the
     chunk's size, about 1.5× faster than ``torch.logsumexp`` on CPU, the same value in fp32."""
@@ -111,9 +142,10 @@ class MaskedCE:
     """Scores :class:`Seq` items with a causal LM split into ``body`` and ``head``."""
 
     def __init__(self, body, head, pad_id: int, device, max_tokens_per_batch: int = 8192,
-                 logit_softcap: float | None = None, head_chunk_bytes: int = 24 << 20):
+                 logit_softcap: float | None = None, head_chunk_bytes: int = 24 << 20, fp32_tail: Fp32Tail | None = None):
         self.body = body
-        self.head = head
+        self.head = head if fp32_tail is None else fp32_tail.head
+        self.tail = fp32_tail
         self.pad_id = int(pad_id)
         self.device = device
         self.plan = EnginePlan(max_tokens_per_batch)
@@ -122,9 +154,10 @@ class MaskedCE:
         self.chunk_rows = max(16, head_chunk_bytes // (4 * self.vocab))
 
     @classmethod
-    def for_model(cls, model, pad_id: int, device, max_tokens_per_batch: int = 8192) -> MaskedCE:
+    def for_model(cls, model, pad_id: int, device, max_tokens_per_batch: int = 8192, fp32_tail: Fp32Tail | None = None) -> MaskedCE:
+        """``fp32_tail``: run the final norm and LM head in fp32 after a low-precision body (:func:`fp32_tail`)."""
         cap = getattr(model.config, "final_logit_softcapping", None)
-        return cls(model.get_decoder(), model.get_output_embeddings(), pad_id, device, max_tokens_per_batch, cap)
+        return cls(model.get_decoder(), model.get_output_embeddings(), pad_id, device, max_tokens_per_batch, cap, fp32_tail=fp32_tail)
 
     # -- public -----------------------------------------------------------------------------------
     def score(self, seqs: list[Seq], token_logprobs: bool = False, progress=None) -> list[SeqResult]:
@@ -206,14 +239,33 @@ class MaskedCE:
             mask[r, : len(s.ids)] = 1
         return torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
 
+    def _hidden(self, ids, mask):
+        """The body's last hidden states (batch × width × hidden); with an fp32 final norm, the states
+        before the body's own norm (a forward hook passes its input through)."""
+        norm = getattr(self.body, self.tail.norm_name) if self.tail is not None and self.tail.norm is not None else None
+        handle = None if norm is None else norm.register_forward_hook(_pass_input, with_kwargs=True)
+        try:
+            return self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def _tail(self, states):
+        """Gathered hidden states (n × hidden) as the head takes them: upcast and normed in fp32 with an
+        :class:`Fp32Tail`, else as they are."""
+        if self.tail is None:
+            return states
+        states = states.float()
+        return self.tail.norm(states) if self.tail.norm is not None else states
+
     def _forward_last(self, seqs: list[Seq], candidates: list[int]) -> list[NextToken]:
         import torch
 
         ids, mask = self._pad(seqs)
         last = torch.tensor([len(s.ids) - 1 for s in seqs], device=self.device)
         with torch.inference_mode():
-            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            states = hidden[torch.arange(len(seqs), device=self.device), last]
+            hidden = self._hidden(ids, mask)
+            states = self._tail(hidden[torch.arange(len(seqs), device=self.device), last])
             logits = self.head(states).float()
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -240,8 +292,8 @@ class MaskedCE:
         pos_t = torch.from_numpy(np.concatenate(pos) if pos else np.zeros(0, np.int64)).to(self.device)
         seg_t = torch.from_numpy(np.concatenate(seg) if seg else np.zeros(0, np.int64)).to(self.device)
         with torch.inference_mode():
-            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            states = hidden[rows_t, pos_t - 1]  # the state before each target predicts it
+            hidden = self._hidden(ids, mask)
+            states = self._tail(hidden[rows_t, pos_t - 1])  # the state before each target predicts it
             labels = ids[rows_t, pos_t]
             lp = torch.empty(len(labels), dtype=torch.float32, device=self.device)
             for c in range(0, len(labels), self.chunk_rows):
@@ -270,3 +322,8 @@ class MaskedCE:
             out.append(SeqResult(nll, ns, token_logprobs=tl))
             k += len(ns)
         return out
+
+
+def _pass_input(module, args, kwargs, output):
+    """A forward hook that makes a module the identity (its input, positional or keyword, is its output)."""
+    return args[0] if args else next(iter(kwargs.values()))

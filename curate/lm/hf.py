@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from curate.lm.base import resolve_device
-from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult
+from curate.lm.base import resolve_device, resolve_dtype
+from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult, fp32_tail
 from curate.lm.spec import LMParams
 from curate.models import add_adapter_stop_tokens, cached, is_gguf, load_causal_lm, model_revision, resolve_model, set_torch_threads
 
@@ -15,10 +15,16 @@ from curate.models import add_adapter_stop_tokens, cached, is_gguf, load_causal_
 class HFBackend:
     name = "hf"
 
+    #: What runs in fp32 after a bf16/fp16 body (:func:`~curate.lm.engine.fp32_tail`): ``norm+head`` (the
+    #: final norm and the LM head, at scored positions; bf16 then ranks like fp32), ``head``, or ``none``
+    #: (everything in the model's dtype but the log-sum-exp). A switch for bench/bf16_scoring.py.
+    fp32_parts: str = "norm+head"
+
     def __init__(self, params: LMParams, torch_threads: int | None = None):
         self.params = params
         self.torch_threads = torch_threads
         self._resolved = None
+        self._dtype: tuple[str, str] | None = None
         self.last_plan: EnginePlan | None = None
 
     @property
@@ -27,10 +33,21 @@ class HFBackend:
             self._resolved = resolve_model(self.params.model, self.params.revision)
         return self._resolved
 
+    @property
+    def dtype_choice(self) -> tuple[str, str]:
+        """(weights dtype, why): ``dtype: auto`` resolved once for this backend (:func:`resolve_dtype`)."""
+        if self._dtype is None:
+            self._dtype = resolve_dtype(self.params.dtype, self.params.device)
+        return self._dtype
+
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
-        return {"backend": self.name, "model_id": p.model, "model_revision": model_revision(p.model, p.revision),
-                "tokenizer_id": p.tokenizer or p.model, "dtype": p.dtype, "quantization": "gguf-dequantized-fp32" if is_gguf(p.model) else None}
+        fp = {"backend": self.name, "model_id": p.model, "model_revision": model_revision(p.model, p.revision),
+              "tokenizer_id": p.tokenizer or p.model, "dtype": self.dtype_choice[0],
+              "quantization": "gguf-dequantized-fp32" if is_gguf(p.model) else None}
+        if self.dtype_choice[0] != "float32":  # a bf16/fp16 body's numbers depend on what runs in fp32 after it (fp32 keys: as before)
+            fp["fp32_parts"] = self.fp32_parts
+        return fp
 
     @property
     def tokenizer(self):
@@ -50,19 +67,25 @@ class HFBackend:
         import torch
 
         r, p = self.resolved, self.params
+        dtype = self.dtype_choice[0]
         set_torch_threads(self.torch_threads)
 
         def load():
-            m = load_causal_lm(r.location, getattr(torch, p.dtype), p.trust_remote_code, p.revision if r.source == "hub" else None)
+            m = load_causal_lm(r.location, getattr(torch, dtype), p.trust_remote_code, p.revision if r.source == "hub" else None)
             add_adapter_stop_tokens(m, r.location)
             return m.to(self.device).eval()
 
-        return cached(("lm", r.location, r.revision, p.dtype, self.device, p.trust_remote_code), load)
+        return cached(("lm", r.location, r.revision, dtype, self.device, p.trust_remote_code), load)
 
     def engine(self) -> MaskedCE:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        return MaskedCE.for_model(self.model, pad, self.device, self.token_budget)
+        model, r = self.model, self.resolved
+        fp32 = None
+        if self.fp32_parts != "none" and self.dtype_choice[0] != "float32":  # made once per model, like the model
+            fp32 = cached(("lm-fp32-tail", r.location, r.revision, self.dtype_choice[0], self.device, self.params.trust_remote_code,
+                           self.fp32_parts), lambda: fp32_tail(model, norm=self.fp32_parts == "norm+head"))
+        return MaskedCE.for_model(model, pad, self.device, self.token_budget, fp32_tail=fp32)
 
     @property
     def token_budget(self) -> int:

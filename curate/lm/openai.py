@@ -224,7 +224,8 @@ class OpenAIBackend:
         for i, conv in enumerate(conversations):
             body = {"model": model, "messages": conv, **d, **(asked[i] or {})}
             if prefix:
-                body.update(messages=conv + [{"role": "assistant", "content": prefix}], add_generation_prompt=False, continue_final_message=True)
+                body.update(messages=conv + [{"role": "assistant", "content": prefix}], add_generation_prompt=False,
+                            continue_final_message=True)
             if seeds is not None:
                 body["seed"] = int(seeds[i])
             bodies.append(body)

@@ -4,7 +4,7 @@
       - method: superfiltering
         backend: hf                     # hf | vllm | openai
         model: smollm2-135m-instruct    # bundled short name, local dir, .gguf file or hub id
-        dtype: float32
+        dtype: auto                     # scorers' default: bfloat16 on a bf16 GPU or an AMX CPU, else float32
         max_tokens_per_batch: 8192
 """
 
@@ -23,7 +23,10 @@ class LMParams(BaseModel):
     model: str = Field("smollm2-135m-instruct", description="Bundled short name, local dir, .gguf file, or hub id.")
     revision: str | None = None
     tokenizer: str | None = Field(None, description="Tokenizer id/dir when it differs from the model (openai backend: the served model's).")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Model weights; losses always accumulate in fp32.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="Model weights. auto (the loss scorers' default; resolved once per run, recorded with its reason): "
+        "bfloat16 on a CUDA device with bf16 support and on a CPU with AMX, else float32. With a bf16/fp16 body the hf backend runs "
+        "the final norm, the LM head and the log-sum-exp in fp32; losses always accumulate in fp32.")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     max_tokens_per_batch: int | None = Field(None, gt=0, description="Padded tokens per forward batch (halved on out-of-memory); "
                                               "default 2048 on CPU (padding costs more than batching gains there), 16384 on GPU.")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from curate.errors import MissingDependency
+from curate.lm.base import resolve_dtype
 from curate.lm.engine import Seq, SeqResult
 from curate.lm.spec import LMParams
 from curate.models import cached, is_adapter, merged_model_dir, model_revision, resolve_model
@@ -34,23 +35,32 @@ class VLLMBackend:
     def __init__(self, params: LMParams, torch_threads: int | None = None):
         self.params = params
         self._vllm = _vllm()
+        self._dtype: tuple[str, str] | None = None
+
+    @property
+    def dtype_choice(self) -> tuple[str, str]:
+        """(weights dtype, why): ``dtype: auto`` resolved once (:func:`~curate.lm.base.resolve_dtype`; vLLM runs on the GPU)."""
+        if self._dtype is None:
+            self._dtype = resolve_dtype(self.params.dtype, "auto")
+        return self._dtype
 
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
         return {"backend": self.name, "model_id": p.model, "model_revision": model_revision(p.model, p.revision),
-                "tokenizer_id": p.tokenizer or p.model, "dtype": p.dtype, "quantization": None}
+                "tokenizer_id": p.tokenizer or p.model, "dtype": self.dtype_choice[0], "quantization": None}
 
     @property
     def llm(self):
         p = self.params
         r = resolve_model(p.model, p.revision)
+        dtype = self.dtype_choice[0]
 
         def load():
             location = merged_model_dir(r.location) if is_adapter(r.location) else r.location  # a LoRA adapter from curate train
-            return self._vllm.LLM(model=location, tokenizer=p.tokenizer or location, dtype=p.dtype, trust_remote_code=p.trust_remote_code,
+            return self._vllm.LLM(model=location, tokenizer=p.tokenizer or location, dtype=dtype, trust_remote_code=p.trust_remote_code,
                                   revision=p.revision if r.source == "hub" else None, enable_prefix_caching=True)
 
-        return cached(("vllm", r.location, r.revision, p.dtype), load)
+        return cached(("vllm", r.location, r.revision, dtype), load)
 
     @property
     def tokenizer(self):

@@ -215,7 +215,7 @@ class SelectiveReflection(ReflectionBase):
 
     def fingerprint(self) -> dict[str, Any]:
         ifd, rifd = self.scorers
-        return {**super().fingerprint(), "student": {"ifd": ifd.fingerprint(), "rifd": rifd.fingerprint()}}
+        return {**super().fingerprint(), "student": {"ifd": ifd.keyed_fingerprint(), "rifd": rifd.keyed_fingerprint()}}
 
     def plan_calls(self, n_records: int) -> int:
         """Most calls: per row, instruction reflection and one response reflection (+ the merge

@@ -36,7 +36,8 @@ from curate.templates import split_turns
 
 class IFDParams(LossParams):
     ratio: Literal["loss", "ppl"] = Field("loss", description="loss: L_c / L_d (Cherry); ppl: exp(L_c − L_d) (Superfiltering).")
-    direct_prefix: Literal["header", "bare"] = Field("header", description="Direct pass: the template's assistant cue + response, or the response alone.")
+    direct_prefix: Literal["header", "bare"] = Field(
+        "header", description="Direct pass: the template's assistant cue + response, or the response alone.")
 
 
 class IFDScorer(LossScorer):

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from curate.lm import LMParams, Seq, SeqResult, load_backend
+from curate.records import canonical_json, sha256_hex
 from curate.records import turns as conversation_turns
 from curate.scorers.base import Score, Scorer
 from curate.templates import Rendered, get_template
@@ -33,6 +34,9 @@ STATUS_ORDER = ("ok", "truncated_ok")
 
 
 class LossParams(Scorer.Params, LMParams):
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model weights; auto: bfloat16 on a CUDA device with bf16 support or a CPU with AMX, else float32 "
+        "(the resolved dtype is in the store key, its reason in the run's fingerprints).")
     template: Literal["alpaca", "wiz", "vicuna", "none", "chat"] = "alpaca"
     max_length: int = Field(512, gt=1, description="Tokens per sequence; responses are cut at the tail, prompts never.")
     span_mode: Literal["prefix_len", "offsets"] = "prefix_len"
@@ -167,7 +171,24 @@ class LossScorer(Scorer):
             "params": {k: v for k, v in p.model_dump(mode="json").items() if k not in lm_keys},
             "match_reference": p.match_reference,
         }
+        choice = getattr(self.backend, "dtype_choice", None)
+        if choice is not None:  # recorded (run.json, the store's fingerprint.json), not keyed: the key holds the resolved dtype
+            fp["dtype_reason"] = choice[1]
         return fp
+
+    #: Fingerprint entries that explain the run and stay out of :attr:`key`.
+    unkeyed = ("dtype_reason",)
+
+    def keyed_fingerprint(self) -> dict[str, Any]:
+        """The fingerprint without :attr:`unkeyed`: what the store key hashes (and what a rewriter that scores
+        with this scorer puts in its own key)."""
+        return {k: v for k, v in self.fingerprint().items() if k not in self.unkeyed}
+
+    @property
+    def key(self) -> str:
+        """The store key: :meth:`keyed_fingerprint` hashed (``dtype: auto`` resolved to float32 has the key
+        of an explicit ``dtype: float32``)."""
+        return sha256_hex(canonical_json(self.keyed_fingerprint()))
 
     # -- tokenization -----------------------------------------------------------------------------
     def encode(self, text: str, special: bool) -> list[int]:
@@ -317,7 +338,8 @@ class LossScorer(Scorer):
             lc, ld = terms.loss_cond, terms.loss_direct
             return lc / ld if ratio == "loss" else math.exp(lc - ld)
         v = terms.per_turn
-        return {"mean": lambda: sum(v) / len(v), "sum": lambda: sum(v), "min": lambda: min(v), "max": lambda: max(v), "last": lambda: v[-1]}[agg]()
+        return {"mean": lambda: sum(v) / len(v), "sum": lambda: sum(v), "min": lambda: min(v), "max": lambda: max(v),
+                "last": lambda: v[-1]}[agg]()
 
     @staticmethod
     def token_counts(jobs: list[TurnJob]) -> tuple[int, int]:
