@@ -97,7 +97,7 @@ def test_prefect_ui_shows_the_served_deployment_runs_it_and_its_artifacts(browse
         page.locator("button.p-overflow-menu-item", has_text="Quick run").click()
         page.get_by_role("dialog").get_by_role("button", name="Run", exact=True).click()
         view = page.get_by_role("button", name="View run").first  # the toast that announces the new run
-        view.wait_for(timeout=30_000)
+        view.wait_for(timeout=60_000)  # a busy machine answers the run request slowly
         shot("2-quick-run")
         page.wait_for_timeout(1000)  # the toast slides in; a click during the animation misses it
         view.click(force=True)

@@ -39,9 +39,10 @@ def _curate_lines(caplog) -> list[logging.LogRecord]:
 
 
 def test_a_long_stage_logs_rows_rate_and_time_left_every_interval(tmp_path, caplog):
-    """12,000 rows under the heuristic scorer take well over 0.2 s to ingest and to score on any
-    machine: with the interval at 0.2 s and no terminal, the score stage logs lines with rows done,
-    rate and time left, never two of a stage closer than the interval."""
+    """12,000 rows under the heuristic scorer take well over 0.05 s to ingest and to score on any
+    machine: with the interval at 0.05 s and no terminal, the score stage logs lines with rows done,
+    rate and time left, never two of a stage closer than the interval (at 0.2 s the ingest, 0.7 s on a
+    quiet machine, once logged no line with a rate in the full suite)."""
     base = alpaca_rows(sorted((ROOT / "data" / "sample").glob("*.json*")))
     pool = write_scale_pool(tmp_path / "pool", 12_000, base, dim=None)
     flow = write_flow(tmp_path, name="watch", base_dir=str(pool.paths[0].parent), output_dir=str(tmp_path / "out"),
@@ -49,7 +50,7 @@ def test_a_long_stage_logs_rows_rate_and_time_left_every_interval(tmp_path, capl
                       ingest={"shard_size": 1000}, score=[{"method": "heuristic"}],
                       select=[{"method": "top_k", "score": "heuristic.response_tokens", "budget": 100}],
                       export={"layouts": ["messages"], "file_types": ["jsonl"]}, report={"enabled": False},
-                      runtime={"progress_interval_s": 0.2})
+                      runtime={"progress_interval_s": 0.05})  # ingest takes ~0.7 s on a quiet machine: several lines
     caplog.set_level(logging.INFO, logger="curate")
     summary = execute(load_flow(flow))
     score = next(s for s in summary["stages"] if s["stage"] == "score:heuristic")
@@ -63,7 +64,7 @@ def test_a_long_stage_logs_rows_rate_and_time_left_every_interval(tmp_path, capl
     # one line per stage per interval, no more
     for stage in {m["stage"] for _, m in beats}:
         times = [r.created for r, m in beats if m["stage"] == stage]
-        assert all(b - a >= 0.15 for a, b in zip(times, times[1:])), (stage, times)
+        assert all(b - a >= 0.04 for a, b in zip(times, times[1:])), (stage, times)
     # the ingest stage, whose total is not known in advance, says rows and rate
     ingest = [r.getMessage() for r in _curate_lines(caplog) if r.getMessage().startswith("ingest: ") and "rows/s" in r.getMessage()]
     assert ingest, [r.getMessage() for r in _curate_lines(caplog)]
