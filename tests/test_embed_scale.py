@@ -11,7 +11,8 @@ import pytest
 
 from curate.config import EmbedSpec
 from curate.embed import build_embedder
-from curate.embed.precomputed import BAD_VECTOR, NO_VECTOR, store_vectors
+from curate.embed.precomputed import store_vectors
+from curate.store import BAD_VECTOR, NO_VECTOR
 from curate.records import RECORD_SCHEMA, canonical_json, sample_id, sha256_hex
 from curate.recordset import load_embeddings, write_recordset
 from curate.select import Pool, selector_class

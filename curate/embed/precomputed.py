@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from curate.embed.base import Embedder
 from curate.embed.spec import EmbedSpec
-from curate.store import BAD_VECTOR, NO_VECTOR  # noqa: F401  statuses of the store's embeddings schema (NO_VECTOR: no vector given)
+from curate.store import BAD_VECTOR
 
 VERSION = "1.0"
 
