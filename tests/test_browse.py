@@ -217,6 +217,16 @@ def test_search_folds_case_beyond_ascii_reads_raw_text_and_matches_the_files(ser
     plain = Browser(run_dir, index_max_bytes=0)
     assert plain.wait_index() is None and "turned off" in plain.index_note
     assert Browser(run_dir, index_max_bytes=1000).wait_index() is None  # a run over the limit: no index
+    import curate.view.browse as browse_module
+
+    real = browse_module.available_memory
+    browse_module.available_memory = lambda: 1000  # a machine with 1 kB free: the index would not fit in half of it
+    try:
+        tight = Browser(run_dir)
+        assert tight.wait_index() is None and "free" in tight.index_note
+        assert tight.search("CAFÉ").to_list() == server.browser.search("CAFÉ").to_list()  # the files are scanned instead
+    finally:
+        browse_module.available_memory = real
     for q in ("CAFÉ", "python", "PYTHON", "the", "[red]x", "straßencafé", "sk", "zebra zebra", "tips for staying", "a.b", "no 1234"):
         assert plain.search(q).to_list() == server.browser.search(q).to_list(), q
 
