@@ -227,6 +227,8 @@ def test_search_folds_case_beyond_ascii_reads_raw_text_and_matches_the_files(ser
         assert tight.search("CAFÉ").to_list() == server.browser.search("CAFÉ").to_list()  # the files are scanned instead
     finally:
         browse_module.available_memory = real
+    with pytest.raises(browse_module.BrowseError, match="give the text to search for"):
+        plain.search("")  # an empty query is an error, not every row
     for q in ("CAFÉ", "python", "PYTHON", "the", "[red]x", "straßencafé", "sk", "zebra zebra", "tips for staying", "a.b", "no 1234"):
         assert plain.search(q).to_list() == server.browser.search(q).to_list(), q
 
