@@ -277,3 +277,14 @@ def test_settings_added_later_leave_recorded_cells_their_keys():
     assert "steps_per_epoch" not in key_dump(TrainSpec(), TRAIN_HOW)
     assert key_dump(TrainSpec(steps_per_epoch=2), TRAIN_HOW)["steps_per_epoch"] == 2
     assert key_dump(EvalSpec(eval_set={**EVAL_SET, "keep_columns": "all"}), HOW)["eval_set"]["keep_columns"] == "all"
+
+
+def test_compare_without_prefect_does_not_import_prefect():
+    """``curate compare --no-prefect`` loads neither Prefect nor its settings (seconds of start-up): the CLI and the
+    compare flow module import it only when a flow run is asked for."""
+    import subprocess
+    import sys
+
+    code = "import sys, curate.cli, curate.compare_flow; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout[:500]
