@@ -6,18 +6,20 @@ Same model (the bundled SmolLM2-135M-Instruct), same real rows (Cherry Alpaca 5%
 else data/sample), through curate's own scorers (Superfiltering: no template, PPL ratio, bare direct
 pass; IFD: alpaca template, loss ratio), one process per (method, variant) so each peak RSS is its own:
 
-- ``fp32`` — float32 weights (what ``dtype: auto`` picks on a CPU without AMX);
+- ``fp32`` — float32 weights and math (what ``dtype: auto`` picks on a CPU with neither avx512_bf16 nor AMX);
 - ``bf16 all`` — bfloat16 weights, everything in bf16 but the log-sum-exp (the engine before issue 24);
 - ``bf16 + fp32 head`` — bf16 body and final norm, the LM head in fp32 (upcast hidden states);
-- ``bf16 + fp32 norm+head`` — bf16 body; the final norm and the LM head in fp32 (the engine's bf16
-  behaviour now, what ``dtype: auto`` runs on an AMX CPU or a bf16 GPU);
+- ``bf16 + fp32 norm+head`` — bf16 body; the final norm and the LM head in fp32 (what ``dtype: bfloat16``
+  runs; ``auto`` picks it on a bf16 GPU);
+- ``bf16-matmul`` — ``dtype: bf16-matmul`` (what ``dtype: auto`` picks on a CPU with avx512_bf16 or AMX): fp32
+  weights and activations, the fp32 matmuls computed by oneDNN in its bf16 math mode;
 - ``fp32 weights, bf16 autocast body`` — a measurement only (not an engine mode): fp32 weights, the body
   under ``torch.autocast(bfloat16)`` (matmuls in bf16, the residual stream and norms in fp32), the head
   in fp32 outside it.
 
 Per variant: seconds (after a warm-up on 8 rows), tokens/s, Spearman and max relative difference of the
 score vs fp32, overlap of the top 50 (keep IFD < 1, then the 50 largest), peak RSS. Prints the CPU's
-flags: bf16 matmuls are fast only with AMX (amx_bf16); on a CPU without it the speed column is not the
+flags: bf16 matmuls are fastest with AMX (amx_bf16); on a CPU without it the speed column is not the AMX
 answer (see the note in the results). Writes bench/results/bf16_scoring.md.
 """
 
@@ -41,7 +43,8 @@ from common import ROOT, spearman, write_result  # noqa: E402
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
 #: variant -> (dtype, the hf backend's fp32_parts)
 VARIANTS = {"fp32": ("float32", "none"), "bf16 + fp32 norm+head": ("bfloat16", "norm+head"), "bf16 all": ("bfloat16", "none"),
-            "bf16 + fp32 head": ("bfloat16", "head"), "fp32 weights, bf16 autocast body": ("float32", "autocast")}
+            "bf16 + fp32 head": ("bfloat16", "head"), "fp32 weights, bf16 autocast body": ("float32", "autocast"),
+            "bf16-matmul": ("bf16-matmul", "none")}
 
 
 def flags() -> list[str]:
@@ -121,8 +124,8 @@ def main() -> None:
     variants = [v for v in VARIANTS if v in args.variants.split(",")]
     results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in variants:  # fp32 and the engine's bf16 path of every method first: a partial run still compares them
-            for method in args.methods.split(","):
+        for method in args.methods.split(","):  # one method's variants, then the next: a partial run still compares them
+            for variant in variants:
                 out = os.path.join(tmp, f"{method}-{len(results)}.json")
                 cmd = [sys.executable, __file__, "--rows", str(args.rows), "--threads", str(args.threads), "--worker", method, variant, out]
                 subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"})

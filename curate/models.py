@@ -30,7 +30,8 @@ import importlib.util
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,30 @@ def set_torch_threads(n: int | None) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+_MATH_LOCK = threading.RLock()
+
+
+@contextmanager
+def matmul_math(mode: str, device: str = "cpu") -> Iterator[None]:
+    """Run a block of CPU model forwards with torch's fp32 matmul math set to ``mode``: ``ieee`` (plain fp32) or ``bf16``
+    (oneDNN computes fp32 matmuls in its bf16 math mode: ``dtype: bf16-matmul``). torch keeps that setting per process,
+    so CPU forwards from different threads take turns here (they share the same cores anyway); on other devices the
+    block runs as it is."""
+    if not str(device).startswith("cpu"):
+        yield
+        return
+    import torch
+
+    with _MATH_LOCK:
+        math = torch.backends.mkldnn.matmul
+        before = math.fp32_precision
+        math.fp32_precision = mode
+        try:
+            yield
+        finally:
+            math.fp32_precision = before
 
 
 def is_adapter(location: str) -> bool:

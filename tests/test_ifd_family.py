@@ -371,20 +371,24 @@ def test_template_hash_covers_every_layout_byte(alpaca_history, multi_turn_rows,
     assert T.get_template("chat", copy.copy(tok)).fingerprint() == chat.fingerprint()
 
 
-def test_dtype_auto_is_float32_without_amx_and_keys_like_it(monkeypatch):
-    """``dtype: auto`` (the loss scorers' default) on a CPU without AMX is float32: the same store key as
-    an explicit float32, with the choice and its reason in the fingerprint; told the CPU has AMX, bfloat16."""
+def test_dtype_auto_follows_the_cpu_and_keys_like_what_it_picks(monkeypatch):
+    """``dtype: auto`` (the loss scorers' default) on a CPU without bf16 instructions is float32: the same store key as an
+    explicit float32, with the choice and its reason in the fingerprint; on a CPU with avx512_bf16 or AMX it is bf16-matmul,
+    keyed as an explicit bf16-matmul; bf16-matmul is the hf backend's only."""
     from curate.lm import base
 
-    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "fma"})
     auto, fp32 = scorer("superfiltering", device="cpu"), scorer("superfiltering", device="cpu", dtype="float32")
     assert auto.params.dtype == "auto" and auto.key == fp32.key
     fp = auto.fingerprint()
-    assert fp["dtype"] == "float32" and "no AMX" in fp["dtype_reason"] and fp32.fingerprint()["dtype_reason"] == "set in the flow"
+    assert fp["dtype"] == "float32" and "neither" in fp["dtype_reason"] and fp32.fingerprint()["dtype_reason"] == "set in the flow"
     monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512_bf16", "amx_tile", "amx_bf16"})
     amx = scorer("ifd", device="cpu")
-    assert amx.fingerprint()["dtype"] == "bfloat16" and "AMX" in amx.fingerprint()["dtype_reason"]
-    assert amx.key == scorer("ifd", device="cpu", dtype="bfloat16").key != scorer("ifd", device="cpu", dtype="float32").key
+    assert amx.fingerprint()["dtype"] == "bf16-matmul" and "amx_bf16" in amx.fingerprint()["dtype_reason"]
+    assert amx.key == scorer("ifd", device="cpu", dtype="bf16-matmul").key != scorer("ifd", device="cpu", dtype="float32").key
+    assert "fp32_parts" not in amx.fingerprint()  # fp32 weights: no fp32 tail
+    with pytest.raises(Exception, match="bf16-matmul"):
+        scorer("ifd", dtype="bf16-matmul", backend="vllm")
 
 
 def test_bf16_ifd_ranks_like_fp32(cherry):
@@ -399,3 +403,19 @@ def test_bf16_ifd_ranks_like_fp32(cherry):
     np.testing.assert_allclose(got, ref, rtol=2e-2)
     apart = np.abs(ref[:, None] - ref[None, :]) > 4e-2 * np.abs(ref)[:, None]
     assert (np.sign(got[:, None] - got[None, :]) == np.sign(ref[:, None] - ref[None, :]))[apart].all()
+
+
+
+@pytest.mark.skipif(not __import__("curate.lm.base", fromlist=["x"]).cpu_flags() & {"avx512_bf16", "amx_bf16"},
+                    reason="oneDNN's bf16 math mode needs a CPU with avx512_bf16 or AMX")
+def test_bf16_matmul_ifd_equals_fp32_within_1e4(cherry):
+    """``dtype: bf16-matmul`` (fp32 weights; oneDNN computes the fp32 matmuls in its bf16 math mode): IFD on real rows within
+    1e-4 (relative) of fp32 — the same model object, only the math differs — and not bit-equal (the mode ran)."""
+    rows = cherry[:6]
+    fp32 = scorer("ifd", dtype="float32", device="cpu", max_length=64)
+    ref = np.array([o.values["ifd"] for o in fp32.score_records(rows)])
+    fast = scorer("ifd", dtype="bf16-matmul", device="cpu", max_length=64)
+    assert fast.backend.model is fp32.backend.model and fast.backend.engine().math == "bf16"
+    got = np.array([o.values["ifd"] for o in fast.score_records(rows)])
+    np.testing.assert_allclose(got, ref, rtol=1e-4)
+    assert not np.array_equal(got, ref)

@@ -171,12 +171,44 @@ def test_bf16_body_with_fp32_tail_stays_close_to_fp32(tiny):
 
 
 def test_dtype_auto_resolves_from_the_device_and_cpu_flags(monkeypatch):
+    from curate.errors import CurateError
     from curate.lm import base
 
-    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # an AMD EPYC: bf16 instructions, no AMX
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only CPU: no bf16 instructions
     dtype, why = base.resolve_dtype("auto", "cpu")
-    assert dtype == "float32" and "no AMX" in why
+    assert dtype == "float32" and "neither avx512_bf16 nor AMX" in why
+    with pytest.raises(CurateError, match="avx512_bf16 or AMX"):
+        base.resolve_dtype("bf16-matmul", "cpu")
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})  # an AMD EPYC: bf16 instructions, no AMX
+    assert base.resolve_dtype("auto", "cpu") == ("bf16-matmul", "auto: this CPU has avx512_bf16: fp32 weights, matmuls in oneDNN's "
+                                                                 "bf16 math mode")
     monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512_bf16", "amx_tile", "amx_bf16"})
-    assert base.resolve_dtype("auto", "cpu")[0] == "bfloat16"
+    assert base.resolve_dtype("auto", "cpu")[0] == "bf16-matmul"
+    assert base.resolve_dtype("bf16-matmul", "cpu") == ("bf16-matmul", "set in the flow")
     assert base.resolve_dtype("float32", "cpu") == ("float32", "set in the flow")  # explicit values are kept
     assert base.resolve_dtype("auto", "mps")[0] == "float32"
+    with pytest.raises(CurateError, match="for CPUs"):
+        base.resolve_dtype("bf16-matmul", "mps")
+
+
+@pytest.mark.skipif(not __import__("curate.lm.base", fromlist=["x"]).cpu_flags() & {"avx512_bf16", "amx_bf16"},
+                    reason="oneDNN's bf16 math mode needs a CPU with avx512_bf16 or AMX")
+def test_bf16_math_mode_keeps_fp32_numbers_and_restores_the_mode():
+    """``math="bf16"`` (``dtype: bf16-matmul``) on a model wide enough for oneDNN's bf16 kernels: every span's loss within
+    1e-4 (relative) of plain fp32 but not bit-equal (the bf16 math ran), the weights untouched, torch's mode back as it was."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    items = seqs(8, seed=9)
+    ref = MaskedCE.for_model(model, 0, "cpu", 256).score(items)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    got = MaskedCE.for_model(model, 0, "cpu", 256, math="bf16").score(items)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    for a, b in zip(ref, got):
+        assert b.status == "ok"
+        np.testing.assert_allclose(b.nll, a.nll, rtol=1e-4)
+    assert any(a.nll != b.nll for a, b in zip(ref, got))
+    assert next(model.parameters()).dtype == torch.float32

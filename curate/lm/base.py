@@ -59,14 +59,28 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+#: CPU flags with which oneDNN runs fp32 matmuls in its bf16 math mode (``dtype: bf16-matmul``) in hardware.
+BF16_MATH_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
 def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
-    """(weights dtype, why) for a model on ``device`` (``cpu``, ``cuda``, ``cuda:1``…; ``auto`` is
-    resolved first). ``auto``: bfloat16 on a CUDA device that supports it and on a CPU with AMX
-    (``amx_bf16`` in the flags: bf16 matmuls in hardware), float32 elsewhere — bf16 without AMX is
-    slower than fp32 on a CPU. Any other value is kept as written."""
+    """(dtype, why) for a model on ``device`` (``cpu``, ``cuda``, ``cuda:1``…; ``auto`` is resolved first).
+
+    ``auto``: ``bf16-matmul`` on a CPU with avx512_bf16 or AMX (fp32 weights and activations; oneDNN computes the fp32
+    matmuls in its bf16 math mode: fp32's numbers within a few 1e-6, faster — bench/results/bf16_scoring.md), ``float32``
+    on other CPUs, ``bfloat16`` on a CUDA device that supports it. ``bf16-matmul`` asked for on a device or CPU that
+    cannot run it raises :class:`~curate.errors.CurateError`; any other value is kept as written."""
+    device = resolve_device(device)
+    if dtype == "bf16-matmul":
+        from curate.errors import CurateError
+
+        if device != "cpu":
+            raise CurateError(f"dtype: bf16-matmul is for CPUs (oneDNN's bf16 math mode); on {device} use bfloat16 or float32")
+        if not cpu_flags() & set(BF16_MATH_FLAGS):
+            raise CurateError("dtype: bf16-matmul needs a CPU with avx512_bf16 or AMX (amx_bf16); this one has neither: use float32")
+        return dtype, "set in the flow"
     if dtype != "auto":
         return dtype, "set in the flow"
-    device = resolve_device(device)
     if device.startswith("cuda"):
         import torch
 
@@ -74,7 +88,8 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
             return "bfloat16", f"auto: {torch.cuda.get_device_name(torch.device(device))} supports bf16"
         return "float32", "auto: this CUDA device has no bf16 support"
     if device == "cpu":
-        if "amx_bf16" in cpu_flags():
-            return "bfloat16", "auto: this CPU has AMX (amx_bf16): bf16 matmuls in hardware"
-        return "float32", "auto: this CPU has no AMX (bf16 would be slower than fp32)"
+        have = [f for f in BF16_MATH_FLAGS if f in cpu_flags()]
+        if have:
+            return "bf16-matmul", f"auto: this CPU has {' and '.join(have)}: fp32 weights, matmuls in oneDNN's bf16 math mode"
+        return "float32", "auto: this CPU has neither avx512_bf16 nor AMX (bf16 math would be slower than fp32)"
     return "float32", f"auto: float32 on device {device!r}"

@@ -4,7 +4,8 @@ Input: sequences of token ids, each with target spans ``[start, end)`` (position
 scored; position 0 has no context and is never a target). Output per span: the sum of ``-log p``
 (float64) and the token count — everything the IFD family and perplexity need.
 
-How it is fast with identical results:
+How it is fast (the first four points change no number; the two lower-precision modes do, as measured in
+bench/results/bf16_scoring.md):
 
 - sequences are sorted by length and packed into batches under a padded-token budget (right
   padding with an attention mask), so padding is small and no row is scored twice;
@@ -12,12 +13,15 @@ How it is fast with identical results:
 - the LM head is applied only to the hidden states just before scored positions, and the
   log-softmax runs over vocabulary rows in chunks (a 262k vocabulary never materialises full
   logits), in fp32 whatever the model dtype;
-- a bf16 (or fp16) model runs its transformer body in that dtype, but with an :class:`Fp32Tail`
-  (the hf backend's default) the final norm and the LM head run in fp32 — fp32 copies, applied to
-  the upcast hidden states at scored positions only — so bf16 ranks like fp32: on Cherry Alpaca the
-  head over 49k logits is most of bf16's error (bench/results/bf16_scoring.md);
 - per-span sums are reduced on the device with ``index_add`` in float64; one device→host copy per
-  batch; no Python loop over tokens.
+  batch; no Python loop over tokens;
+- ``math="bf16"`` (``dtype: bf16-matmul``): an fp32 model whose fp32 matmuls oneDNN computes in its bf16
+  math mode (:func:`curate.models.matmul_math`): on Cherry Alpaca fp32's scores within a few 1e-6
+  (relative), 1.3–1.5× faster on a CPU with avx512_bf16;
+- a bf16 (or fp16) model runs its transformer body in that dtype; with an :class:`Fp32Tail` (the hf
+  backend's default) the final norm and the LM head run in fp32 — fp32 copies, applied to the upcast
+  hidden states at scored positions only. Measured on Cherry Alpaca, most of what is left of bf16's
+  error comes from the body's bf16 tensors, not from the head.
 
 Failures: out of memory halves the batch (and the budget for later batches) and retries; any other
 error isolates the rows one by one; a row that still fails gets NaN with ``status="error"`` and the
@@ -142,8 +146,10 @@ class MaskedCE:
     """Scores :class:`Seq` items with a causal LM split into ``body`` and ``head``."""
 
     def __init__(self, body, head, pad_id: int, device, max_tokens_per_batch: int = 8192,
-                 logit_softcap: float | None = None, head_chunk_bytes: int = 24 << 20, fp32_tail: Fp32Tail | None = None):
+                 logit_softcap: float | None = None, head_chunk_bytes: int = 24 << 20, fp32_tail: Fp32Tail | None = None,
+                 math: str = "ieee"):
         self.body = body
+        self.math = math  # the CPU's fp32 matmul math during forwards: "ieee" or "bf16" (curate.models.matmul_math)
         self.head = head if fp32_tail is None else fp32_tail.head
         self.tail = fp32_tail
         self.pad_id = int(pad_id)
@@ -154,10 +160,13 @@ class MaskedCE:
         self.chunk_rows = max(16, head_chunk_bytes // (4 * self.vocab))
 
     @classmethod
-    def for_model(cls, model, pad_id: int, device, max_tokens_per_batch: int = 8192, fp32_tail: Fp32Tail | None = None) -> MaskedCE:
-        """``fp32_tail``: run the final norm and LM head in fp32 after a low-precision body (:func:`fp32_tail`)."""
+    def for_model(cls, model, pad_id: int, device, max_tokens_per_batch: int = 8192, fp32_tail: Fp32Tail | None = None,
+                  math: str = "ieee") -> MaskedCE:
+        """``fp32_tail``: run the final norm and LM head in fp32 after a low-precision body (:func:`fp32_tail`);
+        ``math``: the CPU's fp32 matmul math (``bf16``: oneDNN's bf16 math mode)."""
         cap = getattr(model.config, "final_logit_softcapping", None)
-        return cls(model.get_decoder(), model.get_output_embeddings(), pad_id, device, max_tokens_per_batch, cap, fp32_tail=fp32_tail)
+        return cls(model.get_decoder(), model.get_output_embeddings(), pad_id, device, max_tokens_per_batch, cap, fp32_tail=fp32_tail,
+                   math=math)
 
     # -- public -----------------------------------------------------------------------------------
     def score(self, seqs: list[Seq], token_logprobs: bool = False, progress=None) -> list[SeqResult]:
@@ -194,15 +203,20 @@ class MaskedCE:
         """The same batches through the body alone (the efficiency baseline of the benchmark)."""
         import torch
 
-        with torch.inference_mode():
+        from curate.models import matmul_math
+
+        with torch.inference_mode(), matmul_math(self.math, self.device):
             for batch in plan_batches([len(s.ids) for s in seqs], self.plan.max_tokens_per_batch):
                 ids, mask = self._pad([seqs[i] for i in batch])
                 self.body(input_ids=ids, attention_mask=mask, use_cache=False)
 
     # -- internals --------------------------------------------------------------------------------
     def _run(self, seqs, batch, results, forward, failed) -> None:
+        from curate.models import matmul_math
+
         try:
-            out = forward([seqs[i] for i in batch])
+            with matmul_math(self.math, self.device):
+                out = forward([seqs[i] for i in batch])
         except Exception as exc:  # noqa: BLE001 - every failure becomes a per-row status
             if len(batch) == 1:
                 results[batch[0]] = failed(seqs[batch[0]], exc)

@@ -9,7 +9,8 @@ from typing import Any
 from curate.lm.base import resolve_device, resolve_dtype
 from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult, fp32_tail
 from curate.lm.spec import LMParams
-from curate.models import add_adapter_stop_tokens, cached, is_gguf, load_causal_lm, model_revision, resolve_model, set_torch_threads
+from curate.models import (add_adapter_stop_tokens, cached, is_gguf, load_causal_lm, matmul_math, model_revision, resolve_model,
+                           set_torch_threads)
 
 
 class HFBackend:
@@ -35,17 +36,27 @@ class HFBackend:
 
     @property
     def dtype_choice(self) -> tuple[str, str]:
-        """(weights dtype, why): ``dtype: auto`` resolved once for this backend (:func:`resolve_dtype`)."""
+        """(dtype, why): ``dtype: auto`` resolved once for this backend (:func:`resolve_dtype`; ``bf16-matmul``: fp32 weights)."""
         if self._dtype is None:
             self._dtype = resolve_dtype(self.params.dtype, self.params.device)
         return self._dtype
+
+    @property
+    def low_precision(self) -> bool:
+        """The weights are bf16/fp16 (``bf16-matmul`` keeps fp32 weights: only the CPU's matmul math changes)."""
+        return self.dtype_choice[0] in ("bfloat16", "float16")
+
+    @property
+    def math(self) -> str:
+        """The CPU's fp32 matmul math for this model's forwards (:func:`curate.models.matmul_math`)."""
+        return "bf16" if self.dtype_choice[0] == "bf16-matmul" else "ieee"
 
     def fingerprint(self) -> dict[str, Any]:
         p = self.params
         fp = {"backend": self.name, "model_id": p.model, "model_revision": model_revision(p.model, p.revision),
               "tokenizer_id": p.tokenizer or p.model, "dtype": self.dtype_choice[0],
               "quantization": "gguf-dequantized-fp32" if is_gguf(p.model) else None}
-        if self.dtype_choice[0] != "float32":  # a bf16/fp16 body's numbers depend on what runs in fp32 after it (fp32 keys: as before)
+        if self.low_precision:  # a bf16/fp16 body's numbers depend on what runs in fp32 after it (other keys: as before)
             fp["fp32_parts"] = self.fp32_parts
         return fp
 
@@ -67,7 +78,7 @@ class HFBackend:
         import torch
 
         r, p = self.resolved, self.params
-        dtype = self.dtype_choice[0]
+        dtype = "float32" if self.dtype_choice[0] == "bf16-matmul" else self.dtype_choice[0]  # weights
         set_torch_threads(self.torch_threads)
 
         def load():
@@ -82,10 +93,10 @@ class HFBackend:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         model, r = self.model, self.resolved
         fp32 = None
-        if self.fp32_parts != "none" and self.dtype_choice[0] != "float32":  # made once per model, like the model
+        if self.fp32_parts != "none" and self.low_precision:  # made once per model, like the model
             fp32 = cached(("lm-fp32-tail", r.location, r.revision, self.dtype_choice[0], self.device, self.params.trust_remote_code,
                            self.fp32_parts), lambda: fp32_tail(model, norm=self.fp32_parts == "norm+head"))
-        return MaskedCE.for_model(model, pad, self.device, self.token_budget, fp32_tail=fp32)
+        return MaskedCE.for_model(model, pad, self.device, self.token_budget, fp32_tail=fp32, math=self.math)
 
     @property
     def token_budget(self) -> int:
@@ -225,7 +236,7 @@ class HFBackend:
             kwargs["stopping_criteria"] = StopInNewText.make(self.tokenizer, stop, width)
         if cons and any(c is not None for c in cons):
             kwargs["logits_processor"] = GrammarMask.make(cons)
-        with torch.inference_mode():
+        with torch.inference_mode(), matmul_math(self.math, self.device):
             gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         eos = set(kwargs["eos_token_id"])
         out = []

@@ -4,7 +4,7 @@
       - method: superfiltering
         backend: hf                     # hf | vllm | openai
         model: smollm2-135m-instruct    # bundled short name, local dir, .gguf file or hub id
-        dtype: auto                     # scorers' default: bfloat16 on a bf16 GPU or an AMX CPU, else float32
+        dtype: auto                     # scorers' default: bf16-matmul on a CPU with avx512_bf16/AMX, bfloat16 on a bf16 GPU
         max_tokens_per_batch: 8192
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class LMParams(BaseModel):
@@ -23,10 +23,12 @@ class LMParams(BaseModel):
     model: str = Field("smollm2-135m-instruct", description="Bundled short name, local dir, .gguf file, or hub id.")
     revision: str | None = None
     tokenizer: str | None = Field(None, description="Tokenizer id/dir when it differs from the model (openai backend: the served model's).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "float32", description="Model weights. auto (the loss scorers' default; resolved once per run, recorded with its reason): "
-        "bfloat16 on a CUDA device with bf16 support and on a CPU with AMX, else float32. With a bf16/fp16 body the hf backend runs "
-        "the final norm, the LM head and the log-sum-exp in fp32; losses always accumulate in fp32.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-matmul"] = Field(
+        "float32", description="Model weights and math. auto (the loss scorers' default; resolved once per run, recorded with its "
+        "reason): bf16-matmul on a CPU with avx512_bf16 or AMX, float32 on other CPUs, bfloat16 on a CUDA device with bf16 support. "
+        "bf16-matmul (hf backend, CPU): fp32 weights, fp32 matmuls computed in oneDNN's bf16 math mode (fp32's scores within a few "
+        "1e-6). With a bf16/fp16 body the hf backend runs the final norm, the LM head and the log-sum-exp in fp32; losses always "
+        "accumulate in fp32.")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     max_tokens_per_batch: int | None = Field(None, gt=0, description="Padded tokens per forward batch (halved on out-of-memory); "
                                               "default 2048 on CPU (padding costs more than batching gains there), 16384 on GPU.")
@@ -41,6 +43,13 @@ class LMParams(BaseModel):
     concurrency: int = Field(8, gt=0, description="openai backend: requests in flight.")
     max_retries: int = Field(5, ge=0, description="openai backend: retries on 429/5xx/connection errors.")
     timeout_s: float = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _cpu_math_on_hf(self):
+        if self.dtype == "bf16-matmul" and self.backend != "hf":
+            raise ValueError(f"dtype: bf16-matmul (the CPU's fp32 matmuls in bf16 math) is the hf backend's; the {self.backend} backend "
+                             "takes bfloat16, float16 or float32")
+        return self
 
     @classmethod
     def of(cls, params: BaseModel, **update) -> LMParams:

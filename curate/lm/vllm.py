@@ -41,7 +41,7 @@ class VLLMBackend:
     def dtype_choice(self) -> tuple[str, str]:
         """(weights dtype, why): ``dtype: auto`` resolved once (:func:`~curate.lm.base.resolve_dtype`; vLLM runs on the GPU)."""
         if self._dtype is None:
-            self._dtype = resolve_dtype(self.params.dtype, "auto")
+            self._dtype = resolve_dtype(self.params.dtype, "cuda")
         return self._dtype
 
     def fingerprint(self) -> dict[str, Any]:

@@ -34,9 +34,10 @@ STATUS_ORDER = ("ok", "truncated_ok")
 
 
 class LossParams(Scorer.Params, LMParams):
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Model weights; auto: bfloat16 on a CUDA device with bf16 support or a CPU with AMX, else float32 "
-        "(the resolved dtype is in the store key, its reason in the run's fingerprints).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-matmul"] = Field(
+        "auto", description="Model weights and math; auto: bf16-matmul (fp32 weights, matmuls in oneDNN's bf16 math mode) on a CPU "
+        "with avx512_bf16 or AMX, float32 on other CPUs, bfloat16 on a CUDA device with bf16 support (the resolved dtype is in the "
+        "store key, its reason in the run's fingerprints).")
     template: Literal["alpaca", "wiz", "vicuna", "none", "chat"] = "alpaca"
     max_length: int = Field(512, gt=1, description="Tokens per sequence; responses are cut at the tail, prompts never.")
     span_mode: Literal["prefix_len", "offsets"] = "prefix_len"
