@@ -4,20 +4,25 @@ Text per record (``embed.text``): ``conversation`` = the role-prefixed conversat
 (``User: …\\nAssistant: …``), ``prompt`` = non-assistant text, ``response`` = assistant text. Long
 texts are represented by their beginning (the model's ``max_seq_length``), as sentence-transformers
 does; the length is recorded in the fingerprint.
+
+``embed.backend`` onnx / openvino (CPU): sentence-transformers still tokenises and pools; the transformer runs
+under ONNX Runtime or OpenVINO from a model exported once (:mod:`curate.embed.export`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from curate.embed.base import EmbedContext, Embedder
+from curate.embed.export import (CPU_FAST, EXPORT_NOTE, EXPORT_PACKAGES, INT8_SCHEME, export_folder, export_model, open_runtime,
+                                  preprocess)
 from curate.embed.spec import EmbedSpec
 from curate.models import cached, resolve_model, set_torch_threads
 
 VERSION = "1.0"
-
 
 class SentenceTransformerEmbedder(Embedder):
     """``embed(texts) -> float32 array (n, dim)``, L2-normalised when ``normalize``."""
@@ -29,6 +34,7 @@ class SentenceTransformerEmbedder(Embedder):
         super().__init__(name, params, context)
         self.resolved = resolve_model(self.spec.model, self.spec.revision)
         self._model = None
+        self._runner = None
 
     @property
     def model(self):
@@ -42,6 +48,49 @@ class SentenceTransformerEmbedder(Embedder):
             if s.max_seq_length:
                 self._model.max_seq_length = s.max_seq_length
         return self._model
+
+    @property
+    def runner(self):
+        """The exported transformer (``embed.backend`` onnx / openvino): ``runner(feed) -> (batch, tokens, hidden)``."""
+        if self._runner is None:
+            s = self.spec
+            module, step = ("onnxruntime", "embed.backend: onnx") if s.backend == "onnx" else ("openvino", "embed.backend: openvino")
+            from curate.errors import require
+
+            require(module, step, CPU_FAST)
+            threads = set_torch_threads(self.torch_threads)
+            folder = export_folder(self.export_key())
+            # exported under the process cache's lock: threads of one process export once
+            self._runner = cached(("st-runtime", str(folder), s.backend, threads),
+                                  lambda: open_runtime(self.export_dir(), s.backend, threads))
+        return self._runner
+
+    def export_key(self) -> str:
+        """The export folder's key: model location and revision, backend, quantisation, exporting libraries' versions."""
+        from importlib.metadata import PackageNotFoundError, version
+
+        from curate.records import canonical_json, sha256_hex
+
+        s = self.spec
+        versions = {}
+        for pkg in EXPORT_PACKAGES[s.backend]:
+            try:
+                versions[pkg] = version(pkg)
+            except PackageNotFoundError:
+                versions[pkg] = None
+        return sha256_hex(canonical_json({"location": self.resolved.location, "revision": self.resolved.revision, "backend": s.backend,
+                                          "quantize": self._quantize_label(), "trust_remote_code": s.trust_remote_code,
+                                          "versions": versions}))[:32]
+
+    def export_dir(self) -> Path:
+        """The exported model's folder; exported now (to a temporary folder, then renamed) if not there yet."""
+        target = export_folder(self.export_key())
+        if not (target / EXPORT_NOTE).exists():
+            export_model(self.model, target, self.spec.backend, self.spec.quantize, self._quantize_label())
+        return target
+
+    def _quantize_label(self) -> str | None:
+        return None if self.spec.quantize == "none" else f"{self.spec.quantize}:{INT8_SCHEME[self.spec.backend]}"
 
     def _load(self):
         import torch
@@ -100,17 +149,29 @@ class SentenceTransformerEmbedder(Embedder):
             "normalize": self.spec.normalize,
             "dtype": self.spec.dtype,
             **info,
+            **self._backend_fingerprint(),
             **self.storage_fingerprint(),
         }
 
+    def _backend_fingerprint(self) -> dict[str, Any]:
+        """Empty for the default torch backend (so its keys are the keys they were); else the backend and quantisation."""
+        s = self.spec
+        if s.backend == "torch":
+            return {}
+        return {"backend": s.backend, **({"quantize": self._quantize_label()} if s.quantize != "none" else {})}
+
     @property
     def dim(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        model = self.model  # sentence-transformers ≥ 6 renamed the method (the old name warns)
+        return int((getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         import torch
 
         set_torch_threads(self.torch_threads)
+        if self.spec.backend != "torch":
+            with torch.inference_mode():
+                return self._embed_exported(texts)
         with torch.inference_mode():
             vecs = self.model.encode(
                 texts,
@@ -120,3 +181,24 @@ class SentenceTransformerEmbedder(Embedder):
                 show_progress_bar=False,
             )
         return np.asarray(vecs, dtype=np.float32)
+
+    def _embed_exported(self, texts: list[str]) -> np.ndarray:
+        """(n, dim) float32: longest texts first in batches of ``batch_size`` (as sentence-transformers does), the
+        transformer run by the exported model, then the model's own pooling (and normalisation) modules."""
+        import torch
+
+        model, run = self.model, self.runner
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        for start in range(0, len(texts), self.spec.batch_size):
+            idx = order[start : start + self.spec.batch_size]
+            feats = preprocess(model, [texts[i] for i in idx])
+            hidden = run({k: v.numpy() for k, v in feats.items() if isinstance(v, torch.Tensor)})
+            feats["token_embeddings"] = torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32))
+            for module in list(model)[1:]:
+                feats = module(feats)
+            vecs = feats["sentence_embedding"].float()
+            if self.spec.normalize:
+                vecs = torch.nn.functional.normalize(vecs, p=2, dim=1)
+            out[idx] = vecs.numpy()
+        return out

@@ -5,6 +5,13 @@
       model: all-MiniLM-L6-v2           # bundled short name, local dir or hub id (precomputed: the producer's name)
       text: conversation                # or prompt / response
       storage: float32                  # or float16 (half the disk and memory of large-pool selection)
+      backend: torch                    # or onnx / openvino (CPU runtimes; the model is exported once, see below)
+      quantize: none                    # or int8 (onnx / openvino only)
+
+``backend`` / ``quantize`` (sentence_transformers only): the transformer runs under ONNX Runtime or OpenVINO
+(``pip install 'curate[cpu-fast]'``) from a model exported once (:func:`curate.store.embed_export_dir`: under the
+store when the embedder's context names it, else ``$CURATE_CACHE_DIR``); tokenisation and pooling stay
+sentence-transformers'. Non-default values enter the store key.
 
 Kept beside the embedders (as ``train/spec.py`` sits in ``train/``); ``curate.config`` imports it from here.
 """
@@ -13,7 +20,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EmbedSpec(BaseModel):
@@ -32,3 +39,20 @@ class EmbedSpec(BaseModel):
     storage: Literal["float32", "float16"] = Field(
         "float32", description="How vectors are kept in the store: float16 halves the disk and memory traffic of large-pool selection "
         "(recorded in the store key).")
+    backend: Literal["torch", "onnx", "openvino"] = Field(
+        "torch", description="Runtime of the transformer: torch, or onnx (ONNX Runtime) / openvino on CPU from an exported model.")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: the exported model quantised (onnx / openvino only).")
+
+    @model_validator(mode="after")
+    def _backend_fits(self) -> EmbedSpec:
+        if self.quantize != "none" and self.backend == "torch":
+            raise ValueError(f"embed.quantize: {self.quantize} needs embed.backend onnx or openvino (torch runs the model as it is)")
+        if self.backend != "torch":
+            if self.method != "sentence_transformers":
+                raise ValueError(f"embed.backend: {self.backend} is for method sentence_transformers, not {self.method}")
+            if self.device != "cpu":
+                raise ValueError(f"embed.backend: {self.backend} runs on the CPU; device '{self.device}' needs backend torch")
+            if self.dtype != "float32":
+                raise ValueError(f"embed.backend: {self.backend} runs the exported float32 model; dtype {self.dtype} needs backend torch "
+                                 "(quantize: int8 is the reduced precision of onnx / openvino)")
+        return self
