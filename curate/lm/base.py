@@ -67,7 +67,7 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
     """(dtype, why) for a model on ``device`` (``cpu``, ``cuda``, ``cuda:1``…; ``auto`` is resolved first).
 
     ``auto``: ``bf16-matmul`` on a CPU with avx512_bf16 or AMX (fp32 weights and activations; oneDNN computes the fp32
-    matmuls in its bf16 math mode: fp32's numbers within a few 1e-6, faster — bench/results/bf16_scoring.md), ``float32``
+    matmuls in its bf16 math mode: fp32's numbers within 2e-5, faster — bench/results/bf16_scoring.md), ``float32``
     on other CPUs, ``bfloat16`` on a CUDA device that supports it. ``bf16-matmul`` asked for on a device or CPU that
     cannot run it raises :class:`~curate.errors.CurateError`; any other value is kept as written."""
     device = resolve_device(device)

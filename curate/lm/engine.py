@@ -16,8 +16,8 @@ bench/results/bf16_scoring.md):
 - per-span sums are reduced on the device with ``index_add`` in float64; one device→host copy per
   batch; no Python loop over tokens;
 - ``math="bf16"`` (``dtype: bf16-matmul``): an fp32 model whose fp32 matmuls oneDNN computes in its bf16
-  math mode (:func:`curate.models.matmul_math`): on Cherry Alpaca fp32's scores within a few 1e-6
-  (relative), 1.3–1.5× faster on a CPU with avx512_bf16;
+  math mode (:func:`curate.models.matmul_math`): on Cherry Alpaca fp32's scores within 2e-5 (relative),
+  1.8–1.9× faster on an idle CPU with avx512_bf16 and no AMX;
 - a bf16 (or fp16) model runs its transformer body in that dtype; with an :class:`Fp32Tail` (the hf
   backend's default) the final norm and the LM head run in fp32 — fp32 copies, applied to the upcast
   hidden states at scored positions only. Measured on Cherry Alpaca, most of what is left of bf16's
