@@ -26,8 +26,9 @@ class LMParams(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-matmul"] = Field(
         "float32", description="Model weights and math. auto (the loss scorers' default; resolved once per run, recorded with its "
         "reason): bf16-matmul on a CPU with avx512_bf16 or AMX, float32 on other CPUs, bfloat16 on a CUDA device with bf16 support. "
-        "bf16-matmul (hf backend, CPU): fp32 weights, fp32 matmuls computed in oneDNN's bf16 math mode (fp32's scores within 2e-5). With a bf16/fp16 body the hf backend runs the final norm, the LM head and the log-sum-exp in fp32; losses always "
-        "accumulate in fp32.")
+        "bf16-matmul (hf backend, CPU): fp32 weights, fp32 matmuls computed in oneDNN's bf16 math mode (fp32's scores within 2e-5). "
+        "With a bf16/fp16 body the hf backend runs the final norm, the LM head and the log-sum-exp in fp32; losses always accumulate "
+        "in fp32.")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     max_tokens_per_batch: int | None = Field(None, gt=0, description="Padded tokens per forward batch (halved on out-of-memory); "
                                               "default 2048 on CPU (padding costs more than batching gains there), 16384 on GPU.")
