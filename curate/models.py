@@ -273,28 +273,38 @@ def set_torch_threads(n: int | None) -> int:
     return n
 
 
-_MATH_LOCK = threading.RLock()
+_MATH = threading.Condition()
+_math_state: dict[str, Any] = {"mode": None, "active": 0, "before": None}
 
 
 @contextmanager
 def matmul_math(mode: str, device: str = "cpu") -> Iterator[None]:
     """Run a block of CPU model forwards with torch's fp32 matmul math set to ``mode``: ``ieee`` (plain fp32) or ``bf16``
     (oneDNN computes fp32 matmuls in its bf16 math mode: ``dtype: bf16-matmul``). torch keeps that setting per process,
-    so CPU forwards from different threads take turns here (they share the same cores anyway); on other devices the
+    so blocks of the same mode run together while a block of another mode waits for them to end (a block must not open
+    one of another mode inside it); the setting before the first block is restored after the last. On other devices the
     block runs as it is."""
     if not str(device).startswith("cpu"):
         yield
         return
     import torch
 
-    with _MATH_LOCK:
-        math = torch.backends.mkldnn.matmul
-        before = math.fp32_precision
-        math.fp32_precision = mode
-        try:
-            yield
-        finally:
-            math.fp32_precision = before
+    math = torch.backends.mkldnn.matmul
+    with _MATH:
+        while _math_state["active"] and _math_state["mode"] != mode:
+            _MATH.wait()
+        if not _math_state["active"]:
+            _math_state.update(mode=mode, before=math.fp32_precision)
+            math.fp32_precision = mode
+        _math_state["active"] += 1
+    try:
+        yield
+    finally:
+        with _MATH:
+            _math_state["active"] -= 1
+            if not _math_state["active"]:
+                math.fp32_precision = _math_state["before"]
+                _MATH.notify_all()
 
 
 def is_adapter(location: str) -> bool:

@@ -212,3 +212,39 @@ def test_bf16_math_mode_keeps_fp32_numbers_and_restores_the_mode():
         np.testing.assert_allclose(b.nll, a.nll, rtol=1e-4)
     assert any(a.nll != b.nll for a, b in zip(ref, got))
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_matmul_math_modes_take_turns_and_one_mode_runs_together():
+    """Blocks of one math mode overlap; a block of the other mode waits until they end; torch's setting is the block's
+    inside it and what it was before after the last one."""
+    import threading
+
+    from curate.models import matmul_math
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold_bf16():
+        with matmul_math("bf16"):
+            inside.set()
+            release.wait(10)
+
+    def other(name, mode, entered):
+        with matmul_math(mode):
+            seen[name] = torch.backends.mkldnn.matmul.fp32_precision
+            entered.set()
+
+    holder = threading.Thread(target=hold_bf16)
+    holder.start()
+    assert inside.wait(10)
+    same, different = threading.Event(), threading.Event()
+    threading.Thread(target=other, args=("same", "bf16", same)).start()
+    waiting = threading.Thread(target=other, args=("different", "ieee", different))
+    waiting.start()
+    assert same.wait(10) and seen["same"] == "bf16"  # the same mode runs beside the holder
+    assert not different.wait(0.5)  # the other mode waits for it
+    release.set()
+    holder.join(10)
+    waiting.join(10)
+    assert different.is_set() and seen["different"] == "ieee"
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
