@@ -274,32 +274,49 @@ def set_torch_threads(n: int | None) -> int:
 
 
 _MATH = threading.Condition()
-_math_state: dict[str, Any] = {"mode": None, "active": 0, "before": None}
+_math_state: dict[str, Any] = {"mode": None, "active": 0, "before": None, "waiting": {}}
+_math_local = threading.local()
 
 
 @contextmanager
 def matmul_math(mode: str, device: str = "cpu") -> Iterator[None]:
     """Run a block of CPU model forwards with torch's fp32 matmul math set to ``mode``: ``ieee`` (plain fp32) or ``bf16``
-    (oneDNN computes fp32 matmuls in its bf16 math mode: ``dtype: bf16-matmul``). torch keeps that setting per process,
-    so blocks of the same mode run together while a block of another mode waits for them to end (a block must not open
-    one of another mode inside it); the setting before the first block is restored after the last. On other devices the
-    block runs as it is."""
+    (oneDNN computes fp32 matmuls in its bf16 math mode: ``dtype: bf16-matmul``). torch keeps that setting per process:
+    blocks of one mode run together, a block of the other mode waits until they end (and new blocks of the first mode
+    wait behind it); the setting before the first block is restored after the last. A block of the other mode inside a
+    block raises ``RuntimeError``. Only forwards run inside such blocks are covered (curate's scoring engine and hf
+    generation). On other devices the block runs as it is."""
     if not str(device).startswith("cpu"):
         yield
         return
     import torch
 
+    held = getattr(_math_local, "mode", None)
+    if held is not None:
+        if held != mode:
+            raise RuntimeError(f"a {mode!r} matmul block inside a {held!r} one")
+        yield
+        return
     math = torch.backends.mkldnn.matmul
+    def may_enter() -> bool:
+        others_wait = any(n for m, n in _math_state["waiting"].items() if m != mode)
+        return not _math_state["active"] or (_math_state["mode"] == mode and not others_wait)
+
     with _MATH:
-        while _math_state["active"] and _math_state["mode"] != mode:
+        waiting = _math_state["waiting"]
+        waiting[mode] = waiting.get(mode, 0) + 1
+        while not may_enter():
             _MATH.wait()
+        waiting[mode] -= 1
         if not _math_state["active"]:
             _math_state.update(mode=mode, before=math.fp32_precision)
             math.fp32_precision = mode
         _math_state["active"] += 1
+    _math_local.mode = mode
     try:
         yield
     finally:
+        _math_local.mode = None
         with _MATH:
             _math_state["active"] -= 1
             if not _math_state["active"]:

@@ -66,8 +66,10 @@ def test_backend_vectors_match_torch_fp32(texts, fp32, cache, backend, quantize,
     assert [p.name for p in emb.export_dir().parent.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
 
 
-def test_export_is_written_once_and_reused(texts, cache):
+def test_export_is_written_once_and_reused(texts, cache, monkeypatch):
     pytest.importorskip("onnxruntime")
+    import curate.embed.sentence_transformer as st
+
     first = embedder(backend="onnx", quantize="int8")
     a = first.embed(texts[:4])
     folder = first.export_dir()
@@ -75,11 +77,17 @@ def test_export_is_written_once_and_reused(texts, cache):
     assert (folder / EXPORT_NOTE).exists() and (folder / "model.onnx").exists()
     before = folder.stat().st_ino, {f.name: f.stat().st_mtime_ns for f in files}
     evict(str(folder))  # drop the process's open session: the second embedder opens the folder again
+
+    def exported_again(*args, **kwargs):
+        raise AssertionError("the model was exported a second time")
+
+    monkeypatch.setattr(st, "export_model", exported_again)
     second = embedder(backend="onnx", quantize="int8")
     b = second.embed(texts[:4])
     assert second.export_dir() == folder
     assert (folder.stat().st_ino, {f.name: f.stat().st_mtime_ns for f in sorted(folder.iterdir())}) == before  # not exported again
     np.testing.assert_array_equal(a, b)
+    monkeypatch.undo()
     assert embedder(backend="onnx").export_dir() != folder  # fp32 is another export
 
 

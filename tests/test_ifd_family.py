@@ -37,6 +37,9 @@ def mt_bench(tmp_path_factory):
 
 
 def scorer(method, **params):
+    """The scorer in float32 unless a dtype is given: the tests below compare passes and batchings at 1e-5, which fp32
+    holds on every CPU (``dtype: auto`` picks bf16-matmul on some; its own tests say so)."""
+    params.setdefault("dtype", "float32")
     return scorer_class(method)(method, params, CTX)
 
 
@@ -378,12 +381,12 @@ def test_dtype_auto_follows_the_cpu_and_keys_like_what_it_picks(monkeypatch):
     from curate.lm import base
 
     monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "fma"})
-    auto, fp32 = scorer("superfiltering", device="cpu"), scorer("superfiltering", device="cpu", dtype="float32")
+    auto, fp32 = scorer("superfiltering", device="cpu", dtype="auto"), scorer("superfiltering", device="cpu", dtype="float32")
     assert auto.params.dtype == "auto" and auto.key == fp32.key
     fp = auto.fingerprint()
     assert fp["dtype"] == "float32" and "neither" in fp["dtype_reason"] and fp32.fingerprint()["dtype_reason"] == "set in the flow"
     monkeypatch.setattr(base, "cpu_flags", lambda: {"avx512_bf16", "amx_tile", "amx_bf16"})
-    amx = scorer("ifd", device="cpu")
+    amx = scorer("ifd", device="cpu", dtype="auto")
     assert amx.fingerprint()["dtype"] == "bf16-matmul" and "amx_bf16" in amx.fingerprint()["dtype_reason"]
     assert amx.key == scorer("ifd", device="cpu", dtype="bf16-matmul").key != scorer("ifd", device="cpu", dtype="float32").key
     assert "fp32_parts" not in amx.fingerprint()  # fp32 weights: no fp32 tail

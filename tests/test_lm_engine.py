@@ -243,8 +243,16 @@ def test_matmul_math_modes_take_turns_and_one_mode_runs_together():
     waiting.start()
     assert same.wait(10) and seen["same"] == "bf16"  # the same mode runs beside the holder
     assert not different.wait(0.5)  # the other mode waits for it
+    late = threading.Event()
+    threading.Thread(target=other, args=("late", "bf16", late)).start()
+    assert not late.wait(0.5)  # a newcomer of the holder's mode waits behind the other mode's waiter
     release.set()
     holder.join(10)
     waiting.join(10)
     assert different.is_set() and seen["different"] == "ieee"
+    assert late.wait(10) and seen["late"] == "bf16"
+    with pytest.raises(RuntimeError, match="inside"):  # a block of another mode inside a block raises (it would wait forever)
+        with matmul_math("ieee"):
+            with matmul_math("bf16"):
+                pass
     assert torch.backends.mkldnn.matmul.fp32_precision == before

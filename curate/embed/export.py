@@ -18,8 +18,23 @@ INT8_SCHEME = {"onnx": "ort-dynamic-qint8-matmul-per-channel-except-narrowing", 
 #: the libraries whose versions enter an export's folder key, per backend
 EXPORT_PACKAGES = {"onnx": ("torch", "transformers", "sentence-transformers", "onnx", "onnxruntime"),
                    "openvino": ("torch", "transformers", "sentence-transformers", "onnx", "openvino", "nncf")}
+#: the exporting code's version (opset, exporter, graph outputs): in the export folder's key
+EXPORT_VERSION = "1"
 #: the pip line of the runtimes (the ``cpu-fast`` extra)
 CPU_FAST = "pip install 'curate[cpu-fast]'"
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each package (None when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
 
 
 def export_folder(key: str) -> Path:
@@ -47,10 +62,11 @@ def export_model(model, target: Path, backend: str, quantize: str, label: str | 
     import json
     import os
     import shutil
-    import tempfile
+
+    from curate.io import temp_dir
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = temp_dir(target.parent, f".{target.name}.")  # the mode mkdir gives (others can read a shared cache)
     try:
         names = _export_onnx(model, tmp / "model.onnx")
         if backend == "onnx" and quantize == "int8":
@@ -68,8 +84,12 @@ def export_model(model, target: Path, backend: str, quantize: str, label: str | 
         except OSError:
             if (target / EXPORT_NOTE).exists():  # another process finished the same export first: keep its folder
                 return
-            shutil.rmtree(target)  # a folder without the note was not written by an export: replace it
-            os.rename(tmp, target)
+            shutil.rmtree(target, ignore_errors=True)  # a folder without the note was not written by an export: replace it
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / EXPORT_NOTE).exists():  # not another export that finished meanwhile
+                    raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from curate.embed.base import EmbedContext, Embedder
-from curate.embed.export import (CPU_FAST, EXPORT_NOTE, EXPORT_PACKAGES, INT8_SCHEME, export_folder, export_model, open_runtime,
-                                  preprocess)
+from curate.embed.export import (CPU_FAST, EXPORT_NOTE, EXPORT_PACKAGES, EXPORT_VERSION, INT8_SCHEME, export_folder, export_model,
+                                  open_runtime, package_versions, preprocess)
 from curate.embed.spec import EmbedSpec
 from curate.models import cached, resolve_model, set_torch_threads
 
@@ -58,28 +58,21 @@ class SentenceTransformerEmbedder(Embedder):
             from curate.errors import require
 
             require(module, step, CPU_FAST)
+            require("onnx", step, CPU_FAST)  # the exporter
             threads = set_torch_threads(self.torch_threads)
-            folder = export_folder(self.export_key())
-            # exported under the process cache's lock: threads of one process export once
-            self._runner = cached(("st-runtime", str(folder), s.backend, threads),
-                                  lambda: open_runtime(self.export_dir(), s.backend, threads))
+            folder = self.export_dir()  # exported (10-90 s) outside the process cache's lock; the rename keeps it whole
+            self._runner = cached(("st-runtime", str(folder), s.backend, threads), lambda: open_runtime(folder, s.backend, threads))
         return self._runner
 
     def export_key(self) -> str:
         """The export folder's key: model location and revision, backend, quantisation, exporting libraries' versions."""
-        from importlib.metadata import PackageNotFoundError, version
-
         from curate.records import canonical_json, sha256_hex
 
         s = self.spec
-        versions = {}
-        for pkg in EXPORT_PACKAGES[s.backend]:
-            try:
-                versions[pkg] = version(pkg)
-            except PackageNotFoundError:
-                versions[pkg] = None
+        versions = package_versions(EXPORT_PACKAGES[s.backend])
         return sha256_hex(canonical_json({"location": self.resolved.location, "revision": self.resolved.revision, "backend": s.backend,
                                           "quantize": self._quantize_label(), "trust_remote_code": s.trust_remote_code,
+                                          "export": EXPORT_VERSION,
                                           "versions": versions}))[:32]
 
     def export_dir(self) -> Path:
@@ -154,11 +147,15 @@ class SentenceTransformerEmbedder(Embedder):
         }
 
     def _backend_fingerprint(self) -> dict[str, Any]:
-        """Empty for the default torch backend (so its keys are the keys they were); else the backend and quantisation."""
+        """Empty for the default torch backend (so its keys are the keys they were); else the backend and quantisation,
+        and for int8 the runtime's and quantiser's versions (another version may quantise differently)."""
         s = self.spec
         if s.backend == "torch":
             return {}
-        return {"backend": s.backend, **({"quantize": self._quantize_label()} if s.quantize != "none" else {})}
+        if s.quantize == "none":
+            return {"backend": s.backend}
+        versions = package_versions(EXPORT_PACKAGES[s.backend])
+        return {"backend": s.backend, "quantize": self._quantize_label(), "quantizer_versions": versions}
 
     @property
     def dim(self) -> int:
@@ -187,7 +184,13 @@ class SentenceTransformerEmbedder(Embedder):
         transformer run by the exported model, then the model's own pooling (and normalisation) modules."""
         import torch
 
-        model, run = self.model, self.runner
+        model = self.model
+        if getattr(model, "default_prompt_name", None):  # encode() would prepend it; the exported path does not
+            from curate.errors import CurateError
+
+            raise CurateError(f"embed.backend: {self.spec.backend} does not add the model's default prompt "
+                              f"({model.default_prompt_name!r}): use backend torch for '{self.spec.model}'")
+        run = self.runner
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for start in range(0, len(texts), self.spec.batch_size):

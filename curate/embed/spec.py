@@ -9,9 +9,9 @@
       quantize: none                    # or int8 (onnx / openvino only)
 
 ``backend`` / ``quantize`` (sentence_transformers only): the transformer runs under ONNX Runtime or OpenVINO
-(``pip install 'curate[cpu-fast]'``) from a model exported once (:func:`curate.store.embed_export_dir`: under the
-store when the embedder's context names it, else ``$CURATE_CACHE_DIR``); tokenisation and pooling stay
-sentence-transformers'. Non-default values enter the store key.
+(``pip install 'curate[cpu-fast]'``) from a model exported once into ``$CURATE_CACHE_DIR/embed-models/``
+(:func:`curate.embed.export.export_folder`); tokenisation and pooling stay sentence-transformers'. Non-default values
+enter the store key.
 
 Kept beside the embedders (as ``train/spec.py`` sits in ``train/``); ``curate.config`` imports it from here.
 """
