@@ -32,7 +32,10 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
     """Score the rows of ``shard`` that the store lacks for this scorer (``commit_s``: see :func:`run_shard`)."""
     scorer = build_scorer(step, context)
     if scorer.key != key:  # the orchestrator and the task must agree on what is being computed
-        raise RuntimeError(f"scorer key mismatch for {step.label}: {scorer.key} != {key}")
+        why = scorer.fingerprint().get("dtype_reason")
+        hint = (f" (this worker resolved dtype {scorer.fingerprint().get('dtype')!r}: {why}; a worker whose CPU differs from the "
+                "driver's resolves dtype: auto differently: set the dtype in the flow)") if why and why.startswith("auto") else ""
+        raise RuntimeError(f"scorer key mismatch for {step.label}: {scorer.key} != {key}{hint}")
     collection = Store(store_dir).scores(key)
     fp = scorer.fingerprint()
     collection.describe(fp)
