@@ -52,6 +52,8 @@ NOT_ON_THE_GPU_PATH = {
     "typer": "the CLI (in the image anyway)",
     "vllm": "the vllm backend (never carried: too large)",
     "xgrammar": "decoding.constrain on the hf backend",
+    "openvino": "embed.backend: openvino (curate[cpu-fast]; the check's pool has no embed stage)",
+    "nncf": "embed.quantize: int8 with backend openvino (curate[cpu-fast])",
 }
 
 
