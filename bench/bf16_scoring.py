@@ -59,7 +59,6 @@ def worker(method: str, variant: str, n_rows: int, threads: int, out: str) -> No
     import torch
 
     from curate.scorers import ScorerContext, scorer_class
-    from curate.scorers.lossbase import RowSkip, plan_passes
     from ifd_engine import load_rows
 
     torch.set_num_threads(threads)
@@ -83,12 +82,7 @@ def worker(method: str, variant: str, n_rows: int, threads: int, out: str) -> No
         sc.backend.engine = engine
     else:
         sc.backend.fp32_parts = parts
-    tokens = 0
-    for r in rows:
-        try:
-            tokens += sum(len(p.ids) for p in plan_passes(sc.jobs(r)))
-        except RowSkip:
-            pass
+    tokens = sc.cost(rows)  # the scorer's own count of the tokens its passes run
     sc.score_records(rows[:8])  # warm-up: model load, first kernels
     t = time.perf_counter()
     scores = []
