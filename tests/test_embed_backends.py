@@ -131,3 +131,15 @@ def test_backend_enters_the_key_only_when_not_the_default():
 def test_impossible_combinations_are_refused(spec, message):
     with pytest.raises(ValidationError, match=message):
         EmbedSpec(**spec)
+
+
+def test_no_texts_embed_to_no_vectors_without_an_export(cache, monkeypatch):
+    """An empty batch (a shard whose rows are all stored or quarantined) gives a (0, dim) array and exports nothing."""
+    import curate.embed.sentence_transformer as st
+
+    def exported(*args, **kwargs):
+        raise AssertionError("exported for no texts")
+
+    monkeypatch.setattr(st, "export_model", exported)
+    got = embedder(backend="openvino", quantize="int8").embed([])
+    assert got.shape == (0, 384) and got.dtype == np.float32

@@ -422,3 +422,18 @@ def test_bf16_matmul_ifd_equals_fp32_within_1e4(cherry):
     got = np.array([o.values["ifd"] for o in fast.score_records(rows)])
     np.testing.assert_allclose(got, ref, rtol=1e-4)
     assert not np.array_equal(got, ref)
+
+
+def test_a_worker_whose_auto_dtype_differs_is_told_why(monkeypatch, tmp_path):
+    """A shard task whose ``dtype: auto`` resolves to another dtype than the driver's (a cluster of mixed CPUs) stops
+    with a key mismatch that names the dtype it resolved and says to set it in the flow."""
+    from curate.config import StepSpec
+    from curate.lm import base
+    from curate.stages.score import score_shard
+
+    step = StepSpec(method="superfiltering", device="cpu")
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "fma"})
+    driver_key = scorer_class("superfiltering")(step.label, step.params, CTX).key
+    monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    with pytest.raises(RuntimeError, match="resolved dtype 'bf16-matmul'.*set the dtype in the flow"):
+        score_shard(None, step, driver_key, str(tmp_path), CTX)

@@ -190,8 +190,10 @@ class SentenceTransformerEmbedder(Embedder):
 
             raise CurateError(f"embed.backend: {self.spec.backend} does not add the model's default prompt "
                               f"({model.default_prompt_name!r}): use backend torch for '{self.spec.model}'")
-        run = self.runner
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:  # nothing to run: no export
+            return out
+        run = self.runner
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for start in range(0, len(texts), self.spec.batch_size):
             idx = order[start : start + self.spec.batch_size]
