@@ -70,7 +70,9 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
     matmuls in its bf16 math mode: fp32's numbers within 2e-5, faster — bench/results/bf16_scoring.md), ``float32``
     on other CPUs, ``bfloat16`` on a CUDA device that supports it. ``bf16-matmul`` asked for on a device or CPU that
     cannot run it raises :class:`~curate.errors.CurateError`; any other value is kept as written."""
-    device = resolve_device(device)
+    if dtype not in ("auto", "bf16-matmul"):
+        return dtype, "set in the flow"
+    device = resolve_device(device)  # may import torch: only when the dtype depends on the device
     if dtype == "bf16-matmul":
         from curate.errors import CurateError
 
@@ -78,8 +80,6 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
             raise CurateError(f"dtype: bf16-matmul is for CPUs (oneDNN's bf16 math mode); on {device} use bfloat16 or float32")
         if not cpu_flags() & set(BF16_MATH_FLAGS):
             raise CurateError("dtype: bf16-matmul needs a CPU with avx512_bf16 or AMX (amx_bf16); this one has neither: use float32")
-        return dtype, "set in the flow"
-    if dtype != "auto":
         return dtype, "set in the flow"
     if device.startswith("cuda"):
         import torch
