@@ -13,6 +13,9 @@ pass; IFD: alpaca template, loss ratio), one process per (method, variant) so ea
   runs; ``auto`` picks it on a bf16 GPU);
 - ``bf16-matmul`` — ``dtype: bf16-matmul`` (what ``dtype: auto`` picks on a CPU with avx512_bf16 or AMX): fp32
   weights and activations, the fp32 matmuls computed by oneDNN in its bf16 math mode;
+- ``openvino fp32`` — ``runtime: openvino`` (what ``runtime: auto``, the loss scorers' default, picks on a CPU with
+  curate[cpu-fast] installed): the same fp32 model exported once and compiled by OpenVINO (the export happens in the
+  warm-up, reported apart);
 - ``fp32 weights, bf16 autocast body`` — a measurement only (not an engine mode): fp32 weights, the body
   under ``torch.autocast(bfloat16)`` (matmuls in bf16, the residual stream and norms in fp32), the head
   in fp32 outside it.
@@ -20,7 +23,7 @@ pass; IFD: alpaca template, loss ratio), one process per (method, variant) so ea
 Per variant: seconds (after a warm-up on 8 rows), tokens/s, Spearman and max relative difference of the
 score vs fp32, overlap of the top 50 (keep IFD < 1, then the 50 largest), peak RSS. Prints the CPU's
 flags: bf16 matmuls are fastest with AMX (amx_bf16); on a CPU without it the speed column is not the AMX
-answer (see the note in the results). Writes bench/results/bf16_scoring.md.
+answer (see the note in the results). Writes bench/results/<--name>.md (default bf16_scoring).
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ import numpy as np
 from common import ROOT, spearman, write_result  # noqa: E402
 
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16")
-#: variant -> (dtype, the hf backend's fp32_parts)
-VARIANTS = {"fp32": ("float32", "none"), "bf16 + fp32 norm+head": ("bfloat16", "norm+head"), "bf16 all": ("bfloat16", "none"),
-            "bf16 + fp32 head": ("bfloat16", "head"), "fp32 weights, bf16 autocast body": ("float32", "autocast"),
-            "bf16-matmul": ("bf16-matmul", "none")}
+#: variant -> (dtype, the hf backend's fp32_parts, runtime)
+VARIANTS = {"fp32": ("float32", "none", "torch"), "bf16 + fp32 norm+head": ("bfloat16", "norm+head", "torch"),
+            "bf16 all": ("bfloat16", "none", "torch"), "bf16 + fp32 head": ("bfloat16", "head", "torch"),
+            "fp32 weights, bf16 autocast body": ("float32", "autocast", "torch"), "bf16-matmul": ("bf16-matmul", "none", "torch"),
+            "openvino fp32": ("float32", "none", "openvino")}
 
 
 def flags() -> list[str]:
@@ -63,8 +67,8 @@ def worker(method: str, variant: str, n_rows: int, threads: int, out: str) -> No
 
     torch.set_num_threads(threads)
     rows, source = load_rows(n_rows)
-    dtype, parts = VARIANTS[variant]
-    sc = scorer_class(method)(method, {"dtype": dtype}, ScorerContext(torch_threads=threads))
+    dtype, parts, runtime = VARIANTS[variant]
+    sc = scorer_class(method)(method, {"dtype": dtype, "runtime": runtime}, ScorerContext(torch_threads=threads))
     if parts == "autocast":  # a measurement, not an engine mode: the body under bf16 autocast, the head (fp32) outside it
         make = sc.backend.engine
 
@@ -83,7 +87,9 @@ def worker(method: str, variant: str, n_rows: int, threads: int, out: str) -> No
     else:
         sc.backend.fp32_parts = parts
     tokens = sc.cost(rows)  # the scorer's own count of the tokens its passes run
-    sc.score_records(rows[:8])  # warm-up: model load, first kernels
+    t = time.perf_counter()
+    sc.score_records(rows[:8])  # warm-up: model load (and export, compile), first kernels
+    warmup = time.perf_counter() - t
     t = time.perf_counter()
     scores = []
     for i in range(0, len(rows), sc.batch_rows):
@@ -91,7 +97,7 @@ def worker(method: str, variant: str, n_rows: int, threads: int, out: str) -> No
     seconds = time.perf_counter() - t
     Path(out).write_text(json.dumps({
         "ifd": [s.values["ifd"] for s in scores], "status": [s.status for s in scores], "seconds": seconds, "tokens": tokens,
-        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "source": source, "key": sc.key,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "source": source, "key": sc.key, "warmup": warmup,
         "dtype": sc.fingerprint()["dtype"]}))
 
 
@@ -110,6 +116,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default="superfiltering,ifd")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    ap.add_argument("--name", default="bf16_scoring", help="results file: bench/results/NAME.md")
     ap.add_argument("--worker", nargs=3, metavar=("METHOD", "VARIANT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -125,8 +132,18 @@ def main() -> None:
                 subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}"})
                 results[method, variant] = json.loads(Path(out).read_text())
                 r = results[method, variant]
-                print(f"{method:15s} {variant:24s} {r['seconds']:7.1f} s  peak RSS {r['rss_mb']:.0f} MiB", flush=True)
+                print(f"{method:15s} {variant:24s} {r['seconds']:7.1f} s  (warm-up {r['warmup']:.1f} s)  peak RSS {r['rss_mb']:.0f} MiB",
+                      flush=True)
                 report(results, args)  # after every run: a long benchmark leaves its partial table
+
+
+def ov_version() -> str:
+    try:
+        import openvino
+
+        return f"openvino {openvino.__version__}, "
+    except ImportError:
+        return ""
 
 
 def report(results: dict[tuple[str, str], dict], args) -> None:
@@ -139,11 +156,11 @@ def report(results: dict[tuple[str, str], dict], args) -> None:
     first = next(iter(results.values()))
     lines = [f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, flags: {' '.join(have) or 'none'} "
              f"({amx_note if amx else no_amx_note}); "
-             f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.2f}. Model: SmolLM2-135M-Instruct "
+             f"torch {torch.__version__}, {ov_version()}{args.threads} threads, load average {os.getloadavg()[0]:.2f}. Model: SmolLM2-135M-Instruct "
              f"(bundled GGUF dequantised). Rows: {args.rows} from {first['source']}. One process per run (peak RSS is its own); "
              "seconds after a warm-up on 8 rows.", ""]
-    lines += ["| method | run | seconds | tokens/s | vs fp32 | Spearman vs fp32 | max rel. diff | top-50 overlap | peak RSS MiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| method | run | seconds | tokens/s | vs fp32 | Spearman vs fp32 | max rel. diff | top-50 overlap | peak RSS MiB | warm-up s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     methods = args.methods.split(",")
     for (method, variant), r in sorted(results.items(), key=lambda kv: (methods.index(kv[0][0]), list(VARIANTS).index(kv[0][1]))):
         ref = results.get((method, "fp32"))
@@ -157,9 +174,12 @@ def report(results: dict[tuple[str, str], dict], args) -> None:
             check = "— | — | —"
         speed = f"{ref['seconds'] / r['seconds']:.2f}×" if ref else "—"
         rate = r["tokens"] / r["seconds"]
-        lines.append(f"| {method} | {variant} | {r['seconds']:.1f} | {rate:.0f} | {speed} | {check} | {r['rss_mb']:.0f} |")
+        warm = f"{r['warmup']:.1f}" if "warmup" in r else "—"
+        lines.append(f"| {method} | {variant} | {r['seconds']:.1f} | {rate:.0f} | {speed} | {check} | {r['rss_mb']:.0f} | {warm} |")
+    lines += ["", "Warm-up: scoring the first 8 rows, untimed: loading the model (the first run of `openvino fp32` on a machine also "
+              "exports and compiles its graph; later runs load the export and compile it)."]
     text = "\n".join(lines) + "\n"
-    write_result("bf16_scoring", text)
+    write_result(args.name, text)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ def mt_bench(tmp_path_factory):
 
 
 def scorer(method, **params):
-    """The scorer in float32 unless a dtype is given: the tests below compare passes and batchings at 1e-5, which fp32
-    holds on every CPU (``dtype: auto`` picks bf16-matmul on some; its own tests say so)."""
+    """The scorer in float32 on torch unless a dtype or runtime is given: the tests below compare passes and batchings at
+    1e-5, which fp32 holds on every CPU (``dtype: auto`` picks bf16-matmul on some; its own tests say so), and test the
+    torch engine (``runtime: auto`` picks openvino where it is installed: tests/test_compiled_runtime.py)."""
     params.setdefault("dtype", "float32")
+    params.setdefault("runtime", "torch")
     return scorer_class(method)(method, params, CTX)
 
 
@@ -431,9 +433,9 @@ def test_a_worker_whose_auto_dtype_differs_is_told_why(monkeypatch, tmp_path):
     from curate.lm import base
     from curate.stages.score import score_shard
 
-    step = StepSpec(method="superfiltering", device="cpu")
+    step = StepSpec(method="superfiltering", device="cpu", runtime="torch")
     monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "fma"})
     driver_key = scorer_class("superfiltering")(step.label, step.params, CTX).key
     monkeypatch.setattr(base, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    with pytest.raises(RuntimeError, match="resolved dtype 'bf16-matmul'.*set the dtype in the flow"):
+    with pytest.raises(RuntimeError, match="resolved dtype 'bf16-matmul'.*set them in the flow"):
         score_shard(None, step, driver_key, str(tmp_path), CTX)

@@ -93,3 +93,38 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
             return "bf16-matmul", f"auto: this CPU has {' and '.join(have)}: fp32 weights, matmuls in oneDNN's bf16 math mode"
         return "float32", "auto: this CPU has neither avx512_bf16 nor AMX (bf16 math would be slower than fp32)"
     return "float32", f"auto: float32 on device {device!r}"
+
+
+def openvino_installed() -> bool:
+    """Whether the ``openvino`` package can be imported (found, not imported). Tests replace this function."""
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
+    """(runtime, why) for the hf backend's scoring forwards (``torch`` or ``openvino``: :mod:`curate.lm.compiled`).
+
+    ``auto``: ``openvino`` on a CPU when the ``openvino`` package is installed (``curate[cpu-fast]``) and ``dtype`` is
+    ``auto`` or ``float32``, else ``torch``. ``openvino`` asked for where it cannot run (not installed, another device,
+    a dtype other than float32) raises :class:`~curate.errors.CurateError` naming the fix."""
+    from curate.errors import CurateError
+
+    installed = openvino_installed()
+    if runtime == "torch":
+        return "torch", "set in the flow"
+    if runtime == "openvino":
+        if dtype not in ("auto", "float32"):
+            raise CurateError(f"runtime: openvino runs the model in float32; dtype {dtype} needs runtime torch")
+        if resolve_device(device) != "cpu":
+            raise CurateError(f"runtime: openvino runs on the CPU; device {resolve_device(device)!r} needs runtime torch")
+        if not installed:
+            raise CurateError("runtime: openvino needs the openvino package: pip install 'curate[cpu-fast]' (or set runtime: torch)")
+        return "openvino", "set in the flow"
+    if dtype not in ("auto", "float32"):
+        return "torch", f"auto: dtype {dtype} runs in torch"
+    if resolve_device(device) != "cpu":
+        return "torch", "auto: not on a CPU"
+    if not installed:
+        return "torch", "auto: openvino is not installed (pip install 'curate[cpu-fast]' for the faster CPU runtime)"
+    return "openvino", "auto: on a CPU with openvino installed (curate[cpu-fast])"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from curate.lm.base import resolve_device, resolve_dtype
-from curate.lm.engine import EnginePlan, MaskedCE, NextToken, Seq, SeqResult, fp32_tail
+from curate.lm.base import resolve_device, resolve_dtype, resolve_runtime
+from curate.lm.engine import CompiledCE, EnginePlan, MaskedCE, NextToken, Seq, SeqResult, fp32_tail
 from curate.lm.spec import LMParams
 from curate.models import (add_adapter_stop_tokens, cached, is_gguf, load_causal_lm, matmul_math, model_revision, resolve_model,
                            set_torch_threads)
@@ -26,6 +27,7 @@ class HFBackend:
         self.torch_threads = torch_threads
         self._resolved = None
         self._dtype: tuple[str, str] | None = None
+        self._runtime: tuple[str, str] | None = None
         self.last_plan: EnginePlan | None = None
 
     @property
@@ -35,10 +37,23 @@ class HFBackend:
         return self._resolved
 
     @property
+    def runtime_choice(self) -> tuple[str, str]:
+        """(runtime, why): what runs scoring forwards, ``runtime: auto`` resolved once for this backend (:func:`resolve_runtime`)."""
+        if self._runtime is None:
+            self._runtime = resolve_runtime(self.params.runtime, self.params.dtype, self.params.device)
+        return self._runtime
+
+    @property
     def dtype_choice(self) -> tuple[str, str]:
-        """(dtype, why): ``dtype: auto`` resolved once for this backend (:func:`resolve_dtype`; ``bf16-matmul``: fp32 weights)."""
+        """(dtype, why): ``dtype: auto`` resolved once for this backend (:func:`resolve_dtype`; ``bf16-matmul``: fp32 weights;
+        with ``runtime`` openvino: float32, the reason naming the runtime's)."""
         if self._dtype is None:
-            self._dtype = resolve_dtype(self.params.dtype, self.params.device)
+            runtime, why = self.runtime_choice
+            if runtime == "openvino":
+                self._dtype = ("float32", f"runtime openvino ({why}) runs float32" if self.params.dtype == "auto" else "set in the flow")
+            else:
+                dtype, reason = resolve_dtype(self.params.dtype, self.params.device)
+                self._dtype = (dtype, f"{reason}; runtime torch ({why})" if why.startswith("auto") else reason)
         return self._dtype
 
     @property
@@ -58,6 +73,8 @@ class HFBackend:
               "quantization": "gguf-dequantized-fp32" if is_gguf(p.model) else None}
         if self.low_precision:  # a bf16/fp16 body's numbers depend on what runs in fp32 after it (other keys: as before)
             fp["fp32_parts"] = self.fp32_parts
+        if self.runtime_choice[0] != "torch":  # its numbers agree with torch's to ~1e-5, not bit for bit (torch's keys: as before)
+            fp["runtime"] = self.runtime_choice[0]
         return fp
 
     @property
@@ -91,12 +108,24 @@ class HFBackend:
     def engine(self) -> MaskedCE:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        if self.runtime_choice[0] == "openvino":
+            return CompiledCE(self.compiled_graph(), pad, self.token_budget)
         model, r = self.model, self.resolved
         fp32 = None
         if self.fp32_parts != "none" and self.low_precision:  # made once per model, like the model
             fp32 = cached(("lm-fp32-tail", r.location, r.revision, self.dtype_choice[0], self.device, self.params.trust_remote_code,
                            self.fp32_parts), lambda: fp32_tail(model, norm=self.fp32_parts == "norm+head"))
         return MaskedCE.for_model(model, pad, self.device, self.token_budget, fp32_tail=fp32, math=self.math)
+
+    def compiled_graph(self):
+        """The model's forward exported once (:func:`curate.lm.compiled.graph_folder`; the torch model is loaded only to
+        export it) and compiled once per process and thread count."""
+        from curate.lm.compiled import CompiledGraph, graph_folder
+
+        r = self.resolved
+        threads = self.torch_threads or min(2, os.cpu_count() or 1)
+        folder = graph_folder(r.location, r.revision, lambda: self.model)
+        return cached(("lm-compiled", str(folder), threads), lambda: CompiledGraph(folder, threads))
 
     @property
     def token_budget(self) -> int:

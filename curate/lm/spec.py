@@ -5,6 +5,7 @@
         backend: hf                     # hf | vllm | openai
         model: smollm2-135m-instruct    # bundled short name, local dir, .gguf file or hub id
         dtype: auto                     # scorers' default: bf16-matmul on a CPU with avx512_bf16/AMX, bfloat16 on a bf16 GPU
+        runtime: auto                   # scorers' default: openvino when installed (curate[cpu-fast]) on a CPU, else torch
         max_tokens_per_batch: 8192
 """
 
@@ -13,6 +14,16 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+Runtime = Literal["torch", "openvino", "auto"]
+
+
+def auto_runtime():
+    """The ``runtime`` field of the scorers whose forwards OpenVINO can run (loss scorers, rating-token judges): ``auto``."""
+    return Field("auto", description="What runs the model's forward: auto: openvino (the fp32 model compiled by OpenVINO; torch's "
+                 "numbers within ~1e-5, faster on CPUs) on a CPU where curate[cpu-fast] is installed and the dtype is auto or "
+                 "float32, else torch. openvino is in the store key; the reason in the run's fingerprints.")
 
 
 class LMParams(BaseModel):
@@ -29,6 +40,12 @@ class LMParams(BaseModel):
         "bf16-matmul (hf backend, CPU): fp32 weights, fp32 matmuls computed in oneDNN's bf16 math mode (fp32's scores within 2e-5). "
         "With a bf16/fp16 body the hf backend runs the final norm, the LM head and the log-sum-exp in fp32; losses always accumulate "
         "in fp32.")
+    runtime: Runtime = Field(
+        "torch", description="hf backend: what runs the model's forward for scoring (score, next_token; generation always runs in "
+        "torch). openvino: the fp32 model exported once and compiled by OpenVINO (curate[cpu-fast]; CPU, float32 only; torch's "
+        "numbers within about 1e-5 relative, faster). auto (the loss scorers' and rating-token judges' default): openvino on a CPU when it is installed and "
+        "the dtype is auto or float32, else torch; resolved once per run and recorded with its reason. The vllm and openai backends "
+        "run the model themselves (auto and torch leave them as they are).")
     device: str = Field("auto", description="auto = cuda when available, else cpu.")
     max_tokens_per_batch: int | None = Field(None, gt=0, description="Padded tokens per forward batch (halved on out-of-memory); "
                                               "default 2048 on CPU (padding costs more than batching gains there), 16384 on GPU.")
@@ -49,6 +66,12 @@ class LMParams(BaseModel):
         if self.dtype == "bf16-matmul" and self.backend != "hf":
             raise ValueError(f"dtype: bf16-matmul (the CPU's fp32 matmuls in bf16 math) is the hf backend's; the {self.backend} backend "
                              "takes bfloat16, float16 or float32")
+        if self.runtime == "openvino" and self.backend != "hf":
+            raise ValueError(f"runtime: {self.runtime} is the hf backend's (the {self.backend} backend runs the model itself)")
+        if self.runtime == "openvino" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"runtime: openvino runs the model in float32; dtype {self.dtype} needs runtime torch")
+        if self.runtime == "openvino" and not self.device.startswith(("cpu", "auto")):
+            raise ValueError(f"runtime: openvino runs on the CPU; device {self.device!r} needs runtime torch")
         return self
 
     @classmethod

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
+from curate.lm.spec import Runtime, auto_runtime
 from curate.prompts import DEITA_COMPLEXITY, DEITA_COMPLEXITY_CHAT, DEITA_QUALITY, DEITA_QUALITY_CHAT
 from curate.scorers.base import Score
 from curate.scorers.ratingbase import PromptScorer, RatingParams, TooLong
@@ -45,6 +46,7 @@ def expected_score(logits: np.ndarray) -> float:
 
 
 class DeitaParams(RatingParams):
+    runtime: Runtime = auto_runtime()
     complexity_model: str | None = Field(None, description="Default: model (e.g. hkust-nlp/deita-complexity-scorer).")
     quality_model: str | None = Field(None, description="Default: model (e.g. hkust-nlp/deita-quality-scorer).")
     format: Literal["auto", "trained", "chat"] = "auto"

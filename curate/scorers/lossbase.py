@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from curate.lm import LMParams, Seq, SeqResult, load_backend
+from curate.lm.spec import Runtime, auto_runtime
 from curate.records import canonical_json, sha256_hex
 from curate.records import turns as conversation_turns
 from curate.scorers.base import Score, Scorer
@@ -37,7 +38,8 @@ class LossParams(Scorer.Params, LMParams):
     dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16-matmul"] = Field(
         "auto", description="Model weights and math; auto: bf16-matmul (fp32 weights, matmuls in oneDNN's bf16 math mode) on a CPU "
         "with avx512_bf16 or AMX, float32 on other CPUs, bfloat16 on a CUDA device with bf16 support (the resolved dtype is in the "
-        "store key, its reason in the run's fingerprints).")
+        "store key, its reason in the run's fingerprints). With runtime openvino: float32.")
+    runtime: Runtime = auto_runtime()
     template: Literal["alpaca", "wiz", "vicuna", "none", "chat"] = "alpaca"
     max_length: int = Field(512, gt=1, description="Tokens per sequence; responses are cut at the tail, prompts never.")
     span_mode: Literal["prefix_len", "offsets"] = "prefix_len"

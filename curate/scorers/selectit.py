@@ -28,6 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from curate.lm.spec import Runtime, auto_runtime
 from curate.prompts import SELECTIT_LAYOUT, SELECTIT_LINES
 from curate.scorers.base import Score
 from curate.scorers.ratingbase import PromptScorer, RatingParams, TooLong
@@ -70,6 +71,7 @@ def model_weights(sizes: list[float], formula: str) -> list[float]:
 
 
 class SelectITParams(RatingParams):
+    runtime: Runtime = auto_runtime()
     models: list[ModelSpec] = Field(default_factory=lambda: [ModelSpec(model="smollm2-135m-instruct", size=0.135)])
     n_prompts: int = Field(5, ge=1, le=len(SELECTIT_LINES), description="R rating prompts (the first R of ours).")
     alpha: float = Field(0.2, ge=0)

@@ -33,8 +33,10 @@ def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, conte
     scorer = build_scorer(step, context)
     if scorer.key != key:  # the orchestrator and the task must agree on what is being computed
         why = scorer.fingerprint().get("dtype_reason")
-        hint = (f" (this worker resolved dtype {scorer.fingerprint().get('dtype')!r}: {why}; a worker whose CPU differs from the "
-                "driver's resolves dtype: auto differently: set the dtype in the flow)") if why and why.startswith("auto") else ""
+        runtime = scorer.fingerprint().get("runtime", "torch")
+        hint = (f" (this worker resolved dtype {scorer.fingerprint().get('dtype')!r}, runtime {runtime!r}: {why}; a worker whose CPU or "
+                "installed packages differ from the driver's resolves dtype: auto / runtime: auto differently: set them in the flow)"
+                ) if why and "auto" in why else ""
         raise RuntimeError(f"scorer key mismatch for {step.label}: {scorer.key} != {key}{hint}")
     collection = Store(store_dir).scores(key)
     fp = scorer.fingerprint()
