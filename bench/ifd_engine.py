@@ -88,7 +88,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows, source = load_rows(args.rows)
     ctx = ScorerContext(torch_threads=args.threads)
-    fp32 = scorer_class("ifd")("ifd", {}, ctx)
+    fp32 = scorer_class("ifd")("ifd", {"runtime": "torch"}, ctx)  # the torch engine (body_only is its baseline)
     jobs = [fp32.jobs(r)[0] for r in rows]
     n_tokens = sum(len(j.cond.ids) + len(j.direct.ids) for j in jobs)
     model = fp32.backend.model
@@ -117,7 +117,7 @@ def main() -> None:
     bf16_row = None
     has_bf16 = "avx512_bf16" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else False
     if has_bf16 or torch.cuda.is_available():
-        bf16 = scorer_class("ifd")("ifd", {"dtype": "bfloat16"}, ctx)
+        bf16 = scorer_class("ifd")("ifd", {"dtype": "bfloat16", "runtime": "torch"}, ctx)
         bf16.score_records(rows[:8])
         t = time.perf_counter()
         ours_bf16 = [o.values["ifd"] for o in bf16.score_records(rows)]

@@ -64,6 +64,8 @@ def worker(method: str, threads: int, out: str) -> None:
     from curate.scorers import ScorerContext, scorer_class
 
     rows, params = flow_rows_and_params(method)
+    if "runtime" in scorer_class(method).Params.model_fields:  # the torch engine, as in the versions it is compared with
+        params = {**params, "runtime": "torch"}
     sc = scorer_class(method)(method, params, ScorerContext(torch_threads=threads))
     sc.score_records(rows[:1])  # model load, first kernels
     t, c = time.perf_counter(), time.process_time()

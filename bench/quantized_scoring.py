@@ -556,7 +556,7 @@ def main() -> None:
     extra = [g for g in args.extra_ggufs.split(",") if g]
     report, meta = [], {}
     for method in args.methods.split(","):
-        sc = scorer_class(method)(method, {"dtype": "float32", "max_length": args.max_length}, ctx)
+        sc = scorer_class(method)(method, {"dtype": "float32", "runtime": "torch", "max_length": args.max_length}, ctx)
         seqs = passes_of(sc, rows)
         n_tokens = sum(len(ids) for ids, _ in seqs)
         score_all(sc, rows[:8])  # warm-up (model load, first kernels)

@@ -10,14 +10,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-pytest.importorskip("openvino", reason="runtime: openvino needs the cpu-fast extra: pip install 'curate[cpu-fast]'")
+from curate.config import IngestSpec, InputSpec, StepSpec
+from curate.errors import CurateError
+from curate.ingest.read import read_input
+from curate.lm import LMParams, load_backend
+from curate.lm.base import openvino_installed
+from curate.lm.engine import CompiledCE, MaskedCE, Seq
+from curate.scorers import ScorerContext, scorer_class
 
-from curate.config import IngestSpec, InputSpec  # noqa: E402
-from curate.errors import CurateError  # noqa: E402
-from curate.ingest.read import read_input  # noqa: E402
-from curate.lm import LMParams, load_backend  # noqa: E402
-from curate.lm.engine import MaskedCE, Seq  # noqa: E402
-from curate.scorers import ScorerContext, scorer_class  # noqa: E402
+#: the tests that run OpenVINO (the others check what happens with and without it)
+needs_openvino = pytest.mark.skipif(not openvino_installed(), reason="runtime: openvino needs the cpu-fast extra: "
+                                    "pip install 'curate[cpu-fast]'")
 
 ROOT = Path(__file__).resolve().parents[1]
 CTX = ScorerContext(torch_threads=2)
@@ -34,6 +37,7 @@ def scorer(method, **params):
     return scorer_class(method)(method, {"device": "cpu", "max_length": 128, **params}, CTX)
 
 
+@needs_openvino
 @pytest.mark.parametrize("method", ["ifd", "superfiltering"])
 def test_openvino_scores_like_torch_fp32(cherry, method):
     """Both loss passes of every row within 1e-4 (relative) of the torch engine in fp32, the same statuses and token
@@ -47,10 +51,12 @@ def test_openvino_scores_like_torch_fp32(cherry, method):
                 assert b.values[k] == pytest.approx(v, rel=1e-4), k
             elif isinstance(v, int):
                 assert b.values[k] == v, k
+    assert isinstance(ov_sc.backend.engine(), CompiledCE)
     assert ov_sc.fingerprint()["runtime"] == "openvino" and ov_sc.fingerprint()["dtype"] == "float32"
     assert "runtime" not in torch_sc.fingerprint() and ov_sc.key != torch_sc.key
 
 
+@needs_openvino
 def test_token_logprobs_and_batchings_agree(cherry):
     """Per-token log-probabilities equal torch's within 1e-4; a smaller batch budget (other batches, other padding) gives
     the same sums within 1e-5."""
@@ -62,6 +68,7 @@ def test_token_logprobs_and_batchings_agree(cherry):
         prompt = tok(row["messages"][0]["content"])["input_ids"]
         reply = tok(row["messages"][-1]["content"], add_special_tokens=False)["input_ids"][:60]
         seqs.append(Seq(prompt + reply, [(1, len(prompt)), (len(prompt), len(prompt) + len(reply))]))
+    assert isinstance(ov_b.engine(), CompiledCE) and not isinstance(torch_b.engine(), CompiledCE)
     ref = torch_b.score(seqs, token_logprobs=True)
     got = ov_b.score(seqs, token_logprobs=True)
     for a, b in zip(ref, got):
@@ -76,6 +83,7 @@ def test_token_logprobs_and_batchings_agree(cherry):
         np.testing.assert_allclose(b.nll, a.nll, rtol=1e-5)
 
 
+@needs_openvino
 def test_next_token_like_torch():
     """The rating-token path (deita, SelectIT): the candidates' logits and the log-sum-exp after each prompt (prompts of
     different lengths in one batch) within 1e-4 of torch's."""
@@ -85,6 +93,7 @@ def test_next_token_like_torch():
     prompts = [tok(t)["input_ids"] for t in ("Rate the answer from 1 to 6. Score:", "How good is this reply about the weather in "
                                              "Paris today, on a scale of 1 to 6? Score:", "Hi")]
     cand = [tok(str(i), add_special_tokens=False)["input_ids"][0] for i in range(1, 7)]
+    assert isinstance(ov_b.engine(), CompiledCE)
     for a, b in zip(torch_b.next_token(prompts, cand), ov_b.next_token(prompts, cand)):
         assert b.status == "ok"
         np.testing.assert_allclose(b.logits, a.logits, rtol=1e-4, atol=1e-4)
@@ -92,6 +101,7 @@ def test_next_token_like_torch():
         np.testing.assert_allclose(b.probs, a.probs, rtol=1e-3, atol=1e-7)
 
 
+@needs_openvino
 def test_a_bad_token_id_fails_its_row_only():
     """A token id outside the vocabulary (OpenVINO's lookup would not check it) fails that row with IndexError, as torch
     does; the other row in the batch is scored."""
@@ -101,6 +111,7 @@ def test_a_bad_token_id_fails_its_row_only():
     assert out[1].status == "error" and out[1].error_class == "IndexError" and np.isnan(out[1].nll[0])
 
 
+@needs_openvino
 def test_sliding_window_model_matches_torch(tmp_path, monkeypatch):
     """A (small, random) Gemma-3 with sliding-window layers of 8 tokens, a soft-capped head and right-padded batches
     narrower and wider than the window: the compiled graph's log-probabilities equal the torch engine's. The export is
@@ -162,3 +173,63 @@ def test_refused_combinations():
         with pytest.raises(Exception, match="runtime: openvino"):
             LMParams(runtime="openvino", **bad)
     assert LMParams(runtime="auto", backend="openai").runtime == "auto"  # auto leaves the other backends as they are
+
+
+@needs_openvino
+def test_a_model_the_graph_cannot_run_fails_the_step_at_once(tmp_path, monkeypatch):
+    """A model the traced graph would get wrong (a small random Llama with dynamic RoPE scaling, saved to a folder) fails
+    every row with a message naming ``runtime: torch``, and the export is not tried again for the next batch (the
+    first failure is kept: the second call takes no export time)."""
+    import time
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("CURATE_CACHE_DIR", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny-dynamic")
+    load_backend(LMParams()).tokenizer.save_pretrained(tmp_path / "tiny-dynamic")  # the bundled model's (ids below 128 here)
+    backend = load_backend(LMParams(model=str(tmp_path / "tiny-dynamic"), runtime="openvino", device="cpu"), torch_threads=2)
+    seqs = [Seq([1, 2, 3, 4], [(1, 4)]), Seq([5, 6, 7], [(2, 3)])]
+    with pytest.raises(CurateError, match="dynamic RoPE.*runtime: torch"):
+        backend.score(seqs)
+    t = time.perf_counter()
+    with pytest.raises(CurateError, match="dynamic RoPE"):
+        backend.score(seqs)
+    assert time.perf_counter() - t < 1.0
+    assert not list((tmp_path / "cache" / "lm-graphs").glob("*/logits.xml"))
+
+
+def test_empty_prompts_are_refused():
+    """``next_token`` after an empty prompt has no position to score (the compiled graph would read the row before's
+    last position): refused up front by both engines."""
+    for runtime in ("torch", "openvino") if openvino_installed() else ("torch",):
+        backend = load_backend(LMParams(device="cpu", runtime=runtime), torch_threads=2)
+        with pytest.raises(ValueError, match="empty prompt"):
+            backend.next_token([[1, 2, 3], []], [4, 5])
+
+
+def test_the_compiled_batch_keeps_its_logits_under_a_gib():
+    """The compiled graph materialises a batch's scored logits: the default budget shrinks for large vocabularies (a
+    budget set in the flow is kept)."""
+    backend = load_backend(LMParams(device="cpu", runtime="torch"))
+    assert backend._engine_budget(49152) == 2048 and backend._engine_budget(262144) == 512
+    assert load_backend(LMParams(device="cpu", max_tokens_per_batch=4096))._engine_budget(262144) == 4096
+
+
+@pytest.mark.parametrize("method,params", [("superfiltering", {"dtype": "float32"}), ("deita", {})])
+def test_a_worker_whose_auto_runtime_differs_is_told_why(monkeypatch, tmp_path, method, params):
+    """A shard task whose ``runtime: auto`` resolves otherwise than the driver's (openvino installed on one machine, not
+    on the other) stops with a key mismatch naming what it resolved and saying to set it in the flow — for a loss
+    scorer with its dtype set, and for a rating-token judge."""
+    from curate.lm import base
+    from curate.stages.score import score_shard
+
+    step = StepSpec(method=method, device="cpu", **params)
+    monkeypatch.setattr(base, "openvino_installed", lambda: False)
+    driver_key = scorer_class(method)(step.label, step.params, CTX).key
+    monkeypatch.setattr(base, "openvino_installed", lambda: True)
+    with pytest.raises(RuntimeError, match="resolved .*runtime 'openvino'.*runtime: auto differently: set them in the flow"):
+        score_shard(None, step, driver_key, str(tmp_path), CTX)

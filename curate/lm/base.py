@@ -17,6 +17,7 @@ for sampled rows), which its ``chat`` uses.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 from curate.lm.engine import NextToken, Seq, SeqResult
@@ -95,11 +96,15 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
     return "float32", f"auto: float32 on device {device!r}"
 
 
+@functools.lru_cache(maxsize=1)
 def openvino_installed() -> bool:
-    """Whether the ``openvino`` package can be imported (found, not imported). Tests replace this function."""
-    import importlib.util
-
-    return importlib.util.find_spec("openvino") is not None
+    """Whether the ``openvino`` package imports (tried once per process: a broken install counts as absent). Tests
+    replace this function."""
+    try:
+        import openvino  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
+        return False
+    return True
 
 
 def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
@@ -117,9 +122,11 @@ def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
         if dtype not in ("auto", "float32"):
             raise CurateError(f"runtime: openvino runs the model in float32; dtype {dtype} needs runtime torch")
         if resolve_device(device) != "cpu":
-            raise CurateError(f"runtime: openvino runs on the CPU; device {resolve_device(device)!r} needs runtime torch")
+            raise CurateError(f"runtime: openvino runs on the CPU; device {resolve_device(device)!r} needs runtime torch "
+                              "(or set device: cpu)")
         if not installed:
-            raise CurateError("runtime: openvino needs the openvino package: pip install 'curate[cpu-fast]' (or set runtime: torch)")
+            raise CurateError("runtime: openvino needs the openvino package (it is not installed, or does not import): "
+                              "pip install 'curate[cpu-fast]' (or set runtime: torch)")
         return "openvino", "set in the flow"
     if dtype not in ("auto", "float32"):
         return "torch", f"auto: dtype {dtype} runs in torch"

@@ -1,35 +1,43 @@
 """The hf backend's model forward compiled by OpenVINO (``runtime: openvino``): the same fp32 weights, the same numbers
-as torch within about 1e-5 relative, 1.9–3× faster on the CPUs measured (bench/results/runtime_scoring.md).
+as torch within about 1e-5 relative, 2.3–2.5× faster than torch fp32 on the CPU measured (bench/results/runtime_scoring.md).
 
 One graph per model (:func:`logits_module`): token ids (batch × width, right padding) in; at ``idx`` (n flat positions
 ``row × width + position``) the logits of ``cand`` (n × k token ids) and the full-vocabulary log-sum-exp out, both fp32
-— the head and the log-sum-exp run only at the chosen positions, as in the torch engine. There is no attention mask:
-with right padding a causal model's real positions never see the padding after them (their outputs are the same with
-or without it), and the graph runs the causal attention kernel without a mask to build. (With a mask, the padded rows of
-a sliding-window model see nothing but padding and OpenVINO's attention turns them into NaN, which then reached real
-rows; without one, every row sees itself.)
-Scoring asks for one candidate per position (the next token: its log-probability is ``logits - lse``); the rating-token
-judges ask for k. Batch, width, n and k are dynamic: one compiled model serves every batch.
+— the head and the log-sum-exp run only at the chosen positions, as in the torch engine. There is no padding mask: with
+right padding a causal model's real positions never attend to the padding after them (their outputs are the same with
+or without one), so the graph treats every position as real and builds only the causal (and sliding-window) mask from
+the width. (With a padding mask, the padded rows of a sliding-window model see nothing but padding; OpenVINO's attention
+turned those rows into NaN, which then reached real rows.) Scoring asks for one candidate per position (the next token:
+its log-probability is ``logits - lse``); the rating-token judges ask for k. Batch, width, n and k are dynamic: one
+compiled model serves every batch.
 
-:func:`graph_folder` exports it once per model into ``$CURATE_CACHE_DIR/lm-graphs/<key>`` (OpenVINO IR; ``openvino``
-converts the torch module directly, about 10 s for SmolLM2-135M), keyed by the model, its revision and the versions of
-torch, transformers and openvino; written to a temporary folder and renamed, so a killed export leaves nothing half
-made. :func:`compile_graph` compiles it for the CPU with an explicit fp32 inference precision (OpenVINO's default on
-AMX CPUs is bf16, which ranks Cherry Alpaca rows at Spearman 0.997) and an explicit thread count.
+:func:`graph_folder` exports it once per model into ``$CURATE_CACHE_DIR/lm-graphs/<key>`` (OpenVINO IR, fp32: about 4
+bytes per parameter on disk, 538 MB for SmolLM2-135M; ``openvino`` traces the torch module, about 10 s for that model),
+keyed by the model, its revision (for a local folder also its files' sizes and modification times) and the versions of
+torch, transformers and openvino. Processes on one machine take turns (a file lock); the export is written to a hidden
+temporary folder and renamed, so a failed export leaves nothing that is used (a killed one can leave that hidden
+``.<key>.*`` folder behind: safe to delete). :class:`CompiledGraph` compiles it for the CPU with an explicit fp32
+inference precision (OpenVINO's default on AMX CPUs is bf16, which ranks Cherry Alpaca rows at Spearman 0.997) and an
+explicit thread count.
 
-The graph materialises n × vocabulary fp32 logits per batch (the torch engine works in chunks of 24 MB): about
-300 MB for 1,500 scored tokens of a 49k vocabulary; lower ``max_tokens_per_batch`` for very large vocabularies.
+The graph materialises n × vocabulary fp32 logits per batch (the torch engine works in chunks of 24 MB); the hf backend
+caps the batch so that they stay under 1 GiB (``HFBackend._engine_budget``). The trace fixes Python-level choices:
+models whose RoPE scaling is ``dynamic`` (it branches on the sequence length in Python) are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("curate")
 
 #: the pip line of the CPU runtimes (the ``cpu-fast`` extra)
 CPU_FAST = "pip install 'curate[cpu-fast]'"
@@ -74,27 +82,70 @@ def logits_module(model):
 
 def graph_key(location: str, revision: str | None) -> str:
     """The export folder's name: the model's last path part and a digest of (location, revision, graph version, the
-    versions of :data:`GRAPH_PACKAGES`)."""
+    versions of :data:`GRAPH_PACKAGES`, and for a local folder each file's name, size and modification time — a model
+    retrained into the same folder gets a new export)."""
     from curate.embed.export import package_versions
 
     ident = {"location": location, "revision": revision, "graph": GRAPH_VERSION, "packages": package_versions(GRAPH_PACKAGES)}
+    local = Path(location)
+    if local.is_dir():
+        ident["files"] = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in local.iterdir() if f.is_file())
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     return f"{Path(location).name or 'model'}-{digest}"
 
 
 def graph_folder(location: str, revision: str | None, load_model) -> Path:
     """The folder holding the model's exported graph (:data:`GRAPH_FILE`), exported once from ``load_model()`` (an fp32
-    transformers causal LM; only called when the folder is missing)."""
+    transformers causal LM, loaded only when the folder is missing and dropped after the export). Processes exporting
+    the same model wait for each other (``fcntl`` lock beside the folder; none on systems without it)."""
     from curate.models import _made_once, cache_dir
 
+    target = cache_dir() / "lm-graphs" / graph_key(location, revision)
+    if (target / NOTE).exists():
+        return target
+
     def make(tmp: Path) -> None:
+        import gc
+
+        log.info("runtime: openvino: exporting %s once into %s (later runs reuse it)", location, target)
         model = load_model()
+        refuse_unsupported(model.config)
         export(model, tmp / GRAPH_FILE)
         vocab = int(model.get_output_embeddings().weight.shape[0])
+        del model
+        gc.collect()
         (tmp / NOTE).write_text(json.dumps({"location": location, "revision": revision, "graph": GRAPH_VERSION, "vocab": vocab},
                                            indent=1) + "\n")
 
-    return _made_once(cache_dir() / "lm-graphs" / graph_key(location, revision), NOTE, make)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock"):
+        return _made_once(target, NOTE, make)
+
+
+@contextmanager
+def _file_lock(path: Path):
+    try:
+        import fcntl
+    except ImportError:  # not on this system: concurrent exports race, and the rename keeps one
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def refuse_unsupported(config) -> None:
+    """Raise :class:`~curate.errors.CurateError` for a model the traced graph would get wrong: RoPE scaling ``dynamic``
+    (it picks its frequencies with a Python ``if`` on the sequence length, which the trace fixes at the example's)."""
+    from curate.errors import CurateError
+
+    for params in (getattr(config, "rope_scaling", None), getattr(config, "rope_parameters", None)):
+        if isinstance(params, dict) and "dynamic" in (params.get("rope_type"), params.get("type")):
+            raise CurateError("runtime: openvino cannot run a model with dynamic RoPE scaling (the traced graph would fix its "
+                              "length-dependent choice): set runtime: torch")
 
 
 def export(model, path: Path) -> None:
@@ -143,10 +194,6 @@ class CompiledGraph:
 
     def request(self):
         return self.compiled.create_infer_request()
-
-    def describe(self) -> dict[str, Any]:
-        return {"runtime": "openvino", "openvino": self.version, "threads": self.threads,
-                "inference_precision": str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))}
 
 
 def run(request, ids: np.ndarray, idx: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

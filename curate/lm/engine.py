@@ -189,6 +189,8 @@ class MaskedCE:
     def next_token(self, prompts: list[list[int]], candidates: list[int], progress=None) -> list[NextToken]:
         """Rating-token engine (E6b): the logits of ``candidates`` at the position after each prompt,
         and the full-vocabulary log-sum-exp there — one batched forward, the head on one row per prompt."""
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("next_token: an empty prompt has no position to score after")
         seqs = [Seq(list(p), []) for p in prompts]
         cand = list(candidates)
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from curate.errors import CurateError
 from curate.lm.base import resolve_device, resolve_dtype, resolve_runtime
 from curate.lm.engine import CompiledCE, EnginePlan, MaskedCE, NextToken, Seq, SeqResult, fp32_tail
 from curate.lm.spec import LMParams
@@ -50,7 +51,8 @@ class HFBackend:
         if self._dtype is None:
             runtime, why = self.runtime_choice
             if runtime == "openvino":
-                self._dtype = ("float32", f"runtime openvino ({why}) runs float32" if self.params.dtype == "auto" else "set in the flow")
+                self._dtype = ("float32", f"runtime openvino ({why}) runs float32" if self.params.dtype == "auto"
+                               else f"set in the flow; runtime openvino ({why})" if why.startswith("auto") else "set in the flow")
             else:
                 dtype, reason = resolve_dtype(self.params.dtype, self.params.device)
                 self._dtype = (dtype, f"{reason}; runtime torch ({why})" if why.startswith("auto") else reason)
@@ -109,7 +111,8 @@ class HFBackend:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         if self.runtime_choice[0] == "openvino":
-            return CompiledCE(self.compiled_graph(), pad, self.token_budget)
+            graph = self.compiled_graph()
+            return CompiledCE(graph, pad, self._engine_budget(graph.vocab))
         model, r = self.model, self.resolved
         fp32 = None
         if self.fp32_parts != "none" and self.low_precision:  # made once per model, like the model
@@ -118,14 +121,38 @@ class HFBackend:
         return MaskedCE.for_model(model, pad, self.device, self.token_budget, fp32_tail=fp32, math=self.math)
 
     def compiled_graph(self):
-        """The model's forward exported once (:func:`curate.lm.compiled.graph_folder`; the torch model is loaded only to
-        export it) and compiled once per process and thread count."""
+        """The model's forward exported once (:func:`curate.lm.compiled.graph_folder`: a torch copy of the model is loaded
+        only to export it, and dropped after) and compiled once per process and thread count. An export or compile that
+        failed is not tried again in this process: the same error is raised at once (every row of the step fails with
+        it, naming ``runtime: torch`` as the way out)."""
+        import torch
+
         from curate.lm.compiled import CompiledGraph, graph_folder
 
-        r = self.resolved
+        r, p = self.resolved, self.params
         threads = self.torch_threads or min(2, os.cpu_count() or 1)
-        folder = graph_folder(r.location, r.revision, lambda: self.model)
-        return cached(("lm-compiled", str(folder), threads), lambda: CompiledGraph(folder, threads))
+
+        def build():
+            try:
+                folder = graph_folder(r.location, r.revision, lambda: load_causal_lm(
+                    r.location, torch.float32, p.trust_remote_code, p.revision if r.source == "hub" else None))
+                return CompiledGraph(folder, threads)
+            except Exception as exc:  # noqa: BLE001 - kept, so later calls fail fast with the same message
+                return CurateError(f"runtime: openvino could not export or compile {p.model}: {type(exc).__name__}: {exc} "
+                                   "(set runtime: torch to score with torch)")
+
+        graph = cached(("lm-compiled", r.location, r.revision, threads), build)
+        if isinstance(graph, Exception):
+            raise graph
+        return graph
+
+    def _engine_budget(self, vocab: int) -> int:
+        """The compiled engine's padded-token budget: :attr:`token_budget`, but (unless set in the flow) at most what keeps
+        a batch's scored logits (tokens × vocabulary × 4 bytes, twice: the logits and their exponentials) under 1 GiB —
+        the graph materialises them, where the torch engine works in chunks: 2048 for a 49k vocabulary, 512 for 262k."""
+        if self.params.max_tokens_per_batch:
+            return self.params.max_tokens_per_batch
+        return max(128, min(self.token_budget, (1 << 30) // (8 * vocab)))
 
     @property
     def token_budget(self) -> int:
@@ -167,7 +194,7 @@ class HFBackend:
         """A :class:`Constraint` per shape (None stays None): each shape is compiled once per process
         and model. Raises :class:`~curate.errors.CurateError` for an unknown shape type, or when
         ``prefix`` (the reply's start) cannot begin a reply of that shape."""
-        from curate.errors import CurateError, require
+        from curate.errors import require
 
         xgr = require("xgrammar", "decoding.constrain on the hf backend", XGRAMMAR_INSTALL)
         r = self.resolved

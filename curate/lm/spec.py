@@ -5,7 +5,7 @@
         backend: hf                     # hf | vllm | openai
         model: smollm2-135m-instruct    # bundled short name, local dir, .gguf file or hub id
         dtype: auto                     # scorers' default: bf16-matmul on a CPU with avx512_bf16/AMX, bfloat16 on a bf16 GPU
-        runtime: auto                   # scorers' default: openvino when installed (curate[cpu-fast]) on a CPU, else torch
+        runtime: auto                   # loss scorers' (deita's, SelectIT's) default: openvino on a CPU where installed, else torch
         max_tokens_per_batch: 8192
 """
 

@@ -27,16 +27,27 @@ def build_scorer(step: StepSpec, context: ScorerContext) -> Scorer:
     return cls(step.label, step.params, context)
 
 
+def auto_hint(step: StepSpec, fp: dict) -> str:
+    """For a key mismatch: what this worker resolved for ``dtype: auto`` / ``runtime: auto`` (the step's, or its
+    defaults), which depend on the worker's CPU and installed packages."""
+    params = step.params
+    fields = getattr(scorer_class(step.method).Params, "model_fields", {})
+    autos = [k for k in ("dtype", "runtime") if k in fields and params.get(k, fields[k].default) == "auto"]
+    if not autos:
+        return ""
+    model = (fp.get("models") or [fp])[0]
+    got = ", ".join(f"{k} {model.get(k, 'torch' if k == 'runtime' else None)!r}" for k in autos)
+    why = f": {fp['dtype_reason']}" if fp.get("dtype_reason") else ""
+    return (f" (this worker resolved {got}{why}; a worker whose CPU or installed packages differ from the driver's resolves "
+            f"{' / '.join(k + ': auto' for k in autos)} differently: set them in the flow)")
+
+
 def score_shard(shard: ShardRef, step: StepSpec, key: str, store_dir: str, context: ScorerContext,
                 commit_s: float | None = None) -> WorkRef:
     """Score the rows of ``shard`` that the store lacks for this scorer (``commit_s``: see :func:`run_shard`)."""
     scorer = build_scorer(step, context)
     if scorer.key != key:  # the orchestrator and the task must agree on what is being computed
-        why = scorer.fingerprint().get("dtype_reason")
-        runtime = scorer.fingerprint().get("runtime", "torch")
-        hint = (f" (this worker resolved dtype {scorer.fingerprint().get('dtype')!r}, runtime {runtime!r}: {why}; a worker whose CPU or "
-                "installed packages differ from the driver's resolves dtype: auto / runtime: auto differently: set them in the flow)"
-                ) if why and "auto" in why else ""
+        hint = auto_hint(step, scorer.fingerprint())
         raise RuntimeError(f"scorer key mismatch for {step.label}: {scorer.key} != {key}{hint}")
     collection = Store(store_dir).scores(key)
     fp = scorer.fingerprint()
