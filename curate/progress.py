@@ -179,6 +179,7 @@ _meters: list[_Meter] = []  # the meters the heartbeat reports on
 _current: _Meter | None = None  # the stage the run is in (stages run one at a time)
 _beat: threading.Thread | None = None
 _meters_lock = threading.Lock()
+_wake = threading.Event()  # set when a meter is registered with a heartbeat already running
 
 
 def _heartbeat_on() -> bool:
@@ -194,6 +195,8 @@ def _register(meter: _Meter) -> None:
         if _beat is None:
             _beat = threading.Thread(target=_heartbeat, name="curate-progress", daemon=True)
             _beat.start()
+        else:  # a running heartbeat may be in a long sleep of an earlier interval: it takes up this one's now
+            _wake.set()
 
 
 def _unregister(meter: _Meter) -> None:
@@ -208,7 +211,9 @@ def _heartbeat() -> None:
     global _beat
     while True:
         interval = _interval
-        time.sleep(min(1.0, max(interval, 0.01) / 4))
+        if _wake.wait(min(1.0, max(interval, 0.01) / 4)):
+            _wake.clear()
+            continue
         now = time.monotonic()
         with _meters_lock:
             if not _meters or interval <= 0:

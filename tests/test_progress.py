@@ -70,6 +70,28 @@ def test_a_long_stage_logs_rows_rate_and_time_left_every_interval(tmp_path, capl
     assert ingest, [r.getMessage() for r in _curate_lines(caplog)]
 
 
+def test_a_stage_after_one_with_a_long_interval_gets_its_lines(caplog, monkeypatch):
+    """The heartbeat thread of an earlier stage, asleep for its long interval, takes up a new stage's short interval at
+    once (it used to sleep on, so a stage shorter than that sleep logged no line: the flaky ingest line above)."""
+    import time
+
+    from curate import progress
+
+    monkeypatch.setattr(progress, "_enabled", False)
+    caplog.set_level(logging.INFO, logger="curate")
+    progress.configure(False, 30)
+    try:
+        with progress.stage_watch("first", 10):
+            time.sleep(0.2)
+        progress.configure(False, 0.05)
+        with progress.stage_watch("second", 10) as meter:
+            meter.add(3)
+            time.sleep(0.5)
+    finally:
+        progress.configure(False, progress.DEFAULT_INTERVAL_S)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("second: 3 of 10 rows")]
+
+
 def test_resume_message_says_what_was_already_done(tmp_path, caplog):
     """A run over more rows than the last one: the shards it computed before and the rows of a shard
     it had partly stored are named in one line; an identical run says all of it was done, ingest too."""
