@@ -90,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default="embed_backends", help="results file: bench/results/NAME.md")
     ap.add_argument("--backends", nargs="+", default=["torch:none", "onnx:none", "onnx:int8", "openvino:none", "openvino:int8"])
     args = ap.parse_args()
     texts, score = load_texts(args.rows)
@@ -131,7 +132,7 @@ def main() -> None:
         radii = [f"{coverage(base['X'], got[k]) / coverage(base['X'], ref[k]):.3f}" for k in names if k.startswith("k-center")]
         lines.append(f"| {b} | {r['ready_s']:.1f} | {r['rows_s']:.1f} | {r['rows_s'] / base['rows_s']:.2f} | {cos.min():.4f} | "
                      f"{np.percentile(cos, 1):.4f} | {np.median(cos):.4f} | " + " | ".join(same + radii) + f" | {r['load'][0]:.2f} |")
-    write_result("embed_backends", "\n".join(lines) + "\n")
+    write_result(args.name, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

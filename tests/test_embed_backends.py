@@ -31,7 +31,7 @@ def texts() -> list[str]:
 
 @pytest.fixture(scope="module")
 def fp32(texts) -> np.ndarray:
-    return build_embedder(EmbedSpec(), torch_threads=2).embed(texts)
+    return build_embedder(EmbedSpec(backend="torch"), torch_threads=2).embed(texts)
 
 
 @pytest.fixture(scope="module")
@@ -106,17 +106,28 @@ def test_a_half_written_folder_is_replaced(texts, tmp_path, monkeypatch):
     assert np.isfinite(vecs).all()
 
 
-def test_backend_enters_the_key_only_when_not_the_default():
-    default = build_embedder(EmbedSpec())
-    fp = default.fingerprint()
-    assert "backend" not in fp and "quantize" not in fp  # every existing flow keeps its store key
-    assert build_embedder(EmbedSpec(backend="torch", quantize="none")).key == default.key
+def test_backend_enters_the_key_only_when_not_torch(monkeypatch):
+    """torch keeps the keys every flow had (no backend entry); ``auto`` (the default) is openvino where it is installed,
+    keyed as an explicit openvino, and torch where it is not, keyed as an explicit torch, each with its reason."""
+    from curate.lm import base
+
+    torch_emb = build_embedder(EmbedSpec(backend="torch"))
+    fp = torch_emb.fingerprint()
+    assert "backend" not in fp and "quantize" not in fp  # every torch flow keeps its store key
+    monkeypatch.setattr(base, "openvino_installed", lambda: True)
+    auto = build_embedder(EmbedSpec())
+    assert auto.spec.backend == "openvino" and "openvino installed" in auto.backend_reason
+    assert auto.key == build_embedder(EmbedSpec(backend="openvino")).key != torch_emb.key
+    monkeypatch.setattr(base, "openvino_installed", lambda: False)
+    absent = build_embedder(EmbedSpec())
+    assert absent.spec.backend == "torch" and "not installed" in absent.backend_reason and absent.key == torch_emb.key
+    assert build_embedder(EmbedSpec(dtype="float16", device="cpu")).spec.backend == "torch"
     onnx = build_embedder(EmbedSpec(backend="onnx")).fingerprint()
     int8 = build_embedder(EmbedSpec(backend="onnx", quantize="int8")).fingerprint()
     ov8 = build_embedder(EmbedSpec(backend="openvino", quantize="int8")).fingerprint()
     assert onnx == {**fp, "backend": "onnx"}
     assert int8["backend"] == "onnx" and int8["quantize"].startswith("int8:") and ov8["quantize"].startswith("int8:")
-    specs = ({}, {"backend": "onnx"}, {"backend": "onnx", "quantize": "int8"}, {"backend": "openvino"},
+    specs = ({"backend": "torch"}, {"backend": "onnx"}, {"backend": "onnx", "quantize": "int8"}, {"backend": "openvino"},
              {"backend": "openvino", "quantize": "int8"})
     keys = {build_embedder(EmbedSpec(**kw)).key for kw in specs}
     assert len(keys) == 5

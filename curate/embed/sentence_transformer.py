@@ -24,6 +24,32 @@ from curate.models import cached, resolve_model, set_torch_threads
 
 VERSION = "1.0"
 
+
+def resolve_backend(spec: EmbedSpec, resolved) -> tuple[str, str]:
+    """(backend, why) for ``embed.backend: auto``: ``openvino`` for a bundled or local model (its folder says whether
+    it has a default prompt, which the exported path cannot add; a hub model is not looked up, so its choice does not
+    depend on the hub cache) on the CPU in float32 without quantisation, where openvino and the exporter (onnx) import;
+    else ``torch``."""
+    import importlib.util
+    import json
+
+    from curate.lm.base import openvino_installed
+
+    if spec.device != "cpu" or spec.dtype != "float32" or spec.quantize != "none":
+        return "torch", "auto: not float32 on the CPU"
+    if resolved.source == "hub":
+        return "torch", "auto: a hub model (its export is not checked ahead)"
+    st_config = Path(resolved.location) / "config_sentence_transformers.json"
+    try:
+        if st_config.exists() and json.loads(st_config.read_text()).get("default_prompt_name"):
+            return "torch", "auto: the model has a default prompt (the exported path does not add it)"
+    except (OSError, ValueError):
+        return "torch", "auto: its config_sentence_transformers.json does not read"
+    if not openvino_installed() or importlib.util.find_spec("onnx") is None:
+        return "torch", f"auto: openvino or onnx is not installed ({CPU_FAST})"
+    return "openvino", "auto: on a CPU with openvino installed (curate[cpu-fast])"
+
+
 class SentenceTransformerEmbedder(Embedder):
     """``embed(texts) -> float32 array (n, dim)``, L2-normalised when ``normalize``."""
 
@@ -33,6 +59,11 @@ class SentenceTransformerEmbedder(Embedder):
     def __init__(self, name: str, params: EmbedSpec | dict[str, Any] | None = None, context: EmbedContext | None = None):
         super().__init__(name, params, context)
         self.resolved = resolve_model(self.spec.model, self.spec.revision)
+        if self.spec.backend == "auto":  # resolved once: the store key holds what runs
+            backend, self.backend_reason = resolve_backend(self.spec, self.resolved)
+            self.params = self.spec.model_copy(update={"backend": backend})
+        else:
+            self.backend_reason = "set in the flow"
         self._model = None
         self._runner = None
 
