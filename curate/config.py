@@ -274,7 +274,9 @@ class FlowSpec(Strict):
         # keys added in later versions enter the hash only when set, so a flow keeps its hash
         data = drop_defaults(self.model_dump(mode="json", exclude=exclude), {"rewrite": None})
         if data.get("embed"):
-            data["embed"] = drop_defaults(data["embed"], {"method": "sentence_transformers", "storage": "float32"})
+            data["embed"] = drop_defaults(data["embed"], {"method": "sentence_transformers", "storage": "float32", "quantize": "none"})
+            if data["embed"].get("backend") in ("auto", "torch"):  # the hash flows had before embed.backend existed
+                data["embed"].pop("backend")
         if "inputs" in data:
             data["inputs"] = [drop_defaults(inp, {"embedding": None, "delimiter": None, "license": None, "keep_columns": "none"})
                               for inp in data["inputs"]]

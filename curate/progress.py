@@ -213,7 +213,7 @@ def _heartbeat() -> None:
         interval = _interval
         if _wake.wait(min(1.0, max(interval, 0.01) / 4)):
             _wake.clear()
-            continue
+            interval = _interval  # a new stage may have brought another interval
         now = time.monotonic()
         with _meters_lock:
             if not _meters or interval <= 0:

@@ -154,3 +154,57 @@ def test_no_texts_embed_to_no_vectors_without_an_export(cache, monkeypatch):
     monkeypatch.setattr(st, "export_model", exported)
     got = embedder(backend="openvino", quantize="int8").embed([])
     assert got.shape == (0, 384) and got.dtype == np.float32
+
+
+def test_auto_picks_torch_where_the_export_is_not_for_the_model(tmp_path, monkeypatch):
+    """``auto`` takes openvino only for a local or bundled model whose first module is a Transformer, without a default
+    prompt or its own code; anything else (and a hub model, whose files are not read ahead) stays on torch."""
+    import json
+
+    from curate.embed.sentence_transformer import resolve_backend
+    from curate.lm import base
+    from curate.models import ResolvedModel
+
+    monkeypatch.setattr(base, "openvino_installed", lambda: True)
+
+    def folder(name, modules, st_config=None):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "modules.json").write_text(json.dumps(modules))
+        if st_config is not None:
+            (d / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+        return ResolvedModel(name, str(d), "r", "local")
+
+    transformer = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    assert resolve_backend(EmbedSpec(), folder("plain", transformer))[0] == "openvino"
+    assert resolve_backend(EmbedSpec(), folder("static", [{"type": "sentence_transformers.models.StaticEmbedding"}]))[0] == "torch"
+    prompt = resolve_backend(EmbedSpec(), folder("prompted", transformer, {"default_prompt_name": "query"}))
+    assert prompt[0] == "torch" and "default prompt" in prompt[1]
+    assert resolve_backend(EmbedSpec(trust_remote_code=True), folder("own-code", transformer))[0] == "torch"
+    assert resolve_backend(EmbedSpec(), ResolvedModel("org/model", "org/model", "main", "hub"))[0] == "torch"
+    assert resolve_backend(EmbedSpec(device="cuda"), folder("gpu", transformer))[0] == "torch"
+
+
+def test_the_flow_hash_ignores_the_default_backend(tmp_path):
+    """A flow's hash (run summaries, compare cells) is what it was before ``embed.backend`` existed when the backend is
+    auto or torch and nothing is quantised; another backend changes it."""
+    from conftest import write_flow
+
+    from curate.config import load_flow
+
+    def digest(**embed):
+        return load_flow(write_flow(tmp_path / str(len(list(tmp_path.iterdir()))), inputs=[{"path": "r.jsonl"}],
+                                    embed={"model": "all-MiniLM-L6-v2", **embed})).fingerprint()
+
+    plain = digest()
+    assert digest(backend="torch") == digest(backend="auto", quantize="none") == plain != digest(backend="openvino")
+
+
+def test_a_worker_that_would_embed_another_way_stops(tmp_path):
+    """A shard task whose embedder's key is not the driver's (here: another backend) stops before computing, naming
+    the backend it would run and why."""
+    from curate.stages.embed import embed_shard
+
+    driver_key = build_embedder(EmbedSpec(backend="torch")).key
+    with pytest.raises(RuntimeError, match="embedder key mismatch.*embed.backend 'onnx': set in the flow"):
+        embed_shard(None, EmbedSpec(backend="onnx"), driver_key, str(tmp_path))

@@ -71,14 +71,18 @@ def test_a_long_stage_logs_rows_rate_and_time_left_every_interval(tmp_path, capl
 
 
 def test_a_stage_after_one_with_a_long_interval_gets_its_lines(caplog, monkeypatch):
-    """The heartbeat thread of an earlier stage, asleep for its long interval, takes up a new stage's short interval at
-    once (it used to sleep on, so a stage shorter than that sleep logged no line: the flaky ingest line above)."""
+    """The heartbeat thread of an earlier stage, asleep (up to 1 s) with its long interval, takes up a new stage's short
+    interval at once (it used to sleep on and then judge the new stage by the old interval, so a short stage logged no
+    line: the flaky ingest line above)."""
     import time
 
     from curate import progress
 
     monkeypatch.setattr(progress, "_enabled", False)
     caplog.set_level(logging.INFO, logger="curate")
+    deadline = time.monotonic() + 5
+    while progress._beat is not None and time.monotonic() < deadline:  # an earlier test's heartbeat ends first
+        time.sleep(0.05)
     progress.configure(False, 30)
     try:
         with progress.stage_watch("first", 10):

@@ -11,6 +11,7 @@ under ONNX Runtime or OpenVINO from a model exported once (:mod:`curate.embed.ex
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +31,42 @@ def resolve_backend(spec: EmbedSpec, resolved) -> tuple[str, str]:
     it has a default prompt, which the exported path cannot add; a hub model is not looked up, so its choice does not
     depend on the hub cache) on the CPU in float32 without quantisation, where openvino and the exporter (onnx) import;
     else ``torch``."""
-    import importlib.util
     import json
 
     from curate.lm.base import openvino_installed
 
     if spec.device != "cpu" or spec.dtype != "float32" or spec.quantize != "none":
         return "torch", "auto: not float32 on the CPU"
+    if spec.trust_remote_code:
+        return "torch", "auto: a model with its own code (its export is not checked)"
     if resolved.source == "hub":
         return "torch", "auto: a hub model (its export is not checked ahead)"
-    st_config = Path(resolved.location) / "config_sentence_transformers.json"
+    root = Path(resolved.location)
     try:
+        st_config = root / "config_sentence_transformers.json"
         if st_config.exists() and json.loads(st_config.read_text()).get("default_prompt_name"):
             return "torch", "auto: the model has a default prompt (the exported path does not add it)"
+        modules = json.loads((root / "modules.json").read_text()) if (root / "modules.json").exists() else []
     except (OSError, ValueError):
-        return "torch", "auto: its config_sentence_transformers.json does not read"
-    if not openvino_installed() or importlib.util.find_spec("onnx") is None:
+        return "torch", "auto: its sentence-transformers config does not read"
+    if not modules or not str(modules[0].get("type", "")).endswith("Transformer"):
+        return "torch", "auto: its first module is not a Transformer (the exporter runs only those)"
+    if not openvino_installed() or not _onnx_imports():
         return "torch", f"auto: openvino or onnx is not installed ({CPU_FAST})"
     return "openvino", "auto: on a CPU with openvino installed (curate[cpu-fast])"
+
+
+@functools.lru_cache(maxsize=1)
+def _onnx_imports() -> bool:
+    try:
+        import onnx  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install is an absent one
+        return False
+    return True
+
+
+#: export/load failures of this process, by export key: raised again at once (not retried for every row)
+_FAILED: dict[str, Exception] = {}
 
 
 class SentenceTransformerEmbedder(Embedder):
@@ -91,8 +110,18 @@ class SentenceTransformerEmbedder(Embedder):
             require(module, step, CPU_FAST)
             require("onnx", step, CPU_FAST)  # the exporter
             threads = set_torch_threads(self.torch_threads)
-            folder = self.export_dir()  # exported (10-90 s) outside the process cache's lock; the rename keeps it whole
-            self._runner = cached(("st-runtime", str(folder), s.backend, threads), lambda: open_runtime(folder, s.backend, threads))
+            key = self.export_key()
+            if key in _FAILED:
+                raise _FAILED[key]
+            try:
+                folder = self.export_dir()  # exported (10-90 s) outside the process cache's lock; the rename keeps it whole
+                self._runner = cached(("st-runtime", str(folder), s.backend, threads), lambda: open_runtime(folder, s.backend, threads))
+            except Exception as exc:  # noqa: BLE001 - kept: the next batch fails at once with the same message
+                from curate.errors import CurateError
+
+                _FAILED[key] = CurateError(f"embed.backend: {s.backend} could not export or load {s.model}: {type(exc).__name__}: "
+                                           f"{exc} (set embed.backend: torch)")
+                raise _FAILED[key] from exc
         return self._runner
 
     def export_key(self) -> str:

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from curate.config import EmbedSpec
 from curate.embed import build_embedder, embed_text
+from curate.errors import CurateError
 from curate.manifests import ShardRef, WorkRef
 from curate.pipeline.context import torch_threads
 from curate.pipeline.stage import Run, ShardCache, Stage, check_error_budget, model_resume, set_suffix, work_counts, work_summary
@@ -27,9 +28,12 @@ from curate.store import NO_VECTOR, Store, embedding_table, first_occurrence
 def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torch_threads: int | None = None,
                 commit_s: float | None = None) -> WorkRef:
     embedder = build_embedder(spec, torch_threads)
-    collection = Store(store_dir).embeddings(key)
     if spec.method == "precomputed":
-        return _precomputed_shard(shard, spec, collection)
+        return _precomputed_shard(shard, spec, Store(store_dir).embeddings(key))
+    if embedder.key != key:  # the orchestrator and the task must agree on what is being computed
+        raise RuntimeError(f"embedder key mismatch: {embedder.key} != {key} (this worker runs embed.backend "
+                           f"{embedder.spec.backend!r}: {embedder.backend_reason})")
+    collection = Store(store_dir).embeddings(key)
 
     def compute(records: list[dict]) -> pa.Table:
         texts = [embed_text(r, spec.text) for r in records]
@@ -37,6 +41,8 @@ def embed_shard(shard: ShardRef, spec: EmbedSpec, key: str, store_dir: str, torc
         try:
             vecs = embedder.embed(texts)
             statuses = ["ok"] * len(texts)
+        except CurateError:  # the embedder cannot run at all (a missing package, a failed export): the stage stops with it
+            raise
         except Exception:  # isolate the failing row(s); the others keep their vectors
             vecs = np.full((len(texts), embedder.dim), np.nan, dtype=np.float32)
             statuses = []
@@ -138,7 +144,10 @@ class EmbedStage(Stage):
         spec = run.spec
         Store(run.store_dir).embeddings(run.embed_key).describe({k: v for k, v in run.fingerprints["embed"].items() if k != "key"})
         shards = shared_shards(run.records(self, self.recordset).shards, run.store_dir)
-        calls = [dict(shard=s, spec=spec.embed, key=run.embed_key, store_dir=run.store_dir, torch_threads=torch_threads(spec),
+        embed_spec = spec.embed
+        if embed_spec.method != "precomputed":  # embed.backend: auto resolved here, once: every worker runs what the key says
+            embed_spec = build_embedder(spec.embed, torch_threads(spec)).spec
+        calls = [dict(shard=s, spec=embed_spec, key=run.embed_key, store_dir=run.store_dir, torch_threads=torch_threads(spec),
                       commit_s=spec.runtime.commit_interval_s) for s in shards]
         if spec.embed.method != "precomputed":  # precomputed vectors came with ingest: nothing is computed here
             model_resume(self, calls)
