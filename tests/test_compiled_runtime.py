@@ -200,6 +200,12 @@ def test_a_model_the_graph_cannot_run_fails_the_step_at_once(tmp_path, monkeypat
         backend.score(seqs)
     assert time.perf_counter() - t < 1.0
     assert not list((tmp_path / "cache" / "lm-graphs").glob("*/logits.xml"))
+    # a scorer stops with it (the step cannot run), instead of storing it on every row
+    sc = scorer_class("superfiltering")("superfiltering", {"model": str(tmp_path / "tiny-dynamic"), "runtime": "openvino",
+                                                           "device": "cpu", "template": "none"}, CTX)
+    with pytest.raises(CurateError, match="dynamic RoPE"):
+        sc.score_records([{"sample_id": "a", "messages": [{"role": "user", "content": "hi"},
+                                                          {"role": "assistant", "content": "hello there"}]}])
 
 
 def test_empty_prompts_are_refused():

@@ -231,12 +231,18 @@ class Scorer(Plugin):
             return ScoreColumns.from_scores(self.score_records(table.to_pylist()), self.outputs)
 
     def score_records(self, records: list[dict[str, Any]]) -> list[Score]:
-        """``score_batch`` with the failure policy applied (per-row isolation)."""
+        """``score_batch`` with the failure policy applied (per-row isolation). A :class:`~curate.errors.CurateError` is not a
+        row's failure but the step's (a missing package, a model or setting the backend refuses): it is raised, so the
+        step stops with its message instead of storing it on every row."""
+        from curate.errors import CurateError
+
         try:
             out = self.score_batch(records)
             if len(out) != len(records):
                 raise RuntimeError(f"{self.method} returned {len(out)} scores for {len(records)} rows")
             return out
+        except CurateError:
+            raise
         except Exception:
             if len(records) == 1:
                 return [self._failed(records[0])]
@@ -244,6 +250,8 @@ class Scorer(Plugin):
         for rec in records:
             try:
                 (one,) = self.score_batch([rec])
+            except CurateError:
+                raise
             except Exception:
                 one = self._failed(rec)
             results.append(one)
