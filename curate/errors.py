@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 
 class CurateError(Exception):
     """Base class for errors that stop a run with a clear message (no traceback needed)."""
@@ -40,6 +42,19 @@ class RecordError(ValueError):
 
 class StageError(CurateError):
     """A stage failed more rows than its error budget allows."""
+
+
+@functools.lru_cache(maxsize=None)
+def importable(module: str) -> bool:
+    """Whether ``module`` imports (tried once per process; a broken install counts as absent): for choosing a default,
+    where :func:`require` is for a step that needs the module."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
+        return False
+    return True
 
 
 def require(module: str, step: str, install: str | None = None):

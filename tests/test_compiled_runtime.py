@@ -239,3 +239,11 @@ def test_a_worker_whose_auto_runtime_differs_is_told_why(monkeypatch, tmp_path, 
     monkeypatch.setattr(base, "openvino_installed", lambda: True)
     with pytest.raises(RuntimeError, match="resolved .*runtime 'openvino'.*runtime: auto differently: set them in the flow"):
         score_shard(None, step, driver_key, str(tmp_path), CTX)
+
+
+@needs_openvino
+def test_nothing_to_score_runs_nothing():
+    """Zero sequences and zero prompts: empty results, no batch run (the compiled engine's plan stays empty)."""
+    ov_b = load_backend(LMParams(device="cpu", runtime="openvino"), torch_threads=2)
+    assert ov_b.score([]) == [] and ov_b.last_plan.batches == 0
+    assert ov_b.next_token([], [1, 2]) == [] and ov_b.last_plan.batches == 0

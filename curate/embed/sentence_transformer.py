@@ -11,7 +11,6 @@ under ONNX Runtime or OpenVINO from a model exported once (:mod:`curate.embed.ex
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ def resolve_backend(spec: EmbedSpec, resolved) -> tuple[str, str]:
     else ``torch``."""
     import json
 
+    from curate.errors import importable
     from curate.lm.base import openvino_installed
 
     if spec.device != "cpu" or spec.dtype != "float32" or spec.quantize != "none":
@@ -51,18 +51,9 @@ def resolve_backend(spec: EmbedSpec, resolved) -> tuple[str, str]:
         return "torch", "auto: its sentence-transformers config does not read"
     if not modules or not str(modules[0].get("type", "")).endswith("Transformer"):
         return "torch", "auto: its first module is not a Transformer (the exporter runs only those)"
-    if not openvino_installed() or not _onnx_imports():
+    if not openvino_installed() or not importable("onnx"):
         return "torch", f"auto: openvino or onnx is not installed ({CPU_FAST})"
     return "openvino", "auto: on a CPU with openvino installed (curate[cpu-fast])"
-
-
-@functools.lru_cache(maxsize=1)
-def _onnx_imports() -> bool:
-    try:
-        import onnx  # noqa: F401
-    except Exception:  # noqa: BLE001 - a broken install is an absent one
-        return False
-    return True
 
 
 #: export/load failures of this process, by export key: raised again at once (not retried for every row)

@@ -17,7 +17,6 @@ for sampled rows), which its ``chat`` uses.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Protocol
 
 from curate.lm.engine import NextToken, Seq, SeqResult
@@ -96,15 +95,12 @@ def resolve_dtype(dtype: str, device: str) -> tuple[str, str]:
     return "float32", f"auto: float32 on device {device!r}"
 
 
-@functools.lru_cache(maxsize=1)
 def openvino_installed() -> bool:
-    """Whether the ``openvino`` package imports (tried once per process: a broken install counts as absent). Tests
-    replace this function."""
-    try:
-        import openvino  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
-        return False
-    return True
+    """Whether the ``openvino`` package imports (:func:`curate.errors.importable`: once per process). Tests replace this
+    function."""
+    from curate.errors import importable
+
+    return importable("openvino")
 
 
 def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
@@ -115,8 +111,7 @@ def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
     a dtype other than float32) raises :class:`~curate.errors.CurateError` naming the fix."""
     from curate.errors import CurateError
 
-    installed = openvino_installed()
-    if runtime == "torch":
+    if runtime == "torch":  # before anything imports openvino
         return "torch", "set in the flow"
     if runtime == "openvino":
         if dtype not in ("auto", "float32"):
@@ -124,7 +119,7 @@ def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
         if resolve_device(device) != "cpu":
             raise CurateError(f"runtime: openvino runs on the CPU; device {resolve_device(device)!r} needs runtime torch "
                               "(or set device: cpu)")
-        if not installed:
+        if not openvino_installed():
             raise CurateError("runtime: openvino needs the openvino package (it is not installed, or does not import): "
                               "pip install 'curate[cpu-fast]' (or set runtime: torch)")
         return "openvino", "set in the flow"
@@ -132,6 +127,6 @@ def resolve_runtime(runtime: str, dtype: str, device: str) -> tuple[str, str]:
         return "torch", f"auto: dtype {dtype} runs in torch"
     if resolve_device(device) != "cpu":
         return "torch", "auto: not on a CPU"
-    if not installed:
+    if not openvino_installed():
         return "torch", "auto: openvino is not installed (pip install 'curate[cpu-fast]' for the faster CPU runtime)"
     return "openvino", "auto: on a CPU with openvino installed (curate[cpu-fast])"

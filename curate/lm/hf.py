@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,14 +122,14 @@ class HFBackend:
     def compiled_graph(self):
         """The model's forward exported once (:func:`curate.lm.compiled.graph_folder`: a torch copy of the model is loaded
         only to export it, and dropped after) and compiled once per process and thread count. An export or compile that
-        failed is not tried again in this process: the same error is raised at once (every row of the step fails with
-        it, naming ``runtime: torch`` as the way out)."""
+        failed is not tried again in this process: the same :class:`~curate.errors.CurateError` is raised at once (the
+        scoring step stops with it, naming ``runtime: torch`` as the way out)."""
         import torch
 
         from curate.lm.compiled import CompiledGraph, graph_folder
 
         r, p = self.resolved, self.params
-        threads = self.torch_threads or min(2, os.cpu_count() or 1)
+        threads = set_torch_threads(self.torch_threads)  # OpenVINO gets torch's count (default min(2, CPUs))
 
         def build():
             try:

@@ -23,7 +23,7 @@ def auto_runtime():
     """The ``runtime`` field of the scorers whose forwards OpenVINO can run (loss scorers, rating-token judges): ``auto``."""
     return Field("auto", description="What runs the model's forward: auto: openvino (the fp32 model compiled by OpenVINO; torch's "
                  "numbers within ~1e-5, faster on CPUs) on a CPU where curate[cpu-fast] is installed and the dtype is auto or "
-                 "float32, else torch. openvino is in the store key; the reason in the run's fingerprints.")
+                 "float32, else torch. openvino is in the store key (the loss scorers record the reason in dtype_reason).")
 
 
 class LMParams(BaseModel):
