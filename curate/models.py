@@ -63,6 +63,21 @@ class ResolvedModel:
     source: str  # "bundled" | "local" | "hub"
 
 
+#: the pip line of the CPU runtimes (the ``cpu-fast`` extra: OpenVINO, ONNX Runtime), for the steps that use them
+CPU_FAST = "pip install 'curate[cpu-fast]'"
+
+
+def package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each package (None when absent): part of the key of a model exported for a runtime."""
+    out: dict[str, str | None] = {}
+    for pkg in packages:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("CURATE_CACHE_DIR", Path.home() / ".cache" / "curate"))
 

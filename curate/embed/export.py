@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from curate.models import CPU_FAST, package_versions  # noqa: F401 - CPU_FAST: the embedders import it from here
+
 #: ``quantize: int8`` per backend (in the fingerprint: another scheme makes other vectors, so another store key)
 INT8_SCHEME = {"onnx": "ort-dynamic-qint8-matmul-per-channel-except-narrowing", "openvino": "nncf-int8-weights-asym"}
 #: the libraries whose versions enter an export's folder key, per backend
@@ -20,21 +22,6 @@ EXPORT_PACKAGES = {"onnx": ("torch", "transformers", "sentence-transformers", "o
                    "openvino": ("torch", "transformers", "sentence-transformers", "onnx", "openvino", "nncf")}
 #: the exporting code's version (opset, exporter, graph outputs): in the export folder's key
 EXPORT_VERSION = "1"
-#: the pip line of the runtimes (the ``cpu-fast`` extra)
-CPU_FAST = "pip install 'curate[cpu-fast]'"
-
-
-def package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
-    """The installed version of each package (None when absent)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str | None] = {}
-    for pkg in packages:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def export_folder(key: str) -> Path:

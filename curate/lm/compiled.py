@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from curate.models import CPU_FAST
+
 log = logging.getLogger("curate")
 
-#: the pip line of the CPU runtimes (the ``cpu-fast`` extra)
-CPU_FAST = "pip install 'curate[cpu-fast]'"
 #: this module's graph format (inputs, outputs, what runs in fp32): in the export's key
 GRAPH_VERSION = "2"
 #: the libraries whose versions enter the export's key
@@ -84,7 +84,7 @@ def graph_key(location: str, revision: str | None) -> str:
     """The export folder's name: the model's last path part and a digest of (location, revision, graph version, the
     versions of :data:`GRAPH_PACKAGES`, and for a local folder each file's name, size and modification time — a model
     retrained into the same folder gets a new export)."""
-    from curate.embed.export import package_versions
+    from curate.models import package_versions
 
     ident = {"location": location, "revision": revision, "graph": GRAPH_VERSION, "packages": package_versions(GRAPH_PACKAGES)}
     local = Path(location)
@@ -164,7 +164,7 @@ def export(model, path: Path) -> None:
     idx = torch.tensor([3, 4, 5, width + 4, width + 5], dtype=torch.int64)
     cand = torch.tensor([[1, 2], [2, 3], [3, 4], [4, 5], [5, 6]], dtype=torch.int64) % vocab
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        # the tracer's notes on Python booleans taken from shapes (the padding checks above, the q_length == 1 fast path)
+        # the tracer's notes on Python booleans taken from shapes (transformers' mask and q_length == 1 checks)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace's own (openvino traces the module with it)
         warnings.simplefilter("ignore", FutureWarning)  # transformers' notes on attributes the tracer reads
@@ -186,7 +186,6 @@ class CompiledGraph:
 
         ov = require("openvino", "runtime: openvino", CPU_FAST)
         self.threads = int(threads)
-        self.version = ov.__version__
         self.vocab = int(json.loads((folder / NOTE).read_text())["vocab"])
         self.compiled = ov.Core().compile_model(str(folder / GRAPH_FILE), "CPU", {
             "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads, "NUM_STREAMS": 1,
